@@ -1,0 +1,294 @@
+"""Model configuration: one frozen dataclass for every supported decoder-only family.
+
+Holds `ModelConfig`, built from a Hugging Face `config.json` (`ModelConfig.from_hf`) or
+from GGUF metadata (`ModelConfig.from_gguf_metadata`), and the RoPE frequency table
+derived from it. It holds no model code and no weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# HF `model_type` -> our family. Llama-like families share one module (SwiGLU, RMSNorm, RoPE).
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "smollm2")
+SUPPORTED_MODEL_TYPES = (*LLAMA_LIKE, "opt")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+class ConfigError(ValueError):
+    """A config (config.json or GGUF metadata) that this library cannot build a model from."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    model_type: str  # HF model_type: llama, mistral, qwen2, opt
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int = 2048
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # ((key, value), ...) so that the config stays hashable; see `rope_scaling_dict`.
+    rope_scaling: tuple[tuple[str, Any], ...] = ()
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    # OPT only.
+    do_layer_norm_before: bool = True
+    word_embed_proj_dim: int | None = None
+    final_layer_norm: bool = True
+    layer_norm_elementwise_affine: bool = True
+    position_offset: int = 0
+    # Tokens.
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    dtype: str = "float32"  # dtype of the params
+
+    def __post_init__(self):
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"unknown architecture model_type={self.model_type!r}; supported: "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_attention_heads={self.num_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_kv_heads}"
+            )
+        rope_type = self.rope_scaling_dict.get("rope_type", "default")
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ConfigError(
+                f"rope_scaling type {rope_type!r} is not supported; supported: "
+                f"{', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
+
+    # ---------------------------------------------------------------- derived
+
+    @property
+    def family(self) -> str:
+        return "opt" if self.model_type == "opt" else "llama"
+
+    @property
+    def activation(self) -> str:
+        return "relu" if self.family == "opt" else "silu"
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any]:
+        return dict(self.rope_scaling)
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the token embeddings (OPT's `word_embed_proj_dim` where it differs)."""
+        return self.word_embed_proj_dim or self.hidden_size
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["rope_scaling"] = dict(self.rope_scaling)
+        d["eos_token_ids"] = list(self.eos_token_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        d = dict(d)
+        d["rope_scaling"] = _freeze(d.get("rope_scaling") or {})
+        d["eos_token_ids"] = tuple(d.get("eos_token_ids") or ())
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown ModelConfig fields {sorted(unknown)}")
+        return cls(**d)
+
+    # ---------------------------------------------------------------- HF
+
+    @classmethod
+    def from_hf(cls, config: dict[str, Any] | str | Path, dtype: str = "float32") -> ModelConfig:
+        """Builds the config from an HF `config.json` (a path, a directory or a dict)."""
+        source = "config dict"
+        if not isinstance(config, dict):
+            path = Path(config)
+            if path.is_dir():
+                path = path / "config.json"
+            source = str(path)
+            try:
+                config = json.loads(path.read_text())
+            except FileNotFoundError:
+                raise ConfigError(f"{path}: no config.json; is this an HF model directory?") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        c = config
+        model_type = c.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            archs = c.get("architectures")
+            raise ConfigError(
+                f"{source}: unknown architecture model_type={model_type!r} (architectures="
+                f"{archs}); supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        try:
+            eos = c.get("eos_token_id")
+            eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+            common = dict(
+                model_type=model_type,
+                vocab_size=c["vocab_size"],
+                hidden_size=c["hidden_size"],
+                num_layers=c["num_hidden_layers"],
+                num_heads=c["num_attention_heads"],
+                max_position_embeddings=c.get("max_position_embeddings", 2048),
+                bos_token_id=c.get("bos_token_id"),
+                eos_token_ids=eos_ids,
+                pad_token_id=c.get("pad_token_id"),
+                dtype=dtype,
+            )
+            if model_type == "opt":
+                return cls(
+                    **common,
+                    intermediate_size=c["ffn_dim"],
+                    num_kv_heads=c["num_attention_heads"],
+                    head_dim=c["hidden_size"] // c["num_attention_heads"],
+                    norm_eps=1e-5,
+                    qkv_bias=c.get("enable_bias", True),
+                    o_bias=c.get("enable_bias", True),
+                    mlp_bias=c.get("enable_bias", True),
+                    tie_word_embeddings=c.get("tie_word_embeddings", True),
+                    do_layer_norm_before=c.get("do_layer_norm_before", True),
+                    word_embed_proj_dim=(
+                        c.get("word_embed_proj_dim")
+                        if c.get("word_embed_proj_dim", c["hidden_size"]) != c["hidden_size"]
+                        else None
+                    ),
+                    final_layer_norm=c.get("do_layer_norm_before", True)
+                    and not c.get("_remove_final_layer_norm", False),
+                    layer_norm_elementwise_affine=c.get("layer_norm_elementwise_affine", True),
+                    position_offset=2,
+                )
+            if c.get("hidden_act", "silu") != "silu":
+                raise ConfigError(f"{source}: hidden_act={c.get('hidden_act')!r}; only silu")
+            rope = dict(c.get("rope_parameters") or {})
+            rope.update(c.get("rope_scaling") or {})
+            theta = rope.pop("rope_theta", c.get("rope_theta", 10000.0))
+            if "type" in rope and "rope_type" not in rope:
+                rope["rope_type"] = rope.pop("type")
+            if rope.get("rope_type", "default") == "default":
+                rope = {}
+            n_heads = c["num_attention_heads"]
+            sliding = None
+            if model_type == "mistral":
+                sliding = c.get("sliding_window")
+            elif model_type == "qwen2" and c.get("use_sliding_window", False):
+                sliding = c.get("sliding_window")
+            return cls(
+                **common,
+                intermediate_size=c["intermediate_size"],
+                num_kv_heads=c.get("num_key_value_heads") or n_heads,
+                head_dim=c.get("head_dim") or c["hidden_size"] // n_heads,
+                norm_eps=c.get("rms_norm_eps", 1e-6),
+                rope_theta=float(theta),
+                rope_scaling=_freeze(rope),
+                qkv_bias=True if model_type == "qwen2" else c.get("attention_bias", False),
+                o_bias=False if model_type == "qwen2" else c.get("attention_bias", False),
+                mlp_bias=c.get("mlp_bias", False),
+                tie_word_embeddings=c.get("tie_word_embeddings", False),
+                sliding_window=sliding,
+            )
+        except KeyError as e:
+            raise ConfigError(f"{source}: missing required field {e.args[0]!r}") from None
+
+    # ---------------------------------------------------------------- GGUF
+
+    @classmethod
+    def from_gguf_metadata(
+        cls, meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]], dtype: str = "float32",
+        source: str = "GGUF file",
+    ) -> ModelConfig:
+        """Builds the config from GGUF key/values (decoded to Python values) and tensor shapes."""
+        arch = meta.get("general.architecture")
+        if arch not in ("llama", "qwen2"):
+            raise ConfigError(
+                f"{source}: unknown GGUF architecture {arch!r}; supported: llama, qwen2"
+            )
+
+        def get(key, default=None, required=True):
+            full = f"{arch}.{key}"
+            if full in meta:
+                return meta[full]
+            if required and default is None:
+                raise ConfigError(f"{source}: GGUF metadata lacks {full!r}")
+            return default
+
+        n_heads = int(get("attention.head_count"))
+        hidden = int(get("embedding_length"))
+        vocab = meta.get(f"{arch}.vocab_size") or tensor_shapes["token_embd.weight"][0]
+        head_dim = int(get("rope.dimension_count", hidden // n_heads, required=False))
+        rope = {}
+        if get("rope.scaling.type", "none", required=False) == "linear":
+            rope = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+        eos = meta.get("tokenizer.ggml.eos_token_id")
+        return cls(
+            model_type="llama" if arch == "llama" else "qwen2",
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            intermediate_size=int(get("feed_forward_length")),
+            num_layers=int(get("block_count")),
+            num_heads=n_heads,
+            num_kv_heads=int(get("attention.head_count_kv", n_heads, required=False)),
+            head_dim=head_dim,
+            max_position_embeddings=int(get("context_length", 2048, required=False)),
+            norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+            rope_theta=float(get("rope.freq_base", 10000.0, required=False)),
+            rope_scaling=_freeze(rope),
+            qkv_bias="blk.0.attn_q.bias" in tensor_shapes,
+            tie_word_embeddings="output.weight" not in tensor_shapes,
+            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=() if eos is None else (int(eos),),
+            pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+            dtype=dtype,
+        )
+
+
+def _freeze(d: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in d.items()))
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse RoPE frequencies [head_dim // 2], as HF computes them (default, linear, llama3)."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    scaling = config.rope_scaling_dict
+    rope_type = scaling.get("rope_type", "default")
+    if rope_type == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif rope_type == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = np.where(is_medium, smoothed, scaled)
+    return inv_freq.astype(np.float32)

@@ -1,0 +1,62 @@
+"""Self-attention for every family: q/k/v/o projections, RoPE (Llama family), the KV cache,
+and the sparsification points `q_in`, `kv_in` and `o_in` (see `jaxsparse.rules`).
+
+The k/v input has its own threshold: CHESS+ thresholds the q and o inputs but keeps k/v
+dense, since a thresholded k/v input damages the cache for every later token.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxsparse import rules
+from jaxsparse.config import ModelConfig
+from jaxsparse.models.layers import (
+    Linear, apply_rope, attend, attention_mask, param_dtype, update_layer_cache,
+)
+
+
+def _sparse(module: nn.Module, name: str, x: jax.Array, thresholds: dict | None) -> jax.Array:
+    """Applies the threshold of sparsification point `name` and records what it zeroed."""
+    module.sow("taps", name, x)
+    if thresholds is not None and name in thresholds:
+        x = rules.sparsify(x, thresholds[name])
+    module.sow("stats", name, rules.zero_fraction(x))
+    return x
+
+
+class SelfAttention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, h_BxTxD, positions_BxT, kv_pos_BxS, rope, layer_cache, cache_index,
+                 thresholds):
+        c = self.config
+        dt = param_dtype(c)
+        b, t, _ = h_BxTxD.shape
+        xq = _sparse(self, "q_in", h_BxTxD, thresholds)
+        xkv = _sparse(self, "kv_in", h_BxTxD, thresholds)
+        q = Linear(c.q_dim, ("embed", "q_heads"), c.qkv_bias, dt, name="q_proj")(xq)
+        k = Linear(c.kv_dim, ("embed", "kv_heads"), c.qkv_bias, dt, name="k_proj")(xkv)
+        v = Linear(c.kv_dim, ("embed", "kv_heads"), c.qkv_bias, dt, name="v_proj")(xkv)
+        q_BxTxHxD = q.reshape(b, t, c.num_heads, c.head_dim)
+        k_BxTxKxD = k.reshape(b, t, c.num_kv_heads, c.head_dim)
+        v_BxTxKxD = v.reshape(b, t, c.num_kv_heads, c.head_dim)
+        if rope is not None:
+            cos, sin = rope
+            q_BxTxHxD = apply_rope(q_BxTxHxD, cos, sin)
+            k_BxTxKxD = apply_rope(k_BxTxKxD, cos, sin)
+        new_cache = None
+        if layer_cache is not None:
+            new_cache = update_layer_cache(layer_cache, k_BxTxKxD, v_BxTxKxD, cache_index)
+            k_BxSxKxD, v_BxSxKxD = new_cache["k"], new_cache["v"]
+        else:
+            k_BxSxKxD, v_BxSxKxD = k_BxTxKxD, v_BxTxKxD
+        mask = attention_mask(positions_BxT, kv_pos_BxS, c.sliding_window)
+        out_BxTxHD = attend(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask, c.head_dim**-0.5)
+        self.sow("taps", "head_out", out_BxTxHD.reshape(b, t, c.num_heads, c.head_dim))
+        out_BxTxHD = _sparse(self, "o_in", out_BxTxHD, thresholds)
+        y = Linear(c.hidden_size, ("q_heads", "embed"), c.o_bias, dt, name="o_proj")(out_BxTxHD)
+        return y, new_cache

@@ -1,0 +1,105 @@
+"""The Llama family: Llama-2/3/3.1/3.2, Mistral, Qwen2 and SmolLM2 (RMSNorm, RoPE, SwiGLU, GQA).
+
+Holds the decoder block, the SwiGLU FFN with its sparsification points (`ffn_in`, `gate`,
+`down_in`) and the causal LM. Layers are unrolled over per-layer params (`layers_0`, ...):
+the decode path never slices stacked weights (DESIGN.md, "Scan or unroll").
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxsparse.config import ModelConfig
+from jaxsparse.models.attention import SelfAttention, _sparse
+from jaxsparse.models.layers import Embed, Linear, RMSNorm, param_dtype, rope_cos_sin
+
+
+class SwiGLU(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, h_BxTxD, thresholds):
+        c = self.config
+        dt = param_dtype(c)
+        x = _sparse(self, "ffn_in", h_BxTxD, thresholds)
+        g = nn.silu(Linear(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, dt,
+                           name="gate_proj")(x).astype(jnp.float32)).astype(dt)
+        g = _sparse(self, "gate", g, thresholds)
+        u = Linear(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, dt, name="up_proj")(x)
+        self.sow("taps", "up", u)
+        a = _sparse(self, "down_in", g * u, thresholds)
+        return Linear(c.hidden_size, ("mlp", "embed"), c.mlp_bias, dt, name="down_proj")(a)
+
+
+class LlamaBlock(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD, positions_BxT, kv_pos_BxS, rope, layer_cache, cache_index,
+                 thresholds):
+        c = self.config
+        dt = param_dtype(c)
+        self.sow("taps", "block_in", x_BxTxD)
+        h = RMSNorm(c.norm_eps, dt, name="input_layernorm")(x_BxTxD)
+        a, new_cache = SelfAttention(c, name="self_attn")(
+            h, positions_BxT, kv_pos_BxS, rope, layer_cache, cache_index, thresholds)
+        x_BxTxD = x_BxTxD + a
+        h = RMSNorm(c.norm_eps, dt, name="post_attention_layernorm")(x_BxTxD)
+        x_BxTxD = x_BxTxD + SwiGLU(c, name="mlp")(h, thresholds)
+        return x_BxTxD, new_cache
+
+
+class LlamaForCausalLM(nn.Module):
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        dt = param_dtype(c)
+        self.embed_tokens = Embed(c.vocab_size, c.hidden_size, dtype=dt)
+        self.layers = [LlamaBlock(c) for _ in range(c.num_layers)]
+        self.norm = RMSNorm(c.norm_eps, dt)
+        if not c.tie_word_embeddings:
+            self.lm_head = Linear(c.vocab_size, ("embed", "vocab"), False, dt)
+
+    def __call__(self, tokens_BxT, positions_BxT, cache=None, cache_index=0, thresholds=None,
+                 last_only: bool = False):
+        """Logits [B, T, V] (or [B, 1, V] with `last_only`) in float32, and the updated cache.
+
+        `positions_BxT` holds each token's position, -1 on padding. `thresholds` maps
+        `layers_i` to a dict of sparsification-point thresholds, or is None (dense).
+        """
+        c = self.config
+        x = self.embed_tokens(tokens_BxT)
+        rope = rope_cos_sin(c, positions_BxT)
+        x, new_cache = run_layers(self.layers, x, positions_BxT, cache, cache_index, thresholds,
+                                  rope)
+        if last_only:
+            x = x[:, -1:]
+        x = self.norm(x)
+        if c.tie_word_embeddings:
+            logits = self.embed_tokens.attend(x)
+        else:
+            logits = self.lm_head(x).astype(jnp.float32)
+        return logits, new_cache
+
+
+def run_layers(layers, x, positions_BxT, cache, cache_index, thresholds, rope):
+    """Runs the unrolled blocks, threading the KV cache; shared by every family."""
+    if cache is not None:
+        kv_pos = jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions_BxT.astype(
+            jnp.int32), cache_index, axis=1)
+        new_cache = {"pos": kv_pos}
+    else:
+        kv_pos, new_cache = positions_BxT, None
+    for i, layer in enumerate(layers):
+        name = f"layers_{i}"
+        x, layer_cache = layer(
+            x, positions_BxT, kv_pos, rope,
+            None if cache is None else cache[name], cache_index,
+            None if thresholds is None else thresholds[name],
+        )
+        if new_cache is not None:
+            new_cache[name] = layer_cache
+    return x, new_cache
