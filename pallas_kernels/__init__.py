@@ -1,0 +1,1 @@
+"""Pallas kernels for activation-sparse decoding (see DESIGN.md, "Kernels")."""

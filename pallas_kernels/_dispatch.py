@@ -1,0 +1,221 @@
+"""Shared plumbing for the Pallas kernels: backend choice, impl names, version shims.
+
+Holds: the list of implementation names every kernel accepts and the rule that turns
+``impl="auto"`` into one of them; argument checks shared by the kernels (shapes, dtypes,
+block sizes); and the few places where the Pallas API differs between the jax versions
+we run on (0.10.x on CPU, 0.11.x on CUDA), found by feature detection, not by version
+numbers.
+
+Leaves out: any kernel body. Nothing here imports model code.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+IMPLS: tuple[str, ...] = (
+    "auto",
+    "reference",
+    "gpu",
+    "tpu",
+    "gpu_interpret",
+    "tpu_interpret",
+)
+
+FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def resolve_impl(impl: str, *, fn_name: str) -> str:
+    """Return the concrete implementation for `impl` ("auto" picks by backend)."""
+    if not isinstance(impl, str) or impl not in IMPLS:
+        raise ValueError(
+            f"{fn_name}: argument impl={impl!r} is not one of the allowed values "
+            f"{', '.join(repr(i) for i in IMPLS)}."
+        )
+    if impl != "auto":
+        return impl
+    backend = jax.default_backend()
+    if backend == "gpu" or backend == "cuda" or backend == "rocm":
+        return "gpu"
+    if backend == "tpu":
+        return "tpu"
+    return "reference"
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_float(fn_name: str, name: str, a: Any) -> None:
+    if jnp.dtype(a.dtype) not in FLOAT_DTYPES:
+        raise ValueError(
+            f"{fn_name}: {name} has dtype {a.dtype}; expected float32, bfloat16 or float16."
+        )
+
+
+def check_ndim(fn_name: str, name: str, a: Any, ndim: int, shape_name: str) -> None:
+    if getattr(a, "ndim", None) != ndim:
+        raise ValueError(
+            f"{fn_name}: {name} must have {ndim} dimensions {shape_name}, got shape "
+            f"{getattr(a, 'shape', None)}."
+        )
+
+
+def check_dim(fn_name: str, what: str, got: int, want: int) -> None:
+    if got != want:
+        raise ValueError(f"{fn_name}: shape mismatch: {what} is {got}, expected {want}.")
+
+
+def check_block(fn_name: str, name: str, value: int, *, power_of_2: bool) -> None:
+    if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{fn_name}: {name}={value!r} must be a positive int.")
+    if power_of_2 and value & (value - 1):
+        raise ValueError(
+            f"{fn_name}: {name}={value} must be a power of 2 for the GPU (Triton) kernel."
+        )
+
+
+def threshold_row(fn_name: str, threshold: Any, k: int) -> jax.Array:
+    """A threshold (scalar, or one per input channel) as a float32 array [1, k]."""
+    t = jnp.asarray(threshold, jnp.float32)
+    if t.ndim == 0:
+        return jnp.broadcast_to(t, (1, k))
+    if t.shape == (k,):
+        return t.reshape(1, k)
+    raise ValueError(
+        f"{fn_name}: threshold must be a scalar or have shape ({k},) (one per input "
+        f"channel), got shape {t.shape}."
+    )
+
+
+# ------------------------------------------------------------- Triton (GPU) lowering
+
+
+def _triton_module():
+    from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415
+
+    return plgpu
+
+
+def triton_compiler_params(num_warps: int | None, num_stages: int | None) -> Any:
+    """Compiler params that select the Triton lowering (name changed across versions)."""
+    plgpu = _triton_module()
+    cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+    return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+def _load_takes_idx() -> bool:
+    params = inspect.signature(_triton_module().load).parameters
+    return "idx" in params
+
+
+def masked_load(ref: Any, mask: jax.Array, other: float = 0.0) -> jax.Array:
+    """`ref[...]` where `mask`, else `other`; masked-out elements are not read.
+
+    On jax <= 0.4.3x the load took an index argument (`pl.load(ref, idx, ...)`);
+    later ones take a ref view (`plgpu.load(ref.at[...], ...)`).
+    """
+    plgpu = _triton_module()
+    if _load_takes_idx():
+        return plgpu.load(ref, (), mask=mask, other=other)
+    return plgpu.load(ref, mask=mask, other=other)
+
+
+def masked_store(ref: Any, val: jax.Array, mask: jax.Array) -> None:
+    plgpu = _triton_module()
+    params = inspect.signature(plgpu.store).parameters
+    if "idx" in params:
+        plgpu.store(ref, (), val, mask=mask)
+    else:
+        plgpu.store(ref, val, mask=mask)
+
+
+def static_indices(n: int) -> list[jax.Array]:
+    """Indices 0..n-1 as traced int32 scalars; call at the kernel's top level.
+
+    The interpret-mode discharge rules of load/atomic (jax 0.10) fail on the literal
+    that a bare Python int becomes inside a kernel, and program_id has no interpret
+    rule inside a loop body, so the indices are made here, outside any loop; the
+    Triton lowering folds the `0 * program_id` away.
+    """
+    zero = 0 * pl.program_id(0)
+    return [zero + i for i in range(n)]
+
+
+def atomic_add(ref: Any, idx: Any, val: jax.Array) -> None:
+    """`ref[idx] += val` atomically (float32 refs; unmasked: pad the target instead)."""
+    _triton_module().atomic_add(ref, idx, val)
+
+
+# --------------------------------------------------------------- Mosaic TPU lowering
+
+
+def _tpu_module():
+    from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
+
+    return pltpu
+
+
+def tpu_compiler_params(dimension_semantics: Sequence[str]) -> Any:
+    pltpu = _tpu_module()
+    cls = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
+    return cls(dimension_semantics=tuple(dimension_semantics))
+
+
+def tpu_interpret_params() -> Any:
+    """The TPU interpreter when this jax has one (it models DMAs and scalar prefetch)."""
+    pltpu = _tpu_module()
+    cls = getattr(pltpu, "InterpretParams", None) or getattr(pltpu, "TPUInterpretParams", None)
+    if cls is None:
+        return True
+    try:
+        # Boundary blocks hang over the array's end; read the overhang as NaN so a kernel
+        # that forgets to mask it fails the tests.
+        return cls(out_of_bounds_reads="uninitialized", uninitialized_memory="nan")
+    except TypeError:
+        return cls()
+
+
+def prefetch_grid_spec(**kwargs: Any) -> Any:
+    return _tpu_module().PrefetchScalarGridSpec(**kwargs)
+
+
+def vmem(shape: tuple[int, ...], dtype: Any) -> Any:
+    pltpu = _tpu_module()
+    space = getattr(pltpu, "VMEM", None)
+    if space is None:
+        space = pltpu.MemorySpace.VMEM
+    return space(shape, dtype)
+
+
+def cdiv(a: int, b: int) -> int:
+    return pl.cdiv(a, b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def active_block_list(row_active_K: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
+    """Indices of the blocks of `block` rows holding an active row, and their count.
+
+    Active blocks come first in ascending order; the trailing entries repeat the last
+    active block (block 0 when none is active), so a grid that walks this list issues
+    no new DMA on its trailing (skipped) steps. Returns (int32 [n_blocks], int32 [1]).
+    """
+    k = row_active_K.shape[0]
+    n_blocks = cdiv(k, block)
+    pad = n_blocks * block - k
+    padded = jnp.pad(row_active_K, (0, pad))
+    blk_active = jnp.any(padded.reshape(n_blocks, block), axis=1)
+    count = jnp.sum(blk_active.astype(jnp.int32))
+    ids = jnp.arange(n_blocks, dtype=jnp.int32)
+    # Stable order: active block ids ascending, then inactive ones.
+    order = jnp.argsort(jnp.where(blk_active, ids, ids + n_blocks)).astype(jnp.int32)
+    last = order[jnp.maximum(count - 1, 0)]
+    order = jnp.where(ids < count, order, last)
+    return order, count.reshape(1)
