@@ -1,0 +1,438 @@
+"""Gated sparse-output matvec (CHESS up_proj) and the fused sparse SwiGLU tail.
+
+- `gated_matvec`: `h[B, m] = g[B, m] * (x[B, d] @ Wu^T)` with Wu stored `[m, d]` (rows
+  contiguous, torch's Linear layout), computing only the rows `i` of Wu where some
+  `g[b, i] != 0`; the gate multiply is fused.
+- `fused_sparse_ffn`: `y[B, d] = (g * (x @ Wu^T)) @ Wd` in one pass, Wd stored `[m, d]`
+  (the transpose of torch's down_proj weight): each program takes a block of rows of m,
+  computes its slice of h in float32 (h never leaves the chip, nor is it rounded to
+  x.dtype) and adds `h_slice @ Wd[rows]` into y with atomics (GPU) or into a resident
+  accumulator (TPU).
+
+Each has a pure-jnp `*_reference` (float32 accumulation, result in x.dtype), a GPU
+kernel (Pallas/Triton: masked row loads skip the memory traffic of inactive rows), a
+TPU kernel (Pallas/Mosaic, scalar prefetch: only blocks of rows holding an active row
+are DMA'd) and a dispatcher (`impl="auto"` picks by backend).
+
+Which path to use for a SwiGLU FFN: the unfused pair `gated_matvec` then
+`sparse_input_matvec(h, Wd)` or `fused_sparse_ffn` is settled by the H100 numbers in
+benchmarks/results/kernels_h100.json (see `RECOMMENDED_FFN_PATH` below and
+benchmarks/NOTES_kernels.md).
+
+Leaves out: the gate projection itself (dense, read whole), the SiLU and the
+threshold rule that produces g (they live in jaxsparse's sparsity rules).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _dispatch as dsp
+
+_GATED = "gated_matvec"
+_FUSED = "fused_sparse_ffn"
+
+# Recorded from benchmarks/results/kernels_h100.json; "fused" or "unfused".
+RECOMMENDED_FFN_PATH = "unfused"
+
+
+def _check_gated(fn: str, x_Bxd: jax.Array, g_Bxm: jax.Array, wu_mxd: jax.Array) -> None:
+    dsp.check_ndim(fn, "x_Bxd", x_Bxd, 2, "[B, d]")
+    dsp.check_ndim(fn, "g_Bxm", g_Bxm, 2, "[B, m]")
+    dsp.check_ndim(fn, "wu_mxd", wu_mxd, 2, "[m, d]")
+    for name, a in (("x_Bxd", x_Bxd), ("g_Bxm", g_Bxm), ("wu_mxd", wu_mxd)):
+        dsp.check_float(fn, name, a)
+    dsp.check_dim(fn, "g_Bxm.shape[0] (B)", g_Bxm.shape[0], x_Bxd.shape[0])
+    dsp.check_dim(fn, "wu_mxd.shape[0] (m)", wu_mxd.shape[0], g_Bxm.shape[1])
+    dsp.check_dim(fn, "wu_mxd.shape[1] (d)", wu_mxd.shape[1], x_Bxd.shape[1])
+
+
+def _check_fused(x_Bxd, g_Bxm, wu_mxd, wd_mxd) -> None:
+    _check_gated(_FUSED, x_Bxd, g_Bxm, wu_mxd)
+    dsp.check_ndim(_FUSED, "wd_mxd", wd_mxd, 2, "[m, d]")
+    dsp.check_float(_FUSED, "wd_mxd", wd_mxd)
+    if wd_mxd.shape != wu_mxd.shape:
+        raise ValueError(
+            f"{_FUSED}: shape mismatch: wd_mxd is {wd_mxd.shape}, expected {wu_mxd.shape} "
+            "(the down projection stored [m, d], the transpose of torch's [d, m])."
+        )
+
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+# ----------------------------------------------------------------------- references
+
+
+def gated_matvec_reference(
+    x_Bxd: jax.Array, g_Bxm: jax.Array, wu_mxd: jax.Array, **_blocks: Any
+) -> jax.Array:
+    """`g * (x @ Wu^T)` in float32, returned in x.dtype (block sizes ignored)."""
+    _check_gated(_GATED, x_Bxd, g_Bxm, wu_mxd)
+    u = jnp.dot(x_Bxd.astype(jnp.float32), wu_mxd.astype(jnp.float32).T, precision=_HI)
+    return (g_Bxm.astype(jnp.float32) * u).astype(x_Bxd.dtype)
+
+
+def fused_sparse_ffn_reference(
+    x_Bxd: jax.Array,
+    g_Bxm: jax.Array,
+    wu_mxd: jax.Array,
+    wd_mxd: jax.Array,
+    **_blocks: Any,
+) -> jax.Array:
+    """`(g * (x @ Wu^T)) @ Wd` with h kept in float32; result in x.dtype."""
+    _check_fused(x_Bxd, g_Bxm, wu_mxd, wd_mxd)
+    u = jnp.dot(x_Bxd.astype(jnp.float32), wu_mxd.astype(jnp.float32).T, precision=_HI)
+    h = g_Bxm.astype(jnp.float32) * u
+    return jnp.dot(h, wd_mxd.astype(jnp.float32), precision=_HI).astype(x_Bxd.dtype)
+
+
+# ------------------------------------------------------------------------ GPU (Triton)
+
+
+def _gated_rows(x_ref, g_ref, wu_ref, *, rows, B, m, d, r0, block_m, block_d):
+    """float32 h for rows r0..r0+block_m of one program, and the row-active mask."""
+    r_ok = (r0 + jnp.arange(block_m)) < m
+    gs = [
+        dsp.masked_load(g_ref.at[rows[b], pl.ds(r0, block_m)], r_ok, 0.0).astype(jnp.float32)
+        for b in range(B)
+    ]
+    active = gs[0] != 0.0
+    for gb in gs[1:]:
+        active = active | (gb != 0.0)
+
+    def body(j, accs):
+        d0 = j * block_d
+        d_ok = (d0 + jnp.arange(block_d)) < d
+        w = dsp.masked_load(
+            wu_ref.at[pl.ds(r0, block_m), pl.ds(d0, block_d)],
+            active[:, None] & d_ok[None, :],
+            0.0,
+        ).astype(jnp.float32)
+        out = []
+        for b in range(B):
+            xb = dsp.masked_load(x_ref.at[rows[b], pl.ds(d0, block_d)], d_ok, 0.0)
+            out.append(accs[b] + jnp.sum(w * xb.astype(jnp.float32)[None, :], axis=1))
+        return tuple(out)
+
+    init = tuple(jnp.zeros((block_m,), jnp.float32) for _ in range(B))
+    us = jax.lax.fori_loop(0, dsp.cdiv(d, block_d), body, init)
+    return [gb * ub for gb, ub in zip(gs, us)], active, r_ok
+
+
+def _gated_gpu_kernel(x_ref, g_ref, wu_ref, h_ref, *, B, m, d, block_m, block_d):
+    rows = dsp.static_indices(B)
+    r0 = pl.program_id(0) * block_m
+    hs, _, r_ok = _gated_rows(
+        x_ref, g_ref, wu_ref, rows=rows, B=B, m=m, d=d, r0=r0,
+        block_m=block_m, block_d=block_d,
+    )
+    for b in range(B):
+        dsp.masked_store(h_ref.at[rows[b], pl.ds(r0, block_m)], hs[b].astype(h_ref.dtype), r_ok)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("block_m", "block_d", "num_warps", "num_stages", "interpret")
+)
+def _gated_matvec_gpu(
+    x_Bxd, g_Bxm, wu_mxd, *, block_m=32, block_d=256, num_warps=4, num_stages=3,
+    interpret=False,
+):
+    B, d = x_Bxd.shape
+    m = wu_mxd.shape[0]
+    dsp.check_block(_GATED, "block_m", block_m, power_of_2=True)
+    dsp.check_block(_GATED, "block_d", block_d, power_of_2=True)
+    kernel = functools.partial(
+        _gated_gpu_kernel, B=B, m=m, d=d, block_m=block_m, block_d=block_d
+    )
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((B, m), x_Bxd.dtype),
+        grid=(dsp.cdiv(m, block_m),),
+        compiler_params=dsp.triton_compiler_params(num_warps, num_stages),
+        interpret=interpret,
+        name="gated_matvec",
+    )(x_Bxd, g_Bxm, wu_mxd)
+
+
+def _fused_gpu_kernel(
+    x_ref, g_ref, wu_ref, wd_ref, _zeros_ref, y_ref, *, B, m, d, block_m, block_d
+):
+    rows = dsp.static_indices(B)
+    r0 = pl.program_id(0) * block_m
+    hs, active, _ = _gated_rows(
+        x_ref, g_ref, wu_ref, rows=rows, B=B, m=m, d=d, r0=r0,
+        block_m=block_m, block_d=block_d,
+    )
+
+    def body(j, carry):
+        d0 = j * block_d
+        d_ok = (d0 + jnp.arange(block_d)) < d
+        w = dsp.masked_load(
+            wd_ref.at[pl.ds(r0, block_m), pl.ds(d0, block_d)],
+            active[:, None] & d_ok[None, :],
+            0.0,
+        ).astype(jnp.float32)
+        for b in range(B):
+            dsp.atomic_add(
+                y_ref, (rows[b], pl.ds(d0, block_d)), jnp.sum(hs[b][:, None] * w, axis=0)
+            )
+        return carry
+
+    jax.lax.fori_loop(0, dsp.cdiv(d, block_d), body, 0)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("block_m", "block_d", "num_warps", "num_stages", "interpret")
+)
+def _fused_sparse_ffn_gpu(
+    x_Bxd, g_Bxm, wu_mxd, wd_mxd, *, block_m=64, block_d=256, num_warps=4,
+    num_stages=3, interpret=False,
+):
+    B, d = x_Bxd.shape
+    m = wu_mxd.shape[0]
+    dsp.check_block(_FUSED, "block_m", block_m, power_of_2=True)
+    dsp.check_block(_FUSED, "block_d", block_d, power_of_2=True)
+    n_d = dsp.cdiv(d, block_d)
+    # Atomic target padded to whole d blocks: no atomic needs a mask.
+    zeros = jnp.zeros((B, n_d * block_d), jnp.float32)
+    kernel = functools.partial(
+        _fused_gpu_kernel, B=B, m=m, d=d, block_m=block_m, block_d=block_d
+    )
+    y = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct(zeros.shape, jnp.float32),
+        grid=(dsp.cdiv(m, block_m),),
+        input_output_aliases={4: 0},
+        compiler_params=dsp.triton_compiler_params(num_warps, num_stages),
+        interpret=interpret,
+        name="fused_sparse_ffn",
+    )(x_Bxd, g_Bxm, wu_mxd, wd_mxd, zeros)
+    return y[:, :d].astype(x_Bxd.dtype)
+
+
+# ------------------------------------------------------------------------ TPU (Mosaic)
+
+
+def _dot_dtype(*arrays: jax.Array) -> jnp.dtype:
+    dts = {jnp.dtype(a.dtype) for a in arrays}
+    if dts == {jnp.dtype(jnp.bfloat16)}:
+        return jnp.dtype(jnp.bfloat16)
+    return jnp.dtype(jnp.float32)
+
+
+def _dot_nt(a, b, dot_dtype):
+    """a [B, d] x b [r, d] -> [B, r] in float32."""
+    return jax.lax.dot_general(
+        a.astype(dot_dtype),
+        b.astype(dot_dtype),
+        (((1,), (1,)), ((), ())),
+        preferred_element_type=jnp.float32,
+        precision=_HI if dot_dtype == jnp.float32 else None,
+    )
+
+
+def _previous_active_blocks(row_active_m: jax.Array, block: int):
+    """Per block of rows: its own index if active, else the last active block before
+    it (the first active block for a leading inactive run, 0 if none is active); and
+    the per-block active flags. Walking blocks in order with these W indices DMAs each
+    active block once and nothing for the inactive ones."""
+    m = row_active_m.shape[0]
+    n = dsp.cdiv(m, block)
+    act = jnp.any(jnp.pad(row_active_m, (0, n * block - m)).reshape(n, block), axis=1)
+    ids = jnp.arange(n, dtype=jnp.int32)
+    prev = jax.lax.cummax(jnp.where(act, ids, -1), axis=0)
+    first = jnp.argmax(act).astype(jnp.int32)
+    return jnp.where(prev >= 0, prev, first).astype(jnp.int32), act.astype(jnp.int32)
+
+
+def _gated_tpu_kernel(wblk_ref, act_ref, x_ref, g_ref, wu_ref, h_ref, *, m, block_m, dot_dtype):
+    i = pl.program_id(0)
+
+    @pl.when(act_ref[i] != 0)
+    def _():
+        u = _dot_nt(x_ref[...], wu_ref[...], dot_dtype)
+        h_ref[...] = (g_ref[...].astype(jnp.float32) * u).astype(h_ref.dtype)
+
+    @pl.when(act_ref[i] == 0)
+    def _():
+        h_ref[...] = jnp.zeros_like(h_ref)
+
+
+@functools.partial(jax.jit, static_argnames=("block_m", "interpret"))
+def _gated_matvec_tpu(x_Bxd, g_Bxm, wu_mxd, *, block_m=256, interpret=False):
+    B, d = x_Bxd.shape
+    m = wu_mxd.shape[0]
+    dsp.check_block(_GATED, "block_m", block_m, power_of_2=False)
+    wblk, act = _previous_active_blocks(jnp.any(g_Bxm != 0, axis=0), block_m)
+    kernel = functools.partial(
+        _gated_tpu_kernel, m=m, block_m=block_m, dot_dtype=_dot_dtype(x_Bxd, wu_mxd)
+    )
+    grid_spec = dsp.prefetch_grid_spec(
+        num_scalar_prefetch=2,
+        grid=(wblk.shape[0],),
+        in_specs=[
+            pl.BlockSpec((B, d), lambda i, wblk, act: (0, 0)),
+            pl.BlockSpec((B, block_m), lambda i, wblk, act: (0, i)),
+            pl.BlockSpec((block_m, d), lambda i, wblk, act: (wblk[i], 0)),
+        ],
+        out_specs=pl.BlockSpec((B, block_m), lambda i, wblk, act: (0, i)),
+    )
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((B, m), x_Bxd.dtype),
+        grid_spec=grid_spec,
+        compiler_params=dsp.tpu_compiler_params(("arbitrary",)),
+        interpret=dsp.tpu_interpret_params() if interpret else False,
+        name="gated_matvec_tpu",
+    )(wblk, act, x_Bxd, g_Bxm, wu_mxd)
+
+
+def _fused_tpu_kernel(
+    blk_ref, cnt_ref, x_ref, g_ref, wu_ref, wd_ref, y_ref, acc_ref, *, m, block_m,
+    n_steps, dot_dtype,
+):
+    i = pl.program_id(0)
+
+    @pl.when(i == 0)
+    def _():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    @pl.when(i < cnt_ref[0])
+    def _():
+        r0 = blk_ref[i] * block_m
+        ok_1xM = (r0 + jax.lax.broadcasted_iota(jnp.int32, (1, block_m), 1)) < m
+        ok_Mx1 = (r0 + jax.lax.broadcasted_iota(jnp.int32, (block_m, 1), 0)) < m
+        u = _dot_nt(x_ref[...], wu_ref[...], dot_dtype)
+        h = jnp.where(ok_1xM, g_ref[...].astype(jnp.float32) * u, 0.0)
+        wd = jnp.where(ok_Mx1, wd_ref[...], 0)
+        acc_ref[...] += jnp.dot(
+            h,
+            wd.astype(jnp.float32),
+            preferred_element_type=jnp.float32,
+            precision=_HI,
+        )
+
+    @pl.when(i == n_steps - 1)
+    def _():
+        y_ref[...] = acc_ref[...].astype(y_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("block_m", "interpret"))
+def _fused_sparse_ffn_tpu(x_Bxd, g_Bxm, wu_mxd, wd_mxd, *, block_m=256, interpret=False):
+    B, d = x_Bxd.shape
+    m = wu_mxd.shape[0]
+    dsp.check_block(_FUSED, "block_m", block_m, power_of_2=False)
+    blk, cnt = dsp.active_block_list(jnp.any(g_Bxm != 0, axis=0), block_m)
+    n_steps = blk.shape[0]
+    kernel = functools.partial(
+        _fused_tpu_kernel,
+        m=m,
+        block_m=block_m,
+        n_steps=n_steps,
+        dot_dtype=_dot_dtype(x_Bxd, wu_mxd),
+    )
+    grid_spec = dsp.prefetch_grid_spec(
+        num_scalar_prefetch=2,
+        grid=(n_steps,),
+        in_specs=[
+            pl.BlockSpec((B, d), lambda i, blk, cnt: (0, 0)),
+            pl.BlockSpec((B, block_m), lambda i, blk, cnt: (0, blk[i])),
+            pl.BlockSpec((block_m, d), lambda i, blk, cnt: (blk[i], 0)),
+            pl.BlockSpec((block_m, d), lambda i, blk, cnt: (blk[i], 0)),
+        ],
+        out_specs=pl.BlockSpec((B, d), lambda i, blk, cnt: (0, 0)),
+        scratch_shapes=[dsp.vmem((B, d), jnp.float32)],
+    )
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((B, d), x_Bxd.dtype),
+        grid_spec=grid_spec,
+        compiler_params=dsp.tpu_compiler_params(("arbitrary",)),
+        interpret=dsp.tpu_interpret_params() if interpret else False,
+        name="fused_sparse_ffn_tpu",
+    )(blk, cnt, x_Bxd, g_Bxm, wu_mxd, wd_mxd)
+
+
+# ----------------------------------------------------------------------- dispatchers
+
+
+def _route(fn_name, impl, kernel_options, reference, gpu, tpu, args, blocks):
+    which = dsp.resolve_impl(impl, fn_name=fn_name)
+    blocks = {k: v for k, v in blocks.items() if v is not None}
+    if which == "reference":
+        return reference(*args)
+    if which in ("gpu", "gpu_interpret"):
+        return gpu(*args, interpret=which == "gpu_interpret", **blocks, **kernel_options)
+    blocks.pop("block_d", None)  # the TPU kernels take whole rows of d
+    if kernel_options:
+        raise ValueError(
+            f"{fn_name}: options {sorted(kernel_options)} apply to the GPU kernel only."
+        )
+    return tpu(*args, interpret=which == "tpu_interpret", **blocks)
+
+
+def gated_matvec(
+    x_Bxd: jax.Array,
+    g_Bxm: jax.Array,
+    wu_mxd: jax.Array,
+    *,
+    impl: str = "auto",
+    block_m: int | None = None,
+    block_d: int | None = None,
+    **kernel_options: Any,
+) -> jax.Array:
+    """`h[B, m] = g * (x @ Wu^T)`, computing only rows of Wu where some g != 0.
+
+    Args:
+      x_Bxd: FFN input [B, d]. g_Bxm: gate (already sparsified) [B, m].
+      wu_mxd: up projection [m, d] (torch Linear layout, rows contiguous).
+      impl: "auto", "reference", "gpu", "tpu", "gpu_interpret", "tpu_interpret".
+      block_m: rows of Wu per program (GPU: power of 2) / per grid step (TPU).
+      block_d: GPU only, columns of Wu per inner step (power of 2).
+      kernel_options: GPU only: num_warps, num_stages.
+
+    Returns:
+      h [B, m] in x.dtype (float32 accumulation; exact zeros where g == 0).
+    """
+    _check_gated(_GATED, x_Bxd, g_Bxm, wu_mxd)
+    return _route(
+        _GATED, impl, kernel_options, gated_matvec_reference, _gated_matvec_gpu,
+        _gated_matvec_tpu, (x_Bxd, g_Bxm, wu_mxd),
+        {"block_m": block_m, "block_d": block_d},
+    )
+
+
+def fused_sparse_ffn(
+    x_Bxd: jax.Array,
+    g_Bxm: jax.Array,
+    wu_mxd: jax.Array,
+    wd_mxd: jax.Array,
+    *,
+    impl: str = "auto",
+    block_m: int | None = None,
+    block_d: int | None = None,
+    **kernel_options: Any,
+) -> jax.Array:
+    """`y[B, d] = (g * (x @ Wu^T)) @ Wd`, reading only the rows of Wu and Wd in use.
+
+    Args:
+      x_Bxd: FFN input [B, d]. g_Bxm: gate (already sparsified) [B, m].
+      wu_mxd: up projection [m, d]. wd_mxd: down projection stored [m, d] (the
+        transpose of torch's down_proj.weight), so row i is contiguous.
+      impl, block_m, block_d, kernel_options: as for `gated_matvec`.
+
+    Returns:
+      y [B, d] in x.dtype; h is kept in float32 inside the kernel.
+    """
+    _check_fused(x_Bxd, g_Bxm, wu_mxd, wd_mxd)
+    return _route(
+        _FUSED, impl, kernel_options, fused_sparse_ffn_reference, _fused_sparse_ffn_gpu,
+        _fused_sparse_ffn_tpu, (x_Bxd, g_Bxm, wu_mxd, wd_mxd),
+        {"block_m": block_m, "block_d": block_d},
+    )
