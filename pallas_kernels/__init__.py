@@ -1,1 +1,38 @@
-"""Pallas kernels for activation-sparse decoding (see DESIGN.md, "Kernels")."""
+"""Pallas kernels for activation-sparse decoding (DESIGN.md, "Kernels").
+
+Each kernel is a pure function with a pure-jnp `*_reference` of the same signature, a GPU
+(Pallas/Triton) and a TPU (Pallas/Mosaic, scalar prefetch) implementation, and a
+dispatcher that picks by `jax.default_backend()` (`impl=` forces one; "gpu_interpret"
+and "tpu_interpret" run the kernels in Pallas interpret mode, e.g. on CPU).
+
+No model code here; `jaxsparse` imports from this package, never the reverse.
+"""
+
+from pallas_kernels._dispatch import IMPLS
+from pallas_kernels.gated_matvec import (
+    RECOMMENDED_FFN_PATH,
+    fused_sparse_ffn,
+    fused_sparse_ffn_reference,
+    gated_matvec,
+    gated_matvec_reference,
+)
+from pallas_kernels.head_sparse_attention import (
+    head_mask_from_indices,
+    head_sparse_attention,
+    head_sparse_attention_reference,
+)
+from pallas_kernels.sparse_matvec import sparse_input_matvec, sparse_input_matvec_reference
+
+__all__ = [
+    "IMPLS",
+    "RECOMMENDED_FFN_PATH",
+    "fused_sparse_ffn",
+    "fused_sparse_ffn_reference",
+    "gated_matvec",
+    "gated_matvec_reference",
+    "head_mask_from_indices",
+    "head_sparse_attention",
+    "head_sparse_attention_reference",
+    "sparse_input_matvec",
+    "sparse_input_matvec_reference",
+]

@@ -1,0 +1,365 @@
+"""Benchmark of the Pallas kernels against dense XLA, Llama-3-8B decode shapes, bf16.
+
+Usage: python benchmarks/kernels.py --json OUT [--quick] [--no-sweep] [--impl gpu]
+
+Protocol (DESIGN.md, "Measuring"): every timed function is jit-compiled and warmed up;
+one timed call runs `calls` kernel invocations unrolled inside one jit, each on its own
+activation and cycling over `n_buffers` weight buffers whose total exceeds 200 MB (so
+the 50 MB L2 does not hold them), and the time per invocation is wall / calls, the
+median over `repeats` (host clock around `jax.block_until_ready`). Unrolling inside
+one jit keeps Python dispatch out of the number: XLA issues the calls back to back.
+Random data only (normal; zeros only where the sparsity puts them).
+
+Sparsity s: a random set of round(s * rows) weight rows is inactive, the same set for
+every batch row (so the bytes needed are exactly (1 - s) of the weight); the activation
+is random normal elsewhere. "GB/s" counts the bytes actually needed (active weight rows,
+x, y) over the measured time; "roofline" divides that by ROOFLINE_BPS (the H100's
+measured ~3.0 TB/s copy rate, DESIGN.md); the run also measures its own copy rate.
+
+Holds the benchmark only; results go to benchmarks/results/kernels_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pallas_kernels import fused_sparse_ffn, gated_matvec, sparse_input_matvec  # noqa: E402
+
+ROOFLINE_BPS = 3.0e12
+MIN_TOTAL_BYTES = 220e6
+MATVEC_SHAPES = [(4096, 14336), (14336, 4096), (4096, 4096), (4096, 1024)]
+SPARSITIES = [0.0, 0.25, 0.5, 0.7, 0.9]
+BATCHES = [1, 4]
+FFN_M, FFN_D = 14336, 4096
+
+# (block_k, block_n, split_k, num_warps, num_stages); split_k None = automatic.
+MATVEC_SWEEP = [
+    (64, 128, None, 4, 3),
+    (128, 64, None, 4, 3),
+    (32, 256, None, 4, 3),
+    (128, 128, None, 8, 3),
+    (64, 64, None, 4, 4),
+]
+GATED_SWEEP = [(16, 256, 4, 3), (32, 256, 4, 3), (32, 128, 4, 4), (64, 128, 8, 3)]
+FUSED_SWEEP = [(32, 256, 4, 3), (64, 256, 8, 3)]
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def time_per_call(fn, args, calls, repeats, warmup=2):
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append((time.perf_counter() - t0) / calls)
+    return statistics.median(ts), (max(ts) - min(ts)) / statistics.median(ts)
+
+
+def unrolled(f, calls, n_buf):
+    """jit of: y_i = f(x_i, W_{i mod n_buf}) for i < calls, all outputs returned."""
+
+    def run(xs, ws):
+        return tuple(f(xs[i], *ws[i % n_buf]) for i in range(calls))
+
+    return jax.jit(run)
+
+
+def measure_copy_bps(repeats):
+    a = jax.random.normal(jax.random.key(7), (256 * 1024 * 1024,), jnp.bfloat16)  # 512 MB
+    f = jax.jit(lambda a: a * 2)
+    t, _ = time_per_call(f, (a,), 1, repeats)
+    del a
+    return 2 * 512 * 1024 * 1024 / t
+
+
+def row_sparse_x(key, B, K, s, dtype):
+    """Random normal [B, K] with round(s*K) rows (same for every b) exactly zero."""
+    k1, k2 = jax.random.split(key)
+    n_off = int(round(s * K))
+    perm = jax.random.permutation(k1, K)
+    active = jnp.ones((K,), bool).at[perm[:n_off]].set(False)
+    x = jax.random.normal(k2, (B, K), jnp.float32)
+    x = jnp.where(x == 0, 1.0, x)  # never a stray zero
+    return (x * active[None, :]).astype(dtype), K - n_off
+
+
+def weights(key, shape, n_buf, dtype):
+    keys = jax.random.split(key, n_buf)
+    return [
+        (jax.random.normal(k, shape, jnp.float32) / math.sqrt(shape[0])).astype(dtype)
+        for k in keys
+    ]
+
+
+def n_buffers(bytes_one):
+    return max(3, math.ceil(MIN_TOTAL_BYTES / bytes_one))
+
+
+def bench_matvec(args, cfg_for, dtype, calls_min, repeats):
+    rows = []
+    for K, N in args.shapes:
+        wbytes = K * N * dtype.itemsize
+        nb = n_buffers(wbytes)
+        calls = max(calls_min, nb)
+        ws = [(w,) for w in weights(jax.random.key(K * 7 + N), (K, N), nb, dtype)]
+        cfg = cfg_for.get((K, N), {})
+        for B in args.batches:
+            dense = unrolled(lambda x, w: jnp.dot(x, w), calls, nb)
+            kern = unrolled(
+                lambda x, w: sparse_input_matvec(x, w, impl=args.impl, **cfg), calls, nb
+            )
+            for s in args.sparsities:
+                keys = jax.random.split(jax.random.key(int(s * 1000) + B), calls)
+                xs_act = [row_sparse_x(k, B, K, s, dtype) for k in keys]
+                xs = [x for x, _ in xs_act]
+                n_act = xs_act[0][1]
+                # correctness on this data, against the float32 reference
+                y = kern(xs, ws)[0]
+                yr = (xs[0].astype(jnp.float32) @ ws[0][0].astype(jnp.float32))
+                err = float(jnp.linalg.norm(y.astype(jnp.float32) - yr) / jnp.linalg.norm(yr))
+                td, sd = time_per_call(dense, (xs, ws), calls, repeats)
+                tk, sk = time_per_call(kern, (xs, ws), calls, repeats)
+                need = n_act * N * dtype.itemsize + B * (K + N) * dtype.itemsize
+                dense_bytes = wbytes + B * (K + N) * dtype.itemsize
+                row = dict(
+                    kernel="sparse_input_matvec", K=K, N=N, batch=B, sparsity=s,
+                    active_rows=n_act, n_buffers=nb, calls=calls, config=cfg,
+                    time_us_dense=td * 1e6, time_us_kernel=tk * 1e6, speedup=td / tk,
+                    spread_dense=sd, spread_kernel=sk,
+                    gbps_dense=dense_bytes / td / 1e9, gbps_kernel=need / tk / 1e9,
+                    roofline_frac_dense=dense_bytes / td / ROOFLINE_BPS,
+                    roofline_frac_kernel=need / tk / ROOFLINE_BPS,
+                    ideal_speedup=dense_bytes / need, rel_err=err,
+                )
+                rows.append(row)
+                log(fmt_row(row))
+        del ws
+    return rows
+
+
+def sweep_matvec(args, dtype, calls_min, repeats):
+    best, results = {}, []
+    for K, N in args.shapes:
+        wbytes = K * N * dtype.itemsize
+        nb = n_buffers(wbytes)
+        calls = max(calls_min, nb)
+        ws = [(w,) for w in weights(jax.random.key(K + N), (K, N), nb, dtype)]
+        keys = jax.random.split(jax.random.key(1), calls)
+        xs = [row_sparse_x(k, 1, K, 0.5, dtype)[0] for k in keys]
+        for bk, bn, sk, nw, ns in MATVEC_SWEEP:
+            cfg = dict(block_k=bk, block_n=bn, split_k=sk, num_warps=nw, num_stages=ns)
+            try:
+                f = unrolled(lambda x, w: sparse_input_matvec(x, w, impl=args.impl, **cfg),
+                             calls, nb)
+                t, _ = time_per_call(f, (xs, ws), calls, repeats)
+            except Exception as e:  # a config that fails to compile is recorded, not fatal
+                results.append(dict(K=K, N=N, config=cfg, error=repr(e)[:300]))
+                log(f"sweep {K}x{N} {cfg} FAILED {repr(e)[:200]}")
+                continue
+            results.append(dict(K=K, N=N, config=cfg, time_us=t * 1e6))
+            log(f"sweep {K}x{N} {cfg} {t * 1e6:.1f} us")
+            if (K, N) not in best or t < best[(K, N)][0]:
+                best[(K, N)] = (t, cfg)
+        del ws
+    return {k: v[1] for k, v in best.items()}, results
+
+
+def bench_ffn(args, dtype, calls_min, repeats):
+    """Gated up (g * x Wu^T), and the whole sparse tail (g * x Wu^T) Wd, vs dense XLA."""
+    m, d = FFN_M, FFN_D
+    wbytes = m * d * dtype.itemsize
+    nb = n_buffers(2 * wbytes)
+    calls = max(calls_min, nb)
+    wu = weights(jax.random.key(11), (m, d), nb, dtype)
+    wd = weights(jax.random.key(12), (m, d), nb, dtype)
+    rows, sweep = [], []
+
+    def gx(key, B, s):
+        g, n_act = row_sparse_x(key, B, m, s, dtype)
+        x = jax.random.normal(jax.random.fold_in(key, 1), (B, d), jnp.float32).astype(dtype)
+        return (x, g), n_act
+
+    # small sweeps at B=1, s=0.5
+    keys = jax.random.split(jax.random.key(3), calls)
+    xg = [gx(k, 1, 0.5)[0] for k in keys]
+    best_g, best_f = None, None
+    for bm, bd, nw, ns in GATED_SWEEP if args.sweep else []:
+        cfg = dict(block_m=bm, block_d=bd, num_warps=nw, num_stages=ns)
+        try:
+            f = unrolled(lambda a, w: gated_matvec(a[0], a[1], w, impl=args.impl, **cfg),
+                         calls, nb)
+            t, _ = time_per_call(f, (xg, [(w,) for w in wu]), calls, repeats)
+        except Exception as e:
+            sweep.append(dict(kernel="gated_matvec", config=cfg, error=repr(e)[:300]))
+            continue
+        sweep.append(dict(kernel="gated_matvec", config=cfg, time_us=t * 1e6))
+        log(f"sweep gated {cfg} {t * 1e6:.1f} us")
+        if best_g is None or t < best_g[0]:
+            best_g = (t, cfg)
+    for bm, bd, nw, ns in FUSED_SWEEP if args.sweep else []:
+        cfg = dict(block_m=bm, block_d=bd, num_warps=nw, num_stages=ns)
+        try:
+            f = unrolled(
+                lambda a, w1, w2: fused_sparse_ffn(a[0], a[1], w1, w2, impl=args.impl, **cfg),
+                calls, nb)
+            t, _ = time_per_call(f, (xg, list(zip(wu, wd))), calls, repeats)
+        except Exception as e:
+            sweep.append(dict(kernel="fused_sparse_ffn", config=cfg, error=repr(e)[:300]))
+            continue
+        sweep.append(dict(kernel="fused_sparse_ffn", config=cfg, time_us=t * 1e6))
+        log(f"sweep fused {cfg} {t * 1e6:.1f} us")
+        if best_f is None or t < best_f[0]:
+            best_f = (t, cfg)
+    gcfg = best_g[1] if best_g else {}
+    fcfg = best_f[1] if best_f else {}
+    mv_cfg = args.best_cfg.get((m, d), {})
+
+    fns = {
+        "gated_matvec": (
+            lambda a, w1, w2: a[1] * jnp.dot(a[0], w1.T),
+            lambda a, w1, w2: gated_matvec(a[0], a[1], w1, impl=args.impl, **gcfg),
+            1,
+        ),
+        "ffn_unfused": (
+            lambda a, w1, w2: jnp.dot(a[1] * jnp.dot(a[0], w1.T), w2),
+            lambda a, w1, w2: sparse_input_matvec(
+                gated_matvec(a[0], a[1], w1, impl=args.impl, **gcfg), w2, impl=args.impl,
+                **mv_cfg),
+            2,
+        ),
+        "ffn_fused": (
+            lambda a, w1, w2: jnp.dot(a[1] * jnp.dot(a[0], w1.T), w2),
+            lambda a, w1, w2: fused_sparse_ffn(a[0], a[1], w1, w2, impl=args.impl, **fcfg),
+            2,
+        ),
+    }
+    wsets = list(zip(wu, wd))
+    for name, (fd, fk, n_w) in fns.items():
+        for B in args.batches:
+            dense = unrolled(fd, calls, nb)
+            kern = unrolled(fk, calls, nb)
+            for s in args.sparsities:
+                keys = jax.random.split(jax.random.key(int(s * 1000) + 17 * B), calls)
+                data = [gx(k, B, s) for k in keys]
+                xs = [a for a, _ in data]
+                n_act = data[0][1]
+                y = kern(xs, wsets)[0]
+                yr = dense(xs, wsets)[0]
+                err = float(
+                    jnp.linalg.norm(y.astype(jnp.float32) - yr.astype(jnp.float32))
+                    / jnp.linalg.norm(yr.astype(jnp.float32))
+                )
+                td, sd = time_per_call(dense, (xs, wsets), calls, repeats)
+                tk, sk = time_per_call(kern, (xs, wsets), calls, repeats)
+                io = B * (d + 2 * m) * dtype.itemsize
+                need = n_w * n_act * d * dtype.itemsize + io
+                dense_bytes = n_w * wbytes + io
+                row = dict(
+                    kernel=name, K=d, N=m, batch=B, sparsity=s, active_rows=n_act,
+                    n_buffers=nb, calls=calls,
+                    config=gcfg if name == "gated_matvec" else (fcfg if name == "ffn_fused"
+                                                                else {"gated": gcfg,
+                                                                      "down": mv_cfg}),
+                    time_us_dense=td * 1e6, time_us_kernel=tk * 1e6, speedup=td / tk,
+                    spread_dense=sd, spread_kernel=sk,
+                    gbps_dense=dense_bytes / td / 1e9, gbps_kernel=need / tk / 1e9,
+                    roofline_frac_dense=dense_bytes / td / ROOFLINE_BPS,
+                    roofline_frac_kernel=need / tk / ROOFLINE_BPS,
+                    ideal_speedup=dense_bytes / need, rel_err_vs_dense_xla=err,
+                )
+                rows.append(row)
+                log(fmt_row(row))
+    return rows, sweep
+
+
+def fmt_row(r):
+    return (
+        f"{r['kernel']:<20} {r['K']:>5}x{r['N']:<5} B={r['batch']} s={r['sparsity']:<4} "
+        f"dense {r['time_us_dense']:8.1f} us  kernel {r['time_us_kernel']:8.1f} us  "
+        f"x{r['speedup']:.2f} (ideal x{r['ideal_speedup']:.2f})  "
+        f"{r['gbps_kernel']:7.0f} GB/s  {100 * r['roofline_frac_kernel']:5.1f}% roofline"
+    )
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", required=True, help="where to write the results")
+    p.add_argument("--quick", action="store_true", help="small shapes, few repeats")
+    p.add_argument("--no-sweep", dest="sweep", action="store_false")
+    p.add_argument("--impl", default="auto", help="kernel impl (default: by backend)")
+    p.add_argument("--skip-ffn", action="store_true")
+    args = p.parse_args(argv)
+
+    dtype = jnp.dtype(jnp.bfloat16)
+    repeats, calls_min = (3, 4) if args.quick else (7, 24)
+    args.shapes = [(512, 1024), (1024, 256)] if args.quick else MATVEC_SHAPES
+    args.sparsities = [0.0, 0.5, 0.9] if args.quick else SPARSITIES
+    args.batches = BATCHES
+    global FFN_M, FFN_D, MIN_TOTAL_BYTES
+    if args.quick:
+        FFN_M, FFN_D, MIN_TOTAL_BYTES = 1024, 512, 4e6
+
+    dev = jax.devices()[0]
+    log(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+    t_start = time.time()
+    copy_bps = measure_copy_bps(repeats) if not args.quick else None
+    if copy_bps:
+        log(f"measured copy rate: {copy_bps / 1e9:.0f} GB/s (read + write)")
+    args.best_cfg, sweep_rows = {}, []
+    if args.sweep:
+        args.best_cfg, sweep_rows = sweep_matvec(args, dtype, calls_min, repeats)
+    rows = bench_matvec(args, args.best_cfg, dtype, calls_min, repeats)
+    ffn_rows, ffn_sweep = ([], []) if args.skip_ffn else bench_ffn(
+        args, dtype, calls_min, repeats)
+
+    out = dict(
+        device=dev.device_kind,
+        backend=jax.default_backend(),
+        jax_version=jax.__version__,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        dtype="bfloat16",
+        impl=args.impl,
+        roofline_bps=ROOFLINE_BPS,
+        measured_copy_bps=copy_bps,
+        timing=(
+            f"per invocation = wall/calls, {calls_min}+ invocations unrolled in one jit over "
+            f"rotating weight buffers (> {MIN_TOTAL_BYTES / 1e6:.0f} MB in all), "
+            f"median of {repeats} after 2 warm-ups; host clock + jax.block_until_ready"
+        ),
+        sparsity_pattern="the same random set of weight rows inactive for every batch row",
+        best_matvec_configs={f"{k[0]}x{k[1]}": v for k, v in args.best_cfg.items()},
+        sweep=sweep_rows + ffn_sweep,
+        rows=rows + ffn_rows,
+        wall_s=time.time() - t_start,
+    )
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(out, indent=1))
+    os.replace(tmp, path)
+    log("\n=== summary (bf16; speedup = dense XLA time / kernel time) ===")
+    for r in rows + ffn_rows:
+        log(fmt_row(r))
+    return out
+
+
+if __name__ == "__main__":
+    main()
