@@ -1,0 +1,373 @@
+"""Evaluation of a model with a sparsity state: perplexity, multiple-choice accuracy,
+measured sparsity and the fraction of linear weights read per token.
+
+- Perplexity over a text in non-overlapping windows of `seq_len` tokens, the sparsity
+  applied to every token of the window (as the CHESS and TEAL papers evaluate); the first
+  token of each window is context only.
+- Multiple-choice tasks scored as lm-evaluation-harness does: the continuation tokens of
+  a choice are `tokens(context + choice)[len(tokens(context)):]` (trailing spaces of the
+  context moved to the choice; an empty context becomes the EOS token), `acc` is the
+  argmax of their summed log-likelihood, `acc_norm` the argmax of that sum divided by the
+  choice's length in UTF-8 bytes. Sequences longer than `seq_len` keep their last tokens.
+- Measured sparsity: the zero fraction after masking of each point, per layer, averaged
+  over every evaluated token (perplexity windows and task sequences; padding excluded).
+- `activated_params_fraction`: per token, exactly, the weights a sparse kernel reads over
+  all linear weights of the blocks (embeddings, lm_head, norms and biases excluded):
+  q_proj reads `d_q(x)` of its rows (d = density = 1 - zero fraction), k/v_proj
+  `d_kv`, o_proj `d_o`, gate_proj `d_ffn_in`, up_proj `d_ffn_in * d_gate` (rows of zero
+  inputs and columns of zero gate channels are both skipped), down_proj `d_down_in`;
+  OPT: fc1 `d_ffn_in`, fc2 `d_down_in`. Averaged over the evaluated tokens.
+
+Batches are spread over every local device (data parallel, `jaxsparse.sharding`). One
+jit-compiled forward per sequence length serves every method and sparsity: thresholds
+are an argument. `jaxsparse eval` is this module's CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULTS = {"seq_len": 512, "batch_size": 8, "max_tokens": 8192, "num_tasks": 100}
+# The sparsification points, in the order of `jaxsparse.rules.TENSORS` (kept literal here so
+# that `jaxsparse --help` does not import jax; tests check they agree).
+_POINTS = ("q_in", "kv_in", "o_in", "ffn_in", "gate", "down_in")
+
+
+def linear_sizes(config) -> dict[str, int]:
+    """Weights of each linear layer of one block (kernels only)."""
+    d, m = config.hidden_size, config.intermediate_size
+    sizes = {"q_proj": d * config.q_dim, "k_proj": d * config.kv_dim,
+             "v_proj": d * config.kv_dim, "o_proj": config.q_dim * d}
+    if config.family == "opt":
+        sizes.update(fc1=d * m, fc2=m * d)
+    else:
+        sizes.update(gate_proj=d * m, up_proj=d * m, down_proj=m * d)
+    return sizes
+
+
+def make_forward(config):
+    """jit `f(params, tokens, valid, thresholds) -> dict` of per-token log-likelihoods and
+    per-batch sparsity sums (see the module docstring)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxsparse.models import build_model, positions_from_mask
+
+    model = build_model(config)
+    sizes = linear_sizes(config)
+    total = float(sum(sizes.values()) * config.num_layers)
+    opt = config.family == "opt"
+
+    def forward(params, tokens_BxT, valid_BxT, thresholds):
+        positions = positions_from_mask(valid_BxT)
+        (logits, _), variables = model.apply({"params": params}, tokens_BxT, positions,
+                                             thresholds=thresholds, mutable=["stats"])
+        logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+        next_ll = jnp.take_along_axis(logp, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
+        w = valid_BxT.astype(jnp.float32)
+        zero_sums, read = [], jnp.zeros(valid_BxT.shape, jnp.float32)
+        for i in range(config.num_layers):
+            s = variables["stats"][f"layers_{i}"]
+            z = {p: (s["self_attn"] if p in ("q_in", "kv_in", "o_in") else s["mlp"])[p][0]
+                 for p in _POINTS}
+            zero_sums.append(jnp.stack([jnp.sum(z[p] * w) for p in _POINTS]))
+            dens = {p: 1.0 - z[p] for p in _POINTS}
+            read += (sizes["q_proj"] * dens["q_in"]
+                     + (sizes["k_proj"] + sizes["v_proj"]) * dens["kv_in"]
+                     + sizes["o_proj"] * dens["o_in"])
+            if opt:
+                read += sizes["fc1"] * dens["ffn_in"] + sizes["fc2"] * dens["down_in"]
+            else:
+                read += (sizes["gate_proj"] * dens["ffn_in"]
+                         + sizes["up_proj"] * dens["ffn_in"] * dens["gate"]
+                         + sizes["down_proj"] * dens["down_in"])
+        return {
+            "next_ll": next_ll,  # [B, T-1]: log p(token t+1 | tokens <= t)
+            "zero_sums": jnp.stack(zero_sums),  # [L, P]
+            "read_sum": jnp.sum(read / total * w),
+            "count": jnp.sum(w),
+        }
+
+    return jax.jit(forward)
+
+
+@dataclasses.dataclass
+class SparsityMeter:
+    """Accumulates the measured sparsity over batches (host, float64)."""
+
+    num_layers: int
+    zero_sums: np.ndarray = None
+    read_sum: float = 0.0
+    count: float = 0.0
+
+    def __post_init__(self):
+        self.zero_sums = np.zeros((self.num_layers, len(_POINTS)))
+
+    def add(self, out: dict) -> None:
+        self.zero_sums += np.asarray(out["zero_sums"], np.float64)
+        self.read_sum += float(out["read_sum"])
+        self.count += float(out["count"])
+
+    def report(self) -> dict[str, Any]:
+        z = self.zero_sums / max(self.count, 1.0)
+        per_layer = {f"layers_{i}": {p: float(z[i, j]) for j, p in enumerate(_POINTS)}
+                     for i in range(self.num_layers)}
+        per_point = {p: float(z[:, j].mean()) for j, p in enumerate(_POINTS)}
+        return {
+            "measured_sparsity": {"ffn": per_point["gate"], "per_point": per_point,
+                                  "per_layer": per_layer},
+            "activated_params_fraction": self.read_sum / max(self.count, 1.0),
+            "tokens": int(round(self.count)),
+        }
+
+
+class Evaluator:
+    """Holds the model on the mesh and the compiled forward; evaluates states."""
+
+    def __init__(self, config, params, tokenizer, seq_len: int = DEFAULTS["seq_len"],
+                 batch_size: int = DEFAULTS["batch_size"], mesh=None, progress: bool = True):
+        from jaxsparse import sharding
+
+        self.config, self.tokenizer, self.seq_len = config, tokenizer, seq_len
+        self.mesh = mesh or sharding.make_mesh()
+        self.batch_size = sharding.round_batch(batch_size, self.mesh)
+        self.params = sharding.shard_params(params, config, self.mesh)
+        self.forward = make_forward(config)
+        self.progress = progress
+
+    def _put(self, x):
+        from jaxsparse import sharding
+
+        return sharding.put_batch(x, self.mesh)
+
+    def _thresholds(self, state):
+        import jax
+
+        from jaxsparse import sharding
+        from jaxsparse.sparsity import dense_state
+
+        state = state or dense_state(self.config)
+        state.check_model(self.config)
+        return jax.device_put(state.thresholds_for_model(), sharding.replicated(self.mesh))
+
+    def _run(self, rows: list[np.ndarray], width: int, thresholds, meter: SparsityMeter,
+             desc: str) -> list[np.ndarray]:
+        """Forward over token rows (each at most `width` long, right-padded); returns the
+        per-row next-token log-likelihoods [len(row) - 1]."""
+        from tqdm import tqdm
+
+        out_rows = []
+        b = self.batch_size
+        for start in tqdm(range(0, len(rows), b), desc=desc, unit="batch",
+                          disable=not self.progress):
+            chunk = rows[start:start + b]
+            tokens = np.zeros((b, width), np.int32)
+            valid = np.zeros((b, width), bool)
+            for r, row in enumerate(chunk):
+                tokens[r, : len(row)] = row
+                valid[r, : len(row)] = True
+            out = self.forward(self.params, self._put(tokens), self._put(valid), thresholds)
+            meter.add(out)
+            ll = np.asarray(out["next_ll"])
+            out_rows.extend(ll[r, : len(row) - 1] for r, row in enumerate(chunk))
+        return out_rows
+
+    def perplexity(self, token_ids: np.ndarray, thresholds, meter) -> dict[str, Any]:
+        """Non-overlapping windows of `seq_len` over `token_ids`; the last may be shorter."""
+        L = self.seq_len
+        rows = [token_ids[i:i + L] for i in range(0, len(token_ids), L)]
+        rows = [r for r in rows if len(r) >= 2]
+        if not rows:
+            raise ValueError(f"perplexity needs at least 2 tokens, got {len(token_ids)}")
+        lls = self._run(rows, L, thresholds, meter, "perplexity")
+        nll = -float(sum(x.sum(dtype=np.float64) for x in lls))
+        n = sum(len(x) for x in lls)
+        return {"perplexity": math.exp(nll / n), "nll": nll / n, "perplexity_tokens": n,
+                "windows": len(rows)}
+
+    def encode_task_choices(self, tasks) -> tuple[list[np.ndarray], list[int]]:
+        """Token rows (context + continuation, last `seq_len` kept) and continuation
+        lengths, harness-style, for every (task, choice) in order."""
+        from jaxsparse.data import encode, eos_token_id
+
+        eos = eos_token_id(self.config, self.tokenizer)
+        rows, cont_lens = [], []
+        for t in tasks:
+            for choice in t.choices:
+                ctx, cont = t.context, choice
+                n_space = len(ctx) - len(ctx.rstrip())
+                if n_space:
+                    ctx, cont = ctx[:-n_space], ctx[-n_space:] + cont
+                if ctx:
+                    ctx_ids = encode(self.tokenizer, ctx)
+                    whole = encode(self.tokenizer, ctx + cont)
+                    cont_ids = whole[len(ctx_ids):]
+                    if not cont_ids or whole[:len(ctx_ids)] != ctx_ids:
+                        cont_ids = encode(self.tokenizer, cont)  # a token crosses the seam
+                else:
+                    ctx_ids, cont_ids = [eos], encode(self.tokenizer, cont)
+                seq = (ctx_ids + cont_ids)[-self.seq_len:]
+                if len(cont_ids) >= len(seq):
+                    raise ValueError(f"a choice of {len(cont_ids)} tokens does not fit "
+                                     f"--seq-len {self.seq_len} with its context")
+                rows.append(np.asarray(seq, np.int32))
+                cont_lens.append(len(cont_ids))
+        return rows, cont_lens
+
+    def tasks(self, tasks, thresholds, meter) -> dict[str, Any]:
+        rows, cont_lens = self.encode_task_choices(tasks)
+        width = min(self.seq_len, -(-max(len(r) for r in rows) // 32) * 32)
+        lls = self._run(rows, width, thresholds, meter, "tasks")
+        acc = acc_norm = 0
+        k = 0
+        for t in tasks:
+            scores, norms = [], []
+            for choice in t.choices:
+                ll = float(lls[k][-cont_lens[k]:].sum(dtype=np.float64))
+                scores.append(ll)
+                norms.append(ll / len(choice.encode("utf-8")))
+                k += 1
+            acc += int(np.argmax(scores) == t.gold)
+            acc_norm += int(np.argmax(norms) == t.gold)
+        n = len(tasks)
+        return {"acc": acc / n, "acc_norm": acc_norm / n, "n": n,
+                "task_tokens": int(sum(len(r) for r in rows))}
+
+    def evaluate(self, state=None, ppl_tokens: np.ndarray | None = None,
+                 tasks: list | None = None) -> dict[str, Any]:
+        """The result dict for one state (None: dense)."""
+        import jax
+
+        t0 = time.time()
+        thresholds = self._thresholds(state)
+        meter = SparsityMeter(self.config.num_layers)
+        result: dict[str, Any] = {
+            "method": state.method if state is not None else "dense",
+            "target_sparsity": state.target_sparsity if state is not None else 0.0,
+        }
+        if ppl_tokens is not None:
+            result.update(self.perplexity(ppl_tokens, thresholds, meter))
+        if tasks:
+            result["tasks"] = self.tasks(tasks, thresholds, meter)
+        result.update(meter.report())
+        result.update({
+            "seq_len": self.seq_len, "batch_size": self.batch_size,
+            "devices": int(self.mesh.devices.size), "backend": jax.default_backend(),
+            "jax_version": jax.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "wall_s": round(time.time() - t0, 1),
+            "activated_params_note": "kernels of q/k/v/o and FFN projections of every block; "
+                                     "embeddings, lm_head, norms and biases excluded",
+        })
+        if state is not None:
+            result["state_provenance"] = state.meta.provenance
+            result["state_details"] = state.meta.details
+        return result
+
+
+def ppl_token_ids(config, tokenizer, paths: list[str] | None, max_tokens: int | None):
+    """Token ids (documents + EOS) of the perplexity text, at most `max_tokens`."""
+    from jaxsparse import data
+
+    docs = data.load_documents(paths, "evaluation")
+    eos = data.eos_token_id(config, tokenizer)
+    ids: list[int] = []
+    for doc in docs:
+        ids.extend(data.encode(tokenizer, doc.text))
+        ids.append(eos)
+        if max_tokens and len(ids) >= max_tokens:
+            break
+    ids = ids[:max_tokens] if max_tokens else ids
+    if len(ids) < 2:
+        raise data.DataError(f"{data.describe_sources(paths, 'evaluation')}: found "
+                             f"{len(ids)} tokens, perplexity needs at least 2")
+    return np.asarray(ids, np.int32)
+
+
+def write_json_atomic(obj: Any, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from jaxsparse.calibrate import add_model_arguments
+
+    add_model_arguments(parser)
+    parser.add_argument("--sparsity-state", metavar="DIR",
+                        help="a state written by `jaxsparse calibrate` (default: dense)")
+    parser.add_argument("--ppl", nargs="+", metavar="FILE",
+                        help="text/JSONL files for perplexity")
+    parser.add_argument("--tasks", metavar="FILE.jsonl",
+                        help='multiple-choice tasks: {"context", "choices", "gold"} a line')
+    parser.add_argument("--seq-len", type=int, default=DEFAULTS["seq_len"])
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    parser.add_argument("--max-tokens", type=int, default=DEFAULTS["max_tokens"],
+                        help="perplexity tokens at most (0: all)")
+    parser.add_argument("--num-tasks", type=int, default=DEFAULTS["num_tasks"],
+                        help="size of the built-in task set (without --ppl/--tasks)")
+    parser.add_argument("--json", required=True, metavar="OUT", help="where to write results")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from jaxsparse.data import DataError
+    from jaxsparse.sparsity import StateError
+
+    try:
+        return _run(args)
+    except (DataError, StateError, ValueError, FileNotFoundError) as e:
+        print(f"jaxsparse eval: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from jaxsparse import data
+    from jaxsparse.loading import load_model
+    from jaxsparse.sparsity import load_state, read_state_meta
+
+    if args.sparsity_state:
+        read_state_meta(args.sparsity_state)  # fail fast, before loading the model
+    builtin = not args.ppl and not args.tasks
+    tasks = data.read_tasks(args.tasks) if args.tasks else (
+        data.builtin_tasks(args.num_tasks) if builtin else None)
+    lm = load_model(args.model, args.dtype)
+    if lm.tokenizer is None:
+        raise SystemExit(f"{lm.source}: no tokenizer; evaluation needs one")
+    state = load_state(args.sparsity_state, lm.config) if args.sparsity_state else None
+    ppl = None
+    if args.ppl or builtin:
+        ppl = ppl_token_ids(lm.config, lm.tokenizer, args.ppl, args.max_tokens or None)
+    ev = Evaluator(lm.config, lm.params, lm.tokenizer, args.seq_len, args.batch_size,
+                   progress=not args.no_progress)
+    result = ev.evaluate(state, ppl, tasks)
+    result["model_source"] = lm.source
+    result["sparsity_state"] = args.sparsity_state
+    result["data"] = {"perplexity": data.describe_sources(args.ppl, "evaluation") if ppl is not
+                      None else None,
+                      "tasks": args.tasks or ("built-in cloze (stdlib docstrings, evaluation "
+                                              "split)" if tasks else None)}
+    write_json_atomic(result, args.json)
+    ppl_s = f"perplexity {result['perplexity']:.3f}  " if "perplexity" in result else ""
+    task_s = (f"acc {result['tasks']['acc']:.3f} acc_norm {result['tasks']['acc_norm']:.3f}  "
+              if "tasks" in result else "")
+    print(f"{result['method']} s={result['target_sparsity']}: {ppl_s}{task_s}ffn sparsity "
+          f"{result['measured_sparsity']['ffn']:.3f}  activated params "
+          f"{result['activated_params_fraction']:.3f}  -> {args.json}")
+    return 0

@@ -1,0 +1,325 @@
+"""The sparsity state: what a fitted method hands to inference, and how it is stored.
+
+`SparsityState` is a pytree holding one threshold vector per block and per sparsification
+point (`jaxsparse.rules.TENSORS`), shape `[width]` for every point of every method: a
+per-layer threshold (cats, teal) is broadcast to a per-channel vector and a point a method
+does not use holds zeros (`abs(x) < 0` zeroes nothing). Every threshold method at every
+sparsity therefore has the same tree structure and the same shapes, and one compiled
+forward (which takes `state.thresholds_for_model()`) serves them all. `predictors` is kept
+for the Deja Vu predictors (issue #4); threshold methods leave it None.
+
+The static metadata (`StateMeta`) names the method, the target sparsity, the model the
+state was fitted for (`ModelFingerprint`: model type, shapes and a hash of the config) and
+the calibration provenance. `save_state` / `load_state` store a state as an orbax
+checkpoint plus `state.json`, atomically; loading checks the model, the shapes and that
+every threshold is finite. This module holds no fitting code (see `jaxsparse.methods`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import flax.struct
+import numpy as np
+
+from jaxsparse import rules
+from jaxsparse.config import ModelConfig
+
+FORMAT = "jaxsparse.sparsity_state"
+FORMAT_VERSION = 1
+STATE_JSON = "state.json"
+THRESHOLDS_DIR = "thresholds"
+
+
+class StateError(ValueError):
+    """A sparsity state that cannot be used: another model, bad shapes, non-finite values."""
+
+
+# ------------------------------------------------------------------ model fingerprint
+
+# Config fields that do not change which activations a model computes: the params dtype
+# (a state fitted in float32 serves the bfloat16 model) and the token ids.
+_FINGERPRINT_IGNORES = ("dtype", "bos_token_id", "eos_token_ids", "pad_token_id")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFingerprint:
+    """Identifies the model a state was fitted for: its type, its shapes and a config hash.
+
+    The hash covers every `ModelConfig` field except the dtype and the token ids, so two
+    checkpoints with the same architecture (a base model and its instruct tuning) share a
+    fingerprint; the checkpoint itself is recorded in the provenance, not checked.
+    """
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    config_hash: str
+
+    @classmethod
+    def of(cls, config: ModelConfig) -> ModelFingerprint:
+        d = {k: v for k, v in config.to_dict().items() if k not in _FINGERPRINT_IGNORES}
+        digest = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return cls(
+            model_type=config.model_type, num_layers=config.num_layers,
+            hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+            num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
+            head_dim=config.head_dim, vocab_size=config.vocab_size, config_hash=digest,
+        )
+
+    def describe(self) -> str:
+        return (f"{self.model_type} (layers={self.num_layers}, hidden={self.hidden_size}, "
+                f"intermediate={self.intermediate_size}, heads={self.num_heads}/"
+                f"{self.num_kv_heads}x{self.head_dim}, vocab={self.vocab_size}, "
+                f"config hash {self.config_hash})")
+
+    def widths(self) -> dict[str, int]:
+        q_dim = self.num_heads * self.head_dim
+        return {name: rules.tensor_width(name, self.hidden_size, q_dim, self.intermediate_size)
+                for name in rules.TENSORS}
+
+
+# ------------------------------------------------------------------ metadata
+
+
+@dataclasses.dataclass(frozen=True)
+class StateMeta:
+    """Static (non-array) part of a state. Hashable: JSON-valued fields are kept as text."""
+
+    method: str
+    target_sparsity: float
+    model: ModelFingerprint
+    provenance_json: str = "{}"  # data sources, token count, seq len, date, jax version
+    details_json: str = "{}"  # method options and per-point target sparsities
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return json.loads(self.provenance_json)
+
+    @property
+    def details(self) -> dict[str, Any]:
+        return json.loads(self.details_json)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "target_sparsity": self.target_sparsity,
+            "model": dataclasses.asdict(self.model),
+            "provenance": self.provenance,
+            "details": self.details,
+        }
+
+
+def make_meta(method: str, target_sparsity: float, config: ModelConfig,
+              provenance: dict | None = None, details: dict | None = None) -> StateMeta:
+    return StateMeta(
+        method=method, target_sparsity=float(target_sparsity),
+        model=ModelFingerprint.of(config),
+        provenance_json=json.dumps(provenance or {}, sort_keys=True),
+        details_json=json.dumps(details or {}, sort_keys=True),
+    )
+
+
+# ------------------------------------------------------------------ the state
+
+
+@flax.struct.dataclass
+class SparsityState:
+    """Thresholds `{"layers_i": {point: float32[width]}}` for every block and every point.
+
+    `meta` is static: pass `state.thresholds_for_model()` (not the state) into a jitted
+    function, so that changing the method or the sparsity does not recompile.
+    """
+
+    thresholds: dict[str, dict[str, Any]]
+    meta: StateMeta = flax.struct.field(pytree_node=False)
+    predictors: Any = None  # Deja Vu low-rank predictors (issue #4); None for thresholds
+
+    @property
+    def method(self) -> str:
+        return self.meta.method
+
+    @property
+    def target_sparsity(self) -> float:
+        return self.meta.target_sparsity
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.thresholds)
+
+    def thresholds_for_model(self) -> dict[str, dict[str, Any]]:
+        """The `thresholds=` argument of the models: the full tree, zeros where unused."""
+        return self.thresholds
+
+    def check_model(self, config: ModelConfig, where: str = "sparsity state") -> None:
+        """Raises StateError unless the state was fitted for a model with `config`."""
+        mine, theirs = self.meta.model, ModelFingerprint.of(config)
+        if mine != theirs:
+            raise StateError(
+                f"{where}: calibrated for another model.\n  state: {mine.describe()}\n"
+                f"  model: {theirs.describe()}\nre-run `jaxsparse calibrate` for this model"
+            )
+        _check_tree(self.thresholds, mine, where)
+
+
+def model_widths(config: ModelConfig) -> dict[str, int]:
+    return {name: rules.tensor_width(name, config.hidden_size, config.q_dim,
+                                     config.intermediate_size) for name in rules.TENSORS}
+
+
+def layer_names(num_layers: int) -> list[str]:
+    return [f"layers_{i}" for i in range(num_layers)]
+
+
+def thresholds_from_values(config: ModelConfig,
+                           values: dict[str, dict[str, float | np.ndarray]]) -> dict:
+    """The full threshold tree from `{layer: {point: scalar or [width]}}`; the rest is 0.
+
+    A scalar (a per-layer threshold) is broadcast to the point's width.
+    """
+    widths = model_widths(config)
+    tree = {}
+    for layer in layer_names(config.num_layers):
+        given = values.get(layer, {})
+        unknown = set(given) - set(rules.TENSORS)
+        if unknown:
+            raise ValueError(f"{layer}: unknown sparsification points {sorted(unknown)}")
+        tree[layer] = {}
+        for name in rules.TENSORS:
+            v = np.asarray(given.get(name, 0.0), np.float32)
+            if v.ndim == 0:
+                v = np.full((widths[name],), v, np.float32)
+            if v.shape != (widths[name],):
+                raise ValueError(f"{layer}/{name}: threshold shape {v.shape}, expected "
+                                 f"({widths[name]},)")
+            tree[layer][name] = v
+    return tree
+
+
+def dense_state(config: ModelConfig) -> SparsityState:
+    """The empty state: every threshold 0, so nothing is zeroed."""
+    return SparsityState(thresholds=thresholds_from_values(config, {}),
+                         meta=make_meta("dense", 0.0, config))
+
+
+def make_state(config: ModelConfig, method: str, target_sparsity: float,
+               values: dict[str, dict[str, float | np.ndarray]],
+               provenance: dict | None = None, details: dict | None = None) -> SparsityState:
+    """A threshold state for `config`; `values` as in `thresholds_from_values`."""
+    state = SparsityState(thresholds=thresholds_from_values(config, values),
+                          meta=make_meta(method, target_sparsity, config, provenance, details))
+    _check_tree(state.thresholds, state.meta.model, f"{method} state")
+    return state
+
+
+def _check_tree(tree: dict, fp: ModelFingerprint, where: str) -> None:
+    """Shapes against the fingerprint, and finiteness, with the layer and point named."""
+    expected = layer_names(fp.num_layers)
+    if sorted(tree) != sorted(expected):
+        raise StateError(f"{where}: holds layers {sorted(tree)[:3]}... ({len(tree)} layers), "
+                         f"expected {fp.num_layers} layers for {fp.describe()}")
+    widths = fp.widths()
+    for layer in expected:
+        points = tree[layer]
+        if sorted(points) != sorted(rules.TENSORS):
+            raise StateError(f"{where}: {layer} holds points {sorted(points)}, expected "
+                             f"{sorted(rules.TENSORS)}")
+        for name in rules.TENSORS:
+            v = np.asarray(points[name])
+            if v.shape != (widths[name],):
+                raise StateError(
+                    f"{where}: {layer}/{name} has shape {v.shape}, expected ({widths[name]},) "
+                    f"for {fp.describe()}")
+            bad = ~np.isfinite(v)
+            if bad.any():
+                kinds = sorted({"NaN" if np.isnan(x) else "inf" for x in v[bad]})
+                raise StateError(
+                    f"{where}: {layer}/{name} holds {int(bad.sum())} non-finite threshold(s) "
+                    f"({', '.join(kinds)}, first at channel {int(np.flatnonzero(bad)[0])}); "
+                    f"re-run `jaxsparse calibrate`")
+
+
+# ------------------------------------------------------------------ storage
+
+
+def save_state(state: SparsityState, directory: str | Path, overwrite: bool = False) -> Path:
+    """Writes `state` to `directory` (orbax thresholds + state.json), atomically."""
+    import orbax.checkpoint as ocp
+
+    from jaxsparse.io import atomic_directory
+
+    if state.predictors is not None:
+        raise NotImplementedError("saving Deja Vu predictors lands with issue #4")
+    _check_tree(state.thresholds, state.meta.model, f"{directory}")
+    tree = {layer: {k: np.asarray(v, np.float32) for k, v in points.items()}
+            for layer, points in state.thresholds.items()}
+    with atomic_directory(directory, overwrite) as tmp:
+        ocp.PyTreeCheckpointer().save(tmp / THRESHOLDS_DIR, tree)
+        doc = {"format": FORMAT, "version": FORMAT_VERSION, **state.meta.to_dict()}
+        (tmp / STATE_JSON).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    return Path(directory)
+
+
+def read_state_meta(directory: str | Path) -> StateMeta:
+    """The metadata of a stored state, without reading the thresholds."""
+    from jaxsparse.io import require_complete
+
+    directory = require_complete(directory, "sparsity state directory",
+                                 "re-run `jaxsparse calibrate`")
+    path = directory / STATE_JSON
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StateError(f"{directory}: no {STATE_JSON}; not a sparsity state directory") from None
+    except json.JSONDecodeError as e:
+        raise StateError(f"{path}: not valid JSON ({e})") from None
+    if doc.get("format") != FORMAT:
+        raise StateError(f"{path}: format {doc.get('format')!r}, expected {FORMAT!r}")
+    if doc.get("version") != FORMAT_VERSION:
+        raise StateError(f"{path}: format version {doc.get('version')}, this jaxsparse reads "
+                         f"version {FORMAT_VERSION}")
+    try:
+        return StateMeta(
+            method=doc["method"], target_sparsity=float(doc["target_sparsity"]),
+            model=ModelFingerprint(**doc["model"]),
+            provenance_json=json.dumps(doc.get("provenance", {}), sort_keys=True),
+            details_json=json.dumps(doc.get("details", {}), sort_keys=True),
+        )
+    except (KeyError, TypeError) as e:
+        raise StateError(f"{path}: malformed state metadata ({e})") from None
+
+
+def load_state(directory: str | Path, config: ModelConfig | None = None) -> SparsityState:
+    """Reads a state written by `save_state`; with `config`, checks it fits that model.
+
+    Raises StateError naming the directory and both models when the state was fitted for
+    another model, and naming the layer and point for a wrong shape or a NaN/inf threshold.
+    """
+    import orbax.checkpoint as ocp
+
+    meta = read_state_meta(directory)
+    directory = Path(directory)
+    if config is not None and meta.model != ModelFingerprint.of(config):
+        raise StateError(
+            f"{directory}: sparsity state calibrated for another model.\n"
+            f"  state: {meta.model.describe()}\n  model: "
+            f"{ModelFingerprint.of(config).describe()}\n"
+            f"re-run `jaxsparse calibrate` with this model")
+    try:
+        tree = ocp.PyTreeCheckpointer().restore(directory.absolute() / THRESHOLDS_DIR)
+    except Exception as e:  # orbax raises several types for a missing or damaged tree
+        raise StateError(f"{directory}: cannot read the thresholds ({type(e).__name__}: {e})") \
+            from None
+    tree = {layer: {k: np.asarray(v, np.float32) for k, v in points.items()}
+            for layer, points in tree.items()}
+    _check_tree(tree, meta.model, str(directory))
+    return SparsityState(thresholds=tree, meta=meta)
