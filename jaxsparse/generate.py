@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsparse.config import ModelConfig
-from jaxsparse.models import build_model, init_cache
+from jaxsparse.models import Kernels, build_model, init_cache, prepare_params
+from jaxsparse.models.layers import XLA
 
 MIN_BUCKET = 16
 
@@ -107,11 +108,15 @@ def _stats_means(stats: dict, valid_B: jax.Array) -> dict:
 class Generator:
     """Compiled prefill and decode for one model; reuse it across calls to reuse compilations."""
 
-    def __init__(self, config: ModelConfig, params: Any, tokenizer: Any = None):
+    def __init__(self, config: ModelConfig, params: Any, tokenizer: Any = None,
+                 kernels: Kernels = XLA):
+        """`kernels` picks the decode matmuls (`jaxsparse.models.kernels_for_method`); the
+        params are laid out for it here, once."""
         self.config = config
-        self.params = params
+        self.params = prepare_params(params, config, kernels)
         self.tokenizer = tokenizer
-        self.model = build_model(config)
+        self.kernels = kernels
+        self.model = build_model(config, kernels)
         self._compiled: dict[tuple, Any] = {}
         self.eos_ids = set(config.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:

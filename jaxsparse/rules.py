@@ -46,3 +46,15 @@ def sparsify(x: jax.Array, threshold: jax.Array | None) -> jax.Array:
 def zero_fraction(x: jax.Array) -> jax.Array:
     """Fraction of exact zeros over the last axis, per token, in float32."""
     return jnp.mean((x == 0).astype(jnp.float32), axis=-1)
+
+
+# Per method, the points whose projections a decode step runs through the sparse kernels
+# (`jaxsparse.models.Kernels`): where the method makes zeros. Zeroing the gate (CATS,
+# CHESS) zeroes the down input too; the k/v inputs of CHESS+ stay dense.
+KERNEL_POINTS: dict[str, tuple[str, ...]] = {
+    "dense": (),
+    "cats": ("gate", "down_in"),
+    "chess": ("gate", "down_in"),
+    "chess+": ("q_in", "o_in", "gate", "down_in"),
+    "teal": ("q_in", "kv_in", "o_in", "ffn_in", "down_in"),
+}

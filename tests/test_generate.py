@@ -14,12 +14,13 @@ TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, n
 
 
 def tiny(model_type="llama", **kw):
+    kw = {**TINY, **kw}
     if model_type == "opt":
         base = dict(num_kv_heads=4, position_offset=2, qkv_bias=True, o_bias=True,
                     mlp_bias=True, tie_word_embeddings=True, max_position_embeddings=128)
     else:
         base = dict(num_kv_heads=2, tie_word_embeddings=True)
-    return ModelConfig(model_type=model_type, **TINY, **{**base, **kw})
+    return ModelConfig(model_type=model_type, **{**base, **kw})
 
 
 def greedy_reference(config, params, prompt, n):
@@ -103,3 +104,37 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="at least one token"):
         gen.generate_ids([[]])
     assert bucket_length(1) == 16 and bucket_length(17) == 32 and bucket_length(32) == 32
+
+
+def _random_thresholds(config, key, scale=0.02):
+    from jaxsparse.rules import TENSORS, tensor_width
+
+    out = {}
+    for i in range(config.num_layers):
+        key, *ks = jax.random.split(key, len(TENSORS) + 1)
+        out[f"layers_{i}"] = {
+            n: scale * jax.random.uniform(k, (tensor_width(
+                n, config.hidden_size, config.q_dim, config.intermediate_size),))
+            for n, k in zip(TENSORS, ks)
+        }
+    return out
+
+
+@pytest.mark.parametrize("method,impl", [("chess", "gpu_interpret"), ("chess+", "tpu_interpret"),
+                                         ("teal", "gpu_interpret"), ("teal", "tpu_interpret")])
+def test_kernel_decoding_gives_masked_dense_tokens(method, impl):
+    """Sparse decoding through the Pallas kernels (interpret mode on the CPU) gives the same
+    tokens as the masked dense XLA path, for a batch of prompts of different lengths."""
+    from jaxsparse.models import kernels_for_method
+
+    config = tiny(intermediate_size=96)
+    params = jax.tree.map(lambda x: x * 10, init_params(config, seed=2))
+    thresholds = _random_thresholds(config, jax.random.key(4), scale=0.3)
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    dense = Generator(config, params).generate_ids(
+        prompts, max_new_tokens=6, thresholds=thresholds, stop_at_eos=False)
+    kern = Generator(config, params, kernels=kernels_for_method(method, "pallas", impl))
+    got = kern.generate_ids(prompts, max_new_tokens=6, thresholds=thresholds, stop_at_eos=False)
+    assert got.tokens == dense.tokens
+    assert got.measured_sparsity["gate"] == pytest.approx(dense.measured_sparsity["gate"])
+    assert 0.1 < dense.measured_sparsity["down_in"] < 0.95  # the thresholds did zero things

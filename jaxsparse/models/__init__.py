@@ -7,18 +7,48 @@ import jax
 import jax.numpy as jnp
 
 from jaxsparse.config import ModelConfig
-from jaxsparse.models.layers import init_cache, positions_from_mask
+from jaxsparse.models.layers import XLA, Kernels, init_cache, positions_from_mask
 from jaxsparse.models.llama import LlamaForCausalLM
 from jaxsparse.models.opt import OPTForCausalLM
 
 __all__ = [
-    "LlamaForCausalLM", "OPTForCausalLM", "build_model", "init_params", "param_shapes",
-    "logical_axes", "init_cache", "positions_from_mask",
+    "Kernels", "LlamaForCausalLM", "OPTForCausalLM", "build_model", "init_params",
+    "param_shapes", "logical_axes", "init_cache", "positions_from_mask", "prepare_params",
+    "kernels_for_method",
 ]
 
 
-def build_model(config: ModelConfig) -> nn.Module:
-    return OPTForCausalLM(config) if config.family == "opt" else LlamaForCausalLM(config)
+def build_model(config: ModelConfig, kernels: Kernels = XLA) -> nn.Module:
+    """The Flax module of `config`'s family; `kernels` picks the decode matmul path."""
+    cls = OPTForCausalLM if config.family == "opt" else LlamaForCausalLM
+    return cls(config, kernels)
+
+
+def kernels_for_method(method: str, mode: str = "pallas", impl: str = "auto") -> Kernels:
+    """The kernel setup for a sparsity method's decode steps (`rules.KERNEL_POINTS`)."""
+    from jaxsparse.rules import KERNEL_POINTS
+
+    if mode == "xla":
+        return XLA
+    if method not in KERNEL_POINTS:
+        raise ValueError(f"no kernel path for method {method!r}; known: {sorted(KERNEL_POINTS)}")
+    return Kernels(mode, KERNEL_POINTS[method], impl)
+
+
+def prepare_params(params: dict, config: ModelConfig, kernels: Kernels) -> dict:
+    """Lays weights out for `kernels`, once at load time: with the gate kernel, every
+    `up_proj` kernel becomes `[m, d]` so that the rows an active gate needs are contiguous.
+    Returns a new tree (shares the untouched arrays)."""
+    if not (kernels.up_rows and config.family == "llama"):
+        return params
+    out = dict(params)
+    for i in range(config.num_layers):
+        layer = dict(out[f"layers_{i}"])
+        mlp = dict(layer["mlp"])
+        mlp["up_proj"] = {**mlp["up_proj"], "kernel": jnp.asarray(mlp["up_proj"]["kernel"]).T}
+        layer["mlp"] = mlp
+        out[f"layers_{i}"] = layer
+    return out
 
 
 def _init(config: ModelConfig, rng):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jaxsparse import rules
 from jaxsparse.config import ModelConfig
 from jaxsparse.models.layers import (
-    Linear, apply_rope, attend, attention_mask, param_dtype, update_layer_cache,
+    XLA, Kernels, Linear, apply_rope, attend, attention_mask, param_dtype, update_layer_cache,
 )
 
 
@@ -29,6 +29,7 @@ def _sparse(module: nn.Module, name: str, x: jax.Array, thresholds: dict | None)
 
 class SelfAttention(nn.Module):
     config: ModelConfig
+    kernels: Kernels = XLA
 
     @nn.compact
     def __call__(self, h_BxTxD, positions_BxT, kv_pos_BxS, rope, layer_cache, cache_index,
@@ -38,9 +39,12 @@ class SelfAttention(nn.Module):
         b, t, _ = h_BxTxD.shape
         xq = _sparse(self, "q_in", h_BxTxD, thresholds)
         xkv = _sparse(self, "kv_in", h_BxTxD, thresholds)
-        q = Linear(c.q_dim, ("embed", "q_heads"), c.qkv_bias, dt, name="q_proj")(xq)
-        k = Linear(c.kv_dim, ("embed", "kv_heads"), c.qkv_bias, dt, name="k_proj")(xkv)
-        v = Linear(c.kv_dim, ("embed", "kv_heads"), c.qkv_bias, dt, name="v_proj")(xkv)
+        kn = self.kernels
+        q = Linear(c.q_dim, ("embed", "q_heads"), c.qkv_bias, dt, kn, name="q_proj")(xq, "q_in")
+        k = Linear(c.kv_dim, ("embed", "kv_heads"), c.qkv_bias, dt, kn, name="k_proj")(xkv,
+                                                                                     "kv_in")
+        v = Linear(c.kv_dim, ("embed", "kv_heads"), c.qkv_bias, dt, kn, name="v_proj")(xkv,
+                                                                                     "kv_in")
         q_BxTxHxD = q.reshape(b, t, c.num_heads, c.head_dim)
         k_BxTxKxD = k.reshape(b, t, c.num_kv_heads, c.head_dim)
         v_BxTxKxD = v.reshape(b, t, c.num_kv_heads, c.head_dim)
@@ -58,5 +62,6 @@ class SelfAttention(nn.Module):
         out_BxTxHD = attend(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask, c.head_dim**-0.5)
         self.sow("taps", "head_out", out_BxTxHD.reshape(b, t, c.num_heads, c.head_dim))
         out_BxTxHD = _sparse(self, "o_in", out_BxTxHD, thresholds)
-        y = Linear(c.hidden_size, ("q_heads", "embed"), c.o_bias, dt, name="o_proj")(out_BxTxHD)
+        y = Linear(c.hidden_size, ("q_heads", "embed"), c.o_bias, dt, kn, name="o_proj")(
+            out_BxTxHD, "o_in")
         return y, new_cache

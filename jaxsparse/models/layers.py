@@ -11,6 +11,7 @@ entry per layer. One write index is shared by the batch (prompts are left-padded
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -27,21 +28,89 @@ def param_dtype(config: ModelConfig):
     return jnp.dtype(config.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+    """How decode-step matmuls run: "xla" (masked dense: the reference) or "pallas".
+
+    With "pallas", a decode step (one token per row) with a sparsity state runs the
+    sparsified projections through `pallas_kernels`: `sparse_input_matvec` reads only the
+    weight rows of nonzero inputs; with `up_layout="rows"` (CATS/CHESS, where the gate
+    decides), `up_proj` is stored `[m, d]` and `gated_matvec` computes only the rows
+    where the gate is nonzero. `impl` is passed to the kernel dispatchers ("auto" picks
+    by backend; "gpu_interpret"/"tpu_interpret" run the kernels on a CPU).
+    """
+
+    mode: str = "xla"
+    # The sparsification points (`jaxsparse.rules.TENSORS`) whose projections use a kernel;
+    # the others stay dense XLA matmuls. "gate" means: up_proj stored [m, d] (rows layout,
+    # prepared at load by `prepare_params`) and computed by `gated_matvec`.
+    points: tuple[str, ...] = ()
+    impl: str = "auto"
+
+    def __post_init__(self):
+        from jaxsparse.rules import TENSORS
+
+        if self.mode not in ("xla", "pallas"):
+            raise ValueError(f"kernels={self.mode!r}: use 'xla' or 'pallas'")
+        unknown = set(self.points) - set(TENSORS)
+        if unknown:
+            raise ValueError(f"kernel points {sorted(unknown)} unknown; known: {TENSORS}")
+
+    @property
+    def up_rows(self) -> bool:
+        return self.mode == "pallas" and "gate" in self.points
+
+    def use(self, point: str, x: jax.Array) -> bool:
+        """Whether the projection fed by `point` uses a kernel for input `x` (decode only)."""
+        return (self.mode == "pallas" and point in self.points and x.ndim == 3
+                and x.shape[1] == 1)
+
+
+XLA = Kernels()
+
+
 class Linear(nn.Module):
+    """`y = x @ kernel (+ bias)`, kernel `[in, out]` (or `[out, in]` with `rows=True`).
+
+    `__call__(x, point)` in a pallas decode step where `point` is one of the kernel points
+    reads only the kernel rows of nonzero inputs; `__call__(x, gate=g)` with `rows=True` returns `g * (x @ kernel^T)`,
+    computing only the rows where g is nonzero.
+    """
+
     features: int
     axes: tuple[str, str]
     use_bias: bool = False
     dtype: Any = jnp.float32
+    kernels: Kernels = XLA
+    rows: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, point: str | None = None, gate: jax.Array | None = None):
+        shape = (self.features, x.shape[-1]) if self.rows else (x.shape[-1], self.features)
+        axes = self.axes[::-1] if self.rows else self.axes
         kernel = self.param(
-            "kernel",
-            nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes),
-            (x.shape[-1], self.features),
+            "kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), axes), shape,
             self.dtype,
         )
-        y = jnp.dot(x.astype(self.dtype), kernel, preferred_element_type=jnp.float32)
+        x = x.astype(self.dtype)
+        k = self.kernels
+        if gate is not None and self.rows and k.use("gate", x) and not self.use_bias:
+            from pallas_kernels import gated_matvec
+
+            b = x.shape[0]
+            h = gated_matvec(x.reshape(b, -1), gate.reshape(b, -1).astype(self.dtype), kernel,
+                             impl=k.impl)
+            return h.reshape(b, 1, -1)
+        if point is not None and not self.rows and k.use(point, x):
+            from pallas_kernels import sparse_input_matvec
+
+            b = x.shape[0]
+            y = sparse_input_matvec(x.reshape(b, -1), kernel, impl=k.impl).reshape(b, 1, -1)
+            y = y.astype(jnp.float32)
+        elif self.rows:
+            y = jnp.einsum("...i,oi->...o", x, kernel, preferred_element_type=jnp.float32)
+        else:
+            y = jnp.dot(x, kernel, preferred_element_type=jnp.float32)
         if self.use_bias:
             bias = self.param(
                 "bias",
@@ -50,7 +119,8 @@ class Linear(nn.Module):
                 self.dtype,
             )
             y = y + bias.astype(jnp.float32)
-        return y.astype(self.dtype)
+        y = y.astype(self.dtype)
+        return y if gate is None else gate.astype(self.dtype) * y
 
 
 class RMSNorm(nn.Module):

@@ -13,28 +13,40 @@ import jax.numpy as jnp
 
 from jaxsparse.config import ModelConfig
 from jaxsparse.models.attention import SelfAttention, _sparse
-from jaxsparse.models.layers import Embed, Linear, RMSNorm, param_dtype, rope_cos_sin
+from jaxsparse.models.layers import (
+    XLA, Embed, Kernels, Linear, RMSNorm, param_dtype, rope_cos_sin,
+)
 
 
 class SwiGLU(nn.Module):
     config: ModelConfig
+    kernels: Kernels = XLA
 
     @nn.compact
     def __call__(self, h_BxTxD, thresholds):
         c = self.config
         dt = param_dtype(c)
+        kn = self.kernels
         x = _sparse(self, "ffn_in", h_BxTxD, thresholds)
-        g = nn.silu(Linear(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, dt,
-                           name="gate_proj")(x).astype(jnp.float32)).astype(dt)
+        g = nn.silu(Linear(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, dt, kn,
+                           name="gate_proj")(x, "ffn_in").astype(jnp.float32)).astype(dt)
         g = _sparse(self, "gate", g, thresholds)
-        u = Linear(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, dt, name="up_proj")(x)
-        self.sow("taps", "up", u)
-        a = _sparse(self, "down_in", g * u, thresholds)
-        return Linear(c.hidden_size, ("mlp", "embed"), c.mlp_bias, dt, name="down_proj")(a)
+        up = Linear(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, dt, kn, kn.up_rows,
+                    name="up_proj")
+        if kn.up_rows:  # g * (x @ Wu^T), only the rows where g != 0 in a decode step
+            a = up(x, gate=g)
+        else:
+            u = up(x, "ffn_in")
+            self.sow("taps", "up", u)
+            a = g * u
+        a = _sparse(self, "down_in", a, thresholds)
+        return Linear(c.hidden_size, ("mlp", "embed"), c.mlp_bias, dt, kn, name="down_proj")(
+            a, "down_in")
 
 
 class LlamaBlock(nn.Module):
     config: ModelConfig
+    kernels: Kernels = XLA
 
     @nn.compact
     def __call__(self, x_BxTxD, positions_BxT, kv_pos_BxS, rope, layer_cache, cache_index,
@@ -43,22 +55,23 @@ class LlamaBlock(nn.Module):
         dt = param_dtype(c)
         self.sow("taps", "block_in", x_BxTxD)
         h = RMSNorm(c.norm_eps, dt, name="input_layernorm")(x_BxTxD)
-        a, new_cache = SelfAttention(c, name="self_attn")(
+        a, new_cache = SelfAttention(c, self.kernels, name="self_attn")(
             h, positions_BxT, kv_pos_BxS, rope, layer_cache, cache_index, thresholds)
         x_BxTxD = x_BxTxD + a
         h = RMSNorm(c.norm_eps, dt, name="post_attention_layernorm")(x_BxTxD)
-        x_BxTxD = x_BxTxD + SwiGLU(c, name="mlp")(h, thresholds)
+        x_BxTxD = x_BxTxD + SwiGLU(c, self.kernels, name="mlp")(h, thresholds)
         return x_BxTxD, new_cache
 
 
 class LlamaForCausalLM(nn.Module):
     config: ModelConfig
+    kernels: Kernels = XLA
 
     def setup(self):
         c = self.config
         dt = param_dtype(c)
         self.embed_tokens = Embed(c.vocab_size, c.hidden_size, dtype=dt)
-        self.layers = [LlamaBlock(c) for _ in range(c.num_layers)]
+        self.layers = [LlamaBlock(c, self.kernels) for _ in range(c.num_layers)]
         self.norm = RMSNorm(c.norm_eps, dt)
         if not c.tie_word_embeddings:
             self.lm_head = Linear(c.vocab_size, ("embed", "vocab"), False, dt)

@@ -14,26 +14,32 @@ import jax.numpy as jnp
 
 from jaxsparse.config import ModelConfig
 from jaxsparse.models.attention import SelfAttention, _sparse
-from jaxsparse.models.layers import Embed, LayerNorm, Linear, param_dtype
+from jaxsparse.models.layers import XLA, Embed, Kernels, LayerNorm, Linear, param_dtype
 from jaxsparse.models.llama import run_layers
 
 
 class ReluFFN(nn.Module):
     config: ModelConfig
+    kernels: Kernels = XLA
 
     @nn.compact
     def __call__(self, h_BxTxD, thresholds):
         c = self.config
         dt = param_dtype(c)
+        kn = self.kernels
         x = _sparse(self, "ffn_in", h_BxTxD, thresholds)
-        g = nn.relu(Linear(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, dt, name="fc1")(x))
+        g = nn.relu(Linear(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, dt, kn,
+                           name="fc1")(x, "ffn_in"))
         g = _sparse(self, "gate", g, thresholds)
         a = _sparse(self, "down_in", g, thresholds)
-        return Linear(c.hidden_size, ("mlp", "embed"), c.mlp_bias, dt, name="fc2")(a)
+        # ReLU's zeros (and a gate threshold's) skip rows of fc2, as down_in does.
+        point = "gate" if "gate" in kn.points else "down_in"
+        return Linear(c.hidden_size, ("mlp", "embed"), c.mlp_bias, dt, kn, name="fc2")(a, point)
 
 
 class OPTBlock(nn.Module):
     config: ModelConfig
+    kernels: Kernels = XLA
 
     @nn.compact
     def __call__(self, x_BxTxD, positions_BxT, kv_pos_BxS, rope, layer_cache, cache_index,
@@ -46,13 +52,13 @@ class OPTBlock(nn.Module):
         ffn_norm = LayerNorm(1e-5, c.layer_norm_elementwise_affine, dt, name="final_layer_norm")
         self.sow("taps", "block_in", x_BxTxD)
         h = attn_norm(x_BxTxD) if pre else x_BxTxD
-        a, new_cache = SelfAttention(c, name="self_attn")(
+        a, new_cache = SelfAttention(c, self.kernels, name="self_attn")(
             h, positions_BxT, kv_pos_BxS, None, layer_cache, cache_index, thresholds)
         x_BxTxD = x_BxTxD + a
         if not pre:
             x_BxTxD = attn_norm(x_BxTxD)
         h = ffn_norm(x_BxTxD) if pre else x_BxTxD
-        x_BxTxD = x_BxTxD + ReluFFN(c, name="mlp")(h, thresholds)
+        x_BxTxD = x_BxTxD + ReluFFN(c, self.kernels, name="mlp")(h, thresholds)
         if not pre:
             x_BxTxD = ffn_norm(x_BxTxD)
         return x_BxTxD, new_cache
@@ -60,6 +66,7 @@ class OPTBlock(nn.Module):
 
 class OPTForCausalLM(nn.Module):
     config: ModelConfig
+    kernels: Kernels = XLA
 
     def setup(self):
         c = self.config
@@ -70,7 +77,7 @@ class OPTForCausalLM(nn.Module):
         if c.word_embed_proj_dim:
             self.project_in = Linear(c.hidden_size, ("embed_proj", "embed"), False, dt)
             self.project_out = Linear(c.embed_dim, ("embed", "embed_proj"), False, dt)
-        self.layers = [OPTBlock(c) for _ in range(c.num_layers)]
+        self.layers = [OPTBlock(c, self.kernels) for _ in range(c.num_layers)]
         if c.final_layer_norm:
             self.final_layer_norm = LayerNorm(1e-5, c.layer_norm_elementwise_affine, dt)
 
