@@ -50,12 +50,15 @@ FFN_M, FFN_D = 14336, 4096
 MATVEC_SWEEP = [
     (64, 128, None, 4, 3),
     (128, 64, None, 4, 3),
-    (32, 256, None, 4, 3),
-    (128, 128, None, 8, 3),
-    (64, 64, None, 4, 4),
+    (32, 256, None, 8, 3),
 ]
-GATED_SWEEP = [(16, 256, 4, 3), (32, 256, 4, 3), (32, 128, 4, 4), (64, 128, 8, 3)]
+GATED_SWEEP = [(16, 256, 4, 3), (32, 256, 4, 3), (64, 128, 8, 3)]
 FUSED_SWEEP = [(32, 256, 4, 3), (64, 256, 8, 3)]
+DEADLINE = [float("inf")]  # wall-clock time after which remaining rows are skipped
+
+
+def over_budget():
+    return time.time() > DEADLINE[0]
 
 
 def log(*a):
@@ -127,16 +130,26 @@ def bench_matvec(args, cfg_for, dtype, calls_min, repeats):
                 lambda x, w: sparse_input_matvec(x, w, impl=args.impl, **cfg), calls, nb
             )
             for s in args.sparsities:
+                if over_budget():
+                    log(f"skipped (time budget): matvec {K}x{N} B={B} s={s}")
+                    continue
                 keys = jax.random.split(jax.random.key(int(s * 1000) + B), calls)
                 xs_act = [row_sparse_x(k, B, K, s, dtype) for k in keys]
                 xs = [x for x, _ in xs_act]
                 n_act = xs_act[0][1]
-                # correctness on this data, against the float32 reference
-                y = kern(xs, ws)[0]
-                yr = (xs[0].astype(jnp.float32) @ ws[0][0].astype(jnp.float32))
-                err = float(jnp.linalg.norm(y.astype(jnp.float32) - yr) / jnp.linalg.norm(yr))
-                td, sd = time_per_call(dense, (xs, ws), calls, repeats)
-                tk, sk = time_per_call(kern, (xs, ws), calls, repeats)
+                try:
+                    # correctness on this data, against the float32 reference
+                    y = kern(xs, ws)[0]
+                    yr = xs[0].astype(jnp.float32) @ ws[0][0].astype(jnp.float32)
+                    err = float(
+                        jnp.linalg.norm(y.astype(jnp.float32) - yr) / jnp.linalg.norm(yr))
+                    td, sd = time_per_call(dense, (xs, ws), calls, repeats)
+                    tk, sk = time_per_call(kern, (xs, ws), calls, repeats)
+                except Exception as e:  # recorded, the rest still runs
+                    rows.append(dict(kernel="sparse_input_matvec", K=K, N=N, batch=B,
+                                     sparsity=s, config=cfg, error=repr(e)[:500]))
+                    log(f"FAILED matvec {K}x{N} B={B} s={s}: {repr(e)[:300]}")
+                    continue
                 need = n_act * N * dtype.itemsize + B * (K + N) * dtype.itemsize
                 dense_bytes = wbytes + B * (K + N) * dtype.itemsize
                 row = dict(
@@ -165,6 +178,8 @@ def sweep_matvec(args, dtype, calls_min, repeats):
         keys = jax.random.split(jax.random.key(1), calls)
         xs = [row_sparse_x(k, 1, K, 0.5, dtype)[0] for k in keys]
         for bk, bn, sk, nw, ns in MATVEC_SWEEP:
+            if over_budget():
+                break
             cfg = dict(block_k=bk, block_n=bn, split_k=sk, num_warps=nw, num_stages=ns)
             try:
                 f = unrolled(lambda x, w: sparse_input_matvec(x, w, impl=args.impl, **cfg),
@@ -202,6 +217,8 @@ def bench_ffn(args, dtype, calls_min, repeats):
     xg = [gx(k, 1, 0.5)[0] for k in keys]
     best_g, best_f = None, None
     for bm, bd, nw, ns in GATED_SWEEP if args.sweep else []:
+        if over_budget():
+            break
         cfg = dict(block_m=bm, block_d=bd, num_warps=nw, num_stages=ns)
         try:
             f = unrolled(lambda a, w: gated_matvec(a[0], a[1], w, impl=args.impl, **cfg),
@@ -215,6 +232,8 @@ def bench_ffn(args, dtype, calls_min, repeats):
         if best_g is None or t < best_g[0]:
             best_g = (t, cfg)
     for bm, bd, nw, ns in FUSED_SWEEP if args.sweep else []:
+        if over_budget():
+            break
         cfg = dict(block_m=bm, block_d=bd, num_warps=nw, num_stages=ns)
         try:
             f = unrolled(
@@ -257,18 +276,26 @@ def bench_ffn(args, dtype, calls_min, repeats):
             dense = unrolled(fd, calls, nb)
             kern = unrolled(fk, calls, nb)
             for s in args.sparsities:
+                if over_budget():
+                    log(f"skipped (time budget): {name} B={B} s={s}")
+                    continue
                 keys = jax.random.split(jax.random.key(int(s * 1000) + 17 * B), calls)
                 data = [gx(k, B, s) for k in keys]
                 xs = [a for a, _ in data]
                 n_act = data[0][1]
-                y = kern(xs, wsets)[0]
-                yr = dense(xs, wsets)[0]
-                err = float(
-                    jnp.linalg.norm(y.astype(jnp.float32) - yr.astype(jnp.float32))
-                    / jnp.linalg.norm(yr.astype(jnp.float32))
-                )
-                td, sd = time_per_call(dense, (xs, wsets), calls, repeats)
-                tk, sk = time_per_call(kern, (xs, wsets), calls, repeats)
+                try:
+                    y = kern(xs, wsets)[0]
+                    yr = dense(xs, wsets)[0]
+                    err = float(
+                        jnp.linalg.norm(y.astype(jnp.float32) - yr.astype(jnp.float32))
+                        / jnp.linalg.norm(yr.astype(jnp.float32))
+                    )
+                    td, sd = time_per_call(dense, (xs, wsets), calls, repeats)
+                    tk, sk = time_per_call(kern, (xs, wsets), calls, repeats)
+                except Exception as e:
+                    rows.append(dict(kernel=name, batch=B, sparsity=s, error=repr(e)[:500]))
+                    log(f"FAILED {name} B={B} s={s}: {repr(e)[:300]}")
+                    continue
                 io = B * (d + 2 * m) * dtype.itemsize
                 need = n_w * n_act * d * dtype.itemsize + io
                 dense_bytes = n_w * wbytes + io
@@ -306,10 +333,13 @@ def main(argv=None):
     p.add_argument("--no-sweep", dest="sweep", action="store_false")
     p.add_argument("--impl", default="auto", help="kernel impl (default: by backend)")
     p.add_argument("--skip-ffn", action="store_true")
+    p.add_argument("--budget-s", type=float, default=float("inf"),
+                   help="skip remaining rows after this many seconds (JSON still written)")
     args = p.parse_args(argv)
 
     dtype = jnp.dtype(jnp.bfloat16)
-    repeats, calls_min = (3, 4) if args.quick else (7, 24)
+    repeats, calls_min = (3, 4) if args.quick else (7, 16)
+    DEADLINE[0] = time.time() + args.budget_s
     args.shapes = [(512, 1024), (1024, 256)] if args.quick else MATVEC_SHAPES
     args.sparsities = [0.0, 0.5, 0.9] if args.quick else SPARSITIES
     args.batches = BATCHES
@@ -324,40 +354,47 @@ def main(argv=None):
     if copy_bps:
         log(f"measured copy rate: {copy_bps / 1e9:.0f} GB/s (read + write)")
     args.best_cfg, sweep_rows = {}, []
+    rows, ffn_rows, ffn_sweep = [], [], []
+    path = Path(args.json)
+
+    def dump():
+        out = dict(
+            device=dev.device_kind,
+            backend=jax.default_backend(),
+            jax_version=jax.__version__,
+            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            dtype="bfloat16",
+            impl=args.impl,
+            roofline_bps=ROOFLINE_BPS,
+            measured_copy_bps=copy_bps,
+            timing=(
+                f"per invocation = wall/calls, {calls_min}+ invocations unrolled in one jit "
+                f"over rotating weight buffers (> {MIN_TOTAL_BYTES / 1e6:.0f} MB in all), "
+                f"median of {repeats} after 2 warm-ups; host clock + jax.block_until_ready"
+            ),
+            sparsity_pattern="the same random set of weight rows inactive for every batch row",
+            best_matvec_configs={f"{k[0]}x{k[1]}": v for k, v in args.best_cfg.items()},
+            sweep=sweep_rows + ffn_sweep,
+            rows=rows + ffn_rows,
+            wall_s=time.time() - t_start,
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(out, indent=1))
+        os.replace(tmp, path)
+        return out
+
     if args.sweep:
         args.best_cfg, sweep_rows = sweep_matvec(args, dtype, calls_min, repeats)
+        dump()
     rows = bench_matvec(args, args.best_cfg, dtype, calls_min, repeats)
-    ffn_rows, ffn_sweep = ([], []) if args.skip_ffn else bench_ffn(
-        args, dtype, calls_min, repeats)
-
-    out = dict(
-        device=dev.device_kind,
-        backend=jax.default_backend(),
-        jax_version=jax.__version__,
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        dtype="bfloat16",
-        impl=args.impl,
-        roofline_bps=ROOFLINE_BPS,
-        measured_copy_bps=copy_bps,
-        timing=(
-            f"per invocation = wall/calls, {calls_min}+ invocations unrolled in one jit over "
-            f"rotating weight buffers (> {MIN_TOTAL_BYTES / 1e6:.0f} MB in all), "
-            f"median of {repeats} after 2 warm-ups; host clock + jax.block_until_ready"
-        ),
-        sparsity_pattern="the same random set of weight rows inactive for every batch row",
-        best_matvec_configs={f"{k[0]}x{k[1]}": v for k, v in args.best_cfg.items()},
-        sweep=sweep_rows + ffn_sweep,
-        rows=rows + ffn_rows,
-        wall_s=time.time() - t_start,
-    )
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(out, indent=1))
-    os.replace(tmp, path)
+    dump()
+    if not args.skip_ffn:
+        ffn_rows, ffn_sweep = bench_ffn(args, dtype, calls_min, repeats)
+    out = dump()
     log("\n=== summary (bf16; speedup = dense XLA time / kernel time) ===")
     for r in rows + ffn_rows:
-        log(fmt_row(r))
+        log(fmt_row(r) if "error" not in r else f"{r['kernel']} FAILED {r['error'][:150]}")
     return out
 
 

@@ -1,0 +1,136 @@
+"""sparse_input_matvec: every implementation against the reference."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.experimental import pallas as pl
+
+from pallas_kernels import sparse_input_matvec, sparse_input_matvec_reference
+from pallas_kernels._dispatch import resolve_impl
+
+K, N = 300, 200  # not multiples of any block size used below
+SPARSITIES = (0.0, 0.5, 0.9, 1.0)
+
+
+def blocks(impl):
+    return dict(block_k=64, block_n=64) if impl.startswith("gpu") else dict(block_k=128, block_n=128)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("B", [1, 3, 8])
+def test_matches_reference(kt, impl, dtype, B):
+    w = kt.normal(jax.random.key(100 + B), (K, N), dtype)
+    for seed in (0, 1):
+        for s in SPARSITIES:
+            x = kt.sparse_values(jax.random.key(seed * 10 + int(s * 10)), (B, K), s, dtype)
+            y = sparse_input_matvec(x, w, impl=impl, **blocks(impl))
+            want = sparse_input_matvec_reference(x, w)
+            assert y.dtype == x.dtype
+            kt.assert_close(y, want, dtype, f"{impl} B={B} s={s} seed={seed}")
+            if s == 1.0:
+                assert not np.any(np.asarray(y, np.float32)), "all-zero x must give y == 0"
+
+
+@pytest.mark.parametrize("split_k", [1, 2, 5, None])
+def test_gpu_split_k(kt, gpu_impl, split_k):
+    x = kt.sparse_values(jax.random.key(3), (2, K), 0.5, jnp.float32)
+    w = kt.normal(jax.random.key(4), (K, N), jnp.float32)
+    y = sparse_input_matvec(
+        x, w, impl=gpu_impl, block_k=32, block_n=128, split_k=split_k
+    )
+    kt.assert_close(y, sparse_input_matvec_reference(x, w), jnp.float32, f"split_k={split_k}")
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_threshold_fused_equals_premasked(kt, impl, per_channel):
+    B = 4
+    x = kt.normal(jax.random.key(5), (B, K), jnp.float32)
+    w = kt.normal(jax.random.key(6), (K, N), jnp.float32)
+    if per_channel:
+        t = jnp.abs(kt.normal(jax.random.key(7), (K,), jnp.float32))
+    else:
+        t = jnp.float32(0.8)
+    # entries exactly at the threshold are kept (abs(x) < t is zeroed)
+    tk = jnp.broadcast_to(t, (K,))
+    x = x.at[0, :7].set(tk[:7]).at[1, 7:14].set(-tk[7:14])
+    pre = jnp.where(jnp.abs(x) >= tk[None, :], x, 0.0)
+    assert float(jnp.mean(pre == 0)) > 0.2
+    y = sparse_input_matvec(x, w, t, impl=impl, **blocks(impl))
+    want = sparse_input_matvec_reference(pre, w)
+    kt.assert_close(y, want, jnp.float32, f"{impl} fused threshold")
+    # the reference's own fused path agrees too
+    kt.assert_close(sparse_input_matvec_reference(x, w, t), want, jnp.float32, "reference")
+
+
+def test_inactive_rows_are_not_read(kt, impl):
+    """Rows of W that no batch row uses are poisoned with NaN: the GPU kernel must never
+    load them (masked rows); the TPU kernel must never DMA a block with no active row."""
+    B, bk = 2, 64 if impl.startswith("gpu") else 128
+    x = kt.normal(jax.random.key(8), (B, K), jnp.float32)
+    if impl.startswith("gpu"):
+        dead = jax.random.uniform(jax.random.key(9), (K,)) < 0.6
+    else:
+        dead = (jnp.arange(K) // bk) == 1  # the whole second block
+    x = jnp.where(dead[None, :], 0.0, x)
+    w = kt.normal(jax.random.key(10), (K, N), jnp.float32)
+    w_poison = jnp.where(dead[:, None], jnp.nan, w)
+    bn = 64 if impl.startswith("gpu") else 128
+    y = sparse_input_matvec(x, w_poison, impl=impl, block_k=bk, block_n=bn)
+    kt.assert_close(y, sparse_input_matvec_reference(x, w), jnp.float32, f"{impl} poisoned rows")
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), sparsity=st.floats(0.0, 1.0))
+def test_random_sparsity_gpu(kt, gpu_impl, seed, sparsity):
+    x = kt.sparse_values(jax.random.key(seed), (2, K), sparsity, jnp.bfloat16)
+    w = kt.normal(jax.random.fold_in(jax.random.key(seed), 1), (K, N), jnp.bfloat16)
+    y = sparse_input_matvec(x, w, impl=gpu_impl, block_k=64, block_n=64)
+    kt.assert_close(y, sparse_input_matvec_reference(x, w), jnp.bfloat16, f"seed={seed}")
+
+
+def test_interpreters_poison_unwritten_outputs():
+    """The tests above rely on unwritten outputs coming back as NaN (then assert_close
+    fails): check that both interpreters really do that."""
+
+    def writes_nothing(x_ref, o_ref):
+        del x_ref, o_ref
+
+    x = jnp.ones((8, 128), jnp.float32)
+    out = jax.ShapeDtypeStruct((8, 128), jnp.float32)
+    y = pl.pallas_call(writes_nothing, out_shape=out, interpret=True)(x)
+    assert np.all(np.isnan(np.asarray(y)))
+    from pallas_kernels._dispatch import tpu_interpret_params
+
+    y = pl.pallas_call(writes_nothing, out_shape=out, interpret=tpu_interpret_params())(x)
+    assert np.all(np.isnan(np.asarray(y)))
+
+
+def test_bad_inputs():
+    x = jnp.ones((2, K), jnp.float32)
+    w = jnp.ones((K, N), jnp.float32)
+    with pytest.raises(ValueError, match="impl='cuda'.*allowed values"):
+        sparse_input_matvec(x, w, impl="cuda")
+    with pytest.raises(ValueError, match="shape mismatch"):
+        sparse_input_matvec(x, jnp.ones((K + 1, N)), impl="reference")
+    with pytest.raises(ValueError, match="2 dimensions"):
+        sparse_input_matvec(x[0], w, impl="gpu_interpret")
+    with pytest.raises(ValueError, match="threshold"):
+        sparse_input_matvec(x, w, jnp.ones((K - 1,)), impl="tpu_interpret")
+    with pytest.raises(ValueError, match="power of 2"):
+        sparse_input_matvec(x, w, impl="gpu_interpret", block_k=48)
+    with pytest.raises(ValueError, match="dtype"):
+        sparse_input_matvec(x.astype(jnp.int32), w, impl="reference")
+    with pytest.raises(ValueError, match="GPU kernel only"):
+        sparse_input_matvec(x, w, impl="tpu_interpret", split_k=2)
+
+
+def test_auto_picks_by_backend(monkeypatch):
+    assert resolve_impl("reference", fn_name="f") == "reference"
+    for backend, want in (("cpu", "reference"), ("gpu", "gpu"), ("tpu", "tpu")):
+        monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+        assert resolve_impl("auto", fn_name="f") == want
