@@ -4,8 +4,9 @@ Usage: python benchmarks/kernels.py --json OUT [--quick] [--no-sweep] [--impl gp
 
 Protocol (DESIGN.md, "Measuring"): every timed function is jit-compiled and warmed up;
 one timed call runs `calls` kernel invocations unrolled inside one jit, each on its own
-activation and cycling over `n_buffers` weight buffers whose total exceeds 200 MB (so
-the 50 MB L2 does not hold them), and the time per invocation is wall / calls, the
+activation and its own weight buffer (>= 16 buffers, > 200 MB in all, so the 50 MB L2
+does not hold them; never a shared buffer, since XLA's dot merger would fuse dots that
+share an operand into one), and the time per invocation is wall / calls, the
 median over `repeats` (host clock around `jax.block_until_ready`). Unrolling inside
 one jit keeps Python dispatch out of the number: XLA issues the calls back to back.
 Random data only (normal; zeros only where the sparsity puts them).
@@ -47,10 +48,16 @@ BATCHES = [1, 4]
 FFN_M, FFN_D = 14336, 4096
 
 # (block_k, block_n, split_k, num_warps, num_stages); split_k None = automatic.
+SPLIT_MAX = 1 << 20  # split_k clamps to the number of K blocks: one tile per program (TEAL)
 MATVEC_SWEEP = [
     (64, 128, None, 4, 3),
     (128, 64, None, 4, 3),
-    (32, 256, None, 8, 3),
+    (64, 128, SPLIT_MAX, 4, 1),
+    (128, 128, SPLIT_MAX, 4, 1),
+    (32, 256, SPLIT_MAX, 4, 1),
+    (128, 64, SPLIT_MAX, 4, 1),
+    (256, 128, SPLIT_MAX, 8, 1),
+    (64, 256, SPLIT_MAX, 4, 1),
 ]
 GATED_SWEEP = [(16, 256, 4, 3), (32, 256, 4, 3), (64, 128, 8, 3)]
 FUSED_SWEEP = [(32, 256, 4, 3), (64, 256, 8, 3)]
@@ -112,16 +119,18 @@ def weights(key, shape, n_buf, dtype):
     ]
 
 
-def n_buffers(bytes_one):
-    return max(3, math.ceil(MIN_TOTAL_BYTES / bytes_one))
+def n_buffers(bytes_one, calls_min):
+    """One weight buffer per invocation: XLA merges dots that share an operand (its
+    dot-merger pass), so calls that reuse a buffer would time one merged dot."""
+    return max(calls_min, math.ceil(MIN_TOTAL_BYTES / bytes_one))
 
 
 def bench_matvec(args, cfg_for, dtype, calls_min, repeats):
     rows = []
     for K, N in args.shapes:
         wbytes = K * N * dtype.itemsize
-        nb = n_buffers(wbytes)
-        calls = max(calls_min, nb)
+        nb = n_buffers(wbytes, calls_min)
+        calls = nb
         ws = [(w,) for w in weights(jax.random.key(K * 7 + N), (K, N), nb, dtype)]
         cfg = cfg_for.get((K, N), {})
         for B in args.batches:
@@ -172,8 +181,8 @@ def sweep_matvec(args, dtype, calls_min, repeats):
     best, results = {}, []
     for K, N in args.shapes:
         wbytes = K * N * dtype.itemsize
-        nb = n_buffers(wbytes)
-        calls = max(calls_min, nb)
+        nb = n_buffers(wbytes, calls_min)
+        calls = nb
         ws = [(w,) for w in weights(jax.random.key(K + N), (K, N), nb, dtype)]
         keys = jax.random.split(jax.random.key(1), calls)
         xs = [row_sparse_x(k, 1, K, 0.5, dtype)[0] for k in keys]
@@ -201,8 +210,8 @@ def bench_ffn(args, dtype, calls_min, repeats):
     """Gated up (g * x Wu^T), and the whole sparse tail (g * x Wu^T) Wd, vs dense XLA."""
     m, d = FFN_M, FFN_D
     wbytes = m * d * dtype.itemsize
-    nb = n_buffers(2 * wbytes)
-    calls = max(calls_min, nb)
+    nb = n_buffers(2 * wbytes, calls_min)
+    calls = nb
     wu = weights(jax.random.key(11), (m, d), nb, dtype)
     wd = weights(jax.random.key(12), (m, d), nb, dtype)
     rows, sweep = [], []
@@ -368,8 +377,10 @@ def main(argv=None):
             roofline_bps=ROOFLINE_BPS,
             measured_copy_bps=copy_bps,
             timing=(
-                f"per invocation = wall/calls, {calls_min}+ invocations unrolled in one jit "
-                f"over rotating weight buffers (> {MIN_TOTAL_BYTES / 1e6:.0f} MB in all), "
+                f"per invocation = wall/calls, {calls_min}+ invocations unrolled in one jit, "
+                f"each on its own activation and its own weight buffer "
+                f"(> {MIN_TOTAL_BYTES / 1e6:.0f} MB in all; no buffer shared, so XLA cannot "
+                f"merge the dense dots), "
                 f"median of {repeats} after 2 warm-ups; host clock + jax.block_until_ready"
             ),
             sparsity_pattern="the same random set of weight rows inactive for every batch row",
