@@ -66,7 +66,7 @@ def make_forward(config):
 
     model = build_model(config)
     sizes = linear_sizes(config)
-    total = float(sum(sizes.values()) * config.num_layers)
+    layer_total = float(sum(sizes.values()))
     opt = config.family == "opt"
 
     def forward(params, tokens_BxT, valid_BxT, thresholds):
@@ -76,26 +76,29 @@ def make_forward(config):
         logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
         next_ll = jnp.take_along_axis(logp, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
         w = valid_BxT.astype(jnp.float32)
-        zero_sums, read = [], jnp.zeros(valid_BxT.shape, jnp.float32)
+        zero_sums, read_layers = [], []
         for i in range(config.num_layers):
             s = variables["stats"][f"layers_{i}"]
             z = {p: (s["self_attn"] if p in ("q_in", "kv_in", "o_in") else s["mlp"])[p][0]
                  for p in _POINTS}
             zero_sums.append(jnp.stack([jnp.sum(z[p] * w) for p in _POINTS]))
             dens = {p: 1.0 - z[p] for p in _POINTS}
-            read += (sizes["q_proj"] * dens["q_in"]
+            read = (sizes["q_proj"] * dens["q_in"]
                      + (sizes["k_proj"] + sizes["v_proj"]) * dens["kv_in"]
                      + sizes["o_proj"] * dens["o_in"])
             if opt:
-                read += sizes["fc1"] * dens["ffn_in"] + sizes["fc2"] * dens["down_in"]
+                read = read + sizes["fc1"] * dens["ffn_in"] + sizes["fc2"] * dens["down_in"]
             else:
-                read += (sizes["gate_proj"] * dens["ffn_in"]
-                         + sizes["up_proj"] * dens["ffn_in"] * dens["gate"]
-                         + sizes["down_proj"] * dens["down_in"])
+                read = read + (sizes["gate_proj"] * dens["ffn_in"]
+                               + sizes["up_proj"] * dens["ffn_in"] * dens["gate"]
+                               + sizes["down_proj"] * dens["down_in"])
+            read_layers.append(read)
+        read_LxBxT = jnp.stack(read_layers) / layer_total
         return {
             "next_ll": next_ll,  # [B, T-1]: log p(token t+1 | tokens <= t)
             "zero_sums": jnp.stack(zero_sums),  # [L, P]
-            "read_sum": jnp.sum(read / total * w),
+            "read_sum": jnp.sum(jnp.sum(read_LxBxT, axis=0) / config.num_layers * w),
+            "layer_read_sums": jnp.sum(read_LxBxT * w, axis=(1, 2)),  # [L]
             "count": jnp.sum(w),
         }
 
@@ -110,13 +113,16 @@ class SparsityMeter:
     zero_sums: np.ndarray = None
     read_sum: float = 0.0
     count: float = 0.0
+    layer_read_sums: np.ndarray = None
 
     def __post_init__(self):
         self.zero_sums = np.zeros((self.num_layers, len(_POINTS)))
+        self.layer_read_sums = np.zeros((self.num_layers,))
 
     def add(self, out: dict) -> None:
         self.zero_sums += np.asarray(out["zero_sums"], np.float64)
         self.read_sum += float(out["read_sum"])
+        self.layer_read_sums += np.asarray(out["layer_read_sums"], np.float64)
         self.count += float(out["count"])
 
     def report(self) -> dict[str, Any]:
@@ -128,6 +134,9 @@ class SparsityMeter:
             "measured_sparsity": {"ffn": per_point["gate"], "per_point": per_point,
                                   "per_layer": per_layer},
             "activated_params_fraction": self.read_sum / max(self.count, 1.0),
+            "activated_params_per_layer": {
+                f"layers_{i}": float(v / max(self.count, 1.0))
+                for i, v in enumerate(self.layer_read_sums)},
             "tokens": int(round(self.count)),
         }
 

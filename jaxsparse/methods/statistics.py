@@ -10,8 +10,10 @@ file turns these statistics into thresholds.
 Histogram: bin 0 is `[0, lo)` (exact zeros, e.g. ReLU's, fall there), bins `1..num` split
 `[lo, hi)` into `num` log-spaced bins of ratio `r = (hi / lo) ** (1 / num)`, bin `num + 1`
 is `[hi, inf)`. With the defaults (1e-8 .. 1e4, 8192 bins) `r - 1 = 0.34%`: a quantile
-interpolated linearly inside its bin is within one bin, i.e. a relative error below 0.34%
-of the exact sample quantile (`np.quantile`), whatever the data.
+interpolated linearly inside its bin lies in the same bin as the exact sample quantile
+`x_(ceil(qN))` (the smallest value with a cumulative fraction >= q;
+`np.quantile(x, q, method="inverted_cdf")`), so within a relative 0.34% of it, whatever
+the data.
 
 CHESS importance `abs(g_i) * E abs(u_i)` needs `E abs(u_i)` first: we make two passes
 over the same calibration tokens (pass 1: means and the other histograms; pass 2: the

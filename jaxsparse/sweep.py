@@ -1,0 +1,279 @@
+"""Sweep: calibrate and evaluate every method x sparsity, then tabulate and plot.
+
+`jaxsparse sweep --methods cats,chess --sparsities 0.3,0.5 --out DIR` writes
+
+  DIR/states/<method>_s<S>/     the sparsity states (reused when present and valid)
+  DIR/results/<name>.json       one `jaxsparse eval` result each, plus `dense.json`
+                                (reused when present with the same evaluation settings)
+  DIR/table.md, DIR/table.json  perplexity, task acc/acc_norm, measured FFN sparsity,
+                                activated-parameter fraction, one row per configuration
+  DIR/ppl_vs_activated.png      perplexity against the fraction of linear weights read
+  DIR/sparsity_heatmap.png      per-layer fraction of linear weights skipped
+
+Missing states are calibrated together: the statistics are gathered once for all of
+them. An interrupted sweep resumes from the states and results already written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+TABLE_COLUMNS = ("method", "target_sparsity", "perplexity", "acc", "acc_norm",
+                 "ffn_sparsity", "activated_params_fraction")
+
+
+def config_name(method: str, sparsity: float) -> str:
+    return f"{method.replace('+', '_plus')}_s{sparsity:g}"
+
+
+def parse_list(text: str, kind=str) -> list:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise ValueError(f"empty list {text!r}")
+    return [kind(x) for x in items]
+
+
+def _reusable_state(path: Path, config, method: str, s: float, options: dict | None):
+    from jaxsparse.io import is_complete
+    from jaxsparse.sparsity import StateError, load_state
+
+    if not is_complete(path):
+        return None
+    try:
+        state = load_state(path, config)
+    except StateError as e:
+        print(f"not reusing {path}: {e}", file=sys.stderr)
+        return None
+    if state.method != method or abs(state.target_sparsity - s) > 1e-9:
+        return None
+    if state.meta.details.get("options", {}) != (options or {}).get(method, {}):
+        print(f"not reusing {path}: fitted with other options", file=sys.stderr)
+        return None
+    return state
+
+
+def table_row(result: dict[str, Any]) -> dict[str, Any]:
+    tasks = result.get("tasks") or {}
+    return {
+        "method": result["method"], "target_sparsity": result["target_sparsity"],
+        "perplexity": result.get("perplexity"), "acc": tasks.get("acc"),
+        "acc_norm": tasks.get("acc_norm"), "ffn_sparsity": result["measured_sparsity"]["ffn"],
+        "activated_params_fraction": result["activated_params_fraction"],
+    }
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    def fmt(v):
+        if v is None:
+            return "—"
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    head = "| " + " | ".join(TABLE_COLUMNS) + " |\n"
+    sep = "|" + "---|" * len(TABLE_COLUMNS) + "\n"
+    return head + sep + "".join("| " + " | ".join(fmt(r[c]) for c in TABLE_COLUMNS) + " |\n"
+                                for r in rows)
+
+
+def plot_ppl_vs_activated(results: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    by_method: dict[str, list] = {}
+    for r in results:
+        if r.get("perplexity") is None:
+            continue
+        by_method.setdefault(r["method"], []).append(r)
+    for method, rs in sorted(by_method.items()):
+        rs = sorted(rs, key=lambda r: r["activated_params_fraction"])
+        x = [r["activated_params_fraction"] for r in rs]
+        y = [r["perplexity"] for r in rs]
+        if method == "dense":
+            ax.scatter(x, y, marker="*", s=160, color="black", label="dense", zorder=3)
+            continue
+        ax.plot(x, y, marker="o", label=method)
+        for r in rs:
+            ax.annotate(f"{r['target_sparsity']:g}", (r["activated_params_fraction"],
+                                                       r["perplexity"]),
+                        textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("activated fraction of linear weights per token (blocks only)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_layer_heatmap(results: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = [r for r in results if r["method"] != "dense"]
+    if not rows:
+        return
+    labels = [f"{r['method']} {r['target_sparsity']:g}" for r in rows]
+    layers = sorted(rows[0]["activated_params_per_layer"], key=lambda k: int(k.split("_")[1]))
+    data = np.array([[1.0 - r["activated_params_per_layer"][k] for k in layers] for r in rows])
+    fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(layers) + 3), 0.45 * len(rows) + 1.8),
+                           dpi=120)
+    im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    step = max(1, len(layers) // 16)
+    ax.set_xticks(range(0, len(layers), step), [str(i) for i in range(0, len(layers), step)],
+                  fontsize=8)
+    ax.set_xlabel("layer")
+    for i in range(data.shape[0]):
+        for j in range(data.shape[1]):
+            if len(layers) <= 32:
+                ax.text(j, i, f"{data[i, j]:.2f}"[1:], ha="center", va="center", fontsize=5,
+                        color="white" if data[i, j] < 0.6 else "black")
+    fig.colorbar(im, ax=ax, label="fraction of linear weights skipped")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def sweep(lm, methods: list[str], sparsities: list[float], out: str | Path,
+          data: list[str] | None = None, calib: dict | None = None, ev: dict | None = None,
+          options: dict | None = None, include_dense: bool = True,
+          progress: bool = True) -> list[dict]:
+    """Runs the sweep for a loaded model (`LoadedModel`-like: config, params, tokenizer,
+    source); returns the result dicts (dense first)."""
+    from jaxsparse import data as data_mod
+    from jaxsparse.calibrate import DEFAULTS as CAL
+    from jaxsparse.calibrate import calibrate
+    from jaxsparse.evaluate import DEFAULTS as EV
+    from jaxsparse.evaluate import Evaluator, ppl_token_ids, write_json_atomic
+    from jaxsparse.methods import check_sparsity, get_method
+    from jaxsparse.sparsity import save_state
+
+    sparsities = [check_sparsity(s) for s in sparsities]
+    for m in methods:
+        get_method(m)
+    calib = {**CAL, **(calib or {})}
+    ev = {**EV, "ppl": None, "tasks": None, **(ev or {})}
+    out = Path(out)
+    (out / "states").mkdir(parents=True, exist_ok=True)
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    config = lm.config
+
+    states, missing = {}, []
+    for m in methods:
+        for s in sparsities:
+            st = _reusable_state(out / "states" / config_name(m, s), config, m, s, options)
+            if st is None:
+                missing.append((m, s))
+            else:
+                states[(m, s)] = st
+    if missing:
+        todo_methods = sorted({m for m, _ in missing}, key=methods.index)
+        todo_s = sorted({s for _, s in missing})
+        print(f"calibrating {', '.join(todo_methods)} at {', '.join(map(str, todo_s))}")
+        fitted = calibrate(config, lm.params, lm.tokenizer, todo_methods, todo_s, data,
+                           calib["tokens"], calib["seq_len"], calib["batch_size"], options,
+                           model_source=lm.source, progress=progress)
+        for key in missing:
+            save_state(fitted[key], out / "states" / config_name(*key), overwrite=True)
+            states[key] = fitted[key]
+
+    settings = {"seq_len": ev["seq_len"], "max_tokens": ev["max_tokens"], "ppl": ev["ppl"],
+                "tasks": ev["tasks"], "num_tasks": ev["num_tasks"], "model": lm.source}
+    builtin = not ev["ppl"] and not ev["tasks"]
+    evaluator = ppl = tasks = None
+    results = []
+    todo = ([("dense", None)] if include_dense else []) + [
+        (config_name(m, s), states[(m, s)]) for m in methods for s in sparsities]
+    for name, state in todo:
+        path = out / "results" / f"{name}.json"
+        if path.is_file():
+            old = json.loads(path.read_text())
+            if old.get("sweep_settings") == settings:
+                results.append(old)
+                continue
+        if evaluator is None:
+            tasks = data_mod.read_tasks(ev["tasks"]) if ev["tasks"] else (
+                data_mod.builtin_tasks(ev["num_tasks"]) if builtin else None)
+            if ev["ppl"] or builtin:
+                ppl = ppl_token_ids(config, lm.tokenizer, ev["ppl"], ev["max_tokens"] or None)
+            evaluator = Evaluator(config, lm.params, lm.tokenizer, ev["seq_len"],
+                                  ev["batch_size"], progress=progress)
+        t0 = time.time()
+        r = evaluator.evaluate(state, ppl, tasks)
+        r["sweep_settings"] = settings
+        r["model_source"] = lm.source
+        write_json_atomic(r, path)
+        print(f"{name}: perplexity {r.get('perplexity', float('nan')):.3f}, activated "
+              f"{r['activated_params_fraction']:.3f} ({time.time() - t0:.0f} s)")
+        results.append(r)
+
+    rows = [table_row(r) for r in results]
+    (out / "table.md").write_text(markdown_table(rows))
+    write_json_atomic(rows, out / "table.json")
+    title = f"{Path(lm.source).name}: {', '.join(methods)}"
+    plot_ppl_vs_activated(results, out / "ppl_vs_activated.png", title)
+    plot_layer_heatmap(results, out / "sparsity_heatmap.png", title)
+    return results
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from jaxsparse.calibrate import DEFAULTS as CAL
+    from jaxsparse.calibrate import add_model_arguments
+    from jaxsparse.evaluate import DEFAULTS as EV
+
+    add_model_arguments(parser)
+    parser.add_argument("--methods", default="cats,chess,chess+,teal",
+                        help="comma-separated: cats, chess, chess+, teal")
+    parser.add_argument("--sparsities", default="0.3,0.5,0.7", help="comma-separated, in [0, 1)")
+    parser.add_argument("--data", nargs="+", metavar="FILE", help="calibration text")
+    parser.add_argument("--tokens", type=int, default=CAL["tokens"], help="calibration tokens")
+    parser.add_argument("--seq-len", type=int, default=CAL["seq_len"])
+    parser.add_argument("--batch-size", type=int, default=CAL["batch_size"])
+    parser.add_argument("--teal-allocation", choices=["uniform", "greedy"], default="uniform")
+    parser.add_argument("--ppl", nargs="+", metavar="FILE", help="perplexity text")
+    parser.add_argument("--tasks", metavar="FILE.jsonl")
+    parser.add_argument("--max-tokens", type=int, default=EV["max_tokens"])
+    parser.add_argument("--num-tasks", type=int, default=EV["num_tasks"])
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
+    parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from jaxsparse.data import DataError
+    from jaxsparse.loading import load_model
+    from jaxsparse.methods import check_sparsity, get_method
+    from jaxsparse.sparsity import StateError
+
+    try:
+        methods = parse_list(args.methods)
+        sparsities = [check_sparsity(s) for s in parse_list(args.sparsities)]
+        for m in methods:
+            get_method(m)
+        lm = load_model(args.model, args.dtype)
+        calib = {"tokens": args.tokens, "seq_len": args.seq_len, "batch_size": args.batch_size}
+        ev = {"seq_len": args.seq_len, "batch_size": args.batch_size, "ppl": args.ppl,
+              "tasks": args.tasks, "max_tokens": args.max_tokens, "num_tasks": args.num_tasks}
+        options = {"teal": {"allocation": args.teal_allocation}}
+        sweep(lm, methods, sparsities, args.out, args.data, calib, ev, options,
+              include_dense=not args.no_dense, progress=not args.no_progress)
+    except (DataError, StateError, ValueError, FileNotFoundError) as e:
+        print(f"jaxsparse sweep: error: {e}", file=sys.stderr)
+        return 2
+    print((Path(args.out) / "table.md").read_text())
+    return 0

@@ -1,0 +1,115 @@
+"""Data: the built-in corpus and its splits, user files, token packing, tasks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxsparse import data
+from jaxsparse.data import DataError, Document
+
+
+class ByteTok:
+    eos_token_id = 0
+
+    def encode(self, text, add_special_tokens=False):
+        return [b + 1 for b in text.encode()]
+
+
+def test_builtin_splits_are_disjoint_deterministic_and_large_enough():
+    cal = data.stdlib_documents("calibration")
+    ev = data.stdlib_documents("evaluation")
+    assert len(cal) > 50 and len(ev) > 20
+    cal_mods = {d.source for d in cal}
+    ev_mods = {d.source for d in ev}
+    assert not cal_mods & ev_mods
+    # whole top-level packages go to one split
+    top = lambda docs: {d.source.split(":")[1].split(".")[0] for d in docs}  # noqa: E731
+    assert not top(cal) & top(ev)
+    assert not {d.text for d in cal} & {d.text for d in ev}
+    assert sum(len(d.text) for d in ev) > 100_000
+    assert [d.source for d in data._stdlib_documents.__wrapped__("evaluation")] == [
+        d.source for d in ev]
+    with pytest.raises(ValueError, match="unknown split"):
+        data.stdlib_documents("train")
+
+
+def test_read_text_and_jsonl(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world")
+    (tmp_path / "b.jsonl").write_text('{"text": "one"}\n\n{"text": "two", "x": 1}\n')
+    docs = data.read_documents([tmp_path / "a.txt", tmp_path / "b.jsonl"])
+    assert [d.text for d in docs] == ["hello world", "one", "two"]
+    assert docs[2].source.endswith("b.jsonl:3")
+
+
+@pytest.mark.parametrize("name,content,match", [
+    ("empty.txt", "", "empty.txt: contains no text"),
+    ("blank.txt", " \n\n", "blank.txt: contains no text"),
+    ("e.jsonl", "", "e.jsonl: contains no text"),
+    ("bad.jsonl", '{"text": "a"}\n{oops\n', r"bad.jsonl:2: not valid JSON"),
+    ("nofield.jsonl", '{"txt": "a"}\n', r"nofield.jsonl:1: expected an object with a string"),
+])
+def test_bad_data_files(tmp_path, name, content, match):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(DataError, match=match):
+        data.read_documents([tmp_path / name])
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        data.read_documents([tmp_path / "nope.txt"])
+
+
+def test_pack_tokens_concatenates_with_eos_and_checks_length():
+    docs = [Document("a", "abc"), Document("b", "de")]
+    seqs = data.pack_tokens(docs, ByteTok(), 0, 3, 6, "a, b")
+    np.testing.assert_array_equal(seqs, [[98, 99, 100], [0, 101, 102]])
+    # without a token count: every full sequence
+    assert data.pack_tokens(docs, ByteTok(), 0, 2, None, "x").shape == (3, 2)
+    with pytest.raises(DataError, match=r"short.txt: found 7 tokens, need 8 \(8 tokens"):
+        data.pack_tokens(docs, ByteTok(), 0, 4, 8, "short.txt")
+    with pytest.raises(DataError, match=r"found 7 tokens, need at least 16"):
+        data.pack_tokens(docs, ByteTok(), 0, 16, None, "short.txt")
+
+
+def test_read_tasks_validates_each_line(tmp_path):
+    good = {"context": "The sky is", "choices": [" blue", " green"], "gold": 0}
+    p = tmp_path / "t.jsonl"
+    p.write_text(json.dumps(good) + "\n")
+    assert data.read_tasks(p)[0].choices == (" blue", " green")
+    bad_lines = [
+        ("[1, 2]", "expected a JSON object"),
+        ('{"context": "x", "gold": 0}', "missing field"),
+        ('{"context": "x", "choices": ["a"], "gold": 0}', "at least 2 non-empty"),
+        ('{"context": "x", "choices": ["a", ""], "gold": 0}', "at least 2 non-empty"),
+        ('{"context": "x", "choices": ["a", "b"], "gold": 2}', "gold"),
+        ('{"context": "x", "choices": ["a", "b"], "gold": true}', "gold"),
+        ('{"context": 3, "choices": ["a", "b"], "gold": 0}', "context"),
+        ("{nope", "not valid JSON"),
+    ]
+    for line, match in bad_lines:
+        p.write_text(json.dumps(good) + "\n" + line + "\n")
+        with pytest.raises(DataError, match=rf"t.jsonl:2: .*{match}"):
+            data.read_tasks(p)
+    p.write_text("\n")
+    with pytest.raises(DataError, match="contains no tasks"):
+        data.read_tasks(p)
+
+
+def test_builtin_tasks_are_deterministic_and_valid(tmp_path):
+    tasks = data.builtin_tasks(30)
+    assert len(tasks) == 30
+    assert tasks == data.builtin_tasks(30)
+    for t in tasks:
+        assert len(t.choices) == 4 and len(set(t.choices)) == 4
+        assert 0 <= t.gold < 4 and t.context
+    golds = [t.gold for t in tasks]
+    assert len(set(golds)) > 1  # the answer is not always in the same place
+    # written tasks read back the same
+    data.write_tasks(tasks, tmp_path / "t.jsonl")
+    assert data.read_tasks(tmp_path / "t.jsonl") == tasks
+    # evaluation text only
+    ev_text = "\n".join(d.text for d in data.stdlib_documents("evaluation"))
+    assert all(" ".join(t.context.split()[:6]) in " ".join(ev_text.split()) for t in tasks[:5])

@@ -1,0 +1,86 @@
+"""Sweep on a tiny model: states, results, table and plots written; a rerun reuses them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from jaxsparse.config import ModelConfig
+from jaxsparse.models import init_params
+from jaxsparse.sweep import config_name, markdown_table, parse_list, sweep
+
+LLAMA = ModelConfig(model_type="llama", vocab_size=260, hidden_size=32, intermediate_size=48,
+                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, eos_token_ids=(0,))
+
+
+class ByteTok:
+    eos_token_id = 0
+
+    def encode(self, text, add_special_tokens=False):
+        return [b + 1 for b in text.encode()]
+
+
+@dataclasses.dataclass
+class FakeLoaded:
+    config: ModelConfig
+    params: dict
+    tokenizer: object
+    source: str = "tiny-random"
+
+
+def test_parse_list_and_names():
+    assert parse_list("cats, chess+") == ["cats", "chess+"]
+    assert parse_list("0.3,0.5", float) == [0.3, 0.5]
+    with pytest.raises(ValueError):
+        parse_list(" , ")
+    assert config_name("chess+", 0.5) == "chess_plus_s0.5"
+
+
+def test_sweep_writes_table_and_plots_and_resumes(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "sparse", "token", "layer", "the", "of"]
+    (tmp_path / "cal.txt").write_text(" ".join(rng.choice(words, 600)))
+    (tmp_path / "ev.txt").write_text(" ".join(rng.choice(words, 200)))
+    (tmp_path / "tasks.jsonl").write_text(
+        json.dumps({"context": "alpha beta", "choices": [" gamma", " delta"], "gold": 0}) + "\n")
+    lm = FakeLoaded(LLAMA, init_params(LLAMA), ByteTok())
+    out = tmp_path / "sweep"
+    kw = dict(data=[str(tmp_path / "cal.txt")],
+              calib={"tokens": 1024, "seq_len": 64, "batch_size": 8},
+              ev={"seq_len": 64, "batch_size": 8, "ppl": [str(tmp_path / "ev.txt")],
+                  "tasks": str(tmp_path / "tasks.jsonl"), "max_tokens": 0},
+              progress=False)
+    results = sweep(lm, ["cats", "chess+"], [0.3, 0.6], out, **kw)
+    assert [r["method"] for r in results] == ["dense", "cats", "cats", "chess+", "chess+"]
+    for name in ("cats_s0.3", "cats_s0.6", "chess_plus_s0.3", "chess_plus_s0.6"):
+        assert (out / "states" / name / "state.json").is_file()
+        assert (out / "results" / f"{name}.json").is_file()
+    rows = json.loads((out / "table.json").read_text())
+    assert len(rows) == 5 and rows[0]["activated_params_fraction"] == pytest.approx(1.0)
+    cats = [r for r in rows if r["method"] == "cats"]
+    assert cats[0]["ffn_sparsity"] < cats[1]["ffn_sparsity"]
+    assert all(r["activated_params_fraction"] < 1 for r in rows[1:])
+    md = (out / "table.md").read_text()
+    assert md.startswith("| method | target_sparsity | perplexity") and md.count("\n") == 7
+    for png in ("ppl_vs_activated.png", "sparsity_heatmap.png"):
+        with Image.open(out / png) as im:
+            assert im.size[0] > 300 and im.size[1] > 200
+    # a rerun reuses the states and the results
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.json")}
+    again = sweep(lm, ["cats", "chess+"], [0.3, 0.6], out, **kw)
+    assert [r["perplexity"] for r in again] == [r["perplexity"] for r in results]
+    for p, t in mtimes.items():
+        if p.parent.name != "sweep":  # the table is rewritten, the rest kept
+            assert p.stat().st_mtime_ns == t, p
+
+
+def test_markdown_table_formats_missing_values():
+    md = markdown_table([{"method": "dense", "target_sparsity": 0.0, "perplexity": 3.14159,
+                          "acc": None, "acc_norm": None, "ffn_sparsity": 0.0,
+                          "activated_params_fraction": 1.0}])
+    assert "| dense | 0 | 3.142 | — | — | 0 | 1 |" in md
