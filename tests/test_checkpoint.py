@@ -1,0 +1,100 @@
+"""Checkpoint save/load (orbax) and the atomic directory writes under it."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from jaxsparse.checkpoint import (
+    CheckpointError, load_checkpoint, load_config, save_checkpoint,
+)
+from jaxsparse.config import ModelConfig
+from jaxsparse.io import COMPLETE_MARKER, IncompleteDirectoryError, atomic_directory
+from jaxsparse.models import init_params
+
+TINY = dict(vocab_size=67, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+            num_kv_heads=2, head_dim=8)
+
+
+def tiny_config(dtype="float32", **kw) -> ModelConfig:
+    return ModelConfig(model_type="llama", **TINY, dtype=dtype, **kw)
+
+
+def assert_identical(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_round_trip_gives_identical_arrays(tmp_path, dtype):
+    config = tiny_config(dtype, qkv_bias=True, rope_scaling=(("factor", 2.0),
+                                                             ("rope_type", "linear")))
+    params = init_params(config, seed=3)
+    save_checkpoint(tmp_path / "ck", config, params, source={"path": "somewhere"})
+    got_config, got, tokenizer, source = load_checkpoint(tmp_path / "ck")
+    assert got_config == config and load_config(tmp_path / "ck") == config
+    assert tokenizer is None and source == {"path": "somewhere"}
+    assert_identical(got, params)
+    assert {str(x.dtype) for x in jax.tree.leaves(got)} == {dtype}
+
+
+def test_load_into_a_sharding(tmp_path):
+    config = tiny_config()
+    params = init_params(config)
+    save_checkpoint(tmp_path / "ck", config, params)
+    dev = jax.devices()[-1]
+    one = jax.sharding.SingleDeviceSharding(dev)
+    _, got, _, _ = load_checkpoint(tmp_path / "ck", sharding=one)
+    assert all(x.sharding == one for x in jax.tree.leaves(got))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    _, got, _, _ = load_checkpoint(tmp_path / "ck", sharding=lambda path, shape: spec)
+    assert all(x.sharding == spec for x in jax.tree.leaves(got))
+    assert_identical(got, params)
+
+
+def test_saving_params_that_do_not_match_the_config_is_refused(tmp_path):
+    config = tiny_config()
+    params = init_params(config)
+    params["layers_0"]["mlp"]["up_proj"]["kernel"] = np.zeros((32, 5), np.float32)
+    with pytest.raises(CheckpointError, match=r"layers_0.*up_proj.*\(32, 48\)"):
+        save_checkpoint(tmp_path / "ck", config, params)
+    assert not (tmp_path / "ck").exists()
+
+
+def test_incomplete_checkpoint_is_refused(tmp_path):
+    config = tiny_config()
+    save_checkpoint(tmp_path / "ck", config, init_params(config))
+    (tmp_path / "ck" / COMPLETE_MARKER).unlink()
+    with pytest.raises(IncompleteDirectoryError, match=r"ck: incomplete .*re-run the conversion"):
+        load_checkpoint(tmp_path / "ck")
+
+
+def test_existing_checkpoint_needs_overwrite_and_is_replaced_whole(tmp_path):
+    a, b = tiny_config(), tiny_config("bfloat16")
+    save_checkpoint(tmp_path / "ck", a, init_params(a))
+    with pytest.raises(FileExistsError, match=r"ck already exists; pass --overwrite"):
+        save_checkpoint(tmp_path / "ck", b, init_params(b))
+    save_checkpoint(tmp_path / "ck", b, init_params(b, seed=1), overwrite=True)
+    assert load_config(tmp_path / "ck") == b
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temporaries left
+
+
+def test_atomic_directory_on_error_leaves_nothing_and_keeps_the_old(tmp_path):
+    target = tmp_path / "state"
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_directory(target) as tmp:
+            (tmp / "half").write_text("x")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_directory(target) as tmp:
+        (tmp / "v").write_text("1")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_directory(target, overwrite=True) as tmp:
+            (tmp / "v").write_text("2")
+            raise KeyboardInterrupt
+    assert (target / "v").read_text() == "1" and (target / COMPLETE_MARKER).is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["state"]
