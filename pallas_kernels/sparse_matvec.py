@@ -11,10 +11,10 @@ Holds:
 - `_sparse_input_matvec_gpu`: Pallas on the Triton lowering (TEAL's design). Grid
   (N blocks x K splits); each program walks its range of K blocks, builds the row mask
   from x, loads only the active rows of its W tile with a masked load (masked-out rows
-  cost no memory traffic) and reduces in float32. With one K split (the default where
-  N has enough blocks to fill the GPU) it stores y directly in x.dtype: one launch, no
-  zero-fill, no atomics. With several splits it adds into a zeroed float32 buffer with
-  atomics (split-K) and casts afterwards.
+  cost no memory traffic) and reduces in float32. With one K split
+  (`split_k=1`) it stores y directly in x.dtype: one launch, no zero-fill, no atomics.
+  With several splits (the default: one (block_k x block_n) tile per program, as in
+  TEAL) it adds into a zeroed float32 buffer with atomics (split-K) and casts after.
 - `_sparse_input_matvec_tpu`: Pallas on Mosaic TPU with scalar prefetch. The list of
   K blocks holding an active row (and its length) is computed outside the kernel and
   prefetched; the index maps read it, so only active blocks of W are DMA'd. Trailing
@@ -39,10 +39,11 @@ from pallas_kernels import _dispatch as dsp
 
 _NAME = "sparse_input_matvec"
 
-# Defaults picked from the H100 sweep in benchmarks/kernels.py (see NOTES_kernels.md).
-DEFAULT_BLOCK_K = 64
-DEFAULT_BLOCK_N = 128
-_TARGET_PROGRAMS = 4 * 132  # enough programs to keep every H100 SM busy
+# Defaults from the H100 sweep (benchmarks/results/kernels_h100.json, NOTES_kernels.md):
+# 128 x 64 tiles, one tile per program (TEAL's layout) was fastest on 4096x14336,
+# 14336x4096 and (tied with 128x128) 4096x4096; on 4096x1024 all configs were within noise.
+DEFAULT_BLOCK_K = 128
+DEFAULT_BLOCK_N = 64
 
 
 def _check(x_BxK: jax.Array, w_KxN: jax.Array, threshold: Any) -> None:
@@ -130,9 +131,11 @@ def _gpu_kernel(*refs, B, K, N, block_k, block_n, blocks_per_split, has_t, atomi
 
 
 def _auto_split(n_col_blocks: int, n_k_blocks: int) -> int:
-    if n_col_blocks >= _TARGET_PROGRAMS // 4:
-        return 1
-    return max(1, min(n_k_blocks, dsp.cdiv(_TARGET_PROGRAMS, n_col_blocks)))
+    """One tile per program: the programs' loads are all independent and in flight at
+    once. A loop over K blocks inside a program was slower on the H100: each step's W
+    load waits on its x load (the row mask), which serializes the latencies."""
+    del n_col_blocks
+    return n_k_blocks
 
 
 @functools.partial(
