@@ -109,7 +109,9 @@ def load_tokenizer(src: str | Path) -> Any:
         if not any((src / f).is_file() for f in TOKENIZER_FILES):
             return None
         return AutoTokenizer.from_pretrained(str(src))
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:
+        if source_kind(src) == "gguf" and "tokenizer.ggml.model" not in GGUFSource(src).reader.fields:
+            return None  # a GGUF without tokenizer metadata
         raise ConversionError(f"{src}: cannot load the tokenizer ({type(e).__name__}: {e})") from e
 
 

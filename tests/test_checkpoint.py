@@ -11,7 +11,7 @@ from jaxsparse.checkpoint import (
 )
 from jaxsparse.config import ModelConfig
 from jaxsparse.io import COMPLETE_MARKER, IncompleteDirectoryError, atomic_directory
-from jaxsparse.models import init_params
+from jaxsparse.models import param_shapes
 
 TINY = dict(vocab_size=67, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
             num_kv_heads=2, head_dim=8)
@@ -19,6 +19,12 @@ TINY = dict(vocab_size=67, hidden_size=32, intermediate_size=48, num_layers=2, n
 
 def tiny_config(dtype="float32", **kw) -> ModelConfig:
     return ModelConfig(model_type="llama", **TINY, dtype=dtype, **kw)
+
+
+def init_params(config: ModelConfig, seed: int = 0) -> dict:
+    """Random params of the right shapes and dtype (numpy: `models.init_params` is slow eagerly)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype), param_shapes(config))
 
 
 def assert_identical(a, b):

@@ -1,0 +1,141 @@
+"""Tiny GGUF files written here (llama with llama.cpp's Q/K row permutation, qwen2 with
+biases), quantized to several types, converted by us and by HF transformers: same logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from convert import SourceError, convert, load_tokenizer, read_model
+from jaxsparse.loading import load_model
+from jaxsparse.models import build_model
+
+torch = pytest.importorskip("torch")
+gguf = pytest.importorskip("gguf")
+jax.config.update("jax_default_matmul_precision", "highest")
+Q = gguf.GGMLQuantizationType
+
+# HF name pieces -> GGUF names (the inverse of convert.keymaps.gguf_key_map).
+_LAYER = {"input_layernorm.weight": "attn_norm.weight",
+          "post_attention_layernorm.weight": "ffn_norm.weight",
+          "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+          "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+          "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+          "self_attn.v_proj.bias": "attn_v.bias", "mlp.gate_proj.weight": "ffn_gate.weight",
+          "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf.py's LlamaModel.permute (rotate-half -> interleaved)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(
+        w.shape)
+
+
+def write_gguf(path: Path, hf_model, arch: str, qtypes: dict[str, Q]) -> None:
+    """`qtypes` maps a GGUF name suffix (e.g. 'attn_q.weight') to its type; default F32."""
+    c = hf_model.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    w.add_vocab_size(c.vocab_size)
+    for name, t in hf_model.state_dict().items():
+        x = t.detach().float().numpy()
+        if name == "model.embed_tokens.weight":
+            g = "token_embd.weight"
+        elif name == "model.norm.weight":
+            g = "output_norm.weight"
+        elif name == "lm_head.weight":
+            if c.tie_word_embeddings:
+                continue
+            g = "output.weight"
+        else:
+            i, rest = name.removeprefix("model.layers.").split(".", 1)
+            g = f"blk.{i}.{_LAYER[rest]}"
+        if arch == "llama" and g.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = c.num_attention_heads if "attn_q" in g else c.num_key_value_heads
+            x = llama_cpp_permute(x, heads)
+        qtype = next((q for suffix, q in qtypes.items() if g.endswith(suffix)), Q.F32)
+        if x.ndim == 1:
+            qtype = Q.F32
+        data = gguf.quants.quantize(x, qtype)
+        w.add_tensor(g, data, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+CASES = {
+    "llama": ("llama", {"attn_q.weight": Q.Q8_0, "attn_k.weight": Q.Q4_0, "ffn_": Q.Q4_1,
+                        "token_embd.weight": Q.Q5_0, "attn_v.weight": Q.F16,
+                        "output.weight": Q.BF16, "attn_output.weight": Q.Q5_1}),
+    "llama_tied": ("llama", {"attn_": Q.Q8_0, "ffn_": Q.F16}),
+    "qwen2": ("qwen2", {"attn_q.weight": Q.Q4_1, "attn_k.weight": Q.Q8_0, "ffn_down": Q.Q5_1}),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_ggufs(tiny_hf_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf")
+    out = {}
+    for name, (arch, qtypes) in CASES.items():
+        d = root / name
+        d.mkdir()
+        write_gguf(d / f"{name}.gguf", tiny_hf_models[name].torch_model, arch, qtypes)
+        out[name] = d / f"{name}.gguf"
+    return out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_tiny_gguf_matches_hf_loading_the_same_file(name, tiny_ggufs):
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_ggufs[name]
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                              dtype=torch.float32).eval()
+    c = read_model(path)
+    tokens = np.random.default_rng(0).integers(3, c.config.vocab_size, (2, 10))
+    with torch.no_grad():
+        want = hf(torch.from_numpy(tokens)).logits.numpy()
+    got, _ = build_model(c.config).apply({"params": jax.tree.map(jnp.asarray, c.params)},
+                                         jnp.asarray(tokens), jnp.arange(10)[None].repeat(2, 0))
+    err = np.linalg.norm(np.asarray(got) - want) / np.linalg.norm(want)
+    print(f"tiny GGUF {name}: rel err {err:.2e}")
+    assert err < 1e-4
+    # Our Q/K un-permutation and dequantization give HF's tensors exactly.
+    sd = hf.state_dict()
+    for p in ("q", "k"):
+        ours = c.params["layers_1"]["self_attn"][f"{p}_proj"]["kernel"].T
+        assert np.array_equal(ours, sd[f"model.layers.1.self_attn.{p}_proj.weight"].numpy())
+
+
+def test_tiny_gguf_converts_without_tokenizer(tiny_ggufs, tmp_path):
+    path = tiny_ggufs["qwen2"]
+    assert load_tokenizer(path) is None
+    convert(path, tmp_path / "ck", progress=False)
+    m = load_model(tmp_path / "ck")
+    assert m.tokenizer is None and m.config.model_type == "qwen2" and m.config.qkv_bias
+
+
+def test_truncated_and_garbage_gguf(tiny_ggufs, tmp_path):
+    bad = tmp_path / "model.gguf"
+    data = tiny_ggufs["llama"].read_bytes()
+    for cut in (len(data) - 100, len(data) // 2, 200):
+        bad.write_bytes(data[:cut])
+        with pytest.raises(SourceError, match=r"model.gguf: (truncated GGUF|cannot read the "
+                                              r"GGUF).*re-download"):
+            read_model(bad)
+    bad.write_bytes(b"not a gguf file at all" * 10)
+    with pytest.raises(SourceError, match=r"model.gguf: cannot read the GGUF file.*corrupt"):
+        read_model(bad)
