@@ -15,7 +15,7 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("jaxsparse.generate_cli", "generate text (dense, or with a sparsity state)"),
-    "calibrate": ("jaxsparse.calibrate", "fit a sparsity method (cats, chess, chess+, teal) on text"),
+    "calibrate": ("jaxsparse.calibrate", "fit cats, chess, chess+ or teal thresholds on text"),
     "eval": ("jaxsparse.evaluate", "perplexity, task accuracy and measured sparsity of a state"),
     "sweep": ("jaxsparse.sweep", "calibrate and evaluate methods x sparsities; table and plots"),
     "data": ("jaxsparse.data", "export the built-in corpus splits and multiple-choice tasks"),

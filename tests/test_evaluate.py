@@ -3,6 +3,7 @@ measured sparsity and activated parameters against their formulas, one vs two de
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -41,11 +42,20 @@ def model():
                                     progress=False)
 
 
-def _log_probs(config, params, tokens):
+@functools.cache
+def _log_probs_fn(config):
     m = build_model(config)
-    t = jnp.asarray(tokens)[None]
-    logits, _ = m.apply({"params": params}, t, positions_from_mask(jnp.ones(t.shape, bool)))
-    return np.asarray(jax.nn.log_softmax(logits[0].astype(jnp.float32)), np.float64)
+
+    @jax.jit
+    def run(params, t):
+        logits, _ = m.apply({"params": params}, t, positions_from_mask(jnp.ones(t.shape, bool)))
+        return jax.nn.log_softmax(logits[0].astype(jnp.float32))
+
+    return run
+
+
+def _log_probs(config, params, tokens):
+    return np.asarray(_log_probs_fn(config)(params, jnp.asarray(tokens)[None]), np.float64)
 
 
 def test_points_match_rules():
@@ -69,7 +79,8 @@ def test_perplexity_equals_direct_computation(model):
 
 
 def test_tasks_scored_as_the_harness_does(model):
-    config, params, ev = model
+    config, params, _ = model
+    ev = Evaluator(config, params, ByteTok(), seq_len=64, batch_size=4, progress=False)
     tasks = [Task("The cat sat on the ", ("mat", "roof", "a long answer here"), 0),
              Task("", ("abc", "x"), 1)]
     rows, cont_lens = ev.encode_task_choices(tasks)
@@ -89,6 +100,12 @@ def test_tasks_scored_as_the_harness_does(model):
     want_norm = (int(np.argmax(norm[:3]) == 0) + int(np.argmax(norm[3:]) == 1)) / 2
     r = ev.evaluate(None, tasks=tasks)["tasks"]
     assert r["acc"] == want_acc and r["acc_norm"] == want_norm and r["n"] == 2
+    # a sequence longer than seq_len keeps its last tokens (the continuation must fit)
+    short = Evaluator(config, params, ByteTok(), seq_len=16, batch_size=4, progress=False)
+    rows, cont_lens = short.encode_task_choices([Task(tasks[0].context, ("mat", "roof"), 0)])
+    assert list(rows[0]) == tok.encode("The cat sat on the mat")[-16:]
+    with pytest.raises(ValueError, match="does not fit --seq-len 16"):
+        short.encode_task_choices([Task("ctx", ("x" * 20, "y"), 0)])
 
 
 def _reference_zero_fractions(config, params, tokens, thresholds):
@@ -191,7 +208,7 @@ def test_two_devices_give_the_same_result_as_one():
     assert out[2]["batch"] == 4  # rounded up to a multiple of the devices
     for k in ("ppl", "ffn", "act"):
         assert out[2][k] == pytest.approx(out[1][k], rel=1e-5), k
-    assert out[2]["acc"] == out[1]["acc"] and out[2]["tokens"] == out[1]["tokens"] == 100 + 10
+    assert out[2]["acc"] == out[1]["acc"] and out[2]["tokens"] == out[1]["tokens"] == 100 + 21 + 10
 
 
 @pytest.mark.slow
