@@ -69,7 +69,10 @@ def calibrate(
     from jaxsparse import sharding
     from jaxsparse.methods import check_sparsity, get_method
     from jaxsparse.methods.statistics import (
-        LogBins, Requirements, collect_block_inputs, collect_statistics,
+        LogBins,
+        Requirements,
+        collect_block_inputs,
+        collect_statistics,
     )
     from jaxsparse.sparsity import make_state
 
@@ -108,8 +111,8 @@ def calibrate(
         "builtin_corpus": None if data else data_mod.builtin_provenance("calibration"),
         "tokens": stats.tokens,
         "seq_len": seq_len,
-        "sequences": int(len(seqs)),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "sequences": len(seqs),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "jax_version": jax.__version__,
         "model_source": model_source,
         "histogram": {"lo": bins.lo, "hi": bins.hi, "bins": bins.num,

@@ -104,7 +104,7 @@ def stdlib_documents(split: str) -> list[Document]:
     return list(_stdlib_documents(split))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _stdlib_documents(split: str) -> tuple[Document, ...]:
     docs = []
     for module, path in _module_files(stdlib_root()):

@@ -137,7 +137,7 @@ class SparsityMeter:
             "activated_params_per_layer": {
                 f"layers_{i}": float(v / max(self.count, 1.0))
                 for i, v in enumerate(self.layer_read_sums)},
-            "tokens": int(round(self.count)),
+            "tokens": round(self.count),
         }
 
 
@@ -274,7 +274,7 @@ class Evaluator:
             "seq_len": self.seq_len, "batch_size": self.batch_size,
             "devices": int(self.mesh.devices.size), "backend": jax.default_backend(),
             "jax_version": jax.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "wall_s": round(time.time() - t0, 1),
             "activated_params_note": "kernels of q/k/v/o and FFN projections of every block; "
                                      "embeddings, lm_head, norms and biases excluded",

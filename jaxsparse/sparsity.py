@@ -316,7 +316,7 @@ def load_state(directory: str | Path, config: ModelConfig | None = None) -> Spar
             f"re-run `jaxsparse calibrate` with this model")
     try:
         tree = ocp.PyTreeCheckpointer().restore(directory.absolute() / THRESHOLDS_DIR)
-    except Exception as e:  # orbax raises several types for a missing or damaged tree
+    except Exception as e:  # noqa: BLE001 (orbax raises many types for a damaged tree)
         raise StateError(f"{directory}: cannot read the thresholds ({type(e).__name__}: {e})") \
             from None
     tree = {layer: {k: np.asarray(v, np.float32) for k, v in points.items()}

@@ -11,7 +11,7 @@
   DIR/sparsity_heatmap.png      per-layer fraction of linear weights skipped
 
 Missing states are calibrated together: the statistics are gathered once for all of
-them. An interrupted sweep resumes from the states and results already written.
+them (`--calibrate-only` stops there). An interrupted sweep resumes from the states and results already written.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def plot_layer_heatmap(results: list[dict], path: Path, title: str) -> None:
 def sweep(lm, methods: list[str], sparsities: list[float], out: str | Path,
           data: list[str] | None = None, calib: dict | None = None, ev: dict | None = None,
           options: dict | None = None, include_dense: bool = True,
-          progress: bool = True) -> list[dict]:
+          progress: bool = True, calibrate_only: bool = False) -> list[dict]:
     """Runs the sweep for a loaded model (`LoadedModel`-like: config, params, tokenizer,
     source); returns the result dicts (dense first)."""
     from jaxsparse import data as data_mod
@@ -189,6 +189,8 @@ def sweep(lm, methods: list[str], sparsities: list[float], out: str | Path,
             save_state(fitted[key], out / "states" / config_name(*key), overwrite=True)
             states[key] = fitted[key]
 
+    if calibrate_only:
+        return []
     settings = {"seq_len": ev["seq_len"], "max_tokens": ev["max_tokens"], "ppl": ev["ppl"],
                 "tasks": ev["tasks"], "num_tasks": ev["num_tasks"], "model": lm.source}
     builtin = not ev["ppl"] and not ev["tasks"]
@@ -250,6 +252,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=EV["max_tokens"])
     parser.add_argument("--num-tasks", type=int, default=EV["num_tasks"])
     parser.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
+    parser.add_argument("--calibrate-only", action="store_true",
+                        help="only write the missing states (statistics gathered once)")
     parser.add_argument("--out", required=True, metavar="DIR")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -271,9 +275,13 @@ def run(args: argparse.Namespace) -> int:
               "tasks": args.tasks, "max_tokens": args.max_tokens, "num_tasks": args.num_tasks}
         options = {"teal": {"allocation": args.teal_allocation}}
         sweep(lm, methods, sparsities, args.out, args.data, calib, ev, options,
-              include_dense=not args.no_dense, progress=not args.no_progress)
+              include_dense=not args.no_dense, progress=not args.no_progress,
+              calibrate_only=args.calibrate_only)
     except (DataError, StateError, ValueError, FileNotFoundError) as e:
         print(f"jaxsparse sweep: error: {e}", file=sys.stderr)
         return 2
+    if args.calibrate_only:
+        print(f"states in {Path(args.out) / 'states'}")
+        return 0
     print((Path(args.out) / "table.md").read_text())
     return 0

@@ -4,6 +4,7 @@ formula, sparsity 0 = dense, the measured sparsity at the target, and bad input.
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -185,7 +186,7 @@ def test_greedy_allocation_picks_the_cheapest_group_and_stops_at_target():
     assert alloc["b"] == pytest.approx((0.3 * 400 - 99) / 300)
     assert alloc["a"] == pytest.approx(0.99)
     assert trace[-1][0] == pytest.approx(0.3)
-    assert all(t2[0] >= t1[0] for t1, t2 in zip(trace, trace[1:]))
+    assert all(t2[0] >= t1[0] for t1, t2 in itertools.pairwise(trace))
     alloc, _ = greedy_allocation(lambda cands: [c["a"] for c in cands], sizes, 0.5)
     assert alloc == {"a": 0.0, "b": pytest.approx(0.5 * 400 / 300)}
     assert greedy_allocation(lambda c: [0] * len(c), sizes, 0.0)[0] == {"a": 0.0, "b": 0.0}
@@ -263,9 +264,10 @@ def test_empty_and_short_data_files(tmp_path):
 
 
 def _cli_args(**kw):
-    base = dict(model=None, dtype=None, method="cats", sparsity=0.5, data=None, tokens=2048,
-                seq_len=256, batch_size=8, teal_allocation="uniform", teal_greedy_step=0.05,
-                teal_greedy_tokens=512, out="/nonexistent/x", overwrite=False, no_progress=True)
+    base = {"model": None, "dtype": None, "method": "cats", "sparsity": 0.5, "data": None,
+            "tokens": 2048, "seq_len": 256, "batch_size": 8, "teal_allocation": "uniform",
+            "teal_greedy_step": 0.05, "teal_greedy_tokens": 512, "out": "/nonexistent/x",
+            "overwrite": False, "no_progress": True}
     return argparse.Namespace(**{**base, **kw})
 
 

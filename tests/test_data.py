@@ -26,7 +26,7 @@ def test_builtin_splits_are_disjoint_deterministic_and_large_enough():
     ev_mods = {d.source for d in ev}
     assert not cal_mods & ev_mods
     # whole top-level packages go to one split
-    top = lambda docs: {d.source.split(":")[1].split(".")[0] for d in docs}  # noqa: E731
+    top = lambda docs: {d.source.split(":")[1].split(".")[0] for d in docs}
     assert not top(cal) & top(ev)
     assert not {d.text for d in cal} & {d.text for d in ev}
     assert sum(len(d.text) for d in ev) > 100_000

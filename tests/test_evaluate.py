@@ -151,7 +151,7 @@ def test_measured_sparsity_and_activated_params(model):
 
 
 def test_padding_is_excluded(model):
-    config, params, ev = model
+    ev = model[2]
     # 20 tokens: a full window and a 4-token one, padded to 16 in its batch row
     ids = np.arange(1, 21, dtype=np.int32)
     r = ev.evaluate(None, ids)
@@ -159,7 +159,7 @@ def test_padding_is_excluded(model):
 
 
 def test_state_for_another_model_is_refused(model):
-    config, params, ev = model
+    config, _, ev = model
     with pytest.raises(ValueError, match="calibrated for another model"):
         ev.evaluate(dense_state(config.replace(intermediate_size=64)), np.arange(1, 10))
 
@@ -201,7 +201,7 @@ def test_two_devices_give_the_same_result_as_one():
         env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}",
                "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
         p = subprocess.run([sys.executable, "-c", _TWO_DEVICE_SCRIPT], env=env,
-                           capture_output=True, text=True, timeout=300)
+                           capture_output=True, text=True, timeout=300, check=False)
         assert p.returncode == 0, p.stderr[-3000:]
         out[n] = json.loads(p.stdout.strip().splitlines()[-1])
     assert out[1]["devices"] == 1 and out[2]["devices"] == 2

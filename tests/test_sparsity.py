@@ -10,8 +10,14 @@ import pytest
 from jaxsparse import rules
 from jaxsparse.config import ModelConfig
 from jaxsparse.sparsity import (
-    THRESHOLDS_DIR, SparsityState, StateError, dense_state, load_state, make_state,
-    read_state_meta, save_state,
+    THRESHOLDS_DIR,
+    SparsityState,
+    StateError,
+    dense_state,
+    load_state,
+    make_state,
+    read_state_meta,
+    save_state,
 )
 
 TINY = ModelConfig(model_type="llama", vocab_size=260, hidden_size=32, intermediate_size=48,

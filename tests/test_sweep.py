@@ -50,11 +50,11 @@ def test_sweep_writes_table_and_plots_and_resumes(tmp_path):
         json.dumps({"context": "alpha beta", "choices": [" gamma", " delta"], "gold": 0}) + "\n")
     lm = FakeLoaded(LLAMA, init_params(LLAMA), ByteTok())
     out = tmp_path / "sweep"
-    kw = dict(data=[str(tmp_path / "cal.txt")],
-              calib={"tokens": 1024, "seq_len": 64, "batch_size": 8},
-              ev={"seq_len": 64, "batch_size": 8, "ppl": [str(tmp_path / "ev.txt")],
-                  "tasks": str(tmp_path / "tasks.jsonl"), "max_tokens": 0},
-              progress=False)
+    kw = {"data": [str(tmp_path / "cal.txt")],
+          "calib": {"tokens": 1024, "seq_len": 64, "batch_size": 8},
+          "ev": {"seq_len": 64, "batch_size": 8, "ppl": [str(tmp_path / "ev.txt")],
+                 "tasks": str(tmp_path / "tasks.jsonl"), "max_tokens": 0},
+          "progress": False}
     results = sweep(lm, ["cats", "chess+"], [0.3, 0.6], out, **kw)
     assert [r["method"] for r in results] == ["dense", "cats", "cats", "chess+", "chess+"]
     for name in ("cats_s0.3", "cats_s0.6", "chess_plus_s0.3", "chess_plus_s0.6"):

@@ -23,8 +23,14 @@ METHODS: dict[str, ModuleType] = {
     "teal": teal,
 }
 
-__all__ = ["METHODS", "CalibrationStats", "LogBins", "Requirements", "get_method",
-           "check_sparsity"]
+__all__ = [
+    "METHODS",
+    "CalibrationStats",
+    "LogBins",
+    "Requirements",
+    "check_sparsity",
+    "get_method",
+]
 
 
 def get_method(name: str) -> ModuleType:

@@ -79,11 +79,11 @@ def greedy_allocation(errors: Callable[[list[dict[str, float]]], np.ndarray],
     while block < target - 1e-9:
         remaining = target - block
         cands, groups = [], []
-        for g in sizes:
+        for g, size in sizes.items():
             room = max_group_sparsity - s[g]
             if room <= 1e-12:
                 continue
-            delta = min(step, remaining) * total / sizes[g]
+            delta = min(step, remaining) * total / size
             cands.append({**s, g: s[g] + min(delta, room)})
             groups.append(g)
         if not cands:
