@@ -9,11 +9,16 @@ Public API:
     ConversionError, SourceError                                   what a bad source raises
 """
 
+from convert.cli import main
 from convert.converter import (
-    ConversionError, ConvertedModel, convert, load_tokenizer, read_model, source_kind,
+    ConversionError,
+    ConvertedModel,
+    convert,
+    load_tokenizer,
+    read_model,
+    source_kind,
 )
 from convert.readers import SourceError
-from convert.cli import main
 
 __all__ = ["ConversionError", "ConvertedModel", "SourceError", "convert", "load_tokenizer",
            "main", "read_model", "source_kind"]

