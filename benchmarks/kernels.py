@@ -34,11 +34,10 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pallas_kernels import fused_sparse_ffn, gated_matvec, sparse_input_matvec  # noqa: E402
+from pallas_kernels import fused_sparse_ffn, gated_matvec, sparse_input_matvec
 
 ROOFLINE_BPS = 3.0e12
 MIN_TOTAL_BYTES = 220e6
@@ -103,7 +102,7 @@ def measure_copy_bps(repeats):
 def row_sparse_x(key, B, K, s, dtype):
     """Random normal [B, K] with round(s*K) rows (same for every b) exactly zero."""
     k1, k2 = jax.random.split(key)
-    n_off = int(round(s * K))
+    n_off = round(s * K)
     perm = jax.random.permutation(k1, K)
     active = jnp.ones((K,), bool).at[perm[:n_off]].set(False)
     x = jax.random.normal(k2, (B, K), jnp.float32)
@@ -114,8 +113,7 @@ def row_sparse_x(key, B, K, s, dtype):
 def weights(key, shape, n_buf, dtype):
     keys = jax.random.split(key, n_buf)
     return [
-        (jax.random.normal(k, shape, jnp.float32) / math.sqrt(shape[0])).astype(dtype)
-        for k in keys
+        (jax.random.normal(k, shape, jnp.float32) / math.sqrt(shape[0])).astype(dtype) for k in keys
     ]
 
 
@@ -136,7 +134,7 @@ def bench_matvec(args, cfg_for, dtype, calls_min, repeats):
         for B in args.batches:
             dense = unrolled(lambda x, w: jnp.dot(x, w), calls, nb)
             kern = unrolled(
-                lambda x, w: sparse_input_matvec(x, w, impl=args.impl, **cfg), calls, nb
+                lambda x, w, cfg=cfg: sparse_input_matvec(x, w, impl=args.impl, **cfg), calls, nb
             )
             for s in args.sparsities:
                 if over_budget():
@@ -150,27 +148,47 @@ def bench_matvec(args, cfg_for, dtype, calls_min, repeats):
                     # correctness on this data, against the float32 reference
                     y = kern(xs, ws)[0]
                     yr = xs[0].astype(jnp.float32) @ ws[0][0].astype(jnp.float32)
-                    err = float(
-                        jnp.linalg.norm(y.astype(jnp.float32) - yr) / jnp.linalg.norm(yr))
+                    err = float(jnp.linalg.norm(y.astype(jnp.float32) - yr) / jnp.linalg.norm(yr))
                     td, sd = time_per_call(dense, (xs, ws), calls, repeats)
                     tk, sk = time_per_call(kern, (xs, ws), calls, repeats)
-                except Exception as e:  # recorded, the rest still runs
-                    rows.append(dict(kernel="sparse_input_matvec", K=K, N=N, batch=B,
-                                     sparsity=s, config=cfg, error=repr(e)[:500]))
+                except Exception as e:  # noqa: BLE001 - recorded, the rest still runs
+                    rows.append(
+                        {
+                            "kernel": "sparse_input_matvec",
+                            "K": K,
+                            "N": N,
+                            "batch": B,
+                            "sparsity": s,
+                            "config": cfg,
+                            "error": repr(e)[:500],
+                        }
+                    )
                     log(f"FAILED matvec {K}x{N} B={B} s={s}: {repr(e)[:300]}")
                     continue
                 need = n_act * N * dtype.itemsize + B * (K + N) * dtype.itemsize
                 dense_bytes = wbytes + B * (K + N) * dtype.itemsize
-                row = dict(
-                    kernel="sparse_input_matvec", K=K, N=N, batch=B, sparsity=s,
-                    active_rows=n_act, n_buffers=nb, calls=calls, config=cfg,
-                    time_us_dense=td * 1e6, time_us_kernel=tk * 1e6, speedup=td / tk,
-                    spread_dense=sd, spread_kernel=sk,
-                    gbps_dense=dense_bytes / td / 1e9, gbps_kernel=need / tk / 1e9,
-                    roofline_frac_dense=dense_bytes / td / ROOFLINE_BPS,
-                    roofline_frac_kernel=need / tk / ROOFLINE_BPS,
-                    ideal_speedup=dense_bytes / need, rel_err=err,
-                )
+                row = {
+                    "kernel": "sparse_input_matvec",
+                    "K": K,
+                    "N": N,
+                    "batch": B,
+                    "sparsity": s,
+                    "active_rows": n_act,
+                    "n_buffers": nb,
+                    "calls": calls,
+                    "config": cfg,
+                    "time_us_dense": td * 1e6,
+                    "time_us_kernel": tk * 1e6,
+                    "speedup": td / tk,
+                    "spread_dense": sd,
+                    "spread_kernel": sk,
+                    "gbps_dense": dense_bytes / td / 1e9,
+                    "gbps_kernel": need / tk / 1e9,
+                    "roofline_frac_dense": dense_bytes / td / ROOFLINE_BPS,
+                    "roofline_frac_kernel": need / tk / ROOFLINE_BPS,
+                    "ideal_speedup": dense_bytes / need,
+                    "rel_err": err,
+                }
                 rows.append(row)
                 log(fmt_row(row))
         del ws
@@ -189,16 +207,19 @@ def sweep_matvec(args, dtype, calls_min, repeats):
         for bk, bn, sk, nw, ns in MATVEC_SWEEP:
             if over_budget():
                 break
-            cfg = dict(block_k=bk, block_n=bn, split_k=sk, num_warps=nw, num_stages=ns)
+            cfg = {"block_k": bk, "block_n": bn, "split_k": sk, "num_warps": nw, "num_stages": ns}
             try:
-                f = unrolled(lambda x, w: sparse_input_matvec(x, w, impl=args.impl, **cfg),
-                             calls, nb)
+                f = unrolled(
+                    lambda x, w, cfg=cfg: sparse_input_matvec(x, w, impl=args.impl, **cfg),
+                    calls,
+                    nb,
+                )
                 t, _ = time_per_call(f, (xs, ws), calls, repeats)
-            except Exception as e:  # a config that fails to compile is recorded, not fatal
-                results.append(dict(K=K, N=N, config=cfg, error=repr(e)[:300]))
+            except Exception as e:  # noqa: BLE001 - a failing config is recorded, not fatal
+                results.append({"K": K, "N": N, "config": cfg, "error": repr(e)[:300]})
                 log(f"sweep {K}x{N} {cfg} FAILED {repr(e)[:200]}")
                 continue
-            results.append(dict(K=K, N=N, config=cfg, time_us=t * 1e6))
+            results.append({"K": K, "N": N, "config": cfg, "time_us": t * 1e6})
             log(f"sweep {K}x{N} {cfg} {t * 1e6:.1f} us")
             if (K, N) not in best or t < best[(K, N)][0]:
                 best[(K, N)] = (t, cfg)
@@ -228,31 +249,36 @@ def bench_ffn(args, dtype, calls_min, repeats):
     for bm, bd, nw, ns in GATED_SWEEP if args.sweep else []:
         if over_budget():
             break
-        cfg = dict(block_m=bm, block_d=bd, num_warps=nw, num_stages=ns)
+        cfg = {"block_m": bm, "block_d": bd, "num_warps": nw, "num_stages": ns}
         try:
-            f = unrolled(lambda a, w: gated_matvec(a[0], a[1], w, impl=args.impl, **cfg),
-                         calls, nb)
+            f = unrolled(
+                lambda a, w, cfg=cfg: gated_matvec(a[0], a[1], w, impl=args.impl, **cfg), calls, nb
+            )
             t, _ = time_per_call(f, (xg, [(w,) for w in wu]), calls, repeats)
-        except Exception as e:
-            sweep.append(dict(kernel="gated_matvec", config=cfg, error=repr(e)[:300]))
+        except Exception as e:  # noqa: BLE001 - recorded, not fatal
+            sweep.append({"kernel": "gated_matvec", "config": cfg, "error": repr(e)[:300]})
             continue
-        sweep.append(dict(kernel="gated_matvec", config=cfg, time_us=t * 1e6))
+        sweep.append({"kernel": "gated_matvec", "config": cfg, "time_us": t * 1e6})
         log(f"sweep gated {cfg} {t * 1e6:.1f} us")
         if best_g is None or t < best_g[0]:
             best_g = (t, cfg)
     for bm, bd, nw, ns in FUSED_SWEEP if args.sweep else []:
         if over_budget():
             break
-        cfg = dict(block_m=bm, block_d=bd, num_warps=nw, num_stages=ns)
+        cfg = {"block_m": bm, "block_d": bd, "num_warps": nw, "num_stages": ns}
         try:
             f = unrolled(
-                lambda a, w1, w2: fused_sparse_ffn(a[0], a[1], w1, w2, impl=args.impl, **cfg),
-                calls, nb)
+                lambda a, w1, w2, cfg=cfg: fused_sparse_ffn(
+                    a[0], a[1], w1, w2, impl=args.impl, **cfg
+                ),
+                calls,
+                nb,
+            )
             t, _ = time_per_call(f, (xg, list(zip(wu, wd))), calls, repeats)
-        except Exception as e:
-            sweep.append(dict(kernel="fused_sparse_ffn", config=cfg, error=repr(e)[:300]))
+        except Exception as e:  # noqa: BLE001 - recorded, not fatal
+            sweep.append({"kernel": "fused_sparse_ffn", "config": cfg, "error": repr(e)[:300]})
             continue
-        sweep.append(dict(kernel="fused_sparse_ffn", config=cfg, time_us=t * 1e6))
+        sweep.append({"kernel": "fused_sparse_ffn", "config": cfg, "time_us": t * 1e6})
         log(f"sweep fused {cfg} {t * 1e6:.1f} us")
         if best_f is None or t < best_f[0]:
             best_f = (t, cfg)
@@ -269,8 +295,8 @@ def bench_ffn(args, dtype, calls_min, repeats):
         "ffn_unfused": (
             lambda a, w1, w2: jnp.dot(a[1] * jnp.dot(a[0], w1.T), w2),
             lambda a, w1, w2: sparse_input_matvec(
-                gated_matvec(a[0], a[1], w1, impl=args.impl, **gcfg), w2, impl=args.impl,
-                **mv_cfg),
+                gated_matvec(a[0], a[1], w1, impl=args.impl, **gcfg), w2, impl=args.impl, **mv_cfg
+            ),
             2,
         ),
         "ffn_fused": (
@@ -301,26 +327,37 @@ def bench_ffn(args, dtype, calls_min, repeats):
                     )
                     td, sd = time_per_call(dense, (xs, wsets), calls, repeats)
                     tk, sk = time_per_call(kern, (xs, wsets), calls, repeats)
-                except Exception as e:
-                    rows.append(dict(kernel=name, batch=B, sparsity=s, error=repr(e)[:500]))
+                except Exception as e:  # noqa: BLE001 - recorded, not fatal
+                    rows.append({"kernel": name, "batch": B, "sparsity": s, "error": repr(e)[:500]})
                     log(f"FAILED {name} B={B} s={s}: {repr(e)[:300]}")
                     continue
                 io = B * (d + 2 * m) * dtype.itemsize
                 need = n_w * n_act * d * dtype.itemsize + io
                 dense_bytes = n_w * wbytes + io
-                row = dict(
-                    kernel=name, K=d, N=m, batch=B, sparsity=s, active_rows=n_act,
-                    n_buffers=nb, calls=calls,
-                    config=gcfg if name == "gated_matvec" else (fcfg if name == "ffn_fused"
-                                                                else {"gated": gcfg,
-                                                                      "down": mv_cfg}),
-                    time_us_dense=td * 1e6, time_us_kernel=tk * 1e6, speedup=td / tk,
-                    spread_dense=sd, spread_kernel=sk,
-                    gbps_dense=dense_bytes / td / 1e9, gbps_kernel=need / tk / 1e9,
-                    roofline_frac_dense=dense_bytes / td / ROOFLINE_BPS,
-                    roofline_frac_kernel=need / tk / ROOFLINE_BPS,
-                    ideal_speedup=dense_bytes / need, rel_err_vs_dense_xla=err,
-                )
+                row = {
+                    "kernel": name,
+                    "K": d,
+                    "N": m,
+                    "batch": B,
+                    "sparsity": s,
+                    "active_rows": n_act,
+                    "n_buffers": nb,
+                    "calls": calls,
+                    "config": gcfg
+                    if name == "gated_matvec"
+                    else (fcfg if name == "ffn_fused" else {"gated": gcfg, "down": mv_cfg}),
+                    "time_us_dense": td * 1e6,
+                    "time_us_kernel": tk * 1e6,
+                    "speedup": td / tk,
+                    "spread_dense": sd,
+                    "spread_kernel": sk,
+                    "gbps_dense": dense_bytes / td / 1e9,
+                    "gbps_kernel": need / tk / 1e9,
+                    "roofline_frac_dense": dense_bytes / td / ROOFLINE_BPS,
+                    "roofline_frac_kernel": need / tk / ROOFLINE_BPS,
+                    "ideal_speedup": dense_bytes / need,
+                    "rel_err_vs_dense_xla": err,
+                }
                 rows.append(row)
                 log(fmt_row(row))
     return rows, sweep
@@ -342,8 +379,12 @@ def main(argv=None):
     p.add_argument("--no-sweep", dest="sweep", action="store_false")
     p.add_argument("--impl", default="auto", help="kernel impl (default: by backend)")
     p.add_argument("--skip-ffn", action="store_true")
-    p.add_argument("--budget-s", type=float, default=float("inf"),
-                   help="skip remaining rows after this many seconds (JSON still written)")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=float("inf"),
+        help="skip remaining rows after this many seconds (JSON still written)",
+    )
     args = p.parse_args(argv)
 
     dtype = jnp.dtype(jnp.bfloat16)
@@ -367,28 +408,28 @@ def main(argv=None):
     path = Path(args.json)
 
     def dump():
-        out = dict(
-            device=dev.device_kind,
-            backend=jax.default_backend(),
-            jax_version=jax.__version__,
-            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            dtype="bfloat16",
-            impl=args.impl,
-            roofline_bps=ROOFLINE_BPS,
-            measured_copy_bps=copy_bps,
-            timing=(
+        out = {
+            "device": dev.device_kind,
+            "backend": jax.default_backend(),
+            "jax_version": jax.__version__,
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "dtype": "bfloat16",
+            "impl": args.impl,
+            "roofline_bps": ROOFLINE_BPS,
+            "measured_copy_bps": copy_bps,
+            "timing": (
                 f"per invocation = wall/calls, {calls_min}+ invocations unrolled in one jit, "
                 f"each on its own activation and its own weight buffer "
                 f"(> {MIN_TOTAL_BYTES / 1e6:.0f} MB in all; no buffer shared, so XLA cannot "
                 f"merge the dense dots), "
                 f"median of {repeats} after 2 warm-ups; host clock + jax.block_until_ready"
             ),
-            sparsity_pattern="the same random set of weight rows inactive for every batch row",
-            best_matvec_configs={f"{k[0]}x{k[1]}": v for k, v in args.best_cfg.items()},
-            sweep=sweep_rows + ffn_sweep,
-            rows=rows + ffn_rows,
-            wall_s=time.time() - t_start,
-        )
+            "sparsity_pattern": "the same random set of weight rows inactive for every batch row",
+            "best_matvec_configs": {f"{k[0]}x{k[1]}": v for k, v in args.best_cfg.items()},
+            "sweep": sweep_rows + ffn_sweep,
+            "rows": rows + ffn_rows,
+            "wall_s": time.time() - t_start,
+        }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(json.dumps(out, indent=1))

@@ -12,7 +12,8 @@ Leaves out: any kernel body. Nothing here imports model code.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -96,7 +97,7 @@ def threshold_row(fn_name: str, threshold: Any, k: int) -> jax.Array:
 
 
 def _triton_module():
-    from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415
+    from jax.experimental.pallas import triton as plgpu
 
     return plgpu
 
@@ -104,7 +105,7 @@ def _triton_module():
 def triton_compiler_params(num_warps: int | None, num_stages: int | None) -> Any:
     """Compiler params that select the Triton lowering (name changed across versions)."""
     plgpu = _triton_module()
-    cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+    cls = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
     return cls(num_warps=num_warps, num_stages=num_stages)
 
 
@@ -155,14 +156,14 @@ def atomic_add(ref: Any, idx: Any, val: jax.Array) -> None:
 
 
 def _tpu_module():
-    from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
+    from jax.experimental.pallas import tpu as pltpu
 
     return pltpu
 
 
 def tpu_compiler_params(dimension_semantics: Sequence[str]) -> Any:
     pltpu = _tpu_module()
-    cls = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
+    cls = getattr(pltpu, "CompilerParams", None) or pltpu.TPUCompilerParams
     return cls(dimension_semantics=tuple(dimension_semantics))
 
 

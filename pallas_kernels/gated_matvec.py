@@ -129,8 +129,16 @@ def _gated_gpu_kernel(x_ref, g_ref, wu_ref, h_ref, *, B, m, d, block_m, block_d)
     rows = dsp.static_indices(B)
     r0 = pl.program_id(0) * block_m
     hs, _, r_ok = _gated_rows(
-        x_ref, g_ref, wu_ref, rows=rows, B=B, m=m, d=d, r0=r0,
-        block_m=block_m, block_d=block_d,
+        x_ref,
+        g_ref,
+        wu_ref,
+        rows=rows,
+        B=B,
+        m=m,
+        d=d,
+        r0=r0,
+        block_m=block_m,
+        block_d=block_d,
     )
     for b in range(B):
         dsp.masked_store(h_ref.at[rows[b], pl.ds(r0, block_m)], hs[b].astype(h_ref.dtype), r_ok)
@@ -140,16 +148,21 @@ def _gated_gpu_kernel(x_ref, g_ref, wu_ref, h_ref, *, B, m, d, block_m, block_d)
     jax.jit, static_argnames=("block_m", "block_d", "num_warps", "num_stages", "interpret")
 )
 def _gated_matvec_gpu(
-    x_Bxd, g_Bxm, wu_mxd, *, block_m=32, block_d=256, num_warps=4, num_stages=3,
+    x_Bxd,
+    g_Bxm,
+    wu_mxd,
+    *,
+    block_m=32,
+    block_d=256,
+    num_warps=4,
+    num_stages=3,
     interpret=False,
 ):
     B, d = x_Bxd.shape
     m = wu_mxd.shape[0]
     dsp.check_block(_GATED, "block_m", block_m, power_of_2=True)
     dsp.check_block(_GATED, "block_d", block_d, power_of_2=True)
-    kernel = functools.partial(
-        _gated_gpu_kernel, B=B, m=m, d=d, block_m=block_m, block_d=block_d
-    )
+    kernel = functools.partial(_gated_gpu_kernel, B=B, m=m, d=d, block_m=block_m, block_d=block_d)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((B, m), x_Bxd.dtype),
@@ -166,8 +179,16 @@ def _fused_gpu_kernel(
     rows = dsp.static_indices(B)
     r0 = pl.program_id(0) * block_m
     hs, active, _ = _gated_rows(
-        x_ref, g_ref, wu_ref, rows=rows, B=B, m=m, d=d, r0=r0,
-        block_m=block_m, block_d=block_d,
+        x_ref,
+        g_ref,
+        wu_ref,
+        rows=rows,
+        B=B,
+        m=m,
+        d=d,
+        r0=r0,
+        block_m=block_m,
+        block_d=block_d,
     )
 
     def body(j, carry):
@@ -191,8 +212,16 @@ def _fused_gpu_kernel(
     jax.jit, static_argnames=("block_m", "block_d", "num_warps", "num_stages", "interpret")
 )
 def _fused_sparse_ffn_gpu(
-    x_Bxd, g_Bxm, wu_mxd, wd_mxd, *, block_m=64, block_d=256, num_warps=4,
-    num_stages=3, interpret=False,
+    x_Bxd,
+    g_Bxm,
+    wu_mxd,
+    wd_mxd,
+    *,
+    block_m=64,
+    block_d=256,
+    num_warps=4,
+    num_stages=3,
+    interpret=False,
 ):
     B, d = x_Bxd.shape
     m = wu_mxd.shape[0]
@@ -201,9 +230,7 @@ def _fused_sparse_ffn_gpu(
     n_d = dsp.cdiv(d, block_d)
     # Atomic target padded to whole d blocks: no atomic needs a mask.
     zeros = jnp.zeros((B, n_d * block_d), jnp.float32)
-    kernel = functools.partial(
-        _fused_gpu_kernel, B=B, m=m, d=d, block_m=block_m, block_d=block_d
-    )
+    kernel = functools.partial(_fused_gpu_kernel, B=B, m=m, d=d, block_m=block_m, block_d=block_d)
     y = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct(zeros.shape, jnp.float32),
@@ -294,8 +321,19 @@ def _gated_matvec_tpu(x_Bxd, g_Bxm, wu_mxd, *, block_m=256, interpret=False):
 
 
 def _fused_tpu_kernel(
-    blk_ref, cnt_ref, x_ref, g_ref, wu_ref, wd_ref, y_ref, acc_ref, *, m, block_m,
-    n_steps, dot_dtype,
+    blk_ref,
+    cnt_ref,
+    x_ref,
+    g_ref,
+    wu_ref,
+    wd_ref,
+    y_ref,
+    acc_ref,
+    *,
+    m,
+    block_m,
+    n_steps,
+    dot_dtype,
 ):
     i = pl.program_id(0)
 
@@ -402,8 +440,13 @@ def gated_matvec(
     """
     _check_gated(_GATED, x_Bxd, g_Bxm, wu_mxd)
     return _route(
-        _GATED, impl, kernel_options, gated_matvec_reference, _gated_matvec_gpu,
-        _gated_matvec_tpu, (x_Bxd, g_Bxm, wu_mxd),
+        _GATED,
+        impl,
+        kernel_options,
+        gated_matvec_reference,
+        _gated_matvec_gpu,
+        _gated_matvec_tpu,
+        (x_Bxd, g_Bxm, wu_mxd),
         {"block_m": block_m, "block_d": block_d},
     )
 
@@ -432,7 +475,12 @@ def fused_sparse_ffn(
     """
     _check_fused(x_Bxd, g_Bxm, wu_mxd, wd_mxd)
     return _route(
-        _FUSED, impl, kernel_options, fused_sparse_ffn_reference, _fused_sparse_ffn_gpu,
-        _fused_sparse_ffn_tpu, (x_Bxd, g_Bxm, wu_mxd, wd_mxd),
+        _FUSED,
+        impl,
+        kernel_options,
+        fused_sparse_ffn_reference,
+        _fused_sparse_ffn_gpu,
+        _fused_sparse_ffn_tpu,
+        (x_Bxd, g_Bxm, wu_mxd, wd_mxd),
         {"block_m": block_m, "block_d": block_d},
     )

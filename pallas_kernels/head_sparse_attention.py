@@ -76,7 +76,9 @@ def _dims(x_Bxd, head_mask_BxH, wq, wk, wv, wo, k_cache, v_cache, lengths_B, cos
     _, S, Hkv, Dh = k_cache.shape
     dsp.check_dim(n, "k_cache.shape[0] (B)", k_cache.shape[0], B)
     if v_cache.shape != k_cache.shape:
-        raise ValueError(f"{n}: shape mismatch: v_cache {v_cache.shape} != k_cache {k_cache.shape}.")
+        raise ValueError(
+            f"{n}: shape mismatch: v_cache {v_cache.shape} != k_cache {k_cache.shape}."
+        )
     if H % Hkv:
         raise ValueError(f"{n}: H={H} query heads is not a multiple of Hkv={Hkv} kv heads.")
     if Dh % 2:
@@ -135,14 +137,31 @@ def head_sparse_attention_reference(
 
     Returns (y [B, d] in x.dtype, updated k_cache, updated v_cache).
     """
-    B, d, H, Hkv, Dh, S = _dims(
-        x_Bxd, head_mask_BxH, wq_HDhxd, wk_HkvDhxd, wv_HkvDhxd, wo_HDhxd,
-        k_cache_BxSxHkvxDh, v_cache_BxSxHkvxDh, lengths_B, cos_BxDh, sin_BxDh,
+    B, _d, H, Hkv, Dh, S = _dims(
+        x_Bxd,
+        head_mask_BxH,
+        wq_HDhxd,
+        wk_HkvDhxd,
+        wv_HkvDhxd,
+        wo_HDhxd,
+        k_cache_BxSxHkvxDh,
+        v_cache_BxSxHkvxDh,
+        lengths_B,
+        cos_BxDh,
+        sin_BxDh,
     )
     G = H // Hkv
     k_cache, v_cache = _project_kv_and_update_cache(
-        x_Bxd, wk_HkvDhxd, wv_HkvDhxd, k_cache_BxSxHkvxDh, v_cache_BxSxHkvxDh,
-        lengths_B, cos_BxDh, sin_BxDh, Hkv, Dh,
+        x_Bxd,
+        wk_HkvDhxd,
+        wv_HkvDhxd,
+        k_cache_BxSxHkvxDh,
+        v_cache_BxSxHkvxDh,
+        lengths_B,
+        cos_BxDh,
+        sin_BxDh,
+        Hkv,
+        Dh,
     )
     xf = x_Bxd.astype(jnp.float32)
     q = jnp.dot(xf, wq_HDhxd.astype(jnp.float32).T, precision=_HI).reshape(B, H, Dh)
@@ -205,11 +224,19 @@ def _core_gpu_kernel(q_ref, hm_ref, len_ref, k_ref, v_ref, o_ref, *, G, Dh, bloc
         o_ref[b, h, :] = o.astype(o_ref.dtype)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("block_s", "num_warps", "num_stages", "interpret")
-)
-def _core_gpu(q_BxHxDh, hm_BxH, len_B, k_cache, v_cache, *, block_s=64, num_warps=4,
-              num_stages=2, interpret=False):
+@functools.partial(jax.jit, static_argnames=("block_s", "num_warps", "num_stages", "interpret"))
+def _core_gpu(
+    q_BxHxDh,
+    hm_BxH,
+    len_B,
+    k_cache,
+    v_cache,
+    *,
+    block_s=64,
+    num_warps=4,
+    num_stages=2,
+    interpret=False,
+):
     B, H, Dh = q_BxHxDh.shape
     Hkv = k_cache.shape[2]
     dsp.check_block(_NAME, "block_s", block_s, power_of_2=True)
@@ -230,8 +257,9 @@ def _core_gpu(q_BxHxDh, hm_BxH, len_B, k_cache, v_cache, *, block_s=64, num_warp
 # -------------------------------------------------------- attention core, TPU (Mosaic)
 
 
-def _core_tpu_kernel(kvl_ref, cnt_ref, len_ref, hm_ref, q_ref, k_ref, v_ref, o_ref, *,
-                     G, H, S, scale):
+def _core_tpu_kernel(
+    kvl_ref, cnt_ref, len_ref, hm_ref, q_ref, k_ref, v_ref, o_ref, *, G, H, S, scale
+):
     b = pl.program_id(0)
     j = pl.program_id(1)
 
@@ -245,8 +273,9 @@ def _core_tpu_kernel(kvl_ref, cnt_ref, len_ref, hm_ref, q_ref, k_ref, v_ref, o_r
         q = q_ref[...].astype(jnp.float32) * scale  # [G, Dh]
         k = k_ref[...].astype(jnp.float32)  # [S, Dh]
         v = v_ref[...].astype(jnp.float32)
-        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=_HI,
-                                preferred_element_type=jnp.float32)  # [G, S]
+        s = jax.lax.dot_general(
+            q, k, (((1,), (1,)), ((), ())), precision=_HI, preferred_element_type=jnp.float32
+        )  # [G, S]
         valid = jax.lax.broadcasted_iota(jnp.int32, (1, S), 1) < len_ref[b]
         s = jnp.where(valid, s, _NEG)
         p = jnp.where(valid, jnp.exp(s - jnp.max(s, axis=1, keepdims=True)), 0.0)
@@ -338,9 +367,20 @@ def head_sparse_attention(
       every kv head.
     """
     which = dsp.resolve_impl(impl, fn_name=_NAME)
-    args = (x_Bxd, head_mask_BxH, wq_HDhxd, wk_HkvDhxd, wv_HkvDhxd, wo_HDhxd,
-            k_cache_BxSxHkvxDh, v_cache_BxSxHkvxDh, lengths_B, cos_BxDh, sin_BxDh)
-    B, d, H, Hkv, Dh, S = _dims(*args)
+    args = (
+        x_Bxd,
+        head_mask_BxH,
+        wq_HDhxd,
+        wk_HkvDhxd,
+        wv_HkvDhxd,
+        wo_HDhxd,
+        k_cache_BxSxHkvxDh,
+        v_cache_BxSxHkvxDh,
+        lengths_B,
+        cos_BxDh,
+        sin_BxDh,
+    )
+    B, _d, H, Hkv, Dh, _S = _dims(*args)
     if which == "reference":
         return head_sparse_attention_reference(*args)
     lengths = lengths_B.astype(jnp.int32)
@@ -349,15 +389,23 @@ def head_sparse_attention(
     q = gated_matvec(x_Bxd, gate, wq_HDhxd, impl=which).reshape(B, H, Dh)
     q = _rope(q, cos_BxDh, sin_BxDh).astype(x_Bxd.dtype)
     k_cache, v_cache = _project_kv_and_update_cache(
-        x_Bxd, wk_HkvDhxd, wv_HkvDhxd, k_cache_BxSxHkvxDh, v_cache_BxSxHkvxDh,
-        lengths, cos_BxDh, sin_BxDh, Hkv, Dh,
+        x_Bxd,
+        wk_HkvDhxd,
+        wv_HkvDhxd,
+        k_cache_BxSxHkvxDh,
+        v_cache_BxSxHkvxDh,
+        lengths,
+        cos_BxDh,
+        sin_BxDh,
+        Hkv,
+        Dh,
     )
     if which in ("gpu", "gpu_interpret"):
         extra = {} if block_s is None else {"block_s": block_s}
-        o = _core_gpu(q, hm, lengths + 1, k_cache, v_cache,
-                      interpret=which == "gpu_interpret", **extra)
+        o = _core_gpu(
+            q, hm, lengths + 1, k_cache, v_cache, interpret=which == "gpu_interpret", **extra
+        )
     else:
-        o = _core_tpu(q, hm, lengths + 1, k_cache, v_cache,
-                      interpret=which == "tpu_interpret")
+        o = _core_tpu(q, hm, lengths + 1, k_cache, v_cache, interpret=which == "tpu_interpret")
     y = sparse_input_matvec(o.reshape(B, H * Dh), wo_HDhxd, impl=which)
     return y, k_cache, v_cache

@@ -114,9 +114,9 @@ def _gpu_kernel(*refs, B, K, N, block_k, block_n, blocks_per_split, has_t, atomi
             nz = xb != 0.0
             active = nz if active is None else (active | nz)
         mask = active[:, None] & col_ok[None, :]
-        w = dsp.masked_load(
-            w_ref.at[pl.ds(k0, block_k), pl.ds(n0, block_n)], mask, 0.0
-        ).astype(jnp.float32)
+        w = dsp.masked_load(w_ref.at[pl.ds(k0, block_k), pl.ds(n0, block_n)], mask, 0.0).astype(
+            jnp.float32
+        )
         return tuple(acc + jnp.sum(xb[:, None] * w, axis=0) for acc, xb in zip(accs, xs))
 
     init = tuple(jnp.zeros((block_n,), jnp.float32) for _ in range(B))
@@ -351,9 +351,7 @@ def sparse_input_matvec(
             **kernel_options,
         )
     if kernel_options:
-        raise ValueError(
-            f"{_NAME}: options {sorted(kernel_options)} apply to the GPU kernel only."
-        )
+        raise ValueError(f"{_NAME}: options {sorted(kernel_options)} apply to the GPU kernel only.")
     return _sparse_input_matvec_tpu(
         x_BxK, w_KxN, threshold, interpret=which == "tpu_interpret", **blocks
     )

@@ -88,4 +88,7 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("impl", impls_under_test())
     if "gpu_impl" in metafunc.fixturenames:
         gpu = [i for i in impls_under_test() if i.startswith("gpu")]
-        metafunc.parametrize("gpu_impl", gpu or [pytest.param("gpu_interpret", marks=pytest.mark.skip("no GPU impl selected"))])
+        metafunc.parametrize(
+            "gpu_impl",
+            gpu or [pytest.param("gpu_interpret", marks=pytest.mark.skip("no GPU impl selected"))],
+        )

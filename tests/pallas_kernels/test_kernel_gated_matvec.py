@@ -19,7 +19,7 @@ SPARSITIES = (0.0, 0.5, 0.9, 1.0)
 
 
 def blocks(impl):
-    return dict(block_m=64, block_d=64) if impl.startswith("gpu") else dict(block_m=128)
+    return {"block_m": 64, "block_d": 64} if impl.startswith("gpu") else {"block_m": 128}
 
 
 def data(kt, seed, B, s, dtype):
@@ -69,7 +69,7 @@ def test_inactive_rows_are_not_read(kt, impl):
     else:
         dead = (jnp.arange(M) // bm) == 1
     g = jnp.where(dead[None, :], 0.0, g)
-    nan_rows = lambda w: jnp.where(dead[:, None], jnp.nan, w)  # noqa: E731
+    nan_rows = lambda w: jnp.where(dead[:, None], jnp.nan, w)
     h = gated_matvec(x, g, nan_rows(wu), impl=impl, **blocks(impl))
     kt.assert_close(h, gated_matvec_reference(x, g, wu), jnp.float32, "gated")
     y = fused_sparse_ffn(x, g, nan_rows(wu), nan_rows(wd), impl=impl, **blocks(impl))

@@ -45,8 +45,9 @@ def test_matches_reference(kt, impl, dtype, cfg):
         x, wq, wk, wv, wo, kc, vc, ln, cos, sin = make(kt, cfg, dtype, seed)
         hm = (jax.random.uniform(jax.random.key(50 + seed), (B, H)) < p_sel).astype(jnp.int32)
         args = (x, hm, wq, wk, wv, wo, kc, vc, ln, cos, sin)
-        y, k2, v2 = head_sparse_attention(*args, impl=impl,
-                                          **({"block_s": 16} if impl.startswith("gpu") else {}))
+        y, k2, v2 = head_sparse_attention(
+            *args, impl=impl, **({"block_s": 16} if impl.startswith("gpu") else {})
+        )
         yr, kr, vr = head_sparse_attention_reference(*args)
         what = f"{impl} seed={seed} p={p_sel}"
         if p_sel == 0.0:
@@ -63,7 +64,7 @@ def test_matches_reference(kt, impl, dtype, cfg):
 def test_reference_is_attention(kt):
     """The reference against a per-head loop written from the definition."""
     cfg = CONFIGS[0]
-    B, d, H, Hkv, Dh, S = cfg
+    _B, d, H, Hkv, Dh, _S = cfg
     x, wq, wk, wv, wo, kc, vc, ln, cos, sin = make(kt, cfg, jnp.float32, 4)
     hm = head_mask_from_indices(jnp.array([[1, 6]]), H)
     y, kn, vn = head_sparse_attention_reference(x, hm, wq, wk, wv, wo, kc, vc, ln, cos, sin)
@@ -77,26 +78,37 @@ def test_reference_is_attention(kt):
     c, s = np.asarray(cos[0], np.float64), np.asarray(sin[0], np.float64)
     want = np.zeros(d)
     for h in (1, 6):
-        q = rope(np.asarray(wq, np.float64)[h * Dh:(h + 1) * Dh] @ X, c, s)
+        q = rope(np.asarray(wq, np.float64)[h * Dh : (h + 1) * Dh] @ X, c, s)
         kvh = h // (H // Hkv)
         K = np.asarray(kn, np.float64)[0, : L + 1, kvh]
         V = np.asarray(vn, np.float64)[0, : L + 1, kvh]
         sc = K @ q / math.sqrt(Dh)
         p = np.exp(sc - sc.max())
         o = (p / p.sum()) @ V
-        want += o @ np.asarray(wo, np.float64)[h * Dh:(h + 1) * Dh]
+        want += o @ np.asarray(wo, np.float64)[h * Dh : (h + 1) * Dh]
     assert kt.rel_err(y[0], want) < 1e-5
 
 
 def test_unselected_heads_are_not_read(kt, gpu_impl):
     """q/o weights of unselected heads poisoned with NaN: the GPU path never reads them."""
     cfg = CONFIGS[0]
-    B, d, H, Hkv, Dh, S = cfg
+    _B, _d, H, _Hkv, Dh, _S = cfg
     x, wq, wk, wv, wo, kc, vc, ln, cos, sin = make(kt, cfg, jnp.float32, 5)
     hm = head_mask_from_indices(jnp.array([[0, 5]]), H)
     dead = jnp.repeat(hm[0] == 0, Dh)[:, None]
-    args = (x, hm, jnp.where(dead, jnp.nan, wq), wk, wv, jnp.where(dead, jnp.nan, wo), kc, vc,
-            ln, cos, sin)
+    args = (
+        x,
+        hm,
+        jnp.where(dead, jnp.nan, wq),
+        wk,
+        wv,
+        jnp.where(dead, jnp.nan, wo),
+        kc,
+        vc,
+        ln,
+        cos,
+        sin,
+    )
     y, _, _ = head_sparse_attention(*args, impl=gpu_impl, block_s=16)
     yr, _, _ = head_sparse_attention_reference(x, hm, wq, wk, wv, wo, kc, vc, ln, cos, sin)
     kt.assert_close(y, yr, jnp.float32, "poisoned unselected heads")
@@ -104,7 +116,7 @@ def test_unselected_heads_are_not_read(kt, gpu_impl):
 
 def test_bad_inputs(kt):
     cfg = CONFIGS[0]
-    B, d, H, Hkv, Dh, S = cfg
+    B, _d, H, _Hkv, _Dh, _S = cfg
     x, wq, wk, wv, wo, kc, vc, ln, cos, sin = make(kt, cfg, jnp.float32, 0)
     hm = jnp.ones((B, H), jnp.int32)
     good = (x, hm, wq, wk, wv, wo, kc, vc, ln, cos, sin)

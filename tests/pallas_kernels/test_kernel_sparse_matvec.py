@@ -18,7 +18,11 @@ SPARSITIES = (0.0, 0.5, 0.9, 1.0)
 
 
 def blocks(impl):
-    return dict(block_k=64, block_n=64) if impl.startswith("gpu") else dict(block_k=128, block_n=128)
+    return (
+        {"block_k": 64, "block_n": 64}
+        if impl.startswith("gpu")
+        else {"block_k": 128, "block_n": 128}
+    )
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -40,9 +44,7 @@ def test_matches_reference(kt, impl, dtype, B):
 def test_gpu_split_k(kt, gpu_impl, split_k):
     x = kt.sparse_values(jax.random.key(3), (2, K), 0.5, jnp.float32)
     w = kt.normal(jax.random.key(4), (K, N), jnp.float32)
-    y = sparse_input_matvec(
-        x, w, impl=gpu_impl, block_k=32, block_n=128, split_k=split_k
-    )
+    y = sparse_input_matvec(x, w, impl=gpu_impl, block_k=32, block_n=128, split_k=split_k)
     kt.assert_close(y, sparse_input_matvec_reference(x, w), jnp.float32, f"split_k={split_k}")
 
 
