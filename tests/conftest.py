@@ -7,6 +7,7 @@
   reference to compare against.
 - `tiny_hf_models`: tiny random HF models of every supported architecture, saved to disk
   (see `TINY_HF_CONFIGS`); a dict name -> TinyHFModel.
+- `tiny_hf_tools`: the helpers that build and save them (`make_tiny_hf_model`, `save_torch_bin`).
 
 Add new fixtures here only if several test packages use them.
 """
@@ -95,6 +96,15 @@ def save_torch_bin(model, directory: Path, shards: int = 1) -> None:
         weight_map.update({k: fname for k in part})
     (directory / "pytorch_model.bin.index.json").write_text(
         json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_tools():
+    """The helpers above, for test modules (which cannot import conftest reliably)."""
+    import types
+
+    return types.SimpleNamespace(configs=TINY_HF_CONFIGS, make_tiny_hf_model=make_tiny_hf_model,
+                                 save_torch_bin=save_torch_bin)
 
 
 @pytest.fixture(scope="session")

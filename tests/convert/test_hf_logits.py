@@ -14,12 +14,12 @@ import pytest
 from convert import read_model
 from jaxsparse.loading import load_model
 from jaxsparse.models import build_model, init_cache, positions_from_mask
-from tests.conftest import TINY_HF_CONFIGS, make_tiny_hf_model, save_torch_bin
 
 torch = pytest.importorskip("torch")
 jax.config.update("jax_default_matmul_precision", "highest")
 
-ARCHS = list(TINY_HF_CONFIGS)
+ARCHS = ["llama", "llama3_rope", "llama_tied", "mistral", "qwen2", "opt", "opt_post_ln",
+         "opt_proj"]
 B, T, PREFILL = 2, 12, 5
 TOL = 1e-4
 
@@ -137,7 +137,7 @@ def test_bin_and_safetensors_give_identical_params(arch, converted):
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama_tied"])
-def test_sharded_checkpoints(arch, tmp_path, tiny_hf_models, converted):
+def test_sharded_checkpoints(arch, tmp_path, tiny_hf_models, tiny_hf_tools, converted):
     """Sharded safetensors (save_pretrained max_shard_size) and sharded .bin (with index)."""
     m = tiny_hf_models[arch]
     st = tmp_path / "st"
@@ -145,7 +145,7 @@ def test_sharded_checkpoints(arch, tmp_path, tiny_hf_models, converted):
     assert (st / "model.safetensors.index.json").is_file()
     assert len(list(st.glob("model-*.safetensors"))) > 2
     bins = tmp_path / "bin"
-    save_torch_bin(m.torch_model, bins, shards=3)
+    tiny_hf_tools.save_torch_bin(m.torch_model, bins, shards=3)
     ref = converted(arch, "safetensors").params
     tokens = tokens_for(ref["embed_tokens"]["embedding"].shape[0], seed=3)
     want = hf_logits(m.torch_model, tokens)
@@ -183,9 +183,13 @@ def test_bfloat16_conversion_rounds_like_torch(tiny_hf_models):
     assert np.array_equal(got, want)
 
 
-def test_random_init_is_not_what_we_compare(tiny_hf_models):
+def test_every_tiny_model_is_tested(tiny_hf_models):
+    assert sorted(ARCHS) == sorted(tiny_hf_models)
+
+
+def test_random_init_is_not_what_we_compare(tiny_hf_models, tiny_hf_tools):
     """Guards the fixture: weights are large enough that a wrong mapping shows in the logits."""
     m = tiny_hf_models["llama"]
-    other = make_tiny_hf_model("llama", seed=123)
+    other = tiny_hf_tools.make_tiny_hf_model("llama", seed=123)
     tokens = tokens_for(m.torch_model.config.vocab_size)
     assert rel_err(hf_logits(other, tokens), hf_logits(m.torch_model, tokens)) > 0.3
