@@ -30,6 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparsity-state", help="a calibrated sparsity state directory")
     p.add_argument("--sparse-prefill", action="store_true",
                    help="apply the sparsity state to the prompt too (default: dense prefill)")
+    p.add_argument("--kernels", choices=("auto", "xla", "pallas"), default="auto",
+                   help="decode matmuls with a sparsity state: pallas kernels or masked dense "
+                   "XLA (auto: pallas on GPU/TPU, xla on CPU, where the kernels would only run "
+                   "as their pure-jnp references)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -50,18 +54,27 @@ def _prompts(args) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import jax
+
     from jaxsparse.generate import Generator, SamplingParams
     from jaxsparse.loading import load_model
+    from jaxsparse.models import kernels_for_method
 
     prompts = _prompts(args)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     lm = load_model(args.model, dtype=args.dtype)
     thresholds = None
+    kernels = kernels_for_method("dense", "xla")
     if args.sparsity_state:
         from jaxsparse.sparsity import load_state
 
-        thresholds = load_state(args.sparsity_state, config=lm.config).thresholds_for_model()
-    gen = Generator(lm.config, lm.params, lm.tokenizer)
+        state = load_state(args.sparsity_state, config=lm.config)
+        thresholds = state.thresholds_for_model()
+        mode = args.kernels
+        if mode == "auto":
+            mode = "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+        kernels = kernels_for_method(state.method, mode)
+    gen = Generator(lm.config, lm.params, lm.tokenizer, kernels=kernels)
     texts, r = gen.generate(prompts, args.max_new_tokens, sampling, chat=args.chat,
                             thresholds=thresholds, sparse_prefill=args.sparse_prefill)
     one = len(prompts) == 1
@@ -81,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     if r.measured_sparsity is not None:
         out["measured_sparsity"] = r.measured_sparsity
         out["sparsity_state"] = args.sparsity_state
+        out["kernels"] = kernels.mode
     if args.json:
         print(json.dumps(out))
     else:

@@ -59,7 +59,7 @@ def _init(config: ModelConfig, rng):
 
 def init_params(config: ModelConfig, seed: int = 0) -> dict:
     """Random params (normal, std 0.02), for tests and benchmarks."""
-    return nn.unbox(_init(config, jax.random.key(seed)))
+    return nn.unbox(jax.jit(_init, static_argnums=0)(config, jax.random.key(seed)))
 
 
 def param_shapes(config: ModelConfig) -> dict:
