@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -56,9 +57,11 @@ def linear_sizes(config) -> dict[str, int]:
     return sizes
 
 
+@functools.cache
 def make_forward(config):
     """jit `f(params, tokens, valid, thresholds) -> dict` of per-token log-likelihoods and
-    per-batch sparsity sums (see the module docstring)."""
+    per-batch sparsity sums (see the module docstring). Cached per config, so evaluators of
+    one model share their compilations."""
     import jax
     import jax.numpy as jnp
 

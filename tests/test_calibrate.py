@@ -317,7 +317,7 @@ def test_smollm2_measured_ffn_sparsity_at_half(smollm2_fitted):
 
     lm, states = smollm2_fitted
     assert states[("chess", 0.5)].meta.provenance["builtin_corpus"]["split"] == "calibration"
-    ids = ppl_token_ids(lm.config, lm.tokenizer, None, 2048)
+    ids = ppl_token_ids(lm.config, lm.tokenizer, None, 1024)
     ev = Evaluator(lm.config, lm.params, lm.tokenizer, 256, 8, progress=False)
     for m in ("cats", "chess"):
         ffn = ev.evaluate(states[(m, 0.5)], ids)["measured_sparsity"]["ffn"]

@@ -221,8 +221,9 @@ def test_eval_cli_on_smollm2(smollm2, tmp_path):
         {"context": "The capital of France is", "choices": [" Paris", " banana"], "gold": 0})
         + "\n")
     out = tmp_path / "r.json"
+    # the shapes of test_calibrate's SmolLM2 evaluation: the compiled forward is reused
     rc = main(["eval", "--ppl", str(tmp_path / "t.txt"), "--tasks", str(tmp_path / "tasks.jsonl"),
-               "--seq-len", "64", "--batch-size", "2", "--json", str(out), "--no-progress"])
+               "--seq-len", "256", "--batch-size", "8", "--json", str(out), "--no-progress"])
     assert rc == 0
     r = json.loads(out.read_text())
     for key in ("perplexity", "tokens", "method", "target_sparsity",
