@@ -1,0 +1,72 @@
+"""The `jaxsparse` command line as a user runs it: the README's main job, and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from jaxsparse.cli import main
+
+PROMPT = "The Python programming language is"
+
+
+def jaxsparse_cmd() -> list[str]:
+    exe = shutil.which("jaxsparse")
+    return [exe] if exe else [sys.executable, "-m", "jaxsparse.cli"]
+
+
+@pytest.mark.slow
+def test_readme_generate_matches_hf_greedy(smollm2_hf, smollm2):
+    """`jaxsparse generate --prompt ... --max-new-tokens 32 --temperature 0 --json` prints the
+    text HF greedy decoding of the same model and prompt gives."""
+    torch = pytest.importorskip("torch")
+    out = subprocess.run(
+        [*jaxsparse_cmd(), "generate", "--prompt", PROMPT, "--max-new-tokens", "32",
+         "--temperature", "0", "--json"], capture_output=True, text=True, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    ids = smollm2.tokenizer(PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        ref = smollm2_hf.generate(**ids, max_new_tokens=32, do_sample=False)
+    new = ref[0, ids["input_ids"].shape[1]:].tolist()
+    eos = smollm2.tokenizer.eos_token_id
+    new = new[: new.index(eos)] if eos in new else new
+    assert got["tokens"] == new
+    assert got["text"] == smollm2.tokenizer.decode(new, skip_special_tokens=True)
+    assert got["prefill_tokens_per_s"] > 0 and got["decode_tokens_per_s"] > 0
+    assert got["prompt_tokens"] == ids["input_ids"].shape[1]
+
+
+def test_generate_needs_a_prompt(capsys):
+    assert main(["generate"]) == 1
+    assert "--prompt" in capsys.readouterr().err
+
+
+def test_generate_bad_model_path(tmp_path, capsys):
+    missing = tmp_path / "no_such_model"
+    assert main(["generate", "--model", str(missing), "--prompt", "hi"]) == 1
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_generate_empty_prompt_file(tmp_path, capsys):
+    f = tmp_path / "prompts.txt"
+    f.write_text("\n\n")
+    assert main(["generate", "--prompt-file", str(f)]) == 1
+    err = capsys.readouterr().err
+    assert str(f) in err and "no non-empty line" in err
+
+
+def test_generate_bad_sampling(capsys):
+    assert main(["generate", "--prompt", "hi", "--top-p", "0"]) == 1
+    assert "top_p" in capsys.readouterr().err
+
+
+def test_convert_refuses_existing_output(tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    assert main(["convert", str(tmp_path / "src.gguf"), str(out)]) != 0
+    assert (out / "keep.txt").read_text() == "user data"
