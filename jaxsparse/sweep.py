@@ -137,7 +137,7 @@ def plot_layer_heatmap(results: list[dict], path: Path, title: str) -> None:
     for i in range(data.shape[0]):
         for j in range(data.shape[1]):
             if len(layers) <= 32:
-                ax.text(j, i, f"{data[i, j]:.2f}"[1:], ha="center", va="center", fontsize=5,
+                ax.text(j, i, f"{data[i, j]:.2f}"[1:], ha="center", va="center", fontsize=6,
                         color="white" if data[i, j] < 0.6 else "black")
     fig.colorbar(im, ax=ax, label="fraction of linear weights skipped")
     ax.set_title(title, fontsize=10)
