@@ -113,3 +113,16 @@ def test_builtin_tasks_are_deterministic_and_valid(tmp_path):
     # evaluation text only
     ev_text = "\n".join(d.text for d in data.stdlib_documents("evaluation"))
     assert all(" ".join(t.context.split()[:6]) in " ".join(ev_text.split()) for t in tasks[:5])
+
+
+def test_data_cli_exports_tasks_and_text(tmp_path, capsys):
+    from jaxsparse.cli import main
+
+    rc = main(["data", "--write-tasks", str(tmp_path / "t.jsonl"), "--num-tasks", "12",
+               "--write-text", str(tmp_path / "ev.txt"), "--split", "evaluation"])
+    assert rc == 0
+    assert data.read_tasks(tmp_path / "t.jsonl") == data.builtin_tasks(12)
+    text = (tmp_path / "ev.txt").read_text()
+    assert data.stdlib_documents("evaluation")[0].text in text
+    assert data.stdlib_documents("calibration")[0].text not in text
+    assert "wrote 12 tasks" in capsys.readouterr().out
