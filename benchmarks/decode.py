@@ -31,15 +31,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from jaxsparse.config import ModelConfig  # noqa: E402
-from jaxsparse.models import (  # noqa: E402
-    build_model, init_cache, kernels_for_method, param_shapes, prepare_params,
+from jaxsparse.config import ModelConfig
+from jaxsparse.models import (
+    build_model,
+    init_cache,
+    kernels_for_method,
+    param_shapes,
+    prepare_params,
 )
-from jaxsparse.rules import TENSORS  # noqa: E402
+from jaxsparse.rules import TENSORS
 
 METHODS = ("dense", "chess", "chess+", "teal")
 # Points each method thresholds (rules.KERNEL_POINTS lists where zeros flow to kernels).
@@ -63,7 +67,7 @@ LLAMA3_8B = ModelConfig(
 def random_params(config: ModelConfig, seed: int = 0) -> dict:
     """Random normal weights (std 0.02; norm scales 1) made on the device, leaf by leaf."""
     shapes = param_shapes(config)
-    leaves, treedef = jax.tree.flatten_with_path(shapes)
+    leaves, _ = jax.tree.flatten_with_path(shapes)
     key = jax.random.key(seed)
     out = []
     for i, (path, s) in enumerate(leaves):
@@ -164,7 +168,7 @@ def bytes_per_token(config, sparsity: dict[str, list[float]], cache_len: int, me
     pts = set(kernels_for_method(method, "pallas").points) if method != "dense" else set()
     total = 0.0
     for i in range(c.num_layers):
-        def dens(p):
+        def dens(p, i=i):
             return 1.0 - sparsity[p][i] if p in pts else 1.0
         total += d * q * dens("q_in") + 2 * d * kv * dens("kv_in") + q * d * dens("o_in")
         up_rows = dens("gate") if "gate" in pts else dens("ffn_in")
