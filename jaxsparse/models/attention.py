@@ -22,7 +22,12 @@ def _sparse(module: nn.Module, name: str, x: jax.Array, thresholds: dict | None)
     """Applies the threshold of sparsification point `name` and records what it zeroed."""
     module.sow("taps", name, x)
     if thresholds is not None and name in thresholds:
-        x = rules.sparsify(x, thresholds[name])
+        if "relax_tau" in thresholds:  # learning: hard forward, sigmoid gradient
+            x = rules.relaxed_sparsify(x, thresholds[name], thresholds["relax_tau"])
+        else:
+            x = rules.sparsify(x, thresholds[name])
+    if thresholds is not None and name in thresholds.get("masks", {}):  # Deja Vu
+        x = jnp.where(thresholds["masks"][name], x, jnp.zeros((), x.dtype))
     module.sow("stats", name, rules.zero_fraction(x))
     return x
 
@@ -52,14 +57,16 @@ class SelfAttention(nn.Module):
             cos, sin = rope
             q_BxTxHxD = apply_rope(q_BxTxHxD, cos, sin)
             k_BxTxKxD = apply_rope(k_BxTxKxD, cos, sin)
+        k_BxKxTxD = k_BxTxKxD.transpose(0, 2, 1, 3)
+        v_BxKxTxD = v_BxTxKxD.transpose(0, 2, 1, 3)
         new_cache = None
         if layer_cache is not None:
-            new_cache = update_layer_cache(layer_cache, k_BxTxKxD, v_BxTxKxD, cache_index)
-            k_BxSxKxD, v_BxSxKxD = new_cache["k"], new_cache["v"]
+            new_cache = update_layer_cache(layer_cache, k_BxKxTxD, v_BxKxTxD, cache_index)
+            k_BxKxSxD, v_BxKxSxD = new_cache["k"], new_cache["v"]
         else:
-            k_BxSxKxD, v_BxSxKxD = k_BxTxKxD, v_BxTxKxD
+            k_BxKxSxD, v_BxKxSxD = k_BxKxTxD, v_BxKxTxD
         mask = attention_mask(positions_BxT, kv_pos_BxS, c.sliding_window)
-        out_BxTxHD = attend(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask, c.head_dim**-0.5)
+        out_BxTxHD = attend(q_BxTxHxD, k_BxKxSxD, v_BxKxSxD, mask, c.head_dim**-0.5)
         self.sow("taps", "head_out", out_BxTxHD.reshape(b, t, c.num_heads, c.head_dim))
         out_BxTxHD = _sparse(self, "o_in", out_BxTxHD, thresholds)
         y = Linear(c.hidden_size, ("q_heads", "embed"), c.o_bias, dt, kn, name="o_proj")(

@@ -106,13 +106,31 @@ def run_layers(layers, x, positions_BxT, cache, cache_index, thresholds, rope):
         new_cache = {"pos": kv_pos}
     else:
         kv_pos, new_cache = positions_BxT, None
+    prev_in = x  # the residual entering the previous block (Deja Vu lookahead)
     for i, layer in enumerate(layers):
         name = f"layers_{i}"
+        th = None if thresholds is None else thresholds[name]
+        if th is not None and "predictor" in th:
+            th = with_predicted_masks(th, prev_in)
+        prev_in = x
         x, layer_cache = layer(
             x, positions_BxT, kv_pos, rope,
-            None if cache is None else cache[name], cache_index,
-            None if thresholds is None else thresholds[name],
+            None if cache is None else cache[name], cache_index, th,
         )
         if new_cache is not None:
             new_cache[name] = layer_cache
     return x, new_cache
+
+
+def with_predicted_masks(th: dict, x_prev_BxTxD):
+    """A layer's sparsity dict with its Deja Vu predictor replaced by the masks it predicts
+    from the residual entering the previous block (`jaxsparse.rules.predicted_masks`): `gate` keeps
+    the top `ffn_k` neurons, `o_in` the `head_dim` channels of the top `head_k` heads."""
+    from jaxsparse.rules import predicted_masks
+
+    th = dict(th)
+    ffn_keep, head_keep = predicted_masks(th.pop("predictor"), x_prev_BxTxD)
+    head_dim = th["o_in"].shape[-1] // head_keep.shape[-1]
+    th["masks"] = {**th.get("masks", {}), "gate": ffn_keep,
+                   "o_in": jnp.repeat(head_keep, head_dim, axis=-1)}
+    return th
