@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("jaxsparse.evaluate", "perplexity, task accuracy and measured sparsity of a state"),
     "sweep": ("jaxsparse.sweep", "calibrate and evaluate methods x sparsities; table and plots"),
     "data": ("jaxsparse.data", "export the built-in corpus splits and multiple-choice tasks"),
+    "learn": ("jaxsparse.learn", "learn chess or teal thresholds with optax"),
+    "train-predictors": ("jaxsparse.predictors", "train Deja Vu FFN-neuron and head predictors"),
 }
 
 

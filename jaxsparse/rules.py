@@ -43,6 +43,77 @@ def sparsify(x: jax.Array, threshold: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x, jnp.zeros((), x.dtype))
 
 
+def soft_mask(x: jax.Array, threshold: jax.Array, tau: jax.Array | float) -> jax.Array:
+    """The relaxed keep-mask `sigmoid((abs(x) - threshold) / tau)`, in float32.
+
+    As `tau -> 0` it tends to the hard mask `abs(x) >= threshold` (0.5 exactly on the
+    threshold). `tau` broadcasts like `threshold` (a per-channel temperature is allowed).
+    """
+    a = jnp.abs(x).astype(jnp.float32)
+    return jax.nn.sigmoid((a - threshold) / tau)
+
+
+def straight_through_mask(x: jax.Array, threshold: jax.Array, tau: jax.Array | float
+                          ) -> jax.Array:
+    """The hard keep-mask in the forward pass, the gradient of `soft_mask` in the backward.
+
+    Its value is exactly `abs(x) >= threshold` (float32 0/1), so a loss computed with it
+    is the loss of the mask used at inference; its derivative with respect to `threshold`
+    (and `x`) is that of the sigmoid of temperature `tau`.
+    """
+    soft = soft_mask(x, threshold, tau)
+    hard = (jnp.abs(x) >= threshold).astype(jnp.float32)
+    return soft + jax.lax.stop_gradient(hard - soft)
+
+
+def relaxed_sparsify(x: jax.Array, threshold: jax.Array, tau_rel: jax.Array | float
+                     ) -> jax.Array:
+    """`x * straight_through_mask(x, t, tau_rel * t)`: the training-time `sparsify`.
+
+    The temperature is relative to each channel's threshold (`tau_rel * t`, without
+    gradient), so one schedule of `tau_rel` serves channels of any scale. The forward value
+    equals `sparsify(x, t)`.
+    """
+    t = threshold.astype(jnp.float32)
+    tau = jax.lax.stop_gradient(jnp.maximum(tau_rel * t, 1e-20))
+    m = straight_through_mask(x, t, tau)
+    return (x.astype(jnp.float32) * m).astype(x.dtype)
+
+
+def topk_mask(scores: jax.Array, k: jax.Array | int) -> jax.Array:
+    """Bool mask of the `k` largest entries of `scores` along the last axis.
+
+    `k` may be a traced integer (data, not a static shape), so one compiled function
+    serves every k; entries tied with the k-th largest are all kept. `k = 0` keeps
+    nothing, `k >= width` keeps everything.
+    """
+    width = scores.shape[-1]
+    k = jnp.clip(jnp.asarray(k, jnp.int32), 0, width)
+    srt = jnp.sort(scores, axis=-1)  # ascending
+    kth = jnp.take(srt, jnp.clip(width - k, 0, width - 1), axis=-1)[..., None]
+    return jnp.where(k > 0, scores >= kth, False)
+
+
+def predictor_logits(w: dict, x: jax.Array, which: str) -> jax.Array:
+    """Logits of a Deja Vu low-rank predictor: `silu(rms(x) W1 + b1) W2 + b2`.
+
+    `which` is "ffn" (-> [..., m]) or "head" (-> [..., H]); `w` holds `{which}_w1` [d, r],
+    `{which}_b1` [r], `{which}_w2` [r, out], `{which}_b2` [out]. The input is divided by its
+    root mean square (no learned scale), since the residual's scale grows with depth.
+    """
+    x = x.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+    h = jax.nn.silu(x @ w[f"{which}_w1"] + w[f"{which}_b1"])
+    return h @ w[f"{which}_w2"] + w[f"{which}_b2"]
+
+
+def predicted_masks(w: dict, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Deja Vu keep-masks `(ffn [..., m], heads [..., H])`: the top `w["ffn_k"]` neurons
+    and the top `w["head_k"]` heads by predictor logit (k's are int32 data)."""
+    return (topk_mask(predictor_logits(w, x, "ffn"), w["ffn_k"]),
+            topk_mask(predictor_logits(w, x, "head"), w["head_k"]))
+
+
 def zero_fraction(x: jax.Array) -> jax.Array:
     """Fraction of exact zeros over the last axis, per token, in float32."""
     return jnp.mean((x == 0).astype(jnp.float32), axis=-1)
@@ -57,4 +128,17 @@ KERNEL_POINTS: dict[str, tuple[str, ...]] = {
     "chess": ("gate", "down_in"),
     "chess+": ("q_in", "o_in", "gate", "down_in"),
     "teal": ("q_in", "kv_in", "o_in", "ffn_in", "down_in"),
+    # Learned thresholds zero what the closed-form method they start from zeroes.
+    "chess-learned": ("gate", "down_in"),
+    "teal-learned": ("q_in", "kv_in", "o_in", "ffn_in", "down_in"),
+    # Deja Vu: predicted FFN neurons zero the gate; predicted heads zero o_proj's input
+    # (q/k/v stay dense here: see docs/learned.md).
+    "dejavu": ("o_in", "gate", "down_in"),
 }
+
+# Keys a layer's sparsity dict may hold besides the points of `TENSORS`:
+#   "relax_tau"  scalar: training mode, thresholds applied by `relaxed_sparsify`
+#   "masks"      {point: bool [..., width]}: predicted keep-masks (Deja Vu), applied
+#                after the point's threshold
+#   "predictor"  Deja Vu predictor weights (`predicted_masks`; the model's layer loop feeds
+#                them the residual entering the previous block and sets "masks")

@@ -5,8 +5,12 @@ point (`jaxsparse.rules.TENSORS`), shape `[width]` for every point of every meth
 per-layer threshold (cats, teal) is broadcast to a per-channel vector and a point a method
 does not use holds zeros (`abs(x) < 0` zeroes nothing). Every threshold method at every
 sparsity therefore has the same tree structure and the same shapes, and one compiled
-forward (which takes `state.thresholds_for_model()`) serves them all. `predictors` is kept
-for the Deja Vu predictors (issue #4); threshold methods leave it None.
+forward (which takes `state.thresholds_for_model()`) serves them all. `predictors` holds
+the Deja Vu low-rank predictors (`{"layers_i": {"ffn_w1", "ffn_b1", "ffn_w2", "ffn_b2",
+"head_w1", ..., "ffn_k", "head_k"}}`, see `jaxsparse.rules.predicted_masks`); threshold
+methods (learned ones included) leave it None. A dejavu state's `thresholds_for_model()`
+adds each layer's predictor under the key "predictor" (a different tree, so one more
+compile, shared by every dejavu state of the same ranks).
 
 The static metadata (`StateMeta`) names the method, the target sparsity, the model the
 state was fitted for (`ModelFingerprint`: model type, shapes and a hash of the config) and
@@ -33,6 +37,9 @@ FORMAT = "jaxsparse.sparsity_state"
 FORMAT_VERSION = 1
 STATE_JSON = "state.json"
 THRESHOLDS_DIR = "thresholds"
+PREDICTORS_DIR = "predictors"
+PREDICTOR_KEYS = ("ffn_w1", "ffn_b1", "ffn_w2", "ffn_b2", "head_w1", "head_b1", "head_w2",
+                  "head_b2", "ffn_k", "head_k")
 
 
 class StateError(ValueError):
@@ -142,7 +149,7 @@ class SparsityState:
 
     thresholds: dict[str, dict[str, Any]]
     meta: StateMeta = flax.struct.field(pytree_node=False)
-    predictors: Any = None  # Deja Vu low-rank predictors (issue #4); None for thresholds
+    predictors: Any = None  # Deja Vu low-rank predictors; None for threshold methods
 
     @property
     def method(self) -> str:
@@ -157,8 +164,12 @@ class SparsityState:
         return len(self.thresholds)
 
     def thresholds_for_model(self) -> dict[str, dict[str, Any]]:
-        """The `thresholds=` argument of the models: the full tree, zeros where unused."""
-        return self.thresholds
+        """The `thresholds=` argument of the models: the full tree, zeros where unused
+        (with a Deja Vu state, each layer's predictor under "predictor")."""
+        if self.predictors is None:
+            return self.thresholds
+        return {layer: {**points, "predictor": self.predictors[layer]}
+                for layer, points in self.thresholds.items()}
 
     def check_model(self, config: ModelConfig, where: str = "sparsity state") -> None:
         """Raises StateError unless the state was fitted for a model with `config`."""
@@ -169,6 +180,8 @@ class SparsityState:
                 f"  model: {theirs.describe()}\nre-run `jaxsparse calibrate` for this model"
             )
         _check_tree(self.thresholds, mine, where)
+        if self.predictors is not None:
+            check_predictors(self.predictors, mine, where)
 
 
 def model_widths(config: ModelConfig) -> dict[str, int]:
@@ -257,13 +270,16 @@ def save_state(state: SparsityState, directory: str | Path, overwrite: bool = Fa
 
     from jaxsparse.io import atomic_directory
 
-    if state.predictors is not None:
-        raise NotImplementedError("saving Deja Vu predictors lands with issue #4")
     _check_tree(state.thresholds, state.meta.model, f"{directory}")
+    if state.predictors is not None:
+        check_predictors(state.predictors, state.meta.model, f"{directory}")
     tree = {layer: {k: np.asarray(v, np.float32) for k, v in points.items()}
             for layer, points in state.thresholds.items()}
     with atomic_directory(directory, overwrite) as tmp:
         ocp.PyTreeCheckpointer().save(tmp / THRESHOLDS_DIR, tree)
+        if state.predictors is not None:
+            ocp.PyTreeCheckpointer().save(tmp / PREDICTORS_DIR, _predictor_arrays(
+                state.predictors))
         doc = {"format": FORMAT, "version": FORMAT_VERSION, **state.meta.to_dict()}
         (tmp / STATE_JSON).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     return Path(directory)
@@ -322,4 +338,50 @@ def load_state(directory: str | Path, config: ModelConfig | None = None) -> Spar
     tree = {layer: {k: np.asarray(v, np.float32) for k, v in points.items()}
             for layer, points in tree.items()}
     _check_tree(tree, meta.model, str(directory))
-    return SparsityState(thresholds=tree, meta=meta)
+    predictors = None
+    if (directory / PREDICTORS_DIR).exists():
+        try:
+            raw = ocp.PyTreeCheckpointer().restore(directory.absolute() / PREDICTORS_DIR)
+        except Exception as e:  # noqa: BLE001
+            raise StateError(f"{directory}: cannot read the Deja Vu predictors "
+                             f"({type(e).__name__}: {e})") from None
+        predictors = _predictor_arrays(raw)
+        check_predictors(predictors, meta.model, str(directory))
+    elif meta.method == "dejavu":
+        raise StateError(f"{directory}: a dejavu state without {PREDICTORS_DIR}/; re-run "
+                         f"`jaxsparse train-predictors`")
+    return SparsityState(thresholds=tree, meta=meta, predictors=predictors)
+
+
+def _predictor_arrays(tree: dict) -> dict:
+    """Host arrays: float32 weights, int32 scalar k's."""
+    return {layer: {k: (np.asarray(v, np.int32).reshape(()) if k.endswith("_k")
+                        else np.asarray(v, np.float32)) for k, v in w.items()}
+            for layer, w in tree.items()}
+
+
+def check_predictors(tree: dict, fp: ModelFingerprint, where: str) -> None:
+    """Deja Vu predictor shapes against the model, finiteness, and k in [1, width]."""
+    expected = layer_names(fp.num_layers)
+    if sorted(tree) != sorted(expected):
+        raise StateError(f"{where}: predictors for {len(tree)} layers, expected "
+                         f"{fp.num_layers} for {fp.describe()}")
+    d, m, heads = fp.hidden_size, fp.intermediate_size, fp.num_heads
+    for layer in expected:
+        w = tree[layer]
+        if sorted(w) != sorted(PREDICTOR_KEYS):
+            raise StateError(f"{where}: {layer} predictor holds {sorted(w)}, expected "
+                             f"{sorted(PREDICTOR_KEYS)}")
+        for which, out in (("ffn", m), ("head", heads)):
+            r = np.shape(w[f"{which}_w1"])[-1]
+            want = {f"{which}_w1": (d, r), f"{which}_b1": (r,), f"{which}_w2": (r, out),
+                    f"{which}_b2": (out,)}
+            for k, shape in want.items():
+                if np.shape(w[k]) != shape:
+                    raise StateError(f"{where}: {layer}/{k} has shape {np.shape(w[k])}, "
+                                     f"expected {shape} for {fp.describe()}")
+                if not np.all(np.isfinite(np.asarray(w[k]))):
+                    raise StateError(f"{where}: {layer}/{k} holds non-finite values")
+            k = int(np.asarray(w[f"{which}_k"]))
+            if not 1 <= k <= out:
+                raise StateError(f"{where}: {layer}/{which}_k = {k} is outside [1, {out}]")

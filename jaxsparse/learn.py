@@ -1,0 +1,605 @@
+"""Learned thresholds: CHESS or TEAL thresholds refined with optax (`jaxsparse learn`).
+
+The model's weights are frozen; the trainable parameters are the log-thresholds
+`theta = log t`, one per channel, of each point the method sparsifies (chess: `gate`;
+teal: `q_in`, `kv_in`, `o_in`, `ffn_in`, `down_in`), initialized from a calibrated state
+(`--init DIR`, or calibrated on the fly on the same data).
+
+Loss, per layer and summed over layers (every layer is trained on the *dense* model's
+input to it, so the layers are independent and one jit, vmapped over the layer axis,
+trains them all):
+
+    err_l = ||f_l(x; t) - f_l(x; 0)||^2 / ||f_l(x; 0)||^2
+    loss  = sum_l err_l + lambda * sum_{l,p} (s_{l,p} - S)^2
+
+where `f_l` is the layer's FFN (chess: the model's own SwiGLU/ReLU-FFN module on the dense
+FFN input, any token subset) or its whole block (teal: the model's block on the dense
+residual, whole sequences), and `s_{l,p}` is the fraction of zeroed entries of point `p`.
+The mask is straight-through (`rules.relaxed_sparsify`): the forward pass applies the hard
+mask used at inference, the backward pass the gradient of `sigmoid((|x| - t) / tau)` with
+`tau = tau_rel * t`, `tau_rel` annealed geometrically from `--tau-start` to `--tau-end`.
+Optimizer: Adam on `theta`. Minibatches of `--batch-tokens` tokens are drawn with a JAX
+PRNG key carried in the training state.
+
+Checkpoints (`--save-every K`, in `--checkpoint-dir`, default `<out>.ckpt`): `theta`, the
+optimizer state, the step and the PRNG key, as an orbax tree per step plus `meta.json`
+(method, sparsity, model, settings). `--resume` continues from the latest one; since the
+data, the schedule and the key all follow from the checkpoint, the result is bitwise that
+of an uninterrupted run (tested). A checkpoint of another method, sparsity, model or data
+is refused.
+
+At the end, a closed-form rescale makes the hard sparsity exactly `S` on the training
+tokens: per layer and point, all thresholds are multiplied by `c = quantile_S(|x| / t)`
+over tokens and channels (the relative thresholds the training found are kept). The
+result is a plain threshold `SparsityState` (method `chess-learned` / `teal-learned`),
+which `generate`, `eval` and `sweep` take like any other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+POINTS = {"chess": ("gate",), "teal": ("q_in", "kv_in", "o_in", "ffn_in", "down_in")}
+DEFAULTS = {"steps": 300, "lr": 0.02, "penalty": 100.0, "tau_start": 0.3, "tau_end": 0.03,
+            "tokens": 8192, "seq_len": 512, "teal_seq_len": 128, "batch_tokens": 512,
+            "save_every": 50, "seed": 0, "batch_size": 8}
+CKPT_META = "meta.json"
+
+
+class LearnError(ValueError):
+    """Bad learning input: a checkpoint of another run, a wrong init state."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnSettings:
+    method: str
+    sparsity: float
+    steps: int = DEFAULTS["steps"]
+    lr: float = DEFAULTS["lr"]
+    penalty: float = DEFAULTS["penalty"]
+    tau_start: float = DEFAULTS["tau_start"]
+    tau_end: float = DEFAULTS["tau_end"]
+    batch_tokens: int = DEFAULTS["batch_tokens"]
+    seed: int = DEFAULTS["seed"]
+
+    def tau(self, step):
+        """tau_rel at step `step` (0-based), geometric from tau_start to tau_end."""
+        frac = step / max(self.steps - 1, 1)
+        return self.tau_start * (self.tau_end / self.tau_start) ** frac
+
+    def resume_key(self) -> dict:
+        """What must agree between a checkpoint and the run resuming it."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "steps"}
+
+
+# ------------------------------------------------------------------ the training data
+
+
+def dense_inputs(config, params, seqs_NxT: np.ndarray, method: str,
+                 batch_size: int = DEFAULTS["batch_size"]) -> dict[str, np.ndarray]:
+    """The dense model's input to each layer's trained part, and its dense output.
+
+    chess: `x` [L, N, d], the FFN input of every token (rows flattened); teal: `x`
+    [L, R, T, d], the residual entering each block, per sequence. `y` has the same shape
+    (the dense FFN / block output).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from jaxsparse.models import build_model, positions_from_mask
+
+    model = build_model(config)
+    L = config.num_layers
+    ffn_only = method == "chess"
+
+    @jax.jit
+    def run(params, tokens, valid):
+        _, v = model.apply({"params": params}, tokens, positions_from_mask(valid),
+                           mutable=["taps"])
+        t = v["taps"]
+        if ffn_only:
+            x = [t[f"layers_{i}"]["mlp"]["ffn_in"][0] for i in range(L)]
+        else:
+            x = [t[f"layers_{i}"]["block_in"][0] for i in range(L)]
+        return jnp.stack(x)
+
+    xs = []
+    for start in range(0, len(seqs_NxT), batch_size):
+        rows = seqs_NxT[start:start + batch_size]
+        x = np.asarray(run(params, jnp.asarray(rows), jnp.ones(rows.shape, bool)))
+        xs.append(x.reshape(L, -1, x.shape[-1]) if ffn_only else x)
+    x = np.concatenate(xs, 1).astype(np.float32)
+    fns = _layer_fns(config, method)
+    stacked = stack_layer_params(params, config)
+    apply = jax.jit(jax.vmap(lambda lp, xx: fns(lp, xx, None)[0]))
+    chunk = 4096 if ffn_only else 8
+    y = np.concatenate([np.asarray(apply(stacked, jnp.asarray(x[:, i:i + chunk])))
+                        for i in range(0, x.shape[1], chunk)], 1)
+    return {"x": x, "y": y}
+
+
+def stack_layer_params(params: dict, config) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    layers = [params[f"layers_{i}"] for i in range(config.num_layers)]
+    return jax.tree.map(lambda *a: jnp.stack(a), *layers)
+
+
+def _layer_fns(config, method: str):
+    """`f(layer_params, x, thresholds) -> (y, taps)` for one layer: the trained part."""
+    import jax.numpy as jnp
+
+    from jaxsparse.models.layers import rope_cos_sin
+    from jaxsparse.models.llama import LlamaBlock, SwiGLU
+    from jaxsparse.models.opt import OPTBlock, ReluFFN
+
+    opt = config.family == "opt"
+    if method == "chess":
+        ffn = (ReluFFN if opt else SwiGLU)(config)
+
+        def f(lp, x_NxD, th):
+            y, v = ffn.apply({"params": lp["mlp"]}, x_NxD[None], th, mutable=["taps"])
+            return y[0], v["taps"]
+
+        return f
+    block = (OPTBlock if opt else LlamaBlock)(config)
+
+    def g(lp, x_RxTxD, th):
+        r, t = x_RxTxD.shape[:2]
+        pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (r, t))
+        rope = None if opt else rope_cos_sin(config, pos)
+        (y, _), v = block.apply({"params": lp}, x_RxTxD, pos, pos, rope, None, 0, th,
+                                mutable=["taps"])
+        return y, v["taps"]
+
+    return g
+
+
+def _tap(taps: dict, point: str):
+    """A point's raw activation from the taps of an FFN (root level) or a whole block."""
+    from jaxsparse.methods.statistics import TAP_PATHS
+
+    sub, name = TAP_PATHS[point]
+    return taps[sub][name][0] if sub in taps else taps[name][0]
+
+
+# ------------------------------------------------------------------ training
+
+
+def init_theta(state, method: str) -> dict[str, np.ndarray]:
+    """Stacked log-thresholds `{point: [L, width]}` from a calibrated state."""
+    L = state.num_layers
+    return {p: np.log(np.maximum(np.stack([state.thresholds[f"layers_{i}"][p]
+                                           for i in range(L)]), 1e-8)).astype(np.float32)
+            for p in POINTS[method]}
+
+
+class Trainer:
+    """The jit-compiled training step and the host-side loop, checkpoints and rescale."""
+
+    def __init__(self, config, params, data: dict[str, np.ndarray], settings: LearnSettings):
+        import jax
+        import jax.numpy as jnp
+        import optax
+
+        from jaxsparse.rules import straight_through_mask
+
+        self.config, self.settings = config, settings
+        self.method = settings.method
+        self.points = POINTS[self.method]
+        self.opt = optax.adam(settings.lr)
+        self.stacked = stack_layer_params(params, config)
+        self.x, self.y = jnp.asarray(data["x"]), jnp.asarray(data["y"])
+        self.fn = _layer_fns(config, self.method)
+        ffn_only = self.method == "chess"
+        n = self.x.shape[1]
+        per = 1 if ffn_only else self.x.shape[2]
+        self.batch = max(1, min(n, settings.batch_tokens // per))
+        s_target = settings.sparsity
+        points, fn, opt = self.points, self.fn, self.opt
+
+        # The weights and the data are arguments of the jitted functions (closed over,
+        # XLA would embed them as constants).
+        def layer_loss(lp, theta_l, x, y, tau):
+            th = {p: jnp.exp(theta_l[p]) for p in points}
+            th["relax_tau"] = tau
+            y_s, taps = fn(lp, x, th)
+            err = jnp.sum(jnp.square(y_s.astype(jnp.float32) - y)) / jnp.maximum(
+                jnp.sum(jnp.square(y)), 1e-30)
+            sp = {}
+            for p in points:
+                raw = _tap(taps, p)
+                t = th[p]
+                keep = straight_through_mask(raw, t, jax.lax.stop_gradient(tau * t) + 1e-20)
+                sp[p] = 1.0 - jnp.mean(keep)
+            pen = sum(jnp.square(sp[p] - s_target) for p in points)
+            return err + settings.penalty * pen, (err, jnp.stack([sp[p] for p in points]))
+
+        def loss_fn(theta, stacked, x, y, tau):
+            tot, (err, sp) = jax.vmap(layer_loss, in_axes=(0, 0, 0, 0, None))(
+                stacked, theta, x, y, tau)
+            return jnp.sum(tot), (jnp.mean(err), jnp.mean(sp))
+
+        def step(theta, opt_state, key, tau, stacked, x_all, y_all):
+            key, sub = jax.random.split(key)
+            idx = jax.random.choice(sub, n, (self.batch,), replace=False)
+            x, y = x_all[:, idx], y_all[:, idx]
+            (loss, (err, sp)), g = jax.value_and_grad(loss_fn, has_aux=True)(
+                theta, stacked, x, y, tau)
+            upd, opt_state = opt.update(g, opt_state, theta)
+            theta = optax.apply_updates(theta, upd)
+            return theta, opt_state, key, {"loss": loss, "err": err, "sparsity": sp}
+
+        self._step = jax.jit(step)
+        self._full_loss = jax.jit(lambda theta, tau, st, x, y: loss_fn(theta, st, x, y, tau)[0])
+
+        def hard_eval(theta, stacked, x, y):
+            def one(lp, th_l, xx, yy):
+                th = {p: jnp.exp(th_l[p]) for p in points}
+                y_s, taps = fn(lp, xx, th)
+                err = jnp.sum(jnp.square(y_s.astype(jnp.float32) - yy)) / jnp.maximum(
+                    jnp.sum(jnp.square(yy)), 1e-30)
+                ratios = {p: jnp.abs(_tap(taps, p)).astype(jnp.float32) / th[p]
+                          for p in points}
+                return err, ratios
+            return jax.vmap(one)(stacked, theta, x, y)
+
+        self._hard_eval = jax.jit(hard_eval)
+
+    def full_loss(self, theta, tau: float):
+        """The training loss over all the training tokens at temperature `tau`."""
+        import jax.numpy as jnp
+
+        return self._full_loss(theta, jnp.float32(tau), self.stacked, self.x, self.y)
+
+    def init(self, theta0: dict[str, np.ndarray]):
+        import jax
+        import jax.numpy as jnp
+
+        theta = {p: jnp.asarray(v) for p, v in theta0.items()}
+        return {"theta": theta, "opt_state": self.opt.init(theta), "step": 0,
+                "key": jax.random.key(self.settings.seed)}
+
+    def run(self, ts: dict, until: int, save_every: int = 0, ckpt_dir: Path | None = None,
+            progress: bool = True) -> dict:
+        """Steps `ts` (the training state) from its step up to `until`; saves every
+        `save_every` steps. Returns the new training state."""
+        import jax.numpy as jnp
+        from tqdm import tqdm
+
+        theta, opt_state, key = ts["theta"], ts["opt_state"], ts["key"]
+        step = ts["step"]
+        bar = tqdm(total=until, initial=step, desc=f"learn {self.method}", unit="step",
+                   disable=not progress)
+        self.trace = getattr(self, "trace", [])
+        while step < until:
+            tau = jnp.float32(self.settings.tau(step))
+            theta, opt_state, key, m = self._step(theta, opt_state, key, tau, self.stacked,
+                                                  self.x, self.y)
+            step += 1
+            bar.update(1)
+            if step % 10 == 0 or step == until:
+                rec = {"step": step, "loss": float(m["loss"]), "err": float(m["err"]),
+                       "sparsity": float(m["sparsity"]), "tau": float(tau)}
+                self.trace.append(rec)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", err=f"{rec['err']:.4f}",
+                                sparsity=f"{rec['sparsity']:.3f}")
+            ts = {"theta": theta, "opt_state": opt_state, "step": step, "key": key}
+            if save_every and ckpt_dir is not None and step % save_every == 0:
+                save_checkpoint(ckpt_dir, ts)
+        bar.close()
+        return {"theta": theta, "opt_state": opt_state, "step": step, "key": key}
+
+    def hard_error(self, theta) -> tuple[float, float]:
+        """(mean relative output error, mean hard sparsity) of thresholds `exp(theta)` on
+        all the training tokens, as inference applies them."""
+        chunk = 4096 if self.method == "chess" else 8
+        errs, zs = [], []
+        for i in range(0, self.x.shape[1], chunk):
+            e, r = self._hard_eval(theta, self.stacked, self.x[:, i:i + chunk],
+                                   self.y[:, i:i + chunk])
+            errs.append(np.asarray(e))
+            zs.append(np.mean([np.mean(np.asarray(r[p]) < 1.0) for p in self.points]))
+        return float(np.mean(errs)), float(np.mean(zs))
+
+    def finalize(self, theta) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Rescale (see the module docstring): `{point: [L, width]}` thresholds and info."""
+        chunk = 4096 if self.method == "chess" else 8
+        errs, ratios = [], {p: [] for p in self.points}
+        for i in range(0, self.x.shape[1], chunk):
+            e, r = self._hard_eval(theta, self.stacked, self.x[:, i:i + chunk],
+                                   self.y[:, i:i + chunk])
+            errs.append(np.asarray(e))
+            for p in self.points:
+                rr = np.asarray(r[p])
+                ratios[p].append(rr.reshape(rr.shape[0], -1))
+        s = self.settings.sparsity
+        out, factors, before = {}, {}, {}
+        for p in self.points:
+            rr = np.concatenate(ratios[p], 1)  # [L, tokens * width]
+            before[p] = [float(np.mean(row < 1.0)) for row in rr]
+            c = np.array([np.quantile(row, s, method="inverted_cdf") if s > 0 else 0.0
+                          for row in rr], np.float64)
+            c = np.where(np.isfinite(c) & (c > 0), c, 1.0) if s > 0 else np.zeros_like(c)
+            t = np.exp(np.asarray(theta[p], np.float64)) * c[:, None]
+            out[p] = np.minimum(t, np.finfo(np.float32).max).astype(np.float32)
+            factors[p] = c.tolist()
+        info = {"rescale_factors": factors, "hard_sparsity_before_rescale": before,
+                "train_err_before_rescale": float(np.mean(np.concatenate(errs, -1)))}
+        return out, info
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def _fingerprint_dict(config) -> dict:
+    from jaxsparse.sparsity import ModelFingerprint
+
+    return dataclasses.asdict(ModelFingerprint.of(config))
+
+
+def write_checkpoint_meta(ckpt_dir: Path, config, settings: LearnSettings, data_key: dict
+                          ) -> None:
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    doc = {"format": "jaxsparse.learn_checkpoint", "model": _fingerprint_dict(config),
+           "settings": settings.resume_key(), "data": data_key}
+    (ckpt_dir / CKPT_META).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+def check_checkpoint_meta(ckpt_dir: Path, config, settings: LearnSettings, data_key: dict
+                          ) -> None:
+    """Raises LearnError unless the checkpoints in `ckpt_dir` belong to this run."""
+    path = ckpt_dir / CKPT_META
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LearnError(f"--resume: {ckpt_dir} holds no learn checkpoint ({CKPT_META} "
+                         f"missing); run without --resume") from None
+    except json.JSONDecodeError as e:
+        raise LearnError(f"{path}: not valid JSON ({e})") from None
+    mine = settings.resume_key()
+    theirs = doc.get("settings", {})
+    if theirs.get("method") != mine["method"]:
+        raise LearnError(f"--resume: {ckpt_dir} is a checkpoint of method "
+                         f"{theirs.get('method')!r}, not {mine['method']!r}; pass the same "
+                         f"--method or another --checkpoint-dir")
+    if doc.get("model") != _fingerprint_dict(config):
+        from jaxsparse.sparsity import ModelFingerprint
+
+        try:
+            other = ModelFingerprint(**doc.get("model", {})).describe()
+        except TypeError:
+            other = str(doc.get("model"))
+        raise LearnError(f"--resume: {ckpt_dir} is a checkpoint for another model.\n"
+                         f"  checkpoint: {other}\n  model: "
+                         f"{ModelFingerprint.of(config).describe()}")
+    diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    if diff:
+        raise LearnError(f"--resume: {ckpt_dir} was trained with other settings ("
+                         + ", ".join(f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now"
+                                     for k in diff) + ")")
+    if doc.get("data") != data_key:
+        raise LearnError(f"--resume: {ckpt_dir} was trained on other data "
+                         f"({doc.get('data')} there, {data_key} now)")
+
+
+def save_checkpoint(ckpt_dir: Path, ts: dict) -> Path:
+    """Writes `step_<N>/` (orbax: theta, optimizer state leaves, step, key) atomically."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from jaxsparse.io import atomic_directory
+
+    leaves = jax.tree.leaves(ts["opt_state"])
+    tree = {"theta": {p: np.asarray(v) for p, v in ts["theta"].items()},
+            "opt_state": {f"{i:04d}": np.asarray(v) for i, v in enumerate(leaves)},
+            "step": np.asarray(ts["step"], np.int64),
+            "key": np.asarray(jax.random.key_data(ts["key"]))}
+    path = ckpt_dir / f"step_{ts['step']:08d}"
+    with atomic_directory(path, overwrite=True) as tmp:
+        ocp.PyTreeCheckpointer().save(tmp / "state", tree)
+    return path
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    from jaxsparse.io import is_complete
+
+    steps = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir() and is_complete(p))
+    return steps[-1] if steps else None
+
+
+def load_checkpoint(path: Path, template: dict) -> dict:
+    """The training state saved at `path`; `template` (a fresh `Trainer.init`) gives the
+    optimizer state's structure and dtypes."""
+    import jax
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    raw = ocp.PyTreeCheckpointer().restore(path.absolute() / "state")
+    leaves, treedef = jax.tree.flatten(template["opt_state"])
+    saved = [raw["opt_state"][f"{i:04d}"] for i in range(len(leaves))]
+    if len(raw["opt_state"]) != len(leaves):
+        raise LearnError(f"{path}: optimizer state with {len(raw['opt_state'])} arrays, "
+                         f"expected {len(leaves)}")
+    for a, b in zip(saved, leaves):
+        if np.shape(a) != np.shape(b):
+            raise LearnError(f"{path}: optimizer state shapes differ from this run's")
+    opt_state = jax.tree.unflatten(treedef, [jnp.asarray(a, b.dtype)
+                                             for a, b in zip(saved, leaves)])
+    theta = {p: jnp.asarray(v, jnp.float32) for p, v in raw["theta"].items()}
+    if set(theta) != set(template["theta"]) or any(
+            theta[p].shape != template["theta"][p].shape for p in theta):
+        raise LearnError(f"{path}: thresholds of other points or shapes than this run's")
+    key = jax.random.wrap_key_data(jnp.asarray(raw["key"], jnp.uint32))
+    return {"theta": theta, "opt_state": opt_state, "step": int(raw["step"]), "key": key}
+
+
+# ------------------------------------------------------------------ the whole job
+
+
+def learn(config, params, seqs_NxT: np.ndarray, init_state, settings: LearnSettings,
+          ckpt_dir: Path | None = None, save_every: int = 0, resume: bool = False,
+          data_key: dict | None = None, provenance: dict | None = None,
+          progress: bool = True, stop_at: int | None = None):
+    """Learns thresholds from `init_state` on the token rows `seqs_NxT`; returns
+    `(SparsityState, info)`. With `stop_at`, stops after that step without finishing
+    (returns `(None, training state)`; for tests of interruption)."""
+    from jaxsparse.methods import check_sparsity
+    from jaxsparse.sparsity import make_state
+
+    if settings.method not in POINTS:
+        raise LearnError(f"--method {settings.method!r}: learn supports {sorted(POINTS)}")
+    check_sparsity(settings.sparsity)
+    if init_state.method != settings.method:
+        raise LearnError(f"--init holds a {init_state.method!r} state; --method "
+                         f"{settings.method} starts from a {settings.method!r} state")
+    init_state.check_model(config, "--init state")
+    data_key = data_key or {}
+    t0 = time.time()
+    data = dense_inputs(config, params, seqs_NxT, settings.method)
+    trainer = Trainer(config, params, data, settings)
+    ts = trainer.init(init_theta(init_state, settings.method))
+    if ckpt_dir is not None:
+        ckpt_dir = Path(ckpt_dir)
+        if resume:
+            check_checkpoint_meta(ckpt_dir, config, settings, data_key)
+            last = latest_checkpoint(ckpt_dir)
+            if last is None:
+                raise LearnError(f"--resume: no complete checkpoint in {ckpt_dir}")
+            ts = load_checkpoint(last, ts)
+            if progress:
+                print(f"resuming from {last} (step {ts['step']})", file=sys.stderr)
+        else:
+            if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+                raise LearnError(f"{ckpt_dir} already holds checkpoints; pass --resume to "
+                                 f"continue them or remove it")
+            write_checkpoint_meta(ckpt_dir, config, settings, data_key)
+    until = settings.steps if stop_at is None else min(stop_at, settings.steps)
+    ts = trainer.run(ts, until, save_every, ckpt_dir, progress)
+    if stop_at is not None and until < settings.steps:
+        return None, ts
+    thresholds, info = trainer.finalize(ts["theta"])
+    values = {f"layers_{i}": {p: thresholds[p][i] for p in trainer.points}
+              for i in range(config.num_layers)}
+    details = {"init_method": init_state.method, "init_provenance": init_state.meta.provenance,
+               "settings": dataclasses.asdict(settings), "points": list(trainer.points),
+               "final_step": ts["step"], "train_tokens": int(seqs_NxT.size),
+               "trace": trainer.trace[-30:], **info,
+               "seconds": round(time.time() - t0, 1)}
+    state = make_state(config, f"{settings.method}-learned", settings.sparsity, values,
+                       provenance, details)
+    return state, {"training_state": ts, **details}
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from jaxsparse.calibrate import add_model_arguments
+
+    add_model_arguments(parser)
+    parser.add_argument("--method", required=True, choices=sorted(POINTS))
+    parser.add_argument("--sparsity", required=True, type=float)
+    parser.add_argument("--data", nargs="+", metavar="FILE",
+                        help="training text (default: the calibration split of the built-in "
+                             "corpus)")
+    parser.add_argument("--init", metavar="DIR", help="calibrated state to start from "
+                        "(default: calibrate --method on the same data)")
+    parser.add_argument("--out", required=True, help="directory for the learned state")
+    parser.add_argument("--checkpoint-dir", help="default: <out>.ckpt")
+    parser.add_argument("--steps", type=int, default=DEFAULTS["steps"])
+    parser.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+    parser.add_argument("--penalty", type=float, default=DEFAULTS["penalty"],
+                        help="lambda of the sparsity penalty lambda * (s - S)^2")
+    parser.add_argument("--tau-start", type=float, default=DEFAULTS["tau_start"])
+    parser.add_argument("--tau-end", type=float, default=DEFAULTS["tau_end"])
+    parser.add_argument("--tokens", type=int, default=DEFAULTS["tokens"])
+    parser.add_argument("--seq-len", type=int,
+                        help="default 512 (chess), 128 (teal: whole blocks on sequences)")
+    parser.add_argument("--batch-tokens", type=int, default=DEFAULTS["batch_tokens"])
+    parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--save-every", type=int, default=DEFAULTS["save_every"])
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from jaxsparse.data import DataError
+    from jaxsparse.sparsity import StateError
+
+    try:
+        return _run(args)
+    except (DataError, StateError, ValueError, FileExistsError, FileNotFoundError) as e:
+        print(f"jaxsparse learn: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    import jax
+
+    from jaxsparse import data as data_mod
+    from jaxsparse.calibrate import calibrate
+    from jaxsparse.io import refuse_existing
+    from jaxsparse.loading import load_model
+    from jaxsparse.methods import check_sparsity
+    from jaxsparse.sparsity import load_state, read_state_meta, save_state
+
+    s = check_sparsity(args.sparsity)
+    refuse_existing(args.out, args.overwrite)
+    if args.steps < 1:
+        raise LearnError(f"--steps {args.steps}: must be positive")
+    if args.init:
+        meta = read_state_meta(args.init)
+        if meta.method != args.method:
+            raise LearnError(f"--init {args.init} holds a {meta.method!r} state; --method "
+                             f"{args.method} starts from a {args.method!r} state")
+    ckpt_dir = Path(args.checkpoint_dir or f"{Path(args.out)}.ckpt")
+    if args.resume and not (ckpt_dir / CKPT_META).exists():
+        raise LearnError(f"--resume: {ckpt_dir} holds no learn checkpoint ({CKPT_META} "
+                         f"missing); run without --resume")
+    seq_len = args.seq_len or (DEFAULTS["seq_len"] if args.method == "chess"
+                               else DEFAULTS["teal_seq_len"])
+    t0 = time.time()
+    lm = load_model(args.model, args.dtype)
+    if lm.tokenizer is None:
+        raise SystemExit(f"{lm.source}: no tokenizer; learning needs one to read text")
+    config = lm.config
+    what = data_mod.describe_sources(args.data, "calibration")
+    docs = data_mod.load_documents(args.data, "calibration")
+    eos = data_mod.eos_token_id(config, lm.tokenizer)
+    seqs = data_mod.pack_tokens(docs, lm.tokenizer, eos, seq_len, args.tokens, what)
+    if args.init:
+        init = load_state(args.init, config)
+    else:
+        init = calibrate(config, lm.params, lm.tokenizer, [args.method], [s], args.data,
+                         args.tokens, seq_len, progress=not args.no_progress,
+                         model_source=lm.source)[(args.method, s)]
+    settings = LearnSettings(args.method, s, args.steps, args.lr, args.penalty, args.tau_start,
+                             args.tau_end, args.batch_tokens, args.seed)
+    data_key = {"data": what, "tokens": int(seqs.size), "seq_len": seq_len,
+                "init": str(args.init) if args.init else "calibrated on the same data",
+                "init_target_sparsity": init.target_sparsity}
+    provenance = {"data": list(map(str, args.data)) if args.data else None,
+                  "builtin_corpus": None if args.data else data_mod.builtin_provenance(
+                      "calibration"),
+                  "tokens": int(seqs.size), "seq_len": seq_len,
+                  "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                  "jax_version": jax.__version__, "model_source": lm.source}
+    state, info = learn(config, lm.params, seqs, init, settings, ckpt_dir, args.save_every,
+                        args.resume, data_key, provenance, progress=not args.no_progress)
+    save_state(state, args.out, args.overwrite)
+    print(f"{state.method} at sparsity {s}: {info['final_step']} steps on {seqs.size} tokens "
+          f"in {time.time() - t0:.1f} s (train error {info['trace'][0]['err']:.4f} at step "
+          f"{info['trace'][0]['step']} -> {info['trace'][-1]['err']:.4f}); wrote {args.out}")
+    return 0

@@ -1,0 +1,453 @@
+"""Deja Vu predictors: training data from the dense model, low-rank predictors trained
+with optax, their held-out report, and the `dejavu` sparsity state (`train-predictors`).
+
+What a predictor sees and predicts (lookahead, DESIGN.md "Methods, exactly"): for layer
+`l`, the residual entering block `l - 1` (layer 0: its own input), divided by its RMS;
+it predicts which FFN neurons of layer `l` matter (labels: the top `ffn_label_k` of
+`abs(g_i * u_i)` of the dense model, per token) and which attention heads matter (labels:
+the top `head_label_k` heads by the norm of their attention output). Each layer has two
+predictors `d -> r -> m` and `d -> r_h -> H` (`silu` between; `jaxsparse.rules`), all
+layers trained together in one jit (vmapped over the layer axis) with AdamW on
+class-weighted BCE (positives weighted `(width - k) / k`), early-stopped per layer on
+held-out recall (the best evaluation of each layer is kept; training stops when no layer
+improved for `patience` evaluations).
+
+At inference (`rules.predicted_masks`) a layer keeps its top `ffn_k` predicted neurons
+and top `head_k` heads. The report gives, on held-out tokens (sequences not trained
+on), per layer and averaged: `ffn_recall` (fraction of the labelled neurons kept),
+`ffn_precision` (fraction of the kept neurons that are labelled), `ffn_mass_recall` (the
+share of `sum_i abs(g_i u_i)` the kept neurons carry), `head_recall`, `head_precision`,
+and `predicted_sparsity` (`1 - ffn_k / m`, exact for a fixed top-k).
+This module holds no model code; the hooks that apply the masks are in `jaxsparse.models`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+DEFAULTS = {"tokens": 8192, "seq_len": 512, "batch_size": 8, "ffn_rank": 128, "head_rank": 32,
+            "steps": 600, "batch_tokens": 1024, "lr": 3e-3, "weight_decay": 1e-4,
+            "eval_every": 50, "patience": 4, "holdout": 0.2, "seed": 0}
+
+
+class PredictorError(ValueError):
+    """Bad predictor settings (a rank or a k that does not fit the model)."""
+
+
+def check_settings(config, ffn_rank: int, head_rank: int, ffn_k: int, head_k: int,
+                   ffn_label_k: int, head_label_k: int) -> None:
+    d, m, heads = config.hidden_size, config.intermediate_size, config.num_heads
+    for name, r in (("--ffn-rank", ffn_rank), ("--head-rank", head_rank)):
+        if not 1 <= r <= d:
+            raise PredictorError(f"{name} {r}: a low-rank predictor needs a rank in [1, {d}] "
+                                 f"(the model width, hidden_size={d})")
+    for name, k, width, what in (("--ffn-k", ffn_k, m, "FFN neurons"),
+                                 ("--ffn-label-k", ffn_label_k, m, "FFN neurons"),
+                                 ("--head-k", head_k, heads, "attention heads"),
+                                 ("--head-label-k", head_label_k, heads, "attention heads")):
+        if not 1 <= k <= width:
+            raise PredictorError(f"{name} {k}: outside [1, {width}] (the model has {width} "
+                                 f"{what} per layer)")
+
+
+def default_ks(config) -> dict[str, int]:
+    """Operating point by default: half the neurons kept, a quarter labelled; all heads
+    kept, the top half labelled (so head_recall is 1 unless --head-k is lowered)."""
+    m, heads = config.intermediate_size, config.num_heads
+    return {"ffn_k": m // 2, "ffn_label_k": max(1, m // 4), "head_k": heads,
+            "head_label_k": max(1, heads // 2)}
+
+
+# ------------------------------------------------------------------ training data
+
+
+def gather(config, params, seqs_NxT: np.ndarray, batch_size: int = DEFAULTS["batch_size"],
+           progress: bool = True) -> dict[str, np.ndarray]:
+    """Dense forward passes (jit) over token rows; returns host arrays over all tokens:
+    `x` [L, N, d] float32 (the lookahead input of each layer), `ffn_importance` [L, N, m]
+    float16 (`abs(g * u)`), `head_norm` [L, N, H] float32 and `seq` [N] (row index)."""
+    import jax
+    import jax.numpy as jnp
+    from tqdm import tqdm
+
+    from jaxsparse.models import build_model, positions_from_mask
+
+    if config.family == "opt":
+        raise PredictorError("train-predictors supports SwiGLU models (the Llama family); "
+                             "OPT's ReLU zeros need no predictor labels from g * u")
+    model = build_model(config)
+    L = config.num_layers
+
+    @jax.jit
+    def run(params, tokens, valid):
+        _, v = model.apply({"params": params}, tokens, positions_from_mask(valid),
+                           mutable=["taps"])
+        t = v["taps"]
+        block_in = [t[f"layers_{i}"]["block_in"][0] for i in range(L)]
+        x = jnp.stack([block_in[max(i - 1, 0)] for i in range(L)])
+        imp = jnp.stack([jnp.abs(t[f"layers_{i}"]["mlp"]["gate"][0].astype(jnp.float32)
+                                 * t[f"layers_{i}"]["mlp"]["up"][0].astype(jnp.float32))
+                         for i in range(L)])
+        hn = jnp.stack([jnp.linalg.norm(t[f"layers_{i}"]["self_attn"]["head_out"][0].astype(
+            jnp.float32), axis=-1) for i in range(L)])
+        return x.astype(jnp.float32), imp.astype(jnp.float16), hn
+
+    xs, imps, hns = [], [], []
+    n = len(seqs_NxT)
+    for start in tqdm(range(0, n, batch_size), desc="predictor data", unit="batch",
+                      disable=not progress):
+        rows = seqs_NxT[start:start + batch_size]
+        k = len(rows)
+        if k < batch_size:  # pad to one compiled shape
+            rows = np.concatenate([rows, np.zeros((batch_size - k,) + rows.shape[1:],
+                                                  rows.dtype)])
+        x, imp, hn = run(params, jnp.asarray(rows), jnp.ones(rows.shape, bool))
+        for acc, a in ((xs, x), (imps, imp), (hns, hn)):
+            acc.append(np.asarray(a)[:, :k].reshape(L, k * rows.shape[1], -1))
+    seq = np.repeat(np.arange(n), seqs_NxT.shape[1])
+    return {"x": np.concatenate(xs, 1), "ffn_importance": np.concatenate(imps, 1),
+            "head_norm": np.concatenate(hns, 1), "seq": seq}
+
+
+# ------------------------------------------------------------------ predictors
+
+
+def init_predictors(config, ffn_rank: int, head_rank: int, seed: int = 0) -> dict:
+    """Stacked predictor weights `{key: [L, ...]}` (float32)."""
+    import jax
+    import jax.numpy as jnp
+
+    L, d, m, H = (config.num_layers, config.hidden_size, config.intermediate_size,
+                  config.num_heads)
+    ks = jax.random.split(jax.random.key(seed), 4)
+    n = jax.random.normal
+    return {
+        "ffn_w1": n(ks[0], (L, d, ffn_rank)) / np.sqrt(d),
+        "ffn_b1": jnp.zeros((L, ffn_rank)),
+        "ffn_w2": n(ks[1], (L, ffn_rank, m)) / np.sqrt(ffn_rank),
+        "ffn_b2": jnp.zeros((L, m)),
+        "head_w1": n(ks[2], (L, d, head_rank)) / np.sqrt(d),
+        "head_b1": jnp.zeros((L, head_rank)),
+        "head_w2": n(ks[3], (L, head_rank, H)) / np.sqrt(head_rank),
+        "head_b2": jnp.zeros((L, H)),
+    }
+
+
+def _weighted_bce(logits, labels, k: int):
+    """Mean BCE with positives weighted `(width - k) / k` (the classes balanced)."""
+    import jax
+
+    width = logits.shape[-1]
+    pos_w = (width - k) / k
+    y = labels.astype(logits.dtype)
+    lp, ln = jax.nn.log_sigmoid(logits), jax.nn.log_sigmoid(-logits)
+    return -(pos_w * y * lp + (1 - y) * ln).mean() / (1 + pos_w) * 2
+
+
+def _metrics(w: dict, x, imp, hn, ks: dict):
+    """Per-layer (unstacked `w`) held-out sums: hits and counts for recall/precision."""
+    import jax.numpy as jnp
+
+    from jaxsparse.rules import predictor_logits, topk_mask
+
+    imp = imp.astype(jnp.float32)
+    ffn_lab = topk_mask(imp, ks["ffn_label_k"])
+    head_lab = topk_mask(hn, ks["head_label_k"])
+    ffn_pred = topk_mask(predictor_logits(w, x, "ffn"), ks["ffn_k"])
+    head_pred = topk_mask(predictor_logits(w, x, "head"), ks["head_k"])
+    f = lambda a: jnp.sum(a.astype(jnp.float32))
+    return {
+        "ffn_hits": f(ffn_lab & ffn_pred), "ffn_labels": f(ffn_lab), "ffn_kept": f(ffn_pred),
+        "ffn_mass_kept": jnp.sum(imp * ffn_pred), "ffn_mass": jnp.sum(imp),
+        "head_hits": f(head_lab & head_pred), "head_labels": f(head_lab),
+        "head_kept": f(head_pred),
+    }
+
+
+def _report_from_sums(sums: dict, config, ks: dict) -> dict[str, Any]:
+    L = config.num_layers
+    per_layer = {}
+    for i in range(L):
+        s = {k: float(v[i]) for k, v in sums.items()}
+        per_layer[f"layers_{i}"] = {
+            "ffn_recall": s["ffn_hits"] / max(s["ffn_labels"], 1),
+            "ffn_precision": s["ffn_hits"] / max(s["ffn_kept"], 1),
+            "ffn_mass_recall": s["ffn_mass_kept"] / max(s["ffn_mass"], 1e-30),
+            "head_recall": s["head_hits"] / max(s["head_labels"], 1),
+            "head_precision": s["head_hits"] / max(s["head_kept"], 1),
+            "predicted_sparsity": 1.0 - ks["ffn_k"] / config.intermediate_size,
+            "predicted_head_sparsity": 1.0 - ks["head_k"] / config.num_heads,
+        }
+    keys = next(iter(per_layer.values())).keys()
+    mean = {k: float(np.mean([v[k] for v in per_layer.values()])) for k in keys}
+    return {"mean": mean, "per_layer": per_layer}
+
+
+def train_predictors(config, data: dict[str, np.ndarray], ks: dict[str, int],
+                     ffn_rank: int = DEFAULTS["ffn_rank"], head_rank: int = DEFAULTS["head_rank"],
+                     steps: int = DEFAULTS["steps"], batch_tokens: int = DEFAULTS["batch_tokens"],
+                     lr: float = DEFAULTS["lr"], weight_decay: float = DEFAULTS["weight_decay"],
+                     eval_every: int = DEFAULTS["eval_every"], patience: int = DEFAULTS["patience"],
+                     holdout: float = DEFAULTS["holdout"], seed: int = DEFAULTS["seed"],
+                     progress: bool = True) -> tuple[dict, dict[str, Any]]:
+    """Trains every layer's predictors on `data` (from `gather`); returns the stacked best
+    weights (host) and the held-out report (with the training trace)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from tqdm import tqdm
+
+    from jaxsparse.rules import predictor_logits, topk_mask
+
+    check_settings(config, ffn_rank, head_rank, **ks)
+    seqs = np.unique(data["seq"])
+    n_hold = max(1, round(len(seqs) * holdout))
+    if len(seqs) - n_hold < 1:
+        raise PredictorError(f"{len(seqs)} sequence(s): need at least 2 to hold one out "
+                             f"(raise --tokens)")
+    held = np.isin(data["seq"], seqs[-n_hold:])
+    tr_idx, ho_idx = np.flatnonzero(~held), np.flatnonzero(held)
+    x_tr = jnp.asarray(data["x"][:, tr_idx])
+    # labels once (a top-k per token is a sort: too costly to redo every step)
+    label = jax.jit(lambda imp, hn: (topk_mask(imp.astype(jnp.float32), ks["ffn_label_k"]),
+                                     topk_mask(hn, ks["head_label_k"])))
+    labs = [label(jnp.asarray(data["ffn_importance"][:, tr_idx[i:i + 2048]]),
+                  jnp.asarray(data["head_norm"][:, tr_idx[i:i + 2048]]))
+            for i in range(0, len(tr_idx), 2048)]
+    ffn_lab_tr = jnp.concatenate([a for a, _ in labs], 1)
+    head_lab_tr = jnp.concatenate([b for _, b in labs], 1)
+    ho = (jnp.asarray(data["x"][:, ho_idx]), jnp.asarray(data["ffn_importance"][:, ho_idx]),
+          jnp.asarray(data["head_norm"][:, ho_idx]))
+    n_tr = len(tr_idx)
+    bt = min(batch_tokens, n_tr)
+
+    params = init_predictors(config, ffn_rank, head_rank, seed)
+    opt = optax.adamw(lr, weight_decay=weight_decay)
+    opt_state = opt.init(params)
+    kk = {k: int(v) for k, v in ks.items()}
+
+    def layer_loss(w, x, ffn_lab, head_lab):
+        return (_weighted_bce(predictor_logits(w, x, "ffn"), ffn_lab, kk["ffn_label_k"])
+                + _weighted_bce(predictor_logits(w, x, "head"), head_lab, kk["head_label_k"]))
+
+    def loss_fn(p, x, imp, hn):
+        return jnp.sum(jax.vmap(layer_loss)(p, x, imp, hn))
+
+    @jax.jit
+    def step(p, s, key, x_tr, ffn_lab_tr, head_lab_tr):  # data as arguments, not constants
+        idx = jax.random.choice(key, n_tr, (bt,), replace=False)
+        x, fl, hl = x_tr[:, idx], ffn_lab_tr[:, idx], head_lab_tr[:, idx]
+        loss, g = jax.value_and_grad(loss_fn)(p, x, fl, hl)
+        upd, s = opt.update(g, s, p)
+        return optax.apply_updates(p, upd), s, loss
+
+    ev = jax.jit(lambda p, ho: jax.vmap(lambda w, x, i, h: _metrics(w, x, i, h, kk))(p, *ho))
+
+    def evaluate(p):
+        return ev(p, ho)
+
+    def score(sums):  # per layer: the early-stopping criterion
+        s = {k: np.asarray(v, np.float64) for k, v in sums.items()}
+        return (s["ffn_hits"] / np.maximum(s["ffn_labels"], 1)
+                + s["head_hits"] / np.maximum(s["head_labels"], 1))
+
+    best = jax.tree.map(np.asarray, params)
+    best_sums = jax.tree.map(np.asarray, evaluate(params))
+    best_score = score(best_sums)
+    trace, stale = [], 0
+    key = jax.random.key(seed + 1)
+    bar = tqdm(range(1, steps + 1), desc="predictors", unit="step", disable=not progress)
+    loss = float("nan")
+    for it in bar:
+        params, opt_state, loss = step(params, opt_state, jax.random.fold_in(key, it), x_tr,
+                                       ffn_lab_tr, head_lab_tr)
+        if it % eval_every == 0 or it == steps:
+            sums = jax.tree.map(np.asarray, evaluate(params))
+            sc = score(sums)
+            better = sc > best_score
+            if better.any():
+                host = jax.tree.map(np.asarray, params)
+                best = {k: np.where(better.reshape((-1,) + (1,) * (v.ndim - 1)), host[k], v)
+                        for k, v in best.items()}
+                best_sums = {k: np.where(better, sums[k], v) for k, v in best_sums.items()}
+                best_score = np.where(better, sc, best_score)
+                stale = 0
+            else:
+                stale += 1
+            rep = _report_from_sums(best_sums, config, kk)["mean"]
+            trace.append({"step": it, "loss": float(loss), "ffn_recall": rep["ffn_recall"],
+                          "head_recall": rep["head_recall"],
+                          "layers_improved": int(better.sum())})
+            bar.set_postfix(loss=f"{float(loss):.4f}", ffn_recall=f"{rep['ffn_recall']:.3f}")
+            if stale >= patience:
+                break
+    report = _report_from_sums(best_sums, config, kk)
+    report.update({
+        "settings": {**kk, "ffn_rank": ffn_rank, "head_rank": head_rank, "steps_run": it,
+                     "max_steps": steps, "batch_tokens": bt, "lr": lr,
+                     "weight_decay": weight_decay, "eval_every": eval_every,
+                     "patience": patience, "seed": seed},
+        "train_tokens": int(n_tr), "heldout_tokens": len(ho_idx),
+        "heldout_sequences": int(n_hold), "trace": trace,
+    })
+    return best, report
+
+
+def heldout_report(config, weights: dict, data: dict[str, np.ndarray], ks: dict[str, int]
+                   ) -> dict[str, Any]:
+    """The report of stacked `weights` on all of `data` (e.g. other tokens, other k's)."""
+    import jax
+    import jax.numpy as jnp
+
+    kk = {k: int(v) for k, v in ks.items()}
+    w = {k: jnp.asarray(v) for k, v in weights.items() if not k.endswith("_k")}
+    sums = jax.jit(jax.vmap(lambda w, x, i, h: _metrics(w, x, i, h, kk)))(
+        w, jnp.asarray(data["x"]), jnp.asarray(data["ffn_importance"]),
+        jnp.asarray(data["head_norm"]))
+    return _report_from_sums(jax.tree.map(np.asarray, sums), config, kk)
+
+
+def dejavu_state(config, weights: dict, ffn_k: int, head_k: int, provenance=None,
+                 details=None):
+    """The `dejavu` SparsityState: zero thresholds, per-layer predictors and k's."""
+    from jaxsparse.sparsity import make_state
+
+    m = config.intermediate_size
+    preds = {}
+    for i in range(config.num_layers):
+        layer = {k: np.asarray(v[i], np.float32) for k, v in weights.items()
+                 if not k.endswith("_k")}
+        layer["ffn_k"] = np.asarray(ffn_k, np.int32)
+        layer["head_k"] = np.asarray(head_k, np.int32)
+        preds[f"layers_{i}"] = layer
+    state = make_state(config, "dejavu", 1.0 - ffn_k / m, {}, provenance,
+                       {**(details or {}), "ffn_k": ffn_k, "head_k": head_k})
+    out = state.replace(predictors=preds)
+    out.check_model(config, "dejavu state")
+    return out
+
+
+def with_operating_point(state, ffn_k: int | None = None, head_k: int | None = None):
+    """The same predictors with other k's (no retraining); target sparsity updated."""
+    import dataclasses
+    import json as _json
+
+    from jaxsparse.sparsity import StateMeta
+
+    fp = state.meta.model
+    ffn_k = ffn_k or int(state.predictors["layers_0"]["ffn_k"])
+    head_k = head_k or int(state.predictors["layers_0"]["head_k"])
+    for name, k, width in (("ffn_k", ffn_k, fp.intermediate_size),
+                           ("head_k", head_k, fp.num_heads)):
+        if not 1 <= k <= width:
+            raise PredictorError(f"{name} {k}: outside [1, {width}]")
+    preds = {layer: {**w, "ffn_k": np.asarray(ffn_k, np.int32),
+                     "head_k": np.asarray(head_k, np.int32)}
+             for layer, w in state.predictors.items()}
+    details = {**state.meta.details, "ffn_k": ffn_k, "head_k": head_k}
+    meta = dataclasses.replace(state.meta, target_sparsity=1.0 - ffn_k / fp.intermediate_size,
+                               details_json=_json.dumps(details, sort_keys=True))
+    assert isinstance(meta, StateMeta)
+    return state.replace(predictors=preds, meta=meta)
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from jaxsparse.calibrate import add_model_arguments
+
+    add_model_arguments(parser)
+    parser.add_argument("--data", nargs="+", metavar="FILE",
+                        help="training text (default: the calibration split of the built-in "
+                             "corpus; the last 20%% of its sequences are held out)")
+    parser.add_argument("--tokens", type=int, default=DEFAULTS["tokens"])
+    parser.add_argument("--seq-len", type=int, default=DEFAULTS["seq_len"])
+    parser.add_argument("--ffn-rank", type=int, default=DEFAULTS["ffn_rank"])
+    parser.add_argument("--head-rank", type=int, default=DEFAULTS["head_rank"])
+    parser.add_argument("--ffn-k", type=int, help="FFN neurons kept per token (default m/2)")
+    parser.add_argument("--head-k", type=int, help="heads kept per token (default: all)")
+    parser.add_argument("--ffn-label-k", type=int,
+                        help="top-k of |g*u| labelled as mattering (default m/4)")
+    parser.add_argument("--head-label-k", type=int,
+                        help="top-k heads by output norm labelled (default H/2)")
+    parser.add_argument("--steps", type=int, default=DEFAULTS["steps"])
+    parser.add_argument("--batch-tokens", type=int, default=DEFAULTS["batch_tokens"])
+    parser.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+    parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    parser.add_argument("--out", required=True, help="directory for the dejavu state")
+    parser.add_argument("--report", metavar="FILE.json", help="held-out report")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from jaxsparse.data import DataError
+    from jaxsparse.sparsity import StateError
+
+    try:
+        return _run(args)
+    except (DataError, StateError, ValueError, FileExistsError, FileNotFoundError) as e:
+        print(f"jaxsparse train-predictors: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    import jax
+
+    from jaxsparse import data as data_mod
+    from jaxsparse.evaluate import write_json_atomic
+    from jaxsparse.io import refuse_existing
+    from jaxsparse.loading import load_model
+    from jaxsparse.sparsity import save_state
+
+    refuse_existing(args.out, args.overwrite)
+    if args.tokens < 2 * args.seq_len:
+        raise PredictorError(f"--tokens {args.tokens}: need at least two sequences of "
+                             f"--seq-len {args.seq_len} (one is held out)")
+    t0 = time.time()
+    lm = load_model(args.model, args.dtype)
+    if lm.tokenizer is None:
+        raise SystemExit(f"{lm.source}: no tokenizer; training needs one to read text")
+    config = lm.config
+    ks = default_ks(config)
+    for k in ks:
+        if getattr(args, k) is not None:
+            ks[k] = getattr(args, k)
+    check_settings(config, args.ffn_rank, args.head_rank, **ks)
+    what = data_mod.describe_sources(args.data, "calibration")
+    docs = data_mod.load_documents(args.data, "calibration")
+    eos = data_mod.eos_token_id(config, lm.tokenizer)
+    seqs = data_mod.pack_tokens(docs, lm.tokenizer, eos, args.seq_len, args.tokens, what)
+    data = gather(config, lm.params, seqs, progress=not args.no_progress)
+    t_data = time.time() - t0
+    weights, report = train_predictors(config, data, ks, args.ffn_rank, args.head_rank,
+                                       args.steps, args.batch_tokens, args.lr, seed=args.seed,
+                                       progress=not args.no_progress)
+    provenance = {"data": list(map(str, args.data)) if args.data else None,
+                  "builtin_corpus": None if args.data else data_mod.builtin_provenance(
+                      "calibration"),
+                  "tokens": int(seqs.size), "seq_len": args.seq_len,
+                  "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                  "jax_version": jax.__version__, "model_source": lm.source}
+    details = {"ffn_rank": args.ffn_rank, "head_rank": args.head_rank,
+               "ffn_label_k": ks["ffn_label_k"], "head_label_k": ks["head_label_k"],
+               "heldout_mean": report["mean"]}
+    state = dejavu_state(config, weights, ks["ffn_k"], ks["head_k"], provenance, details)
+    save_state(state, args.out, args.overwrite)
+    report.update({"model_source": lm.source, "data": what, "data_seconds": round(t_data, 1),
+                   "seconds": round(time.time() - t0, 1), "state": str(args.out)})
+    if args.report:
+        write_json_atomic(report, args.report)
+    r = report["mean"]
+    print(f"dejavu: held-out ffn_recall {r['ffn_recall']:.3f} ffn_precision "
+          f"{r['ffn_precision']:.3f} head_recall {r['head_recall']:.3f} predicted sparsity "
+          f"{r['predicted_sparsity']:.3f} ({report['seconds']:.0f} s); wrote {args.out}"
+          + (f", {args.report}" if args.report else ""))
+    return 0
