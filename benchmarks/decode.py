@@ -195,8 +195,8 @@ def copy_bandwidth(nbytes: int = 4 << 30, repeats: int = 20) -> float:
 def bench_method(args, config, params, method, quantiles, widths, prompt, cache_len, bw):
     """Times `args.steps` decode steps of one method; returns its result row."""
     th = thresholds_for(method, quantiles, widths, config.dtype)
-    kernels = kernels_for_method(method, args.kernels) if method != "dense" else None
-    p = prepare_params(params, config, kernels) if kernels else params
+    kernels = kernels_for_method(method, args.kernels if method != "dense" else "xla")
+    p = prepare_params(params, config, kernels)
     # Fill the cache with a real (dense) prefill, then decode.
     model = build_model(config)
     prefill = jax.jit(lambda p_, t_, c_: model.apply(
@@ -206,7 +206,7 @@ def bench_method(args, config, params, method, quantiles, widths, prompt, cache_
                             init_cache(config, 1, cache_len))
     tok = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
     sp = measured_sparsity(config, params, th, cache, tok, args.prompt_len) if th else {}
-    decode = make_decode(config, kernels or kernels_for_method("dense", "xla"), args.steps)
+    decode = make_decode(config, kernels, args.steps)
     pos = jnp.full((1,), args.prompt_len, jnp.int32)
     index = args.prompt_len
     t0 = time.perf_counter()

@@ -38,10 +38,9 @@ def record(args) -> None:
     quantiles, widths = bench.calibrate_thresholds(config, params, prompt, args.sparsity)
     for method in args.methods:
         th = bench.thresholds_for(method, quantiles, widths, config.dtype)
-        kernels = kernels_for_method(method, "pallas") if method != "dense" else None
-        p = prepare_params(params, config, kernels) if kernels else params
-        step = bench.make_decode(config, kernels or kernels_for_method("dense", "xla"),
-                                 args.steps)
+        kernels = kernels_for_method(method, "pallas" if method != "dense" else "xla")
+        p = prepare_params(params, config, kernels)
+        step = bench.make_decode(config, kernels, args.steps)
         cache = init_cache(config, 1, args.prompt_len + 16 * args.steps)
         tok = jnp.zeros((1,), jnp.int32)
         pos = jnp.full((1,), args.prompt_len, jnp.int32)
@@ -81,6 +80,8 @@ def summarize(directory: str) -> dict:
     """Device kernel events of each method's Perfetto trace, summed per step by kind."""
     out = {}
     for sub in sorted(Path(directory).iterdir()):
+        if not (sub / "wall.json").is_file():
+            continue
         wall = json.loads((sub / "wall.json").read_text())
         traces = list(sub.rglob("perfetto_trace.json.gz"))
         if not traces:

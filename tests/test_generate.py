@@ -138,3 +138,25 @@ def test_kernel_decoding_gives_masked_dense_tokens(method, impl):
     assert got.tokens == dense.tokens
     assert got.measured_sparsity["gate"] == pytest.approx(dense.measured_sparsity["gate"])
     assert 0.1 < dense.measured_sparsity["down_in"] < 0.95  # the thresholds did zero things
+
+
+@pytest.mark.parametrize("model_type,extra", [("llama", {}), ("qwen2", {"qkv_bias": True}),
+                                              ("opt", {})])
+def test_fused_qkv_layout_gives_the_same_logits(model_type, extra):
+    """`prepare_params` with fuse_qkv (one q/k/v matmul) computes the same function."""
+    from jaxsparse.models import Kernels, prepare_params
+
+    config = tiny(model_type, **extra)
+    params = init_params(config, seed=3)
+    if extra.get("qkv_bias"):  # non-zero biases, so that their concatenation is checked
+        params = jax.tree_util.tree_map_with_path(
+            lambda p, x: x + 0.1 if "bias" in jax.tree_util.keystr(p) else x, params)
+    kernels = Kernels("xla", fuse_qkv=True)
+    fused = prepare_params(params, config, kernels)
+    assert "qkv_proj" in fused["layers_0"]["self_attn"]
+    assert "q_proj" not in fused["layers_0"]["self_attn"]
+    tokens = jnp.asarray([[5, 6, 7, 8, 9]])
+    pos = jnp.arange(5)[None]
+    ref, _ = build_model(config).apply({"params": params}, tokens, pos)
+    got, _ = build_model(config, kernels).apply({"params": fused}, tokens, pos)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)

@@ -12,9 +12,17 @@ from jaxsparse.models.llama import LlamaForCausalLM
 from jaxsparse.models.opt import OPTForCausalLM
 
 __all__ = [
-    "Kernels", "LlamaForCausalLM", "OPTForCausalLM", "build_model", "init_params",
-    "param_shapes", "logical_axes", "init_cache", "positions_from_mask", "prepare_params",
+    "Kernels",
+    "LlamaForCausalLM",
+    "OPTForCausalLM",
+    "build_model",
+    "init_cache",
+    "init_params",
     "kernels_for_method",
+    "logical_axes",
+    "param_shapes",
+    "positions_from_mask",
+    "prepare_params",
 ]
 
 
@@ -28,25 +36,37 @@ def kernels_for_method(method: str, mode: str = "pallas", impl: str = "auto") ->
     """The kernel setup for a sparsity method's decode steps (`rules.KERNEL_POINTS`)."""
     from jaxsparse.rules import KERNEL_POINTS
 
-    if mode == "xla":
-        return XLA
     if method not in KERNEL_POINTS:
         raise ValueError(f"no kernel path for method {method!r}; known: {sorted(KERNEL_POINTS)}")
-    return Kernels(mode, KERNEL_POINTS[method], impl)
+    fuse = method != "chess+"  # chess+ thresholds the q input but not the k/v input
+    if mode == "xla":
+        return Kernels("xla", fuse_qkv=fuse)
+    return Kernels(mode, fuse_qkv=fuse, points=KERNEL_POINTS[method], impl=impl)
 
 
 def prepare_params(params: dict, config: ModelConfig, kernels: Kernels) -> dict:
     """Lays weights out for `kernels`, once at load time: with the gate kernel, every
-    `up_proj` kernel becomes `[m, d]` so that the rows an active gate needs are contiguous.
+    `up_proj` kernel becomes `[m, d]` so that the rows an active gate needs are contiguous;
+    with `fuse_qkv`, q/k/v_proj become one `qkv_proj` (kernel `[d, q + 2 kv]`).
     Returns a new tree (shares the untouched arrays)."""
-    if not (kernels.up_rows and config.family == "llama"):
+    up_rows = kernels.up_rows and config.family == "llama"
+    if not (up_rows or kernels.fuse_qkv):
         return params
     out = dict(params)
     for i in range(config.num_layers):
         layer = dict(out[f"layers_{i}"])
-        mlp = dict(layer["mlp"])
-        mlp["up_proj"] = {**mlp["up_proj"], "kernel": jnp.asarray(mlp["up_proj"]["kernel"]).T}
-        layer["mlp"] = mlp
+        if up_rows:
+            mlp = dict(layer["mlp"])
+            mlp["up_proj"] = {**mlp["up_proj"],
+                              "kernel": jnp.asarray(mlp["up_proj"]["kernel"]).T}
+            layer["mlp"] = mlp
+        if kernels.fuse_qkv:
+            attn = dict(layer["self_attn"])
+            parts = [attn.pop(n) for n in ("q_proj", "k_proj", "v_proj")]
+            attn["qkv_proj"] = {
+                name: jnp.concatenate([jnp.asarray(p[name]) for p in parts], axis=-1)
+                for name in parts[0]}
+            layer["self_attn"] = attn
         out[f"layers_{i}"] = layer
     return out
 

@@ -14,7 +14,14 @@ import jax.numpy as jnp
 from jaxsparse import rules
 from jaxsparse.config import ModelConfig
 from jaxsparse.models.layers import (
-    XLA, Kernels, Linear, apply_rope, attend, attention_mask, param_dtype, update_layer_cache,
+    XLA,
+    Kernels,
+    Linear,
+    apply_rope,
+    attend,
+    attention_mask,
+    param_dtype,
+    update_layer_cache,
 )
 
 
@@ -45,11 +52,17 @@ class SelfAttention(nn.Module):
         xq = _sparse(self, "q_in", h_BxTxD, thresholds)
         xkv = _sparse(self, "kv_in", h_BxTxD, thresholds)
         kn = self.kernels
-        q = Linear(c.q_dim, ("embed", "q_heads"), c.qkv_bias, dt, kn, name="q_proj")(xq, "q_in")
-        k = Linear(c.kv_dim, ("embed", "kv_heads"), c.qkv_bias, dt, kn, name="k_proj")(xkv,
-                                                                                     "kv_in")
-        v = Linear(c.kv_dim, ("embed", "kv_heads"), c.qkv_bias, dt, kn, name="v_proj")(xkv,
-                                                                                     "kv_in")
+        if kn.fuse_qkv:  # q and k/v read the same input here (see Kernels.fuse_qkv)
+            qkv = Linear(c.q_dim + 2 * c.kv_dim, ("embed", "qkv_heads"), c.qkv_bias, dt, kn,
+                         name="qkv_proj")(xq, "q_in")
+            q, k, v = jnp.split(qkv, [c.q_dim, c.q_dim + c.kv_dim], axis=-1)
+        else:
+            q = Linear(c.q_dim, ("embed", "q_heads"), c.qkv_bias, dt, kn, name="q_proj")(
+                xq, "q_in")
+            k = Linear(c.kv_dim, ("embed", "kv_heads"), c.qkv_bias, dt, kn, name="k_proj")(
+                xkv, "kv_in")
+            v = Linear(c.kv_dim, ("embed", "kv_heads"), c.qkv_bias, dt, kn, name="v_proj")(
+                xkv, "kv_in")
         q_BxTxHxD = q.reshape(b, t, c.num_heads, c.head_dim)
         k_BxTxKxD = k.reshape(b, t, c.num_kv_heads, c.head_dim)
         v_BxTxKxD = v.reshape(b, t, c.num_kv_heads, c.head_dim)

@@ -45,6 +45,10 @@ class Kernels:
     """
 
     mode: str = "xla"
+    # q/k/v as one `qkv_proj` matmul [d, q + 2 kv], prepared at load by `prepare_params`.
+    # Only where q and k/v read the same input (every method but chess+, which thresholds
+    # the q input alone): three small matvecs cost twice one fused one on an H100.
+    fuse_qkv: bool = False
     # The sparsification points (`jaxsparse.rules.TENSORS`) whose projections use a kernel;
     # the others stay dense XLA matmuls. "gate" means: up_proj stored [m, d] (rows layout,
     # prepared at load by `prepare_params`) and computed by `gated_matvec`.

@@ -14,7 +14,13 @@ import jax.numpy as jnp
 from jaxsparse.config import ModelConfig
 from jaxsparse.models.attention import SelfAttention, _sparse
 from jaxsparse.models.layers import (
-    XLA, Embed, Kernels, Linear, RMSNorm, param_dtype, rope_cos_sin,
+    XLA,
+    Embed,
+    Kernels,
+    Linear,
+    RMSNorm,
+    param_dtype,
+    rope_cos_sin,
 )
 
 
