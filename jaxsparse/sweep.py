@@ -149,9 +149,12 @@ def plot_layer_heatmap(results: list[dict], path: Path, title: str) -> None:
 def sweep(lm, methods: list[str], sparsities: list[float], out: str | Path,
           data: list[str] | None = None, calib: dict | None = None, ev: dict | None = None,
           options: dict | None = None, include_dense: bool = True,
-          progress: bool = True, calibrate_only: bool = False) -> list[dict]:
+          progress: bool = True, calibrate_only: bool = False,
+          extra_states: list[str] | None = None) -> list[dict]:
     """Runs the sweep for a loaded model (`LoadedModel`-like: config, params, tokenizer,
-    source); returns the result dicts (dense first)."""
+    source); returns the result dicts (dense first). `extra_states`: directories of
+    states fitted elsewhere (`jaxsparse learn`, `train-predictors`), evaluated after the
+    calibrated ones."""
     from jaxsparse import data as data_mod
     from jaxsparse.calibrate import DEFAULTS as CAL
     from jaxsparse.calibrate import calibrate
@@ -196,8 +199,13 @@ def sweep(lm, methods: list[str], sparsities: list[float], out: str | Path,
     builtin = not ev["ppl"] and not ev["tasks"]
     evaluator = ppl = tasks = None
     results = []
+    from jaxsparse.sparsity import load_state
+
     todo = ([("dense", None)] if include_dense else []) + [
         (config_name(m, s), states[(m, s)]) for m in methods for s in sparsities]
+    for d in extra_states or []:
+        st = load_state(d, config)
+        todo.append((f"{config_name(st.method, st.target_sparsity)}_{Path(d).name}", st))
     for name, state in todo:
         path = out / "results" / f"{name}.json"
         if path.is_file():
@@ -254,6 +262,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
     parser.add_argument("--calibrate-only", action="store_true",
                         help="only write the missing states (statistics gathered once)")
+    parser.add_argument("--sparsity-state", nargs="+", metavar="DIR",
+                        help="states fitted elsewhere (learn, train-predictors) to evaluate "
+                             "beside the calibrated ones")
     parser.add_argument("--out", required=True, metavar="DIR")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -276,7 +287,7 @@ def run(args: argparse.Namespace) -> int:
         options = {"teal": {"allocation": args.teal_allocation}}
         sweep(lm, methods, sparsities, args.out, args.data, calib, ev, options,
               include_dense=not args.no_dense, progress=not args.no_progress,
-              calibrate_only=args.calibrate_only)
+              calibrate_only=args.calibrate_only, extra_states=args.sparsity_state)
     except (DataError, StateError, ValueError, FileNotFoundError) as e:
         print(f"jaxsparse sweep: error: {e}", file=sys.stderr)
         return 2

@@ -164,3 +164,48 @@ def test_cli_rejects_bad_rank_before_training(tmp_path, capsys):
     rc = main(["train-predictors", "--ffn-k", "0", "--out", str(tmp_path / "o")])
     assert rc == 2
     assert "--ffn-k 0: outside" in capsys.readouterr().err
+
+
+def test_sweep_and_eval_take_dejavu_and_learned_states(trained, tmp_path):
+    import dataclasses
+    import json
+
+    from jaxsparse.learn import LearnSettings, learn
+    from jaxsparse.sparsity import make_state
+    from jaxsparse.sweep import sweep
+
+    params, seqs, _, weights, _ = trained
+
+    class ByteTok:
+        eos_token_id = 0
+
+        def encode(self, text, add_special_tokens=False):
+            return [b % 40 + 1 for b in text.encode()]
+
+    @dataclasses.dataclass
+    class Loaded:
+        config: ModelConfig
+        params: dict
+        tokenizer: object
+        source: str = "tiny-structured"
+
+    save_state(dejavu_state(TINY, weights, 32, 3), tmp_path / "dv")
+    init = make_state(TINY, "chess", 0.5, {f"layers_{i}": {"gate": 0.05} for i in range(3)})
+    learned, _ = learn(TINY, params, seqs, init, LearnSettings("chess", 0.5, steps=3),
+                       progress=False)
+    save_state(learned, tmp_path / "cl")
+    (tmp_path / "ev.txt").write_text("alpha beta gamma delta " * 40)
+    out = tmp_path / "sweep"
+    results = sweep(Loaded(TINY, params, ByteTok()), ["cats"], [0.3], out,
+                    ev={"seq_len": 64, "batch_size": 4, "ppl": [str(tmp_path / "ev.txt")],
+                        "tasks": None, "max_tokens": 0},
+                    data=[str(tmp_path / "ev.txt")],
+                    calib={"tokens": 512, "seq_len": 64, "batch_size": 4}, progress=False,
+                    extra_states=[str(tmp_path / "dv"), str(tmp_path / "cl")])
+    assert [r["method"] for r in results] == ["dense", "cats", "dejavu", "chess-learned"]
+    dv = results[2]
+    assert dv["measured_sparsity"]["ffn"] >= 0.5 - 1e-6
+    assert dv["measured_sparsity"]["per_point"]["o_in"] == pytest.approx(0.25, abs=1e-6)
+    assert abs(results[3]["measured_sparsity"]["ffn"] - 0.5) < 0.15
+    rows = json.loads((out / "table.json").read_text())
+    assert len(rows) == 4
