@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     one = len(prompts) == 1
 
     def rate(x: float) -> float | None:  # NaN (nothing decoded) is not valid JSON
-        return None if x != x else x
+        return None if math.isnan(x) else x
 
     out = {
         "model": lm.source,

@@ -151,12 +151,13 @@ def test_fused_qkv_layout_gives_the_same_logits(model_type, extra):
     if extra.get("qkv_bias"):  # non-zero biases, so that their concatenation is checked
         params = jax.tree_util.tree_map_with_path(
             lambda p, x: x + 0.1 if "bias" in jax.tree_util.keystr(p) else x, params)
-    kernels = Kernels("xla", fuse_qkv=True)
-    fused = prepare_params(params, config, kernels)
-    assert "qkv_proj" in fused["layers_0"]["self_attn"]
-    assert "q_proj" not in fused["layers_0"]["self_attn"]
     tokens = jnp.asarray([[5, 6, 7, 8, 9]])
     pos = jnp.arange(5)[None]
     ref, _ = build_model(config).apply({"params": params}, tokens, pos)
-    got, _ = build_model(config, kernels).apply({"params": fused}, tokens, pos)
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    for kernels, name in [(Kernels("xla", fuse_qkv=True), "qkv_proj"),
+                          (Kernels("xla", fuse_kv=True), "kv_proj")]:
+        fused = prepare_params(params, config, kernels)
+        assert name in fused["layers_0"]["self_attn"]
+        assert "k_proj" not in fused["layers_0"]["self_attn"]
+        got, _ = build_model(config, kernels).apply({"params": fused}, tokens, pos)
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)

@@ -40,17 +40,19 @@ def kernels_for_method(method: str, mode: str = "pallas", impl: str = "auto") ->
         raise ValueError(f"no kernel path for method {method!r}; known: {sorted(KERNEL_POINTS)}")
     fuse = method != "chess+"  # chess+ thresholds the q input but not the k/v input
     if mode == "xla":
-        return Kernels("xla", fuse_qkv=fuse)
-    return Kernels(mode, fuse_qkv=fuse, points=KERNEL_POINTS[method], impl=impl)
+        return Kernels("xla", fuse_qkv=fuse, fuse_kv=not fuse)
+    return Kernels(mode, fuse_qkv=fuse, fuse_kv=not fuse, points=KERNEL_POINTS[method],
+                   impl=impl)
 
 
 def prepare_params(params: dict, config: ModelConfig, kernels: Kernels) -> dict:
     """Lays weights out for `kernels`, once at load time: with the gate kernel, every
     `up_proj` kernel becomes `[m, d]` so that the rows an active gate needs are contiguous;
-    with `fuse_qkv`, q/k/v_proj become one `qkv_proj` (kernel `[d, q + 2 kv]`).
+    with `fuse_qkv`, q/k/v_proj become one `qkv_proj` (kernel `[d, q + 2 kv]`); with
+    `fuse_kv`, k/v_proj become one `kv_proj` (`[d, 2 kv]`).
     Returns a new tree (shares the untouched arrays)."""
     up_rows = kernels.up_rows and config.family == "llama"
-    if not (up_rows or kernels.fuse_qkv):
+    if not (up_rows or kernels.fuse_qkv or kernels.fuse_kv):
         return params
     out = dict(params)
     for i in range(config.num_layers):
@@ -60,10 +62,11 @@ def prepare_params(params: dict, config: ModelConfig, kernels: Kernels) -> dict:
             mlp["up_proj"] = {**mlp["up_proj"],
                               "kernel": jnp.asarray(mlp["up_proj"]["kernel"]).T}
             layer["mlp"] = mlp
-        if kernels.fuse_qkv:
+        if kernels.fuse_qkv or kernels.fuse_kv:
             attn = dict(layer["self_attn"])
-            parts = [attn.pop(n) for n in ("q_proj", "k_proj", "v_proj")]
-            attn["qkv_proj"] = {
+            names = ("q_proj", "k_proj", "v_proj") if kernels.fuse_qkv else ("k_proj", "v_proj")
+            parts = [attn.pop(n) for n in names]
+            attn["qkv_proj" if kernels.fuse_qkv else "kv_proj"] = {
                 name: jnp.concatenate([jnp.asarray(p[name]) for p in parts], axis=-1)
                 for name in parts[0]}
             layer["self_attn"] = attn

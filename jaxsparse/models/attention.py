@@ -56,6 +56,12 @@ class SelfAttention(nn.Module):
             qkv = Linear(c.q_dim + 2 * c.kv_dim, ("embed", "qkv_heads"), c.qkv_bias, dt, kn,
                          name="qkv_proj")(xq, "q_in")
             q, k, v = jnp.split(qkv, [c.q_dim, c.q_dim + c.kv_dim], axis=-1)
+        elif kn.fuse_kv:
+            q = Linear(c.q_dim, ("embed", "q_heads"), c.qkv_bias, dt, kn, name="q_proj")(
+                xq, "q_in")
+            kv = Linear(2 * c.kv_dim, ("embed", "kv_heads"), c.qkv_bias, dt, kn,
+                        name="kv_proj")(xkv, "kv_in")
+            k, v = jnp.split(kv, [c.kv_dim], axis=-1)
         else:
             q = Linear(c.q_dim, ("embed", "q_heads"), c.qkv_bias, dt, kn, name="q_proj")(
                 xq, "q_in")

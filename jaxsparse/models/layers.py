@@ -49,6 +49,8 @@ class Kernels:
     # Only where q and k/v read the same input (every method but chess+, which thresholds
     # the q input alone): three small matvecs cost twice one fused one on an H100.
     fuse_qkv: bool = False
+    # k/v as one `kv_proj` matmul [d, 2 kv] (chess+, where q reads its own input).
+    fuse_kv: bool = False
     # The sparsification points (`jaxsparse.rules.TENSORS`) whose projections use a kernel;
     # the others stay dense XLA matmuls. "gate" means: up_proj stored [m, d] (rows layout,
     # prepared at load by `prepare_params`) and computed by `gated_matvec`.
