@@ -97,6 +97,7 @@ def test_straight_through_mask_is_hard_forward_sigmoid_backward():
 # ------------------------------------------------------------------ training
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["chess", "teal"])
 def test_training_lowers_the_loss_and_hits_the_target(tiny, method):
     params, seqs = tiny
@@ -182,6 +183,7 @@ def test_resume_is_bitwise_identical(tiny, tmp_path):
                for k in whole.thresholds)
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_method_model_or_settings(tiny, tmp_path):
     params, seqs = tiny
     init = _calibrated(LLAMA, params, seqs, "chess", 0.5)
