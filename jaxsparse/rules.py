@@ -144,3 +144,8 @@ KERNEL_POINTS: dict[str, tuple[str, ...]] = {
 #                after the point's threshold
 #   "predictor"  Deja Vu predictor weights (`predicted_masks`; the model's layer loop feeds
 #                them the residual entering the previous block and sets "masks")
+
+
+# Methods whose q and k/v inputs always carry the same threshold (or none), so that q/k/v
+# can run as one fused matmul; the others (chess+, teal-learned) fuse only k and v.
+SHARED_QKV_INPUT = frozenset({"dense", "cats", "chess", "chess-learned", "teal", "dejavu"})

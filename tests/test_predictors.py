@@ -209,3 +209,22 @@ def test_sweep_and_eval_take_dejavu_and_learned_states(trained, tmp_path):
     assert abs(results[3]["measured_sparsity"]["ffn"] - 0.5) < 0.15
     rows = json.loads((out / "table.json").read_text())
     assert len(rows) == 4
+
+
+@pytest.mark.parametrize("impl", ["xla", "gpu_interpret"])
+def test_generate_decodes_with_a_dejavu_state(trained, impl):
+    """`Generator` (what `jaxsparse generate --sparsity-state` runs) takes a dejavu state;
+    through the kernels (interpret mode) it gives the masked dense path's tokens."""
+    from jaxsparse.generate import Generator
+    from jaxsparse.models import kernels_for_method
+
+    params, seqs, _, weights, _ = trained
+    state = dejavu_state(TINY, weights, KS["ffn_k"], KS["head_k"])
+    th = state.thresholds_for_model()
+    prompts = [seqs[0, :7].tolist(), seqs[1, :3].tolist()]
+    ref = Generator(TINY, params).generate_ids(prompts, 5, thresholds=th, stop_at_eos=False)
+    mode = "xla" if impl == "xla" else "pallas"
+    gen = Generator(TINY, params, kernels=kernels_for_method("dejavu", mode, impl))
+    got = gen.generate_ids(prompts, 5, thresholds=th, stop_at_eos=False)
+    assert got.tokens == ref.tokens
+    assert got.measured_sparsity["gate"] >= 1 - KS["ffn_k"] / 64 - 1e-6

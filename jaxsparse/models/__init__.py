@@ -34,11 +34,11 @@ def build_model(config: ModelConfig, kernels: Kernels = XLA) -> nn.Module:
 
 def kernels_for_method(method: str, mode: str = "pallas", impl: str = "auto") -> Kernels:
     """The kernel setup for a sparsity method's decode steps (`rules.KERNEL_POINTS`)."""
-    from jaxsparse.rules import KERNEL_POINTS
+    from jaxsparse.rules import KERNEL_POINTS, SHARED_QKV_INPUT
 
     if method not in KERNEL_POINTS:
         raise ValueError(f"no kernel path for method {method!r}; known: {sorted(KERNEL_POINTS)}")
-    fuse = method != "chess+"  # chess+ thresholds the q input but not the k/v input
+    fuse = method in SHARED_QKV_INPUT  # else q has a threshold of its own (chess+)
     if mode == "xla":
         return Kernels("xla", fuse_qkv=fuse, fuse_kv=not fuse)
     return Kernels(mode, fuse_qkv=fuse, fuse_kv=not fuse, points=KERNEL_POINTS[method],
