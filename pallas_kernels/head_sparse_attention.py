@@ -14,7 +14,7 @@ rotate-half convention as in HF Llama.
 The KV choice (reference and kernels agree): K and V of the new token are computed for
 EVERY kv head and written to the cache, densely. Skipping them would leave holes in the
 cache that a later token, which may select the head, would attend to; and they are
-cheap: on Llama-3-8B k+v weights are 2 x 4096 x 1024, a fifth of the q+o bytes
+cheap: on Llama-3-8B k+v weights are 2 x 4096 x 1024, a quarter of the q+o bytes
 (2 x 4096 x 4096) that head sparsity skips. So the sparse work is q, attention, o.
 
 Weight layouts (all rows contiguous per head, so a head's weights are one block):
