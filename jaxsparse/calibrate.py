@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -166,17 +165,6 @@ def method_options(args: argparse.Namespace) -> dict[str, dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jaxsparse.data import DataError
-    from jaxsparse.sparsity import StateError
-
-    try:
-        return _run(args)
-    except (DataError, StateError, ValueError, FileExistsError, FileNotFoundError) as e:
-        print(f"jaxsparse calibrate: error: {e}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
     from jaxsparse.io import refuse_existing
     from jaxsparse.loading import load_model
     from jaxsparse.methods import check_sparsity, get_method

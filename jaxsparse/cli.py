@@ -2,8 +2,9 @@
 
 A subcommand module provides `add_arguments(parser)` and `run(args) -> int` and keeps
 its heavy imports (jax, transformers) inside `run`, so that `--help` stays fast. This
-file only lists them and turns a user error (bad path, bad value) into one line on
-stderr and exit status 1.
+file only lists them and turns a user error (a ValueError or OSError: bad path, bad
+value; the library's DataError, StateError, ... subclass ValueError) into one line on
+stderr and exit status 2, as argparse does for bad usage.
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args._module.run(args) or 0
     except (ValueError, OSError) as e:  # user errors: the message names the file or argument
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        print(f"jaxsparse {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ import functools
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -339,17 +338,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jaxsparse.data import DataError
-    from jaxsparse.sparsity import StateError
-
-    try:
-        return _run(args)
-    except (DataError, StateError, ValueError, FileNotFoundError) as e:
-        print(f"jaxsparse eval: error: {e}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
     from jaxsparse import data
     from jaxsparse.loading import load_model
     from jaxsparse.sparsity import load_state, read_state_meta

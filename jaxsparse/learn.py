@@ -535,17 +535,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jaxsparse.data import DataError
-    from jaxsparse.sparsity import StateError
-
-    try:
-        return _run(args)
-    except (DataError, StateError, ValueError, FileExistsError, FileNotFoundError) as e:
-        print(f"jaxsparse learn: error: {e}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
     import jax
 
     from jaxsparse import data as data_mod

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import sys
 import time
 from typing import Any
 
@@ -388,17 +387,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jaxsparse.data import DataError
-    from jaxsparse.sparsity import StateError
-
-    try:
-        return _run(args)
-    except (DataError, StateError, ValueError, FileExistsError, FileNotFoundError) as e:
-        print(f"jaxsparse train-predictors: error: {e}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
     import jax
 
     from jaxsparse import data as data_mod

@@ -270,27 +270,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jaxsparse.data import DataError
     from jaxsparse.loading import load_model
     from jaxsparse.methods import check_sparsity, get_method
-    from jaxsparse.sparsity import StateError
 
-    try:
-        methods = parse_list(args.methods)
-        sparsities = [check_sparsity(s) for s in parse_list(args.sparsities)]
-        for m in methods:
-            get_method(m)
-        lm = load_model(args.model, args.dtype)
-        calib = {"tokens": args.tokens, "seq_len": args.seq_len, "batch_size": args.batch_size}
-        ev = {"seq_len": args.seq_len, "batch_size": args.batch_size, "ppl": args.ppl,
-              "tasks": args.tasks, "max_tokens": args.max_tokens, "num_tasks": args.num_tasks}
-        options = {"teal": {"allocation": args.teal_allocation}}
-        sweep(lm, methods, sparsities, args.out, args.data, calib, ev, options,
-              include_dense=not args.no_dense, progress=not args.no_progress,
-              calibrate_only=args.calibrate_only, extra_states=args.sparsity_state)
-    except (DataError, StateError, ValueError, FileNotFoundError) as e:
-        print(f"jaxsparse sweep: error: {e}", file=sys.stderr)
-        return 2
+    methods = parse_list(args.methods)
+    sparsities = [check_sparsity(s) for s in parse_list(args.sparsities)]
+    for m in methods:
+        get_method(m)
+    lm = load_model(args.model, args.dtype)
+    calib = {"tokens": args.tokens, "seq_len": args.seq_len, "batch_size": args.batch_size}
+    ev = {"seq_len": args.seq_len, "batch_size": args.batch_size, "ppl": args.ppl,
+          "tasks": args.tasks, "max_tokens": args.max_tokens, "num_tasks": args.num_tasks}
+    options = {"teal": {"allocation": args.teal_allocation}}
+    sweep(lm, methods, sparsities, args.out, args.data, calib, ev, options,
+          include_dense=not args.no_dense, progress=not args.no_progress,
+          calibrate_only=args.calibrate_only, extra_states=args.sparsity_state)
     if args.calibrate_only:
         print(f"states in {Path(args.out) / 'states'}")
         return 0

@@ -3,7 +3,6 @@ formula, sparsity 0 = dense, the measured sparsity at the target, and bad input.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 
 import jax
@@ -14,7 +13,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxsparse.calibrate import calibrate
-from jaxsparse.calibrate import run as calibrate_run
 from jaxsparse.config import ModelConfig
 from jaxsparse.data import DataError
 from jaxsparse.methods import check_sparsity
@@ -263,22 +261,19 @@ def test_empty_and_short_data_files(tmp_path):
                   tokens=1000, seq_len=64)
 
 
-def _cli_args(**kw):
-    base = {"model": None, "dtype": None, "method": "cats", "sparsity": 0.5, "data": None,
-            "tokens": 2048, "seq_len": 256, "batch_size": 8, "teal_allocation": "uniform",
-            "teal_greedy_step": 0.05, "teal_greedy_tokens": 512, "out": "/nonexistent/x",
-            "overwrite": False, "no_progress": True}
-    return argparse.Namespace(**{**base, **kw})
-
-
 def test_cli_refuses_bad_arguments_before_loading_the_model(tmp_path, capsys):
-    assert calibrate_run(_cli_args(sparsity=1.2)) == 2
+    from jaxsparse.cli import main
+
+    out = ["--out", "/nonexistent/x", "--no-progress"]
+    assert main(["calibrate", "--method", "cats", "--sparsity", "1.2", *out]) == 2
     assert "sparsity 1.2 is outside [0, 1)" in capsys.readouterr().err
-    assert calibrate_run(_cli_args(method="nope")) == 2
+    assert main(["calibrate", "--method", "nope", "--sparsity", "0.5", *out]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
     (tmp_path / "exists").mkdir()
-    assert calibrate_run(_cli_args(out=str(tmp_path / "exists"))) == 2
-    assert "already exists" in capsys.readouterr().err
+    assert main(["calibrate", "--method", "cats", "--sparsity", "0.5", "--out",
+                 str(tmp_path / "exists")]) == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and err.startswith("jaxsparse calibrate: error:")
 
 
 # ------------------------------------------------------------------ SmolLM2

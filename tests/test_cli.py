@@ -41,26 +41,26 @@ def test_readme_generate_matches_hf_greedy(smollm2_hf, smollm2):
 
 
 def test_generate_needs_a_prompt(capsys):
-    assert main(["generate"]) == 1
+    assert main(["generate"]) == 2
     assert "--prompt" in capsys.readouterr().err
 
 
 def test_generate_bad_model_path(tmp_path, capsys):
     missing = tmp_path / "no_such_model"
-    assert main(["generate", "--model", str(missing), "--prompt", "hi"]) == 1
+    assert main(["generate", "--model", str(missing), "--prompt", "hi"]) == 2
     assert str(missing) in capsys.readouterr().err
 
 
 def test_generate_empty_prompt_file(tmp_path, capsys):
     f = tmp_path / "prompts.txt"
     f.write_text("\n\n")
-    assert main(["generate", "--prompt-file", str(f)]) == 1
+    assert main(["generate", "--prompt-file", str(f)]) == 2
     err = capsys.readouterr().err
     assert str(f) in err and "no non-empty line" in err
 
 
 def test_generate_bad_sampling(capsys):
-    assert main(["generate", "--prompt", "hi", "--top-p", "0"]) == 1
+    assert main(["generate", "--prompt", "hi", "--top-p", "0"]) == 2
     assert "top_p" in capsys.readouterr().err
 
 
