@@ -98,6 +98,26 @@ def save_torch_bin(model, directory: Path, shards: int = 1) -> None:
         json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
+def spread_params(config, seed=0):
+    """Random params with larger weights than the default init, so activations spread."""
+    import jax
+
+    from jaxsparse.models import init_params
+
+    p = init_params(config, seed)
+    leaves, tree = jax.tree.flatten(p)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    leaves = [x + 0.1 * jax.random.normal(k, x.shape) if x.ndim == 2 else x
+              for x, k in zip(leaves, keys)]
+    return jax.tree.unflatten(tree, leaves)
+
+
+@pytest.fixture(scope="session")
+def make_params():
+    """`spread_params(config, seed=0)`, for test modules (which cannot import conftest)."""
+    return spread_params
+
+
 @pytest.fixture(scope="session")
 def tiny_hf_tools():
     """The helpers above, for test modules (which cannot import conftest reliably)."""

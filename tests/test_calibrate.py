@@ -18,7 +18,7 @@ from jaxsparse.data import DataError
 from jaxsparse.methods import check_sparsity
 from jaxsparse.methods.statistics import LogBins
 from jaxsparse.methods.teal import greedy_allocation, group_sizes
-from jaxsparse.models import build_model, init_params, positions_from_mask
+from jaxsparse.models import build_model, positions_from_mask
 
 LLAMA = ModelConfig(model_type="llama", vocab_size=260, hidden_size=32, intermediate_size=48,
                     num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, eos_token_ids=(0,))
@@ -37,16 +37,6 @@ class ByteTok:
         return [b + 1 for b in text.encode()]
 
 
-def _params(config, seed=0):
-    """Random params with larger weights than the default init, so activations spread."""
-    p = init_params(config, seed)
-    leaves, tree = jax.tree.flatten(p)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    leaves = [x + 0.1 * jax.random.normal(k, x.shape) if x.ndim == 2 else x
-              for x, k in zip(leaves, keys)]
-    return jax.tree.unflatten(tree, leaves)
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus")
@@ -58,9 +48,9 @@ def corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="module", params=[LLAMA, OPT], ids=["llama", "opt"])
-def fitted(request, corpus):
+def fitted(request, corpus, make_params):
     config = request.param
-    params = _params(config)
+    params = make_params(config)
     states = calibrate(config, params, ByteTok(), METHODS, [0.0, 0.5], [str(corpus / "cal.txt")],
                        TOKENS, SEQ, 8, {"teal": {"allocation": "greedy", "greedy_tokens": 128}},
                        progress=False)

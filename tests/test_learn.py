@@ -28,25 +28,15 @@ from jaxsparse.learn import (
 )
 from jaxsparse.methods import get_method
 from jaxsparse.methods.statistics import collect_statistics
-from jaxsparse.models import init_params
 from jaxsparse.sparsity import make_state
 
 LLAMA = ModelConfig(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64,
                     num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, eos_token_ids=(0,))
 
 
-def _params(config, seed=0):
-    p = init_params(config, seed)
-    leaves, tree = jax.tree.flatten(p)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    leaves = [x + 0.1 * jax.random.normal(k, x.shape) if x.ndim == 2 else x
-              for x, k in zip(leaves, keys)]
-    return jax.tree.unflatten(tree, leaves)
-
-
 @pytest.fixture(scope="module")
-def tiny():
-    params = _params(LLAMA)
+def tiny(make_params):
+    params = make_params(LLAMA)
     seqs = np.random.default_rng(0).integers(1, LLAMA.vocab_size, (8, 32)).astype(np.int32)
     return params, seqs
 
@@ -184,7 +174,7 @@ def test_resume_is_bitwise_identical(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_refuses_another_method_model_or_settings(tiny, tmp_path):
+def test_resume_refuses_another_method_model_or_settings(tiny, tmp_path, make_params):
     params, seqs = tiny
     init = _calibrated(LLAMA, params, seqs, "chess", 0.5)
     cfg = LearnSettings("chess", 0.5, steps=2, batch_tokens=64)
@@ -194,7 +184,7 @@ def test_resume_refuses_another_method_model_or_settings(tiny, tmp_path):
         learn(LLAMA, params, seqs, teal_init, LearnSettings("teal", 0.5, steps=2),
               tmp_path / "c", resume=True, progress=False)
     other = dataclasses.replace(LLAMA, intermediate_size=48)
-    p2 = _params(other)
+    p2 = make_params(other)
     with pytest.raises(LearnError, match="another model"):
         learn(other, p2, seqs, _calibrated(other, p2, seqs, "chess", 0.5), cfg,
               tmp_path / "c", resume=True, progress=False)
