@@ -44,6 +44,7 @@ from jaxsparse.models import (
     prepare_params,
 )
 from jaxsparse.rules import TENSORS
+from jaxsparse.sparsity import model_widths
 
 METHODS = ("dense", "chess", "chess+", "teal")
 # Points each method thresholds (rules.KERNEL_POINTS lists where zeros flow to kernels).
@@ -116,17 +117,15 @@ def calibrate_thresholds(config, params, tokens_T, sparsity: float) -> dict:
         return out
 
     q = jax.device_get(taps(params, jnp.asarray(tokens_T, jnp.int32)))
-    widths = {"q_in": config.hidden_size, "kv_in": config.hidden_size, "o_in": config.q_dim,
-              "ffn_in": config.hidden_size, "gate": config.intermediate_size,
-              "down_in": config.intermediate_size}
-    return {layer: {k: float(v) for k, v in pts.items()} for layer, pts in q.items()}, widths
+    return {layer: {k: float(v) for k, v in pts.items()} for layer, pts in q.items()}
 
 
-def thresholds_for(method, quantiles, widths, dtype):
+def thresholds_for(method, quantiles, config):
     if method == "dense":
         return None
+    widths = model_widths(config)
     return {layer: {p: jnp.full((widths[p],), pts[p] if p in THRESHOLDED[method] else 0.0,
-                                dtype) for p in TENSORS}
+                                config.dtype) for p in TENSORS}
             for layer, pts in quantiles.items()}
 
 
@@ -192,9 +191,9 @@ def copy_bandwidth(nbytes: int = 4 << 30, repeats: int = 20) -> float:
     return 2 * nbytes / statistics.median(ts)
 
 
-def bench_method(args, config, params, method, quantiles, widths, prompt, cache_len, bw):
+def bench_method(args, config, params, method, quantiles, prompt, cache_len, bw):
     """Times `args.steps` decode steps of one method; returns its result row."""
-    th = thresholds_for(method, quantiles, widths, config.dtype)
+    th = thresholds_for(method, quantiles, config)
     kernels = kernels_for_method(method, args.kernels if method != "dense" else "xla")
     p = prepare_params(params, config, kernels)
     # Fill the cache with a real (dense) prefill, then decode.
@@ -250,14 +249,14 @@ def run(args) -> dict:
         name = f"SmolLM2-135M-Instruct real weights ({Path(lm.source).name}, bf16)"
     bw = copy_bandwidth()
     prompt = real_text_tokens(tokenizer, config.vocab_size, args.prompt_len)
-    quantiles, widths = calibrate_thresholds(config, params, prompt, args.sparsity)
+    quantiles = calibrate_thresholds(config, params, prompt, args.sparsity)
     # Every timed step appends to the cache: room for warm-up and repeats.
     cache_len = args.prompt_len + args.steps * (args.repeats + 2) + 8
     results: dict = {}
     for method in args.methods:
         try:
-            results[method] = bench_method(args, config, params, method, quantiles, widths,
-                                           prompt, cache_len, bw)
+            results[method] = bench_method(args, config, params, method, quantiles, prompt,
+                                           cache_len, bw)
         except Exception as e:  # a method that fails is recorded; the others still run
             if method == "dense":
                 raise

@@ -35,9 +35,9 @@ def record(args) -> None:
     config = bench.LLAMA3_8B
     params = bench.random_params(config)
     prompt = bench.real_text_tokens(None, config.vocab_size, args.prompt_len)
-    quantiles, widths = bench.calibrate_thresholds(config, params, prompt, args.sparsity)
+    quantiles = bench.calibrate_thresholds(config, params, prompt, args.sparsity)
     for method in args.methods:
-        th = bench.thresholds_for(method, quantiles, widths, config.dtype)
+        th = bench.thresholds_for(method, quantiles, config)
         kernels = kernels_for_method(method, "pallas" if method != "dense" else "xla")
         p = prepare_params(params, config, kernels)
         step = bench.make_decode(config, kernels, args.steps)
