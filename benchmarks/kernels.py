@@ -167,28 +167,9 @@ def bench_matvec(args, cfg_for, dtype, calls_min, repeats):
                     continue
                 need = n_act * N * dtype.itemsize + B * (K + N) * dtype.itemsize
                 dense_bytes = wbytes + B * (K + N) * dtype.itemsize
-                row = {
-                    "kernel": "sparse_input_matvec",
-                    "K": K,
-                    "N": N,
-                    "batch": B,
-                    "sparsity": s,
-                    "active_rows": n_act,
-                    "n_buffers": nb,
-                    "calls": calls,
-                    "config": cfg,
-                    "time_us_dense": td * 1e6,
-                    "time_us_kernel": tk * 1e6,
-                    "speedup": td / tk,
-                    "spread_dense": sd,
-                    "spread_kernel": sk,
-                    "gbps_dense": dense_bytes / td / 1e9,
-                    "gbps_kernel": need / tk / 1e9,
-                    "roofline_frac_dense": dense_bytes / td / ROOFLINE_BPS,
-                    "roofline_frac_kernel": need / tk / ROOFLINE_BPS,
-                    "ideal_speedup": dense_bytes / need,
-                    "rel_err": err,
-                }
+                row = result_row(
+                    "sparse_input_matvec", K, N, B, s, n_act, nb, calls, cfg,
+                    (td, sd), (tk, sk), dense_bytes, need, {"rel_err": err})
                 rows.append(row)
                 log(fmt_row(row))
         del ws
@@ -334,33 +315,42 @@ def bench_ffn(args, dtype, calls_min, repeats):
                 io = B * (d + 2 * m) * dtype.itemsize
                 need = n_w * n_act * d * dtype.itemsize + io
                 dense_bytes = n_w * wbytes + io
-                row = {
-                    "kernel": name,
-                    "K": d,
-                    "N": m,
-                    "batch": B,
-                    "sparsity": s,
-                    "active_rows": n_act,
-                    "n_buffers": nb,
-                    "calls": calls,
-                    "config": gcfg
-                    if name == "gated_matvec"
-                    else (fcfg if name == "ffn_fused" else {"gated": gcfg, "down": mv_cfg}),
-                    "time_us_dense": td * 1e6,
-                    "time_us_kernel": tk * 1e6,
-                    "speedup": td / tk,
-                    "spread_dense": sd,
-                    "spread_kernel": sk,
-                    "gbps_dense": dense_bytes / td / 1e9,
-                    "gbps_kernel": need / tk / 1e9,
-                    "roofline_frac_dense": dense_bytes / td / ROOFLINE_BPS,
-                    "roofline_frac_kernel": need / tk / ROOFLINE_BPS,
-                    "ideal_speedup": dense_bytes / need,
-                    "rel_err_vs_dense_xla": err,
-                }
+                row_cfg = (gcfg if name == "gated_matvec"
+                           else fcfg if name == "ffn_fused" else {"gated": gcfg, "down": mv_cfg})
+                row = result_row(
+                    name, d, m, B, s, n_act, nb, calls, row_cfg, (td, sd), (tk, sk), dense_bytes,
+                    need, {"rel_err_vs_dense_xla": err})
                 rows.append(row)
                 log(fmt_row(row))
     return rows, sweep
+
+
+def result_row(kernel, K, N, batch, sparsity, active_rows, n_buf, calls, config,
+               dense, kern, dense_bytes, need, extra):
+    """One result row: `dense`/`kern` are (seconds per call, spread); bytes give GB/s."""
+    (td, sd), (tk, sk) = dense, kern
+    return {
+        "kernel": kernel,
+        "K": K,
+        "N": N,
+        "batch": batch,
+        "sparsity": sparsity,
+        "active_rows": active_rows,
+        "n_buffers": n_buf,
+        "calls": calls,
+        "config": config,
+        "time_us_dense": td * 1e6,
+        "time_us_kernel": tk * 1e6,
+        "speedup": td / tk,
+        "spread_dense": sd,
+        "spread_kernel": sk,
+        "gbps_dense": dense_bytes / td / 1e9,
+        "gbps_kernel": need / tk / 1e9,
+        "roofline_frac_dense": dense_bytes / td / ROOFLINE_BPS,
+        "roofline_frac_kernel": need / tk / ROOFLINE_BPS,
+        "ideal_speedup": dense_bytes / need,
+        **extra,
+    }
 
 
 def fmt_row(r):
