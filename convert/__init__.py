@@ -1,15 +1,14 @@
 """Checkpoint conversion: HF directories (safetensors, sharded, PyTorch .bin) and GGUF files
-(dequantized) -> params -> a jaxsparse checkpoint directory (orbax).
+(dequantized) -> params -> a jaxsparse checkpoint directory (orbax). The command line
+(`python -m convert`, `jaxsparse convert`) is in `jaxsparse.cli.convert`.
 
 Public API:
     convert(src, out, dtype="float32", overwrite=False) -> Path   write a checkpoint
     read_model(src, dtype="float32") -> ConvertedModel             convert in memory
     load_tokenizer(src)                                            the source's tokenizer
-    main(argv) -> int                                              `python -m convert`
     ConversionError, SourceError                                   what a bad source raises
 """
 
-from convert.cli import main
 from convert.converter import (
     ConversionError,
     ConvertedModel,
@@ -21,4 +20,4 @@ from convert.converter import (
 from convert.readers import SourceError
 
 __all__ = ["ConversionError", "ConvertedModel", "SourceError", "convert", "load_tokenizer",
-           "main", "read_model", "source_kind"]
+           "read_model", "source_kind"]

@@ -14,13 +14,12 @@
   line (`read_tasks` validates it), and a built-in cloze task set built deterministically
   from the evaluation split (`builtin_tasks`).
 
-It holds no model code; `jaxsparse data` (this module's CLI) exports the built-in text and
+It holds no model code; `jaxsparse data` (`jaxsparse.cli.data`) exports the built-in text and
 tasks.
 """
 
 from __future__ import annotations
 
-import argparse
 import ast
 import dataclasses
 import functools
@@ -319,34 +318,3 @@ def builtin_tasks(num_tasks: int = 200, num_choices: int = 4, seed: int = 0,
 
 def write_tasks(tasks: list[Task], path: str | Path) -> None:
     Path(path).write_text("".join(t.to_json() + "\n" for t in tasks), encoding="utf-8")
-
-
-# ------------------------------------------------------------------ CLI: jaxsparse data
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--write-tasks", metavar="FILE",
-                        help="write the built-in multiple-choice task set (JSONL)")
-    parser.add_argument("--num-tasks", type=int, default=200)
-    parser.add_argument("--write-text", metavar="FILE",
-                        help="write a split of the built-in corpus as plain text")
-    parser.add_argument("--split", choices=SPLITS, default="evaluation")
-
-
-def run(args: argparse.Namespace) -> int:
-    if not (args.write_tasks or args.write_text):
-        docs = {s: stdlib_documents(s) for s in SPLITS}
-        for s, d in docs.items():
-            chars = sum(len(x.text) for x in d)
-            print(f"{s}: {len(d)} documents, {chars} characters")
-        return 0
-    if args.write_tasks:
-        tasks = builtin_tasks(args.num_tasks)
-        write_tasks(tasks, args.write_tasks)
-        print(f"wrote {len(tasks)} tasks to {args.write_tasks}")
-    if args.write_text:
-        docs = stdlib_documents(args.split)
-        Path(args.write_text).write_text("\n\n".join(d.text for d in docs) + "\n",
-                                         encoding="utf-8")
-        print(f"wrote {len(docs)} documents ({args.split} split) to {args.write_text}")
-    return 0

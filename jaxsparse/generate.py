@@ -7,7 +7,7 @@ data (greedy is temperature 0). Prompts of different lengths are left-padded to 
 power-of-two bucket. Sparsity is a thresholds tree passed beside the params: applied to
 decode tokens, and to prefill only when asked (prefill is compute-bound).
 
-It does not load models or parse arguments: see `jaxsparse.loading` and `generate_cli`.
+It does not load models or parse arguments: see `jaxsparse.loading` and `jaxsparse.cli.generate`.
 """
 
 from __future__ import annotations

@@ -37,9 +37,7 @@ which `generate`, `eval` and `sweep` take like any other.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import datetime
 import json
 import sys
 import time
@@ -499,96 +497,3 @@ def learn(config, params, seqs_NxT: np.ndarray, init_state, settings: LearnSetti
     state = make_state(config, f"{settings.method}-learned", settings.sparsity, values,
                        provenance, details)
     return state, {"training_state": ts, **details}
-
-
-# ------------------------------------------------------------------ CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from jaxsparse.calibrate import add_model_arguments
-
-    add_model_arguments(parser)
-    parser.add_argument("--method", required=True, choices=sorted(POINTS))
-    parser.add_argument("--sparsity", required=True, type=float)
-    parser.add_argument("--data", nargs="+", metavar="FILE",
-                        help="training text (default: the calibration split of the built-in "
-                             "corpus)")
-    parser.add_argument("--init", metavar="DIR", help="calibrated state to start from "
-                        "(default: calibrate --method on the same data)")
-    parser.add_argument("--out", required=True, help="directory for the learned state")
-    parser.add_argument("--checkpoint-dir", help="default: <out>.ckpt")
-    parser.add_argument("--steps", type=int, default=DEFAULTS["steps"])
-    parser.add_argument("--lr", type=float, default=DEFAULTS["lr"])
-    parser.add_argument("--penalty", type=float, default=DEFAULTS["penalty"],
-                        help="lambda of the sparsity penalty lambda * (s - S)^2")
-    parser.add_argument("--tau-start", type=float, default=DEFAULTS["tau_start"])
-    parser.add_argument("--tau-end", type=float, default=DEFAULTS["tau_end"])
-    parser.add_argument("--tokens", type=int, default=DEFAULTS["tokens"])
-    parser.add_argument("--seq-len", type=int,
-                        help="default 512 (chess), 128 (teal: whole blocks on sequences)")
-    parser.add_argument("--batch-tokens", type=int, default=DEFAULTS["batch_tokens"])
-    parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--save-every", type=int, default=DEFAULTS["save_every"])
-    parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--no-progress", action="store_true")
-
-
-def run(args: argparse.Namespace) -> int:
-    import jax
-
-    from jaxsparse import data as data_mod
-    from jaxsparse.calibrate import calibrate
-    from jaxsparse.io import refuse_existing
-    from jaxsparse.loading import load_model
-    from jaxsparse.methods import check_sparsity
-    from jaxsparse.sparsity import load_state, read_state_meta, save_state
-
-    s = check_sparsity(args.sparsity)
-    refuse_existing(args.out, args.overwrite)
-    if args.steps < 1:
-        raise LearnError(f"--steps {args.steps}: must be positive")
-    if args.init:
-        meta = read_state_meta(args.init)
-        if meta.method != args.method:
-            raise LearnError(f"--init {args.init} holds a {meta.method!r} state; --method "
-                             f"{args.method} starts from a {args.method!r} state")
-    ckpt_dir = Path(args.checkpoint_dir or f"{Path(args.out)}.ckpt")
-    if args.resume and not (ckpt_dir / CKPT_META).exists():
-        raise LearnError(f"--resume: {ckpt_dir} holds no learn checkpoint ({CKPT_META} "
-                         f"missing); run without --resume")
-    seq_len = args.seq_len or (DEFAULTS["seq_len"] if args.method == "chess"
-                               else DEFAULTS["teal_seq_len"])
-    t0 = time.time()
-    lm = load_model(args.model, args.dtype)
-    if lm.tokenizer is None:
-        raise SystemExit(f"{lm.source}: no tokenizer; learning needs one to read text")
-    config = lm.config
-    what = data_mod.describe_sources(args.data, "calibration")
-    docs = data_mod.load_documents(args.data, "calibration")
-    eos = data_mod.eos_token_id(config, lm.tokenizer)
-    seqs = data_mod.pack_tokens(docs, lm.tokenizer, eos, seq_len, args.tokens, what)
-    if args.init:
-        init = load_state(args.init, config)
-    else:
-        init = calibrate(config, lm.params, lm.tokenizer, [args.method], [s], args.data,
-                         args.tokens, seq_len, progress=not args.no_progress,
-                         model_source=lm.source)[(args.method, s)]
-    settings = LearnSettings(args.method, s, args.steps, args.lr, args.penalty, args.tau_start,
-                             args.tau_end, args.batch_tokens, args.seed)
-    data_key = {"data": what, "tokens": int(seqs.size), "seq_len": seq_len,
-                "init": str(args.init) if args.init else "calibrated on the same data",
-                "init_target_sparsity": init.target_sparsity}
-    provenance = {"data": list(map(str, args.data)) if args.data else None,
-                  "builtin_corpus": None if args.data else data_mod.builtin_provenance(
-                      "calibration"),
-                  "tokens": int(seqs.size), "seq_len": seq_len,
-                  "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                  "jax_version": jax.__version__, "model_source": lm.source}
-    state, info = learn(config, lm.params, seqs, init, settings, ckpt_dir, args.save_every,
-                        args.resume, data_key, provenance, progress=not args.no_progress)
-    save_state(state, args.out, args.overwrite)
-    print(f"{state.method} at sparsity {s}: {info['final_step']} steps on {seqs.size} tokens "
-          f"in {time.time() - t0:.1f} s (train error {info['trace'][0]['err']:.4f} at step "
-          f"{info['trace'][0]['step']} -> {info['trace'][-1]['err']:.4f}); wrote {args.out}")
-    return 0

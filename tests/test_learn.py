@@ -208,5 +208,6 @@ def test_cli_bad_input(tmp_path, capsys):
     assert main(["learn", "--method", "chess", "--sparsity", "0.5", "--resume", "--out",
                  str(tmp_path / "o")]) == 2
     assert "no learn checkpoint" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["learn", "--method", "cats", "--sparsity", "0.5", "--out", str(tmp_path / "o")])
+    assert main(["learn", "--method", "cats", "--sparsity", "0.5", "--out",
+                 str(tmp_path / "o")]) == 2
+    assert "invalid choice: 'cats'" in capsys.readouterr().err

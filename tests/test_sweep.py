@@ -8,9 +8,10 @@ import json
 import numpy as np
 import pytest
 
+from jaxsparse.cli.sweep import parse_list
 from jaxsparse.config import ModelConfig
 from jaxsparse.models import init_params
-from jaxsparse.sweep import config_name, markdown_table, parse_list, sweep
+from jaxsparse.sweep import config_name, markdown_table, sweep
 
 LLAMA = ModelConfig(model_type="llama", vocab_size=260, hidden_size=32, intermediate_size=48,
                     num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, eos_token_ids=(0,))

@@ -11,6 +11,7 @@ import pytest
 
 import convert
 from convert import ConversionError, SourceError, read_model
+from jaxsparse.cli import main
 from jaxsparse.config import ConfigError
 from jaxsparse.io import COMPLETE_MARKER, IncompleteDirectoryError, is_complete
 from jaxsparse.loading import load_model
@@ -135,11 +136,12 @@ def test_existing_output_needs_overwrite(tiny_hf_models, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep").write_text("old")
-    assert convert.main([src, str(out)]) == 1
+    assert main(["convert", src, str(out)]) == 2
     err = capsys.readouterr().err
+    assert err.startswith("jaxsparse convert: error: ")
     assert f"{out} already exists; pass --overwrite" in err
     assert (out / "keep").read_text() == "old"
-    assert convert.main([src, str(out), "--overwrite", "--dtype", "bfloat16"]) == 0
+    assert main(["convert", src, str(out), "--overwrite", "--dtype", "bfloat16"]) == 0
     assert not (out / "keep").exists() and is_complete(out)
     assert load_model(out).config.dtype == "bfloat16"
 

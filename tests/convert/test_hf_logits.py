@@ -157,11 +157,11 @@ def test_sharded_checkpoints(arch, tmp_path, tiny_hf_models, tiny_hf_tools, conv
 
 
 def test_cli_converts_to_a_checkpoint_that_loads(tmp_path, tiny_hf_models, converted):
-    import convert
+    from jaxsparse.cli import main
 
     m = tiny_hf_models["llama3_rope"]
     out = tmp_path / "ckpt"
-    assert convert.main([str(m.safetensors_dir), str(out)]) == 0
+    assert main(["convert", str(m.safetensors_dir), str(out)]) == 0
     loaded = load_model(out)
     ref = converted("llama3_rope", "safetensors")
     assert loaded.config == ref.config

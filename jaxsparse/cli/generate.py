@@ -1,4 +1,5 @@
-"""`jaxsparse generate`: text generation from the command line.
+"""`jaxsparse generate`: text generation from the command line (the work is in
+`jaxsparse.generate`).
 
 `--model` takes a converted checkpoint directory, an HF directory or a `.gguf` file;
 without it, the embedded default model (SmolLM2-135M-Instruct). Several `--prompt`s (or

@@ -1,0 +1,61 @@
+"""`jaxsparse calibrate`: fit cats, chess, chess+ or teal thresholds on text and save the
+state (the work is in `jaxsparse.calibrate`)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from jaxsparse.calibrate import DEFAULTS, calibrate
+from jaxsparse.cli.common import add_model_arguments
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--method", required=True, help="cats, chess, chess+ or teal")
+    parser.add_argument("--sparsity", required=True, type=float,
+                        help="target fraction of activations to zero, in [0, 1)")
+    parser.add_argument("--data", nargs="+", metavar="FILE",
+                        help="text files or JSONL files with a 'text' field (default: the "
+                             "calibration split of the built-in stdlib-docstring corpus)")
+    parser.add_argument("--tokens", type=int, default=DEFAULTS["tokens"])
+    parser.add_argument("--seq-len", type=int, default=DEFAULTS["seq_len"])
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    parser.add_argument("--teal-allocation", choices=["uniform", "greedy"], default="uniform")
+    parser.add_argument("--teal-greedy-step", type=float, default=0.05,
+                        help="greedy: layer sparsity added per step")
+    parser.add_argument("--teal-greedy-tokens", type=int, default=1024,
+                        help="greedy: calibration tokens the block error is measured on")
+    parser.add_argument("--out", required=True, help="directory to write the state to")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def method_options(args: argparse.Namespace) -> dict[str, dict]:
+    return {"teal": {"allocation": args.teal_allocation, "greedy_step": args.teal_greedy_step,
+                     "greedy_tokens": args.teal_greedy_tokens}}
+
+
+def run(args: argparse.Namespace) -> int:
+    from jaxsparse.io import refuse_existing
+    from jaxsparse.loading import load_model
+    from jaxsparse.methods import check_sparsity, get_method
+    from jaxsparse.sparsity import save_state
+
+    # Cheap checks first: a bad argument must not cost a model load.
+    s = check_sparsity(args.sparsity)
+    get_method(args.method)
+    refuse_existing(args.out, args.overwrite)
+    t0 = time.time()
+    lm = load_model(args.model, args.dtype)
+    if lm.tokenizer is None:
+        raise SystemExit(f"{lm.source}: no tokenizer; calibration needs one to read text")
+    states = calibrate(lm.config, lm.params, lm.tokenizer, [args.method], [s], args.data,
+                       args.tokens, args.seq_len, args.batch_size, method_options(args),
+                       model_source=lm.source, progress=not args.no_progress)
+    state = states[(args.method, s)]
+    save_state(state, args.out, args.overwrite)
+    print(f"{args.method} at sparsity {s}: calibrated on {state.meta.provenance['tokens']} "
+          f"tokens in {time.time() - t0:.1f} s; wrote {Path(args.out)}")
+    return 0
