@@ -98,7 +98,8 @@ def calibrate(
         put_batch=lambda x: sharding.put_batch(x, mesh), progress=progress)
     context = None
     if req.block_inputs:
-        greedy_tokens = int(options.get("teal", {}).get("greedy_tokens", 1024))
+        greedy_tokens = max(int((options.get(m) or {}).get("greedy_tokens", 1024))
+                            for m in modules)
         rows = max(1, min(len(seqs), -(-greedy_tokens // seq_len)))
         valid = np.ones((rows, seq_len), bool)
         context = {"config": config, "params": params, "valid": valid, "progress": progress,

@@ -130,6 +130,8 @@ KERNEL_POINTS: dict[str, tuple[str, ...]] = {
     # the bandwidth the kernel reaches (H100 profile), so k/v go through it too.
     "chess+": ("q_in", "kv_in", "o_in", "gate", "down_in"),
     "teal": ("q_in", "kv_in", "o_in", "ffn_in", "down_in"),
+    # WINA: TEAL's points, per-channel thresholds `T / n_i` (docs/methods.md).
+    "wina": ("q_in", "kv_in", "o_in", "ffn_in", "down_in"),
     # Learned thresholds zero what the closed-form method they start from zeroes.
     "chess-learned": ("gate", "down_in"),
     "teal-learned": ("q_in", "kv_in", "o_in", "ffn_in", "down_in"),
@@ -148,4 +150,5 @@ KERNEL_POINTS: dict[str, tuple[str, ...]] = {
 
 # Methods whose q and k/v inputs always carry the same threshold (or none), so that q/k/v
 # can run as one fused matmul; the others (chess+, teal-learned) fuse only k and v.
-SHARED_QKV_INPUT = frozenset({"dense", "cats", "chess", "chess-learned", "teal", "dejavu"})
+SHARED_QKV_INPUT = frozenset({"dense", "cats", "chess", "chess-learned", "teal", "wina",
+                              "dejavu"})

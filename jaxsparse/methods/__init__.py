@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from jaxsparse.methods import cats, chess, chess_plus, teal
+from jaxsparse.methods import cats, chess, chess_plus, teal, wina
 from jaxsparse.methods.statistics import CalibrationStats, LogBins, Requirements
 
 METHODS: dict[str, ModuleType] = {
@@ -21,6 +21,7 @@ METHODS: dict[str, ModuleType] = {
     "chess": chess,
     "chess+": chess_plus,
     "teal": teal,
+    "wina": wina,
 }
 
 __all__ = [

@@ -145,11 +145,21 @@ class CalibrationStats:
     hist: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     mean_abs_u: np.ndarray | None = None
     importance_hist: np.ndarray | None = None
+    # WINA: `weighted_hist[point]` [L, size] of abs(x_i) * n_i over tokens and channels,
+    # with `row_norms[point]` [L, width] the n_i used (see `input_row_norms`).
+    weighted_hist: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    row_norms: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def quantile(self, point: str, layer: int, q: float) -> float:
         if point not in self.hist:
             raise KeyError(f"no histogram of {point!r} was collected")
         return self.bins.quantile(self.hist[point][layer], q)
+
+    def weighted_quantile(self, point: str, layer: int, q: float) -> float:
+        """Quantile of `abs(x_i) * n_i` (WINA's score) of `point` in `layer`."""
+        if point not in self.weighted_hist:
+            raise KeyError(f"no weight-scaled histogram of {point!r} was collected")
+        return self.bins.quantile(self.weighted_hist[point][layer], q)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,10 +169,57 @@ class Requirements:
     points: frozenset[str] = frozenset()  # histograms of abs(raw activation)
     importance: bool = False  # CHESS importance histogram (implies E abs(u))
     block_inputs: bool = False  # dense block inputs (TEAL greedy allocation)
+    weighted_points: frozenset[str] = frozenset()  # histograms of abs(x_i) * n_i (WINA)
 
     def __or__(self, other: Requirements) -> Requirements:
         return Requirements(self.points | other.points, self.importance or other.importance,
-                            self.block_inputs or other.block_inputs)
+                            self.block_inputs or other.block_inputs,
+                            self.weighted_points | other.weighted_points)
+
+
+# The matrices each input point feeds, as (module, projection) under `layers_i`; a point
+# feeding several matrices (q_in: q/k/v, ffn_in: gate/up) reads their concatenation.
+_POINT_MATRICES = {
+    "llama": {"q_in": (("self_attn", "q_proj"), ("self_attn", "k_proj"),
+                       ("self_attn", "v_proj")),
+              "kv_in": (("self_attn", "q_proj"), ("self_attn", "k_proj"),
+                        ("self_attn", "v_proj")),
+              "o_in": (("self_attn", "o_proj"),),
+              "ffn_in": (("mlp", "gate_proj"), ("mlp", "up_proj")),
+              "down_in": (("mlp", "down_proj"),)},
+    "opt": {"q_in": (("self_attn", "q_proj"), ("self_attn", "k_proj"),
+                     ("self_attn", "v_proj")),
+            "kv_in": (("self_attn", "q_proj"), ("self_attn", "k_proj"),
+                      ("self_attn", "v_proj")),
+            "o_in": (("self_attn", "o_proj"),),
+            "ffn_in": (("mlp", "fc1"),),
+            "down_in": (("mlp", "fc2"),)},
+}
+
+
+def input_row_norms(config: ModelConfig, params: dict, points: Iterable[str]
+                    ) -> dict[str, np.ndarray]:
+    """`{point: [L, width]}`: `n_i`, the L2 norm of input channel i's weights in the
+    matrices the point feeds (kernels stored `[in, out]`: row i), float32.
+
+    Where one input feeds several matrices (q/k/v; gate/up) `n_i` is the norm of row i
+    of their concatenation along the output axis, `sqrt(sum_M ||M[i, :]||^2)`: the norm
+    of what channel i adds to all their outputs together. q_in and kv_in share it (one
+    input, one threshold, so q/k/v can stay one fused matmul).
+    """
+    table = _POINT_MATRICES["opt" if config.family == "opt" else "llama"]
+    out = {}
+    for p in points:
+        if p not in table:
+            raise ValueError(f"no weight norms for point {p!r} (known: {sorted(table)})")
+        rows = []
+        for i in range(config.num_layers):
+            layer = params[f"layers_{i}"]
+            sq = sum(np.sum(np.square(np.asarray(layer[mod][proj]["kernel"], np.float32)),
+                            axis=1) for mod, proj in table[p])
+            rows.append(np.sqrt(sq).astype(np.float32))
+        out[p] = np.stack(rows)
+    return out
 
 
 Batch = tuple[np.ndarray, np.ndarray]  # tokens [B, T] int32, valid [B, T] bool
@@ -174,12 +231,14 @@ def _tap(taps: dict, layer: int, point: str):
 
 
 def make_stats_fn(config: ModelConfig, bins: LogBins, points: Iterable[str],
-                  mean_u: bool, importance: bool) -> Callable:
-    """A jit-compiled `f(params, tokens, valid, mean_abs_u) -> dict of per-batch statistics`.
+                  mean_u: bool, importance: bool, weighted_points: Iterable[str] = ()
+                  ) -> Callable:
+    """A jit-compiled `f(params, tokens, valid, mean_abs_u, norms) -> dict of per-batch
+    statistics`.
 
     Outputs: `hist/<point>` [L, size] int32, `sum_abs_u` [L, m] float32, `importance`
-    [L, size] int32, and `count` (valid tokens). The logits are not used, so XLA drops the
-    output projection.
+    [L, size] int32, `whist/<point>` [L, size] int32 of `abs(x) * norms[point]`, and
+    `count` (valid tokens). The logits are not used, so XLA drops the output projection.
     """
     import jax
     import jax.numpy as jnp
@@ -191,9 +250,10 @@ def make_stats_fn(config: ModelConfig, bins: LogBins, points: Iterable[str],
     for p in points:
         if p not in rules.TENSORS:
             raise ValueError(f"unknown sparsification point {p!r}")
+    weighted_points = tuple(sorted(weighted_points))
     has_up = config.family != "opt"
 
-    def stats(params, tokens_BxT, valid_BxT, mean_abs_u_LxM):
+    def stats(params, tokens_BxT, valid_BxT, mean_abs_u_LxM, norms=None):
         positions = positions_from_mask(valid_BxT)
         _, variables = model.apply({"params": params}, tokens_BxT, positions, mutable=["taps"])
         taps = variables["taps"]
@@ -213,6 +273,11 @@ def make_stats_fn(config: ModelConfig, bins: LogBins, points: Iterable[str],
                 g = jnp.abs(_tap(taps, i, "gate").astype(jnp.float32))
                 hists.append(bins.histogram(g * mean_abs_u_LxM[i], valid_BxT))
             out["importance"] = jnp.stack(hists)
+        for p in weighted_points:
+            out[f"whist/{p}"] = jnp.stack([
+                bins.histogram(jnp.abs(_tap(taps, i, p).astype(jnp.float32)) * norms[p][i],
+                               valid_BxT)
+                for i in range(config.num_layers)])
         out["count"] = jnp.sum(valid_BxT.astype(jnp.int32))
         return out
 
@@ -247,19 +312,27 @@ def collect_statistics(
     if requirements.importance:
         passes.append(("chess importance", set(), False, True))
     mean_abs_u = np.ones((L, m), np.float32)
+    wpoints = sorted(requirements.weighted_points)
+    if wpoints:
+        stats.row_norms = input_row_norms(config, params, wpoints)
+    norms_dev = {p: jnp.asarray(v) for p, v in stats.row_norms.items()}
     for label, points, mean_u, importance in passes:
-        fn = make_stats_fn(config, bins, points, mean_u, importance)
+        wp = wpoints if label == "statistics" else []
+        fn = make_stats_fn(config, bins, points, mean_u, importance, wp)
         hist = {p: np.zeros((L, bins.size), np.int64) for p in points}
+        whist = {p: np.zeros((L, bins.size), np.int64) for p in wp}
         imp = np.zeros((L, bins.size), np.int64)
         sum_u = np.zeros((L, m), np.float64)
         tokens = 0
         mean_dev = jnp.asarray(mean_abs_u if importance else np.zeros((L, 1), np.float32))
         for tokens_BxT, valid_BxT in tqdm(batches(), total=num_batches, disable=not progress,
                                           desc=f"calibration: {label}", unit="batch"):
-            out = fn(params, put(tokens_BxT), put(valid_BxT), mean_dev)
+            out = fn(params, put(tokens_BxT), put(valid_BxT), mean_dev, norms_dev)
             out = {k: np.asarray(v) for k, v in out.items()}
             for p in points:
                 hist[p] += out[f"hist/{p}"]
+            for p in wp:
+                whist[p] += out[f"whist/{p}"]
             if "sum_abs_u" in out:
                 sum_u += out["sum_abs_u"]
             if importance:
@@ -270,6 +343,7 @@ def collect_statistics(
         if label == "statistics":
             stats.tokens = tokens
             stats.hist.update(hist)
+            stats.weighted_hist.update(whist)
             if mean_u:
                 mean_abs_u = (sum_u / tokens).astype(np.float32) if has_up else mean_abs_u
                 stats.mean_abs_u = mean_abs_u

@@ -138,8 +138,12 @@ def make_block_error_fn(config: ModelConfig):
 
 def teal_greedy(stats: CalibrationStats, sparsity: float, config: ModelConfig, params: dict,
                 block_inputs: list[np.ndarray], valid: np.ndarray, step: float = 0.05,
-                max_group_sparsity: float = 0.99, progress: bool = True):
-    """Per-layer greedy allocation; returns (thresholds, per-layer group sparsities)."""
+                max_group_sparsity: float = 0.99, progress: bool = True,
+                thresholds_fn: Callable = group_thresholds, desc: str = "teal"):
+    """Per-layer greedy allocation; returns (thresholds, per-layer group sparsities).
+
+    `thresholds_fn(stats, layer, {group: sparsity})` gives a layer's point thresholds
+    (scalars or per-channel arrays): TEAL's by default, WINA's in `methods.wina`."""
     import jax.numpy as jnp
     from tqdm import tqdm
 
@@ -151,20 +155,21 @@ def teal_greedy(stats: CalibrationStats, sparsity: float, config: ModelConfig, p
               for p in rules.TENSORS}
     valid_dev = jnp.asarray(valid)
     values, alloc = {}, {}
-    for i in tqdm(range(config.num_layers), desc="teal greedy allocation", unit="layer",
+    for i in tqdm(range(config.num_layers), desc=f"{desc} greedy allocation", unit="layer",
                   disable=not progress):
         p = params[f"layers_{i}"]
         x = jnp.asarray(block_inputs[i])
 
         def errors(cands, i=i, p=p, x=x):
-            ths = [group_thresholds(stats, i, c) for c in cands]
-            stack = {pt: jnp.stack([jnp.full((widths[pt],), th.get(pt, 0.0), jnp.float32)
-                                    for th in ths]) for pt in rules.TENSORS}
+            ths = [thresholds_fn(stats, i, c) for c in cands]
+            stack = {pt: jnp.stack([jnp.broadcast_to(jnp.asarray(th.get(pt, 0.0), jnp.float32),
+                                                     (widths[pt],)) for th in ths])
+                     for pt in rules.TENSORS}
             return np.asarray(errors_fn(p, x, valid_dev, stack))
 
         s, _ = greedy_allocation(errors, sizes, sparsity, step, max_group_sparsity)
         alloc[f"layers_{i}"] = {g: round(v, 6) for g, v in s.items()}
-        values[f"layers_{i}"] = group_thresholds(stats, i, s)
+        values[f"layers_{i}"] = thresholds_fn(stats, i, s)
     return values, alloc
 
 
