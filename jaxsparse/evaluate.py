@@ -16,7 +16,9 @@ measured sparsity and the fraction of linear weights read per token.
   q_proj reads `d_q(x)` of its rows (d = density = 1 - zero fraction), k/v_proj
   `d_kv`, o_proj `d_o`, gate_proj `d_ffn_in`, up_proj `d_ffn_in * d_gate` (rows of zero
   inputs and columns of zero gate channels are both skipped), down_proj `d_down_in`;
-  OPT: fc1 `d_ffn_in`, fc2 `d_down_in`. Averaged over the evaluated tokens.
+  OPT: fc1 `d_ffn_in`, fc2 `d_down_in`. Deja Vu: gate_proj also skips the rows of
+  predicted-inactive neurons, and the predictors' own weights count as read
+  (`jaxsparse.sparsity.activated_params_fraction`). Averaged over the evaluated tokens.
 
 Batches are spread over every local device (data parallel, `jaxsparse.sharding`). One
 jit-compiled forward per sequence length serves every method and sparsity: thresholds
@@ -44,15 +46,11 @@ _POINTS = ("q_in", "kv_in", "o_in", "ffn_in", "gate", "down_in")
 
 
 def linear_sizes(config) -> dict[str, int]:
-    """Weights of each linear layer of one block (kernels only)."""
-    d, m = config.hidden_size, config.intermediate_size
-    sizes = {"q_proj": d * config.q_dim, "k_proj": d * config.kv_dim,
-             "v_proj": d * config.kv_dim, "o_proj": config.q_dim * d}
-    if config.family == "opt":
-        sizes.update(fc1=d * m, fc2=m * d)
-    else:
-        sizes.update(gate_proj=d * m, up_proj=d * m, down_proj=m * d)
-    return sizes
+    """Weights of each linear layer of one block (kernels only;
+    `jaxsparse.sparsity.linear_sizes`)."""
+    from jaxsparse.sparsity import linear_sizes as sizes
+
+    return sizes(config)
 
 
 @functools.cache
@@ -65,10 +63,9 @@ def make_forward(config):
 
     from jaxsparse.models import build_model, positions_from_mask
 
+    from jaxsparse.sparsity import activated_params_fraction, predictor_weights
+
     model = build_model(config)
-    sizes = linear_sizes(config)
-    layer_total = float(sum(sizes.values()))
-    opt = config.family == "opt"
 
     def forward(params, tokens_BxT, valid_BxT, thresholds):
         positions = positions_from_mask(valid_BxT)
@@ -84,17 +81,12 @@ def make_forward(config):
                  for p in _POINTS}
             zero_sums.append(jnp.stack([jnp.sum(z[p] * w) for p in _POINTS]))
             dens = {p: 1.0 - z[p] for p in _POINTS}
-            read = (sizes["q_proj"] * dens["q_in"]
-                     + (sizes["k_proj"] + sizes["v_proj"]) * dens["kv_in"]
-                     + sizes["o_proj"] * dens["o_in"])
-            if opt:
-                read = read + sizes["fc1"] * dens["ffn_in"] + sizes["fc2"] * dens["down_in"]
-            else:
-                read = read + (sizes["gate_proj"] * dens["ffn_in"]
-                               + sizes["up_proj"] * dens["ffn_in"] * dens["gate"]
-                               + sizes["down_proj"] * dens["down_in"])
-            read_layers.append(read)
-        read_LxBxT = jnp.stack(read_layers) / layer_total
+            if "gate_rows" in s.get("mlp", {}):  # Deja Vu: gate_proj rows skipped
+                dens["gate_rows"] = 1.0 - s["mlp"]["gate_rows"][0]
+            th = {} if thresholds is None else thresholds[f"layers_{i}"]
+            read_layers.append(activated_params_fraction(
+                config, dens, predictor_weights(th.get("predictor"))))
+        read_LxBxT = jnp.stack(read_layers)
         return {
             "next_ll": next_ll,  # [B, T-1]: log p(token t+1 | tokens <= t)
             "zero_sums": jnp.stack(zero_sums),  # [L, P]

@@ -189,6 +189,60 @@ def model_widths(config: ModelConfig) -> dict[str, int]:
                                      config.intermediate_size) for name in rules.TENSORS}
 
 
+# ------------------------------------------------------------------ weights read per token
+
+
+def linear_sizes(config: ModelConfig) -> dict[str, int]:
+    """Weights of each linear layer of one block (kernels only)."""
+    d, m = config.hidden_size, config.intermediate_size
+    sizes = {"q_proj": d * config.q_dim, "k_proj": d * config.kv_dim,
+             "v_proj": d * config.kv_dim, "o_proj": config.q_dim * d}
+    if config.family == "opt":
+        sizes.update(fc1=d * m, fc2=m * d)
+    else:
+        sizes.update(gate_proj=d * m, up_proj=d * m, down_proj=m * d)
+    return sizes
+
+
+def predictor_weights(predictor: dict | None) -> int:
+    """Weights one layer's Deja Vu predictors read per token: `W1` and `W2` of the FFN and
+    the head predictor (biases excluded, as for the blocks); 0 without a predictor."""
+    if not predictor:
+        return 0
+    return int(sum(np.prod(np.shape(v)) for k, v in predictor.items()
+                   if k.endswith(("_w1", "_w2"))))
+
+
+def activated_params_fraction(config: ModelConfig, density: dict[str, Any],
+                              predictor: float = 0.0):
+    """The fraction of one block's linear weights read for a token, from the density
+    (1 - zero fraction) of each point after masking: the one budget every method is
+    compared at (docs/methods.md).
+
+    q_proj reads `density["q_in"]` of its rows, k/v_proj `kv_in`, o_proj `o_in`,
+    gate_proj `ffn_in * gate_rows` (`gate_rows`: the share of gate_proj's output rows
+    computed; Deja Vu skips the predicted-inactive ones, default 1), up_proj
+    `ffn_in * gate` (zero inputs skip rows, zero gate channels skip columns), down_proj
+    `down_in`; OPT: fc1 `ffn_in`, fc2 `down_in`. `predictor` weights read per token on
+    top (Deja Vu's predictors, `predictor_weights`) are added to the numerator, so such a
+    fraction can exceed the blocks' own share. Densities may be numbers or (jax or numpy)
+    arrays of any one shape, e.g. per token; a differentiable density (a straight-through
+    mask's mean) gives a differentiable fraction.
+    """
+    sizes = linear_sizes(config)
+    total = float(sum(sizes.values()))
+    d = density
+    read = (sizes["q_proj"] * d["q_in"] + (sizes["k_proj"] + sizes["v_proj"]) * d["kv_in"]
+            + sizes["o_proj"] * d["o_in"])
+    if config.family == "opt":
+        read = read + sizes["fc1"] * d["ffn_in"] + sizes["fc2"] * d["down_in"]
+    else:
+        read = read + (sizes["gate_proj"] * d["ffn_in"] * d.get("gate_rows", 1.0)
+                       + sizes["up_proj"] * d["ffn_in"] * d["gate"]
+                       + sizes["down_proj"] * d["down_in"])
+    return (read + predictor) / total
+
+
 def layer_names(num_layers: int) -> list[str]:
     return [f"layers_{i}" for i in range(num_layers)]
 
