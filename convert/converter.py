@@ -104,19 +104,36 @@ def read_model(src: str | Path, dtype: str = "float32", progress: bool = False) 
 
 
 def load_tokenizer(src: str | Path) -> Any:
-    """The tokenizer of an HF directory or a GGUF file, or None if the directory has none."""
+    """The tokenizer of an HF directory or a GGUF file, or None if the source has none.
+
+    A GGUF's byte-level BPE tokenizer is built from its metadata without torch
+    (`convert.gguf_tokenizer`); other GGUF tokenizers (SentencePiece-style, other split
+    regexes) go through transformers' GGUF integration, which needs torch.
+    """
     from transformers import AutoTokenizer
 
+    from convert.gguf_tokenizer import UnsupportedGGUFTokenizer, gguf_tokenizer
+
     src = Path(src)
+    if source_kind(src) == "gguf":
+        try:
+            return gguf_tokenizer(src)
+        except UnsupportedGGUFTokenizer as e:
+            unsupported = e
     try:
         if source_kind(src) == "gguf":
-            return AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+            try:
+                return AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+            except ImportError as e:
+                raise ConversionError(
+                    f"{unsupported}; transformers can build it from the GGUF, but its GGUF "
+                    f"reader needs torch ({e}): pip install torch") from e
         if not any((src / f).is_file() for f in TOKENIZER_FILES):
             return None
         return AutoTokenizer.from_pretrained(str(src))
+    except ConversionError:
+        raise
     except Exception as e:
-        if source_kind(src) == "gguf" and "tokenizer.ggml.model" not in GGUFSource(src).reader.fields:
-            return None  # a GGUF without tokenizer metadata
         raise ConversionError(f"{src}: cannot load the tokenizer ({type(e).__name__}: {e})") from e
 
 
