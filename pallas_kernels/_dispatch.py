@@ -195,28 +195,3 @@ def vmem(shape: tuple[int, ...], dtype: Any) -> Any:
 
 def cdiv(a: int, b: int) -> int:
     return pl.cdiv(a, b)
-
-
-def next_power_of_2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
-
-
-def active_block_list(row_active_K: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
-    """Indices of the blocks of `block` rows holding an active row, and their count.
-
-    Active blocks come first in ascending order; the trailing entries repeat the last
-    active block (block 0 when none is active), so a grid that walks this list issues
-    no new DMA on its trailing (skipped) steps. Returns (int32 [n_blocks], int32 [1]).
-    """
-    k = row_active_K.shape[0]
-    n_blocks = cdiv(k, block)
-    pad = n_blocks * block - k
-    padded = jnp.pad(row_active_K, (0, pad))
-    blk_active = jnp.any(padded.reshape(n_blocks, block), axis=1)
-    count = jnp.sum(blk_active.astype(jnp.int32))
-    ids = jnp.arange(n_blocks, dtype=jnp.int32)
-    # Stable order: active block ids ascending, then inactive ones.
-    order = jnp.argsort(jnp.where(blk_active, ids, ids + n_blocks)).astype(jnp.int32)
-    last = order[jnp.maximum(count - 1, 0)]
-    order = jnp.where(ids < count, order, last)
-    return order, count.reshape(1)

@@ -11,8 +11,11 @@
 
 Each has a pure-jnp `*_reference` (float32 accumulation, result in x.dtype), a GPU
 kernel (Pallas/Triton: masked row loads skip the memory traffic of inactive rows), a
-TPU kernel (Pallas/Mosaic, scalar prefetch: only blocks of rows holding an active row
-are DMA'd) and a dispatcher (`impl="auto"` picks by backend).
+TPU kernel (Pallas/Mosaic: the active rows, some g[b, i] != 0, are compacted into a
+prefetched index list and each is copied from HBM by its own DMA, double-buffered; see
+pallas_kernels/_row_dma.py) and a dispatcher (`impl="auto"` picks by backend). The TPU
+`gated_matvec` computes u for the active rows in compacted order and scatters `g * u`
+into h outside the kernel.
 
 Which path to use for a SwiGLU FFN: the unfused pair `gated_matvec` then
 `sparse_input_matvec(h, Wd)` or `fused_sparse_ffn` is settled by the H100 numbers in
@@ -33,6 +36,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _dispatch as dsp
+from pallas_kernels import _row_dma as rdma
 
 _GATED = "gated_matvec"
 _FUSED = "fused_sparse_ffn"
@@ -245,6 +249,8 @@ def _fused_sparse_ffn_gpu(
 
 # ------------------------------------------------------------------------ TPU (Mosaic)
 
+TPU_BLOCK_M = 128  # compacted rows per chunk: the MXU's contraction width for the down dot
+
 
 def _dot_dtype(*arrays: jax.Array) -> jnp.dtype:
     dts = {jnp.dtype(a.dtype) for a in arrays}
@@ -264,137 +270,166 @@ def _dot_nt(a, b, dot_dtype):
     )
 
 
-def _previous_active_blocks(row_active_m: jax.Array, block: int):
-    """Per block of rows: its own index if active, else the last active block before
-    it (the first active block for a leading inactive run, 0 if none is active); and
-    the per-block active flags. Walking blocks in order with these W indices DMAs each
-    active block once and nothing for the inactive ones."""
-    m = row_active_m.shape[0]
-    n = dsp.cdiv(m, block)
-    act = jnp.any(jnp.pad(row_active_m, (0, n * block - m)).reshape(n, block), axis=1)
-    ids = jnp.arange(n, dtype=jnp.int32)
-    prev = jax.lax.cummax(jnp.where(act, ids, -1), axis=0)
-    first = jnp.argmax(act).astype(jnp.int32)
-    return jnp.where(prev >= 0, prev, first).astype(jnp.int32), act.astype(jnp.int32)
+def _check_tpu_block_m(fn: str, block_m: int, dtype: Any) -> None:
+    sub = rdma.sublane_rows(dtype)
+    if not isinstance(block_m, int) or block_m <= 0 or block_m % sub:
+        raise ValueError(
+            f"{fn}: block_m={block_m!r} (rows per chunk) must be a positive multiple of "
+            f"{sub}, the sublane tile of {dtype}, for the TPU kernel."
+        )
 
 
-def _gated_tpu_kernel(wblk_ref, act_ref, x_ref, g_ref, wu_ref, h_ref, *, m, block_m, dot_dtype):
-    i = pl.program_id(0)
-
-    @pl.when(act_ref[i] != 0)
-    def _():
-        u = _dot_nt(x_ref[...], wu_ref[...], dot_dtype)
-        h_ref[...] = (g_ref[...].astype(jnp.float32) * u).astype(h_ref.dtype)
-
-    @pl.when(act_ref[i] == 0)
-    def _():
-        h_ref[...] = jnp.zeros_like(h_ref)
+def _split_counter(rest, count_copies):
+    if count_copies:
+        copied_ref, *scratch = rest
+        copied_ref[0] = 0
+        return (copied_ref, 0), scratch
+    return None, list(rest)
 
 
-@functools.partial(jax.jit, static_argnames=("block_m", "interpret"))
-def _gated_matvec_tpu(x_Bxd, g_Bxm, wu_mxd, *, block_m=256, interpret=False):
+def _gated_tpu_kernel(ids_ref, cnt_ref, x_ref, wu_hbm, uc_ref, *rest, block_m, dot_dtype,
+                      count_copies):
+    counter, (wbuf, sems) = _split_counter(rest, count_copies)
+
+    def chunk(c, slot):
+        uc_ref[c] = _dot_nt(x_ref[...], wbuf[slot], dot_dtype)  # [B, block_m]
+
+    rdma.for_each_chunk(
+        ids_ref,
+        cnt_ref[0],
+        block_m,
+        [(lambda k: wu_hbm.at[pl.ds(k, 1)], wbuf)],
+        sems,
+        chunk,
+        counter,
+    )
+
+
+def _counter_out(count_copies, specs, shapes):
+    if count_copies:
+        specs.append(rdma.smem_spec())
+        shapes.append(jax.ShapeDtypeStruct((1,), jnp.int32))
+    return specs, shapes
+
+
+@functools.partial(jax.jit, static_argnames=("block_m", "interpret", "count_copies"))
+def _gated_matvec_tpu(x_Bxd, g_Bxm, wu_mxd, *, block_m=TPU_BLOCK_M, interpret=False,
+                      count_copies=False):
+    """The TPU kernel computes `u = x @ Wu[i]^T` for the active rows i only, in compacted
+    order ([n_chunks, B, block_m] float32); a scatter then places `g * u` in h. With
+    `count_copies` it also returns the number of row DMAs started, int32 [1]."""
     B, d = x_Bxd.shape
     m = wu_mxd.shape[0]
-    dsp.check_block(_GATED, "block_m", block_m, power_of_2=False)
-    wblk, act = _previous_active_blocks(jnp.any(g_Bxm != 0, axis=0), block_m)
+    _check_tpu_block_m(_GATED, block_m, wu_mxd.dtype)
+    ids, cnt = rdma.compact_rows(jnp.any(g_Bxm != 0, axis=0), block_m)
+    n_chunks = ids.shape[0] // block_m
     kernel = functools.partial(
-        _gated_tpu_kernel, m=m, block_m=block_m, dot_dtype=_dot_dtype(x_Bxd, wu_mxd)
+        _gated_tpu_kernel,
+        block_m=block_m,
+        dot_dtype=_dot_dtype(x_Bxd, wu_mxd),
+        count_copies=count_copies,
+    )
+    full = (n_chunks, B, block_m)
+    specs, shapes = _counter_out(
+        count_copies,
+        [pl.BlockSpec(full, lambda i, ids, cnt: (0, 0, 0))],
+        [jax.ShapeDtypeStruct(full, jnp.float32)],
     )
     grid_spec = dsp.prefetch_grid_spec(
         num_scalar_prefetch=2,
-        grid=(wblk.shape[0],),
-        in_specs=[
-            pl.BlockSpec((B, d), lambda i, wblk, act: (0, 0)),
-            pl.BlockSpec((B, block_m), lambda i, wblk, act: (0, i)),
-            pl.BlockSpec((block_m, d), lambda i, wblk, act: (wblk[i], 0)),
-        ],
-        out_specs=pl.BlockSpec((B, block_m), lambda i, wblk, act: (0, i)),
+        grid=(1,),
+        in_specs=[pl.BlockSpec((B, d), lambda i, ids, cnt: (0, 0)), rdma.any_spec()],
+        out_specs=specs,
+        scratch_shapes=[dsp.vmem((2, block_m, d), wu_mxd.dtype), rdma.dma_semaphores(2)],
     )
-    return pl.pallas_call(
+    out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((B, m), x_Bxd.dtype),
+        out_shape=shapes,
         grid_spec=grid_spec,
         compiler_params=dsp.tpu_compiler_params(("arbitrary",)),
         interpret=dsp.tpu_interpret_params() if interpret else False,
         name="gated_matvec_tpu",
-    )(wblk, act, x_Bxd, g_Bxm, wu_mxd)
+    )(ids, cnt, x_Bxd, wu_mxd)
+    # Chunk slots past the count hold stale values: their target index m is dropped.
+    u = out[0].transpose(1, 0, 2).reshape(B, n_chunks * block_m)
+    slot_ok = jnp.arange(n_chunks * block_m) < cnt[0]
+    target = jnp.where(slot_ok, ids, m)
+    u_Bxm = jnp.zeros((B, m), jnp.float32).at[:, target].set(u, mode="drop")
+    h = (g_Bxm.astype(jnp.float32) * u_Bxm).astype(x_Bxd.dtype)
+    return (h, out[1]) if count_copies else h
 
 
-def _fused_tpu_kernel(
-    blk_ref,
-    cnt_ref,
-    x_ref,
-    g_ref,
-    wu_ref,
-    wd_ref,
-    y_ref,
-    acc_ref,
-    *,
-    m,
-    block_m,
-    n_steps,
-    dot_dtype,
-):
-    i = pl.program_id(0)
+def _fused_tpu_kernel(ids_ref, cnt_ref, x_ref, gc_ref, wu_hbm, wd_hbm, y_ref, *rest, block_m,
+                      dot_dtype, count_copies):
+    counter, (wu_buf, wd_buf, sems, acc_ref) = _split_counter(rest, count_copies)
+    count = cnt_ref[0]
+    acc_ref[...] = jnp.zeros_like(acc_ref)
 
-    @pl.when(i == 0)
-    def _():
-        acc_ref[...] = jnp.zeros_like(acc_ref)
-
-    @pl.when(i < cnt_ref[0])
-    def _():
-        r0 = blk_ref[i] * block_m
-        ok_1xM = (r0 + jax.lax.broadcasted_iota(jnp.int32, (1, block_m), 1)) < m
-        ok_Mx1 = (r0 + jax.lax.broadcasted_iota(jnp.int32, (block_m, 1), 0)) < m
-        u = _dot_nt(x_ref[...], wu_ref[...], dot_dtype)
-        h = jnp.where(ok_1xM, g_ref[...].astype(jnp.float32) * u, 0.0)
-        wd = jnp.where(ok_Mx1, wd_ref[...], 0)
+    def chunk(c, slot):
+        u = _dot_nt(x_ref[...], wu_buf[slot], dot_dtype)  # [B, block_m] float32
+        # Stale buffer rows past the count may hold anything (NaN): mask h and Wd rows.
+        h = jnp.where(rdma.chunk_row_valid(c, count, block_m, axis=1), gc_ref[c] * u, 0.0)
+        wd = jnp.where(rdma.chunk_row_valid(c, count, block_m, axis=0), wd_buf[slot], 0)
         acc_ref[...] += jnp.dot(
-            h,
-            wd.astype(jnp.float32),
-            preferred_element_type=jnp.float32,
-            precision=_HI,
+            h, wd.astype(jnp.float32), preferred_element_type=jnp.float32, precision=_HI
         )
 
-    @pl.when(i == n_steps - 1)
-    def _():
-        y_ref[...] = acc_ref[...].astype(y_ref.dtype)
+    rdma.for_each_chunk(
+        ids_ref,
+        count,
+        block_m,
+        [(lambda k: wu_hbm.at[pl.ds(k, 1)], wu_buf), (lambda k: wd_hbm.at[pl.ds(k, 1)], wd_buf)],
+        sems,
+        chunk,
+        counter,
+    )
+    y_ref[...] = acc_ref[...].astype(y_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("block_m", "interpret"))
-def _fused_sparse_ffn_tpu(x_Bxd, g_Bxm, wu_mxd, wd_mxd, *, block_m=256, interpret=False):
+@functools.partial(jax.jit, static_argnames=("block_m", "interpret", "count_copies"))
+def _fused_sparse_ffn_tpu(x_Bxd, g_Bxm, wu_mxd, wd_mxd, *, block_m=TPU_BLOCK_M,
+                          interpret=False, count_copies=False):
     B, d = x_Bxd.shape
-    m = wu_mxd.shape[0]
-    dsp.check_block(_FUSED, "block_m", block_m, power_of_2=False)
-    blk, cnt = dsp.active_block_list(jnp.any(g_Bxm != 0, axis=0), block_m)
-    n_steps = blk.shape[0]
+    _check_tpu_block_m(_FUSED, block_m, wu_mxd.dtype)
+    ids, cnt = rdma.compact_rows(jnp.any(g_Bxm != 0, axis=0), block_m)
+    gc = rdma.compact_columns(g_Bxm, ids, cnt, block_m)  # [n_chunks, B, block_m]
     kernel = functools.partial(
         _fused_tpu_kernel,
-        m=m,
         block_m=block_m,
-        n_steps=n_steps,
         dot_dtype=_dot_dtype(x_Bxd, wu_mxd),
+        count_copies=count_copies,
+    )
+    specs, shapes = _counter_out(
+        count_copies,
+        [pl.BlockSpec((B, d), lambda i, ids, cnt: (0, 0))],
+        [jax.ShapeDtypeStruct((B, d), x_Bxd.dtype)],
     )
     grid_spec = dsp.prefetch_grid_spec(
         num_scalar_prefetch=2,
-        grid=(n_steps,),
+        grid=(1,),
         in_specs=[
-            pl.BlockSpec((B, d), lambda i, blk, cnt: (0, 0)),
-            pl.BlockSpec((B, block_m), lambda i, blk, cnt: (0, blk[i])),
-            pl.BlockSpec((block_m, d), lambda i, blk, cnt: (blk[i], 0)),
-            pl.BlockSpec((block_m, d), lambda i, blk, cnt: (blk[i], 0)),
+            pl.BlockSpec((B, d), lambda i, ids, cnt: (0, 0)),
+            pl.BlockSpec(gc.shape, lambda i, ids, cnt: (0, 0, 0)),
+            rdma.any_spec(),
+            rdma.any_spec(),
         ],
-        out_specs=pl.BlockSpec((B, d), lambda i, blk, cnt: (0, 0)),
-        scratch_shapes=[dsp.vmem((B, d), jnp.float32)],
+        out_specs=specs,
+        scratch_shapes=[
+            dsp.vmem((2, block_m, d), wu_mxd.dtype),
+            dsp.vmem((2, block_m, d), wd_mxd.dtype),
+            rdma.dma_semaphores(2),
+            dsp.vmem((B, d), jnp.float32),
+        ],
     )
-    return pl.pallas_call(
+    out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((B, d), x_Bxd.dtype),
+        out_shape=shapes,
         grid_spec=grid_spec,
         compiler_params=dsp.tpu_compiler_params(("arbitrary",)),
         interpret=dsp.tpu_interpret_params() if interpret else False,
         name="fused_sparse_ffn_tpu",
-    )(blk, cnt, x_Bxd, g_Bxm, wu_mxd, wd_mxd)
+    )(ids, cnt, x_Bxd, gc, wu_mxd, wd_mxd)
+    return tuple(out) if count_copies else out[0]
 
 
 # ----------------------------------------------------------------------- dispatchers

@@ -15,14 +15,16 @@ Holds:
   (`split_k=1`) it stores y directly in x.dtype: one launch, no zero-fill, no atomics.
   With several splits (the default: one (block_k x block_n) tile per program, as in
   TEAL) it adds into a zeroed float32 buffer with atomics (split-K) and casts after.
-- `_sparse_input_matvec_tpu`: Pallas on Mosaic TPU with scalar prefetch. The list of
-  K blocks holding an active row (and its length) is computed outside the kernel and
-  prefetched; the index maps read it, so only active blocks of W are DMA'd. Trailing
-  grid steps repeat the last active block (no new DMA) and are skipped with `pl.when`.
+- `_sparse_input_matvec_tpu`: Pallas on Mosaic TPU. Outside the kernel, the threshold
+  is applied and the active rows (some x[b, k] != 0) are compacted into an ascending
+  index list and a count, prefetched as scalars; x is gathered to match. The kernel (one
+  program per column block of W) copies each active row of its column block from HBM
+  into VMEM with its own DMA, double-buffered in chunks of `block_k` rows
+  (pallas_kernels/_row_dma.py), and accumulates `x_chunk @ W_rows` in float32.
 - `sparse_input_matvec`: the dispatcher (by `jax.default_backend()`, or `impl=`).
 
-Leaves out: compacting active rows before the kernel (one extra pass and launch; the
-masked load already skips the bytes), quantized weights, and batch sizes where a dense
+Leaves out: on GPU, compacting active rows before the kernel (one extra pass and launch;
+the masked load already skips the bytes); quantized weights; and batch sizes where a dense
 matmul wins (the union of active rows grows with B; the dispatcher does not switch).
 """
 
@@ -36,6 +38,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _dispatch as dsp
+from pallas_kernels import _row_dma as rdma
 
 _NAME = "sparse_input_matvec"
 
@@ -216,92 +219,134 @@ def _sparse_input_matvec_gpu(
 
 # ------------------------------------------------------------------------ TPU (Mosaic)
 
+# VMEM for the two row buffers of one program (2 x block_k x block_n elements of W); a
+# column block is narrowed (a multiple of 128 dividing N) until they fit. The scoped VMEM
+# limit is 16 MiB on v5e, 32 MiB on v6e.
+_TPU_BUFFER_BYTES = 4 * 2**20
+TPU_BLOCK_K = 128  # compacted rows per chunk: one MXU-aligned contraction
 
-def _tpu_kernel(blk_ref, cnt_ref, *refs, K, block_k, n_steps, has_t, dot_dtype):
-    if has_t:
-        x_ref, t_ref, w_ref, y_ref, acc_ref = refs
+
+def tpu_block_n(n: int, block_k: int, itemsize: int) -> int:
+    """The widest column block for the TPU kernel: N itself when its two row buffers fit
+    `_TPU_BUFFER_BYTES`, else the widest multiple of 128 dividing N that fits (N itself
+    when no multiple of 128 divides N)."""
+    if 2 * block_k * n * itemsize <= _TPU_BUFFER_BYTES:
+        return n
+    fits = [b for b in range(128, n, 128) if n % b == 0]
+    fits = [b for b in fits if 2 * block_k * b * itemsize <= _TPU_BUFFER_BYTES] or fits[:1]
+    return max(fits) if fits else n
+
+
+def _tpu_kernel(ids_ref, cnt_ref, xc_ref, w_hbm, y_ref, *rest, block_k, block_n, dot_dtype,
+                count_copies):
+    if count_copies:
+        copied_ref, wbuf, sems, acc_ref = rest
     else:
-        x_ref, w_ref, y_ref, acc_ref = refs
-        t_ref = None
-    j = pl.program_id(1)
+        copied_ref = None
+        wbuf, sems, acc_ref = rest
+    n = pl.program_id(0)
+    col0 = pl.multiple_of(n * block_n, block_n)
+    count = cnt_ref[0]
+    acc_ref[...] = jnp.zeros_like(acc_ref)
+    counter = None
+    if copied_ref is not None:
+        copied_ref[n] = 0
+        counter = (copied_ref, n)
 
-    @pl.when(j == 0)
-    def _():
-        acc_ref[...] = jnp.zeros_like(acc_ref)
+    def w_row(k):
+        return w_hbm.at[pl.ds(k, 1), pl.ds(col0, block_n)]
 
-    @pl.when(j < cnt_ref[0])
-    def _():
-        k0 = blk_ref[j] * block_k
-        x = x_ref[...].astype(jnp.float32)  # [B, bk]
-        row_ok_1xK = (k0 + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)) < K
-        t = None if t_ref is None else t_ref[...]
-        x = jnp.where(row_ok_1xK, _kept(x, t), 0.0)
-        row_ok_Kx1 = (k0 + jax.lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)) < K
-        w = jnp.where(row_ok_Kx1, w_ref[...], 0).astype(dot_dtype)
+    def chunk(c, slot):
+        ok = rdma.chunk_row_valid(c, count, block_k, axis=0)
+        w = jnp.where(ok, wbuf[slot], 0).astype(dot_dtype)  # stale rows past the count
+        x = xc_ref[c].astype(dot_dtype)  # [B, block_k], zero past the count
         acc_ref[...] += jnp.dot(
-            x.astype(dot_dtype),
+            x,
             w,
             preferred_element_type=jnp.float32,
             precision=jax.lax.Precision.HIGHEST if dot_dtype == jnp.float32 else None,
         )
 
-    @pl.when(j == n_steps - 1)
-    def _():
-        y_ref[...] = acc_ref[...].astype(y_ref.dtype)
+    rdma.for_each_chunk(ids_ref, count, block_k, [(w_row, wbuf)], sems, chunk, counter)
+    y_ref[...] = acc_ref[...].astype(y_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("block_k", "block_n", "interpret"))
+@functools.partial(
+    jax.jit, static_argnames=("block_k", "block_n", "interpret", "count_copies")
+)
 def _sparse_input_matvec_tpu(
     x_BxK: jax.Array,
     w_KxN: jax.Array,
     threshold: Any = None,
     *,
-    block_k: int = 512,
-    block_n: int = 512,
+    block_k: int = TPU_BLOCK_K,
+    block_n: int | None = None,
     interpret: bool = False,
-) -> jax.Array:
+    count_copies: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """The TPU kernel. With `count_copies` (a debug mode) it also returns the number of
+    row DMAs each column block started, int32 [n_col]."""
     B, K = x_BxK.shape
     N = w_KxN.shape[1]
-    dsp.check_block(_NAME, "block_k", block_k, power_of_2=False)
-    dsp.check_block(_NAME, "block_n", block_n, power_of_2=False)
-    has_t = threshold is not None
-    t_1xK = dsp.threshold_row(_NAME, threshold, K) if has_t else None
+    sub = rdma.sublane_rows(w_KxN.dtype)
+    if not isinstance(block_k, int) or block_k <= 0 or block_k % sub:
+        raise ValueError(
+            f"{_NAME}: block_k={block_k!r} (rows per chunk) must be a positive multiple of "
+            f"{sub}, the sublane tile of {w_KxN.dtype}, for the TPU kernel."
+        )
+    if block_n is None:
+        block_n = tpu_block_n(N, block_k, w_KxN.dtype.itemsize)
+    elif block_n != N and (block_n % 128 or N % block_n):
+        raise ValueError(
+            f"{_NAME}: block_n={block_n} must equal N={N} or be a multiple of 128 that "
+            "divides N for the TPU kernel (its row copies may not run past the end)."
+        )
+    t_1xK = dsp.threshold_row(_NAME, threshold, K) if threshold is not None else None
     xk = _kept(x_BxK.astype(jnp.float32), t_1xK)
-    blk, cnt = dsp.active_block_list(jnp.any(xk != 0.0, axis=0), block_k)
-    n_steps = blk.shape[0]
-    n_col = dsp.cdiv(N, block_n)
-    in_specs = [pl.BlockSpec((B, block_k), lambda n, j, blk, cnt: (0, blk[j]))]
-    args = [x_BxK]
-    if has_t:
-        in_specs.append(pl.BlockSpec((1, block_k), lambda n, j, blk, cnt: (0, blk[j])))
-        args.append(t_1xK)
-    in_specs.append(pl.BlockSpec((block_k, block_n), lambda n, j, blk, cnt: (blk[j], n)))
-    args.append(w_KxN)
+    ids, cnt = rdma.compact_rows(jnp.any(xk != 0.0, axis=0), block_k)
+    xc = rdma.compact_columns(xk, ids, cnt, block_k)  # [n_chunks, B, block_k] float32
+    n_col = N // block_n
     same = x_BxK.dtype == w_KxN.dtype and x_BxK.dtype != jnp.float16
-    dot_dtype = x_BxK.dtype if same else jnp.float32
+    dot_dtype = jnp.dtype(x_BxK.dtype if same else jnp.float32)
     kernel = functools.partial(
         _tpu_kernel,
-        K=K,
         block_k=block_k,
-        n_steps=n_steps,
-        has_t=has_t,
-        dot_dtype=jnp.dtype(dot_dtype),
+        block_n=block_n,
+        dot_dtype=dot_dtype,
+        count_copies=count_copies,
     )
+    out_specs = [pl.BlockSpec((B, block_n), lambda n, ids, cnt: (0, n))]
+    out_shape = [jax.ShapeDtypeStruct((B, N), x_BxK.dtype)]
+    if count_copies:
+        out_specs.append(rdma.smem_spec())
+        out_shape.append(jax.ShapeDtypeStruct((n_col,), jnp.int32))
     grid_spec = dsp.prefetch_grid_spec(
         num_scalar_prefetch=2,
-        grid=(n_col, n_steps),
-        in_specs=in_specs,
-        out_specs=pl.BlockSpec((B, block_n), lambda n, j, blk, cnt: (0, n)),
-        scratch_shapes=[dsp.vmem((B, block_n), jnp.float32)],
+        grid=(n_col,),
+        in_specs=[
+            pl.BlockSpec(xc.shape, lambda n, ids, cnt: (0, 0, 0)),
+            rdma.any_spec(),
+        ],
+        out_specs=out_specs,
+        scratch_shapes=[
+            dsp.vmem((2, block_k, block_n), w_KxN.dtype),
+            rdma.dma_semaphores(2),
+            dsp.vmem((B, block_n), jnp.float32),
+        ],
     )
-    return pl.pallas_call(
+    out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((B, N), x_BxK.dtype),
+        out_shape=out_shape,
         grid_spec=grid_spec,
-        compiler_params=dsp.tpu_compiler_params(("parallel", "arbitrary")),
+        # Column blocks are independent ("parallel": split over TensorCores); the debug
+        # counter is one SMEM array for the whole grid, so it runs them in order.
+        compiler_params=dsp.tpu_compiler_params(
+            ("arbitrary" if count_copies else "parallel",)
+        ),
         interpret=dsp.tpu_interpret_params() if interpret else False,
         name="sparse_input_matvec_tpu",
-    )(blk, cnt, *args)
+    )(ids, cnt, xc, w_KxN)
+    return tuple(out) if count_copies else out[0]
 
 
 # ------------------------------------------------------------------------ dispatcher
