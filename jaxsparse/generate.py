@@ -1,11 +1,19 @@
-"""Text generation: prefill, then token-by-token decode with a KV cache, jit-compiled.
+"""Text generation: a compiled prefill, then decoding as one compiled on-device loop.
 
-Holds `Generator`, which compiles one prefill per (batch size, prompt-length bucket,
-cache length) and one decode step per (batch size, cache length), keeps them, and reuses
-them for every later call with the same shapes, the same sampling settings being runtime
-data (greedy is temperature 0). Prompts of different lengths are left-padded to a
-power-of-two bucket. Sparsity is a thresholds tree passed beside the params: applied to
-decode tokens, and to prefill only when asked (prefill is compute-bound).
+Holds `Generator`. A call runs two compiled functions: the prefill (which also builds the
+KV cache and the loop's state on the device) and a `lax.while_loop` of decode steps that
+samples, writes each token into an on-device buffer, stops each row at EOS and the whole
+loop when every row is done or `max_new_tokens` is reached, and accumulates the sparsity
+statistics. The host hears back once per call, or once per chunk when streaming
+(`Generator.stream`). Params are placed on the device once (in `__init__`), the sparsity
+state once per call; nothing crosses per token (a per-token host round trip cost more than
+the sparsity saves on an 8B model on an H100: docs/design.md, "The decode loop").
+
+Compilations are kept per (batch size, prompt-length bucket, `max_new_tokens`, sampling
+mode) and reused; temperature, top-k, top-p and the seed are runtime data, as are the
+thresholds (one compile serves every threshold method and sparsity). Prompts of different
+lengths are left-padded to a power-of-two bucket. Sparsity applies to decode tokens, and
+to the prefill only when asked (prefill is compute-bound).
 
 It does not load models or parse arguments: see `jaxsparse.loading` and `jaxsparse.cli.generate`.
 """
@@ -14,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -45,16 +53,29 @@ class SamplingParams:
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p={self.top_p}: must be in (0, 1] (1 disables it)")
 
+    @property
+    def mode(self) -> str:
+        """The compiled sampling path: "greedy" (an argmax, no sort), "sample" (no filter)
+        or "filtered" (top-k / top-p: one sort of the vocabulary per step)."""
+        if self.temperature == 0:
+            return "greedy"
+        return "filtered" if (self.top_k > 0 or self.top_p < 1.0) else "sample"
+
 
 @dataclasses.dataclass
 class GenerationResult:
     tokens: list[list[int]]  # new tokens per prompt, EOS excluded
     prompt_tokens: list[int]  # prompt length per prompt
     prefill_s: float
+    # Wall time of the decode loop as the caller waits for it: from the first loop dispatch
+    # to the last token on the host (streamed chunks and their host reads included;
+    # compilation excluded, see `compile_s`).
     decode_s: float
     compile_s: float
-    decode_steps: int
-    # Mean zero fraction per sparsification point over the decoded tokens (when measured).
+    decode_steps: int  # loop iterations (each makes one token per row still generating)
+    decode_tokens: int = 0  # tokens made by decode steps, summed over the rows
+    host_reads: int = 0  # times the decode loop returned to the host (1 unless streamed)
+    # Mean zero fraction per sparsification point over every decoded token (when measured).
     measured_sparsity: dict[str, float] | None = None
     measured_sparsity_per_layer: dict[str, list[float]] | None = None
 
@@ -64,9 +85,24 @@ class GenerationResult:
 
     @property
     def decode_tokens_per_s(self) -> float:
-        """Decoded tokens per second, summed over the batch (each step makes B tokens)."""
-        n = self.decode_steps * len(self.tokens)
-        return n / self.decode_s if self.decode_s > 0 else float("nan")
+        """Decoded tokens per second, summed over the batch (rows that stopped at EOS no
+        longer count)."""
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
+
+    @property
+    def decode_steps_per_s(self) -> float:
+        """Decode steps per second: the tokens per second of one sequence."""
+        return self.decode_steps / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+@dataclasses.dataclass
+class StreamChunk:
+    """One chunk of `Generator.stream`: the text and token ids each prompt gained since the
+    previous chunk; `result` is set on the last chunk only."""
+
+    texts: list[str]
+    token_ids: list[list[int]]
+    result: GenerationResult | None = None
 
 
 def bucket_length(n: int) -> int:
@@ -74,47 +110,61 @@ def bucket_length(n: int) -> int:
     return max(MIN_BUCKET, 1 << (max(n, 1) - 1).bit_length())
 
 
-def sample_logits(logits_BxV: jax.Array, key: jax.Array, temperature, top_k, top_p) -> jax.Array:
-    """Greedy where temperature == 0, else temperature / top-k / top-p sampling. [B] int32."""
+def sample_logits(logits_BxV: jax.Array, key: jax.Array, temperature, top_k, top_p,
+                  mode: str | None = None) -> jax.Array:
+    """Greedy where temperature == 0, else temperature / top-k / top-p sampling. [B] int32.
+
+    `mode` ("greedy", "sample", "filtered": `SamplingParams.mode`) picks the computation
+    statically; None decides from the values at run time (computing every branch)."""
     logits = logits_BxV.astype(jnp.float32)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if mode == "greedy":
+        return greedy
     scaled = logits / jnp.maximum(temperature, 1e-6)
-    sorted_desc = -jnp.sort(-scaled, axis=-1)
-    vocab = logits.shape[-1]
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    kth = jnp.take_along_axis(sorted_desc, jnp.broadcast_to(k - 1, (logits.shape[0], 1)), axis=-1)
-    scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
-    # top-p over what top-k kept: drop tokens once the mass before them reaches top_p.
-    probs_sorted = jax.nn.softmax(jnp.where(sorted_desc < kth, -jnp.inf, sorted_desc), axis=-1)
-    mass_before = jnp.cumsum(probs_sorted, axis=-1) - probs_sorted
-    cutoff_idx = jnp.sum(mass_before < top_p, axis=-1, keepdims=True) - 1
-    cutoff = jnp.take_along_axis(sorted_desc, cutoff_idx, axis=-1)
-    scaled = jnp.where(scaled < cutoff, -jnp.inf, scaled)
+    if mode != "sample":
+        sorted_desc = -jnp.sort(-scaled, axis=-1)
+        vocab = logits.shape[-1]
+        k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+        kth = jnp.take_along_axis(sorted_desc, jnp.broadcast_to(k - 1, (logits.shape[0], 1)),
+                                  axis=-1)
+        scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
+        # top-p over what top-k kept: drop tokens once the mass before them reaches top_p.
+        probs_sorted = jax.nn.softmax(jnp.where(sorted_desc < kth, -jnp.inf, sorted_desc),
+                                      axis=-1)
+        mass_before = jnp.cumsum(probs_sorted, axis=-1) - probs_sorted
+        cutoff_idx = jnp.sum(mass_before < top_p, axis=-1, keepdims=True) - 1
+        cutoff = jnp.take_along_axis(sorted_desc, cutoff_idx, axis=-1)
+        scaled = jnp.where(scaled < cutoff, -jnp.inf, scaled)
     sampled = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
-    return jnp.where(temperature > 0, sampled, greedy)
+    return sampled if mode is not None else jnp.where(temperature > 0, sampled, greedy)
 
 
-def _stats_means(stats: dict, valid_B: jax.Array) -> dict:
-    """Per layer and point: mean zero fraction over the valid rows of one decode step."""
-    w = valid_B.astype(jnp.float32)
-    out = {}
+def _layer_index(name: str) -> int:
+    return int(name.rsplit("_", 1)[1])
+
+
+def _token_stats(stats: dict, active_B: jax.Array) -> dict[str, dict[str, jax.Array]]:
+    """Per layer and point: the zero fraction of this step's token, summed over the rows
+    still generating (`active_B`)."""
+    w = active_B.astype(jnp.float32)
+    out: dict[str, dict[str, jax.Array]] = {}
     for layer, tree in stats.items():
-        flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-        for path, frac_BxT in flat:
+        for path, frac_BxT in jax.tree_util.tree_flatten_with_path(tree)[0]:
             point = next(str(p.key) for p in reversed(path) if hasattr(p, "key"))
-            out[(layer, point)] = jnp.sum(frac_BxT[:, -1] * w) / jnp.maximum(jnp.sum(w), 1)
+            out.setdefault(layer, {})[point] = jnp.sum(frac_BxT[:, -1] * w)
     return out
 
 
 class Generator:
-    """Compiled prefill and decode for one model; reuse it across calls to reuse compilations."""
+    """Compiled prefill and decode loop for one model; reuse it across calls to reuse
+    compilations."""
 
     def __init__(self, config: ModelConfig, params: Any, tokenizer: Any = None,
                  kernels: Kernels = XLA):
         """`kernels` picks the decode matmuls (`jaxsparse.models.kernels_for_method`); the
-        params are laid out for it here, once."""
+        params are laid out for it and placed on the device here, once."""
         self.config = config
-        self.params = prepare_params(params, config, kernels)
+        self.params = jax.device_put(prepare_params(params, config, kernels))
         self.tokenizer = tokenizer
         self.kernels = kernels
         self.model = build_model(config, kernels)
@@ -125,27 +175,83 @@ class Generator:
         self.pad_id = next(
             (x for x in (config.pad_token_id, *sorted(self.eos_ids)) if x is not None), 0)
 
-    # ------------------------------------------------------------------ compiled steps
+    # ------------------------------------------------------------------ compiled functions
 
-    def _prefill_fn(self, params, tokens_BxT, positions_BxT, cache, thresholds, key, sampling):
-        logits, cache = self.model.apply(
-            {"params": params}, tokens_BxT, positions_BxT, cache, 0, thresholds, last_only=True)
-        next_B = sample_logits(logits[:, -1], key, *sampling)
-        return next_B, cache
-
-    def _decode_fn(self, params, tokens_B, positions_B, cache, index, thresholds, key, sampling,
-                   valid_B, collect_stats):
-        out = self.model.apply(
-            {"params": params}, tokens_B[:, None], positions_B[:, None], cache, index, thresholds,
-            last_only=True, mutable=["stats"] if collect_stats else False)
+    def _apply(self, params, tokens_BxT, positions_BxT, cache, index, thresholds,
+               collect_stats: bool):
+        out = self.model.apply({"params": params}, tokens_BxT, positions_BxT, cache, index,
+                               thresholds, last_only=True,
+                               mutable=["stats"] if collect_stats else False)
         if collect_stats:
             (logits, cache), variables = out
-            stats = _stats_means(variables["stats"], valid_B)
-        else:
-            logits, cache = out
-            stats = {}
-        next_B = sample_logits(logits[:, -1], key, *sampling)
-        return next_B, cache, stats
+            return logits[:, -1], cache, variables["stats"]
+        logits, cache = out
+        return logits[:, -1], cache, None
+
+    def _eos_hit(self, tok_B):
+        eos = jnp.asarray(sorted(self.eos_ids) or [-1], jnp.int32)
+        return jnp.any(tok_B[:, None] == eos[None, :], axis=-1)
+
+    def _prefill_fn(self, params, tokens_BxT, positions_BxT, prefill_thresholds, thresholds,
+                    sampling, seed, max_new_tokens: int, mode: str, collect_stats: bool,
+                    stop_at_eos: bool) -> dict:
+        """Prefill, first token, and the decode loop's initial state (the carry)."""
+        batch, bucket = tokens_BxT.shape
+        cache = init_cache(self.config, batch, bucket + max_new_tokens)
+        key, sub = jax.random.split(jax.random.key(seed))
+        logits_BxV, cache, _ = self._apply(params, tokens_BxT, positions_BxT, cache, 0,
+                                           prefill_thresholds, False)
+        tok_B = sample_logits(logits_BxV, sub, *sampling, mode=mode)
+        carry = {
+            "out": jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(tok_B),
+            "tok": tok_B,
+            "pos": jnp.max(positions_BxT, axis=1) + 1,
+            "cache": cache,
+            "index": jnp.int32(bucket),
+            "step": jnp.int32(1),
+            "done": self._eos_hit(tok_B) if stop_at_eos else jnp.zeros((batch,), bool),
+            "key": key,
+            "decoded": jnp.int32(0),
+        }
+        if collect_stats:  # zeros shaped like one step's statistics
+            step = jax.eval_shape(lambda: _token_stats(self._apply(
+                params, tok_B[:, None], carry["pos"][:, None], cache, carry["index"],
+                thresholds, True)[2], jnp.ones((batch,), bool)))
+            carry["stats"] = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), step)
+        return carry
+
+    def _loop_fn(self, params, thresholds, sampling, carry, stop_step, mode: str,
+                 collect_stats: bool, stop_at_eos: bool) -> dict:
+        """Decode steps on the device until `stop_step` tokens per row (or every row done)."""
+
+        def cond(c):
+            go = c["step"] < stop_step
+            return go & ~jnp.all(c["done"]) if stop_at_eos else go
+
+        def body(c):
+            key, sub = jax.random.split(c["key"])
+            active_B = ~c["done"]
+            logits_BxV, cache, stats = self._apply(
+                params, c["tok"][:, None], c["pos"][:, None], c["cache"], c["index"],
+                thresholds, collect_stats)
+            tok_B = sample_logits(logits_BxV, sub, *sampling, mode=mode)
+            new = {
+                "out": jax.lax.dynamic_update_slice_in_dim(c["out"], tok_B[:, None],
+                                                           c["step"], axis=1),
+                "tok": tok_B,
+                "pos": c["pos"] + 1,
+                "cache": cache,
+                "index": c["index"] + 1,
+                "step": c["step"] + 1,
+                "done": c["done"] | self._eos_hit(tok_B) if stop_at_eos else c["done"],
+                "key": key,
+                "decoded": c["decoded"] + jnp.sum(active_B.astype(jnp.int32)),
+            }
+            if collect_stats:
+                new["stats"] = jax.tree.map(jnp.add, c["stats"], _token_stats(stats, active_B))
+            return new
+
+        return jax.lax.while_loop(cond, body, carry)
 
     def _get(self, kind: str, args: tuple, static: tuple):
         """AOT-compiles `kind` for these argument shapes once; returns (compiled, compile_s)."""
@@ -155,9 +261,9 @@ class Generator:
             return self._compiled[sig], 0.0
         t0 = time.perf_counter()
         if kind == "prefill":
-            fn = jax.jit(self._prefill_fn, donate_argnums=(3,))
-        else:
-            fn = jax.jit(self._decode_fn, donate_argnums=(3,), static_argnums=(9,))
+            fn = jax.jit(self._prefill_fn, static_argnums=(7, 8, 9, 10))
+        else:  # the carry (KV cache included) is donated: updated in place
+            fn = jax.jit(self._loop_fn, donate_argnums=(3,), static_argnums=(5, 6, 7))
         compiled = fn.lower(*args, *static).compile()
         self._compiled[sig] = compiled
         return compiled, time.perf_counter() - t0
@@ -188,17 +294,43 @@ class Generator:
         stop_at_eos: bool = True,
         collect_stats: bool | None = None,
     ) -> GenerationResult:
-        """Generates up to `max_new_tokens` for each prompt (lists of token ids)."""
+        """Generates up to `max_new_tokens` for each prompt (lists of token ids) in one
+        unbroken on-device loop. `collect_stats` (default: with `thresholds`) measures the
+        zero fraction of every sparsification point over every decoded token."""
+        steps = self.stream_ids(prompts, max_new_tokens, sampling, thresholds, sparse_prefill,
+                                stop_at_eos, collect_stats, chunk_tokens=None)
+        for _, result in steps:
+            if result is not None:
+                return result
+        raise AssertionError("stream_ids ended without a result")  # pragma: no cover
+
+    def stream_ids(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int = 32,
+        sampling: SamplingParams = SamplingParams(),
+        thresholds: Any = None,
+        sparse_prefill: bool = False,
+        stop_at_eos: bool = True,
+        collect_stats: bool | None = None,
+        chunk_tokens: int | None = 8,
+    ) -> Iterator[tuple[list[list[int]], GenerationResult | None]]:
+        """Like `generate_ids`, yielding `(new token ids per prompt, None)` every
+        `chunk_tokens` decode steps (one host read each; None: one unbroken loop), and
+        `([], result)` last. The ids may include EOS and what follows it in a row that
+        stopped; `result.tokens` is cut at the first EOS."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+        if chunk_tokens is not None and chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens={chunk_tokens}: must be >= 1 (None: no chunks)")
         if collect_stats is None:
             collect_stats = thresholds is not None
         batch = len(prompts)
         bucket = bucket_length(max(len(p) for p in prompts))
-        max_len = bucket + max_new_tokens
-        if max_len > self.config.max_position_embeddings and self.config.family == "opt":
+        if bucket + max_new_tokens > self.config.max_position_embeddings and (
+                self.config.family == "opt"):
             raise ValueError(
                 f"prompt bucket {bucket} + max_new_tokens {max_new_tokens} exceeds OPT's "
                 f"{self.config.max_position_embeddings} learned positions")
@@ -208,71 +340,68 @@ class Generator:
             tokens[i, bucket - len(p):] = p
             valid[i, bucket - len(p):] = True
         positions = np.where(valid, np.cumsum(valid, axis=1) - 1, -1).astype(np.int32)
-        lengths = valid.sum(axis=1).astype(np.int32)
-        samp = (jnp.float32(sampling.temperature), jnp.int32(sampling.top_k),
-                jnp.float32(sampling.top_p))
-        key = jax.random.key(sampling.seed)
-        cache = init_cache(self.config, batch, max_len)
+        samp = jax.device_put((np.float32(sampling.temperature), np.int32(sampling.top_k),
+                               np.float32(sampling.top_p)))
+        # The sparsity state goes to the device once per call, not once per token.
+        thresholds = None if thresholds is None else jax.device_put(thresholds)
+        static = (sampling.mode, bool(collect_stats), bool(stop_at_eos))
 
-        key, sub = jax.random.split(key)
-        prefill_th = thresholds if sparse_prefill else None
-        args = (self.params, jnp.asarray(tokens), jnp.asarray(positions), cache, prefill_th, sub,
-                samp)
-        prefill, compile_s = self._get("prefill", args, ())
+        args = (self.params, *jax.device_put((tokens, positions)),
+                thresholds if sparse_prefill else None, thresholds, samp,
+                jax.device_put(np.uint32(sampling.seed)))
+        prefill, compile_s = self._get("prefill", args, (max_new_tokens, *static))
         t0 = time.perf_counter()
-        next_B, cache = prefill(*args)
-        next_B.block_until_ready()
+        carry = prefill(*args)
+        first = jax.device_get(carry["tok"])
         prefill_s = time.perf_counter() - t0
 
-        out = np.zeros((batch, max_new_tokens), np.int32)
-        done = np.zeros(batch, bool)
-        stats_sum: dict = {}
-        steps = 0
+        yield [[int(t)] for t in first], None
+        seen = 1
+        host_reads = 0
         decode_s = 0.0
-        pos_B = jnp.asarray(lengths)
-        decode = None
-        for step in range(max_new_tokens):
-            tok_host = np.asarray(next_B)
-            out[:, step] = tok_host
-            if stop_at_eos:
-                done |= np.isin(tok_host, list(self.eos_ids))
-            if step == max_new_tokens - 1 or (stop_at_eos and done.all()):
-                break
-            key, sub = jax.random.split(key)
-            valid_B = jnp.asarray(~done)
-            args = (self.params, next_B, pos_B, cache, jnp.int32(bucket + step), thresholds, sub,
-                    samp, valid_B)
-            if decode is None:  # one signature for the whole loop
-                decode, c_s = self._get("decode", args, (collect_stats,))
-                compile_s += c_s
-            t0 = time.perf_counter()
-            next_B, cache, stats = decode(*args)
-            next_B.block_until_ready()
-            decode_s += time.perf_counter() - t0
-            pos_B = pos_B + 1
-            steps += 1
-            for k, v in stats.items():
-                stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
-
+        chunk = max_new_tokens if chunk_tokens is None else chunk_tokens
+        stop_early = stop_at_eos and all(int(t) in self.eos_ids for t in first)
+        if not stop_early and max_new_tokens > 1:  # compiled before the clock starts
+            loop, c_s = self._get("loop", (self.params, thresholds, samp, carry,
+                                           jax.device_put(np.int32(0))), static)
+            compile_s += c_s
+        t0 = time.perf_counter()
+        while seen < max_new_tokens and not stop_early:
+            stop = jax.device_put(np.int32(min(seen + chunk, max_new_tokens)))
+            carry = loop(self.params, thresholds, samp, carry, stop)
+            out, step, done = jax.device_get((carry["out"], carry["step"], carry["done"]))
+            host_reads += 1
+            step = int(step)
+            new = out[:, seen:step]
+            seen = step
+            stop_early = stop_at_eos and bool(done.all())
+            if chunk_tokens is not None and new.size:
+                yield new.tolist(), None
+        decode_s = time.perf_counter() - t0 if host_reads else 0.0
+        if host_reads:
+            out, decoded = jax.device_get((carry["out"], carry["decoded"]))
+        else:
+            out, decoded = jax.device_get(carry["out"]), 0
         new_tokens = []
         for i in range(batch):
-            row = out[i].tolist()[: steps + 1]
+            row = out[i, :seen].tolist()
             if stop_at_eos:
                 cut = next((j for j, t in enumerate(row) if t in self.eos_ids), len(row))
                 row = row[:cut]
             new_tokens.append(row)
         result = GenerationResult(
             tokens=new_tokens, prompt_tokens=[len(p) for p in prompts], prefill_s=prefill_s,
-            decode_s=decode_s, compile_s=compile_s, decode_steps=steps)
-        if collect_stats and steps:
+            decode_s=decode_s, compile_s=compile_s, decode_steps=seen - 1,
+            decode_tokens=int(decoded), host_reads=host_reads)
+        if collect_stats and host_reads and int(decoded):
+            totals = jax.device_get(carry["stats"])  # the one read of the statistics
             per_layer: dict[str, list[float]] = {}
-            for (layer, point), total in sorted(stats_sum.items(),
-                                                key=lambda kv: (int(kv[0][0].split("_")[1]),
-                                                                kv[0][1])):
-                per_layer.setdefault(point, []).append(total / steps)
+            for layer in sorted(totals, key=_layer_index):
+                for point, total in totals[layer].items():
+                    per_layer.setdefault(point, []).append(float(total) / int(decoded))
             result.measured_sparsity_per_layer = per_layer
             result.measured_sparsity = {p: float(np.mean(v)) for p, v in per_layer.items()}
-        return result
+        yield [], result
 
     def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 32,
                  sampling: SamplingParams = SamplingParams(), chat: bool = False,
@@ -283,3 +412,41 @@ class Generator:
         ids = [self.encode(t, chat=chat) for t in texts]
         result = self.generate_ids(ids, max_new_tokens, sampling, **kwargs)
         return [self.decode(t) for t in result.tokens], result
+
+    def stream(self, prompts: str | Sequence[str], max_new_tokens: int = 32,
+               sampling: SamplingParams = SamplingParams(), chat: bool = False,
+               chunk_tokens: int = 8, **kwargs) -> Iterator[StreamChunk]:
+        """Text as it is generated: yields a `StreamChunk` every `chunk_tokens` decode steps
+        (the loop returns to the host only then), the last one carrying the result.
+
+            for chunk in gen.stream("Hello", max_new_tokens=64):
+                print(chunk.texts[0], end="", flush=True)
+        """
+        single = isinstance(prompts, str)
+        texts = [prompts] if single else list(prompts)
+        ids = [self.encode(t, chat=chat) for t in texts]
+        rows: list[list[int]] = [[] for _ in ids]
+        shown = [""] * len(ids)
+        ended = [False] * len(ids)  # the row has produced its EOS
+        stop_at_eos = kwargs.get("stop_at_eos", True)
+        for new, result in self.stream_ids(ids, max_new_tokens, sampling,
+                                           chunk_tokens=chunk_tokens, **kwargs):
+            got_text, got_ids = [], []
+            for i in range(len(ids)):
+                kept = []
+                for t in new[i] if new else []:
+                    ended[i] = ended[i] or (stop_at_eos and t in self.eos_ids)
+                    if ended[i]:
+                        break
+                    kept.append(t)
+                rows[i] = list(result.tokens[i]) if result is not None else rows[i] + kept
+                text = self.decode(rows[i])
+                # Hold back an incomplete UTF-8 sequence until its next token arrives.
+                stable = text if result is not None else text.rstrip("\ufffd")
+                if stable.startswith(shown[i]):
+                    got_text.append(stable[len(shown[i]):])
+                    shown[i] = stable
+                else:  # the tokenizer re-segmented shown text: nothing safe to add
+                    got_text.append("")
+                got_ids.append(kept)
+            yield StreamChunk(got_text, got_ids, result)

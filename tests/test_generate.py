@@ -57,10 +57,13 @@ def test_compiled_once_per_shape_and_reused():
     n = len(gen._compiled)
     r = gen.generate_ids([[8, 9]], max_new_tokens=4, stop_at_eos=False,
                          sampling=SamplingParams(temperature=0.7, top_k=5, top_p=0.9, seed=3))
-    assert len(gen._compiled) == n  # same bucket, batch and length; sampling is data
+    assert len(gen._compiled) == n + 2  # sampling with filters: its own prefill and loop
+    r = gen.generate_ids([[8, 9]], max_new_tokens=4, stop_at_eos=False,
+                         sampling=SamplingParams(temperature=1.3, top_k=2, top_p=0.5, seed=4))
+    assert len(gen._compiled) == n + 2  # same bucket, batch, length: the values are data
     assert r.compile_s == 0.0
     gen.generate_ids([[8, 9], [1]], max_new_tokens=4, stop_at_eos=False)
-    assert len(gen._compiled) == n + 2  # a new batch size compiles prefill and decode once
+    assert len(gen._compiled) == n + 4  # a new batch size compiles prefill and loop once
 
 
 def test_stops_at_eos():
@@ -90,6 +93,11 @@ def test_sampling_seeded_and_filtered():
     for seed in range(5):
         s = sample_logits(logits, jax.random.key(seed), 5.0, 0, 1e-4)
         np.testing.assert_array_equal(s, greedy)
+    # The static modes compute the same as the run-time choice.
+    np.testing.assert_array_equal(sample_logits(logits, key, 0.0, 0, 1.0, mode="greedy"), greedy)
+    np.testing.assert_array_equal(sample_logits(logits, key, 1.0, 0, 1.0, mode="sample"), a)
+    np.testing.assert_array_equal(sample_logits(logits, key, 5.0, 2, 0.9, mode="filtered"),
+                                  sample_logits(logits, key, 5.0, 2, 0.9))
 
 
 def test_bad_arguments():
@@ -161,3 +169,140 @@ def test_fused_qkv_layout_gives_the_same_logits(model_type, extra):
         assert "k_proj" not in fused["layers_0"]["self_attn"]
         got, _ = build_model(config, kernels).apply({"params": fused}, tokens, pos)
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ the on-device loop
+
+
+def per_step_reference(config, params, prompts, n, eos_ids=(), thresholds=None):
+    """Greedy decoding the simple way: one jitted decode step per token, with the host
+    reading every token and stopping rows at EOS (the loop `Generator` replaced). Returns
+    (tokens per prompt, mean zero fraction per point over the decoded tokens)."""
+    from jaxsparse.models import init_cache
+
+    model = build_model(config)
+    bucket = bucket_length(max(len(p) for p in prompts))
+    b = len(prompts)
+    tokens = np.zeros((b, bucket), np.int32)
+    valid = np.zeros((b, bucket), bool)
+    for i, p in enumerate(prompts):
+        tokens[i, bucket - len(p):] = p
+        valid[i, bucket - len(p):] = True
+    pos = np.where(valid, np.cumsum(valid, 1) - 1, -1)
+    step = jax.jit(lambda p, t, q, c, i, th: model.apply(
+        {"params": p}, t, q, c, i, th, last_only=True, mutable=["stats"]))
+    (logits, cache), _ = step(params, tokens, pos, init_cache(config, b, bucket + n), 0, None)
+    nxt = np.asarray(jnp.argmax(logits[:, -1], -1))
+    out, done = [[int(t)] for t in nxt], np.isin(nxt, eos_ids)
+    cur_pos, sums, count = valid.sum(1), {}, 0
+    for k in range(1, n):
+        if done.all():
+            break
+        (logits, cache), v = step(params, nxt[:, None], cur_pos[:, None], cache, bucket + k - 1,
+                                  thresholds)
+        for layer in v["stats"].values():
+            for path, frac in jax.tree_util.tree_flatten_with_path(layer)[0]:
+                point = str(path[-2].key)
+                sums[point] = sums.get(point, 0.0) + float(np.sum(frac[:, -1] * ~done))
+        count += int(np.sum(~done))
+        nxt = np.asarray(jnp.argmax(logits[:, -1], -1))
+        for i in range(b):
+            if not done[i]:
+                out[i].append(int(nxt[i]))
+        done |= np.isin(nxt, eos_ids)
+        cur_pos = cur_pos + 1
+    out = [row[: next((j for j, t in enumerate(row) if t in eos_ids), len(row))] for row in out]
+    stats = {p: v / count / config.num_layers for p, v in sums.items()} if count else {}
+    return out, stats
+
+
+def _eos_making(config, params, prompts, n):
+    """An EOS id that the greedy run of `prompts` hits mid-way in some rows (not all)."""
+    free, _ = per_step_reference(config, params, prompts, n)
+    return free[0][n // 2]
+
+
+@pytest.mark.parametrize("model_type,extra", [
+    ("llama", {}), ("qwen2", {"qkv_bias": True}), ("mistral", {"sliding_window": 6}),
+    ("opt", {})])
+def test_loop_gives_the_per_step_tokens(model_type, extra):
+    """The on-device loop gives the tokens of a per-step host loop: every family, a batch of
+    mixed lengths, rows stopping at EOS at different steps."""
+    config = tiny(model_type, **extra)
+    params = jax.tree.map(lambda x: x * 10, init_params(config, seed=5))
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17, 3]]
+    eos = _eos_making(config, params, prompts, 12)
+    config = tiny(model_type, eos_token_ids=(eos,), **extra)
+    want, _ = per_step_reference(config, params, prompts, 12, (eos,))
+    assert any(len(w) < 12 for w in want)  # some row stopped at EOS
+    got = Generator(config, params).generate_ids(prompts, max_new_tokens=12)
+    assert got.tokens == want
+    assert got.decode_tokens == sum(min(len(w) + 1, 12) - 1 for w in want)
+
+
+def test_loop_measures_sparsity_over_every_decoded_token():
+    """With a sparsity state, tokens and the measured zero fraction per point (averaged over
+    every decoded token of every row) equal the per-step loop's."""
+    config = tiny(intermediate_size=96)
+    params = jax.tree.map(lambda x: x * 10, init_params(config, seed=2))
+    th = _random_thresholds(config, jax.random.key(4), scale=0.3)
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    want, want_stats = per_step_reference(config, params, prompts, 9, (), th)
+    got = Generator(config, params).generate_ids(prompts, 9, thresholds=th, stop_at_eos=False)
+    assert got.tokens == want
+    for point, v in want_stats.items():
+        assert got.measured_sparsity[point] == pytest.approx(v, abs=1e-6)
+    assert len(got.measured_sparsity_per_layer["gate"]) == config.num_layers
+    assert got.measured_sparsity["gate"] > 0.1
+
+
+def test_no_host_round_trip_per_token():
+    """64 new tokens are one dispatch of the compiled loop and one host read, with no
+    implicit transfer at all (the guard raises on any); streaming reads once per chunk."""
+    config = tiny()
+    gen = Generator(config, init_params(config))
+    th = _random_thresholds(config, jax.random.key(1), scale=0.01)
+    gen.generate_ids([[3, 4]], max_new_tokens=64, thresholds=th, stop_at_eos=False)  # compile
+    calls = []
+    for sig, fn in list(gen._compiled.items()):
+        def counted(*a, _fn=fn, _kind=sig[0]):
+            calls.append(_kind)
+            return _fn(*a)
+        gen._compiled[sig] = counted
+    with jax.transfer_guard("disallow"):
+        r = gen.generate_ids([[3, 4]], max_new_tokens=64, thresholds=th, stop_at_eos=False)
+    assert len(r.tokens[0]) == 64 and r.decode_steps == 63
+    assert calls == ["prefill", "loop"] and r.host_reads == 1
+    calls.clear()
+    with jax.transfer_guard("disallow"):
+        chunks = list(gen.stream_ids([[3, 4]], 64, thresholds=th, stop_at_eos=False,
+                                     chunk_tokens=16))
+    assert calls == ["prefill"] + ["loop"] * 4  # 63 decode steps in chunks of 16
+    assert chunks[-1][1].host_reads == 4
+    assert sum(len(c[0][0]) for c in chunks[:-1]) == 64
+    assert chunks[-1][1].tokens == r.tokens
+
+
+def test_stream_yields_the_generated_text():
+    """The streamed pieces add up to `generate`'s text; the last chunk carries the result."""
+    config = tiny(eos_token_ids=(0,))
+    params = jax.tree.map(lambda x: x * 10, init_params(config, seed=5))
+
+    class CharTokenizer:  # one character per id: decode is a join, as simple as it gets
+        eos_token_id = 0
+        chat_template = None
+
+        def __call__(self, text):
+            return {"input_ids": [ord(c) % 90 + 5 for c in text]}
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(33 + i) for i in ids)
+
+    gen = Generator(config, params, CharTokenizer())
+    texts, result = gen.generate(["abc", "hello"], max_new_tokens=20)
+    chunks = list(gen.stream(["abc", "hello"], max_new_tokens=20, chunk_tokens=3))
+    assert chunks[-1].result is not None and all(c.result is None for c in chunks[:-1])
+    for i in range(2):
+        assert "".join(c.texts[i] for c in chunks) == texts[i]
+        assert sum((c.token_ids[i] for c in chunks), []) == result.tokens[i]
+    assert chunks[-1].result.tokens == result.tokens
