@@ -317,4 +317,7 @@ def builtin_tasks(num_tasks: int = 200, num_choices: int = 4, seed: int = 0,
 
 
 def write_tasks(tasks: list[Task], path: str | Path) -> None:
-    Path(path).write_text("".join(t.to_json() + "\n" for t in tasks), encoding="utf-8")
+    """Writes `tasks` as JSONL (atomically; parent folders are created)."""
+    from jaxsparse.io import write_text_atomic
+
+    write_text_atomic(path, "".join(t.to_json() + "\n" for t in tasks))

@@ -32,7 +32,6 @@ import datetime
 import functools
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -243,8 +242,9 @@ class Evaluator:
             acc += int(np.argmax(scores) == t.gold)
             acc_norm += int(np.argmax(norms) == t.gold)
         n = len(tasks)
-        return {"acc": acc / n, "acc_norm": acc_norm / n, "n": n,
-                "task_tokens": int(sum(len(r) for r in rows))}
+        return {"acc": acc / n, "acc_stderr": accuracy_stderr(acc / n, n),
+                "acc_norm": acc_norm / n, "acc_norm_stderr": accuracy_stderr(acc_norm / n, n),
+                "n": n, "task_tokens": int(sum(len(r) for r in rows))}
 
     def evaluate(self, state=None, ppl_tokens: np.ndarray | None = None,
                  tasks: list | None = None) -> dict[str, Any]:
@@ -265,6 +265,7 @@ class Evaluator:
         result.update(meter.report())
         result.update({
             "seq_len": self.seq_len, "batch_size": self.batch_size,
+            "dtype": self.config.dtype,
             "devices": int(self.mesh.devices.size), "backend": jax.default_backend(),
             "jax_version": jax.__version__,
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -276,6 +277,12 @@ class Evaluator:
             result["state_provenance"] = state.meta.provenance
             result["state_details"] = state.meta.details
         return result
+
+
+def accuracy_stderr(p: float, n: int) -> float:
+    """Standard error of an accuracy `p` measured on `n` independent tasks:
+    sqrt(p (1 - p) / n)."""
+    return math.sqrt(p * (1.0 - p) / n)
 
 
 def ppl_token_ids(config, tokenizer, paths: list[str] | None, max_tokens: int | None):
@@ -298,8 +305,8 @@ def ppl_token_ids(config, tokenizer, paths: list[str] | None, max_tokens: int | 
 
 
 def write_json_atomic(obj: Any, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    """Writes `obj` as indented JSON, keys in natural order (layers_2 before layers_10),
+    atomically (`jaxsparse.io.write_text_atomic`)."""
+    from jaxsparse.io import natural_order, write_text_atomic
+
+    write_text_atomic(path, json.dumps(natural_order(obj), indent=2) + "\n")

@@ -5,7 +5,9 @@ states, learned thresholds).
 ends without an exception, it writes a completion marker into it (last) and renames it to
 `path`. An interrupted write therefore never leaves a directory at `path`, and an old
 directory at `path` is replaced only once the new one is complete. It holds no format
-knowledge: what goes inside is the caller's business.
+knowledge: what goes inside is the caller's business. `write_text_atomic` does the same
+for one file; `natural_order` sorts the keys of the JSON files people read (layers_2
+before layers_10).
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 COMPLETE_MARKER = "COMPLETE"
 
@@ -84,6 +88,39 @@ def atomic_directory(path: str | Path, overwrite: bool = False,
     except BaseException:
         _remove(tmp)
         raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Writes `text` (UTF-8) to a temporary sibling of `path`, then renames it to `path`, so
+    that a reader never sees a partial file; creates the parent folders."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a directory; give a file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def natural_key(key: str) -> tuple:
+    """Sort key that orders the digit runs of `key` by value: layers_2 before layers_10."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part)
+                 for part in re.split(r"(\d+)", str(key)) if part)
+
+
+def natural_order(obj: Any) -> Any:
+    """`obj` with the keys of every dict in it sorted by `natural_key` (for JSON files that
+    people read: layers_0, layers_1, ..., layers_10, where `sort_keys` gives layers_0,
+    layers_1, layers_10, layers_2)."""
+    if isinstance(obj, dict):
+        return {k: natural_order(obj[k]) for k in sorted(obj, key=natural_key)}
+    if isinstance(obj, list | tuple):
+        return [natural_order(v) for v in obj]
+    return obj
 
 
 def _remove(p: Path) -> None:

@@ -322,7 +322,7 @@ def save_state(state: SparsityState, directory: str | Path, overwrite: bool = Fa
     """Writes `state` to `directory` (orbax thresholds + state.json), atomically."""
     import orbax.checkpoint as ocp
 
-    from jaxsparse.io import atomic_directory
+    from jaxsparse.io import atomic_directory, natural_order
 
     _check_tree(state.thresholds, state.meta.model, f"{directory}")
     if state.predictors is not None:
@@ -335,7 +335,7 @@ def save_state(state: SparsityState, directory: str | Path, overwrite: bool = Fa
             ocp.PyTreeCheckpointer().save(tmp / PREDICTORS_DIR, _predictor_arrays(
                 state.predictors))
         doc = {"format": FORMAT, "version": FORMAT_VERSION, **state.meta.to_dict()}
-        (tmp / STATE_JSON).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        (tmp / STATE_JSON).write_text(json.dumps(natural_order(doc), indent=2) + "\n")
     return Path(directory)
 
 

@@ -10,8 +10,15 @@
   DIR/ppl_vs_activated.png      perplexity against the fraction of linear weights read
   DIR/sparsity_heatmap.png      per-layer fraction of linear weights skipped
 
+  DIR/settings.json             the settings the states and results were made with
+
 Missing states are calibrated together: the statistics are gathered once for all of
-them (`--calibrate-only` stops there). An interrupted sweep resumes from the states and results already written.
+them (`--calibrate-only` stops there). An interrupted sweep resumes from the states and
+results already written, and a rerun with more methods or sparsities adds to them; a
+rerun with other settings (model, dtype, data and its content, token counts, options,
+evaluation settings) is refused with the differences named (`SweepSettingsError`), unless
+`overwrite` replaces what the sweep wrote. A result is also reused only if it was made
+from the very state now in DIR/states (a fingerprint of its metadata).
 """
 
 from __future__ import annotations
@@ -28,6 +35,103 @@ TABLE_COLUMNS = ("method", "target_sparsity", "perplexity", "acc", "acc_norm",
 
 def config_name(method: str, sparsity: float) -> str:
     return f"{method.replace('+', '_plus')}_s{sparsity:g}"
+
+
+SETTINGS_JSON = "settings.json"
+# What a sweep writes into its --out (all that `overwrite` removes).
+OUTPUTS = ("states", "results", "table.md", "table.json", "ppl_vs_activated.png",
+           "sparsity_heatmap.png", SETTINGS_JSON)
+
+
+class SweepSettingsError(ValueError):
+    """--out holds states or results made with other settings."""
+
+
+def _files_key(paths) -> list[dict] | str | None:
+    """Paths with a digest of their content, so that an edited file counts as a change."""
+    import hashlib
+
+    if not paths:
+        return None
+    if isinstance(paths, str | Path):
+        paths = [paths]
+    out = []
+    for p in map(Path, paths):
+        digest = hashlib.sha256(p.read_bytes()).hexdigest()[:16] if p.is_file() else None
+        out.append({"path": str(p), "sha256": digest})
+    return out
+
+
+def sweep_settings(model: str, dtype: str, data: list[str] | None, calib: dict,
+                   options: dict | None, ev: dict) -> dict[str, dict]:
+    """The settings a sweep's states ("calibration") and results ("evaluation") depend on."""
+    from jaxsparse.data import builtin_provenance
+
+    builtin_eval = not ev["ppl"] and not ev["tasks"]
+    calibration = {"model": model, "dtype": dtype,
+                   "data": _files_key(data) or builtin_provenance("calibration"),
+                   "tokens": calib["tokens"], "seq_len": calib["seq_len"],
+                   "batch_size": calib["batch_size"], "options": options or {}}
+    evaluation = {"model": model, "dtype": dtype, "ppl": _files_key(ev["ppl"]),
+                  "tasks": _files_key(ev["tasks"]), "num_tasks": ev["num_tasks"],
+                  "max_tokens": ev["max_tokens"], "seq_len": ev["seq_len"],
+                  "batch_size": ev["batch_size"],
+                  "builtin": builtin_provenance("evaluation") if builtin_eval else None}
+    return {"calibration": calibration, "evaluation": evaluation}
+
+
+def check_out_dir(out: str | Path, settings: dict[str, dict], calibrate_only: bool = False,
+                  ignore: tuple[str, ...] = ()) -> None:
+    """Raises SweepSettingsError if `out` holds a sweep made with settings other than
+    `settings` (for "calibration", and "evaluation" unless `calibrate_only`; keys in
+    `ignore` are not compared), or states and results without a settings file."""
+    out = Path(out)
+    fix = "pass --overwrite to replace its states and results, or give another --out"
+    path = out / SETTINGS_JSON
+    if not path.is_file():
+        if any((out / d).is_dir() and any((out / d).iterdir()) for d in ("states", "results")):
+            raise SweepSettingsError(f"{out} holds states or results but no {SETTINGS_JSON} "
+                                     f"(an older sweep): they may come from other settings; "
+                                     f"{fix}")
+        return
+    try:
+        stored = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SweepSettingsError(f"{path}: not valid JSON ({e}); {fix}") from None
+    diffs = []
+    for part in ("calibration",) if calibrate_only else ("calibration", "evaluation"):
+        old, new = stored.get(part), settings[part]
+        if old is None:
+            continue
+        for k in sorted(set(old) | set(new)):
+            if k not in ignore and old.get(k) != new.get(k):
+                diffs.append(f"{part} {k}: {old.get(k)!r} there, {new.get(k)!r} now")
+    if diffs:
+        raise SweepSettingsError(f"{out} holds a sweep made with other settings ("
+                                 f"{'; '.join(diffs)}); {fix}")
+
+
+def remove_outputs(out: str | Path) -> None:
+    """Removes what a sweep wrote into `out` (only those names)."""
+    import shutil
+
+    for name in OUTPUTS:
+        p = Path(out) / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def state_fingerprint(state) -> str | None:
+    """A digest of a state's metadata (method, sparsity, model, provenance with its date,
+    details): two fits never share one."""
+    import hashlib
+
+    if state is None:
+        return None
+    doc = json.dumps(state.meta.to_dict(), sort_keys=True, default=str)
+    return hashlib.sha256(doc.encode()).hexdigest()[:16]
 
 
 def _reusable_state(path: Path, config, method: str, s: float, options: dict | None):
@@ -142,11 +246,12 @@ def sweep(lm, methods: list[str], sparsities: list[float], out: str | Path,
           data: list[str] | None = None, calib: dict | None = None, ev: dict | None = None,
           options: dict | None = None, include_dense: bool = True,
           progress: bool = True, calibrate_only: bool = False,
-          extra_states: list[str] | None = None) -> list[dict]:
+          extra_states: list[str] | None = None, overwrite: bool = False) -> list[dict]:
     """Runs the sweep for a loaded model (`LoadedModel`-like: config, params, tokenizer,
     source); returns the result dicts (dense first). `extra_states`: directories of
     states fitted elsewhere (`jaxsparse learn`, `train-predictors`), evaluated after the
-    calibrated ones."""
+    calibrated ones. Raises SweepSettingsError if `out` holds a sweep made with other
+    settings, unless `overwrite` (which first removes what that sweep wrote)."""
     from jaxsparse import data as data_mod
     from jaxsparse.calibrate import DEFAULTS as CAL
     from jaxsparse.calibrate import calibrate
@@ -161,9 +266,20 @@ def sweep(lm, methods: list[str], sparsities: list[float], out: str | Path,
     calib = {**CAL, **(calib or {})}
     ev = {**EV, "ppl": None, "tasks": None, **(ev or {})}
     out = Path(out)
+    config = lm.config
+    run_settings = sweep_settings(lm.source, config.dtype, data, calib, options, ev)
+    if overwrite:
+        remove_outputs(out)
+    check_out_dir(out, run_settings, calibrate_only)
+    stored = {}
+    if (out / SETTINGS_JSON).is_file():
+        stored = json.loads((out / SETTINGS_JSON).read_text())
+    stored["calibration"] = run_settings["calibration"]
+    if not calibrate_only:
+        stored["evaluation"] = run_settings["evaluation"]
+    write_json_atomic(stored, out / SETTINGS_JSON)
     (out / "states").mkdir(parents=True, exist_ok=True)
     (out / "results").mkdir(parents=True, exist_ok=True)
-    config = lm.config
 
     states, missing = {}, []
     for m in methods:
@@ -202,7 +318,8 @@ def sweep(lm, methods: list[str], sparsities: list[float], out: str | Path,
         path = out / "results" / f"{name}.json"
         if path.is_file():
             old = json.loads(path.read_text())
-            if old.get("sweep_settings") == settings:
+            if (old.get("sweep_settings") == settings
+                    and old.get("state_fingerprint") == state_fingerprint(state)):
                 results.append(old)
                 continue
         if evaluator is None:
@@ -215,6 +332,7 @@ def sweep(lm, methods: list[str], sparsities: list[float], out: str | Path,
         t0 = time.time()
         r = evaluator.evaluate(state, ppl, tasks)
         r["sweep_settings"] = settings
+        r["state_fingerprint"] = state_fingerprint(state)
         r["model_source"] = lm.source
         write_json_atomic(r, path)
         print(f"{name}: perplexity {r.get('perplexity', float('nan')):.3f}, activated "

@@ -61,12 +61,16 @@ def test_generate_empty_prompt_file(tmp_path, capsys):
 
 def test_generate_bad_sampling(capsys):
     assert main(["generate", "--prompt", "hi", "--top-p", "0"]) == 2
-    assert "top_p" in capsys.readouterr().err
+    assert "argument --top-p: must be in (0, 1], got 0" in capsys.readouterr().err
 
 
-def test_convert_refuses_existing_output(tmp_path, capsys):
+def test_convert_refuses_existing_output(tiny_hf_models, tmp_path, capsys):
+    src = tiny_hf_models["opt_proj"].safetensors_dir  # a source that converts
     out = tmp_path / "ckpt"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
-    assert main(["convert", str(tmp_path / "src.gguf"), str(out)]) != 0
+    assert main(["convert", str(src), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"jaxsparse convert: error: {out} already exists; pass --overwrite " \
+                  f"(overwrite=True) to replace it\n"
     assert (out / "keep.txt").read_text() == "user data"

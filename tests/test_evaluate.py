@@ -98,8 +98,12 @@ def test_tasks_scored_as_the_harness_does(model):
     byte_lens = [3, 4, 18, 3, 1]  # the choices as given (not the moved space)
     norm = [ll / b for ll, b in zip(lls, byte_lens)]
     want_norm = (int(np.argmax(norm[:3]) == 0) + int(np.argmax(norm[3:]) == 1)) / 2
-    r = ev.evaluate(None, tasks=tasks)["tasks"]
+    result = ev.evaluate(None, tasks=tasks)
+    r = result["tasks"]
     assert r["acc"] == want_acc and r["acc_norm"] == want_norm and r["n"] == 2
+    assert r["acc_stderr"] == pytest.approx(np.sqrt(want_acc * (1 - want_acc) / 2))
+    assert r["acc_norm_stderr"] == pytest.approx(np.sqrt(want_norm * (1 - want_norm) / 2))
+    assert result["dtype"] == config.dtype
     # a sequence longer than seq_len keeps its last tokens (the continuation must fit)
     short = Evaluator(config, params, ByteTok(), seq_len=16, batch_size=4, progress=False)
     rows, cont_lens = short.encode_task_choices([Task(tasks[0].context, ("mat", "roof"), 0)])

@@ -161,9 +161,9 @@ def test_cli_rejects_bad_rank_before_training(tmp_path, capsys):
     rc = main(["train-predictors", "--ffn-rank", "100000", "--out", str(tmp_path / "o")])
     assert rc == 2
     assert "--ffn-rank 100000" in capsys.readouterr().err
-    rc = main(["train-predictors", "--ffn-k", "0", "--out", str(tmp_path / "o")])
+    rc = main(["train-predictors", "--ffn-k", "100000", "--out", str(tmp_path / "o")])
     assert rc == 2
-    assert "--ffn-k 0: outside" in capsys.readouterr().err
+    assert "--ffn-k 100000: outside" in capsys.readouterr().err
 
 
 def test_sweep_and_eval_take_dejavu_and_learned_states(trained, tmp_path):

@@ -85,3 +85,75 @@ def test_markdown_table_formats_missing_values():
                           "acc": None, "acc_norm": None, "ffn_sparsity": 0.0,
                           "activated_params_fraction": 1.0}])
     assert "| dense | 0 | 3.142 | — | — | 0 | 1 |" in md
+
+
+def test_sweep_refuses_an_out_made_with_other_settings(tmp_path):
+    """A rerun into the same --out with other settings names the differences and the fix,
+    and reuses nothing; `overwrite` replaces what the earlier sweep wrote."""
+    from jaxsparse.sweep import SweepSettingsError
+
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "sparse", "token", "layer", "the", "of"]
+    cal = tmp_path / "cal.txt"
+    cal.write_text(" ".join(rng.choice(words, 600)))
+    (tmp_path / "ev.txt").write_text(" ".join(rng.choice(words, 200)))
+    lm = FakeLoaded(LLAMA, init_params(LLAMA), ByteTok())
+    out = tmp_path / "sweep"
+    kw = {"data": [str(cal)], "calib": {"tokens": 512, "seq_len": 64, "batch_size": 8},
+          "ev": {"seq_len": 64, "batch_size": 8, "ppl": [str(tmp_path / "ev.txt")],
+                 "max_tokens": 0}, "progress": False, "include_dense": False}
+    first = sweep(lm, ["cats"], [0.5], out, **kw)
+    stored = json.loads((out / "settings.json").read_text())
+    assert stored["calibration"]["tokens"] == 512 and stored["evaluation"]["seq_len"] == 64
+    state_json = (out / "states" / "cats_s0.5" / "state.json").read_text()
+
+    # other calibration tokens: refused, nothing touched
+    other = {**kw, "calib": {**kw["calib"], "tokens": 1024}}
+    with pytest.raises(SweepSettingsError, match=r"calibration tokens: 512 there, 1024 now.*"
+                                                 r"--overwrite.*another --out"):
+        sweep(lm, ["cats"], [0.5], out, **other)
+    assert (out / "states" / "cats_s0.5" / "state.json").read_text() == state_json
+    # the same path with other content is another data set
+    cal.write_text(" ".join(rng.choice(words, 600)))
+    with pytest.raises(SweepSettingsError, match="calibration data"):
+        sweep(lm, ["cats"], [0.5], out, **kw)
+    # other evaluation settings: refused too, but --calibrate-only only compares calibration
+    with pytest.raises(SweepSettingsError, match="evaluation seq_len: 64 there, 32 now"):
+        sweep(lm, ["cats"], [0.5], out, **{**other, "calib": kw["calib"],
+                                           "ev": {**kw["ev"], "seq_len": 32}})
+    # overwrite: recalibrated on the new settings, new results
+    again = sweep(lm, ["cats"], [0.5], out, **other, overwrite=True)
+    assert json.loads((out / "settings.json").read_text())["calibration"]["tokens"] == 1024
+    assert (out / "states" / "cats_s0.5" / "state.json").read_text() != state_json
+    assert again[0]["state_fingerprint"] != first[0]["state_fingerprint"]
+
+
+def test_sweep_refuses_states_without_settings(tmp_path):
+    from jaxsparse.sweep import SweepSettingsError, check_out_dir
+
+    (tmp_path / "states" / "cats_s0.5").mkdir(parents=True)
+    with pytest.raises(SweepSettingsError, match="no settings.json"):
+        check_out_dir(tmp_path, {"calibration": {}, "evaluation": {}})
+    check_out_dir(tmp_path / "new", {"calibration": {}, "evaluation": {}})  # empty: fine
+
+
+def test_sweep_does_not_reuse_a_result_of_another_state(tmp_path):
+    """A result is reused only for the very state it was made from (its fingerprint)."""
+    rng = np.random.default_rng(1)
+    words = ["alpha", "beta", "gamma", "delta", "sparse", "token", "layer", "the", "of"]
+    (tmp_path / "cal.txt").write_text(" ".join(rng.choice(words, 600)))
+    (tmp_path / "ev.txt").write_text(" ".join(rng.choice(words, 200)))
+    lm = FakeLoaded(LLAMA, init_params(LLAMA), ByteTok())
+    out = tmp_path / "sweep"
+    kw = {"data": [str(tmp_path / "cal.txt")],
+          "calib": {"tokens": 512, "seq_len": 64, "batch_size": 8},
+          "ev": {"seq_len": 64, "batch_size": 8, "ppl": [str(tmp_path / "ev.txt")],
+                 "max_tokens": 0}, "progress": False, "include_dense": False}
+    sweep(lm, ["cats"], [0.5], out, **kw)
+    result = out / "results" / "cats_s0.5.json"
+    doc = json.loads(result.read_text())
+    doc["perplexity"] = -1.0  # a stale result, marked
+    doc["state_fingerprint"] = "0" * 16
+    result.write_text(json.dumps(doc))
+    again = sweep(lm, ["cats"], [0.5], out, **kw)
+    assert again[0]["perplexity"] > 0

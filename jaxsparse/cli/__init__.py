@@ -36,11 +36,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows `(default: X)` after every option that has a default worth showing (not None,
-    not False, not already named in its help)."""
+    False or [], and not already named in its help)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if (action.default in (None, False, argparse.SUPPRESS) or "default" in text
+        if (action.default in (None, False, [], argparse.SUPPRESS) or "default" in text
                 or not (action.option_strings or action.nargs in ("?", "*"))):
             return text
         return f"{text} (default: %(default)s)" if text else "default: %(default)s"

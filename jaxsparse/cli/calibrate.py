@@ -8,28 +8,41 @@ import time
 from pathlib import Path
 
 from jaxsparse.calibrate import DEFAULTS, calibrate
-from jaxsparse.cli.common import add_model_arguments
+from jaxsparse.cli.common import (
+    add_model_arguments,
+    at_least,
+    check_text_files,
+    in_interval,
+    load_model_for,
+    method_arg,
+    sparsity,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--method", required=True, help="cats, chess, chess+ or teal")
-    parser.add_argument("--sparsity", required=True, type=float,
+    parser.add_argument("--sparsity", required=True, type=sparsity,
                         help="target fraction of activations to zero, in [0, 1)")
     parser.add_argument("--data", nargs="+", metavar="FILE",
                         help="text files or JSONL files with a 'text' field (default: the "
                              "calibration split of the built-in stdlib-docstring corpus)")
-    parser.add_argument("--tokens", type=int, default=DEFAULTS["tokens"])
-    parser.add_argument("--seq-len", type=int, default=DEFAULTS["seq_len"])
-    parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
-    parser.add_argument("--teal-allocation", choices=["uniform", "greedy"], default="uniform")
-    parser.add_argument("--teal-greedy-step", type=float, default=0.05,
-                        help="greedy: layer sparsity added per step")
-    parser.add_argument("--teal-greedy-tokens", type=int, default=1024,
+    parser.add_argument("--tokens", type=at_least(1), default=DEFAULTS["tokens"],
+                        help="calibration tokens")
+    parser.add_argument("--seq-len", type=at_least(2), default=DEFAULTS["seq_len"],
+                        help="tokens per calibration sequence")
+    parser.add_argument("--batch-size", type=at_least(1), default=DEFAULTS["batch_size"],
+                        help="sequences per forward pass")
+    parser.add_argument("--teal-allocation", choices=["uniform", "greedy"], default="uniform",
+                        help="teal: the same sparsity for every layer and input, or a greedy "
+                             "allocation by block error")
+    parser.add_argument("--teal-greedy-step", type=in_interval(0.0, 1.0, True, True),
+                        default=0.05, help="greedy: layer sparsity added per step")
+    parser.add_argument("--teal-greedy-tokens", type=at_least(1), default=1024,
                         help="greedy: calibration tokens the block error is measured on")
     parser.add_argument("--out", required=True, help="directory to write the state to")
-    parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def method_options(args: argparse.Namespace) -> dict[str, dict]:
@@ -39,18 +52,15 @@ def method_options(args: argparse.Namespace) -> dict[str, dict]:
 
 def run(args: argparse.Namespace) -> int:
     from jaxsparse.io import refuse_existing
-    from jaxsparse.loading import load_model
-    from jaxsparse.methods import check_sparsity, get_method
     from jaxsparse.sparsity import save_state
 
     # Cheap checks first: a bad argument must not cost a model load.
-    s = check_sparsity(args.sparsity)
-    get_method(args.method)
+    s = args.sparsity
+    method_arg(args.method)
     refuse_existing(args.out, args.overwrite)
+    check_text_files("--data", args.data)
     t0 = time.time()
-    lm = load_model(args.model, args.dtype)
-    if lm.tokenizer is None:
-        raise SystemExit(f"{lm.source}: no tokenizer; calibration needs one to read text")
+    lm = load_model_for(args, needs_tokenizer="calibration")
     states = calibrate(lm.config, lm.params, lm.tokenizer, [args.method], [s], args.data,
                        args.tokens, args.seq_len, args.batch_size, method_options(args),
                        model_source=lm.source, progress=not args.no_progress)

@@ -5,41 +5,65 @@ from __future__ import annotations
 
 import argparse
 
-from jaxsparse.cli.common import add_model_arguments
+from jaxsparse.cli.common import add_model_arguments, at_least, check_text_files, load_model_for
 from jaxsparse.evaluate import DEFAULTS, Evaluator, ppl_token_ids, write_json_atomic
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--sparsity-state", metavar="DIR",
-                        help="a state written by `jaxsparse calibrate` (default: dense)")
+                        help="a state written by calibrate, learn or train-predictors "
+                             "(default: dense)")
     parser.add_argument("--ppl", nargs="+", metavar="FILE",
-                        help="text/JSONL files for perplexity")
+                        help="text/JSONL files for perplexity (default, without --ppl and "
+                             "--tasks: the evaluation split of the built-in corpus)")
     parser.add_argument("--tasks", metavar="FILE.jsonl",
                         help='multiple-choice tasks: {"context", "choices", "gold"} a line')
-    parser.add_argument("--seq-len", type=int, default=DEFAULTS["seq_len"])
-    parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
-    parser.add_argument("--max-tokens", type=int, default=DEFAULTS["max_tokens"],
+    parser.add_argument("--seq-len", type=at_least(2), default=DEFAULTS["seq_len"],
+                        help="tokens per perplexity window; task rows are cut to it")
+    parser.add_argument("--batch-size", type=at_least(1), default=DEFAULTS["batch_size"],
+                        help="rows per forward pass")
+    parser.add_argument("--max-tokens", type=at_least(0), default=DEFAULTS["max_tokens"],
                         help="perplexity tokens at most (0: all)")
-    parser.add_argument("--num-tasks", type=int, default=DEFAULTS["num_tasks"],
+    parser.add_argument("--num-tasks", type=at_least(1), default=DEFAULTS["num_tasks"],
                         help="size of the built-in task set (without --ppl/--tasks)")
     parser.add_argument("--json", required=True, metavar="OUT", help="where to write results")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def summary(result: dict) -> str:
+    """One line: perplexity, accuracy (with its standard error), the measured sparsity of
+    each point the state sparsifies, and the activated-parameter fraction."""
+    parts = []
+    if "perplexity" in result:
+        parts.append(f"perplexity {result['perplexity']:.3f}")
+    if "tasks" in result:
+        t = result["tasks"]
+        parts.append(f"acc {t['acc']:.3f} ± {t['acc_stderr']:.3f} acc_norm "
+                     f"{t['acc_norm']:.3f} ± {t['acc_norm_stderr']:.3f}")
+    per_point = result["measured_sparsity"]["per_point"]
+    measured = {p: v for p, v in per_point.items() if v > 0}
+    if measured:
+        parts.append("measured sparsity " + " ".join(f"{p} {v:.3f}" for p, v in
+                                                      measured.items()))
+    else:
+        parts.append("measured sparsity: none (no point sparsified)")
+    parts.append(f"activated params {result['activated_params_fraction']:.3f}")
+    return f"{result['method']} s={result['target_sparsity']}: " + "  ".join(parts)
 
 
 def run(args: argparse.Namespace) -> int:
     from jaxsparse import data
-    from jaxsparse.loading import load_model
     from jaxsparse.sparsity import load_state, read_state_meta
 
+    # Every input is read or checked before the model loads.
     if args.sparsity_state:
-        read_state_meta(args.sparsity_state)  # fail fast, before loading the model
+        read_state_meta(args.sparsity_state)
+    check_text_files("--ppl", args.ppl)
     builtin = not args.ppl and not args.tasks
     tasks = data.read_tasks(args.tasks) if args.tasks else (
         data.builtin_tasks(args.num_tasks) if builtin else None)
-    lm = load_model(args.model, args.dtype)
-    if lm.tokenizer is None:
-        raise SystemExit(f"{lm.source}: no tokenizer; evaluation needs one")
+    lm = load_model_for(args, needs_tokenizer="evaluation")
     state = load_state(args.sparsity_state, lm.config) if args.sparsity_state else None
     ppl = None
     if args.ppl or builtin:
@@ -54,10 +78,5 @@ def run(args: argparse.Namespace) -> int:
                       "tasks": args.tasks or ("built-in cloze (stdlib docstrings, evaluation "
                                               "split)" if tasks else None)}
     write_json_atomic(result, args.json)
-    ppl_s = f"perplexity {result['perplexity']:.3f}  " if "perplexity" in result else ""
-    task_s = (f"acc {result['tasks']['acc']:.3f} acc_norm {result['tasks']['acc_norm']:.3f}  "
-              if "tasks" in result else "")
-    print(f"{result['method']} s={result['target_sparsity']}: {ppl_s}{task_s}ffn sparsity "
-          f"{result['measured_sparsity']['ffn']:.3f}  activated params "
-          f"{result['activated_params_fraction']:.3f}  -> {args.json}")
+    print(f"{summary(result)}  -> {args.json}")
     return 0

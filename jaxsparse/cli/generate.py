@@ -17,19 +17,26 @@ import math
 import sys
 from pathlib import Path
 
+from jaxsparse.cli.common import add_model_arguments, at_least, in_interval, load_model_for
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="checkpoint dir, HF dir or .gguf (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
+    add_model_arguments(p)
+    p.add_argument("--prompt", action="append", default=[],
+                   help="prompt text (repeat for a batch)")
     p.add_argument("--prompt-file", help="a text file with one prompt per line")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=at_least(1), default=64,
+                   help="tokens to generate at most per prompt")
+    p.add_argument("--temperature", type=at_least(0.0, float), default=0.0,
+                   help="sampling temperature; 0 is greedy")
+    p.add_argument("--top-k", type=at_least(0), default=0,
+                   help="keep the k most likely tokens (0: off)")
+    p.add_argument("--top-p", type=in_interval(0.0, 1.0, lo_open=True), default=1.0,
+                   help="nucleus sampling mass (1: off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="params dtype (default: the model's)")
-    p.add_argument("--sparsity-state", help="a calibrated sparsity state directory")
+    p.add_argument("--sparsity-state", metavar="DIR",
+                   help="a sparsity state directory (calibrate, learn, train-predictors)")
     p.add_argument("--sparse-prefill", action="store_true",
                    help="apply the sparsity state to the prompt too (default: dense prefill)")
     p.add_argument("--kernels", choices=("auto", "xla", "pallas"), default="auto",
@@ -60,12 +67,17 @@ def run(args: argparse.Namespace) -> int:
     import jax
 
     from jaxsparse.generate import Generator, SamplingParams
-    from jaxsparse.loading import load_model
     from jaxsparse.models import kernels_for_method
+    from jaxsparse.sparsity import read_state_meta
 
+    # Every argument is checked before the model loads (argparse checked the numbers).
     prompts = _prompts(args)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
-    lm = load_model(args.model, dtype=args.dtype)
+    if args.sparsity_state:
+        read_state_meta(args.sparsity_state)
+    elif args.sparse_prefill:
+        raise ValueError("--sparse-prefill needs --sparsity-state DIR")
+    lm = load_model_for(args)
     thresholds = None
     kernels = kernels_for_method("dense", "xla")
     if args.sparsity_state:

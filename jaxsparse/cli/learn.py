@@ -8,36 +8,56 @@ import datetime
 import time
 from pathlib import Path
 
-from jaxsparse.cli.common import add_model_arguments
+from jaxsparse.cli.common import (
+    add_model_arguments,
+    at_least,
+    check_text_files,
+    in_interval,
+    load_model_for,
+    sparsity,
+)
 from jaxsparse.learn import CKPT_META, DEFAULTS, POINTS, LearnError, LearnSettings, learn
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--method", required=True, choices=sorted(POINTS))
-    parser.add_argument("--sparsity", required=True, type=float)
+    parser.add_argument("--method", required=True, choices=sorted(POINTS),
+                        help="chess: per-channel FFN thresholds; teal: the inputs of every "
+                             "linear layer")
+    parser.add_argument("--sparsity", required=True, type=sparsity,
+                        help="target fraction of activations to zero, in [0, 1)")
     parser.add_argument("--data", nargs="+", metavar="FILE",
                         help="training text (default: the calibration split of the built-in "
                              "corpus)")
     parser.add_argument("--init", metavar="DIR", help="calibrated state to start from "
                         "(default: calibrate --method on the same data)")
     parser.add_argument("--out", required=True, help="directory for the learned state")
-    parser.add_argument("--checkpoint-dir", help="default: <out>.ckpt")
-    parser.add_argument("--steps", type=int, default=DEFAULTS["steps"])
-    parser.add_argument("--lr", type=float, default=DEFAULTS["lr"])
-    parser.add_argument("--penalty", type=float, default=DEFAULTS["penalty"],
+    parser.add_argument("--checkpoint-dir", help="training checkpoints (default: <out>.ckpt)")
+    parser.add_argument("--steps", type=at_least(1), default=DEFAULTS["steps"],
+                        help="optimizer steps")
+    parser.add_argument("--lr", type=in_interval(0.0, float("inf"), lo_open=True),
+                        default=DEFAULTS["lr"], help="Adam learning rate (on log thresholds)")
+    parser.add_argument("--penalty", type=at_least(0.0, float), default=DEFAULTS["penalty"],
                         help="lambda of the sparsity penalty lambda * (s - S)^2")
-    parser.add_argument("--tau-start", type=float, default=DEFAULTS["tau_start"])
-    parser.add_argument("--tau-end", type=float, default=DEFAULTS["tau_end"])
-    parser.add_argument("--tokens", type=int, default=DEFAULTS["tokens"])
-    parser.add_argument("--seq-len", type=int,
+    parser.add_argument("--tau-start", type=in_interval(0.0, float("inf"), lo_open=True),
+                        default=DEFAULTS["tau_start"],
+                        help="temperature of the relaxed mask at the first step")
+    parser.add_argument("--tau-end", type=in_interval(0.0, float("inf"), lo_open=True),
+                        default=DEFAULTS["tau_end"],
+                        help="temperature of the relaxed mask at the last step")
+    parser.add_argument("--tokens", type=at_least(1), default=DEFAULTS["tokens"],
+                        help="training tokens")
+    parser.add_argument("--seq-len", type=at_least(2),
                         help="default 512 (chess), 128 (teal: whole blocks on sequences)")
-    parser.add_argument("--batch-tokens", type=int, default=DEFAULTS["batch_tokens"])
-    parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--save-every", type=int, default=DEFAULTS["save_every"])
-    parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--batch-tokens", type=at_least(1), default=DEFAULTS["batch_tokens"],
+                        help="tokens per optimizer step")
+    parser.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="batch order seed")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest checkpoint in --checkpoint-dir")
+    parser.add_argument("--save-every", type=at_least(0), default=DEFAULTS["save_every"],
+                        help="steps between checkpoints (0: none)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,14 +66,12 @@ def run(args: argparse.Namespace) -> int:
     from jaxsparse import data as data_mod
     from jaxsparse.calibrate import calibrate
     from jaxsparse.io import refuse_existing
-    from jaxsparse.loading import load_model
-    from jaxsparse.methods import check_sparsity
     from jaxsparse.sparsity import load_state, read_state_meta, save_state
 
-    s = check_sparsity(args.sparsity)
+    # Every argument is checked before the model loads (argparse checked the numbers).
+    s = args.sparsity
     refuse_existing(args.out, args.overwrite)
-    if args.steps < 1:
-        raise LearnError(f"--steps {args.steps}: must be positive")
+    check_text_files("--data", args.data)
     if args.init:
         meta = read_state_meta(args.init)
         if meta.method != args.method:
@@ -66,9 +84,7 @@ def run(args: argparse.Namespace) -> int:
     seq_len = args.seq_len or (DEFAULTS["seq_len"] if args.method == "chess"
                                else DEFAULTS["teal_seq_len"])
     t0 = time.time()
-    lm = load_model(args.model, args.dtype)
-    if lm.tokenizer is None:
-        raise SystemExit(f"{lm.source}: no tokenizer; learning needs one to read text")
+    lm = load_model_for(args, needs_tokenizer="learning")
     config = lm.config
     what = data_mod.describe_sources(args.data, "calibration")
     docs = data_mod.load_documents(args.data, "calibration")

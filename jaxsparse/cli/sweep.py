@@ -6,8 +6,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from jaxsparse.cli.common import add_model_arguments
-from jaxsparse.sweep import sweep
+from jaxsparse.calibrate import DEFAULTS as CAL
+from jaxsparse.cli.common import (
+    add_model_arguments,
+    at_least,
+    check_text_files,
+    load_model_for,
+    method_arg,
+    sparsity,
+)
+from jaxsparse.evaluate import DEFAULTS as EV
+from jaxsparse.sweep import check_out_dir, sweep, sweep_settings
 
 
 def parse_list(text: str, kind=str) -> list:
@@ -18,48 +27,72 @@ def parse_list(text: str, kind=str) -> list:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from jaxsparse.calibrate import DEFAULTS as CAL
-    from jaxsparse.evaluate import DEFAULTS as EV
-
     add_model_arguments(parser)
     parser.add_argument("--methods", default="cats,chess,chess+,teal",
                         help="comma-separated: cats, chess, chess+, teal")
     parser.add_argument("--sparsities", default="0.3,0.5,0.7", help="comma-separated, in [0, 1)")
-    parser.add_argument("--data", nargs="+", metavar="FILE", help="calibration text")
-    parser.add_argument("--tokens", type=int, default=CAL["tokens"], help="calibration tokens")
-    parser.add_argument("--seq-len", type=int, default=CAL["seq_len"])
-    parser.add_argument("--batch-size", type=int, default=CAL["batch_size"])
-    parser.add_argument("--teal-allocation", choices=["uniform", "greedy"], default="uniform")
-    parser.add_argument("--ppl", nargs="+", metavar="FILE", help="perplexity text")
-    parser.add_argument("--tasks", metavar="FILE.jsonl")
-    parser.add_argument("--max-tokens", type=int, default=EV["max_tokens"])
-    parser.add_argument("--num-tasks", type=int, default=EV["num_tasks"])
+    parser.add_argument("--data", nargs="+", metavar="FILE",
+                        help="calibration text (default: the calibration split of the "
+                             "built-in corpus)")
+    parser.add_argument("--tokens", type=at_least(1), default=CAL["tokens"],
+                        help="calibration tokens")
+    parser.add_argument("--seq-len", type=at_least(2), default=CAL["seq_len"],
+                        help="tokens per sequence (calibration and perplexity)")
+    parser.add_argument("--batch-size", type=at_least(1), default=CAL["batch_size"],
+                        help="sequences per forward pass")
+    parser.add_argument("--teal-allocation", choices=["uniform", "greedy"], default="uniform",
+                        help="teal: the same sparsity everywhere, or a greedy allocation")
+    parser.add_argument("--ppl", nargs="+", metavar="FILE",
+                        help="perplexity text (default, without --ppl and --tasks: the "
+                             "evaluation split of the built-in corpus)")
+    parser.add_argument("--tasks", metavar="FILE.jsonl", help="multiple-choice tasks")
+    parser.add_argument("--max-tokens", type=at_least(0), default=EV["max_tokens"],
+                        help="perplexity tokens at most (0: all)")
+    parser.add_argument("--num-tasks", type=at_least(1), default=EV["num_tasks"],
+                        help="size of the built-in task set (without --ppl/--tasks)")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
     parser.add_argument("--calibrate-only", action="store_true",
                         help="only write the missing states (statistics gathered once)")
     parser.add_argument("--sparsity-state", nargs="+", metavar="DIR",
                         help="states fitted elsewhere (learn, train-predictors) to evaluate "
                              "beside the calibrated ones")
-    parser.add_argument("--out", required=True, metavar="DIR")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="output directory; a rerun reuses what it holds if the settings "
+                             "match, and refuses otherwise")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="first remove the states, results, tables and plots a sweep with "
+                             "other settings left in --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
-    from jaxsparse.loading import load_model
-    from jaxsparse.methods import check_sparsity, get_method
+    from jaxsparse import data
+    from jaxsparse.sparsity import read_state_meta
 
-    methods = parse_list(args.methods)
-    sparsities = [check_sparsity(s) for s in parse_list(args.sparsities)]
-    for m in methods:
-        get_method(m)
-    lm = load_model(args.model, args.dtype)
+    # Every argument is checked before the model loads (argparse checked the numbers).
+    methods = [method_arg(m, "--methods") for m in parse_list(args.methods)]
+    try:
+        sparsities = [sparsity(s) for s in parse_list(args.sparsities)]
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        raise ValueError(f"--sparsities {args.sparsities}: {e}") from None
+    check_text_files("--data", args.data)
+    check_text_files("--ppl", args.ppl)
+    if args.tasks:
+        data.read_tasks(args.tasks)
+    for d in args.sparsity_state or []:
+        read_state_meta(d)
     calib = {"tokens": args.tokens, "seq_len": args.seq_len, "batch_size": args.batch_size}
     ev = {"seq_len": args.seq_len, "batch_size": args.batch_size, "ppl": args.ppl,
           "tasks": args.tasks, "max_tokens": args.max_tokens, "num_tasks": args.num_tasks}
     options = {"teal": {"allocation": args.teal_allocation}}
+    if not args.overwrite:  # all but the model's identity, which needs the model
+        settings = sweep_settings(None, None, args.data, calib, options, ev)
+        check_out_dir(args.out, settings, args.calibrate_only, ignore=("model", "dtype"))
+    lm = load_model_for(args)
     sweep(lm, methods, sparsities, args.out, args.data, calib, ev, options,
           include_dense=not args.no_dense, progress=not args.no_progress,
-          calibrate_only=args.calibrate_only, extra_states=args.sparsity_state)
+          calibrate_only=args.calibrate_only, extra_states=args.sparsity_state,
+          overwrite=args.overwrite)
     if args.calibrate_only:
         print(f"states in {Path(args.out) / 'states'}")
         return 0

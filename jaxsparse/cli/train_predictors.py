@@ -7,7 +7,13 @@ import argparse
 import datetime
 import time
 
-from jaxsparse.cli.common import add_model_arguments
+from jaxsparse.cli.common import (
+    add_model_arguments,
+    at_least,
+    check_text_files,
+    in_interval,
+    load_model_for,
+)
 from jaxsparse.evaluate import write_json_atomic
 from jaxsparse.predictors import (
     DEFAULTS,
@@ -25,24 +31,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", nargs="+", metavar="FILE",
                         help="training text (default: the calibration split of the built-in "
                              "corpus; the last 20%% of its sequences are held out)")
-    parser.add_argument("--tokens", type=int, default=DEFAULTS["tokens"])
-    parser.add_argument("--seq-len", type=int, default=DEFAULTS["seq_len"])
-    parser.add_argument("--ffn-rank", type=int, default=DEFAULTS["ffn_rank"])
-    parser.add_argument("--head-rank", type=int, default=DEFAULTS["head_rank"])
-    parser.add_argument("--ffn-k", type=int, help="FFN neurons kept per token (default m/2)")
-    parser.add_argument("--head-k", type=int, help="heads kept per token (default: all)")
-    parser.add_argument("--ffn-label-k", type=int,
+    parser.add_argument("--tokens", type=at_least(2), default=DEFAULTS["tokens"],
+                        help="training tokens (at least two sequences)")
+    parser.add_argument("--seq-len", type=at_least(2), default=DEFAULTS["seq_len"],
+                        help="tokens per sequence")
+    parser.add_argument("--ffn-rank", type=at_least(1), default=DEFAULTS["ffn_rank"],
+                        help="rank r of the FFN predictor d -> r -> m")
+    parser.add_argument("--head-rank", type=at_least(1), default=DEFAULTS["head_rank"],
+                        help="rank r of the head predictor d -> r -> H")
+    parser.add_argument("--ffn-k", type=at_least(1),
+                        help="FFN neurons kept per token (default m/2)")
+    parser.add_argument("--head-k", type=at_least(1), help="heads kept per token (default: all)")
+    parser.add_argument("--ffn-label-k", type=at_least(1),
                         help="top-k of |g*u| labelled as mattering (default m/4)")
-    parser.add_argument("--head-label-k", type=int,
+    parser.add_argument("--head-label-k", type=at_least(1),
                         help="top-k heads by output norm labelled (default H/2)")
-    parser.add_argument("--steps", type=int, default=DEFAULTS["steps"])
-    parser.add_argument("--batch-tokens", type=int, default=DEFAULTS["batch_tokens"])
-    parser.add_argument("--lr", type=float, default=DEFAULTS["lr"])
-    parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    parser.add_argument("--steps", type=at_least(1), default=DEFAULTS["steps"],
+                        help="optimizer steps")
+    parser.add_argument("--batch-tokens", type=at_least(1), default=DEFAULTS["batch_tokens"],
+                        help="tokens per optimizer step")
+    parser.add_argument("--lr", type=in_interval(0.0, float("inf"), lo_open=True),
+                        default=DEFAULTS["lr"], help="Adam learning rate")
+    parser.add_argument("--seed", type=int, default=DEFAULTS["seed"],
+                        help="initialization and batch-order seed")
     parser.add_argument("--out", required=True, help="directory for the dejavu state")
-    parser.add_argument("--report", metavar="FILE.json", help="held-out report")
-    parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--report", metavar="FILE.json", help="write the held-out report here")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,17 +65,17 @@ def run(args: argparse.Namespace) -> int:
 
     from jaxsparse import data as data_mod
     from jaxsparse.io import refuse_existing
-    from jaxsparse.loading import load_model
     from jaxsparse.sparsity import save_state
 
+    # Every argument that does not depend on the model's shapes is checked before it loads
+    # (argparse checked the numbers); the ranks and ks are checked against its config.
     refuse_existing(args.out, args.overwrite)
+    check_text_files("--data", args.data)
     if args.tokens < 2 * args.seq_len:
         raise PredictorError(f"--tokens {args.tokens}: need at least two sequences of "
                              f"--seq-len {args.seq_len} (one is held out)")
     t0 = time.time()
-    lm = load_model(args.model, args.dtype)
-    if lm.tokenizer is None:
-        raise SystemExit(f"{lm.source}: no tokenizer; training needs one to read text")
+    lm = load_model_for(args, needs_tokenizer="training")
     config = lm.config
     ks = default_ks(config)
     for k in ks:
