@@ -1,6 +1,7 @@
 """Per-family tensor-name maps: source tensor name -> our param path and layout change.
 
-One table per source naming scheme (HF Llama family, HF OPT, GGUF llama/qwen2), built
+One table per source naming scheme (HF Llama family and Gemma 3, HF OPT, GGUF llama/qwen2/
+gemma3), built
 from the `ModelConfig`, in the spirit of levanter's `hf_checkpoints.py`. A map covers
 every param of the model; the converter checks the source against it (missing,
 unexpected, misshaped tensors). It reads no files.
@@ -8,6 +9,8 @@ unexpected, misshaped tensors). It reads no files.
 Layout changes: HF `nn.Linear` weights are `[out, in]` and ours `[in, out]` (transpose).
 llama.cpp's converter permutes the rows of the Q and K weights of `llama` GGUFs for its
 RoPE layout; `unpermute_heads` undoes it, as transformers' `LlamaTensorProcessor` does.
+llama.cpp stores Gemma's `(1 + w)` norm weights as `1 + w`; `add=-1` undoes it, as
+transformers' `Gemma2TensorProcessor` does.
 """
 
 from __future__ import annotations
@@ -27,10 +30,13 @@ class TensorRule:
     path: ParamPath  # where the tensor goes in our params tree
     transpose: bool = False  # [out, in] -> [in, out]
     unpermute_heads: int | None = None  # GGUF llama Q/K: number of heads to un-permute over
+    add: float = 0.0  # GGUF gemma3 norms: -1
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         if self.unpermute_heads is not None:
             x = reverse_permute_rows(x, self.unpermute_heads)
+        if self.add:
+            x = x + np.asarray(self.add, x.dtype)
         return x.T if self.transpose else x
 
 
@@ -61,9 +67,14 @@ def hf_key_map(config: ModelConfig) -> dict[str, TensorRule]:
         m["lm_head.weight"] = TensorRule(("lm_head", "kernel"), transpose=True)
     for i in range(c.num_layers):
         hf, ours = f"model.layers.{i}", f"layers_{i}"
-        m[f"{hf}.input_layernorm.weight"] = TensorRule((ours, "input_layernorm", "scale"))
-        m[f"{hf}.post_attention_layernorm.weight"] = TensorRule(
-            (ours, "post_attention_layernorm", "scale"))
+        norms = ["input_layernorm", "post_attention_layernorm"]
+        if c.is_gemma3:
+            norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+            for p in ("q", "k"):
+                m[f"{hf}.self_attn.{p}_norm.weight"] = TensorRule(
+                    (ours, "self_attn", f"{p}_norm", "scale"))
+        for norm in norms:
+            m[f"{hf}.{norm}.weight"] = TensorRule((ours, norm, "scale"))
         for p in ("q", "k", "v", "o"):
             m[f"{hf}.self_attn.{p}_proj.weight"] = TensorRule(
                 (ours, "self_attn", f"{p}_proj", "kernel"), transpose=True)
@@ -123,20 +134,35 @@ def hf_canonical_name(name: str, key_map: dict[str, TensorRule]) -> str:
     return f"model.{name}"
 
 
+# GGUF gemma3 norm names -> ours (llama's `ffn_norm` is our `post_attention_layernorm`).
+_GGUF_GEMMA3_NORMS = {"attn_norm": "input_layernorm", "post_attention_norm":
+                      "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+                      "post_ffw_norm": "post_feedforward_layernorm"}
+
+
 def gguf_key_map(config: ModelConfig, arch: str) -> dict[str, TensorRule]:
-    """GGUF tensor names (llama, qwen2) -> rules. Shapes are compared in HF row-major order."""
+    """GGUF tensor names (llama, qwen2, gemma3) -> rules. Shapes are compared in HF row-major
+    order."""
     c = config
     permute = arch == "llama"  # llama.cpp permutes Q/K for llama only (qwen2 uses NEOX RoPE)
+    norm_add = -1.0 if arch == "gemma3" else 0.0  # llama.cpp stored 1 + w
     m: dict[str, TensorRule] = {
         "token_embd.weight": TensorRule(("embed_tokens", "embedding")),
-        "output_norm.weight": TensorRule(("norm", "scale")),
+        "output_norm.weight": TensorRule(("norm", "scale"), add=norm_add),
     }
     if not c.tie_word_embeddings:
         m["output.weight"] = TensorRule(("lm_head", "kernel"), transpose=True)
     for i in range(c.num_layers):
         b, ours = f"blk.{i}", f"layers_{i}"
-        m[f"{b}.attn_norm.weight"] = TensorRule((ours, "input_layernorm", "scale"))
-        m[f"{b}.ffn_norm.weight"] = TensorRule((ours, "post_attention_layernorm", "scale"))
+        if arch == "gemma3":
+            for g, n in _GGUF_GEMMA3_NORMS.items():
+                m[f"{b}.{g}.weight"] = TensorRule((ours, n, "scale"), add=norm_add)
+            for p in ("q", "k"):
+                m[f"{b}.attn_{p}_norm.weight"] = TensorRule((ours, "self_attn", f"{p}_norm",
+                                                             "scale"), add=norm_add)
+        else:
+            m[f"{b}.attn_norm.weight"] = TensorRule((ours, "input_layernorm", "scale"))
+            m[f"{b}.ffn_norm.weight"] = TensorRule((ours, "post_attention_layernorm", "scale"))
         heads = {"q": c.num_heads, "k": c.num_kv_heads, "v": None}
         for g, p in (("attn_q", "q"), ("attn_k", "k"), ("attn_v", "v"), ("attn_output", "o")):
             n = heads.get(p) if permute else None

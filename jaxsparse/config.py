@@ -15,10 +15,14 @@ from typing import Any
 
 import numpy as np
 
-# HF `model_type` -> our family. Llama-like families share one module (SwiGLU, RMSNorm, RoPE).
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "smollm2")
+# HF `model_type` -> our family. Llama-like families share one module (gated FFN, RMSNorm,
+# RoPE); Gemma 3 text models are Llama-like with the switches listed at `ModelConfig.is_gemma3`.
+GEMMA3 = "gemma3_text"
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "smollm2", GEMMA3)
 SUPPORTED_MODEL_TYPES = (*LLAMA_LIKE, "opt")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# Gemma 3's per-layer attention kinds (HF `layer_types`).
+SLIDING, FULL = "sliding_attention", "full_attention"
 
 
 class ConfigError(ValueError):
@@ -45,6 +49,11 @@ class ModelConfig:
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     sliding_window: int | None = None
+    # Gemma 3: the kind of each layer (SLIDING or FULL). Empty: every layer alike, with
+    # `sliding_window` (if any) on all of them (Mistral).
+    layer_types: tuple[str, ...] = ()
+    rope_local_theta: float | None = None  # RoPE base of the SLIDING layers (Gemma 3)
+    query_pre_attn_scalar: float | None = None  # attention scale**-2 (default: head_dim)
     # OPT only.
     do_layer_norm_before: bool = True
     word_embed_proj_dim: int | None = None
@@ -68,6 +77,11 @@ class ModelConfig:
                 f"num_attention_heads={self.num_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_kv_heads}"
             )
+        if self.layer_types and (len(self.layer_types) != self.num_layers
+                                 or set(self.layer_types) - {SLIDING, FULL}):
+            raise ConfigError(
+                f"layer_types={list(self.layer_types)}: expected {self.num_layers} entries, "
+                f"each {SLIDING!r} or {FULL!r}")
         rope_type = self.rope_scaling_dict.get("rope_type", "default")
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ConfigError(
@@ -82,8 +96,32 @@ class ModelConfig:
         return "opt" if self.model_type == "opt" else "llama"
 
     @property
+    def is_gemma3(self) -> bool:
+        """Gemma 3 switches on the Llama blocks: GeGLU (gelu tanh) gate, RMSNorm scaled by
+        `(1 + w)`, q/k RMSNorm, embeddings scaled by sqrt(hidden), norms after attention and
+        around the FFN, per-layer sliding-window or global attention (two RoPE bases)."""
+        return self.model_type == GEMMA3
+
+    @property
     def activation(self) -> str:
-        return "relu" if self.family == "opt" else "silu"
+        """The FFN activation: relu (OPT), gelu_tanh (Gemma 3's GeGLU gate) or silu."""
+        if self.family == "opt":
+            return "relu"
+        return "gelu_tanh" if self.is_gemma3 else "silu"
+
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def layer_type(self, i: int) -> str:
+        """The attention kind of layer `i` (FULL where the config does not say)."""
+        return self.layer_types[i] if self.layer_types else FULL
+
+    def attention_window(self, layer_type: str = FULL) -> int | None:
+        """The sliding window of a layer of `layer_type` (None: attends to everything)."""
+        if not self.layer_types:
+            return self.sliding_window  # every layer alike (Mistral, Qwen2)
+        return self.sliding_window if layer_type == SLIDING else None
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any]:
@@ -109,6 +147,7 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         d["rope_scaling"] = dict(self.rope_scaling)
         d["eos_token_ids"] = list(self.eos_token_ids)
+        d["layer_types"] = list(self.layer_types)
         return d
 
     @classmethod
@@ -116,6 +155,7 @@ class ModelConfig:
         d = dict(d)
         d["rope_scaling"] = _freeze(d.get("rope_scaling") or {})
         d["eos_token_ids"] = tuple(d.get("eos_token_ids") or ())
+        d["layer_types"] = tuple(d.get("layer_types") or ())
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -184,6 +224,8 @@ class ModelConfig:
                     layer_norm_elementwise_affine=c.get("layer_norm_elementwise_affine", True),
                     position_offset=2,
                 )
+            if model_type == GEMMA3:
+                return cls(**common, **_gemma3_fields(c, source))
             if c.get("hidden_act", "silu") != "silu":
                 raise ConfigError(f"{source}: hidden_act={c.get('hidden_act')!r}; only silu")
             rope = dict(c.get("rope_parameters") or {})
@@ -225,9 +267,9 @@ class ModelConfig:
     ) -> ModelConfig:
         """Builds the config from GGUF key/values (decoded to Python values) and tensor shapes."""
         arch = meta.get("general.architecture")
-        if arch not in ("llama", "qwen2"):
+        if arch not in ("llama", "qwen2", "gemma3"):
             raise ConfigError(
-                f"{source}: unknown GGUF architecture {arch!r}; supported: llama, qwen2"
+                f"{source}: unknown GGUF architecture {arch!r}; supported: llama, qwen2, gemma3"
             )
 
         def get(key, default=None, required=True):
@@ -242,12 +284,24 @@ class ModelConfig:
         hidden = int(get("embedding_length"))
         vocab = meta.get(f"{arch}.vocab_size") or tensor_shapes["token_embd.weight"][0]
         head_dim = int(get("rope.dimension_count", hidden // n_heads, required=False))
+        head_dim = int(get("attention.key_length", head_dim, required=False))  # Gemma: no rope.*
         rope = {}
         if get("rope.scaling.type", "none", required=False) == "linear":
             rope = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
         eos = meta.get("tokenizer.ggml.eos_token_id")
+        gemma: dict[str, Any] = {}
+        if arch == "gemma3":
+            # llama.cpp (and HF loading the GGUF) fix what the metadata leaves out: every 6th
+            # layer global, local RoPE base 10000, attention scale 1/sqrt(key_length).
+            n = int(get("block_count"))
+            gemma = dict(
+                sliding_window=int(get("attention.sliding_window")),
+                layer_types=tuple(SLIDING if (i + 1) % 6 else FULL for i in range(n)),
+                rope_local_theta=10_000.0,
+                query_pre_attn_scalar=float(head_dim),
+            )
         return cls(
-            model_type="llama" if arch == "llama" else "qwen2",
+            model_type={"llama": "llama", "qwen2": "qwen2", "gemma3": GEMMA3}[arch],
             vocab_size=int(vocab),
             hidden_size=hidden,
             intermediate_size=int(get("feed_forward_length")),
@@ -265,18 +319,71 @@ class ModelConfig:
             eos_token_ids=() if eos is None else (int(eos),),
             pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
             dtype=dtype,
+            **gemma,
         )
+
+
+def _gemma3_fields(c: dict[str, Any], source: str) -> dict[str, Any]:
+    """The ModelConfig fields of an HF `gemma3_text` config.json (beyond the common ones)."""
+    act = c.get("hidden_activation") or c.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise ConfigError(f"{source}: hidden_activation={act!r}; Gemma 3 uses gelu_pytorch_tanh")
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if c.get(key) is not None:
+            raise ConfigError(f"{source}: {key}={c[key]} is not supported (Gemma 3 has none; "
+                              f"set it to null)")
+    if c.get("use_bidirectional_attention"):
+        raise ConfigError(f"{source}: use_bidirectional_attention=true is not supported (a "
+                          f"causal LM is needed)")
+    n = c["num_hidden_layers"]
+    layer_types = c.get("layer_types")
+    if not layer_types:  # older configs: every `sliding_window_pattern`-th layer is global
+        pattern = c.get("sliding_window_pattern") or 6
+        layer_types = [SLIDING if (i + 1) % pattern else FULL for i in range(n)]
+    params = c.get("rope_parameters") or {}
+    full = dict(params.get(FULL) or {})
+    local = dict(params.get(SLIDING) or {})
+    full.update(c.get("rope_scaling") or {})
+    theta = full.pop("rope_theta", c.get("rope_theta", 1_000_000.0))
+    local_theta = local.pop("rope_theta", c.get("rope_local_base_freq", 10_000.0))
+    if local.get("rope_type", "default") != "default":
+        raise ConfigError(f"{source}: sliding-attention rope_type {local['rope_type']!r} is not "
+                          f"supported (only default)")
+    if "type" in full and "rope_type" not in full:
+        full["rope_type"] = full.pop("type")
+    if full.get("rope_type", "default") == "default":
+        full = {}
+    n_heads = c["num_attention_heads"]
+    return dict(
+        intermediate_size=c["intermediate_size"],
+        num_kv_heads=c.get("num_key_value_heads") or n_heads,
+        head_dim=c.get("head_dim") or c["hidden_size"] // n_heads,
+        norm_eps=c.get("rms_norm_eps", 1e-6),
+        rope_theta=float(theta),
+        rope_scaling=_freeze(full),
+        rope_local_theta=float(local_theta),
+        qkv_bias=c.get("attention_bias", False),
+        o_bias=c.get("attention_bias", False),
+        tie_word_embeddings=c.get("tie_word_embeddings", True),
+        sliding_window=c.get("sliding_window"),
+        layer_types=tuple(layer_types),
+        query_pre_attn_scalar=float(c.get("query_pre_attn_scalar", 256)),
+    )
 
 
 def _freeze(d: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in d.items()))
 
 
-def rope_inv_freq(config: ModelConfig) -> np.ndarray:
-    """Inverse RoPE frequencies [head_dim // 2], as HF computes them (default, linear, llama3)."""
+def rope_inv_freq(config: ModelConfig, layer_type: str = FULL) -> np.ndarray:
+    """Inverse RoPE frequencies [head_dim // 2], as HF computes them (default, linear, llama3).
+
+    Gemma 3's SLIDING layers use their own base (`rope_local_theta`) and no scaling."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-    scaling = config.rope_scaling_dict
+    local = layer_type == SLIDING and config.rope_local_theta is not None
+    theta = config.rope_local_theta if local else config.rope_theta
+    inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    scaling = {} if local else config.rope_scaling_dict
     rope_type = scaling.get("rope_type", "default")
     if rope_type == "linear":
         inv_freq = inv_freq / scaling["factor"]

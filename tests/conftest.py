@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 # name -> (transformers config class name, kwargs). Small, but with GQA, biases, RoPE
-# scaling, tied embeddings, sliding windows and OPT's variants all exercised.
+# scaling, tied embeddings, sliding windows, Gemma 3 and OPT's variants all exercised.
 _LLAMA = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
               rms_norm_eps=1e-5)
@@ -40,6 +40,13 @@ TINY_HF_CONFIGS = {
                                       head_dim=16)),
     "qwen2": ("Qwen2Config", dict(_LLAMA, rope_parameters={"rope_type": "default",
                                                           "rope_theta": 1000000.0})),
+    # Gemma 3: sliding (window 4) and global layers with their own RoPE bases, q/k norms,
+    # an attention scale that is not head_dim, tied embeddings.
+    "gemma3": ("Gemma3TextConfig", dict(
+        _LLAMA, num_hidden_layers=3, head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}})),
     "opt": ("OPTConfig", dict(_OPT, do_layer_norm_before=True)),
     "opt_post_ln": ("OPTConfig", dict(_OPT, do_layer_norm_before=False)),
     "opt_proj": ("OPTConfig", dict(_OPT, word_embed_proj_dim=32)),

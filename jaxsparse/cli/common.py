@@ -21,7 +21,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "SmolLM2-135M-Instruct)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                         help="params dtype (default: float32, or the checkpoint's; bfloat16 "
-                             "decodes several times slower than float32 on a CPU)")
+                             "decodes slower than float32 on a CPU)")
 
 
 def at_least(lo: float, kind: type = int) -> Callable[[str], float]:
@@ -84,7 +84,7 @@ def check_files(flag: str, paths: Iterable[str] | str | None) -> None:
 def slow_dtype_warning(dtype: str, backend: str) -> str | None:
     """The warning for a dtype that is slow on `backend`, or None."""
     if dtype == "bfloat16" and backend == "cpu":
-        return ("bfloat16 on the CPU backend decodes several times slower than float32 "
+        return ("bfloat16 on the CPU backend decodes slower than float32, up to several times "
                 "(CPUs have no fast bfloat16 matmul); use --dtype float32 on a CPU")
     return None
 

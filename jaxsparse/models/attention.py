@@ -12,11 +12,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxsparse import rules
-from jaxsparse.config import ModelConfig
+from jaxsparse.config import FULL, ModelConfig
 from jaxsparse.models.layers import (
     XLA,
     Kernels,
     Linear,
+    RMSNorm,
     apply_rope,
     attend,
     attention_mask,
@@ -40,8 +41,12 @@ def _sparse(module: nn.Module, name: str, x: jax.Array, thresholds: dict | None)
 
 
 class SelfAttention(nn.Module):
+    """`rope` is (cos, sin), or a dict of them by layer type (Gemma 3: one per RoPE base);
+    `layer_type` picks this layer's tables and sliding window (`ModelConfig.layer_types`)."""
+
     config: ModelConfig
     kernels: Kernels = XLA
+    layer_type: str = FULL
 
     @nn.compact
     def __call__(self, h_BxTxD, positions_BxT, kv_pos_BxS, rope, layer_cache, cache_index,
@@ -72,8 +77,11 @@ class SelfAttention(nn.Module):
         q_BxTxHxD = q.reshape(b, t, c.num_heads, c.head_dim)
         k_BxTxKxD = k.reshape(b, t, c.num_kv_heads, c.head_dim)
         v_BxTxKxD = v.reshape(b, t, c.num_kv_heads, c.head_dim)
+        if c.is_gemma3:  # q/k RMSNorm over head_dim, before RoPE
+            q_BxTxHxD = RMSNorm(c.norm_eps, dt, True, name="q_norm")(q_BxTxHxD)
+            k_BxTxKxD = RMSNorm(c.norm_eps, dt, True, name="k_norm")(k_BxTxKxD)
         if rope is not None:
-            cos, sin = rope
+            cos, sin = rope[self.layer_type] if isinstance(rope, dict) else rope
             q_BxTxHxD = apply_rope(q_BxTxHxD, cos, sin)
             k_BxTxKxD = apply_rope(k_BxTxKxD, cos, sin)
         k_BxKxTxD = k_BxTxKxD.transpose(0, 2, 1, 3)
@@ -84,8 +92,8 @@ class SelfAttention(nn.Module):
             k_BxKxSxD, v_BxKxSxD = new_cache["k"], new_cache["v"]
         else:
             k_BxKxSxD, v_BxKxSxD = k_BxKxTxD, v_BxKxTxD
-        mask = attention_mask(positions_BxT, kv_pos_BxS, c.sliding_window)
-        out_BxTxHD = attend(q_BxTxHxD, k_BxKxSxD, v_BxKxSxD, mask, c.head_dim**-0.5)
+        mask = attention_mask(positions_BxT, kv_pos_BxS, c.attention_window(self.layer_type))
+        out_BxTxHD = attend(q_BxTxHxD, k_BxKxSxD, v_BxKxSxD, mask, c.attention_scale)
         self.sow("taps", "head_out", out_BxTxHD.reshape(b, t, c.num_heads, c.head_dim))
         out_BxTxHD = _sparse(self, "o_in", out_BxTxHD, thresholds)
         y = Linear(c.hidden_size, ("q_heads", "embed"), c.o_bias, dt, kn, name="o_proj")(

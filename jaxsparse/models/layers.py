@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsparse.config import ModelConfig, rope_inv_freq
+from jaxsparse.config import FULL, ModelConfig, rope_inv_freq
 
 MASK_VALUE = -1e30  # finite, so a row with nothing to attend (padding) gives no NaN
 
@@ -134,17 +134,22 @@ class Linear(nn.Module):
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm; with `unit_offset` (Gemma) the output is scaled by `1 + scale`, in float32."""
+
     eps: float
     dtype: Any = jnp.float32
+    unit_offset: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.initializers.zeros if self.unit_offset else nn.initializers.ones
         scale = self.param(
-            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-            (x.shape[-1],), self.dtype,
+            "scale", nn.with_logical_partitioning(init, ("norm",)), (x.shape[-1],), self.dtype,
         )
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.unit_offset:  # HF Gemma: (hidden * (1 + weight)).to(input_dtype)
+            return (x32 * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
         return scale * x32.astype(self.dtype)  # HF: weight * hidden.to(input_dtype)
 
 
@@ -191,8 +196,10 @@ class Embed(nn.Module):
         return jnp.dot(x.astype(self.dtype), self.embedding.T, preferred_element_type=jnp.float32)
 
 
-def rope_cos_sin(config: ModelConfig, positions_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
-    inv_freq = jnp.asarray(rope_inv_freq(config))
+def rope_cos_sin(config: ModelConfig, positions_BxT: jax.Array,
+                 layer_type: str = FULL) -> tuple[jax.Array, jax.Array]:
+    """RoPE tables [B, T, head_dim] for the layers of `layer_type` (Gemma 3 has two bases)."""
+    inv_freq = jnp.asarray(rope_inv_freq(config, layer_type))
     pos = jnp.maximum(positions_BxT, 0).astype(jnp.float32)
     freqs_BxTxF = pos[..., None] * inv_freq
     emb = jnp.concatenate([freqs_BxTxF, freqs_BxTxF], axis=-1)

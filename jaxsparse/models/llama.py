@@ -1,17 +1,22 @@
-"""The Llama family: Llama-2/3/3.1/3.2, Mistral, Qwen2 and SmolLM2 (RMSNorm, RoPE, SwiGLU, GQA).
+"""The Llama family: Llama-2/3/3.1/3.2, Mistral, Qwen2 and SmolLM2 (RMSNorm, RoPE, SwiGLU, GQA),
+and Gemma 3 text models through the switches of `ModelConfig.is_gemma3` (GeGLU, `(1 + w)`
+RMSNorm, q/k norms, norms after attention and around the FFN, scaled embeddings, and
+sliding-window or global attention per layer, each with its RoPE base).
 
-Holds the decoder block, the SwiGLU FFN with its sparsification points (`ffn_in`, `gate`,
+Holds the decoder block, the gated FFN with its sparsification points (`ffn_in`, `gate`,
 `down_in`) and the causal LM. Layers are unrolled over per-layer params (`layers_0`, ...):
 the decode path never slices stacked weights (DESIGN.md, "Scan or unroll").
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxsparse.config import ModelConfig
+from jaxsparse.config import FULL, ModelConfig
 from jaxsparse.models.attention import SelfAttention, _sparse
 from jaxsparse.models.layers import (
     XLA,
@@ -24,7 +29,12 @@ from jaxsparse.models.layers import (
 )
 
 
+ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": partial(nn.gelu, approximate=True)}
+
+
 class SwiGLU(nn.Module):
+    """The gated FFN `(act(x Wg) * x Wu) Wd`: SiLU (SwiGLU), or gelu tanh for Gemma (GeGLU)."""
+
     config: ModelConfig
     kernels: Kernels = XLA
 
@@ -34,7 +44,8 @@ class SwiGLU(nn.Module):
         dt = param_dtype(c)
         kn = self.kernels
         x = _sparse(self, "ffn_in", h_BxTxD, thresholds)
-        g = nn.silu(Linear(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, dt, kn,
+        act = ACTIVATIONS[c.activation]
+        g = act(Linear(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, dt, kn,
                            name="gate_proj")(x, "ffn_in").astype(jnp.float32)).astype(dt)
         g = _sparse(self, "gate", g, thresholds)
         up = Linear(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, dt, kn, kn.up_rows,
@@ -51,18 +62,29 @@ class SwiGLU(nn.Module):
 
 
 class LlamaBlock(nn.Module):
+    """One decoder block; `layer_type` (`ModelConfig.layer_type(i)`) matters for Gemma 3."""
+
     config: ModelConfig
     kernels: Kernels = XLA
+    layer_type: str = FULL
 
     @nn.compact
     def __call__(self, x_BxTxD, positions_BxT, kv_pos_BxS, rope, layer_cache, cache_index,
                  thresholds):
         c = self.config
         dt = param_dtype(c)
+        gemma = c.is_gemma3
         self.sow("taps", "block_in", x_BxTxD)
-        h = RMSNorm(c.norm_eps, dt, name="input_layernorm")(x_BxTxD)
-        a, new_cache = SelfAttention(c, self.kernels, name="self_attn")(
+        h = RMSNorm(c.norm_eps, dt, gemma, name="input_layernorm")(x_BxTxD)
+        a, new_cache = SelfAttention(c, self.kernels, self.layer_type, name="self_attn")(
             h, positions_BxT, kv_pos_BxS, rope, layer_cache, cache_index, thresholds)
+        if gemma:  # Gemma 3 norms the attention output, and the FFN's input and output
+            a = RMSNorm(c.norm_eps, dt, True, name="post_attention_layernorm")(a)
+            x_BxTxD = x_BxTxD + a
+            h = RMSNorm(c.norm_eps, dt, True, name="pre_feedforward_layernorm")(x_BxTxD)
+            f = SwiGLU(c, self.kernels, name="mlp")(h, thresholds)
+            f = RMSNorm(c.norm_eps, dt, True, name="post_feedforward_layernorm")(f)
+            return x_BxTxD + f, new_cache
         x_BxTxD = x_BxTxD + a
         h = RMSNorm(c.norm_eps, dt, name="post_attention_layernorm")(x_BxTxD)
         x_BxTxD = x_BxTxD + SwiGLU(c, self.kernels, name="mlp")(h, thresholds)
@@ -77,8 +99,8 @@ class LlamaForCausalLM(nn.Module):
         c = self.config
         dt = param_dtype(c)
         self.embed_tokens = Embed(c.vocab_size, c.hidden_size, dtype=dt)
-        self.layers = [LlamaBlock(c, self.kernels) for _ in range(c.num_layers)]
-        self.norm = RMSNorm(c.norm_eps, dt)
+        self.layers = [LlamaBlock(c, self.kernels, c.layer_type(i)) for i in range(c.num_layers)]
+        self.norm = RMSNorm(c.norm_eps, dt, c.is_gemma3)
         if not c.tie_word_embeddings:
             self.lm_head = Linear(c.vocab_size, ("embed", "vocab"), False, dt)
 
@@ -91,7 +113,9 @@ class LlamaForCausalLM(nn.Module):
         """
         c = self.config
         x = self.embed_tokens(tokens_BxT)
-        rope = rope_cos_sin(c, positions_BxT)
+        if c.is_gemma3:  # HF: embedding * sqrt(hidden), the scale cast to the params' dtype
+            x = x * jnp.asarray(c.hidden_size**0.5, x.dtype)
+        rope = rope_tables(c, positions_BxT)
         x, new_cache = run_layers(self.layers, x, positions_BxT, cache, cache_index, thresholds,
                                   rope)
         if last_only:
@@ -102,6 +126,14 @@ class LlamaForCausalLM(nn.Module):
         else:
             logits = self.lm_head(x).astype(jnp.float32)
         return logits, new_cache
+
+
+def rope_tables(config: ModelConfig, positions_BxT: jax.Array):
+    """RoPE (cos, sin) for the blocks: one pair, or a dict of pairs by layer type where
+    layers differ (Gemma 3's sliding and global layers have different bases)."""
+    if not config.layer_types:
+        return rope_cos_sin(config, positions_BxT)
+    return {t: rope_cos_sin(config, positions_BxT, t) for t in sorted(set(config.layer_types))}
 
 
 def run_layers(layers, x, positions_BxT, cache, cache_index, thresholds, rope):

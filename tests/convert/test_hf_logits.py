@@ -18,8 +18,8 @@ from jaxsparse.models import build_model, init_cache, positions_from_mask
 torch = pytest.importorskip("torch")
 jax.config.update("jax_default_matmul_precision", "highest")
 
-ARCHS = ["llama", "llama3_rope", "llama_tied", "mistral", "qwen2", "opt", "opt_post_ln",
-         "opt_proj"]
+ARCHS = ["llama", "llama3_rope", "llama_tied", "mistral", "qwen2", "gemma3", "opt",
+         "opt_post_ln", "opt_proj"]
 B, T, PREFILL = 2, 12, 5
 TOL = 1e-4
 
