@@ -1,26 +1,41 @@
-"""End-to-end decode speed: our dense model against CHESS, CHESS+ and TEAL through the
-Pallas kernels, batch 1, following DESIGN.md's protocol ("Measuring").
+"""End-to-end decode speed through the path users run: `Generator.generate_ids` (what
+`jaxsparse generate` calls), dense against CHESS, CHESS+ and TEAL states fitted by the
+project's own calibration, at batch 1, 4 and 8. Protocol: docs/design.md ("Measuring").
 
     python benchmarks/decode.py --json OUT [--model llama3-8b|smollm2|PATH] [--sparsity 0.5]
 
-`llama3-8b` is a Llama-3-8B-shaped model with random bf16 weights; `smollm2` the real
-SmolLM2-135M-Instruct weights (the embedded default model, or `--model PATH` for its
-GGUF/checkpoint). Thresholds are set per layer and sparsification point to the
-`--sparsity` quantile of the activations of a prefill over real text (stdlib docstrings),
-so that each method reaches the target sparsity; the sparsity measured on the decoded
-tokens is recorded beside the speed.
+`llama3-8b` is a Llama-3-8B-shaped model with random bf16 weights, fed real text (stdlib
+docstrings) through a byte-level tokenizer; `smollm2` the real SmolLM2-135M-Instruct
+weights. The sparsity states come from `jaxsparse.calibrate.calibrate` on that model and
+text (`calibration` split): CHESS's per-channel thresholds `Q_l / E|u_i|`, CHESS+'s q/o
+thresholds, TEAL's per-input thresholds. Prompts come from the `evaluation` split.
 
-Timing: `--steps` greedy decode steps run inside one jit-compiled `lax.fori_loop` (so
-Python dispatch is not what is measured), weights passed as arguments, warmed up, then the
-median of `--repeats` runs. The roofline is bytes read per token (weights each method
-needs, from the measured sparsity, plus the KV cache and the output projection) over the
-bandwidth of a device-to-device copy measured in the same run.
+Per method and batch size, each figure is the median over `--repeats` calls (after one
+warm-up call that compiles) of:
+- `generator`: `Generator.generate_ids(..., max_new_tokens=--new-tokens)` with the sparsity
+  statistics on (the default with a state), its own `decode_s` (the whole on-device loop
+  as the caller waits for it; compilation excluded); tokens/s per sequence and summed
+  over the batch. Measured sparsity is averaged over every decoded token.
+At batch 1 also:
+- `reference_loop`: the same decode steps inside a bare `lax.fori_loop` (greedy argmax,
+  no statistics, no EOS checks, no token buffer): a ceiling no user runs, to show what the
+  product loop costs on top of it.
+- `cli`: `jaxsparse generate --json` run in-process (`jaxsparse.cli.main`) with the model
+  load replaced by the model already in memory and the state read from disk, its
+  `decode_tokens_per_s`.
+- `stream`: `Generator.stream_ids(..., chunk_tokens=--chunk)`, one host read per chunk.
+
+The roofline (batch 1) is the bytes a decode step must read (weights the method needs at
+its measured per-layer sparsity, KV cache, output projection) over the bandwidth of a
+device-to-device copy measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import io
 import json
 import os
 import statistics
@@ -36,24 +51,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsparse.config import ModelConfig
-from jaxsparse.models import (
-    build_model,
-    init_cache,
-    kernels_for_method,
-    param_shapes,
-    prepare_params,
-)
-from jaxsparse.rules import TENSORS
-from jaxsparse.sparsity import model_widths
+from jaxsparse.generate import Generator, bucket_length, default_kernels
+from jaxsparse.models import build_model, init_cache, param_shapes, prepare_params
 
 METHODS = ("dense", "chess", "chess+", "teal")
-# Points each method thresholds (rules.KERNEL_POINTS lists where zeros flow to kernels).
-THRESHOLDED = {
-    "dense": (),
-    "chess": ("gate",),
-    "chess+": ("gate", "q_in", "o_in"),
-    "teal": ("q_in", "kv_in", "o_in", "ffn_in", "down_in"),
-}
 
 LLAMA3_8B = ModelConfig(
     model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
@@ -63,6 +64,22 @@ LLAMA3_8B = ModelConfig(
                   ("original_max_position_embeddings", 8192), ("rope_type", "llama3")),
     dtype="bfloat16",
 )
+
+
+class ByteTokenizer:
+    """Real text for a random model: one token per UTF-8 byte (ids 3-258), EOS 2."""
+
+    eos_token_id = 2
+    chat_template = None
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [b + 3 for b in text.encode("utf-8")]
+
+    def __call__(self, text: str) -> dict:
+        return {"input_ids": self.encode(text)}
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return bytes(i - 3 for i in ids if 3 <= i < 259).decode("utf-8", "replace")
 
 
 def random_params(config: ModelConfig, seed: int = 0) -> dict:
@@ -82,99 +99,72 @@ def random_params(config: ModelConfig, seed: int = 0) -> dict:
     return jax.tree.unflatten(jax.tree.structure(shapes), out)
 
 
-def real_text_tokens(tokenizer, vocab: int, n: int) -> np.ndarray:
+def prompt_batch(tokenizer, n: int, length: int) -> list[list[int]]:
+    """`n` prompts of `length` tokens each, from different documents of the evaluation split."""
     from jaxsparse.data import stdlib_documents
 
-    if tokenizer is None:  # random model: token ids from the text's bytes, mod vocab
-        text = " ".join(d.text for d in stdlib_documents("calibration")[:50])
-        ids = np.frombuffer(text.encode()[: n * 4], np.uint8).astype(np.int64)
-        return (ids.reshape(-1, 4) @ np.array([1, 256, 65536, 1 << 24]) % vocab)[:n]
-    ids: list[int] = []
-    for d in stdlib_documents("calibration"):
-        ids += tokenizer(d.text)["input_ids"]
-        if len(ids) >= n:
-            break
-    return np.asarray(ids[:n])
+    prompts = []
+    for d in stdlib_documents("evaluation"):
+        ids = tokenizer.encode(d.text, add_special_tokens=False)
+        if len(ids) >= length:
+            prompts.append(ids[:length])
+        if len(prompts) == n:
+            return prompts
+    raise ValueError(f"not {n} documents of {length} tokens in the evaluation split")
 
 
-def calibrate_thresholds(config, params, tokens_T, sparsity: float) -> dict:
-    """Per layer and point: the `sparsity` quantile of abs(activation) over a prefill."""
-    model = build_model(config)
+def reference_loop(config, kernels, params, thresholds, prompt, steps: int, repeats: int):
+    """Tokens/s of `steps` greedy decode steps in a bare fori_loop (no statistics, no EOS,
+    no token buffer), after a dense prefill of `prompt`: the ceiling for the product loop."""
+    model = build_model(config, kernels)
+    p = prepare_params(params, config, kernels)
+    t = len(prompt)
 
     @jax.jit
-    def taps(params, tokens):
-        _, v = model.apply({"params": params}, tokens[None], jnp.arange(tokens.shape[0])[None],
-                           mutable=["taps"])
-        out = {}
-        for i in range(config.num_layers):
-            t = v["taps"][f"layers_{i}"]
-            acts = {"q_in": t["self_attn"]["q_in"][0], "kv_in": t["self_attn"]["kv_in"][0],
-                    "o_in": t["self_attn"]["o_in"][0], "ffn_in": t["mlp"]["ffn_in"][0],
-                    "gate": t["mlp"]["gate"][0], "down_in": t["mlp"]["down_in"][0]}
-            out[f"layers_{i}"] = {
-                k: jnp.quantile(jnp.abs(a.astype(jnp.float32)).ravel(), sparsity)
-                for k, a in acts.items()}
-        return out
+    def prefill(params, tokens, cache):
+        logits, cache = build_model(config).apply(
+            {"params": params}, tokens, jnp.arange(t)[None], cache, 0, last_only=True)
+        return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache
 
-    q = jax.device_get(taps(params, jnp.asarray(tokens_T, jnp.int32)))
-    return {layer: {k: float(v) for k, v in pts.items()} for layer, pts in q.items()}
-
-
-def thresholds_for(method, quantiles, config):
-    if method == "dense":
-        return None
-    widths = model_widths(config)
-    return {layer: {p: jnp.full((widths[p],), pts[p] if p in THRESHOLDED[method] else 0.0,
-                                config.dtype) for p in TENSORS}
-            for layer, pts in quantiles.items()}
-
-
-def make_decode(config, kernels, steps: int):
-    model = build_model(config, kernels)
-
-    def decode(params, tok_B, pos_B, cache, index0, thresholds):
+    def decode(params, tok, cache, thresholds):
         def body(i, carry):
-            tok, pos, cache = carry
-            logits, cache = model.apply({"params": params}, tok[:, None], pos[:, None], cache,
-                                        index0 + i, thresholds, last_only=True)
-            return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), pos + 1, cache
+            tok, cache = carry
+            logits, cache = model.apply({"params": params}, tok[:, None], (t + i)[None, None],
+                                        cache, t + i, thresholds, last_only=True)
+            return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache
 
-        return jax.lax.fori_loop(0, steps, body, (tok_B, pos_B, cache))
+        return jax.lax.fori_loop(0, steps, body, (tok, cache))
 
-    return jax.jit(decode, donate_argnums=(3,))
-
-
-def measured_sparsity(config, params, thresholds, cache, tok, index0):
-    model = build_model(config)
-    fn = jax.jit(lambda p, c, th: model.apply(
-        {"params": p}, tok[:, None], jnp.full_like(tok, index0)[:, None], c, index0, th,
-        last_only=True, mutable=["stats"])[1]["stats"])
-    stats = jax.device_get(fn(params, cache, thresholds))
-    per_point: dict[str, list[float]] = {}
-    for i in range(config.num_layers):
-        s = stats[f"layers_{i}"]
-        for sub in ("self_attn", "mlp"):
-            for k, v in s[sub].items():
-                per_point.setdefault(k, []).append(float(np.mean(v[0])))
-    return per_point
+    decode = jax.jit(decode, donate_argnums=(2,))
+    times = []
+    for _ in range(repeats + 1):
+        tok, cache = prefill(params, jnp.asarray([prompt], jnp.int32),
+                             init_cache(config, 1, t + steps + 1))
+        jax.block_until_ready(tok)
+        t0 = time.perf_counter()
+        tok, cache = decode(p, tok, cache, thresholds)
+        jax.block_until_ready(tok)
+        times.append(time.perf_counter() - t0)
+    return steps / statistics.median(times[1:])
 
 
-def bytes_per_token(config, sparsity: dict[str, list[float]], cache_len: int, method: str):
-    """Bytes of weights (and KV cache) one decode step reads with this sparsity."""
+def bytes_per_token(config, kernels, per_layer: dict[str, list[float]] | None,
+                    cache_len: int) -> float:
+    """Bytes of weights (and KV cache) one batch-1 decode step reads at this sparsity: a
+    point's rows are skipped only where its projection runs through a kernel."""
     c = config
-    item = jnp.dtype(c.dtype).itemsize
     d, m, q, kv = c.hidden_size, c.intermediate_size, c.q_dim, c.kv_dim
-    pts = set(kernels_for_method(method, "pallas").points) if method != "dense" else set()
+    pts = set(kernels.points) if kernels.mode == "pallas" else set()
     total = 0.0
     for i in range(c.num_layers):
         def dens(p, i=i):
-            return 1.0 - sparsity[p][i] if p in pts else 1.0
+            return 1.0 - per_layer[p][i] if (p in pts and per_layer) else 1.0
         total += d * q * dens("q_in") + 2 * d * kv * dens("kv_in") + q * d * dens("o_in")
         up_rows = dens("gate") if "gate" in pts else dens("ffn_in")
         total += d * m * dens("ffn_in") + d * m * up_rows + m * d * dens("down_in")
     total += c.vocab_size * d  # output projection (the embedding gather is negligible)
-    total *= item
-    total += c.num_layers * 2 * cache_len * kv * item  # XLA attention reads every slot
+    total *= jnp.dtype(c.dtype).itemsize
+    total += c.num_layers * 2 * cache_len * kv * jnp.dtype(c.dtype).itemsize
     return total
 
 
@@ -191,81 +181,120 @@ def copy_bandwidth(nbytes: int = 4 << 30, repeats: int = 20) -> float:
     return 2 * nbytes / statistics.median(ts)
 
 
-def bench_method(args, config, params, method, quantiles, prompt, cache_len, bw):
-    """Times `args.steps` decode steps of one method; returns its result row."""
-    th = thresholds_for(method, quantiles, config)
-    kernels = kernels_for_method(method, args.kernels if method != "dense" else "xla")
-    p = prepare_params(params, config, kernels)
-    # Fill the cache with a real (dense) prefill, then decode.
-    model = build_model(config)
-    prefill = jax.jit(lambda p_, t_, c_: model.apply(
-        {"params": p_}, t_, jnp.arange(t_.shape[1])[None], c_, 0, last_only=True),
-        donate_argnums=(2,))
-    logits, cache = prefill(params, jnp.asarray(prompt, jnp.int32)[None],
-                            init_cache(config, 1, cache_len))
-    tok = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
-    sp = measured_sparsity(config, params, th, cache, tok, args.prompt_len) if th else {}
-    decode = make_decode(config, kernels, args.steps)
-    pos = jnp.full((1,), args.prompt_len, jnp.int32)
-    index = args.prompt_len
-    t0 = time.perf_counter()
-    tok, pos, cache = decode(p, tok, pos, cache, index, th)  # compile and warm up
-    jax.block_until_ready(tok)
-    compile_s = time.perf_counter() - t0
-    index += args.steps
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        tok, pos, cache = decode(p, tok, pos, cache, index, th)
-        jax.block_until_ready(tok)
-        times.append(time.perf_counter() - t0)
-        index += args.steps
-    tps = args.steps / statistics.median(times)
-    nbytes = bytes_per_token(config, sp, cache_len, method)
-    return {
-        "tokens_per_s": tps,
-        "ms_per_token": 1e3 / tps,
-        "bytes_per_token": nbytes,
-        "roofline_tokens_per_s": bw / nbytes,
-        "roofline_fraction": tps / (bw / nbytes),
-        "measured_sparsity": {k: float(np.mean(v)) for k, v in sp.items()},
-        "kernels": "xla" if method == "dense" else args.kernels,
-        "compile_and_warmup_s": compile_s,
-        "times_s": times,
-    }
+def cli_tokens_per_s(lm, state_dir: str | None, prompt_text: str, new_tokens: int,
+                     repeats: int) -> float:
+    """`jaxsparse generate --json`'s decode_tokens_per_s, in-process, model load replaced."""
+    import jaxsparse.cli.generate as cli_generate
+    from jaxsparse.cli import main
+
+    argv = ["generate", "--prompt", prompt_text, "--max-new-tokens", str(new_tokens), "--json"]
+    if state_dir:
+        argv += ["--sparsity-state", state_dir]
+    saved = cli_generate.load_model_for
+    cli_generate.load_model_for = lambda args: lm
+    try:
+        rates = []
+        for _ in range(repeats):
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf):
+                if main(argv) != 0:
+                    raise RuntimeError(f"jaxsparse {' '.join(argv)} failed")
+            rates.append(json.loads(buf.getvalue())["decode_tokens_per_s"])
+    finally:
+        cli_generate.load_model_for = saved
+    return statistics.median(rates)
+
+
+def median_result(fn, repeats: int):
+    """One warm-up call (compiles), then the result with the median decode time, and the
+    warm-up's compile time."""
+    compile_s = fn().compile_s
+    results = sorted((fn() for _ in range(repeats)), key=lambda r: r.decode_s)
+    return results[len(results) // 2], compile_s
+
+
+def load(args):
+    from jaxsparse.loading import LoadedModel, load_model
+
+    if args.model == "llama3-8b":
+        config = LLAMA3_8B
+        lm = LoadedModel(config, random_params(config), ByteTokenizer(), "llama3-8b random")
+        return lm, "Llama-3-8B shapes, random bf16 weights, byte-level text"
+    lm = load_model(None if args.model == "smollm2" else args.model, dtype="bfloat16")
+    return lm, f"{Path(lm.source).name} (bf16)"
 
 
 def run(args) -> dict:
-    if args.model == "llama3-8b":
-        config = LLAMA3_8B
-        params = random_params(config)
-        tokenizer = None
-        name = "Llama-3-8B shapes, random bf16 weights"
-    else:
-        from jaxsparse.loading import load_model
+    from jaxsparse.calibrate import calibrate
+    from jaxsparse.sparsity import save_state
 
-        lm = load_model(None if args.model == "smollm2" else args.model, dtype="bfloat16")
-        config, params, tokenizer = lm.config, lm.params, lm.tokenizer
-        name = f"SmolLM2-135M-Instruct real weights ({Path(lm.source).name}, bf16)"
+    lm, name = load(args)
+    config, params, tok = lm.config, lm.params, lm.tokenizer
     bw = copy_bandwidth()
-    prompt = real_text_tokens(tokenizer, config.vocab_size, args.prompt_len)
-    quantiles = calibrate_thresholds(config, params, prompt, args.sparsity)
-    # Every timed step appends to the cache: room for warm-up and repeats.
-    cache_len = args.prompt_len + args.steps * (args.repeats + 2) + 8
-    results: dict = {}
+    sparse = [m for m in args.methods if m != "dense"]
+    t0 = time.perf_counter()
+    states = calibrate(config, params, tok, sparse, [args.sparsity], None,
+                       tokens=args.calibration_tokens, seq_len=256, batch_size=4,
+                       model_source=name, progress=False) if sparse else {}
+    calibration_s = time.perf_counter() - t0
+    prompts = prompt_batch(tok, max(args.batches), args.prompt_len)
+    prompt_text = tok.decode(prompts[0])
+    tmp = tempfile.mkdtemp()
+    rows = []
     for method in args.methods:
-        try:
-            results[method] = bench_method(args, config, params, method, quantiles, prompt,
-                                           cache_len, bw)
-        except Exception as e:  # a method that fails is recorded; the others still run
-            if method == "dense":
-                raise
-            results[method] = {"error": f"{type(e).__name__}: {e}"[:2000]}
-            print(f"{method} failed: {results[method]['error'][:800]}", file=sys.stderr)
-    dense = results["dense"]["tokens_per_s"]
-    for r in results.values():
-        if "tokens_per_s" in r:
-            r["speedup_vs_dense"] = r["tokens_per_s"] / dense
+        state = states.get((method, args.sparsity))
+        th = None if state is None else state.thresholds_for_model()
+        state_dir = None
+        if state is not None:
+            state_dir = str(save_state(state, Path(tmp) / method.replace("+", "_plus")))
+        gens: dict = {}
+        for batch in args.batches:
+            kernels = default_kernels(method, batch, args.kernels)
+            key = (kernels.mode, kernels.points)
+            if key not in gens:
+                gens.clear()  # one prepared layout on the device at a time
+                gens[key] = Generator(config, params, tok, kernels=kernels)
+            gen = gens[key]
+            r, compile_s = median_result(lambda: gen.generate_ids(
+                prompts[:batch], args.new_tokens, thresholds=th, stop_at_eos=False),
+                args.repeats)
+            row = {
+                "method": method, "batch": batch, "kernels": kernels.mode,
+                "kernel_points": list(kernels.points),
+                "generator_tokens_per_s_per_sequence": r.decode_steps_per_s,
+                "generator_tokens_per_s_summed": r.decode_tokens_per_s,
+                "decode_steps": r.decode_steps,
+                "compile_s": compile_s,
+                "measured_sparsity": r.measured_sparsity,
+            }
+            if batch == 1:
+                # XLA's attention reads every slot of the cache buffer, filled or not.
+                cache_len = bucket_length(len(prompts[0])) + args.new_tokens
+                nbytes = bytes_per_token(config, kernels, r.measured_sparsity_per_layer,
+                                         cache_len)
+                row["bytes_per_token"] = nbytes
+                row["roofline_tokens_per_s"] = bw / nbytes
+                row["roofline_fraction"] = r.decode_steps_per_s / (bw / nbytes)
+                row["reference_loop_tokens_per_s"] = reference_loop(
+                    config, kernels, params, th, prompts[0], r.decode_steps, args.repeats)
+                row["generator_vs_reference"] = (
+                    r.decode_steps_per_s / row["reference_loop_tokens_per_s"])
+                row["cli_tokens_per_s"] = cli_tokens_per_s(
+                    lm, state_dir, prompt_text, args.new_tokens, args.repeats)
+                row["cli_vs_reference"] = row["cli_tokens_per_s"] / row[
+                    "reference_loop_tokens_per_s"]
+                s, _ = median_result(lambda: _stream(gen, prompts[:1], args, th), args.repeats)
+                row["stream_chunk_tokens"] = args.chunk
+                row["stream_tokens_per_s"] = s.decode_steps_per_s
+                row["stream_vs_unbroken"] = s.decode_steps_per_s / r.decode_steps_per_s
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "measured_sparsity"}),
+                  file=sys.stderr)
+        gens.clear()
+    for row in rows:
+        dense = next(d for d in rows if d["method"] == "dense" and d["batch"] == row["batch"])
+        row["speedup_vs_dense"] = (row["generator_tokens_per_s_per_sequence"]
+                                   / dense["generator_tokens_per_s_per_sequence"])
     return {
         "benchmark": "decode",
         "model": name,
@@ -273,16 +302,23 @@ def run(args) -> dict:
         "backend": jax.default_backend(),
         "jax_version": jax.__version__,
         "date": datetime.date.today().isoformat(),
-        "batch": 1,
+        "command": "python benchmarks/decode.py " + " ".join(args.argv),
         "target_sparsity": args.sparsity,
+        "calibration_tokens": args.calibration_tokens,
+        "calibration_s": calibration_s,
         "prompt_len": args.prompt_len,
-        "steps_per_timed_run": args.steps,
+        "new_tokens": args.new_tokens,
         "repeats": args.repeats,
-        "cache_len": cache_len,
         "copy_bandwidth_GBps": bw / 1e9,
-        "roofline_tokens_per_s": results["dense"]["roofline_tokens_per_s"],
-        "methods": results,
+        "rows": rows,
     }
+
+
+def _stream(gen, prompts, args, th):
+    for _, result in gen.stream_ids(prompts, args.new_tokens, thresholds=th,
+                                    stop_at_eos=False, chunk_tokens=args.chunk):
+        if result is not None:
+            return result
 
 
 def main(argv=None) -> int:
@@ -291,14 +327,19 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="llama3-8b", help="llama3-8b, smollm2, or a model path")
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--kernels", default="pallas", choices=("pallas", "xla"))
+    p.add_argument("--batches", default="1,4,8")
+    p.add_argument("--kernels", default="auto", choices=("auto", "pallas", "xla"))
     p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--chunk", type=int, default=16, help="streaming chunk, in tokens")
+    p.add_argument("--calibration-tokens", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     args.methods = [m for m in args.methods.split(",") if m]
     if "dense" not in args.methods:
         args.methods.insert(0, "dense")
+    args.batches = [int(b) for b in args.batches.split(",")]
     if not 0.0 <= args.sparsity < 1.0:
         p.error(f"--sparsity {args.sparsity}: must be in [0, 1)")
     out = run(args)
@@ -307,18 +348,18 @@ def main(argv=None) -> int:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
         json.dump(out, f, indent=2)
     os.replace(f.name, path)
-    print(f"\n{out['model']} on {out['device']}, jax {out['jax_version']}, batch 1, "
-          f"S={args.sparsity}, copy {out['copy_bandwidth_GBps']:.0f} GB/s")
-    print(f"{'method':8} {'tok/s':>8} {'speedup':>8} {'roofline':>9} {'of roof':>8} "
-          f"{'sparsity (thresholded points)'}")
-    for m, r in out["methods"].items():
-        if "error" in r:
-            print(f"{m:8} failed: {r['error'][:200]}")
-            continue
-        sp = " ".join(f"{k}={v:.2f}" for k, v in r["measured_sparsity"].items()
-                      if k in THRESHOLDED[m])
-        print(f"{m:8} {r['tokens_per_s']:8.1f} {r['speedup_vs_dense']:8.2f} "
-              f"{r['roofline_tokens_per_s']:9.1f} {r['roofline_fraction']:8.2f} {sp}")
+    print(f"\n{out['model']} on {out['device']}, jax {out['jax_version']}, "
+          f"S={args.sparsity}, copy {out['copy_bandwidth_GBps']:.0f} GB/s; tok/s per sequence")
+    print(f"{'method':7} {'B':>2} {'kern':6} {'gen':>7} {'xdense':>6} {'ref':>7} {'gen/ref':>7} "
+          f"{'cli/ref':>7} {'stream':>6} {'roof%':>5}  sparsity")
+    for r in out["rows"]:
+        sp = " ".join(f"{k}={v:.2f}" for k, v in (r["measured_sparsity"] or {}).items() if v > .05)
+        one = r["batch"] == 1
+        print(f"{r['method']:7} {r['batch']:2d} {r['kernels']:6} "
+              f"{r['generator_tokens_per_s_per_sequence']:7.1f} {r['speedup_vs_dense']:6.2f} "
+              + (f"{r['reference_loop_tokens_per_s']:7.1f} {r['generator_vs_reference']:7.3f} "
+                 f"{r['cli_vs_reference']:7.3f} {r['stream_vs_unbroken']:6.3f} "
+                 f"{100 * r['roofline_fraction']:5.1f}" if one else " " * 42) + f"  {sp}")
     return 0
 
 

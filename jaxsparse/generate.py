@@ -139,6 +139,24 @@ def sample_logits(logits_BxV: jax.Array, key: jax.Array, temperature, top_k, top
     return sampled if mode is not None else jnp.where(temperature > 0, sampled, greedy)
 
 
+def default_kernels(method: str, batch: int, mode: str = "auto") -> Kernels:
+    """The decode matmuls for a state of `method` at `batch` rows: `mode` "pallas" (the
+    sparse kernels) or "xla" (masked dense), or "auto": the kernels on a GPU or TPU for a
+    single row, XLA otherwise (on an H100 the kernels lose to XLA from batch 4 on:
+    benchmarks/results/decode_llama3_8b_h100.json; on a CPU they would only run as their
+    pure-jnp references). Dense always runs plain XLA."""
+    from jaxsparse.models import kernels_for_method
+
+    if mode not in ("auto", "pallas", "xla"):
+        raise ValueError(f"kernels={mode!r}: use 'auto', 'pallas' or 'xla'")
+    if method == "dense":
+        return kernels_for_method("dense", "xla")
+    if mode == "auto":
+        accelerator = jax.default_backend() in ("gpu", "tpu")
+        mode = "pallas" if accelerator and batch == 1 else "xla"
+    return kernels_for_method(method, mode)
+
+
 def _layer_index(name: str) -> int:
     return int(name.rsplit("_", 1)[1])
 

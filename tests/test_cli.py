@@ -74,3 +74,21 @@ def test_convert_refuses_existing_output(tiny_hf_models, tmp_path, capsys):
     assert err == f"jaxsparse convert: error: {out} already exists; pass --overwrite " \
                   f"(overwrite=True) to replace it\n"
     assert (out / "keep.txt").read_text() == "user data"
+
+
+def test_generate_stream_json_lines(smollm2, capsys):
+    """`--stream --json`: one {"delta"} line per chunk, adding up to the final object's text,
+    which says how its tokens/s is counted."""
+    assert main(["generate", "--prompt", PROMPT, "--max-new-tokens", "12", "--stream",
+                 "--stream-chunk", "4", "--json"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    deltas, final = lines[:-1], lines[-1]
+    assert len(deltas) >= 2 and all(set(d) == {"delta"} for d in deltas)
+    assert "".join(d["delta"] for d in deltas) == final["text"]
+    assert final["decode_tokens_per_s_basis"] == "summed over the batch's sequences"
+    assert final["decode_steps"] == 11 and final["decode_s"] > 0
+
+
+def test_generate_stream_takes_one_prompt(capsys):
+    assert main(["generate", "--prompt", "a", "--prompt", "b", "--stream"]) == 2
+    assert "--stream takes one prompt" in capsys.readouterr().err

@@ -306,3 +306,24 @@ def test_stream_yields_the_generated_text():
         assert "".join(c.texts[i] for c in chunks) == texts[i]
         assert sum((c.token_ids[i] for c in chunks), []) == result.tokens[i]
     assert chunks[-1].result.tokens == result.tokens
+
+
+@pytest.mark.slow
+def test_smollm2_loop_gives_the_per_step_tokens(smollm2):
+    """SmolLM2, dense and with a CHESS state: the loop's greedy tokens are the per-step
+    loop's, for a batch of two prompts of different lengths stopping at EOS."""
+    from jaxsparse.calibrate import calibrate
+
+    lm = smollm2
+    prompts = [lm.tokenizer("The capital of France is")["input_ids"],
+               lm.tokenizer("def fibonacci(n):\n    \"\"\"Return the")["input_ids"]]
+    state = calibrate(lm.config, lm.params, lm.tokenizer, ["chess"], [0.5], None, tokens=512,
+                      seq_len=128, batch_size=4, progress=False)[("chess", 0.5)]
+    eos = tuple(sorted(Generator(lm.config, lm.params, lm.tokenizer).eos_ids))
+    for th in (None, state.thresholds_for_model()):
+        want, _ = per_step_reference(lm.config, lm.params, prompts, 16, eos, th)
+        got = Generator(lm.config, lm.params, lm.tokenizer).generate_ids(
+            prompts, 16, thresholds=th)
+        assert got.tokens == want
+        if th is not None:
+            assert 0.3 < got.measured_sparsity["gate"] < 0.7

@@ -5,8 +5,13 @@
 without it, the embedded default model (SmolLM2-135M-Instruct). Several `--prompt`s (or
 `--prompt-file`, one prompt a line) are generated as one batch. `--json` prints one JSON
 object: `text` and `tokens` (lists when there are several prompts), `prompt_tokens`,
-`prefill_tokens_per_s`, `decode_tokens_per_s`, `compile_s`, and with a sparsity state,
-`measured_sparsity` (mean zero fraction per sparsified point over the decoded tokens).
+`prefill_tokens_per_s`, `decode_tokens_per_s` (summed over the batch's sequences, as
+`decode_tokens_per_s_basis` says) and `decode_tokens_per_s_per_sequence`, both over the
+whole decode loop as the caller waits for it, `decode_s`, `compile_s` (reported apart),
+and with a sparsity state, `measured_sparsity` (mean zero fraction per sparsified point
+over every decoded token). `--stream` prints the text as it is generated, every
+`--stream-chunk` tokens (with `--json`: one `{"delta": ...}` line per chunk, then the
+object).
 """
 
 from __future__ import annotations
@@ -44,6 +49,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "XLA (auto: pallas on GPU/TPU for a single prompt; xla for a batch, where "
                    "the kernels are slower, and on CPU, where they would only run as their "
                    "pure-jnp references)")
+    p.add_argument("--stream", action="store_true",
+                   help="print the text as it is generated (one prompt)")
+    p.add_argument("--stream-chunk", type=at_least(1), default=8,
+                   help="with --stream: tokens per printed chunk (the decode loop returns "
+                   "to the host once per chunk)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -64,14 +74,14 @@ def _prompts(args) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import jax
-
-    from jaxsparse.generate import Generator, SamplingParams
-    from jaxsparse.models import kernels_for_method
+    from jaxsparse.generate import Generator, SamplingParams, default_kernels
     from jaxsparse.sparsity import read_state_meta
 
     # Every argument is checked before the model loads (argparse checked the numbers).
     prompts = _prompts(args)
+    if args.stream and len(prompts) > 1:
+        raise ValueError(f"--stream takes one prompt ({len(prompts)} given); drop --stream "
+                         "to generate a batch")
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     if args.sparsity_state:
         read_state_meta(args.sparsity_state)
@@ -79,20 +89,27 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--sparse-prefill needs --sparsity-state DIR")
     lm = load_model_for(args)
     thresholds = None
-    kernels = kernels_for_method("dense", "xla")
+    kernels = default_kernels("dense", len(prompts))
     if args.sparsity_state:
         from jaxsparse.sparsity import load_state
 
         state = load_state(args.sparsity_state, config=lm.config)
         thresholds = state.thresholds_for_model()
-        mode = args.kernels
-        if mode == "auto":  # on the H100 the kernels lose to XLA from batch 4 on
-            accelerator = jax.default_backend() in ("gpu", "tpu")
-            mode = "pallas" if accelerator and len(prompts) == 1 else "xla"
-        kernels = kernels_for_method(state.method, mode)
+        kernels = default_kernels(state.method, len(prompts), args.kernels)
     gen = Generator(lm.config, lm.params, lm.tokenizer, kernels=kernels)
-    texts, r = gen.generate(prompts, args.max_new_tokens, sampling, chat=args.chat,
-                            thresholds=thresholds, sparse_prefill=args.sparse_prefill)
+    kwargs = dict(chat=args.chat, thresholds=thresholds, sparse_prefill=args.sparse_prefill)
+    if args.stream:
+        for chunk in gen.stream(prompts, args.max_new_tokens, sampling,
+                                chunk_tokens=args.stream_chunk, **kwargs):
+            if chunk.texts[0]:
+                print(json.dumps({"delta": chunk.texts[0]}) if args.json else chunk.texts[0],
+                      end="\n" if args.json else "", flush=True)
+            r = chunk.result
+        texts = [gen.decode(t) for t in r.tokens]
+        if not args.json:
+            print()
+    else:
+        texts, r = gen.generate(prompts, args.max_new_tokens, sampling, **kwargs)
     one = len(prompts) == 1
 
     def rate(x: float) -> float | None:  # NaN (nothing decoded) is not valid JSON
@@ -105,16 +122,21 @@ def run(args: argparse.Namespace) -> int:
         "prompt_tokens": r.prompt_tokens[0] if one else r.prompt_tokens,
         "prefill_tokens_per_s": rate(r.prefill_tokens_per_s),
         "decode_tokens_per_s": rate(r.decode_tokens_per_s),
+        "decode_tokens_per_s_basis": "summed over the batch's sequences",
+        "decode_tokens_per_s_per_sequence": rate(r.decode_steps_per_s),
+        "decode_s": r.decode_s,
+        "decode_steps": r.decode_steps,
         "compile_s": r.compile_s,
+        "dtype": lm.config.dtype,
+        "kernels": kernels.mode,
     }
     if r.measured_sparsity is not None:
         out["measured_sparsity"] = r.measured_sparsity
         out["sparsity_state"] = args.sparsity_state
-        out["kernels"] = kernels.mode
     if args.json:
         print(json.dumps(out))
     else:
-        for prompt, text in zip(prompts, texts):
+        for prompt, text in zip(prompts, [] if args.stream else texts):
             print(text if one else f"--- {prompt!r}\n{text}")
         stats = (f"prefill {r.prefill_tokens_per_s:.1f} tok/s, decode "
                  f"{r.decode_tokens_per_s:.1f} tok/s, compile {r.compile_s:.1f} s")
