@@ -41,15 +41,17 @@ def kernels_for_method(method: str, mode: str = "pallas", impl: str = "auto") ->
     fuse = method in SHARED_QKV_INPUT  # else q has a threshold of its own (chess+)
     if mode == "xla":
         return Kernels("xla", fuse_qkv=fuse, fuse_kv=not fuse)
-    return Kernels(mode, fuse_qkv=fuse, fuse_kv=not fuse, points=KERNEL_POINTS[method],
-                   impl=impl)
+    heads = method == "dejavu"  # head-sparse attention: q apart from k/v (`Kernels.q_rows`)
+    return Kernels(mode, fuse_qkv=fuse and not heads, fuse_kv=not fuse or heads,
+                   points=KERNEL_POINTS[method], impl=impl, head_attention=heads)
 
 
 def prepare_params(params: dict, config: ModelConfig, kernels: Kernels) -> dict:
     """Lays weights out for `kernels`, once at load time: with the gate kernel, every
     `up_proj` kernel becomes `[m, d]` so that the rows an active gate needs are contiguous;
     with `fuse_qkv`, q/k/v_proj become one `qkv_proj` (kernel `[d, q + 2 kv]`); with
-    `fuse_kv`, k/v_proj become one `kv_proj` (`[d, 2 kv]`).
+    `fuse_kv`, k/v_proj become one `kv_proj` (`[d, 2 kv]`); with `q_rows` (Deja Vu heads),
+    `q_proj` becomes `[q, d]`.
     Returns a new tree (shares the untouched arrays)."""
     up_rows = kernels.up_rows and config.family == "llama"
     if not (up_rows or kernels.fuse_qkv or kernels.fuse_kv):
@@ -69,6 +71,9 @@ def prepare_params(params: dict, config: ModelConfig, kernels: Kernels) -> dict:
             attn["qkv_proj" if kernels.fuse_qkv else "kv_proj"] = {
                 name: jnp.concatenate([jnp.asarray(p[name]) for p in parts], axis=-1)
                 for name in parts[0]}
+            if kernels.q_rows:  # Deja Vu heads: a head's q weights are contiguous rows
+                attn["q_proj"] = {**attn["q_proj"],
+                                  "kernel": jnp.asarray(attn["q_proj"]["kernel"]).T}
             layer["self_attn"] = attn
         out[f"layers_{i}"] = layer
     return out

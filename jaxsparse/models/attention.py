@@ -40,6 +40,16 @@ def _sparse(module: nn.Module, name: str, x: jax.Array, thresholds: dict | None)
     return x
 
 
+def _decode_heads(kn: Kernels, thresholds: dict | None, c: ModelConfig, t: int):
+    """The Deja Vu head keep-mask [B, H] of a pallas decode step with `Kernels.q_rows`, read
+    off the head-expanded `o_in` mask (`llama.with_predicted_masks`); else None."""
+    masks = {} if thresholds is None else thresholds.get("masks", {})
+    if not (kn.q_rows and t == 1 and "o_in" in masks):
+        return None
+    o_keep = masks["o_in"]  # [B, 1, H * Dh], constant over each head's Dh channels
+    return o_keep.reshape(o_keep.shape[0], c.num_heads, c.head_dim)[:, :, 0]
+
+
 class SelfAttention(nn.Module):
     """`rope` is (cos, sin), or a dict of them by layer type (Gemma 3: one per RoPE base);
     `layer_type` picks this layer's tables and sliding window (`ModelConfig.layer_types`)."""
@@ -57,13 +67,18 @@ class SelfAttention(nn.Module):
         xq = _sparse(self, "q_in", h_BxTxD, thresholds)
         xkv = _sparse(self, "kv_in", h_BxTxD, thresholds)
         kn = self.kernels
+        heads_BxH = _decode_heads(kn, thresholds, c, t)
         if kn.fuse_qkv:  # q and k/v read the same input here (see Kernels.fuse_qkv)
             qkv = Linear(c.q_dim + 2 * c.kv_dim, ("embed", "qkv_heads"), c.qkv_bias, dt, kn,
                          name="qkv_proj")(xq, "q_in")
             q, k, v = jnp.split(qkv, [c.q_dim, c.q_dim + c.kv_dim], axis=-1)
         elif kn.fuse_kv:
-            q = Linear(c.q_dim, ("embed", "q_heads"), c.qkv_bias, dt, kn, name="q_proj")(
-                xq, "q_in")
+            q_proj = Linear(c.q_dim, ("embed", "q_heads"), c.qkv_bias, dt, kn, kn.q_rows,
+                            name="q_proj")
+            if heads_BxH is not None:  # only the selected heads' rows of q_proj are read
+                q = q_proj(xq, gate=thresholds["masks"]["o_in"])
+            else:
+                q = q_proj(xq, "q_in")
             kv = Linear(2 * c.kv_dim, ("embed", "kv_heads"), c.qkv_bias, dt, kn,
                         name="kv_proj")(xkv, "kv_in")
             k, v = jnp.split(kv, [c.kv_dim], axis=-1)
@@ -93,7 +108,16 @@ class SelfAttention(nn.Module):
         else:
             k_BxKxSxD, v_BxKxSxD = k_BxKxTxD, v_BxKxTxD
         mask = attention_mask(positions_BxT, kv_pos_BxS, c.attention_window(self.layer_type))
-        out_BxTxHD = attend(q_BxTxHxD, k_BxKxSxD, v_BxKxSxD, mask, c.attention_scale)
+        if heads_BxH is not None:  # Deja Vu decode: attention for the selected heads only
+            from pallas_kernels import head_sparse_attention
+
+            o_BxHxD = head_sparse_attention(
+                q_BxTxHxD[:, 0], heads_BxH, k_BxKxSxD, v_BxKxSxD, mask[:, 0],
+                kv_len=None if layer_cache is None else cache_index + t,
+                scale=c.attention_scale, impl=kn.impl)
+            out_BxTxHD = o_BxHxD.reshape(b, t, c.q_dim).astype(q_BxTxHxD.dtype)
+        else:
+            out_BxTxHD = attend(q_BxTxHxD, k_BxKxSxD, v_BxKxSxD, mask, c.attention_scale)
         self.sow("taps", "head_out", out_BxTxHD.reshape(b, t, c.num_heads, c.head_dim))
         out_BxTxHD = _sparse(self, "o_in", out_BxTxHD, thresholds)
         y = Linear(c.hidden_size, ("q_heads", "embed"), c.o_bias, dt, kn, name="o_proj")(

@@ -56,6 +56,11 @@ class Kernels:
     # prepared at load by `prepare_params`) and computed by `gated_matvec`.
     points: tuple[str, ...] = ()
     impl: str = "auto"
+    # Deja Vu head masks in a decode step: q_proj stored [q, d] (rows layout, prepared by
+    # `prepare_params`) computes only the selected heads' q (`gated_matvec`), attention runs
+    # for those heads only (`head_sparse_attention`), and o_proj reads only their rows (the
+    # `o_in` point); k/v stay dense for every head. Needs `fuse_kv` (q apart from k/v).
+    head_attention: bool = False
 
     def __post_init__(self):
         from jaxsparse.rules import TENSORS
@@ -65,10 +70,18 @@ class Kernels:
         unknown = set(self.points) - set(TENSORS)
         if unknown:
             raise ValueError(f"kernel points {sorted(unknown)} unknown; known: {TENSORS}")
+        if self.head_attention and not self.fuse_kv:
+            raise ValueError("Kernels(head_attention=True) needs fuse_kv=True (q_proj apart "
+                             "from kv_proj)")
 
     @property
     def up_rows(self) -> bool:
         return self.mode == "pallas" and "gate" in self.points
+
+    @property
+    def q_rows(self) -> bool:
+        """Whether q_proj is stored `[q, d]` (see `head_attention`)."""
+        return self.mode == "pallas" and self.head_attention
 
     def use(self, point: str, x: jax.Array) -> bool:
         """Whether the projection fed by `point` uses a kernel for input `x` (decode only)."""

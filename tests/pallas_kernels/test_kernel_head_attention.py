@@ -1,8 +1,7 @@
-"""head_sparse_attention: every implementation against the reference, GQA included."""
+"""head_sparse_attention: every implementation against the reference on the model's
+[B, Hkv, S, Dh] cache layout, GQA and MHA, partial slot blocks, invalid slots and kv_len."""
 
 from __future__ import annotations
-
-import math
 
 import jax
 import jax.numpy as jnp
@@ -15,117 +14,102 @@ from pallas_kernels import (
     head_sparse_attention_reference,
 )
 
-# (B, d, H, Hkv, Dh, S): GQA with G=4, plain MHA (G=1), odd d and S
-CONFIGS = [(1, 96, 8, 2, 16, 40), (3, 72, 4, 4, 32, 37)]
+# (B, H, Hkv, Dh, S): GQA with G=3 (SmolLM2's grouping), plain MHA (G=1); S is not a
+# multiple of any slot block used below.
+CONFIGS = [(2, 6, 2, 16, 300), (3, 4, 4, 32, 37)]
 
 
-def make(kt, cfg, dtype, seed):
-    B, d, H, Hkv, Dh, S = cfg
-    k = jax.random.split(jax.random.key(seed), 8)
-    x = kt.normal(k[0], (B, d), dtype)
-    wq = kt.normal(k[1], (H * Dh, d), dtype, d**-0.5)
-    wk = kt.normal(k[2], (Hkv * Dh, d), dtype, d**-0.5)
-    wv = kt.normal(k[3], (Hkv * Dh, d), dtype, d**-0.5)
-    wo = kt.normal(k[4], (H * Dh, d), dtype, (H * Dh) ** -0.5)
-    kc = kt.normal(k[5], (B, S, Hkv, Dh), dtype)
-    vc = kt.normal(k[6], (B, S, Hkv, Dh), dtype)
-    lengths = jax.random.randint(k[7], (B,), 0, S).at[0].set(0 if seed % 2 else S - 1)
-    inv = 1.0 / (10000.0 ** (jnp.arange(0, Dh, 2) / Dh))
-    ang = lengths.astype(jnp.float32)[:, None] * inv[None, :]
-    ang = jnp.concatenate([ang, ang], axis=-1)
-    return x, wq, wk, wv, wo, kc, vc, lengths, jnp.cos(ang), jnp.sin(ang)
+def blocks(impl, S):
+    if impl.startswith("gpu"):
+        return {"block_s": 32}
+    return {"block_s": 128} if S > 128 else {}  # TPU: several slot blocks, the last partial
 
 
-@pytest.mark.slow
+def make(kt, cfg, dtype, seed, p_sel):
+    B, H, Hkv, Dh, S = cfg
+    k = jax.random.split(jax.random.key(seed), 6)
+    q = kt.normal(k[0], (B, H, Dh), dtype)
+    kc = kt.normal(k[1], (B, Hkv, S, Dh), dtype)
+    vc = kt.normal(k[2], (B, Hkv, S, Dh), dtype)
+    hm = jax.random.uniform(k[3], (B, H)) < p_sel
+    valid = jax.random.uniform(k[4], (B, S)) < 0.8  # holes: padding, windows
+    kv_len = int(jax.random.randint(k[5], (), S // 2, S))  # the cache's unused tail
+    valid = valid.at[:, 0].set(True)
+    return q, hm, kc, vc, valid, kv_len
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("cfg", CONFIGS, ids=["gqa4", "mha"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["gqa3", "mha"])
 def test_matches_reference(kt, impl, dtype, cfg):
-    B, H = cfg[0], cfg[2]
+    B, H, Hkv, Dh, S = cfg
     for seed, p_sel in ((0, 0.5), (1, 1.0), (2, 0.0), (3, 0.25)):
-        x, wq, wk, wv, wo, kc, vc, ln, cos, sin = make(kt, cfg, dtype, seed)
-        hm = (jax.random.uniform(jax.random.key(50 + seed), (B, H)) < p_sel).astype(jnp.int32)
-        args = (x, hm, wq, wk, wv, wo, kc, vc, ln, cos, sin)
-        y, k2, v2 = head_sparse_attention(
-            *args, impl=impl, **({"block_s": 16} if impl.startswith("gpu") else {})
-        )
-        yr, kr, vr = head_sparse_attention_reference(*args)
+        q, hm, kc, vc, valid, kv_len = make(kt, cfg, dtype, seed, p_sel)
+        o = head_sparse_attention(q, hm, kc, vc, valid, kv_len=kv_len, impl=impl,
+                                  **blocks(impl, S))
+        want = head_sparse_attention_reference(q, hm, kc, vc, valid, kv_len=kv_len)
         what = f"{impl} seed={seed} p={p_sel}"
-        if p_sel == 0.0:
-            assert not np.any(np.asarray(y, np.float32)), what
-        else:
-            kt.assert_close(y, yr, dtype, what)
-        # K/V are written for every kv head, selected or not (the module's KV choice)
-        np.testing.assert_array_equal(np.asarray(k2, np.float32), np.asarray(kr, np.float32))
-        np.testing.assert_array_equal(np.asarray(v2, np.float32), np.asarray(vr, np.float32))
-        b = np.arange(B)
-        assert not np.allclose(np.asarray(kr[b, ln], np.float32), np.asarray(kc[b, ln], np.float32))
+        assert o.shape == (B, H, Dh) and o.dtype == q.dtype
+        o32 = np.asarray(o, np.float32)
+        assert not np.any(o32[~np.asarray(hm)]), f"{what}: unselected heads must be 0"
+        if p_sel > 0.0:
+            kt.assert_close(o, want, dtype, what)
 
 
 def test_reference_is_attention(kt):
-    """The reference against a per-head loop written from the definition."""
-    cfg = CONFIGS[0]
-    _B, d, H, Hkv, Dh, _S = cfg
-    x, wq, wk, wv, wo, kc, vc, ln, cos, sin = make(kt, cfg, jnp.float32, 4)
-    hm = head_mask_from_indices(jnp.array([[1, 6]]), H)
-    y, kn, vn = head_sparse_attention_reference(x, hm, wq, wk, wv, wo, kc, vc, ln, cos, sin)
-    X = np.asarray(x, np.float64)[0]
-    L = int(ln[0])
-
-    def rope(t, c, s):
-        half = Dh // 2
-        return t * c + np.concatenate([-t[half:], t[:half]]) * s
-
-    c, s = np.asarray(cos[0], np.float64), np.asarray(sin[0], np.float64)
-    want = np.zeros(d)
-    for h in (1, 6):
-        q = rope(np.asarray(wq, np.float64)[h * Dh : (h + 1) * Dh] @ X, c, s)
-        kvh = h // (H // Hkv)
-        K = np.asarray(kn, np.float64)[0, : L + 1, kvh]
-        V = np.asarray(vn, np.float64)[0, : L + 1, kvh]
-        sc = K @ q / math.sqrt(Dh)
-        p = np.exp(sc - sc.max())
-        o = (p / p.sum()) @ V
-        want += o @ np.asarray(wo, np.float64)[h * Dh : (h + 1) * Dh]
-    assert kt.rel_err(y[0], want) < 1e-5
+    """The reference against a direct softmax attention of one selected head."""
+    B, H, Hkv, Dh, S = 1, 4, 2, 8, 11
+    q, _, kc, vc, valid, _ = make(kt, (B, H, Hkv, Dh, S), jnp.float32, 5, 1.0)
+    hm = head_mask_from_indices(jnp.array([[3]]), H)
+    o = head_sparse_attention_reference(q, hm, kc, vc, valid, kv_len=9)
+    ok = np.asarray(valid[0]) & (np.arange(S) < 9)
+    sc = np.asarray(kc[0, 1]) @ np.asarray(q[0, 3]) / np.sqrt(Dh)  # head 3 reads kv head 1
+    p = np.exp(sc - sc[ok].max()) * ok
+    want = (p / p.sum()) @ np.asarray(vc[0, 1])
+    np.testing.assert_allclose(np.asarray(o[0, 3]), want, rtol=1e-5, atol=1e-6)
+    assert not np.any(np.asarray(o[0, :3]))
 
 
-def test_unselected_heads_are_not_read(kt, gpu_impl):
-    """q/o weights of unselected heads poisoned with NaN: the GPU path never reads them."""
-    cfg = CONFIGS[0]
-    _B, _d, H, _Hkv, Dh, _S = cfg
-    x, wq, wk, wv, wo, kc, vc, ln, cos, sin = make(kt, cfg, jnp.float32, 5)
-    hm = head_mask_from_indices(jnp.array([[0, 5]]), H)
-    dead = jnp.repeat(hm[0] == 0, Dh)[:, None]
-    args = (
-        x,
-        hm,
-        jnp.where(dead, jnp.nan, wq),
-        wk,
-        wv,
-        jnp.where(dead, jnp.nan, wo),
-        kc,
-        vc,
-        ln,
-        cos,
-        sin,
-    )
-    y, _, _ = head_sparse_attention(*args, impl=gpu_impl, block_s=16)
-    yr, _, _ = head_sparse_attention_reference(x, hm, wq, wk, wv, wo, kc, vc, ln, cos, sin)
-    kt.assert_close(y, yr, jnp.float32, "poisoned unselected heads")
+def test_unread_cache_is_not_used(kt, impl):
+    """Slots past kv_len and the kv heads no selected head reads are NaN, and so are the
+    invalid slots below kv_len for the GPU kernel (it loads valid slots only; the TPU
+    kernel copies whole slot blocks and gives invalid ones weight 0): the kernels must
+    never let them into the output."""
+    B, H, Hkv, Dh, S = 2, 6, 3, 16, 200
+    q, _, kc, vc, valid, _ = make(kt, (B, H, Hkv, Dh, S), jnp.float32, 7, 1.0)
+    hm = jnp.array([[1, 0, 0, 0, 1, 1], [0, 0, 1, 1, 0, 0]], bool)  # row 0 skips kv head 1
+    kv_len = 150
+    slot_ok = np.arange(S)[None] < kv_len
+    if kt.is_gpu_impl(impl):
+        slot_ok = slot_ok & np.asarray(valid)
+    poison = ~slot_ok[:, None, :, None] | (np.arange(Hkv) == 1)[None, :, None, None] & (
+        np.arange(B) == 0)[:, None, None, None]
+    kp = jnp.where(poison, jnp.nan, kc)
+    vp = jnp.where(poison, jnp.nan, vc)
+    o = head_sparse_attention(q, hm, kp, vp, valid, kv_len=kv_len, impl=impl,
+                              **blocks(impl, S))
+    want = head_sparse_attention_reference(q, hm, kc, vc, valid, kv_len=kv_len)
+    kt.assert_close(o, want, jnp.float32, f"{impl} poisoned cache")
 
 
-def test_bad_inputs(kt):
-    cfg = CONFIGS[0]
-    B, _d, H, _Hkv, _Dh, _S = cfg
-    x, wq, wk, wv, wo, kc, vc, ln, cos, sin = make(kt, cfg, jnp.float32, 0)
-    hm = jnp.ones((B, H), jnp.int32)
-    good = (x, hm, wq, wk, wv, wo, kc, vc, ln, cos, sin)
+def test_bad_inputs():
+    q = jnp.ones((2, 4, 8))
+    hm = jnp.ones((2, 4), bool)
+    kc = jnp.ones((2, 2, 10, 8))
+    valid = jnp.ones((2, 10), bool)
     with pytest.raises(ValueError, match="impl='xla'.*allowed values"):
-        head_sparse_attention(*good, impl="xla")
-    bad_heads = (x, jnp.ones((B, H - 1)), *good[2:])
-    with pytest.raises(ValueError, match="not a multiple of Hkv"):
-        head_sparse_attention(*bad_heads, impl="reference")
-    with pytest.raises(ValueError, match="cos_BxDh.shape"):
-        head_sparse_attention(*good[:9], cos[:, :-2], sin, impl="gpu_interpret")
-    with pytest.raises(ValueError, match="wo_HDhxd.shape"):
-        head_sparse_attention(*good[:5], wo.T, *good[6:], impl="tpu_interpret")
+        head_sparse_attention(q, hm, kc, kc, valid, impl="xla")
+    with pytest.raises(ValueError, match="not a multiple of Hkv=3"):
+        head_sparse_attention(q, hm, jnp.ones((2, 3, 10, 8)), jnp.ones((2, 3, 10, 8)),
+                              valid, impl="reference")
+    with pytest.raises(ValueError, match=r"shape mismatch: kv_valid_BxS.shape"):
+        head_sparse_attention(q, hm, kc, kc, valid[:, :9], impl="gpu_interpret")
+    with pytest.raises(ValueError, match=r"shape mismatch: k_cache.shape\[3\] \(Dh\)"):
+        head_sparse_attention(q, hm, kc[..., :4], kc[..., :4], valid, impl="tpu_interpret")
+    with pytest.raises(ValueError, match="kv_len must be a scalar"):
+        head_sparse_attention(q, hm, kc, kc, valid, kv_len=jnp.ones(2, jnp.int32),
+                              impl="reference")
+    with pytest.raises(ValueError, match="block_s=100 must be a multiple of 128"):
+        head_sparse_attention(q, hm, jnp.ones((2, 2, 300, 8)), jnp.ones((2, 2, 300, 8)),
+                              jnp.ones((2, 300), bool), impl="tpu_interpret", block_s=100)
+    with pytest.raises(ValueError, match="power of 2"):
+        head_sparse_attention(q, hm, kc, kc, valid, impl="gpu_interpret", block_s=24)
