@@ -71,6 +71,11 @@ BAD = [  # argv, what the error line must contain
 ]
 
 
+if "learn-kl" in COMMANDS:
+    BAD.append((["learn-kl", "--target-fraction", "0", "--out", "{tmp}/o"],
+                "argument --target-fraction: must be in (0, 1], got 0"))
+
+
 @pytest.mark.parametrize("argv,message", BAD, ids=[" ".join(a[:1] + a[-2:]) for a, _ in BAD])
 def test_bad_argument_is_refused_before_the_model_loads(argv, message, tmp_path, capsys,
                                                         no_model_load):

@@ -38,12 +38,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows `(default: X)` after every option that has a default worth showing (not None,
     False or [], and not already named in its help)."""
 
+    @staticmethod
+    def shows(action: argparse.Action) -> bool:
+        """Whether `action`'s default is worth showing."""
+        return (action.default not in (None, False, [], argparse.SUPPRESS)
+                and bool(action.option_strings or action.nargs in ("?", "*")))
+
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if (action.default in (None, False, [], argparse.SUPPRESS) or "default" in text
-                or not (action.option_strings or action.nargs in ("?", "*"))):
+        if not self.shows(action) or "default" in text:
             return text
-        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
 
 
 def version() -> str:
@@ -65,6 +70,9 @@ def _command_parser(name: str, prog: str, parent=None) -> argparse.ArgumentParse
         p = parent.add_parser(name, help=help_text, description=description,
                               formatter_class=HelpFormatter)
     module.add_arguments(p)
+    for action in p._actions:  # argparse prints no help line, so no default, without help
+        if action.help is None and action.option_strings and HelpFormatter.shows(action):
+            action.help = "(default: %(default)s)"
     p.set_defaults(_module=module, command=name)
     return p
 
