@@ -154,11 +154,16 @@ def _reusable_state(path: Path, config, method: str, s: float, options: dict | N
 
 
 def table_row(result: dict[str, Any]) -> dict[str, Any]:
+    """One table row. `ffn_sparsity` (the measured zero fraction of the FFN gate) is None,
+    shown as "—", for a method that does not threshold the gate (teal: its FFN sparsity is
+    in the inputs of the projections, `activated_params_fraction` counts it)."""
     tasks = result.get("tasks") or {}
+    ffn = result["measured_sparsity"]["ffn"]
     return {
         "method": result["method"], "target_sparsity": result["target_sparsity"],
         "perplexity": result.get("perplexity"), "acc": tasks.get("acc"),
-        "acc_norm": tasks.get("acc_norm"), "ffn_sparsity": result["measured_sparsity"]["ffn"],
+        "acc_norm": tasks.get("acc_norm"),
+        "ffn_sparsity": ffn if ffn > 0 or result["method"] == "dense" else None,
         "activated_params_fraction": result["activated_params_fraction"],
     }
 

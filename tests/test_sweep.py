@@ -80,6 +80,19 @@ def test_sweep_writes_table_and_plots_and_resumes(tmp_path):
             assert p.stat().st_mtime_ns == t, p
 
 
+def test_table_row_shows_no_ffn_sparsity_for_a_method_that_does_not_threshold_the_gate():
+    from jaxsparse.sweep import table_row
+
+    def result(method, gate):
+        per_point = {"q_in": 0.5, "gate": gate}
+        return {"method": method, "target_sparsity": 0.5, "activated_params_fraction": 0.6,
+                "measured_sparsity": {"ffn": gate, "per_point": per_point}}
+
+    assert table_row(result("teal", 0.0))["ffn_sparsity"] is None
+    assert table_row(result("chess", 0.49))["ffn_sparsity"] == 0.49
+    assert table_row(result("dense", 0.0))["ffn_sparsity"] == 0.0
+
+
 def test_markdown_table_formats_missing_values():
     md = markdown_table([{"method": "dense", "target_sparsity": 0.0, "perplexity": 3.14159,
                           "acc": None, "acc_norm": None, "ffn_sparsity": 0.0,
