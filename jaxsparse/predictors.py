@@ -13,8 +13,8 @@ held-out recall (the best evaluation of each layer is kept; training stops when 
 improved for `patience` evaluations).
 
 At inference (`rules.predicted_masks`) a layer keeps its top `ffn_k` predicted neurons
-and top `head_k` heads. The report gives, on held-out tokens (sequences not trained
-on), per layer and averaged: `ffn_recall` (fraction of the labelled neurons kept),
+and top `head_k` heads. The report gives, on test tokens (sequences used neither for
+training nor for early stopping: three disjoint splits), per layer and averaged: `ffn_recall` (fraction of the labelled neurons kept),
 `ffn_precision` (fraction of the kept neurons that are labelled), `ffn_mass_recall` (the
 share of `sum_i abs(g_i u_i)` the kept neurons carry), `head_recall`, `head_precision`,
 and `predicted_sparsity` (`1 - ffn_k / m`, exact for a fixed top-k).
@@ -29,7 +29,8 @@ import numpy as np
 
 DEFAULTS = {"tokens": 8192, "seq_len": 512, "batch_size": 8, "ffn_rank": 128, "head_rank": 32,
             "steps": 600, "batch_tokens": 1024, "lr": 3e-3, "weight_decay": 1e-4,
-            "eval_every": 50, "patience": 4, "holdout": 0.2, "seed": 0}
+            "eval_every": 50, "patience": 4, "holdout": 0.15, "test_holdout": 0.15,
+            "seed": 0}
 
 
 class PredictorError(ValueError):
@@ -191,9 +192,16 @@ def train_predictors(config, data: dict[str, np.ndarray], ks: dict[str, int],
                      lr: float = DEFAULTS["lr"], weight_decay: float = DEFAULTS["weight_decay"],
                      eval_every: int = DEFAULTS["eval_every"], patience: int = DEFAULTS["patience"],
                      holdout: float = DEFAULTS["holdout"], seed: int = DEFAULTS["seed"],
-                     progress: bool = True) -> tuple[dict, dict[str, Any]]:
+                     progress: bool = True, test_holdout: float = DEFAULTS["test_holdout"]
+                     ) -> tuple[dict, dict[str, Any]]:
     """Trains every layer's predictors on `data` (from `gather`); returns the stacked best
-    weights (host) and the held-out report (with the training trace)."""
+    weights (host) and the report (with the training trace).
+
+    The sequences are split three ways, in order: training, then `holdout` of them for
+    early stopping (validation), then the last `test_holdout` for the report. The
+    report's `mean` and `per_layer` are measured on the test sequences, which neither
+    training nor early stopping saw; `validation` holds the early-stopping split's means.
+    """
     import jax
     import jax.numpy as jnp
     import optax
@@ -204,11 +212,16 @@ def train_predictors(config, data: dict[str, np.ndarray], ks: dict[str, int],
     check_settings(config, ffn_rank, head_rank, **ks)
     seqs = np.unique(data["seq"])
     n_hold = max(1, round(len(seqs) * holdout))
-    if len(seqs) - n_hold < 1:
-        raise PredictorError(f"{len(seqs)} sequence(s): need at least 2 to hold one out "
-                             f"(raise --tokens)")
-    held = np.isin(data["seq"], seqs[-n_hold:])
-    tr_idx, ho_idx = np.flatnonzero(~held), np.flatnonzero(held)
+    n_test = max(1, round(len(seqs) * test_holdout))
+    if len(seqs) - n_hold - n_test < 1:
+        raise PredictorError(f"{len(seqs)} sequence(s): need at least 3 (training, early "
+                             f"stopping, test; raise --tokens)")
+    test_seqs = seqs[len(seqs) - n_test:]
+    val_seqs = seqs[len(seqs) - n_test - n_hold:len(seqs) - n_test]
+    held = np.isin(data["seq"], val_seqs)
+    tested = np.isin(data["seq"], test_seqs)
+    tr_idx, ho_idx = np.flatnonzero(~held & ~tested), np.flatnonzero(held)
+    te_idx = np.flatnonzero(tested)
     x_tr = jnp.asarray(data["x"][:, tr_idx])
     # labels once (a top-k per token is a sort: too costly to redo every step)
     label = jax.jit(lambda imp, hn: (topk_mask(imp.astype(jnp.float32), ks["ffn_label_k"]),
@@ -283,8 +296,14 @@ def train_predictors(config, data: dict[str, np.ndarray], ks: dict[str, int],
             bar.set_postfix(loss=f"{float(loss):.4f}", ffn_recall=f"{rep['ffn_recall']:.3f}")
             if stale >= patience:
                 break
-    report = _report_from_sums(best_sums, config, kk)
+    validation = _report_from_sums(best_sums, config, kk)["mean"]
+    report = heldout_report(config, best, {k: data[k][:, te_idx] for k in
+                                           ("x", "ffn_importance", "head_norm")}, kk)
     report.update({
+        "validation": validation,
+        "test_tokens": len(te_idx), "test_sequences": int(n_test),
+        "split": "mean/per_layer: test sequences (not trained on, not used for early "
+                 "stopping); validation: the early-stopping sequences",
         "settings": {**kk, "ffn_rank": ffn_rank, "head_rank": head_rank, "steps_run": it,
                      "max_steps": steps, "batch_tokens": bt, "lr": lr,
                      "weight_decay": weight_decay, "eval_every": eval_every,

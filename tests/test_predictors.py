@@ -76,9 +76,29 @@ def test_predictors_reach_the_recall_floor(trained):
     # far above chance: a random top-32 of 64 recalls half the labels
     assert min(v["ffn_recall"] for v in report["per_layer"].values()) > 0.7
     assert report["heldout_tokens"] > 0 and report["train_tokens"] > report["heldout_tokens"]
-    # early stopping: the kept weights are the best evaluated, the trace is recorded
+    # early stopping: the kept weights are the best evaluated on the validation split
     assert report["trace"] and report["trace"][-1]["ffn_recall"] == pytest.approx(
-        mean["ffn_recall"])
+        report["validation"]["ffn_recall"])
+
+
+def test_report_is_on_a_third_split(trained):
+    """Three disjoint splits: the report is measured on the last sequences, which neither
+    training nor early stopping used."""
+    _, seqs, data, weights, report = trained
+    n_seq, t = seqs.shape
+    assert (report["train_tokens"] + report["heldout_tokens"] + report["test_tokens"]
+            == seqs.size)
+    n_test = report["test_sequences"]
+    test = {k: data[k][:, (n_seq - n_test) * t:] for k in ("x", "ffn_importance", "head_norm")}
+    want = heldout_report(TINY, weights, test, KS)
+    for k, v in want["mean"].items():
+        assert report["mean"][k] == pytest.approx(v, abs=1e-9), k
+    # and it is not the early-stopping split's number
+    val_start = (n_seq - n_test - report["heldout_sequences"]) * t
+    val = {k: data[k][:, val_start:(n_seq - n_test) * t] for k in test}
+    assert heldout_report(TINY, weights, val, KS)["mean"]["ffn_recall"] == pytest.approx(
+        report["validation"]["ffn_recall"], abs=1e-9)
+    assert report["mean"]["ffn_recall"] != report["validation"]["ffn_recall"]
 
 
 def test_untrained_predictors_are_near_chance(trained):
@@ -228,3 +248,72 @@ def test_generate_decodes_with_a_dejavu_state(trained, impl):
     got = gen.generate_ids(prompts, 5, thresholds=th, stop_at_eos=False)
     assert got.tokens == ref.tokens
     assert got.measured_sparsity["gate"] >= 1 - KS["ffn_k"] / 64 - 1e-6
+
+
+def test_dejavu_kernel_decode_skips_gate_rows(trained, monkeypatch):
+    """In a pallas decode step gate_proj is stored [m, d] and computed by `gated_matvec`
+    with the neuron mask as its gate (only predicted-active rows read), as up_proj is; the
+    tokens equal the masked XLA path's."""
+    import pallas_kernels
+    from jaxsparse.models import init_cache, kernels_for_method, prepare_params
+
+    params, seqs, _, weights, _ = trained
+    th = dejavu_state(TINY, weights, KS["ffn_k"], KS["head_k"]).thresholds_for_model()
+    kn = kernels_for_method("dejavu", "pallas", "gpu_interpret")
+    assert kn.gate_rows and kn.up_rows
+    p_k = prepare_params(params, TINY, kn)
+    m, d = TINY.intermediate_size, TINY.hidden_size
+    assert p_k["layers_0"]["mlp"]["gate_proj"]["kernel"].shape == (m, d)
+    calls = []
+    real = pallas_kernels.gated_matvec
+
+    def spy(x, g, w, **kw):
+        calls.append((tuple(w.shape), g))
+        return real(x, g, w, **kw)
+
+    monkeypatch.setattr(pallas_kernels, "gated_matvec", spy)
+    xla = kernels_for_method("dejavu", "xla")
+    models = {"xla": (build_model(TINY, xla), prepare_params(params, TINY, xla)),
+              "pallas": (build_model(TINY, kn), p_k)}
+    prompt = jnp.asarray(seqs[:2, :6])
+    pos = positions_from_mask(jnp.ones(prompt.shape, bool))
+    out = {}
+    for name, (model, p) in models.items():
+        cache = init_cache(TINY, 2, 16)
+        logits, cache = model.apply({"params": p}, prompt, pos, cache, 0, th)
+        toks, tok = [], jnp.argmax(logits[:, -1], -1)[:, None]
+        for step in range(4):
+            toks.append(np.asarray(tok[:, 0]))
+            logits, cache = model.apply({"params": p}, tok, jnp.full((2, 1), 6 + step), cache,
+                                        6 + step, th)
+            tok = jnp.argmax(logits[:, -1], -1)[:, None]
+        out[name] = (np.stack(toks), np.asarray(logits))
+    np.testing.assert_array_equal(out["pallas"][0], out["xla"][0])
+    np.testing.assert_allclose(out["pallas"][1], out["xla"][1], rtol=2e-4, atol=2e-4)
+    # per decode step and layer: gate_proj and up_proj ([m, d] each) through the kernel,
+    # gate_proj's gate being the 0/1 neuron mask of ffn_k active rows
+    per_step = [c for c in calls if c[0] == (m, d)]
+    assert len(per_step) == 4 * 2 * TINY.num_layers
+    masks = [np.asarray(g) for _, g in per_step[0::2]]
+    assert all(set(np.unique(mk)) <= {0.0, 1.0} and (mk != 0).sum(-1).max() <= KS["ffn_k"]
+               for mk in masks)
+
+
+def test_dejavu_activated_params_counts_predictors_and_gate_rows(trained):
+    from jaxsparse.evaluate import Evaluator
+    from jaxsparse.sparsity import linear_sizes, predictor_weights
+
+    params, seqs, _, weights, _ = trained
+    state = dejavu_state(TINY, weights, KS["ffn_k"], KS["head_k"])
+
+    class Tok:
+        pass
+
+    r = Evaluator(TINY, params, Tok(), 64, 4, progress=False).evaluate(state, seqs[:4].ravel())
+    s = linear_sizes(TINY)
+    keep, heads = KS["ffn_k"] / TINY.intermediate_size, KS["head_k"] / TINY.num_heads
+    pred = predictor_weights(state.predictors["layers_0"])
+    assert pred == 32 * 16 + 16 * 64 + 32 * 8 + 8 * 4  # W1 and W2 of both predictors
+    want = (s["q_proj"] + s["k_proj"] + s["v_proj"] + s["o_proj"] * heads
+            + (s["gate_proj"] + s["up_proj"] + s["down_proj"]) * keep + pred) / sum(s.values())
+    assert r["activated_params_fraction"] == pytest.approx(want, rel=1e-5)

@@ -21,7 +21,8 @@ from jaxsparse.cli.common import (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--method", required=True, help="cats, chess, chess+ or teal")
+    parser.add_argument("--method", required=True,
+                        help="cats, chess, chess+, teal or wina")
     parser.add_argument("--sparsity", required=True, type=sparsity,
                         help="target fraction of activations to zero, in [0, 1)")
     parser.add_argument("--data", nargs="+", metavar="FILE",
@@ -46,8 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def method_options(args: argparse.Namespace) -> dict[str, dict]:
-    return {"teal": {"allocation": args.teal_allocation, "greedy_step": args.teal_greedy_step,
-                     "greedy_tokens": args.teal_greedy_tokens}}
+    opts = {"allocation": args.teal_allocation, "greedy_step": args.teal_greedy_step,
+            "greedy_tokens": args.teal_greedy_tokens}
+    return {"teal": opts, "wina": dict(opts)}  # wina allocates its groups as teal does
 
 
 def run(args: argparse.Namespace) -> int:

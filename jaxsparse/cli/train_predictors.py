@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
                   "jax_version": jax.__version__, "model_source": lm.source}
     details = {"ffn_rank": args.ffn_rank, "head_rank": args.head_rank,
                "ffn_label_k": ks["ffn_label_k"], "head_label_k": ks["head_label_k"],
-               "heldout_mean": report["mean"]}
+               "test_mean": report["mean"], "validation_mean": report["validation"]}
     state = dejavu_state(config, weights, ks["ffn_k"], ks["head_k"], provenance, details)
     save_state(state, args.out, args.overwrite)
     report.update({"model_source": lm.source, "data": what, "data_seconds": round(t_data, 1),
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     if args.report:
         write_json_atomic(report, args.report)
     r = report["mean"]
-    print(f"dejavu: held-out ffn_recall {r['ffn_recall']:.3f} ffn_precision "
+    print(f"dejavu: test-split ffn_recall {r['ffn_recall']:.3f} ffn_precision "
           f"{r['ffn_precision']:.3f} head_recall {r['head_recall']:.3f} predicted sparsity "
           f"{r['predicted_sparsity']:.3f} ({report['seconds']:.0f} s); wrote {args.out}"
           + (f", {args.report}" if args.report else ""))

@@ -43,17 +43,20 @@ def kernels_for_method(method: str, mode: str = "pallas", impl: str = "auto") ->
         return Kernels("xla", fuse_qkv=fuse, fuse_kv=not fuse)
     heads = method == "dejavu"  # head-sparse attention: q apart from k/v (`Kernels.q_rows`)
     return Kernels(mode, fuse_qkv=fuse and not heads, fuse_kv=not fuse or heads,
-                   points=KERNEL_POINTS[method], impl=impl, head_attention=heads)
+                   points=KERNEL_POINTS[method], impl=impl, gate_proj_rows=method == "dejavu",
+                   head_attention=heads)
 
 
 def prepare_params(params: dict, config: ModelConfig, kernels: Kernels) -> dict:
     """Lays weights out for `kernels`, once at load time: with the gate kernel, every
-    `up_proj` kernel becomes `[m, d]` so that the rows an active gate needs are contiguous;
+    `up_proj` kernel becomes `[m, d]` so that the rows an active gate needs are contiguous
+    (and `gate_proj` too with `gate_proj_rows`: Deja Vu);
     with `fuse_qkv`, q/k/v_proj become one `qkv_proj` (kernel `[d, q + 2 kv]`); with
     `fuse_kv`, k/v_proj become one `kv_proj` (`[d, 2 kv]`); with `q_rows` (Deja Vu heads),
     `q_proj` becomes `[q, d]`.
     Returns a new tree (shares the untouched arrays)."""
     up_rows = kernels.up_rows and config.family == "llama"
+    gate_rows = kernels.gate_rows and config.family == "llama"
     if not (up_rows or kernels.fuse_qkv or kernels.fuse_kv):
         return params
     out = dict(params)
@@ -63,6 +66,9 @@ def prepare_params(params: dict, config: ModelConfig, kernels: Kernels) -> dict:
             mlp = dict(layer["mlp"])
             mlp["up_proj"] = {**mlp["up_proj"],
                               "kernel": jnp.asarray(mlp["up_proj"]["kernel"]).T}
+            if gate_rows:
+                mlp["gate_proj"] = {**mlp["gate_proj"],
+                                    "kernel": jnp.asarray(mlp["gate_proj"]["kernel"]).T}
             layer["mlp"] = mlp
         if kernels.fuse_qkv or kernels.fuse_kv:
             attn = dict(layer["self_attn"])

@@ -56,6 +56,10 @@ class Kernels:
     # prepared at load by `prepare_params`) and computed by `gated_matvec`.
     points: tuple[str, ...] = ()
     impl: str = "auto"
+    # gate_proj stored [m, d] (rows layout, prepared by `prepare_params`) and computed by
+    # `gated_matvec` with the Deja Vu neuron mask as its gate: only predicted-active rows
+    # of gate_proj are read (`mask * (x @ Wg^T)`).
+    gate_proj_rows: bool = False
     # Deja Vu head masks in a decode step: q_proj stored [q, d] (rows layout, prepared by
     # `prepare_params`) computes only the selected heads' q (`gated_matvec`), attention runs
     # for those heads only (`head_sparse_attention`), and o_proj reads only their rows (the
@@ -77,6 +81,11 @@ class Kernels:
     @property
     def up_rows(self) -> bool:
         return self.mode == "pallas" and "gate" in self.points
+
+    @property
+    def gate_rows(self) -> bool:
+        """Whether gate_proj is stored `[m, d]` (see `gate_proj_rows`)."""
+        return self.mode == "pallas" and "gate" in self.points and self.gate_proj_rows
 
     @property
     def q_rows(self) -> bool:

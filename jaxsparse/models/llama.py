@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxsparse import rules
 from jaxsparse.config import FULL, ModelConfig
 from jaxsparse.models.attention import SelfAttention, _sparse
 from jaxsparse.models.layers import (
@@ -27,7 +28,6 @@ from jaxsparse.models.layers import (
     param_dtype,
     rope_cos_sin,
 )
-
 
 ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": partial(nn.gelu, approximate=True)}
 
@@ -45,8 +45,16 @@ class SwiGLU(nn.Module):
         kn = self.kernels
         x = _sparse(self, "ffn_in", h_BxTxD, thresholds)
         act = ACTIVATIONS[c.activation]
-        g = act(Linear(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, dt, kn,
-                           name="gate_proj")(x, "ffn_in").astype(jnp.float32)).astype(dt)
+        gate_proj = Linear(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, dt, kn,
+                           kn.gate_rows, name="gate_proj")
+        mask = None if thresholds is None else thresholds.get("masks", {}).get("gate")
+        if mask is not None:  # Deja Vu: a predicted-inactive neuron skips its gate row too
+            self.sow("stats", "gate_rows", rules.zero_fraction(mask))
+            self.sow("zeros", "gate_rows", mask == 0)
+            pre = gate_proj(x, gate=mask)  # mask * (x Wg); the kernel reads active rows only
+        else:
+            pre = gate_proj(x, "ffn_in")
+        g = act(pre.astype(jnp.float32)).astype(dt)  # act(0) = 0: the mask survives it
         g = _sparse(self, "gate", g, thresholds)
         up = Linear(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, dt, kn, kn.up_rows,
                     name="up_proj")
