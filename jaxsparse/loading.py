@@ -8,8 +8,9 @@ second, `gemma3-270m` (Gemma 3 270M base, GGUF Q4_K_M), ships in the package
 checked) under the cache directory on first use. Converting a GGUF is slow on a small CPU
 (dequantization, tokenizer from GGUF), so an embedded model's converted checkpoint is
 cached under `~/.cache/jaxsparse/` (or `$JAXSPARSE_CACHE`), keyed by the GGUF file's size
-and mtime and the dtype; later loads take seconds. HF directories and other GGUF files are
-converted in memory each time: run `python -m convert` once to make a checkpoint for them.
+and sha256 and the dtype (so venvs share it); later loads take seconds. HF directories and
+other GGUF files are converted in memory each time: run `python -m convert` once to make a
+checkpoint for them.
 """
 
 from __future__ import annotations
@@ -131,13 +132,39 @@ def cache_dir() -> Path:
 
 
 def _cached_checkpoint_path(gguf: Path, dtype: str) -> Path:
-    st = gguf.stat()
+    """`<name>-<size>-<sha256 prefix>-<dtype>` in the cache directory: keyed by the GGUF's
+    content, not its path or mtime, so every venv holding the same file shares one entry."""
     stem = f"{DEFAULT_MODEL_NAME}.Q4_1" if gguf.name == DEFAULT_MODEL_FILE else gguf.stem
-    return cache_dir() / f"{stem}-{st.st_size}-{st.st_mtime_ns}-{dtype}"
+    return cache_dir() / f"{stem}-{gguf.stat().st_size}-{file_sha256(gguf)[:16]}-{dtype}"
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, remembered in the cache directory per (path, size, mtime): a
+    ~100 MB GGUF takes ~0.4 s to hash, so it is hashed once, not on every load."""
+    path = Path(path).absolute()
+    st = path.stat()
+    stamp = f"{path}\n{st.st_size}\n{st.st_mtime_ns}\n"
+    memo = cache_dir() / ".sha256" / (hashlib.sha256(str(path).encode()).hexdigest()[:32] + ".txt")
+    try:
+        stored = memo.read_text()
+        if stored.startswith(stamp) and len(stored) == len(stamp) + 64:
+            return stored[len(stamp):]
+    except OSError:
+        pass
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    try:  # a cache that cannot be written only costs the hash next time
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
+        tmp.write_text(stamp + digest)
+        os.replace(tmp, memo)
+    except OSError:
+        pass
+    return digest
 
 
 def default_checkpoint_path(dtype: str = "float32") -> Path:
-    """Where the default model's converted checkpoint is cached (keyed by size, mtime, dtype)."""
+    """Where the default model's converted checkpoint is cached (keyed by content and dtype)."""
     return _cached_checkpoint_path(default_model_path(), dtype)
 
 
@@ -182,8 +209,13 @@ def _load_embedded(gguf: Path, dtype: str) -> LoadedModel:
     _check_dtype(dtype)
     ckpt = _cached_checkpoint_path(gguf, dtype)
     if not is_complete(ckpt):
-        # Atomic: a concurrent or interrupted conversion never leaves a half-written cache.
-        convert(gguf, ckpt, dtype=dtype, overwrite=True, progress=False)
+        # Atomic: a concurrent or interrupted conversion never leaves a half-written cache,
+        # and a complete entry that another process wrote meanwhile is kept, not replaced.
+        try:
+            convert(gguf, ckpt, dtype=dtype, overwrite=ckpt.exists(), progress=False)
+        except FileExistsError:
+            if not is_complete(ckpt):
+                raise
     config, params, tokenizer, _ = load_checkpoint(ckpt)
     return LoadedModel(config, params, tokenizer, str(gguf))
 

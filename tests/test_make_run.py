@@ -24,8 +24,8 @@ OUTPUT_ENV = "JAXSPARSE_MAKE_RUN_OUTPUT"
 def makefile_run() -> tuple[str, str]:
     """(the default PROMPT, the `run` recipe's command line) from the Makefile."""
     text = (ROOT / "Makefile").read_text()
-    prompt = re.search(r"^PROMPT \?= (.+)$", text, re.M).group(1).strip()
-    recipe = re.search(r"^run:[^\n]*\n\t([^\n]+)$", text, re.M).group(1)
+    prompt = re.search(r"^PROMPT \?= (.+)$", text, re.MULTILINE).group(1).strip()
+    recipe = re.search(r"^run:[^\n]*\n\t([^\n]+)$", text, re.MULTILINE).group(1)
     return prompt, recipe
 
 

@@ -143,18 +143,20 @@ def test_truncated_and_garbage_gguf(tiny_ggufs, tmp_path):
 
 def test_default_model_cache(tiny_ggufs, tmp_path, monkeypatch):
     """load_model(None) converts the default GGUF once into $JAXSPARSE_CACHE, keyed by the
-    file's size, mtime and dtype; later loads come from the cache. (A tiny GGUF stands in.)"""
+    file's content (size, sha256) and dtype; later loads come from the cache, also for a copy
+    of the same file in another venv (another path and mtime). (A tiny GGUF stands in.)"""
     import os
 
     import convert as convert_pkg
     from jaxsparse import loading
 
-    gguf_path = tmp_path / "default.gguf"
+    gguf_path = tmp_path / "venv1" / "default.gguf"
+    gguf_path.parent.mkdir()
     gguf_path.write_bytes(tiny_ggufs["llama"].read_bytes())
     monkeypatch.setattr(loading, "default_model_path", lambda: gguf_path)
     monkeypatch.setenv("JAXSPARSE_CACHE", str(tmp_path / "cache"))
     first = load_model()
-    (ckpt,) = (tmp_path / "cache").iterdir()
+    (ckpt,) = (p for p in (tmp_path / "cache").iterdir() if not p.name.startswith("."))
     assert ckpt == loading.default_checkpoint_path("float32") and ckpt.name.endswith("-float32")
     assert first.source == str(gguf_path)
 
@@ -167,10 +169,43 @@ def test_default_model_cache(tiny_ggufs, tmp_path, monkeypatch):
         assert np.array_equal(a, b)
     with pytest.raises(AssertionError, match="converted again"):
         load_model(dtype="bfloat16")  # another dtype is another cache entry
-    st = gguf_path.stat()
-    os.utime(gguf_path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    # The same file in a new venv: another path and mtime, the same cache entry.
+    other = tmp_path / "venv2" / "default.gguf"
+    other.parent.mkdir()
+    other.write_bytes(gguf_path.read_bytes())
+    st = other.stat()
+    os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    monkeypatch.setattr(loading, "default_model_path", lambda: other)
+    assert load_model().source == str(other)
+    # Another content (same size: one byte of a weight flipped) is another cache entry.
+    data = bytearray(other.read_bytes())
+    data[-1] ^= 1
+    other.write_bytes(bytes(data))
     with pytest.raises(AssertionError, match="converted again"):
-        load_model()  # a changed file is another cache entry
+        load_model()
+
+
+def test_cache_entry_written_by_another_process_is_kept(tiny_ggufs, tmp_path, monkeypatch):
+    """Two processes converting the default model at once: the one that finishes second keeps
+    the first one's complete entry instead of failing or replacing it under a reader."""
+    import convert as convert_pkg
+    from jaxsparse import loading
+
+    gguf_path = tmp_path / "default.gguf"
+    gguf_path.write_bytes(tiny_ggufs["llama"].read_bytes())
+    monkeypatch.setattr(loading, "default_model_path", lambda: gguf_path)
+    monkeypatch.setenv("JAXSPARSE_CACHE", str(tmp_path / "cache"))
+    real_convert = convert_pkg.convert
+
+    def racing_convert(src, out, **kw):
+        real_convert(src, out, **kw)  # "the other process" finishes first
+        return real_convert(src, out, **kw)  # then ours, with the same overwrite flag
+
+    monkeypatch.setattr(convert_pkg, "convert", racing_convert)
+    m = load_model()
+    assert m.config.model_type == "llama"
+    marker = loading.default_checkpoint_path() / "COMPLETE"
+    assert marker.is_file()
 
 
 def test_default_model_package_missing(monkeypatch):
