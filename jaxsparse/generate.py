@@ -161,15 +161,17 @@ def _layer_index(name: str) -> int:
     return int(name.rsplit("_", 1)[1])
 
 
-def _token_stats(stats: dict, active_B: jax.Array) -> dict[str, dict[str, jax.Array]]:
-    """Per layer and point: the zero fraction of this step's token, summed over the rows
-    still generating (`active_B`)."""
-    w = active_B.astype(jnp.float32)
+def _zero_counts(zeros: dict, active_B: jax.Array) -> dict[str, dict[str, jax.Array]]:
+    """Per layer and point: int32 [width] counts of this step's zeros, over the rows still
+    generating (`active_B`). Elementwise, so XLA fuses the count into the op that made the
+    activation; a reduction per point and layer would cost a launch each (~8% of an 8B
+    decode step on an H100: benchmarks/results/decode_llama3_8b_h100_per_point_reductions.json)."""
     out: dict[str, dict[str, jax.Array]] = {}
-    for layer, tree in stats.items():
-        for path, frac_BxT in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    for layer, tree in zeros.items():
+        for path, zero_BxTxW in jax.tree_util.tree_flatten_with_path(tree)[0]:
             point = next(str(p.key) for p in reversed(path) if hasattr(p, "key"))
-            out.setdefault(layer, {})[point] = jnp.sum(frac_BxT[:, -1] * w)
+            z = zero_BxTxW[:, -1] & active_B[:, None]
+            out.setdefault(layer, {})[point] = jnp.sum(z.astype(jnp.int32), axis=0)
     return out
 
 
@@ -199,10 +201,10 @@ class Generator:
                collect_stats: bool):
         out = self.model.apply({"params": params}, tokens_BxT, positions_BxT, cache, index,
                                thresholds, last_only=True,
-                               mutable=["stats"] if collect_stats else False)
+                               mutable=["zeros"] if collect_stats else False)
         if collect_stats:
             (logits, cache), variables = out
-            return logits[:, -1], cache, variables["stats"]
+            return logits[:, -1], cache, variables["zeros"]
         logits, cache = out
         return logits[:, -1], cache, None
 
@@ -232,7 +234,7 @@ class Generator:
             "decoded": jnp.int32(0),
         }
         if collect_stats:  # zeros shaped like one step's statistics
-            step = jax.eval_shape(lambda: _token_stats(self._apply(
+            step = jax.eval_shape(lambda: _zero_counts(self._apply(
                 params, tok_B[:, None], carry["pos"][:, None], cache, carry["index"],
                 thresholds, True)[2], jnp.ones((batch,), bool)))
             carry["stats"] = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), step)
@@ -266,7 +268,7 @@ class Generator:
                 "decoded": c["decoded"] + jnp.sum(active_B.astype(jnp.int32)),
             }
             if collect_stats:
-                new["stats"] = jax.tree.map(jnp.add, c["stats"], _token_stats(stats, active_B))
+                new["stats"] = jax.tree.map(jnp.add, c["stats"], _zero_counts(stats, active_B))
             return new
 
         return jax.lax.while_loop(cond, body, carry)
@@ -382,6 +384,11 @@ class Generator:
         if not stop_early and max_new_tokens > 1:  # compiled before the clock starts
             loop, c_s = self._get("loop", (self.params, thresholds, samp, carry,
                                            jax.device_put(np.int32(0))), static)
+            if c_s:  # a new executable's first run loads its GPU modules: zero steps here
+                t1 = time.perf_counter()
+                carry = loop(self.params, thresholds, samp, carry, jax.device_put(np.int32(1)))
+                jax.block_until_ready(carry["step"])
+                c_s += time.perf_counter() - t1
             compile_s += c_s
         t0 = time.perf_counter()
         while seen < max_new_tokens and not stop_early:
@@ -415,8 +422,9 @@ class Generator:
             totals = jax.device_get(carry["stats"])  # the one read of the statistics
             per_layer: dict[str, list[float]] = {}
             for layer in sorted(totals, key=_layer_index):
-                for point, total in totals[layer].items():
-                    per_layer.setdefault(point, []).append(float(total) / int(decoded))
+                for point, counts in totals[layer].items():
+                    per_layer.setdefault(point, []).append(
+                        float(np.sum(counts, dtype=np.int64)) / (int(decoded) * counts.size))
             result.measured_sparsity_per_layer = per_layer
             result.measured_sparsity = {p: float(np.mean(v)) for p, v in per_layer.items()}
         yield [], result

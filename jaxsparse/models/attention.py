@@ -37,6 +37,9 @@ def _sparse(module: nn.Module, name: str, x: jax.Array, thresholds: dict | None)
     if thresholds is not None and name in thresholds.get("masks", {}):  # Deja Vu
         x = jnp.where(thresholds["masks"][name], x, jnp.zeros((), x.dtype))
     module.sow("stats", name, rules.zero_fraction(x))
+    # The zero mask itself, for callers that accumulate it (the decode loop: an elementwise
+    # count that fuses into the op making `x`, where a per-point reduction is a launch).
+    module.sow("zeros", name, x == 0)
     return x
 
 
