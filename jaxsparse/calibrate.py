@@ -3,13 +3,16 @@
 `calibrate(...)` packs the calibration text into sequences, streams them through the
 dense model once (twice for chess/chess+, see `jaxsparse.methods.statistics`), and fits
 every requested method at every requested sparsity from the same statistics, returning
-`{(method, sparsity): SparsityState}`. `jaxsparse calibrate` (`jaxsparse.cli.calibrate`) writes one
-state directory. Without `--data` it uses the `calibration` split of the built-in corpus
+`{(method, sparsity): SparsityState}`; `gather(...)` returns the statistics alone
+(`Calibration`), whose `fit(method, sparsity)` makes a state at any sparsity (the
+equal-budget sweep solves each method's sparsity that way). `jaxsparse calibrate`
+(`jaxsparse.cli.calibrate`) writes one state directory. Without `--data` it uses the `calibration` split of the built-in corpus
 (`jaxsparse.data`), disjoint from the split `jaxsparse eval` uses.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import time
 from typing import Any
@@ -38,12 +41,38 @@ def sequence_batches(seqs_NxT: np.ndarray, batch_size: int):
     return batches, num
 
 
-def calibrate(
+@dataclasses.dataclass
+class Calibration:
+    """Statistics gathered once, from which `fit` makes a state at any sparsity."""
+
+    config: Any
+    modules: dict[str, Any]
+    options: dict[str, dict]
+    stats: Any
+    context: dict | None
+    provenance: dict[str, Any]
+    seqs: np.ndarray  # the calibration token rows [N, seq_len]
+    t0: float
+
+    def fit(self, method: str, sparsity: float):
+        """The `SparsityState` of `method` at `sparsity` (cheap: quantiles of the stored
+        histograms; teal/wina greedy runs its block search)."""
+        from jaxsparse.methods import check_sparsity
+        from jaxsparse.sparsity import make_state
+
+        s = check_sparsity(sparsity)
+        values, details = self.modules[method].fit(self.stats, s, self.options.get(method),
+                                                   self.context)
+        details = {**details, "options": self.options.get(method) or {}}
+        prov = {**self.provenance, "statistics_seconds": round(time.time() - self.t0, 1)}
+        return make_state(self.config, method, s, values, prov, details)
+
+
+def gather(
     config,
     params: dict,
     tokenizer,
     methods: list[str],
-    sparsities: list[float],
     data: list[str] | None = None,
     tokens: int = DEFAULTS["tokens"],
     seq_len: int = DEFAULTS["seq_len"],
@@ -53,27 +82,21 @@ def calibrate(
     model_source: str = "",
     progress: bool = True,
     bins=None,
-) -> dict[tuple[str, float], Any]:
-    """Fits each method at each sparsity; returns `{(method, sparsity): SparsityState}`.
-
-    `options` maps a method name to its options (e.g. `{"teal": {"allocation": "greedy"}}`).
-    Raises ValueError for an unknown method or a sparsity outside [0, 1), and
-    `jaxsparse.data.DataError` for empty or too-short data.
-    """
+) -> Calibration:
+    """Streams the calibration text through the dense model once (twice for chess) and
+    returns the statistics every method in `methods` is fitted from."""
     import jax
 
     from jaxsparse import data as data_mod
     from jaxsparse import sharding
-    from jaxsparse.methods import check_sparsity, get_method
+    from jaxsparse.methods import get_method
     from jaxsparse.methods.statistics import (
         LogBins,
         Requirements,
         collect_block_inputs,
         collect_statistics,
     )
-    from jaxsparse.sparsity import make_state
 
-    sparsities = [check_sparsity(s) for s in sparsities]
     modules = {m: get_method(m) for m in methods}
     options = options or {}
     if tokens < 1:
@@ -116,11 +139,36 @@ def calibrate(
         "histogram": {"lo": bins.lo, "hi": bins.hi, "bins": bins.num,
                       "relative_resolution": bins.ratio - 1},
     }
-    states = {}
-    for name, mod in modules.items():
-        for s in sparsities:
-            values, details = mod.fit(stats, s, options.get(name), context)
-            details = {**details, "options": options.get(name) or {}}
-            prov = {**provenance, "statistics_seconds": round(time.time() - t0, 1)}
-            states[(name, s)] = make_state(config, name, s, values, prov, details)
-    return states
+    return Calibration(config, modules, options, stats, context, provenance, seqs, t0)
+
+
+def calibrate(
+    config,
+    params: dict,
+    tokenizer,
+    methods: list[str],
+    sparsities: list[float],
+    data: list[str] | None = None,
+    tokens: int = DEFAULTS["tokens"],
+    seq_len: int = DEFAULTS["seq_len"],
+    batch_size: int = DEFAULTS["batch_size"],
+    options: dict[str, dict] | None = None,
+    mesh=None,
+    model_source: str = "",
+    progress: bool = True,
+    bins=None,
+) -> dict[tuple[str, float], Any]:
+    """Fits each method at each sparsity; returns `{(method, sparsity): SparsityState}`.
+
+    `options` maps a method name to its options (e.g. `{"teal": {"allocation": "greedy"}}`).
+    Raises ValueError for an unknown method or a sparsity outside [0, 1), and
+    `jaxsparse.data.DataError` for empty or too-short data.
+    """
+    from jaxsparse.methods import check_sparsity, get_method
+
+    sparsities = [check_sparsity(s) for s in sparsities]
+    for m in methods:
+        get_method(m)
+    cal = gather(config, params, tokenizer, methods, data, tokens, seq_len, batch_size,
+                 options, mesh, model_source, progress, bins)
+    return {(name, s): cal.fit(name, s) for name in methods for s in sparsities}

@@ -135,6 +135,8 @@ KERNEL_POINTS: dict[str, tuple[str, ...]] = {
     # Learned thresholds zero what the closed-form method they start from zeroes.
     "chess-learned": ("gate", "down_in"),
     "teal-learned": ("q_in", "kv_in", "o_in", "ffn_in", "down_in"),
+    # End-to-end learned (`jaxsparse learn-kl`): any of the points.
+    "kl-learned": ("q_in", "kv_in", "o_in", "ffn_in", "gate", "down_in"),
     # Deja Vu: predicted FFN neurons zero the gate; predicted heads zero o_proj's input
     # (q/k/v stay dense here: see docs/learned.md).
     "dejavu": ("o_in", "gate", "down_in"),

@@ -21,12 +21,15 @@ from collections.abc import Sequence
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("jaxsparse.cli.generate", "generate text (dense, or with a sparsity state)"),
-    "calibrate": ("jaxsparse.cli.calibrate", "fit cats, chess, chess+ or teal thresholds on text"),
+    "calibrate": ("jaxsparse.cli.calibrate",
+                  "fit cats, chess, chess+, teal or wina thresholds on text"),
     "eval": ("jaxsparse.cli.eval", "perplexity, task accuracy and measured sparsity of a state"),
     "sweep": ("jaxsparse.cli.sweep",
               "calibrate and evaluate methods x sparsities; table and plots"),
     "data": ("jaxsparse.cli.data", "export the built-in corpus splits and multiple-choice tasks"),
     "learn": ("jaxsparse.cli.learn", "learn chess or teal thresholds with optax"),
+    "learn-kl": ("jaxsparse.cli.learn_kl", "learn thresholds end to end (KL to the dense model) "
+                 "at a target fraction of weights read"),
     "train-predictors": ("jaxsparse.cli.train_predictors",
                          "train Deja Vu FFN-neuron and head predictors"),
     "convert": ("jaxsparse.cli.convert",
