@@ -1,11 +1,15 @@
-"""Pallas kernels for activation-sparse decoding (DESIGN.md, "Kernels").
+"""Pallas kernels for activation-sparse decoding.
 
 Each kernel is a pure function with a pure-jnp `*_reference` of the same signature, a GPU
-(Pallas/Triton) and a TPU (Pallas/Mosaic, scalar prefetch) implementation, and a
-dispatcher that picks by `jax.default_backend()` (`impl=` forces one; "gpu_interpret"
-and "tpu_interpret" run the kernels in Pallas interpret mode, e.g. on CPU).
+(Pallas/Triton) and a TPU (Pallas/Mosaic) implementation, and a dispatcher that picks by
+`jax.default_backend()` (`impl=` forces one; "gpu_interpret" and "tpu_interpret" run the
+kernels in Pallas interpret mode, e.g. on CPU). The TPU matvec kernels copy single active
+weight rows by DMA from a prefetched list of row indices (pallas_kernels/_row_dma.py).
+The TPU kernels are lowered for TPU and run in the interpreter by the tests on a CPU; they
+have not been compiled by libtpu or run on a TPU.
 
-No model code here; `jaxsparse` imports from this package, never the reverse.
+No model code here (no projections, RoPE or cache writes); `jaxsparse` imports from this
+package, never the reverse.
 """
 
 from pallas_kernels._dispatch import IMPLS

@@ -55,14 +55,11 @@ def compact_rows(row_active_K: jax.Array, rows: int) -> tuple[jax.Array, jax.Arr
     active = row_active_K.astype(jnp.int32)
     slot = jnp.cumsum(active) - 1
     slot = jnp.where(active > 0, slot, padded)  # inactive rows are dropped
-    ids = jnp.zeros((padded,), jnp.int32).at[slot].set(
-        jnp.arange(k, dtype=jnp.int32), mode="drop"
-    )
+    ids = jnp.zeros((padded,), jnp.int32).at[slot].set(jnp.arange(k, dtype=jnp.int32), mode="drop")
     return ids, jnp.sum(active).reshape(1)
 
 
-def compact_columns(a_BxK: jax.Array, ids: jax.Array, count: jax.Array, rows: int
-                    ) -> jax.Array:
+def compact_columns(a_BxK: jax.Array, ids: jax.Array, count: jax.Array, rows: int) -> jax.Array:
     """`a[:, ids]` as float32 [n_chunks, B, rows], zero past `count`: the chunk-major layout
     that a kernel indexes on its leading (untiled) axis with a dynamic chunk number."""
     b = a_BxK.shape[0]

@@ -287,8 +287,9 @@ def _split_counter(rest, count_copies):
     return None, list(rest)
 
 
-def _gated_tpu_kernel(ids_ref, cnt_ref, x_ref, wu_hbm, uc_ref, *rest, block_m, dot_dtype,
-                      count_copies):
+def _gated_tpu_kernel(
+    ids_ref, cnt_ref, x_ref, wu_hbm, uc_ref, *rest, block_m, dot_dtype, count_copies
+):
     counter, (wbuf, sems) = _split_counter(rest, count_copies)
 
     def chunk(c, slot):
@@ -313,8 +314,9 @@ def _counter_out(count_copies, specs, shapes):
 
 
 @functools.partial(jax.jit, static_argnames=("block_m", "interpret", "count_copies"))
-def _gated_matvec_tpu(x_Bxd, g_Bxm, wu_mxd, *, block_m=TPU_BLOCK_M, interpret=False,
-                      count_copies=False):
+def _gated_matvec_tpu(
+    x_Bxd, g_Bxm, wu_mxd, *, block_m=TPU_BLOCK_M, interpret=False, count_copies=False
+):
     """The TPU kernel computes `u = x @ Wu[i]^T` for the active rows i only, in compacted
     order ([n_chunks, B, block_m] float32); a scatter then places `g * u` in h. With
     `count_copies` it also returns the number of row DMAs started, int32 [1]."""
@@ -359,8 +361,9 @@ def _gated_matvec_tpu(x_Bxd, g_Bxm, wu_mxd, *, block_m=TPU_BLOCK_M, interpret=Fa
     return (h, out[1]) if count_copies else h
 
 
-def _fused_tpu_kernel(ids_ref, cnt_ref, x_ref, gc_ref, wu_hbm, wd_hbm, y_ref, *rest, block_m,
-                      dot_dtype, count_copies):
+def _fused_tpu_kernel(
+    ids_ref, cnt_ref, x_ref, gc_ref, wu_hbm, wd_hbm, y_ref, *rest, block_m, dot_dtype, count_copies
+):
     counter, (wu_buf, wd_buf, sems, acc_ref) = _split_counter(rest, count_copies)
     count = cnt_ref[0]
     acc_ref[...] = jnp.zeros_like(acc_ref)
@@ -387,8 +390,9 @@ def _fused_tpu_kernel(ids_ref, cnt_ref, x_ref, gc_ref, wu_hbm, wd_hbm, y_ref, *r
 
 
 @functools.partial(jax.jit, static_argnames=("block_m", "interpret", "count_copies"))
-def _fused_sparse_ffn_tpu(x_Bxd, g_Bxm, wu_mxd, wd_mxd, *, block_m=TPU_BLOCK_M,
-                          interpret=False, count_copies=False):
+def _fused_sparse_ffn_tpu(
+    x_Bxd, g_Bxm, wu_mxd, wd_mxd, *, block_m=TPU_BLOCK_M, interpret=False, count_copies=False
+):
     B, d = x_Bxd.shape
     _check_tpu_block_m(_FUSED, block_m, wu_mxd.dtype)
     ids, cnt = rdma.compact_rows(jnp.any(g_Bxm != 0, axis=0), block_m)

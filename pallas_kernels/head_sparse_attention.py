@@ -57,8 +57,7 @@ def _dims(q, head_mask, k_cache, v_cache, kv_valid) -> tuple[int, int, int, int,
     dsp.check_ndim(n, "head_mask_BxH", head_mask, 2, "[B, H]")
     dsp.check_ndim(n, "k_cache_BxKxSxDh", k_cache, 4, "[B, Hkv, S, Dh]")
     dsp.check_ndim(n, "kv_valid_BxS", kv_valid, 2, "[B, S]")
-    for name, a in (("q_BxHxDh", q), ("k_cache_BxKxSxDh", k_cache),
-                    ("v_cache_BxKxSxDh", v_cache)):
+    for name, a in (("q_BxHxDh", q), ("k_cache_BxKxSxDh", k_cache), ("v_cache_BxKxSxDh", v_cache)):
         dsp.check_float(n, name, a)
     B, H, Dh = q.shape
     _, Hkv, S, _ = k_cache.shape
@@ -98,8 +97,9 @@ def head_sparse_attention_reference(
     **_blocks: Any,
 ) -> jax.Array:
     """Every head computed densely in float32, unselected heads zeroed; o in q.dtype."""
-    B, H, Hkv, S, Dh = _dims(q_BxHxDh, head_mask_BxH, k_cache_BxKxSxDh, v_cache_BxKxSxDh,
-                             kv_valid_BxS)
+    B, H, Hkv, S, Dh = _dims(
+        q_BxHxDh, head_mask_BxH, k_cache_BxKxSxDh, v_cache_BxKxSxDh, kv_valid_BxS
+    )
     scale = Dh**-0.5 if scale is None else scale
     G = H // Hkv
     q = q_BxHxDh.astype(jnp.float32).reshape(B, Hkv, G, Dh)
@@ -119,8 +119,9 @@ def head_sparse_attention_reference(
 # ------------------------------------------------------------------------ GPU (Triton)
 
 
-def _gpu_kernel(q_ref, hm_ref, valid_ref, len_ref, k_ref, v_ref, o_ref, *, G, Dh, S, block_s,
-                scale):
+def _gpu_kernel(
+    q_ref, hm_ref, valid_ref, len_ref, k_ref, v_ref, o_ref, *, G, Dh, S, block_s, scale
+):
     b = pl.program_id(0)
     kvh = pl.program_id(1)
     gs = dsp.static_indices(G)
@@ -149,8 +150,13 @@ def _gpu_kernel(q_ref, hm_ref, valid_ref, len_ref, k_ref, v_ref, o_ref, *, G, Dh
             m_new = jnp.maximum(m_old, jnp.max(sc))
             alpha = jnp.exp(m_old - m_new)
             p = jnp.where(ok, jnp.exp(sc - m_new), 0.0)
-            out.append((m_new, l_old * alpha + jnp.sum(p),
-                        acc_old * alpha + jnp.sum(p[:, None] * v, axis=0)))
+            out.append(
+                (
+                    m_new,
+                    l_old * alpha + jnp.sum(p),
+                    acc_old * alpha + jnp.sum(p[:, None] * v, axis=0),
+                )
+            )
         return tuple(out)
 
     init = tuple(
@@ -163,16 +169,28 @@ def _gpu_kernel(q_ref, hm_ref, valid_ref, len_ref, k_ref, v_ref, o_ref, *, G, Dh
         o_ref[b, h, :] = o.astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "block_s", "num_warps", "num_stages",
-                                             "interpret"))
-def _head_sparse_attention_gpu(q_BxHxDh, hm_BxH, k_cache, v_cache, valid_BxS, kv_len, *,
-                               scale, block_s=64, num_warps=4, num_stages=2, interpret=False):
+@functools.partial(
+    jax.jit, static_argnames=("scale", "block_s", "num_warps", "num_stages", "interpret")
+)
+def _head_sparse_attention_gpu(
+    q_BxHxDh,
+    hm_BxH,
+    k_cache,
+    v_cache,
+    valid_BxS,
+    kv_len,
+    *,
+    scale,
+    block_s=64,
+    num_warps=4,
+    num_stages=2,
+    interpret=False,
+):
     B, H, Dh = q_BxHxDh.shape
     _, Hkv, S, _ = k_cache.shape
     dsp.check_block(_NAME, "block_s", block_s, power_of_2=True)
     dsp.check_block(_NAME, "head dim Dh", Dh, power_of_2=True)
-    kernel = functools.partial(_gpu_kernel, G=H // Hkv, Dh=Dh, S=S, block_s=block_s,
-                               scale=scale)
+    kernel = functools.partial(_gpu_kernel, G=H // Hkv, Dh=Dh, S=S, block_s=block_s, scale=scale)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((B, H, Dh), q_BxHxDh.dtype),
@@ -180,15 +198,40 @@ def _head_sparse_attention_gpu(q_BxHxDh, hm_BxH, k_cache, v_cache, valid_BxS, kv
         compiler_params=dsp.triton_compiler_params(num_warps, num_stages),
         interpret=interpret,
         name="head_sparse_attention",
-    )(q_BxHxDh, (hm_BxH != 0).astype(jnp.int32), (valid_BxS != 0).astype(jnp.int32),
-      kv_len.reshape(1), k_cache, v_cache)
+    )(
+        q_BxHxDh,
+        (hm_BxH != 0).astype(jnp.int32),
+        (valid_BxS != 0).astype(jnp.int32),
+        kv_len.reshape(1),
+        k_cache,
+        v_cache,
+    )
 
 
 # ------------------------------------------------------------------------ TPU (Mosaic)
 
 
-def _tpu_kernel(kvl_ref, cnt_ref, nblk_ref, len_ref, hm_ref, q_ref, k_ref, v_ref, valid_ref,
-                o_ref, m_ref, l_ref, acc_ref, *, G, H, S, block_s, scale):
+def _tpu_kernel(
+    kvl_ref,
+    cnt_ref,
+    nblk_ref,
+    len_ref,
+    hm_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    valid_ref,
+    o_ref,
+    m_ref,
+    l_ref,
+    acc_ref,
+    *,
+    G,
+    H,
+    S,
+    block_s,
+    scale,
+):
     b = pl.program_id(0)
     j = pl.program_id(1)
     s = pl.program_id(2)
@@ -217,8 +260,12 @@ def _tpu_kernel(kvl_ref, cnt_ref, nblk_ref, len_ref, hm_ref, q_ref, k_ref, v_ref
         # cache rows are copied with the block, so they must be finite (the model's are).
         k = jnp.where(pos_Sx1 < limit, k, 0.0)
         v = jnp.where(pos_Sx1 < limit, v_ref[...].astype(jnp.float32), 0.0)
-        sc = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=_HI,
-                                 preferred_element_type=jnp.float32) * scale  # [G, block_s]
+        sc = (
+            jax.lax.dot_general(
+                q, k, (((1,), (1,)), ((), ())), precision=_HI, preferred_element_type=jnp.float32
+            )
+            * scale
+        )  # [G, block_s]
         sc = jnp.where(ok, sc, _NEG)
         m_prev = m_ref[...]  # [G, 128], lane-replicated
         m_next = jnp.maximum(m_prev, jnp.max(sc, axis=1, keepdims=True))
@@ -227,7 +274,8 @@ def _tpu_kernel(kvl_ref, cnt_ref, nblk_ref, len_ref, hm_ref, q_ref, k_ref, v_ref
         l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
         m_ref[...] = m_next
         acc_ref[...] = alpha[:, :1] * acc_ref[...] + jnp.dot(
-            p, v, precision=_HI, preferred_element_type=jnp.float32)
+            p, v, precision=_HI, preferred_element_type=jnp.float32
+        )
 
     @pl.when(active & (s == nblk_ref[0] - 1))
     def _():
@@ -268,8 +316,9 @@ def tpu_block_s(S: int, block_s: int | None) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "block_s", "interpret"))
-def _head_sparse_attention_tpu(q_BxHxDh, hm_BxH, k_cache, v_cache, valid_BxS, kv_len, *,
-                               scale, block_s=None, interpret=False):
+def _head_sparse_attention_tpu(
+    q_BxHxDh, hm_BxH, k_cache, v_cache, valid_BxS, kv_len, *, scale, block_s=None, interpret=False
+):
     B, H, Dh = q_BxHxDh.shape
     _, Hkv, S, _ = k_cache.shape
     G = H // Hkv
@@ -287,15 +336,19 @@ def _head_sparse_attention_tpu(q_BxHxDh, hm_BxH, k_cache, v_cache, valid_BxS, kv
         num_scalar_prefetch=5,
         grid=(B, Hkv, pl.cdiv(S, bs)),
         in_specs=[
-            pl.BlockSpec((None, None, G, Dh),
-                         lambda b, j, s, kvl, cnt, nblk, ln, hm: (b, kvl[b, j], 0, 0)),
+            pl.BlockSpec(
+                (None, None, G, Dh), lambda b, j, s, kvl, cnt, nblk, ln, hm: (b, kvl[b, j], 0, 0)
+            ),
             pl.BlockSpec((None, None, bs, Dh), kv_map),
             pl.BlockSpec((None, None, bs, Dh), kv_map),
-            pl.BlockSpec((None, 1, bs), lambda b, j, s, kvl, cnt, nblk, ln, hm: (
-                b, 0, jnp.minimum(s, nblk[0] - 1))),
+            pl.BlockSpec(
+                (None, 1, bs),
+                lambda b, j, s, kvl, cnt, nblk, ln, hm: (b, 0, jnp.minimum(s, nblk[0] - 1)),
+            ),
         ],
-        out_specs=pl.BlockSpec((None, Hkv, G, Dh),
-                               lambda b, j, s, kvl, cnt, nblk, ln, hm: (b, 0, 0, 0)),
+        out_specs=pl.BlockSpec(
+            (None, Hkv, G, Dh), lambda b, j, s, kvl, cnt, nblk, ln, hm: (b, 0, 0, 0)
+        ),
         scratch_shapes=[
             dsp.vmem((G, 128), jnp.float32),
             dsp.vmem((G, 128), jnp.float32),
@@ -309,8 +362,17 @@ def _head_sparse_attention_tpu(q_BxHxDh, hm_BxH, k_cache, v_cache, valid_BxS, kv
         compiler_params=dsp.tpu_compiler_params(("parallel", "arbitrary", "arbitrary")),
         interpret=dsp.tpu_interpret_params() if interpret else False,
         name="head_sparse_attention_tpu",
-    )(kvl, cnt, nblk, kv_len.reshape(1), hm_flat, q_BxHxDh.reshape(B, Hkv, G, Dh), k_cache,
-      v_cache, valid)
+    )(
+        kvl,
+        cnt,
+        nblk,
+        kv_len.reshape(1),
+        hm_flat,
+        q_BxHxDh.reshape(B, Hkv, G, Dh),
+        k_cache,
+        v_cache,
+        valid,
+    )
     return o.reshape(B, H, Dh)
 
 
@@ -348,8 +410,9 @@ def head_sparse_attention(
       o [B, H, Dh] in q.dtype: attention outputs of the selected heads, zeros elsewhere.
     """
     which = dsp.resolve_impl(impl, fn_name=_NAME)
-    B, H, Hkv, S, Dh = _dims(q_BxHxDh, head_mask_BxH, k_cache_BxKxSxDh, v_cache_BxKxSxDh,
-                             kv_valid_BxS)
+    _B, _H, _Hkv, S, Dh = _dims(
+        q_BxHxDh, head_mask_BxH, k_cache_BxKxSxDh, v_cache_BxKxSxDh, kv_valid_BxS
+    )
     scale = float(Dh**-0.5 if scale is None else scale)
     n = _kv_len(kv_len, S)
     args = (q_BxHxDh, head_mask_BxH, k_cache_BxKxSxDh, v_cache_BxKxSxDh, kv_valid_BxS)
@@ -357,10 +420,11 @@ def head_sparse_attention(
         return head_sparse_attention_reference(*args, kv_len=n, scale=scale)
     extra = {} if block_s is None else {"block_s": block_s}
     if which in ("gpu", "gpu_interpret"):
-        return _head_sparse_attention_gpu(*args, n, scale=scale,
-                                          interpret=which == "gpu_interpret", **extra,
-                                          **kernel_options)
+        return _head_sparse_attention_gpu(
+            *args, n, scale=scale, interpret=which == "gpu_interpret", **extra, **kernel_options
+        )
     if kernel_options:
         raise ValueError(f"{_NAME}: options {sorted(kernel_options)} apply to the GPU kernel only.")
-    return _head_sparse_attention_tpu(*args, n, scale=scale, interpret=which == "tpu_interpret",
-                                      **extra)
+    return _head_sparse_attention_tpu(
+        *args, n, scale=scale, interpret=which == "tpu_interpret", **extra
+    )

@@ -237,8 +237,9 @@ def tpu_block_n(n: int, block_k: int, itemsize: int) -> int:
     return max(fits) if fits else n
 
 
-def _tpu_kernel(ids_ref, cnt_ref, xc_ref, w_hbm, y_ref, *rest, block_k, block_n, dot_dtype,
-                count_copies):
+def _tpu_kernel(
+    ids_ref, cnt_ref, xc_ref, w_hbm, y_ref, *rest, block_k, block_n, dot_dtype, count_copies
+):
     if count_copies:
         copied_ref, wbuf, sems, acc_ref = rest
     else:
@@ -271,9 +272,7 @@ def _tpu_kernel(ids_ref, cnt_ref, xc_ref, w_hbm, y_ref, *rest, block_k, block_n,
     y_ref[...] = acc_ref[...].astype(y_ref.dtype)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("block_k", "block_n", "interpret", "count_copies")
-)
+@functools.partial(jax.jit, static_argnames=("block_k", "block_n", "interpret", "count_copies"))
 def _sparse_input_matvec_tpu(
     x_BxK: jax.Array,
     w_KxN: jax.Array,
@@ -340,9 +339,7 @@ def _sparse_input_matvec_tpu(
         grid_spec=grid_spec,
         # Column blocks are independent ("parallel": split over TensorCores); the debug
         # counter is one SMEM array for the whole grid, so it runs them in order.
-        compiler_params=dsp.tpu_compiler_params(
-            ("arbitrary" if count_copies else "parallel",)
-        ),
+        compiler_params=dsp.tpu_compiler_params(("arbitrary" if count_copies else "parallel",)),
         interpret=dsp.tpu_interpret_params() if interpret else False,
         name="sparse_input_matvec_tpu",
     )(ids, cnt, xc, w_KxN)

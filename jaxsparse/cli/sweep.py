@@ -29,7 +29,7 @@ def parse_list(text: str, kind=str) -> list:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--methods", default="cats,chess,chess+,teal",
-                        help="comma-separated: cats, chess, chess+, teal")
+                        help="comma-separated: cats, chess, chess+, teal, wina")
     parser.add_argument("--sparsities", default="0.3,0.5,0.7", help="comma-separated, in [0, 1)")
     parser.add_argument("--data", nargs="+", metavar="FILE",
                         help="calibration text (default: the calibration split of the "
@@ -50,6 +50,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="perplexity tokens at most (0: all)")
     parser.add_argument("--num-tasks", type=at_least(1), default=EV["num_tasks"],
                         help="size of the built-in task set (without --ppl/--tasks)")
+    parser.add_argument("--fractions", metavar="F,F,...",
+                        help="compare at equal activated-params fractions instead of equal "
+                             "sparsities: each method's sparsity (a dejavu state's ffn_k) is "
+                             "solved on calibration text to read this fraction of the blocks' "
+                             "linear weights, e.g. 0.5,0.6,0.75 (jaxsparse.sweep_budget)")
+    parser.add_argument("--measure-tokens", type=at_least(1), default=2048,
+                        help="--fractions: calibration tokens the fraction is measured on")
+    parser.add_argument("--fraction-tol", type=in_interval(0.0, 1.0, lo_open=True),
+                        default=2e-3, help="--fractions: tolerance of the solved fraction")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
     parser.add_argument("--calibrate-only", action="store_true",
                         help="only write the missing states (statistics gathered once)")
@@ -84,7 +93,10 @@ def run(args: argparse.Namespace) -> int:
     calib = {"tokens": args.tokens, "seq_len": args.seq_len, "batch_size": args.batch_size}
     ev = {"seq_len": args.seq_len, "batch_size": args.batch_size, "ppl": args.ppl,
           "tasks": args.tasks, "max_tokens": args.max_tokens, "num_tasks": args.num_tasks}
-    options = {"teal": {"allocation": args.teal_allocation}}
+    options = {"teal": {"allocation": args.teal_allocation},
+               "wina": {"allocation": args.teal_allocation}}
+    if args.fractions:
+        return run_fractions(args, methods, calib, ev, options)
     if not args.overwrite:  # all but the model's identity, which needs the model
         settings = sweep_settings(None, None, args.data, calib, options, ev)
         check_out_dir(args.out, settings, args.calibrate_only, ignore=("model", "dtype"))

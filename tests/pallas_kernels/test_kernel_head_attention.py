@@ -41,11 +41,11 @@ def make(kt, cfg, dtype, seed, p_sel):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=["gqa3", "mha"])
 def test_matches_reference(kt, impl, dtype, cfg):
-    B, H, Hkv, Dh, S = cfg
-    for seed, p_sel in ((0, 0.5), (1, 1.0), (2, 0.0), (3, 0.25)):
+    B, H, _Hkv, Dh, S = cfg
+    # heads kept with probability p_sel: head sparsity 0.5, 0, 1, 0.25 and 0.9
+    for seed, p_sel in ((0, 0.5), (1, 1.0), (2, 0.0), (3, 0.75), (4, 0.1)):
         q, hm, kc, vc, valid, kv_len = make(kt, cfg, dtype, seed, p_sel)
-        o = head_sparse_attention(q, hm, kc, vc, valid, kv_len=kv_len, impl=impl,
-                                  **blocks(impl, S))
+        o = head_sparse_attention(q, hm, kc, vc, valid, kv_len=kv_len, impl=impl, **blocks(impl, S))
         want = head_sparse_attention_reference(q, hm, kc, vc, valid, kv_len=kv_len)
         what = f"{impl} seed={seed} p={p_sel}"
         assert o.shape == (B, H, Dh) and o.dtype == q.dtype
@@ -81,12 +81,13 @@ def test_unread_cache_is_not_used(kt, impl):
     slot_ok = np.arange(S)[None] < kv_len
     if kt.is_gpu_impl(impl):
         slot_ok = slot_ok & np.asarray(valid)
-    poison = ~slot_ok[:, None, :, None] | (np.arange(Hkv) == 1)[None, :, None, None] & (
-        np.arange(B) == 0)[:, None, None, None]
+    poison = (
+        ~slot_ok[:, None, :, None]
+        | (np.arange(Hkv) == 1)[None, :, None, None] & (np.arange(B) == 0)[:, None, None, None]
+    )
     kp = jnp.where(poison, jnp.nan, kc)
     vp = jnp.where(poison, jnp.nan, vc)
-    o = head_sparse_attention(q, hm, kp, vp, valid, kv_len=kv_len, impl=impl,
-                              **blocks(impl, S))
+    o = head_sparse_attention(q, hm, kp, vp, valid, kv_len=kv_len, impl=impl, **blocks(impl, S))
     want = head_sparse_attention_reference(q, hm, kc, vc, valid, kv_len=kv_len)
     kt.assert_close(o, want, jnp.float32, f"{impl} poisoned cache")
 
@@ -99,17 +100,24 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="impl='xla'.*allowed values"):
         head_sparse_attention(q, hm, kc, kc, valid, impl="xla")
     with pytest.raises(ValueError, match="not a multiple of Hkv=3"):
-        head_sparse_attention(q, hm, jnp.ones((2, 3, 10, 8)), jnp.ones((2, 3, 10, 8)),
-                              valid, impl="reference")
+        head_sparse_attention(
+            q, hm, jnp.ones((2, 3, 10, 8)), jnp.ones((2, 3, 10, 8)), valid, impl="reference"
+        )
     with pytest.raises(ValueError, match=r"shape mismatch: kv_valid_BxS.shape"):
         head_sparse_attention(q, hm, kc, kc, valid[:, :9], impl="gpu_interpret")
     with pytest.raises(ValueError, match=r"shape mismatch: k_cache.shape\[3\] \(Dh\)"):
         head_sparse_attention(q, hm, kc[..., :4], kc[..., :4], valid, impl="tpu_interpret")
     with pytest.raises(ValueError, match="kv_len must be a scalar"):
-        head_sparse_attention(q, hm, kc, kc, valid, kv_len=jnp.ones(2, jnp.int32),
-                              impl="reference")
+        head_sparse_attention(q, hm, kc, kc, valid, kv_len=jnp.ones(2, jnp.int32), impl="reference")
     with pytest.raises(ValueError, match="block_s=100 must be a multiple of 128"):
-        head_sparse_attention(q, hm, jnp.ones((2, 2, 300, 8)), jnp.ones((2, 2, 300, 8)),
-                              jnp.ones((2, 300), bool), impl="tpu_interpret", block_s=100)
+        head_sparse_attention(
+            q,
+            hm,
+            jnp.ones((2, 2, 300, 8)),
+            jnp.ones((2, 2, 300, 8)),
+            jnp.ones((2, 300), bool),
+            impl="tpu_interpret",
+            block_s=100,
+        )
     with pytest.raises(ValueError, match="power of 2"):
         head_sparse_attention(q, hm, kc, kc, valid, impl="gpu_interpret", block_s=24)

@@ -22,8 +22,17 @@ from jaxsparse.models import (
 )
 from jaxsparse.predictors import dejavu_state, init_predictors
 
-TINY = ModelConfig(model_type="llama", vocab_size=64, hidden_size=64, intermediate_size=96,
-                   num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, eos_token_ids=(0,))
+TINY = ModelConfig(
+    model_type="llama",
+    vocab_size=64,
+    hidden_size=64,
+    intermediate_size=96,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    eos_token_ids=(0,),
+)
 
 
 def _dejavu(config, head_k: int, ffn_k: int | None = None, seed: int = 0):
@@ -60,8 +69,15 @@ def _decode_step_logits(config, params, kernels, thresholds, prompt_BxT):
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
     _, cache = model.apply({"params": p}, prompt_BxT, pos, cache=cache, cache_index=0)
     nxt = jnp.asarray([[7]] * b)
-    (logits, _), vs = model.apply({"params": p}, nxt, jnp.full((b, 1), t), cache=cache,
-                                  cache_index=t, thresholds=thresholds, mutable=["stats"])
+    (logits, _), vs = model.apply(
+        {"params": p},
+        nxt,
+        jnp.full((b, 1), t),
+        cache=cache,
+        cache_index=t,
+        thresholds=thresholds,
+        mutable=["stats"],
+    )
     return logits[:, -1], vs["stats"]
 
 
@@ -69,10 +85,12 @@ def test_decode_step_matches_masked_dense(impl, head_calls):
     params = jax.tree.map(lambda x: x * 8, init_params(TINY, seed=5))  # attention matters
     th = _dejavu(TINY, head_k=2)
     prompt = jnp.asarray([[3, 4, 5, 6, 9], [11, 12, 13, 14, 15]])
-    want, want_stats = _decode_step_logits(TINY, params, kernels_for_method("dejavu", "xla"),
-                                           th, prompt)
-    got, stats = _decode_step_logits(TINY, params, kernels_for_method("dejavu", "pallas", impl),
-                                     th, prompt)
+    want, want_stats = _decode_step_logits(
+        TINY, params, kernels_for_method("dejavu", "xla"), th, prompt
+    )
+    got, stats = _decode_step_logits(
+        TINY, params, kernels_for_method("dejavu", "pallas", impl), th, prompt
+    )
     assert head_calls == [((2, 4), impl)] * TINY.num_layers  # one call per layer, [B, H]
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=2e-4)
     for i in range(TINY.num_layers):  # half the heads' o inputs are zero, on both paths
@@ -81,8 +99,9 @@ def test_decode_step_matches_masked_dense(impl, head_calls):
         want_zero = want_stats[f"layers_{i}"]["self_attn"]["o_in"][0]
         np.testing.assert_allclose(np.asarray(o_zero), np.asarray(want_zero))
     # the selected heads matter: all heads selected gives other logits
-    dense, _ = _decode_step_logits(TINY, params, kernels_for_method("dejavu", "xla"),
-                                   _dejavu(TINY, head_k=4), prompt)
+    dense, _ = _decode_step_logits(
+        TINY, params, kernels_for_method("dejavu", "xla"), _dejavu(TINY, head_k=4), prompt
+    )
     assert float(jnp.max(jnp.abs(dense - want))) > 1e-2
 
 
@@ -91,7 +110,8 @@ def test_greedy_tokens_tiny(impl, head_calls):
     th = _dejavu(TINY, head_k=1, ffn_k=64)
     prompts = [[5, 6, 7, 8], [9, 10]]
     ref = Generator(TINY, params, kernels=kernels_for_method("dejavu", "xla")).generate_ids(
-        prompts, 6, thresholds=th, stop_at_eos=False)
+        prompts, 6, thresholds=th, stop_at_eos=False
+    )
     gen = Generator(TINY, params, kernels=kernels_for_method("dejavu", "pallas", impl))
     got = gen.generate_ids(prompts, 6, thresholds=th, stop_at_eos=False)
     assert head_calls, "the decode step did not call head_sparse_attention"
@@ -106,9 +126,9 @@ def test_greedy_tokens_smollm2(smollm2, head_calls):
     th = _dejavu(config, head_k=6, ffn_k=config.intermediate_size // 2)
     prompts = [[1, 504, 3458, 314, 4933, 282]]
     ref = Generator(config, params, kernels=kernels_for_method("dejavu", "xla")).generate_ids(
-        prompts, 4, thresholds=th, stop_at_eos=False)
-    gen = Generator(config, params,
-                    kernels=kernels_for_method("dejavu", "pallas", "gpu_interpret"))
+        prompts, 4, thresholds=th, stop_at_eos=False
+    )
+    gen = Generator(config, params, kernels=kernels_for_method("dejavu", "pallas", "gpu_interpret"))
     got = gen.generate_ids(prompts, 4, thresholds=th, stop_at_eos=False)
     assert head_calls and head_calls[0] == ((1, 9), "gpu_interpret")
     assert got.tokens == ref.tokens
