@@ -11,6 +11,7 @@ from jaxsparse.cli.common import (
     add_model_arguments,
     at_least,
     check_text_files,
+    in_interval,
     load_model_for,
     method_arg,
     sparsity,
@@ -108,5 +109,23 @@ def run(args: argparse.Namespace) -> int:
     if args.calibrate_only:
         print(f"states in {Path(args.out) / 'states'}")
         return 0
+    print((Path(args.out) / "table.md").read_text())
+    return 0
+
+
+def run_fractions(args: argparse.Namespace, methods: list[str], calib: dict, ev: dict,
+                  options: dict) -> int:
+    """`--fractions`: the equal-budget sweep (`jaxsparse.sweep_budget`)."""
+    from jaxsparse.sweep_budget import sweep_fractions
+
+    try:
+        fractions = [in_interval(0.0, 1.0, lo_open=True)(f) for f in parse_list(args.fractions)]
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        raise ValueError(f"--fractions {args.fractions}: {e}") from None
+    lm = load_model_for(args)
+    sweep_fractions(lm, methods, fractions, args.out, args.data, calib, ev, options,
+                    extra_states=args.sparsity_state, include_dense=not args.no_dense,
+                    measure_tokens=args.measure_tokens, tol=args.fraction_tol,
+                    progress=not args.no_progress)
     print((Path(args.out) / "table.md").read_text())
     return 0

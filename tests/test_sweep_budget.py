@@ -1,0 +1,117 @@
+"""The equal-budget sweep on a tiny model: each method's solved sparsity reads the target
+fraction on the calibration text (and close to it on other text), unreachable targets are
+reported, a dejavu state is re-pointed by ffn_k, and a rerun reuses the states."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from jaxsparse.config import ModelConfig
+from jaxsparse.sweep_budget import solve_sparsity, sweep_fractions
+
+LLAMA = ModelConfig(model_type="llama", vocab_size=260, hidden_size=32, intermediate_size=48,
+                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, eos_token_ids=(0,))
+TOL = 2e-3
+
+
+class ByteTok:
+    eos_token_id = 0
+
+    def encode(self, text, add_special_tokens=False):
+        return [b + 1 for b in text.encode()]
+
+
+@dataclasses.dataclass
+class FakeLoaded:
+    config: ModelConfig
+    params: dict
+    tokenizer: object
+    source: str = "tiny-random"
+
+
+def test_solve_sparsity_on_a_monotone_curve():
+    class S:  # a "state" whose fraction is 1 - 0.8 s
+        def __init__(self, s):
+            self.s = s
+
+        def thresholds_for_model(self):
+            return self.s
+
+    s, f, trace = solve_sparsity(S, lambda s: 1 - 0.8 * s, 0.6, 1e-6)
+    assert s == pytest.approx(0.5, abs=1e-5) and f == pytest.approx(0.6, abs=1e-6)
+    assert len(trace) < 12
+    from jaxsparse.budget import BudgetError
+
+    with pytest.raises(BudgetError, match="out of reach"):
+        solve_sparsity(S, lambda s: 1 - 0.2 * s, 0.6, 1e-6)
+
+
+@pytest.mark.slow
+def test_equal_fraction_sweep(tmp_path, make_params):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "sparse", "token", "layer", "the", "of"]
+    (tmp_path / "cal.txt").write_text(" ".join(rng.choice(words, 800)))
+    (tmp_path / "ev.txt").write_text(" ".join(rng.choice(words, 200)))
+    lm = FakeLoaded(LLAMA, make_params(LLAMA), ByteTok())
+    out = tmp_path / "sweep"
+    kw = {"data": [str(tmp_path / "cal.txt")],
+          "calib": {"tokens": 1024, "seq_len": 64, "batch_size": 8},
+          "ev": {"seq_len": 64, "batch_size": 8, "ppl": [str(tmp_path / "ev.txt")],
+                 "tasks": None, "max_tokens": 0},
+          "measure_tokens": 1024, "tol": TOL, "progress": False}
+    results = sweep_fractions(lm, ["chess", "teal", "wina"], [0.5, 0.75], out, **kw)
+    by = {(r["method"], r["budget"]["target_fraction"]): r for r in results}
+    assert by[("dense", 1.0)]["activated_params_fraction"] == pytest.approx(1.0)
+    # chess cannot go below attention + gate_proj + a sliver: 0.5 is out of its reach
+    assert by[("chess", 0.5)]["activated_params_fraction"] is None
+    assert by[("chess", 0.5)]["budget"]["note"] == "out of reach"
+    for m in ("chess", "teal", "wina"):
+        for f in (0.5, 0.75):
+            if (m, f) == ("chess", 0.5):
+                continue
+            r = by[(m, f)]
+            assert r["budget"]["calibration_fraction"] == pytest.approx(f, abs=TOL), (m, f)
+            # on other text (the evaluation file) the fraction stays close
+            assert r["activated_params_fraction"] == pytest.approx(f, abs=0.05), (m, f)
+            assert r["perplexity"] > 0
+    # teal and wina at one fraction solve different sparsity knobs per method
+    table = json.loads((out / "table.json").read_text())
+    assert len(table) == 1 + 6
+    assert "out of reach" in (out / "table.md").read_text()
+    with Image.open(out / "ppl_vs_fraction.png") as im:
+        assert im.size[0] > 300
+    # a rerun reuses states and results
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")}
+    again = sweep_fractions(lm, ["chess", "teal", "wina"], [0.5, 0.75], out, **kw)
+    assert [r.get("perplexity") for r in again] == [r.get("perplexity") for r in results]
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
+
+
+@pytest.mark.slow
+def test_dejavu_state_is_repointed_to_the_fraction(tmp_path):
+    from jaxsparse.budget import FractionMeter
+    from jaxsparse.models import init_params
+    from jaxsparse.predictors import dejavu_state, init_predictors
+    from jaxsparse.sparsity import linear_sizes, predictor_weights
+    from jaxsparse.sweep_budget import solve_dejavu
+
+    params = init_params(LLAMA)
+    w = {k: np.asarray(v) for k, v in init_predictors(LLAMA, 8, 4).items()}
+    st = dejavu_state(LLAMA, w, 24, LLAMA.num_heads)
+    seqs = np.random.default_rng(0).integers(1, 250, (2, 32)).astype(np.int32)
+    meter = FractionMeter(LLAMA, params, seqs)
+    got, frac, _ = solve_dejavu(st, meter, 0.7, 1e-3)
+    k = int(got.predictors["layers_0"]["ffn_k"])
+    s = linear_sizes(LLAMA)
+    attn = s["q_proj"] + s["k_proj"] + s["v_proj"] + s["o_proj"]
+    ffn = s["gate_proj"] + s["up_proj"] + s["down_proj"]
+    pred = predictor_weights(got.predictors["layers_0"])
+    want = lambda kk: (attn + ffn * kk / 48 + pred) / (attn + ffn)
+    assert frac == pytest.approx(want(k), rel=1e-5)
+    assert abs(want(k) - 0.7) <= min(abs(want(k + 1) - 0.7), abs(want(k - 1) - 0.7))
