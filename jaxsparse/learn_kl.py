@@ -363,6 +363,7 @@ def learn_kl(config, params, seqs_NxT: np.ndarray, init_states: list, settings: 
                                  f"continue them or remove it")
             write_checkpoint_meta(ckpt_dir, config, settings, data_key)
     until = settings.steps if stop_at is None else min(stop_at, settings.steps)
+    start_step = int(ts["step"])
     ts = trainer.run(ts, until, save_every, ckpt_dir, progress)
     if stop_at is not None and until < settings.steps:
         return None, ts
@@ -378,7 +379,8 @@ def learn_kl(config, params, seqs_NxT: np.ndarray, init_states: list, settings: 
                                                "points": list(settings.points)},
                "init_methods": [st.method for st in init_states],
                "init_provenance": [st.meta.provenance for st in init_states],
-               "final_step": ts["step"], "train_tokens": int(seqs_NxT.size),
+               "start_step": start_step, "final_step": ts["step"],
+               "train_tokens": int(seqs_NxT.size),
                "measure_tokens": int(rows * seqs_NxT.shape[1]),
                "initial_log_scale": s0, "initial_fraction": f0,
                "final_log_scale": s1, "final_fraction_on_training_text": f1,
