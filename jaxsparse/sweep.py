@@ -181,12 +181,11 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot_ppl_vs_activated(results: list[dict], path: Path, title: str) -> None:
-    import matplotlib
+    # A bare Figure, not pyplot: no global backend switch (a notebook's plots keep working).
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig = Figure(figsize=(7, 4.5), dpi=120)
+    ax = fig.subplots()
     by_method: dict[str, list] = {}
     for r in results:
         if r.get("perplexity") is None:
@@ -211,15 +210,11 @@ def plot_ppl_vs_activated(results: list[dict], path: Path, title: str) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def plot_layer_heatmap(results: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.figure import Figure
 
     rows = [r for r in results if r["method"] != "dense"]
     if not rows:
@@ -227,8 +222,8 @@ def plot_layer_heatmap(results: list[dict], path: Path, title: str) -> None:
     labels = [f"{r['method']} {r['target_sparsity']:g}" for r in rows]
     layers = sorted(rows[0]["activated_params_per_layer"], key=lambda k: int(k.split("_")[1]))
     data = np.array([[1.0 - r["activated_params_per_layer"][k] for k in layers] for r in rows])
-    fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(layers) + 3), 0.45 * len(rows) + 1.8),
-                           dpi=120)
+    fig = Figure(figsize=(max(6, 0.28 * len(layers) + 3), 0.45 * len(rows) + 1.8), dpi=120)
+    ax = fig.subplots()
     im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0, vmax=1)
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
     step = max(1, len(layers) // 16)
@@ -244,7 +239,6 @@ def plot_layer_heatmap(results: list[dict], path: Path, title: str) -> None:
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def sweep(lm, methods: list[str], sparsities: list[float], out: str | Path,
