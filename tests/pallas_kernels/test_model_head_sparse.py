@@ -81,6 +81,7 @@ def _decode_step_logits(config, params, kernels, thresholds, prompt_BxT):
     return logits[:, -1], vs["stats"]
 
 
+@pytest.mark.slow
 def test_decode_step_matches_masked_dense(impl, head_calls):
     params = jax.tree.map(lambda x: x * 8, init_params(TINY, seed=5))  # attention matters
     th = _dejavu(TINY, head_k=2)
@@ -105,6 +106,7 @@ def test_decode_step_matches_masked_dense(impl, head_calls):
     assert float(jnp.max(jnp.abs(dense - want))) > 1e-2
 
 
+@pytest.mark.slow
 def test_greedy_tokens_tiny(impl, head_calls):
     params = jax.tree.map(lambda x: x * 8, init_params(TINY, seed=6))
     th = _dejavu(TINY, head_k=1, ffn_k=64)
