@@ -294,12 +294,12 @@ class ModelConfig:
             # llama.cpp (and HF loading the GGUF) fix what the metadata leaves out: every 6th
             # layer global, local RoPE base 10000, attention scale 1/sqrt(key_length).
             n = int(get("block_count"))
-            gemma = dict(
-                sliding_window=int(get("attention.sliding_window")),
-                layer_types=tuple(SLIDING if (i + 1) % 6 else FULL for i in range(n)),
-                rope_local_theta=10_000.0,
-                query_pre_attn_scalar=float(head_dim),
-            )
+            gemma = {
+                "sliding_window": int(get("attention.sliding_window")),
+                "layer_types": tuple(SLIDING if (i + 1) % 6 else FULL for i in range(n)),
+                "rope_local_theta": 10_000.0,
+                "query_pre_attn_scalar": float(head_dim),
+            }
         return cls(
             model_type={"llama": "llama", "qwen2": "qwen2", "gemma3": GEMMA3}[arch],
             vocab_size=int(vocab),
@@ -354,21 +354,21 @@ def _gemma3_fields(c: dict[str, Any], source: str) -> dict[str, Any]:
     if full.get("rope_type", "default") == "default":
         full = {}
     n_heads = c["num_attention_heads"]
-    return dict(
-        intermediate_size=c["intermediate_size"],
-        num_kv_heads=c.get("num_key_value_heads") or n_heads,
-        head_dim=c.get("head_dim") or c["hidden_size"] // n_heads,
-        norm_eps=c.get("rms_norm_eps", 1e-6),
-        rope_theta=float(theta),
-        rope_scaling=_freeze(full),
-        rope_local_theta=float(local_theta),
-        qkv_bias=c.get("attention_bias", False),
-        o_bias=c.get("attention_bias", False),
-        tie_word_embeddings=c.get("tie_word_embeddings", True),
-        sliding_window=c.get("sliding_window"),
-        layer_types=tuple(layer_types),
-        query_pre_attn_scalar=float(c.get("query_pre_attn_scalar", 256)),
-    )
+    return {
+        "intermediate_size": c["intermediate_size"],
+        "num_kv_heads": c.get("num_key_value_heads") or n_heads,
+        "head_dim": c.get("head_dim") or c["hidden_size"] // n_heads,
+        "norm_eps": c.get("rms_norm_eps", 1e-6),
+        "rope_theta": float(theta),
+        "rope_scaling": _freeze(full),
+        "rope_local_theta": float(local_theta),
+        "qkv_bias": c.get("attention_bias", False),
+        "o_bias": c.get("attention_bias", False),
+        "tie_word_embeddings": c.get("tie_word_embeddings", True),
+        "sliding_window": c.get("sliding_window"),
+        "layer_types": tuple(layer_types),
+        "query_pre_attn_scalar": float(c.get("query_pre_attn_scalar", 256)),
+    }
 
 
 def _freeze(d: dict[str, Any]) -> tuple[tuple[str, Any], ...]:

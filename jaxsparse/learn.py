@@ -125,18 +125,29 @@ def dense_inputs(config, params, seqs_NxT: np.ndarray, method: str,
     return {"x": x, "y": y}
 
 
+# In the stacked layer params of a model whose layers differ (Gemma 3): which are sliding.
+SLIDING_FLAG = "layer_is_sliding"
+
+
 def stack_layer_params(params: dict, config) -> dict:
     import jax
     import jax.numpy as jnp
 
+    from jaxsparse.config import SLIDING
+
     layers = [params[f"layers_{i}"] for i in range(config.num_layers)]
-    return jax.tree.map(lambda *a: jnp.stack(a), *layers)
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *layers)
+    if len(set(config.layer_types)) > 1:
+        stacked[SLIDING_FLAG] = jnp.asarray([t == SLIDING for t in config.layer_types])
+    return stacked
 
 
 def _layer_fns(config, method: str):
     """`f(layer_params, x, thresholds) -> (y, taps)` for one layer: the trained part."""
+    import jax
     import jax.numpy as jnp
 
+    from jaxsparse.config import FULL, SLIDING
     from jaxsparse.models.layers import rope_cos_sin
     from jaxsparse.models.llama import LlamaBlock, SwiGLU
     from jaxsparse.models.opt import OPTBlock, ReluFFN
@@ -150,15 +161,25 @@ def _layer_fns(config, method: str):
             return y[0], v["taps"]
 
         return f
-    block = (OPTBlock if opt else LlamaBlock)(config)
+    kinds = sorted(set(config.layer_types)) or [FULL]
+    blocks = {k: OPTBlock(config) if opt else LlamaBlock(config, layer_type=k) for k in kinds}
 
-    def g(lp, x_RxTxD, th):
+    def run(kind, lp, x_RxTxD, th):
         r, t = x_RxTxD.shape[:2]
         pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (r, t))
-        rope = None if opt else rope_cos_sin(config, pos)
-        (y, _), v = block.apply({"params": lp}, x_RxTxD, pos, pos, rope, None, 0, th,
-                                mutable=["taps"])
+        rope = None if opt else rope_cos_sin(config, pos, kind)
+        (y, _), v = blocks[kind].apply({"params": lp}, x_RxTxD, pos, pos, rope, None, 0, th,
+                                       mutable=["taps"])
         return y, v["taps"]
+
+    def g(lp, x_RxTxD, th):
+        if len(kinds) == 1:
+            return run(kinds[0], lp, x_RxTxD, th)
+        # Gemma 3 (vmapped over layers of both kinds): both blocks, each layer keeps its own.
+        lp = dict(lp)
+        sliding = lp.pop(SLIDING_FLAG)
+        return jax.tree.map(lambda a, b: jnp.where(sliding, a, b),
+                            run(SLIDING, lp, x_RxTxD, th), run(FULL, lp, x_RxTxD, th))
 
     return g
 

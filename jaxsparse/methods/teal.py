@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from jaxsparse.config import ModelConfig
+from jaxsparse.config import FULL, ModelConfig
 from jaxsparse.methods.statistics import CalibrationStats, Requirements
 
 NAME = "teal"
@@ -101,8 +101,10 @@ def teal_uniform(stats: CalibrationStats, sparsity: float) -> dict:
             for i in range(stats.num_layers)}
 
 
-def make_block_error_fn(config: ModelConfig):
-    """A jit-compiled `f(block_params, x, valid, th_stack) -> [G]` output errors.
+def make_block_error_fn(config: ModelConfig, layer_type: str = FULL):
+    """A jit-compiled `f(block_params, x, valid, th_stack) -> [G]` output errors, for the
+    blocks of `layer_type` (`ModelConfig.layer_type(i)`: Gemma 3's sliding and global layers
+    differ).
 
     `th_stack` holds one thresholds dict per candidate, stacked on a leading axis.
     """
@@ -114,7 +116,8 @@ def make_block_error_fn(config: ModelConfig):
     from jaxsparse.models.llama import LlamaBlock
     from jaxsparse.models.opt import OPTBlock
 
-    block = OPTBlock(config) if config.family == "opt" else LlamaBlock(config)
+    block = OPTBlock(config) if config.family == "opt" else LlamaBlock(config,
+                                                                        layer_type=layer_type)
 
     def run(p, x, positions, rope, th):
         y, _ = block.apply({"params": p}, x, positions, positions, rope, None, 0, th)
@@ -123,7 +126,7 @@ def make_block_error_fn(config: ModelConfig):
     @jax.jit
     def errors(p, x_BxTxD, valid_BxT, th_stack):
         positions = positions_from_mask(valid_BxT)
-        rope = None if config.family == "opt" else rope_cos_sin(config, positions)
+        rope = None if config.family == "opt" else rope_cos_sin(config, positions, layer_type)
         ref = run(p, x_BxTxD, positions, rope, None)
         w = valid_BxT.astype(jnp.float32)[..., None]
 
@@ -150,7 +153,8 @@ def teal_greedy(stats: CalibrationStats, sparsity: float, config: ModelConfig, p
     from jaxsparse import rules
 
     sizes = group_sizes(config)
-    errors_fn = make_block_error_fn(config)
+    errors_fns = {t: make_block_error_fn(config, t)
+                  for t in {config.layer_type(i) for i in range(config.num_layers)}}
     widths = {p: rules.tensor_width(p, config.hidden_size, config.q_dim, config.intermediate_size)
               for p in rules.TENSORS}
     valid_dev = jnp.asarray(valid)
@@ -159,8 +163,9 @@ def teal_greedy(stats: CalibrationStats, sparsity: float, config: ModelConfig, p
                   disable=not progress):
         p = params[f"layers_{i}"]
         x = jnp.asarray(block_inputs[i])
+        errors_fn = errors_fns[config.layer_type(i)]
 
-        def errors(cands, i=i, p=p, x=x):
+        def errors(cands, i=i, p=p, x=x, errors_fn=errors_fn):
             ths = [thresholds_fn(stats, i, c) for c in cands]
             stack = {pt: jnp.stack([jnp.broadcast_to(jnp.asarray(th.get(pt, 0.0), jnp.float32),
                                                      (widths[pt],)) for th in ths])
