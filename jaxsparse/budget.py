@@ -2,7 +2,7 @@
 and solve a knob (a sparsity, a threshold scale, a top-k) for a target fraction.
 
 The fraction is `jaxsparse.sparsity.activated_params_fraction`, measured by the forward
-`jaxsparse eval` runs (`evaluate.make_forward`), so a solved knob hits the number `eval`
+`jaxsparse eval` runs (`jaxsparse.measure.make_forward`), so a solved knob hits the number `eval`
 reports on the same text. Used by `jaxsparse sweep --fractions` (every method at equal
 fractions) and `jaxsparse learn-kl` (the rescale onto the budget).
 """
@@ -23,7 +23,7 @@ class FractionMeter:
     (or a `{layer: {point: values}}` dict, completed with zeros) on fixed token rows."""
 
     def __init__(self, config, params, seqs_NxT: np.ndarray, batch: int = 8):
-        from jaxsparse.evaluate import make_forward
+        from jaxsparse.measure import make_forward
 
         self.config, self.params, self.seqs, self.batch = config, params, seqs_NxT, batch
         self.forward = make_forward(config)

@@ -20,7 +20,9 @@ measured sparsity and the fraction of linear weights read per token.
   predicted-inactive neurons, and the predictors' own weights count as read
   (`jaxsparse.sparsity.activated_params_fraction`). Averaged over the evaluated tokens.
 
-Batches are spread over every local device (data parallel, `jaxsparse.sharding`). One
+Batches are spread over every local device (data parallel, `jaxsparse.sharding`), or over
+the `data` axis of a given mesh whose `model` axis splits the params and the sparsity state
+(tensor parallel, `Evaluator(mesh=...)`, `jaxsparse eval --mesh data=N,model=M`). One
 jit-compiled forward per sequence length serves every method and sparsity: thresholds
 are an argument. `jaxsparse eval` (`jaxsparse.cli.eval`) runs it from the command line.
 """
@@ -29,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import functools
 import json
 import math
 import time
@@ -38,10 +39,10 @@ from typing import Any
 
 import numpy as np
 
+from jaxsparse.measure import POINTS as _POINTS
+from jaxsparse.measure import make_forward
+
 DEFAULTS = {"seq_len": 512, "batch_size": 8, "max_tokens": 8192, "num_tasks": 100}
-# The sparsification points, in the order of `jaxsparse.rules.TENSORS` (kept literal here so
-# that `jaxsparse --help` does not import jax; tests check they agree).
-_POINTS = ("q_in", "kv_in", "o_in", "ffn_in", "gate", "down_in")
 
 
 def linear_sizes(config) -> dict[str, int]:
@@ -50,51 +51,6 @@ def linear_sizes(config) -> dict[str, int]:
     from jaxsparse.sparsity import linear_sizes as sizes
 
     return sizes(config)
-
-
-@functools.cache
-def make_forward(config):
-    """jit `f(params, tokens, valid, thresholds) -> dict` of per-token log-likelihoods and
-    per-batch sparsity sums (see the module docstring). Cached per config, so evaluators of
-    one model share their compilations."""
-    import jax
-    import jax.numpy as jnp
-
-    from jaxsparse.models import build_model, positions_from_mask
-
-    from jaxsparse.sparsity import activated_params_fraction, predictor_weights
-
-    model = build_model(config)
-
-    def forward(params, tokens_BxT, valid_BxT, thresholds):
-        positions = positions_from_mask(valid_BxT)
-        (logits, _), variables = model.apply({"params": params}, tokens_BxT, positions,
-                                             thresholds=thresholds, mutable=["stats"])
-        logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-        next_ll = jnp.take_along_axis(logp, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
-        w = valid_BxT.astype(jnp.float32)
-        zero_sums, read_layers = [], []
-        for i in range(config.num_layers):
-            s = variables["stats"][f"layers_{i}"]
-            z = {p: (s["self_attn"] if p in ("q_in", "kv_in", "o_in") else s["mlp"])[p][0]
-                 for p in _POINTS}
-            zero_sums.append(jnp.stack([jnp.sum(z[p] * w) for p in _POINTS]))
-            dens = {p: 1.0 - z[p] for p in _POINTS}
-            if "gate_rows" in s.get("mlp", {}):  # Deja Vu: gate_proj rows skipped
-                dens["gate_rows"] = 1.0 - s["mlp"]["gate_rows"][0]
-            th = {} if thresholds is None else thresholds[f"layers_{i}"]
-            read_layers.append(activated_params_fraction(
-                config, dens, predictor_weights(th.get("predictor"))))
-        read_LxBxT = jnp.stack(read_layers)
-        return {
-            "next_ll": next_ll,  # [B, T-1]: log p(token t+1 | tokens <= t)
-            "zero_sums": jnp.stack(zero_sums),  # [L, P]
-            "read_sum": jnp.sum(jnp.sum(read_LxBxT, axis=0) / config.num_layers * w),
-            "layer_read_sums": jnp.sum(read_LxBxT * w, axis=(1, 2)),  # [L]
-            "count": jnp.sum(w),
-        }
-
-    return jax.jit(forward)
 
 
 @dataclasses.dataclass
@@ -138,12 +94,15 @@ class Evaluator:
 
     def __init__(self, config, params, tokenizer, seq_len: int = DEFAULTS["seq_len"],
                  batch_size: int = DEFAULTS["batch_size"], mesh=None, progress: bool = True):
+        """`mesh`: a `jax.sharding.Mesh`, a spec such as `"data=4,model=2"`
+        (`jaxsparse.sharding.parse_mesh`), or None (every local device on `data`)."""
         from jaxsparse import sharding
+        from jaxsparse.models import logical_axes
 
         self.config, self.tokenizer, self.seq_len = config, tokenizer, seq_len
-        self.mesh = mesh or sharding.make_mesh()
+        self.mesh = sharding.as_mesh(mesh)
         self.batch_size = sharding.round_batch(batch_size, self.mesh)
-        self.params = sharding.shard_params(params, config, self.mesh)
+        self.params = sharding.shard_params(params, logical_axes(config), self.mesh)
         self.forward = make_forward(config)
         self.progress = progress
 
@@ -153,14 +112,14 @@ class Evaluator:
         return sharding.put_batch(x, self.mesh)
 
     def _thresholds(self, state):
-        import jax
-
         from jaxsparse import sharding
+        from jaxsparse.rules import state_logical_axes
         from jaxsparse.sparsity import dense_state
 
         state = state or dense_state(self.config)
         state.check_model(self.config)
-        return jax.device_put(state.thresholds_for_model(), sharding.replicated(self.mesh))
+        tree = state.thresholds_for_model()
+        return sharding.shard_tree(tree, state_logical_axes(tree), self.mesh)
 
     def _run(self, rows: list[np.ndarray], width: int, thresholds, meter: SparsityMeter,
              desc: str) -> list[np.ndarray]:
@@ -251,6 +210,8 @@ class Evaluator:
         """The result dict for one state (None: dense)."""
         import jax
 
+        from jaxsparse import sharding
+
         t0 = time.time()
         thresholds = self._thresholds(state)
         meter = SparsityMeter(self.config.num_layers)
@@ -267,6 +228,7 @@ class Evaluator:
             "seq_len": self.seq_len, "batch_size": self.batch_size,
             "dtype": self.config.dtype,
             "devices": int(self.mesh.devices.size), "backend": jax.default_backend(),
+            "mesh": sharding.describe(self.mesh),
             "jax_version": jax.__version__,
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "wall_s": round(time.time() - t0, 1),
