@@ -236,8 +236,9 @@ def test_sweep_into_an_out_with_other_settings_is_refused_before_the_model_loads
     from jaxsparse.sweep import sweep_settings
 
     ev = {k: EV[k] for k in ("seq_len", "batch_size", "max_tokens", "num_tasks")}
-    settings = sweep_settings("some-model", "float32", None, CAL, {"teal": {
-        "allocation": "uniform"}}, {**ev, "seq_len": CAL["seq_len"], "ppl": None, "tasks": None})
+    options = {m: {"allocation": "uniform"} for m in ("teal", "wina")}  # the CLI's defaults
+    settings = sweep_settings("some-model", "float32", None, CAL, options,
+                              {**ev, "seq_len": CAL["seq_len"], "ppl": None, "tasks": None})
     (tmp_path / "settings.json").write_text(json.dumps(settings))
     argv = ["sweep", "--out", str(tmp_path), "--tokens", str(2 * CAL["tokens"])]
     assert main(argv) == 2
