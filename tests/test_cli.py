@@ -64,16 +64,29 @@ def test_generate_bad_sampling(capsys):
     assert "argument --top-p: must be in (0, 1], got 0" in capsys.readouterr().err
 
 
-def test_convert_refuses_existing_output(tiny_hf_models, tmp_path, capsys):
+def test_convert_refuses_existing_output(tiny_hf_models, tmp_path, capsys, monkeypatch):
+    """An existing OUT is refused before the source is read (the slow part), and kept;
+    `--overwrite` then converts the same source into it, replacing what was there."""
+    from convert import converter
+    from jaxsparse.io import is_complete
+
     src = tiny_hf_models["opt_proj"].safetensors_dir  # a source that converts
+    assert (src / "config.json").is_file()
     out = tmp_path / "ckpt"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
+    reads = []
+    real_read = converter.read_model
+    monkeypatch.setattr(converter, "read_model", lambda *a, **k: reads.append(a) or real_read(*a, **k))
     assert main(["convert", str(src), str(out)]) == 2
     err = capsys.readouterr().err
     assert err == f"jaxsparse convert: error: {out} already exists; pass --overwrite " \
                   f"(overwrite=True) to replace it\n"
     assert (out / "keep.txt").read_text() == "user data"
+    assert reads == []  # refused before reading the source
+    assert main(["convert", str(src), str(out), "--overwrite"]) == 0
+    assert len(reads) == 1 and is_complete(out) and not (out / "keep.txt").exists()
+    assert capsys.readouterr().out == f"wrote {out}\n"
 
 
 def test_generate_stream_json_lines(smollm2, capsys):
