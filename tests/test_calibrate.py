@@ -213,13 +213,15 @@ def test_measured_sparsity_on_other_text_is_near_target(fitted, corpus):
     config, params, states = fitted
     ev = Evaluator(config, params, ByteTok(), SEQ, 8, progress=False)
     tokens = pack_tokens(read_documents([corpus / "eval.txt"]), ByteTok(), 0, SEQ, 512, "e")
+    # OPT's ReLU already zeroes part of the gate (0.44 of it here): the thresholds must
+    # add the rest, so the bound is two-sided for both families and above the dense zeros.
+    dense_ffn = ev.evaluate(None, tokens.reshape(-1))["measured_sparsity"]["ffn"]
+    assert dense_ffn < 0.45 if config.family == "opt" else dense_ffn == 0
     for m in ("cats", "chess"):
         r = ev.evaluate(states[(m, 0.5)], tokens.reshape(-1))
         ffn = r["measured_sparsity"]["ffn"]
-        if config.family == "opt":  # ReLU zeros may already exceed the target
-            assert ffn >= 0.45
-        else:
-            assert 0.45 <= ffn <= 0.55, (m, ffn)
+        assert 0.45 <= ffn <= 0.55, (m, ffn)
+        assert ffn > dense_ffn + 0.03, (m, ffn, dense_ffn)
     r = ev.evaluate(states[("chess+", 0.5)], tokens.reshape(-1))
     pp = r["measured_sparsity"]["per_point"]
     assert 0.4 <= pp["q_in"] <= 0.6 and 0.4 <= pp["o_in"] <= 0.6 and pp["kv_in"] == 0
