@@ -62,6 +62,12 @@ def head_calls(monkeypatch):
 def _decode_step_logits(config, params, kernels, thresholds, prompt_BxT):
     """Dense prefill with a cache, then one decode step with `thresholds`: its logits and
     its per-point sparsity stats."""
+    logits, stats, _ = _decode_step(config, params, kernels, thresholds, prompt_BxT)
+    return logits, stats
+
+
+def _decode_step(config, params, kernels, thresholds, prompt_BxT):
+    """`_decode_step_logits`, plus the cache after the decode step."""
     model = build_model(config, kernels)
     p = prepare_params(params, config, kernels)
     b, t = prompt_BxT.shape
@@ -69,7 +75,7 @@ def _decode_step_logits(config, params, kernels, thresholds, prompt_BxT):
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
     _, cache = model.apply({"params": p}, prompt_BxT, pos, cache=cache, cache_index=0)
     nxt = jnp.asarray([[7]] * b)
-    (logits, _), vs = model.apply(
+    (logits, cache), vs = model.apply(
         {"params": p},
         nxt,
         jnp.full((b, 1), t),
@@ -78,7 +84,7 @@ def _decode_step_logits(config, params, kernels, thresholds, prompt_BxT):
         thresholds=thresholds,
         mutable=["stats"],
     )
-    return logits[:, -1], vs["stats"]
+    return logits[:, -1], vs["stats"], cache
 
 
 @pytest.mark.slow
@@ -104,6 +110,32 @@ def test_decode_step_matches_masked_dense(impl, head_calls):
         TINY, params, kernels_for_method("dejavu", "xla"), _dejavu(TINY, head_k=4), prompt
     )
     assert float(jnp.max(jnp.abs(dense - want))) > 1e-2
+
+
+@pytest.mark.slow
+def test_kv_written_for_every_kv_head(head_calls):
+    """A kernel decode step with one of 4 query heads selected per row (so one of the 2 kv
+    heads is read by no selected head) still computes K/V for every kv head and writes
+    them to the cache: a head selected at a later step finds it complete. The new slot
+    must equal the masked dense XLA step's (which computes every head) and not be zero."""
+    params = jax.tree.map(lambda x: x * 8, init_params(TINY, seed=5))
+    th = _dejavu(TINY, head_k=1)
+    prompt = jnp.asarray([[3, 4, 5, 6, 9], [11, 12, 13, 14, 15]])
+    t = prompt.shape[1]  # the decode step's slot
+    _, _, want = _decode_step(TINY, params, kernels_for_method("dejavu", "xla"), th, prompt)
+    _, stats, got = _decode_step(
+        TINY, params, kernels_for_method("dejavu", "pallas", "gpu_interpret"), th, prompt
+    )
+    assert head_calls == [((2, 4), "gpu_interpret")] * TINY.num_layers
+    for i in range(TINY.num_layers):
+        o_zero = np.asarray(stats[f"layers_{i}"]["self_attn"]["o_in"][0])
+        np.testing.assert_allclose(o_zero, 0.75, atol=1e-6)  # 1 of 4 heads per row
+        for name in ("k", "v"):
+            new_BxKxD = np.asarray(got[f"layers_{i}"][name][:, :, t])
+            assert np.all(np.abs(new_BxKxD).max(-1) > 0), (i, name)  # every kv head written
+            np.testing.assert_allclose(
+                new_BxKxD, np.asarray(want[f"layers_{i}"][name][:, :, t]), rtol=2e-4, atol=2e-4
+            )
 
 
 @pytest.mark.slow
