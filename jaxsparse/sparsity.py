@@ -243,6 +243,31 @@ def activated_params_fraction(config: ModelConfig, density: dict[str, Any],
     return (read + predictor) / total
 
 
+def shares_qkv_input(thresholds: dict | None) -> bool:
+    """Whether q and k/v read the same input under `thresholds` (a model's `thresholds=`
+    tree): in every layer the `q_in` and `kv_in` thresholds (a missing one: zeros) and
+    keep-masks are equal, and no relaxed (learning) mask is used. Only then may q/k/v run as
+    one fused matmul on the q input (`jaxsparse.models.kernels_for_method`); otherwise k/v
+    must read their own, differently thresholded input. None (dense) shares it."""
+    if thresholds is None:
+        return True
+    for layer in thresholds.values():
+        if "relax_tau" in layer:
+            return False
+        q, kv = layer.get("q_in"), layer.get("kv_in")
+        if (q is None) != (kv is None) and not np.all(np.asarray(q if kv is None else kv) == 0):
+            return False
+        if q is not None and kv is not None and not np.array_equal(np.asarray(q),
+                                                                   np.asarray(kv)):
+            return False
+        masks = layer.get("masks", {})
+        mq, mkv = masks.get("q_in"), masks.get("kv_in")
+        if (mq is None) != (mkv is None) or (
+                mq is not None and not np.array_equal(np.asarray(mq), np.asarray(mkv))):
+            return False
+    return True
+
+
 def layer_names(num_layers: int) -> list[str]:
     return [f"layers_{i}" for i in range(num_layers)]
 

@@ -7,7 +7,7 @@ import pytest
 
 from jaxsparse.config import ModelConfig
 from jaxsparse.generate import Generator, SamplingParams, bucket_length, sample_logits
-from jaxsparse.models import build_model, init_params
+from jaxsparse.models import Kernels, build_model, init_params
 
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
             head_dim=8)
@@ -128,24 +128,55 @@ def _random_thresholds(config, key, scale=0.02):
     return out
 
 
+def _decode_logits(config, params, kernels, thresholds, prompt_BxT, steps):
+    """Prefill then `steps` greedy decode steps through `kernels`: the logits [steps, B, V]."""
+    from jaxsparse.models import init_cache, prepare_params
+
+    model, p = build_model(config, kernels), prepare_params(params, config, kernels)
+    run = jax.jit(lambda p, *a: model.apply({"params": p}, *a))
+    b, t = prompt_BxT.shape
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    logits, cache = run(p, prompt_BxT, pos, init_cache(config, b, t + steps), 0, None)
+    out = []
+    for i in range(steps):
+        tok = jnp.argmax(logits[:, -1], -1)[:, None]
+        logits, cache = run(p, tok, jnp.full((b, 1), t + i), cache, t + i, thresholds)
+        out.append(np.asarray(logits[:, -1]))
+    return np.stack(out)
+
+
+@pytest.mark.slow  # 20-50 s each on 2 cores: the kernels run in interpret mode
 @pytest.mark.parametrize("method,impl", [("chess", "gpu_interpret"), ("chess+", "tpu_interpret"),
                                          ("teal", "gpu_interpret"), ("teal", "tpu_interpret")])
 def test_kernel_decoding_gives_masked_dense_tokens(method, impl):
-    """Sparse decoding through the Pallas kernels (interpret mode on the CPU) gives the same
-    tokens as the masked dense XLA path, for a batch of prompts of different lengths."""
+    """Sparse decoding through the Pallas kernels (interpret mode on the CPU) gives the
+    masked dense XLA path's logits and tokens, for a batch of prompts of different lengths.
+    The random thresholds of q_in and kv_in differ, so q/k/v must not be fused (a fused
+    matmul reads k/v from the q input, ignoring kv_in); equal ones may be."""
     from jaxsparse.models import kernels_for_method
 
     config = tiny(intermediate_size=96)
     params = jax.tree.map(lambda x: x * 10, init_params(config, seed=2))
     thresholds = _random_thresholds(config, jax.random.key(4), scale=0.3)
+    kernels = kernels_for_method(method, "pallas", impl, thresholds=thresholds)
+    assert not kernels.fuse_qkv and kernels.fuse_kv
+    same = {k: {**v, "kv_in": v["q_in"]} for k, v in thresholds.items()}
+    assert kernels_for_method(method, "pallas", impl, thresholds=same).fuse_qkv == (
+        method != "chess+")
     prompts = [[5, 6, 7, 8], [9, 10]]
     dense = Generator(config, params).generate_ids(
         prompts, max_new_tokens=6, thresholds=thresholds, stop_at_eos=False)
-    kern = Generator(config, params, kernels=kernels_for_method(method, "pallas", impl))
+    kern = Generator(config, params, kernels=kernels)
     got = kern.generate_ids(prompts, max_new_tokens=6, thresholds=thresholds, stop_at_eos=False)
     assert got.tokens == dense.tokens
     assert got.measured_sparsity["gate"] == pytest.approx(dense.measured_sparsity["gate"])
+    assert got.measured_sparsity["kv_in"] == pytest.approx(dense.measured_sparsity["kv_in"])
     assert 0.1 < dense.measured_sparsity["down_in"] < 0.95  # the thresholds did zero things
+    assert dense.measured_sparsity["kv_in"] != pytest.approx(dense.measured_sparsity["q_in"])
+    prompt = jnp.asarray([[5, 6, 7, 8], [9, 10, 11, 12]])
+    want = _decode_logits(config, params, Kernels(), thresholds, prompt, 3)
+    have = _decode_logits(config, params, kernels, thresholds, prompt, 3)
+    np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("model_type,extra", [("llama", {}), ("qwen2", {"qkv_bias": True}),

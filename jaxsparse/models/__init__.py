@@ -32,13 +32,22 @@ def build_model(config: ModelConfig, kernels: Kernels = XLA) -> nn.Module:
     return cls(config, kernels)
 
 
-def kernels_for_method(method: str, mode: str = "pallas", impl: str = "auto") -> Kernels:
-    """The kernel setup for a sparsity method's decode steps (`rules.KERNEL_POINTS`)."""
+def kernels_for_method(method: str, mode: str = "pallas", impl: str = "auto",
+                       thresholds: dict | None = None) -> Kernels:
+    """The kernel setup for a sparsity method's decode steps (`rules.KERNEL_POINTS`).
+
+    `thresholds`, the `thresholds=` tree of the state that will run: q/k/v are fused into
+    one matmul on the q input only when its `q_in` and `kv_in` thresholds are equal in
+    every layer (`jaxsparse.sparsity.shares_qkv_input`); otherwise k/v run apart, on their
+    own input, so that the `kv_in` threshold is the one applied. None: decided by the
+    method's name alone (`rules.SHARED_QKV_INPUT`)."""
     from jaxsparse.rules import KERNEL_POINTS, SHARED_QKV_INPUT
+    from jaxsparse.sparsity import shares_qkv_input
 
     if method not in KERNEL_POINTS:
         raise ValueError(f"no kernel path for method {method!r}; known: {sorted(KERNEL_POINTS)}")
-    fuse = method in SHARED_QKV_INPUT  # else q has a threshold of its own (chess+)
+    # else q has a threshold of its own (chess+, or a state whose q_in and kv_in differ)
+    fuse = method in SHARED_QKV_INPUT and shares_qkv_input(thresholds)
     if mode == "xla":
         return Kernels("xla", fuse_qkv=fuse, fuse_kv=not fuse)
     heads = method == "dejavu"  # head-sparse attention: q apart from k/v (`Kernels.q_rows`)
