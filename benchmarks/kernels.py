@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/kernels.py --json OUT [--quick] [--no-sweep] [--impl gpu]
 
-Protocol (DESIGN.md, "Measuring"): every timed function is jit-compiled and warmed up;
+Protocol (docs/design.md, "Measuring"): every timed function is jit-compiled and warmed up;
 one timed call runs `calls` kernel invocations unrolled inside one jit, each on its own
 activation and its own weight buffer (>= 16 buffers, > 200 MB in all, so the 50 MB L2
 does not hold them; never a shared buffer, since XLA's dot merger would fuse dots that
@@ -14,8 +14,8 @@ Random data only (normal; zeros only where the sparsity puts them).
 Sparsity s: a random set of round(s * rows) weight rows is inactive, the same set for
 every batch row (so the bytes needed are exactly (1 - s) of the weight); the activation
 is random normal elsewhere. "GB/s" counts the bytes actually needed (active weight rows,
-x, y) over the measured time; "roofline" divides that by ROOFLINE_BPS (the H100's
-measured ~3.0 TB/s copy rate, DESIGN.md); the run also measures its own copy rate.
+x, y) over the measured time; "roofline" divides that by ROOFLINE_BPS (an assumed
+3.0 TB/s for an H100's copy rate); the run also measures its own copy rate.
 
 Holds the benchmark only; results go to benchmarks/results/kernels_<device>.json.
 """

@@ -1,7 +1,7 @@
 """Deja Vu predictors: training data from the dense model, low-rank predictors trained
 with optax, their held-out report, and the `dejavu` sparsity state (`train-predictors`).
 
-What a predictor sees and predicts (lookahead, DESIGN.md "Methods, exactly"): for layer
+What a predictor sees and predicts (lookahead, docs/design.md "Methods"): for layer
 `l`, the residual entering block `l - 1` (layer 0: its own input), divided by its RMS;
 it predicts which FFN neurons of layer `l` matter (labels: the top `ffn_label_k` of
 `abs(g_i * u_i)` of the dense model, per token) and which attention heads matter (labels:

@@ -18,7 +18,7 @@ the data.
 CHESS importance `abs(g_i) * E abs(u_i)` needs `E abs(u_i)` first: we make two passes
 over the same calibration tokens (pass 1: means and the other histograms; pass 2: the
 importance histogram with the final means). That keeps memory at one histogram per
-layer and makes the statistic exactly the one in DESIGN.md, at the price of a second
+layer and makes the statistic exactly the one in docs/methods.md, at the price of a second
 forward pass for chess/chess+.
 """
 

@@ -5,7 +5,7 @@ sliding-window or global attention per layer, each with its RoPE base).
 
 Holds the decoder block, the gated FFN with its sparsification points (`ffn_in`, `gate`,
 `down_in`) and the causal LM. Layers are unrolled over per-layer params (`layers_0`, ...):
-the decode path never slices stacked weights (DESIGN.md, "Scan or unroll").
+the decode path never slices stacked weights (docs/design.md, "Scan or unroll").
 """
 
 from __future__ import annotations
