@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pallas_kernels import fused_sparse_ffn, gated_matvec, sparse_input_matvec
+from pallas_kernels import gated_matvec, sparse_input_matvec
 
 ROOFLINE_BPS = 3.0e12
 MIN_TOTAL_BYTES = 220e6
@@ -59,7 +59,6 @@ MATVEC_SWEEP = [
     (64, 256, SPLIT_MAX, 4, 1),
 ]
 GATED_SWEEP = [(16, 256, 4, 3), (32, 256, 4, 3), (64, 128, 8, 3)]
-FUSED_SWEEP = [(32, 256, 4, 3), (64, 256, 8, 3)]
 DEADLINE = [float("inf")]  # wall-clock time after which remaining rows are skipped
 
 
@@ -226,7 +225,7 @@ def bench_ffn(args, dtype, calls_min, repeats):
     # small sweeps at B=1, s=0.5
     keys = jax.random.split(jax.random.key(3), calls)
     xg = [gx(k, 1, 0.5)[0] for k in keys]
-    best_g, best_f = None, None
+    best_g = None
     for bm, bd, nw, ns in GATED_SWEEP if args.sweep else []:
         if over_budget():
             break
@@ -243,28 +242,7 @@ def bench_ffn(args, dtype, calls_min, repeats):
         log(f"sweep gated {cfg} {t * 1e6:.1f} us")
         if best_g is None or t < best_g[0]:
             best_g = (t, cfg)
-    for bm, bd, nw, ns in FUSED_SWEEP if args.sweep else []:
-        if over_budget():
-            break
-        cfg = {"block_m": bm, "block_d": bd, "num_warps": nw, "num_stages": ns}
-        try:
-            f = unrolled(
-                lambda a, w1, w2, cfg=cfg: fused_sparse_ffn(
-                    a[0], a[1], w1, w2, impl=args.impl, **cfg
-                ),
-                calls,
-                nb,
-            )
-            t, _ = time_per_call(f, (xg, list(zip(wu, wd))), calls, repeats)
-        except Exception as e:  # noqa: BLE001 - recorded, not fatal
-            sweep.append({"kernel": "fused_sparse_ffn", "config": cfg, "error": repr(e)[:300]})
-            continue
-        sweep.append({"kernel": "fused_sparse_ffn", "config": cfg, "time_us": t * 1e6})
-        log(f"sweep fused {cfg} {t * 1e6:.1f} us")
-        if best_f is None or t < best_f[0]:
-            best_f = (t, cfg)
     gcfg = best_g[1] if best_g else {}
-    fcfg = best_f[1] if best_f else {}
     mv_cfg = args.best_cfg.get((m, d), {})
 
     fns = {
@@ -278,11 +256,6 @@ def bench_ffn(args, dtype, calls_min, repeats):
             lambda a, w1, w2: sparse_input_matvec(
                 gated_matvec(a[0], a[1], w1, impl=args.impl, **gcfg), w2, impl=args.impl, **mv_cfg
             ),
-            2,
-        ),
-        "ffn_fused": (
-            lambda a, w1, w2: jnp.dot(a[1] * jnp.dot(a[0], w1.T), w2),
-            lambda a, w1, w2: fused_sparse_ffn(a[0], a[1], w1, w2, impl=args.impl, **fcfg),
             2,
         ),
     }
@@ -315,8 +288,7 @@ def bench_ffn(args, dtype, calls_min, repeats):
                 io = B * (d + 2 * m) * dtype.itemsize
                 need = n_w * n_act * d * dtype.itemsize + io
                 dense_bytes = n_w * wbytes + io
-                row_cfg = (gcfg if name == "gated_matvec"
-                           else fcfg if name == "ffn_fused" else {"gated": gcfg, "down": mv_cfg})
+                row_cfg = gcfg if name == "gated_matvec" else {"gated": gcfg, "down": mv_cfg}
                 row = result_row(
                     name, d, m, B, s, n_act, nb, calls, row_cfg, (td, sd), (tk, sk), dense_bytes,
                     need, {"rel_err_vs_dense_xla": err})

@@ -13,13 +13,7 @@ package, never the reverse.
 """
 
 from pallas_kernels._dispatch import IMPLS
-from pallas_kernels.gated_matvec import (
-    RECOMMENDED_FFN_PATH,
-    fused_sparse_ffn,
-    fused_sparse_ffn_reference,
-    gated_matvec,
-    gated_matvec_reference,
-)
+from pallas_kernels.gated_matvec import gated_matvec, gated_matvec_reference
 from pallas_kernels.head_sparse_attention import (
     head_mask_from_indices,
     head_sparse_attention,
@@ -29,9 +23,6 @@ from pallas_kernels.sparse_matvec import sparse_input_matvec, sparse_input_matve
 
 __all__ = [
     "IMPLS",
-    "RECOMMENDED_FFN_PATH",
-    "fused_sparse_ffn",
-    "fused_sparse_ffn_reference",
     "gated_matvec",
     "gated_matvec_reference",
     "head_mask_from_indices",

@@ -1,15 +1,10 @@
-"""Gated sparse-output matvec (CHESS up_proj) and the fused sparse SwiGLU tail.
+"""Gated sparse-output matvec (CHESS up_proj): `gated_matvec`.
 
-- `gated_matvec`: `h[B, m] = g[B, m] * (x[B, d] @ Wu^T)` with Wu stored `[m, d]` (rows
-  contiguous, torch's Linear layout), computing only the rows `i` of Wu where some
-  `g[b, i] != 0`; the gate multiply is fused.
-- `fused_sparse_ffn`: `y[B, d] = (g * (x @ Wu^T)) @ Wd` in one pass, Wd stored `[m, d]`
-  (the transpose of torch's down_proj weight): each program takes a block of rows of m,
-  computes its slice of h in float32 (h never leaves the chip, nor is it rounded to
-  x.dtype) and adds `h_slice @ Wd[rows]` into y with atomics (GPU) or into a resident
-  accumulator (TPU).
+`h[B, m] = g[B, m] * (x[B, d] @ Wu^T)` with Wu stored `[m, d]` (rows contiguous, torch's
+Linear layout), computing only the rows `i` of Wu where some `g[b, i] != 0`; the gate
+multiply is fused.
 
-Each has a pure-jnp `*_reference` (float32 accumulation, result in x.dtype), a GPU
+It has a pure-jnp `*_reference` (float32 accumulation, result in x.dtype), a GPU
 kernel (Pallas/Triton: masked row loads skip the memory traffic of inactive rows), a
 TPU kernel (Pallas/Mosaic: the active rows, some g[b, i] != 0, are compacted into a
 prefetched index list and each is copied from HBM by its own DMA, double-buffered; see
@@ -17,10 +12,10 @@ pallas_kernels/_row_dma.py) and a dispatcher (`impl="auto"` picks by backend). T
 `gated_matvec` computes u for the active rows in compacted order and scatters `g * u`
 into h outside the kernel.
 
-Which path to use for a SwiGLU FFN: the unfused pair `gated_matvec` then
-`sparse_input_matvec(h, Wd)` or `fused_sparse_ffn` is settled by the H100 numbers in
-benchmarks/results/kernels_h100.json (see `RECOMMENDED_FFN_PATH` below and
-benchmarks/NOTES_kernels.md).
+A SwiGLU FFN runs `gated_matvec` then `sparse_input_matvec(h, Wd)`. A fused up + down
+kernel was measured on an H100 (benchmarks/results/kernels_h100.json,
+benchmarks/NOTES_kernels.md): it tied with this pair at batch 1 and lost at batch 4, so
+it was removed.
 
 Leaves out: the gate projection itself (dense, read whole), the SiLU and the
 threshold rule that produces g (they live in jaxsparse's sparsity rules).
@@ -39,10 +34,6 @@ from pallas_kernels import _dispatch as dsp
 from pallas_kernels import _row_dma as rdma
 
 _GATED = "gated_matvec"
-_FUSED = "fused_sparse_ffn"
-
-# Recorded from benchmarks/results/kernels_h100.json; "fused" or "unfused".
-RECOMMENDED_FFN_PATH = "unfused"
 
 
 def _check_gated(fn: str, x_Bxd: jax.Array, g_Bxm: jax.Array, wu_mxd: jax.Array) -> None:
@@ -54,17 +45,6 @@ def _check_gated(fn: str, x_Bxd: jax.Array, g_Bxm: jax.Array, wu_mxd: jax.Array)
     dsp.check_dim(fn, "g_Bxm.shape[0] (B)", g_Bxm.shape[0], x_Bxd.shape[0])
     dsp.check_dim(fn, "wu_mxd.shape[0] (m)", wu_mxd.shape[0], g_Bxm.shape[1])
     dsp.check_dim(fn, "wu_mxd.shape[1] (d)", wu_mxd.shape[1], x_Bxd.shape[1])
-
-
-def _check_fused(x_Bxd, g_Bxm, wu_mxd, wd_mxd) -> None:
-    _check_gated(_FUSED, x_Bxd, g_Bxm, wu_mxd)
-    dsp.check_ndim(_FUSED, "wd_mxd", wd_mxd, 2, "[m, d]")
-    dsp.check_float(_FUSED, "wd_mxd", wd_mxd)
-    if wd_mxd.shape != wu_mxd.shape:
-        raise ValueError(
-            f"{_FUSED}: shape mismatch: wd_mxd is {wd_mxd.shape}, expected {wu_mxd.shape} "
-            "(the down projection stored [m, d], the transpose of torch's [d, m])."
-        )
 
 
 _HI = jax.lax.Precision.HIGHEST
@@ -80,20 +60,6 @@ def gated_matvec_reference(
     _check_gated(_GATED, x_Bxd, g_Bxm, wu_mxd)
     u = jnp.dot(x_Bxd.astype(jnp.float32), wu_mxd.astype(jnp.float32).T, precision=_HI)
     return (g_Bxm.astype(jnp.float32) * u).astype(x_Bxd.dtype)
-
-
-def fused_sparse_ffn_reference(
-    x_Bxd: jax.Array,
-    g_Bxm: jax.Array,
-    wu_mxd: jax.Array,
-    wd_mxd: jax.Array,
-    **_blocks: Any,
-) -> jax.Array:
-    """`(g * (x @ Wu^T)) @ Wd` with h kept in float32; result in x.dtype."""
-    _check_fused(x_Bxd, g_Bxm, wu_mxd, wd_mxd)
-    u = jnp.dot(x_Bxd.astype(jnp.float32), wu_mxd.astype(jnp.float32).T, precision=_HI)
-    h = g_Bxm.astype(jnp.float32) * u
-    return jnp.dot(h, wd_mxd.astype(jnp.float32), precision=_HI).astype(x_Bxd.dtype)
 
 
 # ------------------------------------------------------------------------ GPU (Triton)
@@ -177,79 +143,9 @@ def _gated_matvec_gpu(
     )(x_Bxd, g_Bxm, wu_mxd)
 
 
-def _fused_gpu_kernel(
-    x_ref, g_ref, wu_ref, wd_ref, _zeros_ref, y_ref, *, B, m, d, block_m, block_d
-):
-    rows = dsp.static_indices(B)
-    r0 = pl.program_id(0) * block_m
-    hs, active, _ = _gated_rows(
-        x_ref,
-        g_ref,
-        wu_ref,
-        rows=rows,
-        B=B,
-        m=m,
-        d=d,
-        r0=r0,
-        block_m=block_m,
-        block_d=block_d,
-    )
-
-    def body(j, carry):
-        d0 = j * block_d
-        d_ok = (d0 + jnp.arange(block_d)) < d
-        w = dsp.masked_load(
-            wd_ref.at[pl.ds(r0, block_m), pl.ds(d0, block_d)],
-            active[:, None] & d_ok[None, :],
-            0.0,
-        ).astype(jnp.float32)
-        for b in range(B):
-            dsp.atomic_add(
-                y_ref, (rows[b], pl.ds(d0, block_d)), jnp.sum(hs[b][:, None] * w, axis=0)
-            )
-        return carry
-
-    jax.lax.fori_loop(0, dsp.cdiv(d, block_d), body, 0)
-
-
-@functools.partial(
-    jax.jit, static_argnames=("block_m", "block_d", "num_warps", "num_stages", "interpret")
-)
-def _fused_sparse_ffn_gpu(
-    x_Bxd,
-    g_Bxm,
-    wu_mxd,
-    wd_mxd,
-    *,
-    block_m=64,
-    block_d=256,
-    num_warps=4,
-    num_stages=3,
-    interpret=False,
-):
-    B, d = x_Bxd.shape
-    m = wu_mxd.shape[0]
-    dsp.check_block(_FUSED, "block_m", block_m, power_of_2=True)
-    dsp.check_block(_FUSED, "block_d", block_d, power_of_2=True)
-    n_d = dsp.cdiv(d, block_d)
-    # Atomic target padded to whole d blocks: no atomic needs a mask.
-    zeros = jnp.zeros((B, n_d * block_d), jnp.float32)
-    kernel = functools.partial(_fused_gpu_kernel, B=B, m=m, d=d, block_m=block_m, block_d=block_d)
-    y = pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct(zeros.shape, jnp.float32),
-        grid=(dsp.cdiv(m, block_m),),
-        input_output_aliases={4: 0},
-        compiler_params=dsp.triton_compiler_params(num_warps, num_stages),
-        interpret=interpret,
-        name="fused_sparse_ffn",
-    )(x_Bxd, g_Bxm, wu_mxd, wd_mxd, zeros)
-    return y[:, :d].astype(x_Bxd.dtype)
-
-
 # ------------------------------------------------------------------------ TPU (Mosaic)
 
-TPU_BLOCK_M = 128  # compacted rows per chunk: the MXU's contraction width for the down dot
+TPU_BLOCK_M = 128  # compacted rows per chunk (the MXU's width)
 
 
 def _dot_dtype(*arrays: jax.Array) -> jnp.dtype:
@@ -361,81 +257,6 @@ def _gated_matvec_tpu(
     return (h, out[1]) if count_copies else h
 
 
-def _fused_tpu_kernel(
-    ids_ref, cnt_ref, x_ref, gc_ref, wu_hbm, wd_hbm, y_ref, *rest, block_m, dot_dtype, count_copies
-):
-    counter, (wu_buf, wd_buf, sems, acc_ref) = _split_counter(rest, count_copies)
-    count = cnt_ref[0]
-    acc_ref[...] = jnp.zeros_like(acc_ref)
-
-    def chunk(c, slot):
-        u = _dot_nt(x_ref[...], wu_buf[slot], dot_dtype)  # [B, block_m] float32
-        # Stale buffer rows past the count may hold anything (NaN): mask h and Wd rows.
-        h = jnp.where(rdma.chunk_row_valid(c, count, block_m, axis=1), gc_ref[c] * u, 0.0)
-        wd = jnp.where(rdma.chunk_row_valid(c, count, block_m, axis=0), wd_buf[slot], 0)
-        acc_ref[...] += jnp.dot(
-            h, wd.astype(jnp.float32), preferred_element_type=jnp.float32, precision=_HI
-        )
-
-    rdma.for_each_chunk(
-        ids_ref,
-        count,
-        block_m,
-        [(lambda k: wu_hbm.at[pl.ds(k, 1)], wu_buf), (lambda k: wd_hbm.at[pl.ds(k, 1)], wd_buf)],
-        sems,
-        chunk,
-        counter,
-    )
-    y_ref[...] = acc_ref[...].astype(y_ref.dtype)
-
-
-@functools.partial(jax.jit, static_argnames=("block_m", "interpret", "count_copies"))
-def _fused_sparse_ffn_tpu(
-    x_Bxd, g_Bxm, wu_mxd, wd_mxd, *, block_m=TPU_BLOCK_M, interpret=False, count_copies=False
-):
-    B, d = x_Bxd.shape
-    _check_tpu_block_m(_FUSED, block_m, wu_mxd.dtype)
-    ids, cnt = rdma.compact_rows(jnp.any(g_Bxm != 0, axis=0), block_m)
-    gc = rdma.compact_columns(g_Bxm, ids, cnt, block_m)  # [n_chunks, B, block_m]
-    kernel = functools.partial(
-        _fused_tpu_kernel,
-        block_m=block_m,
-        dot_dtype=_dot_dtype(x_Bxd, wu_mxd),
-        count_copies=count_copies,
-    )
-    specs, shapes = _counter_out(
-        count_copies,
-        [pl.BlockSpec((B, d), lambda i, ids, cnt: (0, 0))],
-        [jax.ShapeDtypeStruct((B, d), x_Bxd.dtype)],
-    )
-    grid_spec = dsp.prefetch_grid_spec(
-        num_scalar_prefetch=2,
-        grid=(1,),
-        in_specs=[
-            pl.BlockSpec((B, d), lambda i, ids, cnt: (0, 0)),
-            pl.BlockSpec(gc.shape, lambda i, ids, cnt: (0, 0, 0)),
-            rdma.any_spec(),
-            rdma.any_spec(),
-        ],
-        out_specs=specs,
-        scratch_shapes=[
-            dsp.vmem((2, block_m, d), wu_mxd.dtype),
-            dsp.vmem((2, block_m, d), wd_mxd.dtype),
-            rdma.dma_semaphores(2),
-            dsp.vmem((B, d), jnp.float32),
-        ],
-    )
-    out = pl.pallas_call(
-        kernel,
-        out_shape=shapes,
-        grid_spec=grid_spec,
-        compiler_params=dsp.tpu_compiler_params(("arbitrary",)),
-        interpret=dsp.tpu_interpret_params() if interpret else False,
-        name="fused_sparse_ffn_tpu",
-    )(ids, cnt, x_Bxd, gc, wu_mxd, wd_mxd)
-    return tuple(out) if count_copies else out[0]
-
-
 # ----------------------------------------------------------------------- dispatchers
 
 
@@ -489,37 +310,3 @@ def gated_matvec(
         {"block_m": block_m, "block_d": block_d},
     )
 
-
-def fused_sparse_ffn(
-    x_Bxd: jax.Array,
-    g_Bxm: jax.Array,
-    wu_mxd: jax.Array,
-    wd_mxd: jax.Array,
-    *,
-    impl: str = "auto",
-    block_m: int | None = None,
-    block_d: int | None = None,
-    **kernel_options: Any,
-) -> jax.Array:
-    """`y[B, d] = (g * (x @ Wu^T)) @ Wd`, reading only the rows of Wu and Wd in use.
-
-    Args:
-      x_Bxd: FFN input [B, d]. g_Bxm: gate (already sparsified) [B, m].
-      wu_mxd: up projection [m, d]. wd_mxd: down projection stored [m, d] (the
-        transpose of torch's down_proj.weight), so row i is contiguous.
-      impl, block_m, block_d, kernel_options: as for `gated_matvec`.
-
-    Returns:
-      y [B, d] in x.dtype; h is kept in float32 inside the kernel.
-    """
-    _check_fused(x_Bxd, g_Bxm, wu_mxd, wd_mxd)
-    return _route(
-        _FUSED,
-        impl,
-        kernel_options,
-        fused_sparse_ffn_reference,
-        _fused_sparse_ffn_gpu,
-        _fused_sparse_ffn_tpu,
-        (x_Bxd, g_Bxm, wu_mxd, wd_mxd),
-        {"block_m": block_m, "block_d": block_d},
-    )

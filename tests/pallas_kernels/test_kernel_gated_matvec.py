@@ -1,4 +1,4 @@
-"""gated_matvec and fused_sparse_ffn: every implementation against the reference."""
+"""gated_matvec: every implementation against the reference."""
 
 from __future__ import annotations
 
@@ -7,12 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import (
-    fused_sparse_ffn,
-    fused_sparse_ffn_reference,
-    gated_matvec,
-    gated_matvec_reference,
-)
+from pallas_kernels import gated_matvec, gated_matvec_reference
 
 M, D = 300, 200  # not multiples of the blocks below
 SPARSITIES = (0.0, 0.5, 0.9, 1.0)
@@ -44,32 +39,16 @@ def test_gated_matches_reference(kt, impl, dtype, B):
             assert not np.any(np.asarray(h, np.float32)[np.asarray(g == 0)])
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("B", [1, 5])
-def test_fused_matches_reference(kt, impl, dtype, B):
-    for seed in (2, 3):
-        for s in SPARSITIES:
-            x, g, wu, wd = data(kt, seed * 7 + int(10 * s), B, s, dtype)
-            y = fused_sparse_ffn(x, g, wu, wd, impl=impl, **blocks(impl))
-            assert y.dtype == x.dtype
-            want = fused_sparse_ffn_reference(x, g, wu, wd)
-            kt.assert_close(y, want, dtype, f"{impl} s={s}")
-            if s == 1.0:
-                assert not np.any(np.asarray(y, np.float32))
-
-
 def test_inactive_rows_are_not_read(kt, impl):
-    """Rows of Wu/Wd whose gate is zero for every batch row (a random pattern) are NaN:
+    """Rows of Wu whose gate is zero for every batch row (a random pattern) are NaN:
     never read (GPU: masked rows; TPU: only active rows are copied, one DMA each)."""
     B = 2
-    x, g, wu, wd = data(kt, 11, B, 0.0, jnp.float32)
+    x, g, wu, _ = data(kt, 11, B, 0.0, jnp.float32)
     dead = jax.random.uniform(jax.random.key(12), (M,)) < 0.6
     g = jnp.where(dead[None, :], 0.0, g)
     nan_rows = lambda w: jnp.where(dead[:, None], jnp.nan, w)
     h = gated_matvec(x, g, nan_rows(wu), impl=impl, **blocks(impl))
     kt.assert_close(h, gated_matvec_reference(x, g, wu), jnp.float32, "gated")
-    y = fused_sparse_ffn(x, g, nan_rows(wu), nan_rows(wd), impl=impl, **blocks(impl))
-    kt.assert_close(y, fused_sparse_ffn_reference(x, g, wu, wd), jnp.float32, "fused")
 
 
 def test_bad_inputs():
@@ -82,11 +61,7 @@ def test_bad_inputs():
         gated_matvec(x, g, jnp.ones((M, D + 1)), impl="reference")
     with pytest.raises(ValueError, match=r"shape mismatch: g_Bxm.shape\[0\]"):
         gated_matvec(x, jnp.ones((3, M)), wu, impl="gpu_interpret")
-    with pytest.raises(ValueError, match="shape mismatch: wd_mxd"):
-        fused_sparse_ffn(x, g, wu, jnp.ones((D, M)), impl="reference")
-    with pytest.raises(ValueError, match="impl='fast'"):
-        fused_sparse_ffn(x, g, wu, wu, impl="fast")
     with pytest.raises(ValueError, match="power of 2"):
-        fused_sparse_ffn(x, g, wu, wu, impl="gpu_interpret", block_m=24)
+        gated_matvec(x, g, wu, impl="gpu_interpret", block_m=24)
     with pytest.raises(ValueError, match="block_m=20 .*multiple of 16"):
         gated_matvec(x, g, wu.astype(jnp.bfloat16), impl="tpu_interpret", block_m=20)

@@ -16,7 +16,6 @@ from jax import export
 from jax.experimental import pallas as pl
 
 from pallas_kernels import (
-    fused_sparse_ffn_reference,
     gated_matvec_reference,
     head_sparse_attention,
     sparse_input_matvec_reference,
@@ -62,10 +61,9 @@ def test_every_tpu_kernel_lowers_at_model_shapes(name, dtype, B):
         w(d, m),
         _sds((d,), jnp.float32),
     )
-    # gated_matvec: up (and gate) rows [m, d], Deja Vu's q rows [q, d]; the fused FFN.
+    # gated_matvec: up (and gate) rows [m, d], Deja Vu's q rows [q, d].
     for rows in (m, q):
         _lower_tpu(gmv._gated_matvec_tpu, x(d), x(rows), w(rows, d))
-    _lower_tpu(gmv._fused_sparse_ffn_tpu, x(d), x(m), w(m, d), w(m, d))
     # head-sparse attention over a [B, Hkv, S, Dh] cache: one slot block, and several with
     # a partial last one.
     for S in (256, 4100):
@@ -156,7 +154,7 @@ def test_rows_copied_are_the_active_rows(dtype):
     B = 3
     for i, s in enumerate(SPARSITIES):
         key = jax.random.key(100 + i)
-        kx, kw, kg, ku, kd, kxx = jax.random.split(key, 6)
+        kx, kw, kg, ku, kxx = jax.random.split(key, 5)
         x = _pattern(kx, (B, K), s, dtype)
         w = (jax.random.normal(kw, (K, N)) * K**-0.5).astype(dtype)
         active = int(jnp.sum(jnp.any(x != 0, axis=0)))
@@ -169,18 +167,12 @@ def test_rows_copied_are_the_active_rows(dtype):
         xx = (jax.random.normal(kxx, (B, 128))).astype(dtype)
         g = _pattern(kg, (B, K), s, dtype)
         wu = (jax.random.normal(ku, (K, 128)) * 128**-0.5).astype(dtype)
-        wd = (jax.random.normal(kd, (K, 128)) * K**-0.5).astype(dtype)
         active = int(jnp.sum(jnp.any(g != 0, axis=0)))
         h, copied = gmv._gated_matvec_tpu(xx, g, wu, block_m=32, interpret=True, count_copies=True)
         assert copied.tolist() == [active], f"gated s={s}"
         _close(h, gated_matvec_reference(xx, g, wu), dtype)
-        y, copied = gmv._fused_sparse_ffn_tpu(
-            xx, g, wu, wd, block_m=32, interpret=True, count_copies=True
-        )
-        assert copied.tolist() == [2 * active], f"fused s={s}"  # a row of Wu and of Wd
-        _close(y, fused_sparse_ffn_reference(xx, g, wu, wd), dtype)
         if s == 1.0:
-            assert active == 0 and not np.any(np.asarray(y, np.float32))
+            assert active == 0 and not np.any(np.asarray(h, np.float32))
 
 
 def test_tpu_block_n_fits_vmem_and_divides():
