@@ -23,7 +23,9 @@ At batch 1 also:
 - `cli`: `jaxsparse generate --json` run in-process (`jaxsparse.cli.main`) with the model
   load replaced by the model already in memory and the state read from disk, its
   `decode_tokens_per_s`.
-- `stream`: `Generator.stream_ids(..., chunk_tokens=--chunk)`, one host read per chunk.
+- `stream`: `Generator.stream_ids(..., chunk_tokens=C)` for each C in `--chunks`, one host
+  read per chunk, against the unbroken loop (`--cli-repeats 0` and `--no-reference` skip
+  the CLI and the reference).
 
 The roofline (batch 1) is the bytes a decode step must read (weights the method needs at
 its measured per-layer sparsity, KV cache, output projection) over the bandwidth of a
@@ -48,7 +50,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxsparse.config import ModelConfig
 from jaxsparse.generate import Generator, bucket_length, default_kernels
@@ -57,11 +58,24 @@ from jaxsparse.models import build_model, init_cache, param_shapes, prepare_para
 METHODS = ("dense", "chess", "chess+", "teal")
 
 LLAMA3_8B = ModelConfig(
-    model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-    num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=8192,
-    norm_eps=1e-5, rope_theta=500000.0,
-    rope_scaling=(("factor", 8.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
-                  ("original_max_position_embeddings", 8192), ("rope_type", "llama3")),
+    model_type="llama",
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    max_position_embeddings=8192,
+    norm_eps=1e-5,
+    rope_theta=500000.0,
+    rope_scaling=(
+        ("factor", 8.0),
+        ("high_freq_factor", 4.0),
+        ("low_freq_factor", 1.0),
+        ("original_max_position_embeddings", 8192),
+        ("rope_type", "llama3"),
+    ),
     dtype="bfloat16",
 )
 
@@ -94,8 +108,13 @@ def random_params(config: ModelConfig, seed: int = 0) -> dict:
             out.append(jnp.ones(s.shape, s.dtype))
         else:
             k = jax.random.fold_in(key, i)
-            out.append(jax.jit(lambda k, sh=s.shape, dt=s.dtype: (
-                0.02 * jax.random.normal(k, sh, jnp.float32)).astype(dt))(k))
+            out.append(
+                jax.jit(
+                    lambda k, sh=s.shape, dt=s.dtype: (
+                        0.02 * jax.random.normal(k, sh, jnp.float32)
+                    ).astype(dt)
+                )(k)
+            )
     return jax.tree.unflatten(jax.tree.structure(shapes), out)
 
 
@@ -123,14 +142,22 @@ def reference_loop(config, kernels, params, thresholds, prompt, steps: int, repe
     @jax.jit
     def prefill(params, tokens, cache):
         logits, cache = build_model(config).apply(
-            {"params": params}, tokens, jnp.arange(t)[None], cache, 0, last_only=True)
+            {"params": params}, tokens, jnp.arange(t)[None], cache, 0, last_only=True
+        )
         return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache
 
     def decode(params, tok, cache, thresholds):
         def body(i, carry):
             tok, cache = carry
-            logits, cache = model.apply({"params": params}, tok[:, None], (t + i)[None, None],
-                                        cache, t + i, thresholds, last_only=True)
+            logits, cache = model.apply(
+                {"params": params},
+                tok[:, None],
+                (t + i)[None, None],
+                cache,
+                t + i,
+                thresholds,
+                last_only=True,
+            )
             return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache
 
         return jax.lax.fori_loop(0, steps, body, (tok, cache))
@@ -138,8 +165,9 @@ def reference_loop(config, kernels, params, thresholds, prompt, steps: int, repe
     decode = jax.jit(decode, donate_argnums=(2,))
     times = []
     for _ in range(repeats + 1):
-        tok, cache = prefill(params, jnp.asarray([prompt], jnp.int32),
-                             init_cache(config, 1, t + steps + 1))
+        tok, cache = prefill(
+            params, jnp.asarray([prompt], jnp.int32), init_cache(config, 1, t + steps + 1)
+        )
         jax.block_until_ready(tok)
         t0 = time.perf_counter()
         tok, cache = decode(p, tok, cache, thresholds)
@@ -148,8 +176,9 @@ def reference_loop(config, kernels, params, thresholds, prompt, steps: int, repe
     return steps / statistics.median(times[1:])
 
 
-def bytes_per_token(config, kernels, per_layer: dict[str, list[float]] | None,
-                    cache_len: int) -> float:
+def bytes_per_token(
+    config, kernels, per_layer: dict[str, list[float]] | None, cache_len: int
+) -> float:
     """Bytes of weights (and KV cache) one batch-1 decode step reads at this sparsity: a
     point's rows are skipped only where its projection runs through a kernel."""
     c = config
@@ -157,8 +186,10 @@ def bytes_per_token(config, kernels, per_layer: dict[str, list[float]] | None,
     pts = set(kernels.points) if kernels.mode == "pallas" else set()
     total = 0.0
     for i in range(c.num_layers):
+
         def dens(p, i=i):
             return 1.0 - per_layer[p][i] if (p in pts and per_layer) else 1.0
+
         total += d * q * dens("q_in") + 2 * d * kv * dens("kv_in") + q * d * dens("o_in")
         up_rows = dens("gate") if "gate" in pts else dens("ffn_in")
         total += d * m * dens("ffn_in") + d * m * up_rows + m * d * dens("down_in")
@@ -181,8 +212,9 @@ def copy_bandwidth(nbytes: int = 4 << 30, repeats: int = 20) -> float:
     return 2 * nbytes / statistics.median(ts)
 
 
-def cli_tokens_per_s(lm, state_dir: str | None, prompt_text: str, new_tokens: int,
-                     repeats: int) -> float:
+def cli_tokens_per_s(
+    lm, state_dir: str | None, prompt_text: str, new_tokens: int, repeats: int
+) -> float:
     """`jaxsparse generate --json`'s decode_tokens_per_s, in-process, model load replaced."""
     import jaxsparse.cli.generate as cli_generate
     from jaxsparse.cli import main
@@ -233,9 +265,23 @@ def run(args) -> dict:
     bw = copy_bandwidth()
     sparse = [m for m in args.methods if m != "dense"]
     t0 = time.perf_counter()
-    states = calibrate(config, params, tok, sparse, [args.sparsity], None,
-                       tokens=args.calibration_tokens, seq_len=256, batch_size=4,
-                       model_source=name, progress=False) if sparse else {}
+    states = (
+        calibrate(
+            config,
+            params,
+            tok,
+            sparse,
+            [args.sparsity],
+            None,
+            tokens=args.calibration_tokens,
+            seq_len=256,
+            batch_size=4,
+            model_source=name,
+            progress=False,
+        )
+        if sparse
+        else {}
+    )
     calibration_s = time.perf_counter() - t0
     prompts = prompt_batch(tok, max(args.batches), args.prompt_len)
     prompt_text = tok.decode(prompts[0])
@@ -255,11 +301,16 @@ def run(args) -> dict:
                 gens.clear()  # one prepared layout on the device at a time
                 gens[key] = Generator(config, params, tok, kernels=kernels)
             gen = gens[key]
-            r, compile_s = median_result(lambda: gen.generate_ids(
-                prompts[:batch], args.new_tokens, thresholds=th, stop_at_eos=False),
-                args.repeats)
+            r, compile_s = median_result(
+                lambda g=gen, b=batch, t=th: g.generate_ids(
+                    prompts[:b], args.new_tokens, thresholds=t, stop_at_eos=False
+                ),
+                args.repeats,
+            )
             row = {
-                "method": method, "batch": batch, "kernels": kernels.mode,
+                "method": method,
+                "batch": batch,
+                "kernels": kernels.mode,
                 "kernel_points": list(kernels.points),
                 "generator_tokens_per_s_per_sequence": r.decode_steps_per_s,
                 "generator_tokens_per_s_summed": r.decode_tokens_per_s,
@@ -270,31 +321,51 @@ def run(args) -> dict:
             if batch == 1:
                 # XLA's attention reads every slot of the cache buffer, filled or not.
                 cache_len = bucket_length(len(prompts[0])) + args.new_tokens
-                nbytes = bytes_per_token(config, kernels, r.measured_sparsity_per_layer,
-                                         cache_len)
+                nbytes = bytes_per_token(config, kernels, r.measured_sparsity_per_layer, cache_len)
                 row["bytes_per_token"] = nbytes
                 row["roofline_tokens_per_s"] = bw / nbytes
                 row["roofline_fraction"] = r.decode_steps_per_s / (bw / nbytes)
-                row["reference_loop_tokens_per_s"] = reference_loop(
-                    config, kernels, params, th, prompts[0], r.decode_steps, args.repeats)
-                row["generator_vs_reference"] = (
-                    r.decode_steps_per_s / row["reference_loop_tokens_per_s"])
-                row["cli_tokens_per_s"] = cli_tokens_per_s(
-                    lm, state_dir, prompt_text, args.new_tokens, args.cli_repeats)
-                row["cli_vs_reference"] = row["cli_tokens_per_s"] / row[
-                    "reference_loop_tokens_per_s"]
-                s, _ = median_result(lambda: _stream(gen, prompts[:1], args, th), args.repeats)
-                row["stream_chunk_tokens"] = args.chunk
-                row["stream_tokens_per_s"] = s.decode_steps_per_s
-                row["stream_vs_unbroken"] = s.decode_steps_per_s / r.decode_steps_per_s
+                if args.reference:
+                    row["reference_loop_tokens_per_s"] = reference_loop(
+                        config, kernels, params, th, prompts[0], r.decode_steps, args.repeats
+                    )
+                    row["generator_vs_reference"] = (
+                        r.decode_steps_per_s / row["reference_loop_tokens_per_s"]
+                    )
+                if args.cli_repeats:
+                    row["cli_tokens_per_s"] = cli_tokens_per_s(
+                        lm, state_dir, prompt_text, args.new_tokens, args.cli_repeats
+                    )
+                    if args.reference:
+                        row["cli_vs_reference"] = (
+                            row["cli_tokens_per_s"] / row["reference_loop_tokens_per_s"]
+                        )
+                # The same compiled loop, stopped every `chunk` steps for a host read.
+                row["stream"] = []
+                for chunk in args.chunks:
+                    s, _ = median_result(
+                        lambda g=gen, t=th, c=chunk: _stream(g, prompts[:1], args, t, c),
+                        args.repeats,
+                    )
+                    row["stream"].append(
+                        {
+                            "chunk_tokens": chunk,
+                            "tokens_per_s": s.decode_steps_per_s,
+                            "vs_unbroken": s.decode_steps_per_s / r.decode_steps_per_s,
+                        }
+                    )
             rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "measured_sparsity"}),
-                  file=sys.stderr)
+            print(
+                json.dumps({k: v for k, v in row.items() if k != "measured_sparsity"}),
+                file=sys.stderr,
+            )
         gens.clear()
     for row in rows:
         dense = next(d for d in rows if d["method"] == "dense" and d["batch"] == row["batch"])
-        row["speedup_vs_dense"] = (row["generator_tokens_per_s_per_sequence"]
-                                   / dense["generator_tokens_per_s_per_sequence"])
+        row["speedup_vs_dense"] = (
+            row["generator_tokens_per_s_per_sequence"]
+            / dense["generator_tokens_per_s_per_sequence"]
+        )
     return {
         "benchmark": "decode",
         "model": name,
@@ -314,9 +385,10 @@ def run(args) -> dict:
     }
 
 
-def _stream(gen, prompts, args, th):
-    for _, result in gen.stream_ids(prompts, args.new_tokens, thresholds=th,
-                                    stop_at_eos=False, chunk_tokens=args.chunk):
+def _stream(gen, prompts, args, th, chunk):
+    for _, result in gen.stream_ids(
+        prompts, args.new_tokens, thresholds=th, stop_at_eos=False, chunk_tokens=chunk
+    ):
         if result is not None:
             return result
 
@@ -331,17 +403,32 @@ def main(argv=None) -> int:
     p.add_argument("--kernels", default="auto", choices=("auto", "pallas", "xla"))
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--chunk", type=int, default=16, help="streaming chunk, in tokens")
+    p.add_argument(
+        "--chunks",
+        default="16,32",
+        help="streaming chunk sizes measured at batch 1, in tokens (comma list)",
+    )
+    p.add_argument(
+        "--no-reference",
+        dest="reference",
+        action="store_false",
+        help="skip the bare fori_loop reference at batch 1",
+    )
     p.add_argument("--calibration-tokens", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--cli-repeats", type=int, default=2,
-                   help="CLI runs per method (each compiles anew, as a user's does)")
+    p.add_argument(
+        "--cli-repeats",
+        type=int,
+        default=2,
+        help="CLI runs per method (each compiles anew, as a user's does)",
+    )
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.methods = [m for m in args.methods.split(",") if m]
     if "dense" not in args.methods:
         args.methods.insert(0, "dense")
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.chunks = [int(c) for c in args.chunks.split(",") if c]
     if not 0.0 <= args.sparsity < 1.0:
         p.error(f"--sparsity {args.sparsity}: must be in [0, 1)")
     out = run(args)
@@ -350,18 +437,29 @@ def main(argv=None) -> int:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
         json.dump(out, f, indent=2)
     os.replace(f.name, path)
-    print(f"\n{out['model']} on {out['device']}, jax {out['jax_version']}, "
-          f"S={args.sparsity}, copy {out['copy_bandwidth_GBps']:.0f} GB/s; tok/s per sequence")
-    print(f"{'method':7} {'B':>2} {'kern':6} {'gen':>7} {'xdense':>6} {'ref':>7} {'gen/ref':>7} "
-          f"{'cli/ref':>7} {'stream':>6} {'roof%':>5}  sparsity")
+    print(
+        f"\n{out['model']} on {out['device']}, jax {out['jax_version']}, "
+        f"S={args.sparsity}, copy {out['copy_bandwidth_GBps']:.0f} GB/s; tok/s per sequence"
+    )
+    print(
+        f"{'method':7} {'B':>2} {'kern':6} {'gen':>7} {'xdense':>6} {'ref':>7} {'gen/ref':>7} "
+        f"{'cli/ref':>7} {'roof%':>5}  stream/unbroken by chunk; sparsity"
+    )
+
+    def f(r, k, fmt):
+        return format(r[k], fmt) if k in r else "-".rjust(int(fmt.split(".")[0]))
+
     for r in out["rows"]:
-        sp = " ".join(f"{k}={v:.2f}" for k, v in (r["measured_sparsity"] or {}).items() if v > .05)
-        one = r["batch"] == 1
-        print(f"{r['method']:7} {r['batch']:2d} {r['kernels']:6} "
-              f"{r['generator_tokens_per_s_per_sequence']:7.1f} {r['speedup_vs_dense']:6.2f} "
-              + (f"{r['reference_loop_tokens_per_s']:7.1f} {r['generator_vs_reference']:7.3f} "
-                 f"{r['cli_vs_reference']:7.3f} {r['stream_vs_unbroken']:6.3f} "
-                 f"{100 * r['roofline_fraction']:5.1f}" if one else " " * 42) + f"  {sp}")
+        sp = " ".join(f"{k}={v:.2f}" for k, v in (r["measured_sparsity"] or {}).items() if v > 0.05)
+        st = " ".join(f"{s['chunk_tokens']}:{s['vs_unbroken']:.3f}" for s in r.get("stream", []))
+        print(
+            f"{r['method']:7} {r['batch']:2d} {r['kernels']:6} "
+            f"{r['generator_tokens_per_s_per_sequence']:7.1f} {r['speedup_vs_dense']:6.2f} "
+            f"{f(r, 'reference_loop_tokens_per_s', '7.1f')} "
+            f"{f(r, 'generator_vs_reference', '7.3f')} {f(r, 'cli_vs_reference', '7.3f')} "
+            f"{100 * r['roofline_fraction'] if 'roofline_fraction' in r else float('nan'):5.1f}"
+            f"  {st}; {sp}"
+        )
     return 0
 
 
