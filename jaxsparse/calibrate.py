@@ -84,7 +84,8 @@ def gather(
     bins=None,
 ) -> Calibration:
     """Streams the calibration text through the dense model once (twice for chess) and
-    returns the statistics every method in `methods` is fitted from."""
+    returns the statistics every method in `methods` is fitted from. `mesh` as in
+    `jaxsparse.evaluate.Evaluator` (None: every local device on `data`)."""
     import jax
 
     from jaxsparse import data as data_mod
@@ -96,6 +97,7 @@ def gather(
         collect_block_inputs,
         collect_statistics,
     )
+    from jaxsparse.models import logical_axes
 
     modules = {m: get_method(m) for m in methods}
     options = options or {}
@@ -111,9 +113,9 @@ def gather(
     eos = data_mod.eos_token_id(config, tokenizer)
     seqs = data_mod.pack_tokens(docs, tokenizer, eos, seq_len, tokens, what)
 
-    mesh = mesh or sharding.make_mesh()
+    mesh = sharding.as_mesh(mesh)
     batch_size = sharding.round_batch(batch_size, mesh)
-    params = sharding.shard_params(params, config, mesh)
+    params = sharding.shard_params(params, logical_axes(config), mesh)
     batches, num_batches = sequence_batches(seqs, batch_size)
     t0 = time.time()
     stats = collect_statistics(

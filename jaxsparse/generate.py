@@ -15,6 +15,11 @@ thresholds (one compile serves every threshold method and sparsity). Prompts of 
 lengths are left-padded to a power-of-two bucket. Sparsity applies to decode tokens, and
 to the prefill only when asked (prefill is compute-bound).
 
+With `mesh=` (`jaxsparse.sharding`), the params, the sparsity state and the KV cache are
+split over the mesh by the logical-axis table: `model` is tensor parallelism (each device
+reads its share of the weights per token; the sparse kernels run per device on their slice
+of rows), `data` splits the prompts of a batch.
+
 It does not load models or parse arguments: see `jaxsparse.loading` and `jaxsparse.cli.generate`.
 """
 
@@ -180,11 +185,25 @@ class Generator:
     compilations."""
 
     def __init__(self, config: ModelConfig, params: Any, tokenizer: Any = None,
-                 kernels: Kernels = XLA):
+                 kernels: Kernels = XLA, mesh: Any = None):
         """`kernels` picks the decode matmuls (`jaxsparse.models.kernels_for_method`); the
-        params are laid out for it and placed on the device here, once."""
+        params are laid out for it and placed on the device here, once. `mesh`: a
+        `jax.sharding.Mesh` or a spec such as `"model=2"` (`jaxsparse.sharding.parse_mesh`)
+        to spread them over; None: the default device."""
+        from jaxsparse import sharding
+        from jaxsparse.models import logical_axes
+
         self.config = config
-        self.params = jax.device_put(prepare_params(params, config, kernels))
+        self.mesh = None if mesh is None else sharding.as_mesh(mesh)
+        self._replicated = None if self.mesh is None else sharding.replicated(self.mesh)
+        if self.mesh is not None and kernels.mode == "pallas":
+            kernels = dataclasses.replace(kernels, mesh=self.mesh)  # kernels per shard
+        prepared = prepare_params(params, config, kernels)
+        if self.mesh is None:
+            self.params = jax.device_put(prepared)
+        else:
+            self.params = sharding.shard_params(prepared, logical_axes(config, kernels),
+                                                self.mesh)
         self.tokenizer = tokenizer
         self.kernels = kernels
         self.model = build_model(config, kernels)
@@ -207,6 +226,41 @@ class Generator:
             return logits[:, -1], cache, variables["zeros"]
         logits, cache = out
         return logits[:, -1], cache, None
+
+    def _put(self, x):
+        """Onto the device, or replicated over the mesh."""
+        return jax.device_put(x, self._replicated)
+
+    def _put_thresholds(self, thresholds):
+        if thresholds is None or self.mesh is None:
+            return None if thresholds is None else jax.device_put(thresholds)
+        from jaxsparse import sharding
+        from jaxsparse.rules import state_logical_axes
+
+        return sharding.shard_tree(thresholds, state_logical_axes(thresholds), self.mesh)
+
+    def _constrain(self, carry: dict) -> dict:
+        """With a mesh: the loop state laid out the same way after the prefill and after
+        every loop call, so that one compiled loop takes what either returns: the KV cache
+        by the logical-axis table, the zero counts as the activations they count (a
+        device counts its own channels, no exchange per step), the rest replicated."""
+        if self.mesh is None:
+            return carry
+        from jax.sharding import PartitionSpec as P
+
+        from jaxsparse import sharding
+        from jaxsparse.models import cache_logical_axes
+        from jaxsparse.rules import POINT_AXES
+
+        shard = {k: jax.tree.map(lambda _: self._replicated, v) for k, v in carry.items()
+                 if k not in ("cache", "stats")}
+        shard["cache"] = sharding.tree_shardings(cache_logical_axes(self.config),
+                                                 carry["cache"], self.mesh)
+        if "stats" in carry:
+            axes = {layer: {p: P(POINT_AXES.get(p, "mlp")) for p in points}  # gate_rows: mlp
+                    for layer, points in carry["stats"].items()}
+            shard["stats"] = sharding.tree_shardings(axes, carry["stats"], self.mesh)
+        return jax.lax.with_sharding_constraint(carry, shard)
 
     def _eos_hit(self, tok_B):
         eos = jnp.asarray(sorted(self.eos_ids) or [-1], jnp.int32)
@@ -238,7 +292,7 @@ class Generator:
                 params, tok_B[:, None], carry["pos"][:, None], cache, carry["index"],
                 thresholds, True)[2], jnp.ones((batch,), bool)))
             carry["stats"] = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), step)
-        return carry
+        return self._constrain(carry)
 
     def _loop_fn(self, params, thresholds, sampling, carry, stop_step, mode: str,
                  collect_stats: bool, stop_at_eos: bool) -> dict:
@@ -271,7 +325,7 @@ class Generator:
                 new["stats"] = jax.tree.map(jnp.add, c["stats"], _zero_counts(stats, active_B))
             return new
 
-        return jax.lax.while_loop(cond, body, carry)
+        return self._constrain(jax.lax.while_loop(cond, body, carry))
 
     def _get(self, kind: str, args: tuple, static: tuple):
         """AOT-compiles `kind` for these argument shapes once; returns (compiled, compile_s)."""
@@ -360,15 +414,15 @@ class Generator:
             tokens[i, bucket - len(p):] = p
             valid[i, bucket - len(p):] = True
         positions = np.where(valid, np.cumsum(valid, axis=1) - 1, -1).astype(np.int32)
-        samp = jax.device_put((np.float32(sampling.temperature), np.int32(sampling.top_k),
-                               np.float32(sampling.top_p)))
+        samp = self._put((np.float32(sampling.temperature), np.int32(sampling.top_k),
+                          np.float32(sampling.top_p)))
         # The sparsity state goes to the device once per call, not once per token.
-        thresholds = None if thresholds is None else jax.device_put(thresholds)
+        thresholds = self._put_thresholds(thresholds)
         static = (sampling.mode, bool(collect_stats), bool(stop_at_eos))
 
-        args = (self.params, *jax.device_put((tokens, positions)),
+        args = (self.params, *self._put((tokens, positions)),
                 thresholds if sparse_prefill else None, thresholds, samp,
-                jax.device_put(np.uint32(sampling.seed)))
+                self._put(np.uint32(sampling.seed)))
         prefill, compile_s = self._get("prefill", args, (max_new_tokens, *static))
         t0 = time.perf_counter()
         carry = prefill(*args)
@@ -383,16 +437,16 @@ class Generator:
         stop_early = stop_at_eos and all(int(t) in self.eos_ids for t in first)
         if not stop_early and max_new_tokens > 1:  # compiled before the clock starts
             loop, c_s = self._get("loop", (self.params, thresholds, samp, carry,
-                                           jax.device_put(np.int32(0))), static)
+                                           self._put(np.int32(0))), static)
             if c_s:  # a new executable's first run loads its GPU modules: zero steps here
                 t1 = time.perf_counter()
-                carry = loop(self.params, thresholds, samp, carry, jax.device_put(np.int32(1)))
+                carry = loop(self.params, thresholds, samp, carry, self._put(np.int32(1)))
                 jax.block_until_ready(carry["step"])
                 c_s += time.perf_counter() - t1
             compile_s += c_s
         t0 = time.perf_counter()
         while seen < max_new_tokens and not stop_early:
-            stop = jax.device_put(np.int32(min(seen + chunk, max_new_tokens)))
+            stop = self._put(np.int32(min(seen + chunk, max_new_tokens)))
             carry = loop(self.params, thresholds, samp, carry, stop)
             out, step, done = jax.device_get((carry["out"], carry["step"], carry["done"]))
             host_reads += 1

@@ -154,3 +154,31 @@ KERNEL_POINTS: dict[str, tuple[str, ...]] = {
 # can run as one fused matmul; the others (chess+, teal-learned) fuse only k and v.
 SHARED_QKV_INPUT = frozenset({"dense", "cats", "chess", "chess-learned", "teal", "wina",
                               "dejavu"})
+
+
+# Logical axis names (`jaxsparse.sharding.LOGICAL_AXIS_RULES`) of each point's threshold
+# vector, so that a sparsity state is split over devices as the activations it thresholds.
+POINT_AXES: dict[str, str] = {"q_in": "embed", "kv_in": "embed", "o_in": "q_heads",
+                              "ffn_in": "embed", "gate": "mlp", "down_in": "mlp"}
+_PREDICTOR_AXES = {"ffn_w1": ("embed", "rank"), "ffn_b1": ("rank",), "ffn_w2": ("rank", "mlp"),
+                   "ffn_b2": ("mlp",), "head_w1": ("embed", "rank"), "head_b1": ("rank",),
+                   "head_w2": ("rank", "heads"), "head_b2": ("heads",)}
+
+
+def state_logical_axes(tree: dict) -> dict:
+    """The model's `thresholds=` tree (`SparsityState.thresholds_for_model()`) with each
+    leaf replaced by its logical axis names (a PartitionSpec; scalars replicated)."""
+    from jax.sharding import PartitionSpec as P
+
+    def layer(th: dict) -> dict:
+        out = {}
+        for key, v in th.items():
+            if key in POINT_AXES:
+                out[key] = P(POINT_AXES[key])
+            elif key == "predictor":
+                out[key] = {k: P(*_PREDICTOR_AXES.get(k, ())) for k in v}
+            else:  # relax_tau, k's: scalars
+                out[key] = jax.tree.map(lambda _: P(), v)
+        return out
+
+    return {name: layer(th) for name, th in tree.items()}

@@ -245,12 +245,14 @@ def sweep(lm, methods: list[str], sparsities: list[float], out: str | Path,
           data: list[str] | None = None, calib: dict | None = None, ev: dict | None = None,
           options: dict | None = None, include_dense: bool = True,
           progress: bool = True, calibrate_only: bool = False,
-          extra_states: list[str] | None = None, overwrite: bool = False) -> list[dict]:
+          extra_states: list[str] | None = None, overwrite: bool = False,
+          mesh=None) -> list[dict]:
     """Runs the sweep for a loaded model (`LoadedModel`-like: config, params, tokenizer,
     source); returns the result dicts (dense first). `extra_states`: directories of
     states fitted elsewhere (`jaxsparse learn`, `train-predictors`), evaluated after the
     calibrated ones. Raises SweepSettingsError if `out` holds a sweep made with other
-    settings, unless `overwrite` (which first removes what that sweep wrote)."""
+    settings, unless `overwrite` (which first removes what that sweep wrote). `mesh`: the
+    devices of calibration and evaluation, as in `jaxsparse.evaluate.Evaluator`."""
     from jaxsparse import data as data_mod
     from jaxsparse.calibrate import DEFAULTS as CAL
     from jaxsparse.calibrate import calibrate
@@ -294,7 +296,7 @@ def sweep(lm, methods: list[str], sparsities: list[float], out: str | Path,
         print(f"calibrating {', '.join(todo_methods)} at {', '.join(map(str, todo_s))}")
         fitted = calibrate(config, lm.params, lm.tokenizer, todo_methods, todo_s, data,
                            calib["tokens"], calib["seq_len"], calib["batch_size"], options,
-                           model_source=lm.source, progress=progress)
+                           mesh=mesh, model_source=lm.source, progress=progress)
         for key in missing:
             save_state(fitted[key], out / "states" / config_name(*key), overwrite=True)
             states[key] = fitted[key]
@@ -327,7 +329,7 @@ def sweep(lm, methods: list[str], sparsities: list[float], out: str | Path,
             if ev["ppl"] or builtin:
                 ppl = ppl_token_ids(config, lm.tokenizer, ev["ppl"], ev["max_tokens"] or None)
             evaluator = Evaluator(config, lm.params, lm.tokenizer, ev["seq_len"],
-                                  ev["batch_size"], progress=progress)
+                                  ev["batch_size"], mesh=mesh, progress=progress)
         t0 = time.time()
         r = evaluator.evaluate(state, ppl, tasks)
         r["sweep_settings"] = settings

@@ -120,10 +120,11 @@ def sweep_fractions(lm, methods: list[str], fractions: list[float], out: str | P
                     ev: dict | None = None, options: dict | None = None,
                     extra_states: list[str] | None = None, include_dense: bool = True,
                     measure_tokens: int = 2048, tol: float = 2e-3,
-                    progress: bool = True) -> list[dict]:
+                    progress: bool = True, mesh=None) -> list[dict]:
     """Runs the equal-budget sweep for a loaded model; returns the result dicts (dense
     first; an unreachable (method, fraction) is a result without perplexity, with a
-    note)."""
+    note). `mesh`: the devices of calibration and evaluation, as in
+    `jaxsparse.evaluate.Evaluator`."""
     from jaxsparse import data as data_mod
     from jaxsparse.budget import BudgetError, FractionMeter
     from jaxsparse.calibrate import DEFAULTS as CAL
@@ -163,7 +164,7 @@ def sweep_fractions(lm, methods: list[str], fractions: list[float], out: str | P
                     continue
             if cal is None:
                 cal = gather(config, lm.params, lm.tokenizer, methods, data, calib["tokens"],
-                             calib["seq_len"], calib["batch_size"], options,
+                             calib["seq_len"], calib["batch_size"], options, mesh=mesh,
                              model_source=lm.source, progress=progress)
                 rows = max(1, min(len(cal.seqs), -(-measure_tokens // cal.seqs.shape[1])))
                 meter = FractionMeter(config, lm.params, cal.seqs[:rows])
@@ -230,7 +231,7 @@ def sweep_fractions(lm, methods: list[str], fractions: list[float], out: str | P
             if ev["ppl"] or builtin:
                 ppl = ppl_token_ids(config, lm.tokenizer, ev["ppl"], ev["max_tokens"] or None)
             evaluator = Evaluator(config, lm.params, lm.tokenizer, ev["seq_len"],
-                                  ev["batch_size"], progress=progress)
+                                  ev["batch_size"], mesh=mesh, progress=progress)
         t0 = time.time()
         r = evaluator.evaluate(st, ppl, tasks)
         r.update({"sweep_settings": settings, "model_source": lm.source, "budget": b})

@@ -9,11 +9,13 @@ from pathlib import Path
 
 from jaxsparse.calibrate import DEFAULTS, calibrate
 from jaxsparse.cli.common import (
+    add_mesh_argument,
     add_model_arguments,
     at_least,
     check_text_files,
     in_interval,
     load_model_for,
+    mesh_for,
     method_arg,
     sparsity,
 )
@@ -41,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=0.05, help="greedy: layer sparsity added per step")
     parser.add_argument("--teal-greedy-tokens", type=at_least(1), default=1024,
                         help="greedy: calibration tokens the block error is measured on")
+    add_mesh_argument(parser, "calibration")
     parser.add_argument("--out", required=True, help="directory to write the state to")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -61,11 +64,12 @@ def run(args: argparse.Namespace) -> int:
     method_arg(args.method)
     refuse_existing(args.out, args.overwrite)
     check_text_files("--data", args.data)
+    mesh = mesh_for(args)
     t0 = time.time()
     lm = load_model_for(args, needs_tokenizer="calibration")
     states = calibrate(lm.config, lm.params, lm.tokenizer, [args.method], [s], args.data,
                        args.tokens, args.seq_len, args.batch_size, method_options(args),
-                       model_source=lm.source, progress=not args.no_progress)
+                       mesh=mesh, model_source=lm.source, progress=not args.no_progress)
     state = states[(args.method, s)]
     save_state(state, args.out, args.overwrite)
     print(f"{args.method} at sparsity {s}: calibrated on {state.meta.provenance['tokens']} "

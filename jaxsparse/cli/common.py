@@ -25,6 +25,41 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "decodes slower than float32 on a CPU)")
 
 
+def add_mesh_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--mesh", type=mesh_spec, default=None, metavar="data=N,model=M",
+                        help=f"devices for {what}: N-way data parallel (batch rows) x M-way "
+                             "tensor parallel (heads, FFN channels, vocabulary); N x M must "
+                             "equal the number of devices, an axis left out is 1 (default: "
+                             + ("every device on data" if what != "generation" else
+                                "one device") + ")")
+
+
+def mesh_spec(text: str) -> str:
+    """An argparse type: a `--mesh` spec `data=N,model=M` (`jaxsparse.sharding.parse_mesh`);
+    the device count is checked by `mesh_for` in `run`."""
+    from jaxsparse.sharding import parse_mesh
+
+    try:
+        parse_mesh(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+    return text
+
+
+def mesh_for(args: argparse.Namespace):
+    """The `jax.sharding.Mesh` of `--mesh` (None without it); a ValueError naming `--mesh`
+    and the fix when data x model is not the number of devices. Cheap: call it before the
+    model loads."""
+    if args.mesh is None:
+        return None
+    from jaxsparse.sharding import mesh_from_spec
+
+    try:
+        return mesh_from_spec(args.mesh)
+    except ValueError as e:
+        raise ValueError(f"--mesh {args.mesh}: {e}") from None
+
+
 def at_least(lo: float, kind: type = int) -> Callable[[str], float]:
     """An argparse type: a `kind` number >= `lo`."""
 

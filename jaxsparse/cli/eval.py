@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import argparse
 
-from jaxsparse.cli.common import add_model_arguments, at_least, check_text_files, load_model_for
+from jaxsparse.cli.common import (
+    add_mesh_argument,
+    add_model_arguments,
+    at_least,
+    check_text_files,
+    load_model_for,
+    mesh_for,
+)
 from jaxsparse.evaluate import DEFAULTS, Evaluator, ppl_token_ids, write_json_atomic
 
 
@@ -27,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="perplexity tokens at most (0: all)")
     parser.add_argument("--num-tasks", type=at_least(1), default=DEFAULTS["num_tasks"],
                         help="size of the built-in task set (without --ppl/--tasks)")
+    add_mesh_argument(parser, "evaluation")
     parser.add_argument("--json", required=True, metavar="OUT", help="where to write results")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -60,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if args.sparsity_state:
         read_state_meta(args.sparsity_state)
     check_text_files("--ppl", args.ppl)
+    mesh = mesh_for(args)
     builtin = not args.ppl and not args.tasks
     tasks = data.read_tasks(args.tasks) if args.tasks else (
         data.builtin_tasks(args.num_tasks) if builtin else None)
@@ -69,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     if args.ppl or builtin:
         ppl = ppl_token_ids(lm.config, lm.tokenizer, args.ppl, args.max_tokens or None)
     ev = Evaluator(lm.config, lm.params, lm.tokenizer, args.seq_len, args.batch_size,
-                   progress=not args.no_progress)
+                   mesh=mesh, progress=not args.no_progress)
     result = ev.evaluate(state, ppl, tasks)
     result["model_source"] = lm.source
     result["sparsity_state"] = args.sparsity_state

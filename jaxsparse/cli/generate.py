@@ -22,7 +22,14 @@ import math
 import sys
 from pathlib import Path
 
-from jaxsparse.cli.common import add_model_arguments, at_least, in_interval, load_model_for
+from jaxsparse.cli.common import (
+    add_mesh_argument,
+    add_model_arguments,
+    at_least,
+    in_interval,
+    load_model_for,
+    mesh_for,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,6 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream-chunk", type=at_least(1), default=8,
                    help="with --stream: tokens per printed chunk (the decode loop returns "
                    "to the host once per chunk)")
+    add_mesh_argument(p, "generation")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -87,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         read_state_meta(args.sparsity_state)
     elif args.sparse_prefill:
         raise ValueError("--sparse-prefill needs --sparsity-state DIR")
+    mesh = mesh_for(args)
     lm = load_model_for(args)
     thresholds = None
     kernels = default_kernels("dense", len(prompts))
@@ -96,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         state = load_state(args.sparsity_state, config=lm.config)
         thresholds = state.thresholds_for_model()
         kernels = default_kernels(state.method, len(prompts), args.kernels)
-    gen = Generator(lm.config, lm.params, lm.tokenizer, kernels=kernels)
+    gen = Generator(lm.config, lm.params, lm.tokenizer, kernels=kernels, mesh=mesh)
     kwargs = dict(chat=args.chat, thresholds=thresholds, sparse_prefill=args.sparse_prefill)
     if args.stream:
         for chunk in gen.stream(prompts, args.max_new_tokens, sampling,

@@ -8,11 +8,13 @@ from pathlib import Path
 
 from jaxsparse.calibrate import DEFAULTS as CAL
 from jaxsparse.cli.common import (
+    add_mesh_argument,
     add_model_arguments,
     at_least,
     check_text_files,
     in_interval,
     load_model_for,
+    mesh_for,
     method_arg,
     sparsity,
 )
@@ -57,9 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "solved on calibration text to read this fraction of the blocks' "
                              "linear weights, e.g. 0.5,0.6,0.75 (jaxsparse.sweep_budget)")
     parser.add_argument("--measure-tokens", type=at_least(1), default=2048,
-                        help="--fractions: calibration tokens the fraction is measured on")
+                        help="calibration tokens the fraction is measured on (with --fractions)")
     parser.add_argument("--fraction-tol", type=in_interval(0.0, 1.0, lo_open=True),
-                        default=2e-3, help="--fractions: tolerance of the solved fraction")
+                        default=2e-3, help="tolerance of the solved fraction (with --fractions)")
+    add_mesh_argument(parser, "calibration and evaluation")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
     parser.add_argument("--calibrate-only", action="store_true",
                         help="only write the missing states (statistics gathered once)")
@@ -91,13 +94,14 @@ def run(args: argparse.Namespace) -> int:
         data.read_tasks(args.tasks)
     for d in args.sparsity_state or []:
         read_state_meta(d)
+    mesh = mesh_for(args)
     calib = {"tokens": args.tokens, "seq_len": args.seq_len, "batch_size": args.batch_size}
     ev = {"seq_len": args.seq_len, "batch_size": args.batch_size, "ppl": args.ppl,
           "tasks": args.tasks, "max_tokens": args.max_tokens, "num_tasks": args.num_tasks}
     options = {"teal": {"allocation": args.teal_allocation},
                "wina": {"allocation": args.teal_allocation}}
     if args.fractions:
-        return run_fractions(args, methods, calib, ev, options)
+        return run_fractions(args, methods, calib, ev, options, mesh)
     if not args.overwrite:  # all but the model's identity, which needs the model
         settings = sweep_settings(None, None, args.data, calib, options, ev)
         check_out_dir(args.out, settings, args.calibrate_only, ignore=("model", "dtype"))
@@ -105,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     sweep(lm, methods, sparsities, args.out, args.data, calib, ev, options,
           include_dense=not args.no_dense, progress=not args.no_progress,
           calibrate_only=args.calibrate_only, extra_states=args.sparsity_state,
-          overwrite=args.overwrite)
+          overwrite=args.overwrite, mesh=mesh)
     if args.calibrate_only:
         print(f"states in {Path(args.out) / 'states'}")
         return 0
@@ -114,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_fractions(args: argparse.Namespace, methods: list[str], calib: dict, ev: dict,
-                  options: dict) -> int:
+                  options: dict, mesh=None) -> int:
     """`--fractions`: the equal-budget sweep (`jaxsparse.sweep_budget`)."""
     from jaxsparse.sweep_budget import sweep_fractions
 
@@ -126,6 +130,6 @@ def run_fractions(args: argparse.Namespace, methods: list[str], calib: dict, ev:
     sweep_fractions(lm, methods, fractions, args.out, args.data, calib, ev, options,
                     extra_states=args.sparsity_state, include_dense=not args.no_dense,
                     measure_tokens=args.measure_tokens, tol=args.fraction_tol,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, mesh=mesh)
     print((Path(args.out) / "table.md").read_text())
     return 0

@@ -16,6 +16,7 @@ __all__ = [
     "LlamaForCausalLM",
     "OPTForCausalLM",
     "build_model",
+    "cache_logical_axes",
     "init_cache",
     "init_params",
     "kernels_for_method",
@@ -63,6 +64,10 @@ def prepare_params(params: dict, config: ModelConfig, kernels: Kernels) -> dict:
     with `fuse_qkv`, q/k/v_proj become one `qkv_proj` (kernel `[d, q + 2 kv]`); with
     `fuse_kv`, k/v_proj become one `kv_proj` (`[d, 2 kv]`); with `q_rows` (Deja Vu heads),
     `q_proj` becomes `[q, d]`.
+    The fused output columns are grouped per kv head, `[Hkv, G + 2, Dh]` (the G = H / Hkv
+    q heads that share kv head h, then its k, then its v; `[Hkv, 2, Dh]` for `kv_proj`),
+    so that splitting them into equal parts over devices (`jaxsparse.sharding`) gives each
+    device whole heads with their own k and v, not k on one device and v on another.
     Returns a new tree (shares the untouched arrays)."""
     up_rows = kernels.up_rows and config.family == "llama"
     gate_rows = kernels.gate_rows and config.family == "llama"
@@ -84,7 +89,7 @@ def prepare_params(params: dict, config: ModelConfig, kernels: Kernels) -> dict:
             names = ("q_proj", "k_proj", "v_proj") if kernels.fuse_qkv else ("k_proj", "v_proj")
             parts = [attn.pop(n) for n in names]
             attn["qkv_proj" if kernels.fuse_qkv else "kv_proj"] = {
-                name: jnp.concatenate([jnp.asarray(p[name]) for p in parts], axis=-1)
+                name: _group_by_kv_head([jnp.asarray(p[name]) for p in parts], config)
                 for name in parts[0]}
             if kernels.q_rows:  # Deja Vu heads: a head's q weights are contiguous rows
                 attn["q_proj"] = {**attn["q_proj"],
@@ -94,8 +99,18 @@ def prepare_params(params: dict, config: ModelConfig, kernels: Kernels) -> dict:
     return out
 
 
-def _init(config: ModelConfig, rng):
-    model = build_model(config)
+def _group_by_kv_head(parts: list[jax.Array], config: ModelConfig) -> jax.Array:
+    """Concatenates q (optional), k and v weights (or biases) along their output axis,
+    grouped per kv head: `[..., Hkv * (G + 2) * Dh]` from `[..., G * Hkv * Dh]` (q) and
+    `[..., Hkv * Dh]` (k, v). `jaxsparse.models.attention` splits it back."""
+    kv, dh = config.num_kv_heads, config.head_dim
+    grouped = [p.reshape(*p.shape[:-1], kv, -1, dh) for p in parts]
+    out = jnp.concatenate(grouped, axis=-2)
+    return out.reshape(*out.shape[:-3], -1)
+
+
+def _init(config: ModelConfig, rng, kernels: Kernels = XLA):
+    model = build_model(config, kernels)
     tokens = jnp.zeros((1, 2), jnp.int32)
     return model.init(rng, tokens, jnp.arange(2)[None])["params"]
 
@@ -110,7 +125,22 @@ def param_shapes(config: ModelConfig) -> dict:
     return nn.unbox(jax.eval_shape(lambda: _init(config, jax.random.key(0))))
 
 
-def logical_axes(config: ModelConfig) -> dict:
-    """The params tree with each leaf replaced by its logical axis names (a PartitionSpec)."""
-    boxed = jax.eval_shape(lambda: _init(config, jax.random.key(0)))
+def logical_axes(config: ModelConfig, kernels: Kernels = XLA) -> dict:
+    """The params tree with each leaf replaced by its logical axis names (a PartitionSpec),
+    for the layout `prepare_params(params, config, kernels)` makes (the `jaxsparse.sharding`
+    table maps the names to mesh axes)."""
+    boxed = jax.eval_shape(lambda: _init(config, jax.random.key(0), kernels))
     return nn.get_partition_spec(boxed)
+
+
+def cache_logical_axes(config: ModelConfig) -> dict:
+    """The KV cache tree of `init_cache` with each leaf replaced by its logical axis names:
+    rows over "batch", k/v over "kv_heads" (the heads whose k/v projections a device
+    computes, so that a decode step's attention needs no exchange)."""
+    from jax.sharding import PartitionSpec as P
+
+    kv = P("batch", "kv_heads", None, "head_dim")
+    out: dict = {"pos": P("batch", None)}
+    for i in range(config.num_layers):
+        out[f"layers_{i}"] = {"k": kv, "v": kv}
+    return out

@@ -53,6 +53,29 @@ def _decode_heads(kn: Kernels, thresholds: dict | None, c: ModelConfig, t: int):
     return o_keep.reshape(o_keep.shape[0], c.num_heads, c.head_dim)[:, :, 0]
 
 
+def _per_head_shard(fn, mesh, c: ModelConfig, q_BxHxD, heads_BxH, k_BxKxSxD, v_BxKxSxD,
+                    valid_BxS, kv_len):
+    """`fn` (head-sparse attention) on each device's own kv heads and their q heads, when
+    `mesh`'s `model` axis splits the kv heads evenly (as `jaxsparse.sharding` lays out the
+    KV cache); else on the whole arrays."""
+    from jax.sharding import PartitionSpec as P
+
+    from jaxsparse.sharding import DATA, MODEL
+
+    if mesh is None or mesh.shape[MODEL] == 1 or c.num_kv_heads % mesh.shape[MODEL]:
+        return fn(q_BxHxD, heads_BxH, k_BxKxSxD, v_BxKxSxD, valid_BxS, kv_len)
+    b = q_BxHxD.shape[0]
+    bs = DATA if mesh.shape[DATA] > 1 and b % mesh.shape[DATA] == 0 else None
+    h = P(bs, MODEL)
+    if kv_len is None:
+        return jax.shard_map(lambda *a: fn(*a, None), mesh=mesh,
+                             in_specs=(h, h, h, h, P(bs)), out_specs=h, check_vma=False)(
+            q_BxHxD, heads_BxH, k_BxKxSxD, v_BxKxSxD, valid_BxS)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(h, h, h, h, P(bs), P()), out_specs=h,
+                         check_vma=False)(q_BxHxD, heads_BxH, k_BxKxSxD, v_BxKxSxD,
+                                          valid_BxS, kv_len)
+
+
 class SelfAttention(nn.Module):
     """`rope` is (cos, sin), or a dict of them by layer type (Gemma 3: one per RoPE base);
     `layer_type` picks this layer's tables and sliding window (`ModelConfig.layer_types`)."""
@@ -74,7 +97,12 @@ class SelfAttention(nn.Module):
         if kn.fuse_qkv:  # q and k/v read the same input here (see Kernels.fuse_qkv)
             qkv = Linear(c.q_dim + 2 * c.kv_dim, ("embed", "qkv_heads"), c.qkv_bias, dt, kn,
                          name="qkv_proj")(xq, "q_in")
-            q, k, v = jnp.split(qkv, [c.q_dim, c.q_dim + c.kv_dim], axis=-1)
+            # columns grouped per kv head: its G q heads, its k, its v (`prepare_params`)
+            g = c.num_heads // c.num_kv_heads
+            qkv = qkv.reshape(b, t, c.num_kv_heads, g + 2, c.head_dim)
+            q = qkv[:, :, :, :g].reshape(b, t, c.q_dim)
+            k = qkv[:, :, :, g].reshape(b, t, c.kv_dim)
+            v = qkv[:, :, :, g + 1].reshape(b, t, c.kv_dim)
         elif kn.fuse_kv:
             q_proj = Linear(c.q_dim, ("embed", "q_heads"), c.qkv_bias, dt, kn, kn.q_rows,
                             name="q_proj")
@@ -84,7 +112,9 @@ class SelfAttention(nn.Module):
                 q = q_proj(xq, "q_in")
             kv = Linear(2 * c.kv_dim, ("embed", "kv_heads"), c.qkv_bias, dt, kn,
                         name="kv_proj")(xkv, "kv_in")
-            k, v = jnp.split(kv, [c.kv_dim], axis=-1)
+            kv = kv.reshape(b, t, c.num_kv_heads, 2, c.head_dim)  # k, v side by side per head
+            k = kv[:, :, :, 0].reshape(b, t, c.kv_dim)
+            v = kv[:, :, :, 1].reshape(b, t, c.kv_dim)
         else:
             q = Linear(c.q_dim, ("embed", "q_heads"), c.qkv_bias, dt, kn, name="q_proj")(
                 xq, "q_in")
@@ -114,10 +144,14 @@ class SelfAttention(nn.Module):
         if heads_BxH is not None:  # Deja Vu decode: attention for the selected heads only
             from pallas_kernels import head_sparse_attention
 
-            o_BxHxD = head_sparse_attention(
-                q_BxTxHxD[:, 0], heads_BxH, k_BxKxSxD, v_BxKxSxD, mask[:, 0],
-                kv_len=None if layer_cache is None else cache_index + t,
-                scale=c.attention_scale, impl=kn.impl)
+            kv_len = None if layer_cache is None else jnp.asarray(cache_index + t, jnp.int32)
+
+            def heads_attention(q, heads, k_, v_, valid, n):
+                return head_sparse_attention(q, heads, k_, v_, valid, kv_len=n,
+                                             scale=c.attention_scale, impl=kn.impl)
+
+            o_BxHxD = _per_head_shard(heads_attention, kn.mesh, c, q_BxTxHxD[:, 0], heads_BxH,
+                                      k_BxKxSxD, v_BxKxSxD, mask[:, 0], kv_len)
             out_BxTxHD = o_BxHxD.reshape(b, t, c.q_dim).astype(q_BxTxHxD.dtype)
         else:
             out_BxTxHD = attend(q_BxTxHxD, k_BxKxSxD, v_BxKxSxD, mask, c.attention_scale)

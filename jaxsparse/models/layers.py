@@ -65,6 +65,11 @@ class Kernels:
     # for those heads only (`head_sparse_attention`), and o_proj reads only their rows (the
     # `o_in` point); k/v stay dense for every head. Needs `fuse_kv` (q apart from k/v).
     head_attention: bool = False
+    # A `jax.sharding.Mesh` whose `model` axis splits the weights (tensor parallelism,
+    # `jaxsparse.sharding`): each device then runs the sparse kernels on its own slice of
+    # the weight rows (`shard_map`) and partial sums of row-split projections are added
+    # over `model`; None (or a `model` axis of 1): the kernels see whole arrays.
+    mesh: Any = None
 
     def __post_init__(self):
         from jaxsparse.rules import TENSORS
@@ -130,15 +135,17 @@ class Linear(nn.Module):
             from pallas_kernels import gated_matvec
 
             b = x.shape[0]
-            h = gated_matvec(x.reshape(b, -1), gate.reshape(b, -1).astype(self.dtype), kernel,
-                             impl=k.impl)
+            h = per_shard(lambda x2, g2, w: gated_matvec(x2, g2, w, impl=k.impl), k.mesh,
+                          x.reshape(b, -1), gate.reshape(b, -1).astype(self.dtype), kernel,
+                          axes, rows=True)
             return h.reshape(b, 1, -1)
         if point is not None and not self.rows and k.use(point, x):
             from pallas_kernels import sparse_input_matvec
 
             b = x.shape[0]
-            y = sparse_input_matvec(x.reshape(b, -1), kernel, impl=k.impl).reshape(b, 1, -1)
-            y = y.astype(jnp.float32)
+            y = per_shard(lambda x2, w: sparse_input_matvec(x2, w, impl=k.impl), k.mesh,
+                          x.reshape(b, -1), None, kernel, axes)
+            y = y.reshape(b, 1, -1).astype(jnp.float32)
         elif self.rows:
             y = jnp.einsum("...i,oi->...o", x, kernel, preferred_element_type=jnp.float32)
         else:
@@ -153,6 +160,36 @@ class Linear(nn.Module):
             y = y + bias.astype(jnp.float32)
         y = y.astype(self.dtype)
         return y if gate is None else gate.astype(self.dtype) * y
+
+
+def per_shard(fn, mesh, x_BxK, gate_BxN, kernel, axes: tuple[str, str], rows: bool = False):
+    """`fn(x, kernel)` (or `fn(x, gate, kernel)` for a rows-layout kernel `[N, K]` with its
+    gate `[B, N]`) run by each device of `mesh` on its own slice of the kernel, as
+    `jaxsparse.sharding` lays it out from the logical `axes` (kernel order). An output axis
+    split over `model` stays split; a split input axis (o_proj, down_proj) gives partial
+    sums, added over `model` in float32 (then cast back). Without a mesh, or with a `model` axis of 1:
+    `fn` on the whole arrays."""
+    from jax.sharding import PartitionSpec as P
+
+    from jaxsparse.sharding import DATA, MODEL, logical_to_mesh
+
+    args = (x_BxK, kernel) if gate_BxN is None else (x_BxK, gate_BxN, kernel)
+    if mesh is None or mesh.shape[MODEL] == 1:
+        return fn(*args)
+    spec = logical_to_mesh(P(*axes), mesh, shape=kernel.shape)
+    k_spec, n_spec = (spec[1], spec[0]) if rows else (spec[0], spec[1])
+    b = x_BxK.shape[0]
+    b_spec = DATA if mesh.shape[DATA] > 1 and b % mesh.shape[DATA] == 0 else None
+    in_specs = [P(b_spec, k_spec)] + ([] if gate_BxN is None else [P(b_spec, n_spec)]) + [spec]
+
+    def body(*a):
+        y = fn(*a)
+        if k_spec is not None:  # each device holds some input rows: partial sums
+            y = jax.lax.psum(y.astype(jnp.float32), k_spec).astype(y.dtype)
+        return y
+
+    return jax.shard_map(body, mesh=mesh, in_specs=tuple(in_specs),
+                         out_specs=P(b_spec, n_spec), check_vma=False)(*args)
 
 
 class RMSNorm(nn.Module):
