@@ -77,11 +77,13 @@ class ModelConfig:
                 f"num_attention_heads={self.num_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_kv_heads}"
             )
-        if self.layer_types and (len(self.layer_types) != self.num_layers
-                                 or set(self.layer_types) - {SLIDING, FULL}):
+        if self.layer_types and (
+            len(self.layer_types) != self.num_layers or set(self.layer_types) - {SLIDING, FULL}
+        ):
             raise ConfigError(
                 f"layer_types={list(self.layer_types)}: expected {self.num_layers} entries, "
-                f"each {SLIDING!r} or {FULL!r}")
+                f"each {SLIDING!r} or {FULL!r}"
+            )
         rope_type = self.rope_scaling_dict.get("rope_type", "default")
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ConfigError(
@@ -176,7 +178,9 @@ class ModelConfig:
             try:
                 config = json.loads(path.read_text())
             except FileNotFoundError:
-                raise ConfigError(f"{path}: no config.json; is this an HF model directory?") from None
+                raise ConfigError(
+                    f"{path}: no config.json; is this an HF model directory?"
+                ) from None
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ConfigError(f"{path}: not valid JSON ({e})") from None
         c = config
@@ -190,18 +194,18 @@ class ModelConfig:
         try:
             eos = c.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-            common = dict(
-                model_type=model_type,
-                vocab_size=c["vocab_size"],
-                hidden_size=c["hidden_size"],
-                num_layers=c["num_hidden_layers"],
-                num_heads=c["num_attention_heads"],
-                max_position_embeddings=c.get("max_position_embeddings", 2048),
-                bos_token_id=c.get("bos_token_id"),
-                eos_token_ids=eos_ids,
-                pad_token_id=c.get("pad_token_id"),
-                dtype=dtype,
-            )
+            common = {
+                "model_type": model_type,
+                "vocab_size": c["vocab_size"],
+                "hidden_size": c["hidden_size"],
+                "num_layers": c["num_hidden_layers"],
+                "num_heads": c["num_attention_heads"],
+                "max_position_embeddings": c.get("max_position_embeddings", 2048),
+                "bos_token_id": c.get("bos_token_id"),
+                "eos_token_ids": eos_ids,
+                "pad_token_id": c.get("pad_token_id"),
+                "dtype": dtype,
+            }
             if model_type == "opt":
                 return cls(
                     **common,
@@ -237,9 +241,9 @@ class ModelConfig:
                 rope = {}
             n_heads = c["num_attention_heads"]
             sliding = None
-            if model_type == "mistral":
-                sliding = c.get("sliding_window")
-            elif model_type == "qwen2" and c.get("use_sliding_window", False):
+            if model_type == "mistral" or (
+                model_type == "qwen2" and c.get("use_sliding_window", False)
+            ):
                 sliding = c.get("sliding_window")
             return cls(
                 **common,
@@ -262,7 +266,10 @@ class ModelConfig:
 
     @classmethod
     def from_gguf_metadata(
-        cls, meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]], dtype: str = "float32",
+        cls,
+        meta: dict[str, Any],
+        tensor_shapes: dict[str, tuple[int, ...]],
+        dtype: str = "float32",
         source: str = "GGUF file",
     ) -> ModelConfig:
         """Builds the config from GGUF key/values (decoded to Python values) and tensor shapes."""
@@ -330,11 +337,13 @@ def _gemma3_fields(c: dict[str, Any], source: str) -> dict[str, Any]:
         raise ConfigError(f"{source}: hidden_activation={act!r}; Gemma 3 uses gelu_pytorch_tanh")
     for key in ("final_logit_softcapping", "attn_logit_softcapping"):
         if c.get(key) is not None:
-            raise ConfigError(f"{source}: {key}={c[key]} is not supported (Gemma 3 has none; "
-                              f"set it to null)")
+            raise ConfigError(
+                f"{source}: {key}={c[key]} is not supported (Gemma 3 has none; set it to null)"
+            )
     if c.get("use_bidirectional_attention"):
-        raise ConfigError(f"{source}: use_bidirectional_attention=true is not supported (a "
-                          f"causal LM is needed)")
+        raise ConfigError(
+            f"{source}: use_bidirectional_attention=true is not supported (a causal LM is needed)"
+        )
     n = c["num_hidden_layers"]
     layer_types = c.get("layer_types")
     if not layer_types:  # older configs: every `sliding_window_pattern`-th layer is global
@@ -347,8 +356,10 @@ def _gemma3_fields(c: dict[str, Any], source: str) -> dict[str, Any]:
     theta = full.pop("rope_theta", c.get("rope_theta", 1_000_000.0))
     local_theta = local.pop("rope_theta", c.get("rope_local_base_freq", 10_000.0))
     if local.get("rope_type", "default") != "default":
-        raise ConfigError(f"{source}: sliding-attention rope_type {local['rope_type']!r} is not "
-                          f"supported (only default)")
+        raise ConfigError(
+            f"{source}: sliding-attention rope_type {local['rope_type']!r} is not "
+            f"supported (only default)"
+        )
     if "type" in full and "rope_type" not in full:
         full["rope_type"] = full.pop("type")
     if full.get("rope_type", "default") == "default":

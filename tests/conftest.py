@@ -22,31 +22,78 @@ import pytest
 
 # name -> (transformers config class name, kwargs). Small, but with GQA, biases, RoPE
 # scaling, tied embeddings, sliding windows, Gemma 3 and OPT's variants all exercised.
-_LLAMA = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-              rms_norm_eps=1e-5)
-_OPT = dict(vocab_size=211, hidden_size=48, ffn_dim=96, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=64, pad_token_id=1)
+_LLAMA = {
+    "vocab_size": 211,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+    "rms_norm_eps": 1e-5,
+}
+_OPT = {
+    "vocab_size": 211,
+    "hidden_size": 48,
+    "ffn_dim": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 64,
+    "pad_token_id": 1,
+}
 TINY_HF_CONFIGS = {
-    "llama": ("LlamaConfig", dict(_LLAMA, rope_parameters={"rope_type": "default",
-                                                          "rope_theta": 10000.0})),
-    "llama3_rope": ("LlamaConfig", dict(_LLAMA, rope_parameters={
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 8})),
-    "llama_tied": ("LlamaConfig", dict(_LLAMA, tie_word_embeddings=True, num_key_value_heads=4,
-                                       rope_parameters={"rope_type": "default",
-                                                        "rope_theta": 100000.0})),
-    "mistral": ("MistralConfig", dict(_LLAMA, num_key_value_heads=1, sliding_window=5,
-                                      head_dim=16)),
-    "qwen2": ("Qwen2Config", dict(_LLAMA, rope_parameters={"rope_type": "default",
-                                                          "rope_theta": 1000000.0})),
+    "llama": (
+        "LlamaConfig",
+        dict(_LLAMA, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    ),
+    "llama3_rope": (
+        "LlamaConfig",
+        dict(
+            _LLAMA,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8,
+            },
+        ),
+    ),
+    "llama_tied": (
+        "LlamaConfig",
+        dict(
+            _LLAMA,
+            tie_word_embeddings=True,
+            num_key_value_heads=4,
+            rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+        ),
+    ),
+    "mistral": (
+        "MistralConfig",
+        dict(_LLAMA, num_key_value_heads=1, sliding_window=5, head_dim=16),
+    ),
+    "qwen2": (
+        "Qwen2Config",
+        dict(_LLAMA, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    ),
     # Gemma 3: sliding (window 4) and global layers with their own RoPE bases, q/k norms,
     # an attention scale that is not head_dim, tied embeddings.
-    "gemma3": ("Gemma3TextConfig", dict(
-        _LLAMA, num_hidden_layers=3, head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                         "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}})),
+    "gemma3": (
+        "Gemma3TextConfig",
+        dict(
+            _LLAMA,
+            num_hidden_layers=3,
+            head_dim=16,
+            sliding_window=4,
+            query_pre_attn_scalar=24,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 50.0},
+            },
+        ),
+    ),
     "opt": ("OPTConfig", dict(_OPT, do_layer_norm_before=True)),
     "opt_post_ln": ("OPTConfig", dict(_OPT, do_layer_norm_before=False)),
     "opt_proj": ("OPTConfig", dict(_OPT, word_embed_proj_dim=32)),
@@ -102,7 +149,8 @@ def save_torch_bin(model, directory: Path, shards: int = 1) -> None:
         torch.save(part, directory / fname)
         weight_map.update({k: fname for k in part})
     (directory / "pytorch_model.bin.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": weight_map}))
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
 
 
 def spread_params(config, seed=0):
@@ -114,8 +162,9 @@ def spread_params(config, seed=0):
     p = init_params(config, seed)
     leaves, tree = jax.tree.flatten(p)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    leaves = [x + 0.1 * jax.random.normal(k, x.shape) if x.ndim == 2 else x
-              for x, k in zip(leaves, keys)]
+    leaves = [
+        x + 0.1 * jax.random.normal(k, x.shape) if x.ndim == 2 else x for x, k in zip(leaves, keys)
+    ]
     return jax.tree.unflatten(tree, leaves)
 
 
@@ -130,8 +179,11 @@ def tiny_hf_tools():
     """The helpers above, for test modules (which cannot import conftest reliably)."""
     import types
 
-    return types.SimpleNamespace(configs=TINY_HF_CONFIGS, make_tiny_hf_model=make_tiny_hf_model,
-                                 save_torch_bin=save_torch_bin)
+    return types.SimpleNamespace(
+        configs=TINY_HF_CONFIGS,
+        make_tiny_hf_model=make_tiny_hf_model,
+        save_torch_bin=save_torch_bin,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -171,5 +223,6 @@ def smollm2_hf(smollm2_gguf):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32)
+        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
+    )
     return model.eval()

@@ -16,8 +16,15 @@ from jaxsparse.config import ModelConfig
 from jaxsparse.io import COMPLETE_MARKER, IncompleteDirectoryError, atomic_directory
 from jaxsparse.models import param_shapes
 
-TINY = dict(vocab_size=67, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-            num_kv_heads=2, head_dim=8)
+TINY = {
+    "vocab_size": 67,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_layers": 2,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "head_dim": 8,
+}
 
 
 def tiny_config(dtype="float32", **kw) -> ModelConfig:
@@ -39,8 +46,9 @@ def assert_identical(a, b):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_round_trip_gives_identical_arrays(tmp_path, dtype):
-    config = tiny_config(dtype, qkv_bias=True, rope_scaling=(("factor", 2.0),
-                                                             ("rope_type", "linear")))
+    config = tiny_config(
+        dtype, qkv_bias=True, rope_scaling=(("factor", 2.0), ("rope_type", "linear"))
+    )
     params = init_params(config, seed=3)
     save_checkpoint(tmp_path / "ck", config, params, source={"path": "somewhere"})
     got_config, got, tokenizer, source = load_checkpoint(tmp_path / "ck")

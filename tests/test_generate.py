@@ -9,17 +9,30 @@ from jaxsparse.config import ModelConfig
 from jaxsparse.generate import Generator, SamplingParams, bucket_length, sample_logits
 from jaxsparse.models import Kernels, build_model, init_params
 
-TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-            head_dim=8)
+TINY = {
+    "vocab_size": 97,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_layers": 2,
+    "num_heads": 4,
+    "head_dim": 8,
+}
 
 
 def tiny(model_type="llama", **kw):
     kw = {**TINY, **kw}
     if model_type == "opt":
-        base = dict(num_kv_heads=4, position_offset=2, qkv_bias=True, o_bias=True,
-                    mlp_bias=True, tie_word_embeddings=True, max_position_embeddings=128)
+        base = {
+            "num_kv_heads": 4,
+            "position_offset": 2,
+            "qkv_bias": True,
+            "o_bias": True,
+            "mlp_bias": True,
+            "tie_word_embeddings": True,
+            "max_position_embeddings": 128,
+        }
     else:
-        base = dict(num_kv_heads=2, tie_word_embeddings=True)
+        base = {"num_kv_heads": 2, "tie_word_embeddings": True}
     return ModelConfig(model_type=model_type, **{**base, **kw})
 
 
@@ -32,7 +45,7 @@ def greedy_reference(config, params, prompt, n):
     for _ in range(n):
         logits = fwd(params, jnp.asarray([ids + [0] * (width - len(ids))]))
         ids.append(int(jnp.argmax(logits[0, len(ids) - 1])))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 @pytest.mark.parametrize("model_type", ["llama", "opt"])
@@ -55,11 +68,19 @@ def test_compiled_once_per_shape_and_reused():
     gen = Generator(config, init_params(config))
     gen.generate_ids([[5, 6, 7]], max_new_tokens=4, stop_at_eos=False)
     n = len(gen._compiled)
-    r = gen.generate_ids([[8, 9]], max_new_tokens=4, stop_at_eos=False,
-                         sampling=SamplingParams(temperature=0.7, top_k=5, top_p=0.9, seed=3))
+    r = gen.generate_ids(
+        [[8, 9]],
+        max_new_tokens=4,
+        stop_at_eos=False,
+        sampling=SamplingParams(temperature=0.7, top_k=5, top_p=0.9, seed=3),
+    )
     assert len(gen._compiled) == n + 2  # sampling with filters: its own prefill and loop
-    r = gen.generate_ids([[8, 9]], max_new_tokens=4, stop_at_eos=False,
-                         sampling=SamplingParams(temperature=1.3, top_k=2, top_p=0.5, seed=4))
+    r = gen.generate_ids(
+        [[8, 9]],
+        max_new_tokens=4,
+        stop_at_eos=False,
+        sampling=SamplingParams(temperature=1.3, top_k=2, top_p=0.5, seed=4),
+    )
     assert len(gen._compiled) == n + 2  # same bucket, batch, length: the values are data
     assert r.compile_s == 0.0
     gen.generate_ids([[8, 9], [1]], max_new_tokens=4, stop_at_eos=False)
@@ -96,8 +117,10 @@ def test_sampling_seeded_and_filtered():
     # The static modes compute the same as the run-time choice.
     np.testing.assert_array_equal(sample_logits(logits, key, 0.0, 0, 1.0, mode="greedy"), greedy)
     np.testing.assert_array_equal(sample_logits(logits, key, 1.0, 0, 1.0, mode="sample"), a)
-    np.testing.assert_array_equal(sample_logits(logits, key, 5.0, 2, 0.9, mode="filtered"),
-                                  sample_logits(logits, key, 5.0, 2, 0.9))
+    np.testing.assert_array_equal(
+        sample_logits(logits, key, 5.0, 2, 0.9, mode="filtered"),
+        sample_logits(logits, key, 5.0, 2, 0.9),
+    )
 
 
 def test_bad_arguments():
@@ -121,8 +144,10 @@ def _random_thresholds(config, key, scale=0.02):
     for i in range(config.num_layers):
         key, *ks = jax.random.split(key, len(TENSORS) + 1)
         out[f"layers_{i}"] = {
-            n: scale * jax.random.uniform(k, (tensor_width(
-                n, config.hidden_size, config.q_dim, config.intermediate_size),))
+            n: scale
+            * jax.random.uniform(
+                k, (tensor_width(n, config.hidden_size, config.q_dim, config.intermediate_size),)
+            )
             for n, k in zip(TENSORS, ks)
         }
     return out
@@ -146,8 +171,15 @@ def _decode_logits(config, params, kernels, thresholds, prompt_BxT, steps):
 
 
 @pytest.mark.slow  # 20-50 s each on 2 cores: the kernels run in interpret mode
-@pytest.mark.parametrize("method,impl", [("chess", "gpu_interpret"), ("chess+", "tpu_interpret"),
-                                         ("teal", "gpu_interpret"), ("teal", "tpu_interpret")])
+@pytest.mark.parametrize(
+    "method,impl",
+    [
+        ("chess", "gpu_interpret"),
+        ("chess+", "tpu_interpret"),
+        ("teal", "gpu_interpret"),
+        ("teal", "tpu_interpret"),
+    ],
+)
 def test_kernel_decoding_gives_masked_dense_tokens(method, impl):
     """Sparse decoding through the Pallas kernels (interpret mode on the CPU) gives the
     masked dense XLA path's logits and tokens, for a batch of prompts of different lengths.
@@ -162,10 +194,12 @@ def test_kernel_decoding_gives_masked_dense_tokens(method, impl):
     assert not kernels.fuse_qkv and kernels.fuse_kv
     same = {k: {**v, "kv_in": v["q_in"]} for k, v in thresholds.items()}
     assert kernels_for_method(method, "pallas", impl, thresholds=same).fuse_qkv == (
-        method != "chess+")
+        method != "chess+"
+    )
     prompts = [[5, 6, 7, 8], [9, 10]]
     dense = Generator(config, params).generate_ids(
-        prompts, max_new_tokens=6, thresholds=thresholds, stop_at_eos=False)
+        prompts, max_new_tokens=6, thresholds=thresholds, stop_at_eos=False
+    )
     kern = Generator(config, params, kernels=kernels)
     got = kern.generate_ids(prompts, max_new_tokens=6, thresholds=thresholds, stop_at_eos=False)
     assert got.tokens == dense.tokens
@@ -179,8 +213,9 @@ def test_kernel_decoding_gives_masked_dense_tokens(method, impl):
     np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("model_type,extra", [("llama", {}), ("qwen2", {"qkv_bias": True}),
-                                              ("opt", {})])
+@pytest.mark.parametrize(
+    "model_type,extra", [("llama", {}), ("qwen2", {"qkv_bias": True}), ("opt", {})]
+)
 def test_fused_qkv_layout_gives_the_same_logits(model_type, extra):
     """`prepare_params` with fuse_qkv (one q/k/v matmul) computes the same function."""
     from jaxsparse.models import Kernels, prepare_params
@@ -189,12 +224,15 @@ def test_fused_qkv_layout_gives_the_same_logits(model_type, extra):
     params = init_params(config, seed=3)
     if extra.get("qkv_bias"):  # non-zero biases, so that their concatenation is checked
         params = jax.tree_util.tree_map_with_path(
-            lambda p, x: x + 0.1 if "bias" in jax.tree_util.keystr(p) else x, params)
+            lambda p, x: x + 0.1 if "bias" in jax.tree_util.keystr(p) else x, params
+        )
     tokens = jnp.asarray([[5, 6, 7, 8, 9]])
     pos = jnp.arange(5)[None]
     ref, _ = build_model(config).apply({"params": params}, tokens, pos)
-    for kernels, name in [(Kernels("xla", fuse_qkv=True), "qkv_proj"),
-                          (Kernels("xla", fuse_kv=True), "kv_proj")]:
+    for kernels, name in [
+        (Kernels("xla", fuse_qkv=True), "qkv_proj"),
+        (Kernels("xla", fuse_kv=True), "kv_proj"),
+    ]:
         fused = prepare_params(params, config, kernels)
         assert name in fused["layers_0"]["self_attn"]
         assert "k_proj" not in fused["layers_0"]["self_attn"]
@@ -217,11 +255,14 @@ def per_step_reference(config, params, prompts, n, eos_ids=(), thresholds=None):
     tokens = np.zeros((b, bucket), np.int32)
     valid = np.zeros((b, bucket), bool)
     for i, p in enumerate(prompts):
-        tokens[i, bucket - len(p):] = p
-        valid[i, bucket - len(p):] = True
+        tokens[i, bucket - len(p) :] = p
+        valid[i, bucket - len(p) :] = True
     pos = np.where(valid, np.cumsum(valid, 1) - 1, -1)
-    step = jax.jit(lambda p, t, q, c, i, th: model.apply(
-        {"params": p}, t, q, c, i, th, last_only=True, mutable=["stats"]))
+    step = jax.jit(
+        lambda p, t, q, c, i, th: model.apply(
+            {"params": p}, t, q, c, i, th, last_only=True, mutable=["stats"]
+        )
+    )
     (logits, cache), _ = step(params, tokens, pos, init_cache(config, b, bucket + n), 0, None)
     nxt = np.asarray(jnp.argmax(logits[:, -1], -1))
     out, done = [[int(t)] for t in nxt], np.isin(nxt, eos_ids)
@@ -229,8 +270,9 @@ def per_step_reference(config, params, prompts, n, eos_ids=(), thresholds=None):
     for k in range(1, n):
         if done.all():
             break
-        (logits, cache), v = step(params, nxt[:, None], cur_pos[:, None], cache, bucket + k - 1,
-                                  thresholds)
+        (logits, cache), v = step(
+            params, nxt[:, None], cur_pos[:, None], cache, bucket + k - 1, thresholds
+        )
         for layer in v["stats"].values():
             for path, frac in jax.tree_util.tree_flatten_with_path(layer)[0]:
                 point = str(path[-2].key)
@@ -253,9 +295,10 @@ def _eos_making(config, params, prompts, n):
     return free[0][n // 2]
 
 
-@pytest.mark.parametrize("model_type,extra", [
-    ("llama", {}), ("qwen2", {"qkv_bias": True}), ("mistral", {"sliding_window": 6}),
-    ("opt", {})])
+@pytest.mark.parametrize(
+    "model_type,extra",
+    [("llama", {}), ("qwen2", {"qkv_bias": True}), ("mistral", {"sliding_window": 6}), ("opt", {})],
+)
 def test_loop_gives_the_per_step_tokens(model_type, extra):
     """The on-device loop gives the tokens of a per-step host loop: every family, a batch of
     mixed lengths, rows stopping at EOS at different steps."""
@@ -296,9 +339,11 @@ def test_no_host_round_trip_per_token():
     gen.generate_ids([[3, 4]], max_new_tokens=64, thresholds=th, stop_at_eos=False)  # compile
     calls = []
     for sig, fn in list(gen._compiled.items()):
+
         def counted(*a, _fn=fn, _kind=sig[0]):
             calls.append(_kind)
             return _fn(*a)
+
         gen._compiled[sig] = counted
     with jax.transfer_guard("disallow"):
         r = gen.generate_ids([[3, 4]], max_new_tokens=64, thresholds=th, stop_at_eos=False)
@@ -306,8 +351,9 @@ def test_no_host_round_trip_per_token():
     assert calls == ["prefill", "loop"] and r.host_reads == 1
     calls.clear()
     with jax.transfer_guard("disallow"):
-        chunks = list(gen.stream_ids([[3, 4]], 64, thresholds=th, stop_at_eos=False,
-                                     chunk_tokens=16))
+        chunks = list(
+            gen.stream_ids([[3, 4]], 64, thresholds=th, stop_at_eos=False, chunk_tokens=16)
+        )
     assert calls == ["prefill"] + ["loop"] * 4  # 63 decode steps in chunks of 16
     assert chunks[-1][1].host_reads == 4
     assert sum(len(c[0][0]) for c in chunks[:-1]) == 64
@@ -335,7 +381,7 @@ def test_stream_yields_the_generated_text():
     assert chunks[-1].result is not None and all(c.result is None for c in chunks[:-1])
     for i in range(2):
         assert "".join(c.texts[i] for c in chunks) == texts[i]
-        assert sum((c.token_ids[i] for c in chunks), []) == result.tokens[i]
+        assert [t for c in chunks for t in c.token_ids[i]] == result.tokens[i]
     assert chunks[-1].result.tokens == result.tokens
 
 
@@ -346,15 +392,26 @@ def test_smollm2_loop_gives_the_per_step_tokens(smollm2):
     from jaxsparse.calibrate import calibrate
 
     lm = smollm2
-    prompts = [lm.tokenizer("The capital of France is")["input_ids"],
-               lm.tokenizer("def fibonacci(n):\n    \"\"\"Return the")["input_ids"]]
-    state = calibrate(lm.config, lm.params, lm.tokenizer, ["chess"], [0.5], None, tokens=512,
-                      seq_len=128, batch_size=4, progress=False)[("chess", 0.5)]
+    prompts = [
+        lm.tokenizer("The capital of France is")["input_ids"],
+        lm.tokenizer('def fibonacci(n):\n    """Return the')["input_ids"],
+    ]
+    state = calibrate(
+        lm.config,
+        lm.params,
+        lm.tokenizer,
+        ["chess"],
+        [0.5],
+        None,
+        tokens=512,
+        seq_len=128,
+        batch_size=4,
+        progress=False,
+    )[("chess", 0.5)]
     eos = tuple(sorted(Generator(lm.config, lm.params, lm.tokenizer).eos_ids))
     for th in (None, state.thresholds_for_model()):
         want, _ = per_step_reference(lm.config, lm.params, prompts, 16, eos, th)
-        got = Generator(lm.config, lm.params, lm.tokenizer).generate_ids(
-            prompts, 16, thresholds=th)
+        got = Generator(lm.config, lm.params, lm.tokenizer).generate_ids(prompts, 16, thresholds=th)
         assert got.tokens == want
         if th is not None:
             assert 0.3 < got.measured_sparsity["gate"] < 0.7

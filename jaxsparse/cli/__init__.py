@@ -21,19 +21,32 @@ from collections.abc import Sequence
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("jaxsparse.cli.generate", "generate text (dense, or with a sparsity state)"),
-    "calibrate": ("jaxsparse.cli.calibrate",
-                  "fit cats, chess, chess+, teal or wina thresholds on text"),
+    "calibrate": (
+        "jaxsparse.cli.calibrate",
+        "fit cats, chess, chess+, teal or wina thresholds on text",
+    ),
     "eval": ("jaxsparse.cli.eval", "perplexity, task accuracy and measured sparsity of a state"),
-    "sweep": ("jaxsparse.cli.sweep",
-              "calibrate and evaluate methods x sparsities; table and plots"),
+    "sweep": (
+        "jaxsparse.cli.sweep",
+        "calibrate and evaluate methods x sparsities; table and plots",
+    ),
     "data": ("jaxsparse.cli.data", "export the built-in corpus splits and multiple-choice tasks"),
     "learn": ("jaxsparse.cli.learn", "learn chess or teal thresholds with optax"),
-    "learn-kl": ("jaxsparse.cli.learn_kl", "learn thresholds end to end (KL to the dense model) "
-                 "at a target fraction of weights read"),
-    "train-predictors": ("jaxsparse.cli.train_predictors",
-                         "train Deja Vu FFN-neuron and head predictors"),
-    "convert": ("jaxsparse.cli.convert",
-                "convert an HF directory or a .gguf file into a checkpoint"),
+    "learn-kl": (
+        "jaxsparse.cli.learn_kl",
+        (
+            "learn thresholds end to end (KL to the dense model) "
+            "at a target fraction of weights read"
+        ),
+    ),
+    "train-predictors": (
+        "jaxsparse.cli.train_predictors",
+        "train Deja Vu FFN-neuron and head predictors",
+    ),
+    "convert": (
+        "jaxsparse.cli.convert",
+        "convert an HF directory or a .gguf file into a checkpoint",
+    ),
 }
 
 
@@ -44,8 +57,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     @staticmethod
     def shows(action: argparse.Action) -> bool:
         """Whether `action`'s default is worth showing."""
-        return (action.default not in (None, False, [], argparse.SUPPRESS)
-                and bool(action.option_strings or action.nargs in ("?", "*")))
+        return action.default not in (None, False, [], argparse.SUPPRESS) and bool(
+            action.option_strings or action.nargs in ("?", "*")
+        )
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
@@ -67,11 +81,13 @@ def _command_parser(name: str, prog: str, parent=None) -> argparse.ArgumentParse
     module = importlib.import_module(module_name)
     description = getattr(module, "DESCRIPTION", help_text)
     if parent is None:
-        p = argparse.ArgumentParser(prog=prog, description=description,
-                                    formatter_class=HelpFormatter)
+        p = argparse.ArgumentParser(
+            prog=prog, description=description, formatter_class=HelpFormatter
+        )
     else:
-        p = parent.add_parser(name, help=help_text, description=description,
-                              formatter_class=HelpFormatter)
+        p = parent.add_parser(
+            name, help=help_text, description=description, formatter_class=HelpFormatter
+        )
     module.add_arguments(p)
     for action in p._actions:  # argparse prints no help line, so no default, without help
         if action.help is None and action.option_strings and HelpFormatter.shows(action):
@@ -83,8 +99,9 @@ def _command_parser(name: str, prog: str, parent=None) -> argparse.ArgumentParse
 def build_parser() -> argparse.ArgumentParser:
     """The whole `jaxsparse` parser (imports every command module; `main` builds only the
     parser of the command it runs)."""
-    parser = argparse.ArgumentParser(prog="jaxsparse", description=__doc__.splitlines()[0],
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="jaxsparse", description=__doc__.splitlines()[0], formatter_class=HelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
