@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -37,6 +35,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from jaxsparse.io import write_json_atomic
 from pallas_kernels import gated_matvec, sparse_input_matvec
 
 ROOFLINE_BPS = 3.0e12
@@ -392,10 +391,7 @@ def main(argv=None):
             "rows": rows + ffn_rows,
             "wall_s": time.time() - t_start,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(out, indent=1))
-        os.replace(tmp, path)
+        write_json_atomic(out, path)
         return out
 
     if args.sweep:

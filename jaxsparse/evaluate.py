@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from jaxsparse.io import write_json_atomic  # noqa: F401 - also imported from here
 from jaxsparse.measure import POINTS as _POINTS
 from jaxsparse.measure import make_forward
 
@@ -264,11 +263,3 @@ def ppl_token_ids(config, tokenizer, paths: list[str] | None, max_tokens: int | 
         raise data.DataError(f"{data.describe_sources(paths, 'evaluation')}: found "
                              f"{len(ids)} tokens, perplexity needs at least 2")
     return np.asarray(ids, np.int32)
-
-
-def write_json_atomic(obj: Any, path: str | Path) -> None:
-    """Writes `obj` as indented JSON, keys in natural order (layers_2 before layers_10),
-    atomically (`jaxsparse.io.write_text_atomic`)."""
-    from jaxsparse.io import natural_order, write_text_atomic
-
-    write_text_atomic(path, json.dumps(natural_order(obj), indent=2) + "\n")

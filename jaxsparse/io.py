@@ -106,6 +106,12 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
+def write_json_atomic(obj: Any, path: str | Path) -> Path:
+    """Writes `obj` as indented JSON, keys in natural order (layers_2 before layers_10),
+    atomically (`write_text_atomic`). The one JSON writer of the results users keep."""
+    return write_text_atomic(path, json.dumps(natural_order(obj), indent=2) + "\n")
+
+
 def natural_key(key: str) -> tuple:
     """Sort key that orders the digit runs of `key` by value: layers_2 before layers_10."""
     return tuple((0, int(part), "") if part.isdigit() else (1, 0, part)

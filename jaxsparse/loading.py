@@ -154,10 +154,9 @@ def file_sha256(path: Path) -> str:
     with open(path, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     try:  # a cache that cannot be written only costs the hash next time
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
-        tmp.write_text(stamp + digest)
-        os.replace(tmp, memo)
+        from jaxsparse.io import write_text_atomic
+
+        write_text_atomic(memo, stamp + digest)
     except OSError:
         pass
     return digest

@@ -14,7 +14,7 @@ from jaxsparse.cli.common import (
     in_interval,
     load_model_for,
 )
-from jaxsparse.evaluate import write_json_atomic
+from jaxsparse.io import write_json_atomic
 from jaxsparse.predictors import (
     DEFAULTS,
     PredictorError,
