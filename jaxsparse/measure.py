@@ -16,6 +16,24 @@ import functools
 # that `jaxsparse --help` does not import jax; tests check they agree).
 POINTS = ("q_in", "kv_in", "o_in", "ffn_in", "gate", "down_in")
 
+# Where the model sows each point (and the raw up projection) in its "taps", "stats" and
+# "zeros" collections: under `layers_i/<module>/<name>`.
+TAP_PATHS = {
+    "q_in": ("self_attn", "q_in"),
+    "kv_in": ("self_attn", "kv_in"),
+    "o_in": ("self_attn", "o_in"),
+    "ffn_in": ("mlp", "ffn_in"),
+    "gate": ("mlp", "gate"),
+    "down_in": ("mlp", "down_in"),
+    "up": ("mlp", "up"),
+}
+
+
+def point_value(layer_tree: dict, point: str):
+    """The value sown for `point` in one layer's subtree of a collection (its first sow)."""
+    module, name = TAP_PATHS[point]
+    return layer_tree[module][name][0]
+
 
 @functools.cache
 def make_forward(config):
@@ -41,10 +59,7 @@ def make_forward(config):
         zero_sums, read_layers = [], []
         for i in range(config.num_layers):
             s = variables["stats"][f"layers_{i}"]
-            z = {
-                p: (s["self_attn"] if p in ("q_in", "kv_in", "o_in") else s["mlp"])[p][0]
-                for p in POINTS
-            }
+            z = {p: point_value(s, p) for p in POINTS}
             zero_sums.append(jnp.stack([jnp.sum(z[p] * w) for p in POINTS]))
             dens = {p: 1.0 - z[p] for p in POINTS}
             if "gate_rows" in s.get("mlp", {}):  # Deja Vu: gate_proj rows skipped

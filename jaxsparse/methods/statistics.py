@@ -32,17 +32,7 @@ import numpy as np
 
 from jaxsparse import rules
 from jaxsparse.config import ModelConfig
-
-# Where each point's raw activation is sown, under `taps/layers_i/...`.
-TAP_PATHS = {
-    "q_in": ("self_attn", "q_in"),
-    "kv_in": ("self_attn", "kv_in"),
-    "o_in": ("self_attn", "o_in"),
-    "ffn_in": ("mlp", "ffn_in"),
-    "gate": ("mlp", "gate"),
-    "down_in": ("mlp", "down_in"),
-    "up": ("mlp", "up"),
-}
+from jaxsparse.measure import TAP_PATHS  # where each point is sown, under `taps/layers_i/...`
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,11 +47,15 @@ def requirements(options: dict | None = None) -> Requirements:
 
 
 def group_sizes(config: ModelConfig) -> dict[str, int]:
-    """Weights read by each group's matrices (biases excluded)."""
-    d, m = config.hidden_size, config.intermediate_size
-    n_ffn_in = 1 if config.family == "opt" else 2  # fc1, or gate_proj and up_proj
-    return {"qkv": d * (config.q_dim + 2 * config.kv_dim), "o": config.q_dim * d,
-            "gate_up": n_ffn_in * d * m, "down": m * d}
+    """Weights read by each group's matrices (biases excluded), from
+    `jaxsparse.sparsity.linear_sizes`."""
+    from jaxsparse.sparsity import linear_sizes
+
+    s = linear_sizes(config)
+    ffn_in = ("fc1",) if config.family == "opt" else ("gate_proj", "up_proj")
+    return {"qkv": s["q_proj"] + s["k_proj"] + s["v_proj"], "o": s["o_proj"],
+            "gate_up": sum(s[n] for n in ffn_in), "down": s["fc2" if config.family == "opt"
+                                                              else "down_proj"]}
 
 
 def group_thresholds(stats: CalibrationStats, layer: int, sparsities: dict[str, float]) -> dict:
@@ -150,13 +154,12 @@ def teal_greedy(stats: CalibrationStats, sparsity: float, config: ModelConfig, p
     import jax.numpy as jnp
     from tqdm import tqdm
 
-    from jaxsparse import rules
+    from jaxsparse.sparsity import model_widths
 
     sizes = group_sizes(config)
     errors_fns = {t: make_block_error_fn(config, t)
                   for t in {config.layer_type(i) for i in range(config.num_layers)}}
-    widths = {p: rules.tensor_width(p, config.hidden_size, config.q_dim, config.intermediate_size)
-              for p in rules.TENSORS}
+    widths = model_widths(config)
     valid_dev = jnp.asarray(valid)
     values, alloc = {}, {}
     for i in tqdm(range(config.num_layers), desc=f"{desc} greedy allocation", unit="layer",
@@ -169,7 +172,7 @@ def teal_greedy(stats: CalibrationStats, sparsity: float, config: ModelConfig, p
             ths = [thresholds_fn(stats, i, c) for c in cands]
             stack = {pt: jnp.stack([jnp.broadcast_to(jnp.asarray(th.get(pt, 0.0), jnp.float32),
                                                      (widths[pt],)) for th in ths])
-                     for pt in rules.TENSORS}
+                     for pt in widths}
             return np.asarray(errors_fn(p, x, valid_dev, stack))
 
         s, _ = greedy_allocation(errors, sizes, sparsity, step, max_group_sparsity)
