@@ -5,8 +5,9 @@ on 1 device against 2 (`jaxsparse.sharding`, the same code `--mesh` runs).
     python benchmarks/multi_gpu.py --tiny --json /tmp/multi_gpu_tiny.json   # CPU check
 
 1. Evaluation throughput (`jaxsparse.evaluate.Evaluator`, dense, perplexity windows of
-   `--seq-len` tokens in batches of `--batch-per-device` rows per device): tokens/s on one
-   device (mesh data=1) and on two (data=2, twice the rows per batch), for SmolLM2-135M
+   `--seq-len` tokens in batches of `--batch-per-device` (`--smollm2-batch-per-device`)
+   rows per device): tokens/s on one device (mesh data=1) and on two (data=2, twice the
+   rows per batch), `--eval-batches` batches per timed call, for SmolLM2-135M
    (the real weights if the embedded model loads, else its shapes with random weights:
    the record says which) and Llama-3-8B shapes (random bf16). Real text (stdlib
    docstrings, `evaluation` split) through the model's tokenizer, or a byte-level one for
@@ -123,15 +124,16 @@ def llama(args):
     return config, random_params(config), ByteTokenizer(), what + ", random weights"
 
 
-def eval_throughput(config, params, tok, name: str, args) -> list[dict]:
-    """Dense perplexity tokens/s through `Evaluator` on 1 and on 2 devices (data parallel)."""
+def eval_throughput(config, params, tok, name: str, args, per_device: int) -> list[dict]:
+    """Dense perplexity tokens/s through `Evaluator` on 1 and on 2 devices (data parallel),
+    `per_device` rows per device in a batch."""
     from jaxsparse.evaluate import Evaluator
 
     eos = config.eos_token_ids[0] if config.eos_token_ids else tok.eos_token_id
     rows = []
     for n in (1, 2):
         ev = Evaluator(config, params, tok, seq_len=args.seq_len,
-                       batch_size=args.batch_per_device * n,
+                       batch_size=per_device * n,
                        mesh=make_mesh(n, 1, jax.devices()[:n]), progress=False)
         ids = eval_text_ids(tok, args.eval_batches * ev.batch_size * args.seq_len, eos)
         res = {}
@@ -205,7 +207,11 @@ def main(argv=None) -> int:
     p.add_argument("--llama-layers", type=int, default=32,
                    help="layers of the Llama-3-8B-shaped model (fewer compile faster)")
     p.add_argument("--seq-len", type=int, default=512, help="eval window")
-    p.add_argument("--batch-per-device", type=int, default=8, help="eval rows per device")
+    p.add_argument("--batch-per-device", type=int, default=8,
+                   help="eval rows per device, Llama-3-8B shapes")
+    p.add_argument("--smollm2-batch-per-device", type=int, default=32,
+                   help="eval rows per device, SmolLM2 (a small model needs large batches to "
+                   "keep a GPU busy between the evaluator's host steps)")
     p.add_argument("--eval-batches", type=int, default=4, help="eval batches per timed call")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -218,6 +224,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.tiny:
         args.seq_len, args.batch_per_device, args.eval_batches = 32, 2, 2
+        args.smollm2_batch_per_device = 2
         args.prompt_len, args.new_tokens = 16, 8
         args.calibration_tokens, args.calibration_seq_len, args.repeats = 256, 32, 1
     parts = {x.strip() for x in args.parts.split(",") if x.strip()}
@@ -229,11 +236,11 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     rows: list[dict] = []
     if "eval" in parts:
-        rows += eval_throughput(*load_smollm2(args), args)
+        rows += eval_throughput(*load_smollm2(args), args, args.smollm2_batch_per_device)
     if "eval" in parts or "decode" in parts:
         config, params, tok, name = llama(args)
         if "eval" in parts:
-            rows += eval_throughput(config, params, tok, name, args)
+            rows += eval_throughput(config, params, tok, name, args, args.batch_per_device)
         if "decode" in parts:
             rows += tp_decode(config, params, tok, name, args)
     out = {
