@@ -39,8 +39,17 @@ from jaxsparse.generate import Generator
 from jaxsparse.models import kernels_for_method
 from jaxsparse.predictors import dejavu_state, init_predictors
 
-TINY = ModelConfig(model_type="llama", vocab_size=300, hidden_size=128, intermediate_size=256,
-                   num_layers=2, num_heads=8, num_kv_heads=2, head_dim=16, dtype="float32")
+TINY = ModelConfig(
+    model_type="llama",
+    vocab_size=300,
+    hidden_size=128,
+    intermediate_size=256,
+    num_layers=2,
+    num_heads=8,
+    num_kv_heads=2,
+    head_dim=16,
+    dtype="float32",
+)
 
 
 def load(name: str):
@@ -48,8 +57,12 @@ def load(name: str):
     from decode import LLAMA3_8B, ByteTokenizer, random_params
 
     if name == "llama3-8b":
-        return (LLAMA3_8B, random_params(LLAMA3_8B), ByteTokenizer(),
-                "Llama-3-8B shapes, random bf16 weights, byte-level text")
+        return (
+            LLAMA3_8B,
+            random_params(LLAMA3_8B),
+            ByteTokenizer(),
+            "Llama-3-8B shapes, random bf16 weights, byte-level text",
+        )
     if name == "tiny":
         return TINY, random_params(TINY), ByteTokenizer(), "tiny random model (script check)"
     from jaxsparse.loading import load_model
@@ -107,8 +120,12 @@ def run(args) -> dict:
         ]
         for name, kernels, thresholds in setups:
             gen = Generator(config, params, kernels=kernels)
-            row = {"setup": name, "batch": batch, "kernels": kernels.mode,
-                   **timed(gen, prompts, args.new_tokens, thresholds, args.repeats)}
+            row = {
+                "setup": name,
+                "batch": batch,
+                "kernels": kernels.mode,
+                **timed(gen, prompts, args.new_tokens, thresholds, args.repeats),
+            }
             print(json.dumps(row), flush=True)
             rows.append(row)
             del gen
@@ -146,8 +163,11 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--impl", default="auto",
-                   help="kernel impl for dejavu-pallas (auto: gpu on a GPU, else reference)")
+    p.add_argument(
+        "--impl",
+        default="auto",
+        help="kernel impl for dejavu-pallas (auto: gpu on a GPU, else reference)",
+    )
     args = p.parse_args(argv)
     for name in ("head_sparsity", "ffn_sparsity"):
         v = getattr(args, name)

@@ -166,8 +166,21 @@ def bench_matvec(args, cfg_for, dtype, calls_min, repeats):
                 need = n_act * N * dtype.itemsize + B * (K + N) * dtype.itemsize
                 dense_bytes = wbytes + B * (K + N) * dtype.itemsize
                 row = result_row(
-                    "sparse_input_matvec", K, N, B, s, n_act, nb, calls, cfg,
-                    (td, sd), (tk, sk), dense_bytes, need, {"rel_err": err})
+                    "sparse_input_matvec",
+                    K,
+                    N,
+                    B,
+                    s,
+                    n_act,
+                    nb,
+                    calls,
+                    cfg,
+                    (td, sd),
+                    (tk, sk),
+                    dense_bytes,
+                    need,
+                    {"rel_err": err},
+                )
                 rows.append(row)
                 log(fmt_row(row))
         del ws
@@ -289,15 +302,42 @@ def bench_ffn(args, dtype, calls_min, repeats):
                 dense_bytes = n_w * wbytes + io
                 row_cfg = gcfg if name == "gated_matvec" else {"gated": gcfg, "down": mv_cfg}
                 row = result_row(
-                    name, d, m, B, s, n_act, nb, calls, row_cfg, (td, sd), (tk, sk), dense_bytes,
-                    need, {"rel_err_vs_dense_xla": err})
+                    name,
+                    d,
+                    m,
+                    B,
+                    s,
+                    n_act,
+                    nb,
+                    calls,
+                    row_cfg,
+                    (td, sd),
+                    (tk, sk),
+                    dense_bytes,
+                    need,
+                    {"rel_err_vs_dense_xla": err},
+                )
                 rows.append(row)
                 log(fmt_row(row))
     return rows, sweep
 
 
-def result_row(kernel, K, N, batch, sparsity, active_rows, n_buf, calls, config,
-               dense, kern, dense_bytes, need, extra):
+def result_row(
+    kernel,
+    K,
+    N,
+    batch,
+    sparsity,
+    active_rows,
+    n_buf,
+    calls,
+    config,
+    dense,
+    kern,
+    dense_bytes,
+    need,
+    extra,
+):
     """One result row: `dense`/`kern` are (seconds per call, spread); bytes give GB/s."""
     (td, sd), (tk, sk) = dense, kern
     return {

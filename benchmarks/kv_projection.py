@@ -32,7 +32,7 @@ def step(variant):
     def layer(x, ws, cache_k, cache_v, i):
         if variant == "fused_qkv":
             y = jnp.dot(x, ws["qkv"], preferred_element_type=jnp.float32).astype(jnp.bfloat16)
-            q, k, v = y[:, :Q], y[:, Q:Q + KV], y[:, Q + KV:]
+            q, k, v = y[:, :Q], y[:, Q : Q + KV], y[:, Q + KV :]
         elif variant == "fused_kv":
             q = jnp.dot(x, ws["q"], preferred_element_type=jnp.float32).astype(jnp.bfloat16)
             y = jnp.dot(x, ws["kv"], preferred_element_type=jnp.float32).astype(jnp.bfloat16)
@@ -43,8 +43,7 @@ def step(variant):
             k = jnp.dot(x, ws["k"], preferred_element_type=pet).astype(jnp.bfloat16)
             v = jnp.dot(x, ws["v"], preferred_element_type=pet).astype(jnp.bfloat16)
         cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, rope(k)[:, :, None], i, axis=2)
-        cache_v = jax.lax.dynamic_update_slice_in_dim(
-            cache_v, v.reshape(1, 8, 1, 128), i, axis=2)
+        cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.reshape(1, 8, 1, 128), i, axis=2)
         return x + 0.001 * q[:, :D] + 0.001 * jnp.sum(cache_k) + 0.001 * jnp.sum(cache_v)
 
     def f(x, weights, caches, i):
@@ -66,9 +65,13 @@ def main():
         for l in range(L):
             k = jax.random.fold_in(key, l)
             w = (0.02 * jax.random.normal(k, (D, Q + 2 * KV), jnp.float32)).astype(jnp.bfloat16)
-            ws.append({"qkv": w} if variant == "fused_qkv" else
-                      {"q": w[:, :Q], "kv": w[:, Q:]} if variant == "fused_kv" else
-                      {"q": w[:, :Q], "k": w[:, Q:Q + KV], "v": w[:, Q + KV:]})
+            ws.append(
+                {"qkv": w}
+                if variant == "fused_qkv"
+                else {"q": w[:, :Q], "kv": w[:, Q:]}
+                if variant == "fused_kv"
+                else {"q": w[:, :Q], "k": w[:, Q : Q + KV], "v": w[:, Q + KV :]}
+            )
         f = step(variant)
         jax.block_until_ready(f(x, ws, caches, 3))
         ts = []

@@ -57,10 +57,17 @@ def record(args) -> None:
         with jax.profiler.trace(str(out), create_perfetto_trace=True):
             tok, pos, cache = step(p, tok, pos, cache, idx, th)
             jax.block_until_ready(tok)
-        (out / "wall.json").write_text(json.dumps(
-            {"method": method, "wall_ms_per_step": statistics.median(walls) * 1e3,
-             "steps": args.steps, "device": jax.devices()[0].device_kind,
-             "jax_version": jax.__version__}))
+        (out / "wall.json").write_text(
+            json.dumps(
+                {
+                    "method": method,
+                    "wall_ms_per_step": statistics.median(walls) * 1e3,
+                    "steps": args.steps,
+                    "device": jax.devices()[0].device_kind,
+                    "jax_version": jax.__version__,
+                }
+            )
+        )
         print(f"{method}: {statistics.median(walls) * 1e3:.3f} ms/step", flush=True)
         del p, cache
 
@@ -90,8 +97,11 @@ def summarize(directory: str) -> dict:
             events = json.loads(f.read())
         events = events["traceEvents"] if isinstance(events, dict) else events
         # Device streams: processes whose name mentions the GPU (not the host threads).
-        pnames = {e["pid"]: e["args"]["name"] for e in events
-                  if e.get("ph") == "M" and e.get("name") == "process_name"}
+        pnames = {
+            e["pid"]: e["args"]["name"]
+            for e in events
+            if e.get("ph") == "M" and e.get("name") == "process_name"
+        }
         dev = {pid for pid, n in pnames.items() if "/device:" in n.lower() or "gpu" in n.lower()}
         kernels = [e for e in events if e.get("ph") == "X" and e.get("pid") in dev]
         steps = wall["steps"]
@@ -110,9 +120,11 @@ def summarize(directory: str) -> dict:
             "kernel_ms_per_step": sum(g["ms"] for g in groups.values()),
             "kernels_per_step": len(kernels) / steps,
             "groups": groups,
-            "top_kernels_ms_per_step": {k: v / steps for k, v in sorted(
-                per_name.items(), key=lambda kv: -kv[1])[:10]},
-            "device": wall["device"], "jax_version": wall["jax_version"],
+            "top_kernels_ms_per_step": {
+                k: v / steps for k, v in sorted(per_name.items(), key=lambda kv: -kv[1])[:10]
+            },
+            "device": wall["device"],
+            "jax_version": wall["jax_version"],
             "processes": sorted(pnames[p] for p in dev),
         }
     return out
@@ -138,8 +150,10 @@ def main(argv=None) -> int:
     print(f"{'method':8} {'wall ms':>8} {'kernel ms':>9} {'kernels':>8}  by kind (count, ms)")
     for m, r in s.items():
         g = ", ".join(f"{k} {v['count']:.0f}/{v['ms']:.2f}" for k, v in r["groups"].items())
-        print(f"{m:8} {r['wall_ms_per_step']:8.2f} {r['kernel_ms_per_step']:9.2f} "
-              f"{r['kernels_per_step']:8.0f}  {g}")
+        print(
+            f"{m:8} {r['wall_ms_per_step']:8.2f} {r['kernel_ms_per_step']:9.2f} "
+            f"{r['kernels_per_step']:8.0f}  {g}"
+        )
     return 0
 
 

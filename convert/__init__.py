@@ -19,5 +19,12 @@ from convert.converter import (
 )
 from convert.readers import SourceError
 
-__all__ = ["ConversionError", "ConvertedModel", "SourceError", "convert", "load_tokenizer",
-           "read_model", "source_kind"]
+__all__ = [
+    "ConversionError",
+    "ConvertedModel",
+    "SourceError",
+    "convert",
+    "load_tokenizer",
+    "read_model",
+    "source_kind",
+]

@@ -79,8 +79,14 @@ def read_model(src: str | Path, dtype: str = "float32", progress: bool = False) 
         config = ModelConfig.from_hf(src, dtype=dtype)
         source = open_hf_dir(src)
         key_map = hf_key_map(config)
-        plan = _plan(source, key_map, lambda n: hf_canonical_name(n, key_map),
-                     hf_optional(config), config, src)
+        plan = _plan(
+            source,
+            key_map,
+            lambda n: hf_canonical_name(n, key_map),
+            hf_optional(config),
+            config,
+            src,
+        )
     params: dict = {}
     bar = _progress(len(source.tensors), f"converting {src.name}", progress)
     try:
@@ -97,8 +103,11 @@ def read_model(src: str | Path, dtype: str = "float32", progress: bool = False) 
     files = source.files
     stat = [f.stat() for f in files]
     info = {
-        "path": str(src.absolute()), "format": source.kind, "files": [f.name for f in files],
-        "size": sum(s.st_size for s in stat), "mtime_ns": max(s.st_mtime_ns for s in stat),
+        "path": str(src.absolute()),
+        "format": source.kind,
+        "files": [f.name for f in files],
+        "size": sum(s.st_size for s in stat),
+        "mtime_ns": max(s.st_mtime_ns for s in stat),
     }
     return ConvertedModel(config, params, info)
 
@@ -127,7 +136,8 @@ def load_tokenizer(src: str | Path) -> Any:
             except ImportError as e:
                 raise ConversionError(
                     f"{unsupported}; transformers can build it from the GGUF, but its GGUF "
-                    f"reader needs torch ({e}): pip install torch") from e
+                    f"reader needs torch ({e}): pip install torch"
+                ) from e
         if not any((src / f).is_file() for f in TOKENIZER_FILES):
             return None
         return AutoTokenizer.from_pretrained(str(src))
@@ -137,8 +147,13 @@ def load_tokenizer(src: str | Path) -> Any:
         raise ConversionError(f"{src}: cannot load the tokenizer ({type(e).__name__}: {e})") from e
 
 
-def convert(src: str | Path, out: str | Path, dtype: str = "float32", overwrite: bool = False,
-            progress: bool = True) -> Path:
+def convert(
+    src: str | Path,
+    out: str | Path,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
     """Converts `src` (HF directory or .gguf file) into a jaxsparse checkpoint at `out`.
 
     An existing `out` is refused unless `overwrite`; then it is replaced only once the new
@@ -162,16 +177,25 @@ def convert(src: str | Path, out: str | Path, dtype: str = "float32", overwrite:
 # ------------------------------------------------------------------ helpers
 
 
-def _plan(source: TensorSource, key_map: dict[str, TensorRule], canonical, optional: set[str],
-          config: ModelConfig, src: Path) -> dict[str, TensorRule]:
+def _plan(
+    source: TensorSource,
+    key_map: dict[str, TensorRule],
+    canonical,
+    optional: set[str],
+    config: ModelConfig,
+    src: Path,
+) -> dict[str, TensorRule]:
     """Source name -> rule, after checking names and shapes; raises naming every problem."""
     from jaxsparse.models import param_shapes
 
-    ours = {tuple(k.key for k in p): s.shape for p, s in
-            jax.tree_util.tree_flatten_with_path(param_shapes(config))[0]}
+    ours = {
+        tuple(k.key for k in p): s.shape
+        for p, s in jax.tree_util.tree_flatten_with_path(param_shapes(config))[0]
+    }
     covered = {r.path for r in key_map.values()}
     assert covered == set(ours), (  # a bug in the key maps, not in the user's files
-        f"key map does not cover the model: {sorted(set(ours) ^ covered)}")
+        f"key map does not cover the model: {sorted(set(ours) ^ covered)}"
+    )
     plan, unexpected, misshaped, found = {}, [], [], set()
     for name, info in source.tensors.items():
         key = canonical(name)
@@ -183,13 +207,16 @@ def _plan(source: TensorSource, key_map: dict[str, TensorRule], canonical, optio
         found.add(key)
         want = expected_source_shape(rule, ours[rule.path])
         if tuple(info.shape) != want:
-            misshaped.append(f"{name!r} in {info.file.name}: expected shape {want}, found "
-                             f"{tuple(info.shape)}")
+            misshaped.append(
+                f"{name!r} in {info.file.name}: expected shape {want}, found {tuple(info.shape)}"
+            )
         plan[name] = rule
     missing = [k for k in key_map if k not in found]
     problems = []
-    what = (f"{config.model_type}, {config.num_layers} layers, hidden {config.hidden_size}, "
-            f"tie_word_embeddings={config.tie_word_embeddings}")
+    what = (
+        f"{config.model_type}, {config.num_layers} layers, hidden {config.hidden_size}, "
+        f"tie_word_embeddings={config.tie_word_embeddings}"
+    )
     cfg_name = "its GGUF metadata" if source.kind == "gguf" else "config.json"
     if missing:
         problems.append(f"missing tensors ({len(missing)}): {_some(missing)}")
@@ -199,9 +226,11 @@ def _plan(source: TensorSource, key_map: dict[str, TensorRule], canonical, optio
         problems.append(f"misshaped tensors ({len(misshaped)}): {_some(misshaped)}")
     if problems:
         raise ConversionError(
-            f"{src}: the weights do not match {cfg_name} ({what}):\n  " + "\n  ".join(problems)
+            f"{src}: the weights do not match {cfg_name} ({what}):\n  "
+            + "\n  ".join(problems)
             + f"\nThe checkpoint is incomplete or belongs to another model: re-download it, or fix "
-            f"{cfg_name}.")
+            f"{cfg_name}."
+        )
     return plan
 
 
@@ -237,5 +266,12 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="tensor")
 
 
-__all__ = ["ConversionError", "ConvertedModel", "SourceError", "convert", "load_tokenizer",
-           "read_model", "source_kind"]
+__all__ = [
+    "ConversionError",
+    "ConvertedModel",
+    "SourceError",
+    "convert",
+    "load_tokenizer",
+    "read_model",
+    "source_kind",
+]

@@ -64,17 +64,24 @@ def tokenizer_from_metadata(meta: dict[str, Any], source: str = "GGUF") -> Any:
     kind = meta.get("tokenizer.ggml.model")
     pre = meta.get("tokenizer.ggml.pre")
     if kind != "gpt2" or pre not in GPT2_SPLIT_PRE_TYPES:
-        what = ("a SentencePiece-style vocabulary" if kind == "llama" else
-                f"pre-tokenizer {pre!r}" if kind == "gpt2" else f"tokenizer model {kind!r}")
+        what = (
+            "a SentencePiece-style vocabulary"
+            if kind == "llama"
+            else f"pre-tokenizer {pre!r}"
+            if kind == "gpt2"
+            else f"tokenizer model {kind!r}"
+        )
         raise UnsupportedGGUFTokenizer(
             f"{source}: {what} (tokenizer.ggml.model={kind!r}, tokenizer.ggml.pre={pre!r}) is "
             f"not built without torch; only byte-level BPE with the GPT-2 split is "
-            f"(pre-tokenizer one of {sorted(p for p in GPT2_SPLIT_PRE_TYPES if p)})")
+            f"(pre-tokenizer one of {sorted(p for p in GPT2_SPLIT_PRE_TYPES if p)})"
+        )
     tokens: list[str] = meta["tokenizer.ggml.tokens"]
     merges = meta.get("tokenizer.ggml.merges")
     if not merges:
-        raise UnsupportedGGUFTokenizer(f"{source}: a byte-level BPE vocabulary without "
-                                       f"tokenizer.ggml.merges")
+        raise UnsupportedGGUFTokenizer(
+            f"{source}: a byte-level BPE vocabulary without tokenizer.ggml.merges"
+        )
     types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
 
     # Tokens are stored in the byte-to-unicode spelling; one spelled otherwise (an added token
@@ -93,27 +100,48 @@ def tokenizer_from_metadata(meta: dict[str, Any], source: str = "GGUF") -> Any:
     if bad:
         raise UnsupportedGGUFTokenizer(f"{source}: malformed merges (not 'a b'): {bad[:3]}")
     try:
-        tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False,
-                                   continuing_subword_prefix="", end_of_word_suffix=""))
+        tok = Tokenizer(
+            models.BPE(
+                vocab=vocab,
+                merges=pairs,
+                fuse_unk=False,
+                byte_fallback=False,
+                continuing_subword_prefix="",
+                end_of_word_suffix="",
+            )
+        )
     except Exception as e:  # noqa: BLE001 (tokenizers raises a bare Exception here)
-        raise UnsupportedGGUFTokenizer(f"{source}: tokenizer.ggml.merges do not fit "
-                                       f"tokenizer.ggml.tokens ({e})") from None
+        raise UnsupportedGGUFTokenizer(
+            f"{source}: tokenizer.ggml.merges do not fit tokenizer.ggml.tokens ({e})"
+        ) from None
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     # Control tokens are special, user-defined ones are matched whole but are not special;
     # a "control" token outside the byte alphabet is a mislabel and would grow the vocabulary.
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
-                            for t, ty in zip(tokens, types) if ty == CONTROL and set(t) <= alphabet])
-    tok.add_tokens([AddedToken(t, normalized=False, special=False)
-                    for t, ty in zip(tokens, types) if ty == USER_DEFINED and t in vocab])
+    tok.add_special_tokens(
+        [
+            AddedToken(t, normalized=False, special=True)
+            for t, ty in zip(tokens, types)
+            if ty == CONTROL and set(t) <= alphabet
+        ]
+    )
+    tok.add_tokens(
+        [
+            AddedToken(t, normalized=False, special=False)
+            for t, ty in zip(tokens, types)
+            if ty == USER_DEFINED and t in vocab
+        ]
+    )
 
     def special(key: str) -> str | None:
         i = meta.get(f"tokenizer.ggml.{key}_token_id")
         if i is None:
             return None
         if not 0 <= i < len(tokens):
-            raise UnsupportedGGUFTokenizer(f"{source}: tokenizer.ggml.{key}_token_id={i} is "
-                                           f"outside the vocabulary of {len(tokens)}")
+            raise UnsupportedGGUFTokenizer(
+                f"{source}: tokenizer.ggml.{key}_token_id={i} is "
+                f"outside the vocabulary of {len(tokens)}"
+            )
         return tokens[i]
 
     bos, eos = special("bos"), special("eos")
@@ -121,21 +149,37 @@ def tokenizer_from_metadata(meta: dict[str, Any], source: str = "GGUF") -> Any:
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
 
     def template(seq: str, type_id: int) -> list[str]:
-        return ([f"{bos}:{type_id}"] if add_bos else []) + [f"${seq}:{type_id}"] + (
-            [f"{eos}:{type_id}"] if add_eos else [])
+        return (
+            ([f"{bos}:{type_id}"] if add_bos else [])
+            + [f"${seq}:{type_id}"]
+            + ([f"{eos}:{type_id}"] if add_eos else [])
+        )
 
     single = " ".join(template("A", 0))
     pair = " ".join(template("A", 0) + template("B", 1))
     specials = {t: vocab[respell(t)] for t, on in ((bos, add_bos), (eos, add_eos)) if on}
-    tok.post_processor = processors.TemplateProcessing(single=single, pair=pair,
-                                                       special_tokens=list(specials.items()))
-    kwargs = {k: v for k, v in (("bos_token", bos), ("eos_token", eos),
-                                ("unk_token", special("unknown")),
-                                ("pad_token", special("padding"))) if v is not None}
+    tok.post_processor = processors.TemplateProcessing(
+        single=single, pair=pair, special_tokens=list(specials.items())
+    )
+    kwargs = {
+        k: v
+        for k, v in (
+            ("bos_token", bos),
+            ("eos_token", eos),
+            ("unk_token", special("unknown")),
+            ("pad_token", special("padding")),
+        )
+        if v is not None
+    }
     chat_template = meta.get("tokenizer.chat_template")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=chat_template,
-                                   add_bos_token=add_bos, add_eos_token=add_eos,
-                                   clean_up_tokenization_spaces=False, **kwargs)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        chat_template=chat_template,
+        add_bos_token=add_bos,
+        add_eos_token=add_eos,
+        clean_up_tokenization_spaces=False,
+        **kwargs,
+    )
 
 
 def _byte_to_unicode() -> dict[int, str]:
@@ -144,8 +188,11 @@ def _byte_to_unicode() -> dict[int, str]:
     Printable Latin-1 bytes stand for themselves; the other 68 bytes take the code points
     256, 257, ... in byte order.
     """
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-            *range(ord("®"), ord("ÿ") + 1)]
+    keep = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     out, extra = {}, 0
     for b in range(256):
         if b in keep:
@@ -156,5 +203,10 @@ def _byte_to_unicode() -> dict[int, str]:
     return out
 
 
-__all__ = ["GPT2_SPLIT_PRE_TYPES", "UnsupportedGGUFTokenizer", "gguf_tokenizer",
-           "gguf_tokenizer_fields", "tokenizer_from_metadata"]
+__all__ = [
+    "GPT2_SPLIT_PRE_TYPES",
+    "UnsupportedGGUFTokenizer",
+    "gguf_tokenizer",
+    "gguf_tokenizer_fields",
+    "tokenizer_from_metadata",
+]

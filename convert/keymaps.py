@@ -72,18 +72,22 @@ def hf_key_map(config: ModelConfig) -> dict[str, TensorRule]:
             norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
             for p in ("q", "k"):
                 m[f"{hf}.self_attn.{p}_norm.weight"] = TensorRule(
-                    (ours, "self_attn", f"{p}_norm", "scale"))
+                    (ours, "self_attn", f"{p}_norm", "scale")
+                )
         for norm in norms:
             m[f"{hf}.{norm}.weight"] = TensorRule((ours, norm, "scale"))
         for p in ("q", "k", "v", "o"):
             m[f"{hf}.self_attn.{p}_proj.weight"] = TensorRule(
-                (ours, "self_attn", f"{p}_proj", "kernel"), transpose=True)
+                (ours, "self_attn", f"{p}_proj", "kernel"), transpose=True
+            )
             if (c.qkv_bias and p != "o") or (c.o_bias and p == "o"):
                 m[f"{hf}.self_attn.{p}_proj.bias"] = TensorRule(
-                    (ours, "self_attn", f"{p}_proj", "bias"))
+                    (ours, "self_attn", f"{p}_proj", "bias")
+                )
         for p in ("gate", "up", "down"):
             m[f"{hf}.mlp.{p}_proj.weight"] = TensorRule(
-                (ours, "mlp", f"{p}_proj", "kernel"), transpose=True)
+                (ours, "mlp", f"{p}_proj", "kernel"), transpose=True
+            )
             if c.mlp_bias:
                 m[f"{hf}.mlp.{p}_proj.bias"] = TensorRule((ours, "mlp", f"{p}_proj", "bias"))
     return m
@@ -105,10 +109,12 @@ def _hf_opt_map(c: ModelConfig) -> dict[str, TensorRule]:
         hf, ours = f"{d}.layers.{i}", f"layers_{i}"
         for p, q in (("q", "q"), ("k", "k"), ("v", "v"), ("out", "o")):
             m[f"{hf}.self_attn.{p}_proj.weight"] = TensorRule(
-                (ours, "self_attn", f"{q}_proj", "kernel"), transpose=True)
+                (ours, "self_attn", f"{q}_proj", "kernel"), transpose=True
+            )
             if (c.qkv_bias and q != "o") or (c.o_bias and q == "o"):
                 m[f"{hf}.self_attn.{p}_proj.bias"] = TensorRule(
-                    (ours, "self_attn", f"{q}_proj", "bias"))
+                    (ours, "self_attn", f"{q}_proj", "bias")
+                )
         if c.layer_norm_elementwise_affine:
             for norm in ("self_attn_layer_norm", "final_layer_norm"):
                 m[f"{hf}.{norm}.weight"] = TensorRule((ours, norm, "scale"))
@@ -135,9 +141,12 @@ def hf_canonical_name(name: str, key_map: dict[str, TensorRule]) -> str:
 
 
 # GGUF gemma3 norm names -> ours (llama's `ffn_norm` is our `post_attention_layernorm`).
-_GGUF_GEMMA3_NORMS = {"attn_norm": "input_layernorm", "post_attention_norm":
-                      "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
-                      "post_ffw_norm": "post_feedforward_layernorm"}
+_GGUF_GEMMA3_NORMS = {
+    "attn_norm": "input_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
 
 
 def gguf_key_map(config: ModelConfig, arch: str) -> dict[str, TensorRule]:
@@ -158,22 +167,26 @@ def gguf_key_map(config: ModelConfig, arch: str) -> dict[str, TensorRule]:
             for g, n in _GGUF_GEMMA3_NORMS.items():
                 m[f"{b}.{g}.weight"] = TensorRule((ours, n, "scale"), add=norm_add)
             for p in ("q", "k"):
-                m[f"{b}.attn_{p}_norm.weight"] = TensorRule((ours, "self_attn", f"{p}_norm",
-                                                             "scale"), add=norm_add)
+                m[f"{b}.attn_{p}_norm.weight"] = TensorRule(
+                    (ours, "self_attn", f"{p}_norm", "scale"), add=norm_add
+                )
         else:
             m[f"{b}.attn_norm.weight"] = TensorRule((ours, "input_layernorm", "scale"))
             m[f"{b}.ffn_norm.weight"] = TensorRule((ours, "post_attention_layernorm", "scale"))
         heads = {"q": c.num_heads, "k": c.num_kv_heads, "v": None}
         for g, p in (("attn_q", "q"), ("attn_k", "k"), ("attn_v", "v"), ("attn_output", "o")):
             n = heads.get(p) if permute else None
-            m[f"{b}.{g}.weight"] = TensorRule((ours, "self_attn", f"{p}_proj", "kernel"),
-                                              transpose=True, unpermute_heads=n)
+            m[f"{b}.{g}.weight"] = TensorRule(
+                (ours, "self_attn", f"{p}_proj", "kernel"), transpose=True, unpermute_heads=n
+            )
             if (c.qkv_bias and p != "o") or (c.o_bias and p == "o"):
-                m[f"{b}.{g}.bias"] = TensorRule((ours, "self_attn", f"{p}_proj", "bias"),
-                                                unpermute_heads=n)
+                m[f"{b}.{g}.bias"] = TensorRule(
+                    (ours, "self_attn", f"{p}_proj", "bias"), unpermute_heads=n
+                )
         for g in ("gate", "up", "down"):
-            m[f"{b}.ffn_{g}.weight"] = TensorRule((ours, "mlp", f"{g}_proj", "kernel"),
-                                                  transpose=True)
+            m[f"{b}.ffn_{g}.weight"] = TensorRule(
+                (ours, "mlp", f"{g}_proj", "kernel"), transpose=True
+            )
     return m
 
 

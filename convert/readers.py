@@ -49,9 +49,18 @@ class TensorSource:
 # ------------------------------------------------------------------ safetensors
 
 _ST_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-    "BOOL": np.bool_, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,
+    "F8_E5M2": ml_dtypes.float8_e5m2,
 }
 
 
@@ -85,11 +94,15 @@ def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
         except (KeyError, TypeError, ValueError):
             raise SourceError(f"{bad} (bad header entry for tensor {name!r}: {e}); {fix}") from None
         if end > data_size:
-            raise SourceError(f"{bad}: tensor {name!r} ends at byte {end} of the data section, "
-                              f"which has only {data_size} bytes; {fix}")
+            raise SourceError(
+                f"{bad}: tensor {name!r} ends at byte {end} of the data section, "
+                f"which has only {data_size} bytes; {fix}"
+            )
         if end - begin != count * dtype.itemsize:
-            raise SourceError(f"{bad}: tensor {name!r} has {end - begin} bytes for shape "
-                              f"{e['shape']} {e['dtype']}; {fix}")
+            raise SourceError(
+                f"{bad}: tensor {name!r} has {end - begin} bytes for shape "
+                f"{e['shape']} {e['dtype']}; {fix}"
+            )
     return header, 8 + n
 
 
@@ -116,7 +129,7 @@ class SafetensorsSource(TensorSource):
             try:
                 for name, e in header.items():
                     begin, end = e["data_offsets"]
-                    raw = mm[data_start + begin:data_start + end]
+                    raw = mm[data_start + begin : data_start + end]
                     # a view of the memmap: the consumer makes the one copy it keeps
                     yield name, raw.view(_ST_DTYPES[e["dtype"]]).reshape(e["shape"])
             finally:
@@ -132,7 +145,8 @@ def _torch_load(path: Path) -> dict:
     except ImportError:
         raise SourceError(
             f"{path}: reading PyTorch .bin checkpoints needs torch; `pip install torch` (the CPU "
-            f"build is enough), or convert the checkpoint to safetensors") from None
+            f"build is enough), or convert the checkpoint to safetensors"
+        ) from None
     if not path.is_file():
         raise SourceError(f"{path}: file not found")
     try:
@@ -143,8 +157,10 @@ def _torch_load(path: Path) -> dict:
                 raise
             sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy format
     except Exception as e:  # noqa: BLE001 (torch raises many kinds; all mean "unreadable")
-        raise SourceError(f"{path}: cannot read the PyTorch checkpoint ({type(e).__name__}: {e})"
-                          f"; the file is truncated or corrupt: re-download or re-save it") from None
+        raise SourceError(
+            f"{path}: cannot read the PyTorch checkpoint ({type(e).__name__}: {e})"
+            f"; the file is truncated or corrupt: re-download or re-save it"
+        ) from None
     if not isinstance(sd, dict):
         raise SourceError(f"{path}: holds a {type(sd).__name__}, not a state dict")
     return sd
@@ -197,8 +213,10 @@ def gguf_field_value(field) -> Any:
         sub = types[-1] if len(types) > 1 else None
         if sub == gguf.GGUFValueType.STRING:
             return [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
-        return [field.parts[i].tolist()[0] if len(field.parts[i]) == 1 else field.parts[i].tolist()
-                for i in field.data]
+        return [
+            field.parts[i].tolist()[0] if len(field.parts[i]) == 1 else field.parts[i].tolist()
+            for i in field.data
+        ]
     if types[0] == gguf.GGUFValueType.STRING:
         return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
     v = field.parts[field.data[0]].tolist()
@@ -223,16 +241,20 @@ class GGUFSource(TensorSource):
         try:
             self.reader = gguf.GGUFReader(path)
         except Exception as e:  # noqa: BLE001 (the reader raises many kinds)
-            raise SourceError(f"{path}: cannot read the GGUF file ({type(e).__name__}: {e}); it "
-                              f"is truncated or corrupt: re-download it") from None
+            raise SourceError(
+                f"{path}: cannot read the GGUF file ({type(e).__name__}: {e}); it "
+                f"is truncated or corrupt: re-download it"
+            ) from None
         size = path.stat().st_size
         self._tensors: dict[str, TensorInfo] = {}
         self._by_name = {}
         for t in self.reader.tensors:
             end = int(t.data_offset) + int(t.n_bytes)
             if end > size or t.data.nbytes != int(t.n_bytes):
-                raise SourceError(f"{path}: truncated GGUF file: tensor {t.name!r} needs bytes up "
-                                  f"to {end}, the file has {size}; re-download it")
+                raise SourceError(
+                    f"{path}: truncated GGUF file: tensor {t.name!r} needs bytes up "
+                    f"to {end}, the file has {size}; re-download it"
+                )
             shape = tuple(int(n) for n in reversed(t.shape.tolist()))
             self._tensors[t.name] = TensorInfo(shape, path, t.tensor_type.name)
             self._by_name[t.name] = t
@@ -247,8 +269,12 @@ class GGUFSource(TensorSource):
 
         out = {}
         for k, f in self.reader.fields.items():
-            if skip_large_arrays and f.types and f.types[0] == gguf.GGUFValueType.ARRAY \
-                    and len(f.data) > 1024:
+            if (
+                skip_large_arrays
+                and f.types
+                and f.types[0] == gguf.GGUFValueType.ARRAY
+                and len(f.data) > 1024
+            ):
                 continue
             out[k] = gguf_field_value(f)
         return out
@@ -261,10 +287,11 @@ class GGUFSource(TensorSource):
         try:
             x = dequantize(t.data, t.tensor_type)
         except NotImplementedError as e:
-            raise SourceError(f"{info.file}: tensor {name!r} has quantization "
-                              f"{t.tensor_type.name}, which gguf.quants cannot dequantize ({e}); "
-                              f"upgrade gguf (pip install -U gguf) or use another quantization"
-                              ) from None
+            raise SourceError(
+                f"{info.file}: tensor {name!r} has quantization "
+                f"{t.tensor_type.name}, which gguf.quants cannot dequantize ({e}); "
+                f"upgrade gguf (pip install -U gguf) or use another quantization"
+            ) from None
         return np.asarray(x).reshape(info.shape)
 
     def iter_arrays(self) -> Iterator[tuple[str, np.ndarray]]:
@@ -274,8 +301,12 @@ class GGUFSource(TensorSource):
 
 # ------------------------------------------------------------------ HF directories
 
-HF_WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors",
-                   "pytorch_model.bin.index.json", "pytorch_model.bin")
+HF_WEIGHT_FILES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
 
 
 def open_hf_dir(directory: Path) -> TensorSource:
@@ -289,8 +320,10 @@ def open_hf_dir(directory: Path) -> TensorSource:
             try:
                 weight_map = json.loads(p.read_text())["weight_map"]
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-                raise SourceError(f"{p}: not a valid shard index ({type(e).__name__}: {e}); "
-                                  f"re-download or re-save the checkpoint") from None
+                raise SourceError(
+                    f"{p}: not a valid shard index ({type(e).__name__}: {e}); "
+                    f"re-download or re-save the checkpoint"
+                ) from None
             shards = list(dict.fromkeys(weight_map.values()))
             files = [directory / s for s in shards]
             for f in files:
@@ -299,8 +332,10 @@ def open_hf_dir(directory: Path) -> TensorSource:
             src = SafetensorsSource(files) if "safetensors" in name else TorchBinSource(files)
             for tname, shard in weight_map.items():
                 if tname not in src.tensors:
-                    raise SourceError(f"{directory / shard}: tensor {tname!r}, listed in {p}, "
-                                      f"is not in the shard; re-download the checkpoint")
+                    raise SourceError(
+                        f"{directory / shard}: tensor {tname!r}, listed in {p}, "
+                        f"is not in the shard; re-download the checkpoint"
+                    )
             return src
         return SafetensorsSource([p]) if name.endswith(".safetensors") else TorchBinSource([p])
     raise SourceError(f"{directory}: no weights found (looked for {', '.join(HF_WEIGHT_FILES)})")

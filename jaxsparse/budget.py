@@ -38,7 +38,7 @@ class FractionMeter:
             thresholds = thresholds_from_values(self.config, thresholds)
         read = count = 0.0
         for s in range(0, len(self.seqs), self.batch):
-            rows = self.seqs[s:s + self.batch]
+            rows = self.seqs[s : s + self.batch]
             valid = np.ones(rows.shape, bool)
             if len(rows) < self.batch:  # one compiled shape
                 pad = self.batch - len(rows)
@@ -56,10 +56,17 @@ class FractionMeter:
         return TENSORS
 
 
-def solve_decreasing(f: Callable[[float], float], target: float, a: float, b: float,
-                     tol: float, max_iter: int = 30, fa: float | None = None,
-                     fb: float | None = None, trace: list | None = None
-                     ) -> tuple[float, float]:
+def solve_decreasing(
+    f: Callable[[float], float],
+    target: float,
+    a: float,
+    b: float,
+    tol: float,
+    max_iter: int = 30,
+    fa: float | None = None,
+    fb: float | None = None,
+    trace: list | None = None,
+) -> tuple[float, float]:
     """`x` in `[a, b]` with `f(x)` (non-increasing) within `tol` of `target`, by regula
     falsi (Illinois); returns `(x, f(x))` of the closest point evaluated. Raises
     BudgetError when `target` is outside `[f(b), f(a)]`."""
@@ -73,8 +80,9 @@ def solve_decreasing(f: Callable[[float], float], target: float, a: float, b: fl
     ga = g(a) if fa is None else fa - target
     gb = g(b) if fb is None else fb - target
     if ga < -tol or gb > tol:
-        raise BudgetError(f"target fraction {target} is out of reach: from {gb + target:.4f} "
-                          f"to {ga + target:.4f}")
+        raise BudgetError(
+            f"target fraction {target} is out of reach: from {gb + target:.4f} to {ga + target:.4f}"
+        )
     best = (a, ga) if abs(ga) < abs(gb) else (b, gb)
     side = 0
     for _ in range(max_iter):
@@ -99,8 +107,9 @@ def solve_decreasing(f: Callable[[float], float], target: float, a: float, b: fl
     return best[0], best[1] + target
 
 
-def solve_scale(measure: Callable[[float], float], target: float, tol: float,
-                max_iter: int = 30) -> tuple[float, float, list]:
+def solve_scale(
+    measure: Callable[[float], float], target: float, tol: float, max_iter: int = 30
+) -> tuple[float, float, list]:
     """`log c` with `measure(log c)` (non-increasing) within `tol` of `target`: a bracket
     grown from [-0.5, 0.5], then `solve_decreasing`. Returns (log c, fraction, trace)."""
     trace: list = []

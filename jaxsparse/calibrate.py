@@ -30,7 +30,7 @@ def sequence_batches(seqs_NxT: np.ndarray, batch_size: int):
 
     def batches():
         for start in range(0, n, batch_size):
-            rows = seqs_NxT[start:start + batch_size]
+            rows = seqs_NxT[start : start + batch_size]
             valid = np.ones(rows.shape, bool)
             if len(rows) < batch_size:
                 pad = batch_size - len(rows)
@@ -61,8 +61,9 @@ class Calibration:
         from jaxsparse.sparsity import make_state
 
         s = check_sparsity(sparsity)
-        values, details = self.modules[method].fit(self.stats, s, self.options.get(method),
-                                                   self.context)
+        values, details = self.modules[method].fit(
+            self.stats, s, self.options.get(method), self.context
+        )
         details = {**details, "options": self.options.get(method) or {}}
         prov = {**self.provenance, "statistics_seconds": round(time.time() - self.t0, 1)}
         return make_state(self.config, method, s, values, prov, details)
@@ -119,16 +120,27 @@ def gather(
     batches, num_batches = sequence_batches(seqs, batch_size)
     t0 = time.time()
     stats = collect_statistics(
-        config, params, batches, req, bins, num_batches,
-        put_batch=lambda x: sharding.put_batch(x, mesh), progress=progress)
+        config,
+        params,
+        batches,
+        req,
+        bins,
+        num_batches,
+        put_batch=lambda x: sharding.put_batch(x, mesh),
+        progress=progress,
+    )
     context = None
     if req.block_inputs:
-        greedy_tokens = max(int((options.get(m) or {}).get("greedy_tokens", 1024))
-                            for m in modules)
+        greedy_tokens = max(int((options.get(m) or {}).get("greedy_tokens", 1024)) for m in modules)
         rows = max(1, min(len(seqs), -(-greedy_tokens // seq_len)))
         valid = np.ones((rows, seq_len), bool)
-        context = {"config": config, "params": params, "valid": valid, "progress": progress,
-                   "block_inputs": collect_block_inputs(config, params, seqs[:rows], valid)}
+        context = {
+            "config": config,
+            "params": params,
+            "valid": valid,
+            "progress": progress,
+            "block_inputs": collect_block_inputs(config, params, seqs[:rows], valid),
+        }
     provenance = {
         "data": list(map(str, data)) if data else None,
         "builtin_corpus": None if data else data_mod.builtin_provenance("calibration"),
@@ -138,8 +150,12 @@ def gather(
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "jax_version": jax.__version__,
         "model_source": model_source,
-        "histogram": {"lo": bins.lo, "hi": bins.hi, "bins": bins.num,
-                      "relative_resolution": bins.ratio - 1},
+        "histogram": {
+            "lo": bins.lo,
+            "hi": bins.hi,
+            "bins": bins.num,
+            "relative_resolution": bins.ratio - 1,
+        },
     }
     return Calibration(config, modules, options, stats, context, provenance, seqs, t0)
 
@@ -171,6 +187,19 @@ def calibrate(
     sparsities = [check_sparsity(s) for s in sparsities]
     for m in methods:
         get_method(m)
-    cal = gather(config, params, tokenizer, methods, data, tokens, seq_len, batch_size,
-                 options, mesh, model_source, progress, bins)
+    cal = gather(
+        config,
+        params,
+        tokenizer,
+        methods,
+        data,
+        tokens,
+        seq_len,
+        batch_size,
+        options,
+        mesh,
+        model_source,
+        progress,
+        bins,
+    )
     return {(name, s): cal.fit(name, s) for name in methods for s in sparsities}

@@ -47,16 +47,27 @@ def is_checkpoint(path: str | Path) -> bool:
         return False
 
 
-def save_checkpoint(path: str | Path, config: ModelConfig, params: dict, tokenizer: Any = None,
-                    source: dict | None = None, overwrite: bool = False) -> Path:
+def save_checkpoint(
+    path: str | Path,
+    config: ModelConfig,
+    params: dict,
+    tokenizer: Any = None,
+    source: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Writes a checkpoint atomically; an existing `path` is replaced only with `overwrite`."""
     with atomic_directory(path, overwrite=overwrite) as tmp:
         write_checkpoint_contents(tmp, config, params, tokenizer, source)
     return Path(path)
 
 
-def write_checkpoint_contents(directory: Path, config: ModelConfig, params: dict,
-                              tokenizer: Any = None, source: dict | None = None) -> None:
+def write_checkpoint_contents(
+    directory: Path,
+    config: ModelConfig,
+    params: dict,
+    tokenizer: Any = None,
+    source: dict | None = None,
+) -> None:
     """Writes params, config and tokenizer into `directory` (no marker: see `atomic_directory`)."""
     import orbax.checkpoint as ocp
 
@@ -68,8 +79,12 @@ def write_checkpoint_contents(directory: Path, config: ModelConfig, params: dict
     ckptr.close()
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory / "tokenizer"))
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": config.to_dict(),
-            "source": source or {}}
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": config.to_dict(),
+        "source": source or {},
+    }
     (directory / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -83,12 +98,15 @@ def read_checkpoint_meta(path: str | Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path / 'config.json'}: not valid JSON ({e}); {_FIX}") from None
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a jaxsparse checkpoint (config.json has no "
-                              f"format={FORMAT!r}); convert it with python -m convert")
+        raise CheckpointError(
+            f"{path}: not a jaxsparse checkpoint (config.json has no "
+            f"format={FORMAT!r}); convert it with python -m convert"
+        )
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: checkpoint format_version {meta.get('format_version')} is not supported "
-            f"(this jaxsparse reads {FORMAT_VERSION}); {_FIX}")
+            f"(this jaxsparse reads {FORMAT_VERSION}); {_FIX}"
+        )
     return meta
 
 
@@ -117,14 +135,16 @@ def load_checkpoint(
     config = ModelConfig.from_dict(meta["model"])
     shapes = param_shapes(config)
     shardings = _resolve_sharding(shapes, sharding)
-    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          shapes, shardings)
+    target = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    )
     ckptr = ocp.StandardCheckpointer()
     try:
         params = ckptr.restore(path / "params", target)
     except Exception as e:  # orbax raises many kinds; name the directory and the fix
-        raise CheckpointError(f"{path / 'params'}: cannot restore the params ({type(e).__name__}:"
-                              f" {e}); {_FIX}") from e
+        raise CheckpointError(
+            f"{path / 'params'}: cannot restore the params ({type(e).__name__}: {e}); {_FIX}"
+        ) from e
     finally:
         ckptr.close()
     tokenizer = None
@@ -142,7 +162,8 @@ def _resolve_sharding(shapes: dict, sharding) -> dict:
         return jax.tree.map(lambda _: sharding, shapes)
     if callable(sharding):
         return jax.tree_util.tree_map_with_path(
-            lambda p, s: sharding(tuple(k.key for k in p), s), shapes)
+            lambda p, s: sharding(tuple(k.key for k in p), s), shapes
+        )
     return sharding
 
 
@@ -150,14 +171,19 @@ def _check_params(config: ModelConfig, params: dict) -> None:
     """Refuses to save params that do not match the config (names, shapes, dtype)."""
     from jaxsparse.models import param_shapes
 
-    want = {jax.tree_util.keystr(p): s for p, s in
-            jax.tree_util.tree_flatten_with_path(param_shapes(config))[0]}
+    want = {
+        jax.tree_util.keystr(p): s
+        for p, s in jax.tree_util.tree_flatten_with_path(param_shapes(config))[0]
+    }
     got = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
     if set(want) != set(got):
-        raise CheckpointError(f"params do not match the config: missing {sorted(set(want) - set(got))}"
-                              f", unexpected {sorted(set(got) - set(want))}")
+        raise CheckpointError(
+            f"params do not match the config: missing {sorted(set(want) - set(got))}"
+            f", unexpected {sorted(set(got) - set(want))}"
+        )
     for k, s in want.items():
         x = got[k]
         if tuple(x.shape) != tuple(s.shape) or np.dtype(x.dtype) != np.dtype(s.dtype):
-            raise CheckpointError(f"param {k}: expected {s.shape} {s.dtype}, found "
-                                  f"{tuple(x.shape)} {x.dtype}")
+            raise CheckpointError(
+                f"param {k}: expected {s.shape} {s.dtype}, found {tuple(x.shape)} {x.dtype}"
+            )

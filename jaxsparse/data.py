@@ -40,8 +40,17 @@ SPLITS = ("calibration", "evaluation")
 EVALUATION_PERCENT = 20
 BUILTIN_NAME = "stdlib-docstrings"
 # Directories of the standard library that hold tests, bundled wheels or third-party code.
-_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__",
-              "_bundled", "turtledemo", "__phello__"}
+_SKIP_DIRS = {
+    "site-packages",
+    "dist-packages",
+    "test",
+    "tests",
+    "idle_test",
+    "__pycache__",
+    "_bundled",
+    "turtledemo",
+    "__phello__",
+}
 _MIN_DOCSTRING_CHARS = 40
 
 
@@ -81,8 +90,11 @@ def _module_files(root: Path) -> list[tuple[str, Path]]:
 
 def _docstrings(tree: ast.AST) -> Iterator[str]:
     """Docstrings of a module, its classes and functions, in source order."""
-    doc = ast.get_docstring(tree, clean=True) if isinstance(
-        tree, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) else None
+    doc = (
+        ast.get_docstring(tree, clean=True)
+        if isinstance(tree, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        else None
+    )
     if doc:
         yield doc
     for node in getattr(tree, "body", []):
@@ -120,8 +132,12 @@ def _stdlib_documents(split: str) -> tuple[Document, ...]:
 
 
 def builtin_provenance(split: str) -> dict[str, Any]:
-    return {"name": BUILTIN_NAME, "split": split, "python": sys.version.split()[0],
-            "root": str(stdlib_root())}
+    return {
+        "name": BUILTIN_NAME,
+        "split": split,
+        "python": sys.version.split()[0],
+        "root": str(stdlib_root()),
+    }
 
 
 # ------------------------------------------------------------------ user files
@@ -151,7 +167,7 @@ def read_documents(paths: Iterable[str | Path]) -> list[Document]:
                 if obj["text"].strip():
                     found.append(Document(f"{path}:{n}", obj["text"]))
             if not found:
-                raise DataError(f"{path}: contains no text (no line with a non-empty \"text\")")
+                raise DataError(f'{path}: contains no text (no line with a non-empty "text")')
             docs.extend(found)
         else:
             if not content.strip():
@@ -179,8 +195,9 @@ def token_stream(docs: Iterable[Document], tokenizer, eos: int) -> Iterator[int]
         yield eos
 
 
-def pack_tokens(docs: list[Document], tokenizer, eos: int, seq_len: int,
-                num_tokens: int | None, what: str) -> np.ndarray:
+def pack_tokens(
+    docs: list[Document], tokenizer, eos: int, seq_len: int, num_tokens: int | None, what: str
+) -> np.ndarray:
     """[N, seq_len] int32: the documents' tokens (each + EOS) cut into full sequences.
 
     With `num_tokens`, N = ceil(num_tokens / seq_len) and fewer tokens is an error naming
@@ -198,11 +215,14 @@ def pack_tokens(docs: list[Document], tokenizer, eos: int, seq_len: int,
     if need is not None and len(buf) < need:
         raise DataError(
             f"{what}: found {len(buf)} tokens, need {need} ({num_tokens} tokens requested, "
-            f"{need // seq_len} sequences of {seq_len}); give more text or lower --tokens")
+            f"{need // seq_len} sequences of {seq_len}); give more text or lower --tokens"
+        )
     n = len(buf) // seq_len if need is None else need // seq_len
     if n == 0:
-        raise DataError(f"{what}: found {len(buf)} tokens, need at least {seq_len} "
-                        f"(one sequence of --seq-len {seq_len})")
+        raise DataError(
+            f"{what}: found {len(buf)} tokens, need at least {seq_len} "
+            f"(one sequence of --seq-len {seq_len})"
+        )
     return np.asarray(buf[: n * seq_len], np.int32).reshape(n, seq_len)
 
 
@@ -227,8 +247,10 @@ class Task:
     gold: int
 
     def to_json(self) -> str:
-        return json.dumps({"context": self.context, "choices": list(self.choices),
-                           "gold": self.gold}, ensure_ascii=False)
+        return json.dumps(
+            {"context": self.context, "choices": list(self.choices), "gold": self.gold},
+            ensure_ascii=False,
+        )
 
 
 def read_tasks(path: str | Path) -> list[Task]:
@@ -252,13 +274,18 @@ def read_tasks(path: str | Path) -> list[Task]:
             raise DataError(f"{where}: missing field(s) {', '.join(missing)}")
         ctx, choices, gold = obj["context"], obj["choices"], obj["gold"]
         if not isinstance(ctx, str):
-            raise DataError(f"{where}: \"context\" must be a string")
-        if (not isinstance(choices, list) or len(choices) < 2
-                or not all(isinstance(c, str) and c for c in choices)):
-            raise DataError(f"{where}: \"choices\" must be a list of at least 2 non-empty strings")
+            raise DataError(f'{where}: "context" must be a string')
+        if (
+            not isinstance(choices, list)
+            or len(choices) < 2
+            or not all(isinstance(c, str) and c for c in choices)
+        ):
+            raise DataError(f'{where}: "choices" must be a list of at least 2 non-empty strings')
         if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
-            raise DataError(f"{where}: \"gold\" must be an integer index into choices "
-                            f"(0..{len(choices) - 1}), got {gold!r}")
+            raise DataError(
+                f'{where}: "gold" must be an integer index into choices '
+                f"(0..{len(choices) - 1}), got {gold!r}"
+            )
         tasks.append(Task(ctx, tuple(choices), gold))
     if not tasks:
         raise DataError(f"{path}: contains no tasks")
@@ -281,8 +308,13 @@ def _paragraphs(docs: list[Document]) -> list[list[str]]:
     return out
 
 
-def builtin_tasks(num_tasks: int = 200, num_choices: int = 4, seed: int = 0,
-                  context_words: int = 24, continuation_words: int = 6) -> list[Task]:
+def builtin_tasks(
+    num_tasks: int = 200,
+    num_choices: int = 4,
+    seed: int = 0,
+    context_words: int = 24,
+    continuation_words: int = 6,
+) -> list[Task]:
     """A cloze task set from the evaluation split: which continuation follows the context?
 
     Context: the first words of a prose paragraph (at most `context_words`); the true
@@ -295,7 +327,7 @@ def builtin_tasks(num_tasks: int = 200, num_choices: int = 4, seed: int = 0,
     spans = []
     for words in paras:
         k = min(context_words, len(words) - continuation_words)
-        spans.append((" ".join(words[:k]), " " + " ".join(words[k:k + continuation_words])))
+        spans.append((" ".join(words[:k]), " " + " ".join(words[k : k + continuation_words])))
     tasks: list[Task] = []
     used = set()
     for i, (ctx, cont) in enumerate(spans):

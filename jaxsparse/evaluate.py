@@ -74,16 +74,22 @@ class SparsityMeter:
 
     def report(self) -> dict[str, Any]:
         z = self.zero_sums / max(self.count, 1.0)
-        per_layer = {f"layers_{i}": {p: float(z[i, j]) for j, p in enumerate(_POINTS)}
-                     for i in range(self.num_layers)}
+        per_layer = {
+            f"layers_{i}": {p: float(z[i, j]) for j, p in enumerate(_POINTS)}
+            for i in range(self.num_layers)
+        }
         per_point = {p: float(z[:, j].mean()) for j, p in enumerate(_POINTS)}
         return {
-            "measured_sparsity": {"ffn": per_point["gate"], "per_point": per_point,
-                                  "per_layer": per_layer},
+            "measured_sparsity": {
+                "ffn": per_point["gate"],
+                "per_point": per_point,
+                "per_layer": per_layer,
+            },
             "activated_params_fraction": self.read_sum / max(self.count, 1.0),
             "activated_params_per_layer": {
                 f"layers_{i}": float(v / max(self.count, 1.0))
-                for i, v in enumerate(self.layer_read_sums)},
+                for i, v in enumerate(self.layer_read_sums)
+            },
             "tokens": round(self.count),
         }
 
@@ -91,8 +97,16 @@ class SparsityMeter:
 class Evaluator:
     """Holds the model on the mesh and the compiled forward; evaluates states."""
 
-    def __init__(self, config, params, tokenizer, seq_len: int = DEFAULTS["seq_len"],
-                 batch_size: int = DEFAULTS["batch_size"], mesh=None, progress: bool = True):
+    def __init__(
+        self,
+        config,
+        params,
+        tokenizer,
+        seq_len: int = DEFAULTS["seq_len"],
+        batch_size: int = DEFAULTS["batch_size"],
+        mesh=None,
+        progress: bool = True,
+    ):
         """`mesh`: a `jax.sharding.Mesh`, a spec such as `"data=4,model=2"`
         (`jaxsparse.sharding.parse_mesh`), or None (every local device on `data`)."""
         from jaxsparse import sharding
@@ -120,17 +134,19 @@ class Evaluator:
         tree = state.thresholds_for_model()
         return sharding.shard_tree(tree, state_logical_axes(tree), self.mesh)
 
-    def _run(self, rows: list[np.ndarray], width: int, thresholds, meter: SparsityMeter,
-             desc: str) -> list[np.ndarray]:
+    def _run(
+        self, rows: list[np.ndarray], width: int, thresholds, meter: SparsityMeter, desc: str
+    ) -> list[np.ndarray]:
         """Forward over token rows (each at most `width` long, right-padded); returns the
         per-row next-token log-likelihoods [len(row) - 1]."""
         from tqdm import tqdm
 
         out_rows = []
         b = self.batch_size
-        for start in tqdm(range(0, len(rows), b), desc=desc, unit="batch",
-                          disable=not self.progress):
-            chunk = rows[start:start + b]
+        for start in tqdm(
+            range(0, len(rows), b), desc=desc, unit="batch", disable=not self.progress
+        ):
+            chunk = rows[start : start + b]
             tokens = np.zeros((b, width), np.int32)
             valid = np.zeros((b, width), bool)
             for r, row in enumerate(chunk):
@@ -145,15 +161,19 @@ class Evaluator:
     def perplexity(self, token_ids: np.ndarray, thresholds, meter) -> dict[str, Any]:
         """Non-overlapping windows of `seq_len` over `token_ids`; the last may be shorter."""
         L = self.seq_len
-        rows = [token_ids[i:i + L] for i in range(0, len(token_ids), L)]
+        rows = [token_ids[i : i + L] for i in range(0, len(token_ids), L)]
         rows = [r for r in rows if len(r) >= 2]
         if not rows:
             raise ValueError(f"perplexity needs at least 2 tokens, got {len(token_ids)}")
         lls = self._run(rows, L, thresholds, meter, "perplexity")
         nll = -float(sum(x.sum(dtype=np.float64) for x in lls))
         n = sum(len(x) for x in lls)
-        return {"perplexity": math.exp(nll / n), "nll": nll / n, "perplexity_tokens": n,
-                "windows": len(rows)}
+        return {
+            "perplexity": math.exp(nll / n),
+            "nll": nll / n,
+            "perplexity_tokens": n,
+            "windows": len(rows),
+        }
 
     def encode_task_choices(self, tasks) -> tuple[list[np.ndarray], list[int]]:
         """Token rows (context + continuation, last `seq_len` kept) and continuation
@@ -171,15 +191,17 @@ class Evaluator:
                 if ctx:
                     ctx_ids = encode(self.tokenizer, ctx)
                     whole = encode(self.tokenizer, ctx + cont)
-                    cont_ids = whole[len(ctx_ids):]
-                    if not cont_ids or whole[:len(ctx_ids)] != ctx_ids:
+                    cont_ids = whole[len(ctx_ids) :]
+                    if not cont_ids or whole[: len(ctx_ids)] != ctx_ids:
                         cont_ids = encode(self.tokenizer, cont)  # a token crosses the seam
                 else:
                     ctx_ids, cont_ids = [eos], encode(self.tokenizer, cont)
-                seq = (ctx_ids + cont_ids)[-self.seq_len:]
+                seq = (ctx_ids + cont_ids)[-self.seq_len :]
                 if len(cont_ids) >= len(seq):
-                    raise ValueError(f"a choice of {len(cont_ids)} tokens does not fit "
-                                     f"--seq-len {self.seq_len} with its context")
+                    raise ValueError(
+                        f"a choice of {len(cont_ids)} tokens does not fit "
+                        f"--seq-len {self.seq_len} with its context"
+                    )
                 rows.append(np.asarray(seq, np.int32))
                 cont_lens.append(len(cont_ids))
         return rows, cont_lens
@@ -193,19 +215,25 @@ class Evaluator:
         for t in tasks:
             scores, norms = [], []
             for choice in t.choices:
-                ll = float(lls[k][-cont_lens[k]:].sum(dtype=np.float64))
+                ll = float(lls[k][-cont_lens[k] :].sum(dtype=np.float64))
                 scores.append(ll)
                 norms.append(ll / len(choice.encode("utf-8")))
                 k += 1
             acc += int(np.argmax(scores) == t.gold)
             acc_norm += int(np.argmax(norms) == t.gold)
         n = len(tasks)
-        return {"acc": acc / n, "acc_stderr": accuracy_stderr(acc / n, n),
-                "acc_norm": acc_norm / n, "acc_norm_stderr": accuracy_stderr(acc_norm / n, n),
-                "n": n, "task_tokens": int(sum(len(r) for r in rows))}
+        return {
+            "acc": acc / n,
+            "acc_stderr": accuracy_stderr(acc / n, n),
+            "acc_norm": acc_norm / n,
+            "acc_norm_stderr": accuracy_stderr(acc_norm / n, n),
+            "n": n,
+            "task_tokens": int(sum(len(r) for r in rows)),
+        }
 
-    def evaluate(self, state=None, ppl_tokens: np.ndarray | None = None,
-                 tasks: list | None = None) -> dict[str, Any]:
+    def evaluate(
+        self, state=None, ppl_tokens: np.ndarray | None = None, tasks: list | None = None
+    ) -> dict[str, Any]:
         """The result dict for one state (None: dense)."""
         import jax
 
@@ -223,17 +251,21 @@ class Evaluator:
         if tasks:
             result["tasks"] = self.tasks(tasks, thresholds, meter)
         result.update(meter.report())
-        result.update({
-            "seq_len": self.seq_len, "batch_size": self.batch_size,
-            "dtype": self.config.dtype,
-            "devices": int(self.mesh.devices.size), "backend": jax.default_backend(),
-            "mesh": sharding.describe(self.mesh),
-            "jax_version": jax.__version__,
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "wall_s": round(time.time() - t0, 1),
-            "activated_params_note": "kernels of q/k/v/o and FFN projections of every block; "
-                                     "embeddings, lm_head, norms and biases excluded",
-        })
+        result.update(
+            {
+                "seq_len": self.seq_len,
+                "batch_size": self.batch_size,
+                "dtype": self.config.dtype,
+                "devices": int(self.mesh.devices.size),
+                "backend": jax.default_backend(),
+                "mesh": sharding.describe(self.mesh),
+                "jax_version": jax.__version__,
+                "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                "wall_s": round(time.time() - t0, 1),
+                "activated_params_note": "kernels of q/k/v/o and FFN projections of every block; "
+                "embeddings, lm_head, norms and biases excluded",
+            }
+        )
         if state is not None:
             result["state_provenance"] = state.meta.provenance
             result["state_details"] = state.meta.details
@@ -260,6 +292,8 @@ def ppl_token_ids(config, tokenizer, paths: list[str] | None, max_tokens: int | 
             break
     ids = ids[:max_tokens] if max_tokens else ids
     if len(ids) < 2:
-        raise data.DataError(f"{data.describe_sources(paths, 'evaluation')}: found "
-                             f"{len(ids)} tokens, perplexity needs at least 2")
+        raise data.DataError(
+            f"{data.describe_sources(paths, 'evaluation')}: found "
+            f"{len(ids)} tokens, perplexity needs at least 2"
+        )
     return np.asarray(ids, np.int32)

@@ -34,8 +34,9 @@ def is_complete(path: str | Path) -> bool:
     return (Path(path) / COMPLETE_MARKER).is_file()
 
 
-def require_complete(path: str | Path, what: str = "directory", fix: str = "re-run the command "
-                     "that wrote it") -> Path:
+def require_complete(
+    path: str | Path, what: str = "directory", fix: str = "re-run the command that wrote it"
+) -> Path:
     """Returns `path` if it exists and carries the completion marker; raises otherwise."""
     path = Path(path)
     if not path.is_dir():
@@ -52,14 +53,13 @@ def refuse_existing(path: str | Path, overwrite: bool, flag: str = "--overwrite"
     """Raises FileExistsError if `path` exists and `overwrite` is false."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(
-            f"{path} already exists; pass {flag} (overwrite=True) to replace it"
-        )
+        raise FileExistsError(f"{path} already exists; pass {flag} (overwrite=True) to replace it")
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | Path, overwrite: bool = False,
-                     flag: str = "--overwrite") -> Iterator[Path]:
+def atomic_directory(
+    path: str | Path, overwrite: bool = False, flag: str = "--overwrite"
+) -> Iterator[Path]:
     """Yields a fresh temporary directory that becomes `path` when the block succeeds.
 
     On success the completion marker is written last, then the directory is renamed into
@@ -114,8 +114,11 @@ def write_json_atomic(obj: Any, path: str | Path) -> Path:
 
 def natural_key(key: str) -> tuple:
     """Sort key that orders the digit runs of `key` by value: layers_2 before layers_10."""
-    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part)
-                 for part in re.split(r"(\d+)", str(key)) if part)
+    return tuple(
+        (0, int(part), "") if part.isdigit() else (1, 0, part)
+        for part in re.split(r"(\d+)", str(key))
+        if part
+    )
 
 
 def natural_order(obj: Any) -> Any:

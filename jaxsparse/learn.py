@@ -47,9 +47,20 @@ from typing import Any
 import numpy as np
 
 POINTS = {"chess": ("gate",), "teal": ("q_in", "kv_in", "o_in", "ffn_in", "down_in")}
-DEFAULTS = {"steps": 300, "lr": 0.02, "penalty": 100.0, "tau_start": 0.3, "tau_end": 0.03,
-            "tokens": 8192, "seq_len": 512, "teal_seq_len": 128, "batch_tokens": 512,
-            "save_every": 50, "seed": 0, "batch_size": 8}
+DEFAULTS = {
+    "steps": 300,
+    "lr": 0.02,
+    "penalty": 100.0,
+    "tau_start": 0.3,
+    "tau_end": 0.03,
+    "tokens": 8192,
+    "seq_len": 512,
+    "teal_seq_len": 128,
+    "batch_tokens": 512,
+    "save_every": 50,
+    "seed": 0,
+    "batch_size": 8,
+}
 CKPT_META = "meta.json"
 
 
@@ -82,8 +93,9 @@ class LearnSettings:
 # ------------------------------------------------------------------ the training data
 
 
-def dense_inputs(config, params, seqs_NxT: np.ndarray, method: str,
-                 batch_size: int = DEFAULTS["batch_size"]) -> dict[str, np.ndarray]:
+def dense_inputs(
+    config, params, seqs_NxT: np.ndarray, method: str, batch_size: int = DEFAULTS["batch_size"]
+) -> dict[str, np.ndarray]:
     """The dense model's input to each layer's trained part, and its dense output.
 
     chess: `x` [L, N, d], the FFN input of every token (rows flattened); teal: `x`
@@ -101,8 +113,7 @@ def dense_inputs(config, params, seqs_NxT: np.ndarray, method: str,
 
     @jax.jit
     def run(params, tokens, valid):
-        _, v = model.apply({"params": params}, tokens, positions_from_mask(valid),
-                           mutable=["taps"])
+        _, v = model.apply({"params": params}, tokens, positions_from_mask(valid), mutable=["taps"])
         t = v["taps"]
         if ffn_only:
             x = [t[f"layers_{i}"]["mlp"]["ffn_in"][0] for i in range(L)]
@@ -112,7 +123,7 @@ def dense_inputs(config, params, seqs_NxT: np.ndarray, method: str,
 
     xs = []
     for start in range(0, len(seqs_NxT), batch_size):
-        rows = seqs_NxT[start:start + batch_size]
+        rows = seqs_NxT[start : start + batch_size]
         x = np.asarray(run(params, jnp.asarray(rows), jnp.ones(rows.shape, bool)))
         xs.append(x.reshape(L, -1, x.shape[-1]) if ffn_only else x)
     x = np.concatenate(xs, 1).astype(np.float32)
@@ -120,8 +131,13 @@ def dense_inputs(config, params, seqs_NxT: np.ndarray, method: str,
     stacked = stack_layer_params(params, config)
     apply = jax.jit(jax.vmap(lambda lp, xx: fns(lp, xx, None)[0]))
     chunk = 4096 if ffn_only else 8
-    y = np.concatenate([np.asarray(apply(stacked, jnp.asarray(x[:, i:i + chunk])))
-                        for i in range(0, x.shape[1], chunk)], 1)
+    y = np.concatenate(
+        [
+            np.asarray(apply(stacked, jnp.asarray(x[:, i : i + chunk])))
+            for i in range(0, x.shape[1], chunk)
+        ],
+        1,
+    )
     return {"x": x, "y": y}
 
 
@@ -168,8 +184,9 @@ def _layer_fns(config, method: str):
         r, t = x_RxTxD.shape[:2]
         pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (r, t))
         rope = None if opt else rope_cos_sin(config, pos, kind)
-        (y, _), v = blocks[kind].apply({"params": lp}, x_RxTxD, pos, pos, rope, None, 0, th,
-                                       mutable=["taps"])
+        (y, _), v = blocks[kind].apply(
+            {"params": lp}, x_RxTxD, pos, pos, rope, None, 0, th, mutable=["taps"]
+        )
         return y, v["taps"]
 
     def g(lp, x_RxTxD, th):
@@ -178,8 +195,11 @@ def _layer_fns(config, method: str):
         # Gemma 3 (vmapped over layers of both kinds): both blocks, each layer keeps its own.
         lp = dict(lp)
         sliding = lp.pop(SLIDING_FLAG)
-        return jax.tree.map(lambda a, b: jnp.where(sliding, a, b),
-                            run(SLIDING, lp, x_RxTxD, th), run(FULL, lp, x_RxTxD, th))
+        return jax.tree.map(
+            lambda a, b: jnp.where(sliding, a, b),
+            run(SLIDING, lp, x_RxTxD, th),
+            run(FULL, lp, x_RxTxD, th),
+        )
 
     return g
 
@@ -198,9 +218,12 @@ def _tap(taps: dict, point: str):
 def init_theta(state, method: str) -> dict[str, np.ndarray]:
     """Stacked log-thresholds `{point: [L, width]}` from a calibrated state."""
     L = state.num_layers
-    return {p: np.log(np.maximum(np.stack([state.thresholds[f"layers_{i}"][p]
-                                           for i in range(L)]), 1e-8)).astype(np.float32)
-            for p in POINTS[method]}
+    return {
+        p: np.log(
+            np.maximum(np.stack([state.thresholds[f"layers_{i}"][p] for i in range(L)]), 1e-8)
+        ).astype(np.float32)
+        for p in POINTS[method]
+    }
 
 
 class Trainer:
@@ -234,7 +257,8 @@ class Trainer:
             th["relax_tau"] = tau
             y_s, taps = fn(lp, x, th)
             err = jnp.sum(jnp.square(y_s.astype(jnp.float32) - y)) / jnp.maximum(
-                jnp.sum(jnp.square(y)), 1e-30)
+                jnp.sum(jnp.square(y)), 1e-30
+            )
             sp = {}
             for p in points:
                 raw = _tap(taps, p)
@@ -246,7 +270,8 @@ class Trainer:
 
         def loss_fn(theta, stacked, x, y, tau):
             tot, (err, sp) = jax.vmap(layer_loss, in_axes=(0, 0, 0, 0, None))(
-                stacked, theta, x, y, tau)
+                stacked, theta, x, y, tau
+            )
             return jnp.sum(tot), (jnp.mean(err), jnp.mean(sp))
 
         def step(theta, opt_state, key, tau, stacked, x_all, y_all):
@@ -254,7 +279,8 @@ class Trainer:
             idx = jax.random.choice(sub, n, (self.batch,), replace=False)
             x, y = x_all[:, idx], y_all[:, idx]
             (loss, (err, sp)), g = jax.value_and_grad(loss_fn, has_aux=True)(
-                theta, stacked, x, y, tau)
+                theta, stacked, x, y, tau
+            )
             upd, opt_state = opt.update(g, opt_state, theta)
             theta = optax.apply_updates(theta, upd)
             return theta, opt_state, key, {"loss": loss, "err": err, "sparsity": sp}
@@ -267,10 +293,11 @@ class Trainer:
                 th = {p: jnp.exp(th_l[p]) for p in points}
                 y_s, taps = fn(lp, xx, th)
                 err = jnp.sum(jnp.square(y_s.astype(jnp.float32) - yy)) / jnp.maximum(
-                    jnp.sum(jnp.square(yy)), 1e-30)
-                ratios = {p: jnp.abs(_tap(taps, p)).astype(jnp.float32) / th[p]
-                          for p in points}
+                    jnp.sum(jnp.square(yy)), 1e-30
+                )
+                ratios = {p: jnp.abs(_tap(taps, p)).astype(jnp.float32) / th[p] for p in points}
                 return err, ratios
+
             return jax.vmap(one)(stacked, theta, x, y)
 
         self._hard_eval = jax.jit(hard_eval)
@@ -286,11 +313,21 @@ class Trainer:
         import jax.numpy as jnp
 
         theta = {p: jnp.asarray(v) for p, v in theta0.items()}
-        return {"theta": theta, "opt_state": self.opt.init(theta), "step": 0,
-                "key": jax.random.key(self.settings.seed)}
+        return {
+            "theta": theta,
+            "opt_state": self.opt.init(theta),
+            "step": 0,
+            "key": jax.random.key(self.settings.seed),
+        }
 
-    def run(self, ts: dict, until: int, save_every: int = 0, ckpt_dir: Path | None = None,
-            progress: bool = True) -> dict:
+    def run(
+        self,
+        ts: dict,
+        until: int,
+        save_every: int = 0,
+        ckpt_dir: Path | None = None,
+        progress: bool = True,
+    ) -> dict:
         """Steps `ts` (the training state) from its step up to `until`; saves every
         `save_every` steps. Returns the new training state."""
         import jax.numpy as jnp
@@ -298,21 +335,35 @@ class Trainer:
 
         theta, opt_state, key = ts["theta"], ts["opt_state"], ts["key"]
         step = ts["step"]
-        bar = tqdm(total=until, initial=step, desc=f"learn {self.method}", unit="step",
-                   disable=not progress)
+        bar = tqdm(
+            total=until,
+            initial=step,
+            desc=f"learn {self.method}",
+            unit="step",
+            disable=not progress,
+        )
         self.trace = getattr(self, "trace", [])
         while step < until:
             tau = jnp.float32(self.settings.tau(step))
-            theta, opt_state, key, m = self._step(theta, opt_state, key, tau, self.stacked,
-                                                  self.x, self.y)
+            theta, opt_state, key, m = self._step(
+                theta, opt_state, key, tau, self.stacked, self.x, self.y
+            )
             step += 1
             bar.update(1)
             if step % 10 == 0 or step == until:
-                rec = {"step": step, "loss": float(m["loss"]), "err": float(m["err"]),
-                       "sparsity": float(m["sparsity"]), "tau": float(tau)}
+                rec = {
+                    "step": step,
+                    "loss": float(m["loss"]),
+                    "err": float(m["err"]),
+                    "sparsity": float(m["sparsity"]),
+                    "tau": float(tau),
+                }
                 self.trace.append(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", err=f"{rec['err']:.4f}",
-                                sparsity=f"{rec['sparsity']:.3f}")
+                bar.set_postfix(
+                    loss=f"{rec['loss']:.4f}",
+                    err=f"{rec['err']:.4f}",
+                    sparsity=f"{rec['sparsity']:.3f}",
+                )
             ts = {"theta": theta, "opt_state": opt_state, "step": step, "key": key}
             if save_every and ckpt_dir is not None and step % save_every == 0:
                 save_checkpoint(ckpt_dir, ts)
@@ -325,8 +376,9 @@ class Trainer:
         chunk = 4096 if self.method == "chess" else 8
         errs, zs = [], []
         for i in range(0, self.x.shape[1], chunk):
-            e, r = self._hard_eval(theta, self.stacked, self.x[:, i:i + chunk],
-                                   self.y[:, i:i + chunk])
+            e, r = self._hard_eval(
+                theta, self.stacked, self.x[:, i : i + chunk], self.y[:, i : i + chunk]
+            )
             errs.append(np.asarray(e))
             zs.append(np.mean([np.mean(np.asarray(r[p]) < 1.0) for p in self.points]))
         return float(np.mean(errs)), float(np.mean(zs))
@@ -336,8 +388,9 @@ class Trainer:
         chunk = 4096 if self.method == "chess" else 8
         errs, ratios = [], {p: [] for p in self.points}
         for i in range(0, self.x.shape[1], chunk):
-            e, r = self._hard_eval(theta, self.stacked, self.x[:, i:i + chunk],
-                                   self.y[:, i:i + chunk])
+            e, r = self._hard_eval(
+                theta, self.stacked, self.x[:, i : i + chunk], self.y[:, i : i + chunk]
+            )
             errs.append(np.asarray(e))
             for p in self.points:
                 rr = np.asarray(r[p])
@@ -347,14 +400,19 @@ class Trainer:
         for p in self.points:
             rr = np.concatenate(ratios[p], 1)  # [L, tokens * width]
             before[p] = [float(np.mean(row < 1.0)) for row in rr]
-            c = np.array([np.quantile(row, s, method="inverted_cdf") if s > 0 else 0.0
-                          for row in rr], np.float64)
+            c = np.array(
+                [np.quantile(row, s, method="inverted_cdf") if s > 0 else 0.0 for row in rr],
+                np.float64,
+            )
             c = np.where(np.isfinite(c) & (c > 0), c, 1.0) if s > 0 else np.zeros_like(c)
             t = np.exp(np.asarray(theta[p], np.float64)) * c[:, None]
             out[p] = np.minimum(t, np.finfo(np.float32).max).astype(np.float32)
             factors[p] = c.tolist()
-        info = {"rescale_factors": factors, "hard_sparsity_before_rescale": before,
-                "train_err_before_rescale": float(np.mean(np.concatenate(errs, -1)))}
+        info = {
+            "rescale_factors": factors,
+            "hard_sparsity_before_rescale": before,
+            "train_err_before_rescale": float(np.mean(np.concatenate(errs, -1))),
+        }
         return out, info
 
 
@@ -367,31 +425,37 @@ def _fingerprint_dict(config) -> dict:
     return dataclasses.asdict(ModelFingerprint.of(config))
 
 
-def write_checkpoint_meta(ckpt_dir: Path, config, settings: LearnSettings, data_key: dict
-                          ) -> None:
+def write_checkpoint_meta(ckpt_dir: Path, config, settings: LearnSettings, data_key: dict) -> None:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    doc = {"format": "jaxsparse.learn_checkpoint", "model": _fingerprint_dict(config),
-           "settings": settings.resume_key(), "data": data_key}
+    doc = {
+        "format": "jaxsparse.learn_checkpoint",
+        "model": _fingerprint_dict(config),
+        "settings": settings.resume_key(),
+        "data": data_key,
+    }
     (ckpt_dir / CKPT_META).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
-def check_checkpoint_meta(ckpt_dir: Path, config, settings: LearnSettings, data_key: dict
-                          ) -> None:
+def check_checkpoint_meta(ckpt_dir: Path, config, settings: LearnSettings, data_key: dict) -> None:
     """Raises LearnError unless the checkpoints in `ckpt_dir` belong to this run."""
     path = ckpt_dir / CKPT_META
     try:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
-        raise LearnError(f"--resume: {ckpt_dir} holds no learn checkpoint ({CKPT_META} "
-                         f"missing); run without --resume") from None
+        raise LearnError(
+            f"--resume: {ckpt_dir} holds no learn checkpoint ({CKPT_META} "
+            f"missing); run without --resume"
+        ) from None
     except json.JSONDecodeError as e:
         raise LearnError(f"{path}: not valid JSON ({e})") from None
     mine = settings.resume_key()
     theirs = doc.get("settings", {})
     if theirs.get("method") != mine["method"]:
-        raise LearnError(f"--resume: {ckpt_dir} is a checkpoint of method "
-                         f"{theirs.get('method')!r}, not {mine['method']!r}; pass the same "
-                         f"--method or another --checkpoint-dir")
+        raise LearnError(
+            f"--resume: {ckpt_dir} is a checkpoint of method "
+            f"{theirs.get('method')!r}, not {mine['method']!r}; pass the same "
+            f"--method or another --checkpoint-dir"
+        )
     if doc.get("model") != _fingerprint_dict(config):
         from jaxsparse.sparsity import ModelFingerprint
 
@@ -399,17 +463,23 @@ def check_checkpoint_meta(ckpt_dir: Path, config, settings: LearnSettings, data_
             other = ModelFingerprint(**doc.get("model", {})).describe()
         except TypeError:
             other = str(doc.get("model"))
-        raise LearnError(f"--resume: {ckpt_dir} is a checkpoint for another model.\n"
-                         f"  checkpoint: {other}\n  model: "
-                         f"{ModelFingerprint.of(config).describe()}")
+        raise LearnError(
+            f"--resume: {ckpt_dir} is a checkpoint for another model.\n"
+            f"  checkpoint: {other}\n  model: "
+            f"{ModelFingerprint.of(config).describe()}"
+        )
     diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
     if diff:
-        raise LearnError(f"--resume: {ckpt_dir} was trained with other settings ("
-                         + ", ".join(f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now"
-                                     for k in diff) + ")")
+        raise LearnError(
+            f"--resume: {ckpt_dir} was trained with other settings ("
+            + ", ".join(f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now" for k in diff)
+            + ")"
+        )
     if doc.get("data") != data_key:
-        raise LearnError(f"--resume: {ckpt_dir} was trained on other data "
-                         f"({doc.get('data')} there, {data_key} now)")
+        raise LearnError(
+            f"--resume: {ckpt_dir} was trained on other data "
+            f"({doc.get('data')} there, {data_key} now)"
+        )
 
 
 def save_checkpoint(ckpt_dir: Path, ts: dict) -> Path:
@@ -420,10 +490,12 @@ def save_checkpoint(ckpt_dir: Path, ts: dict) -> Path:
     from jaxsparse.io import atomic_directory
 
     leaves = jax.tree.leaves(ts["opt_state"])
-    tree = {"theta": {p: np.asarray(v) for p, v in ts["theta"].items()},
-            "opt_state": {f"{i:04d}": np.asarray(v) for i, v in enumerate(leaves)},
-            "step": np.asarray(ts["step"], np.int64),
-            "key": np.asarray(jax.random.key_data(ts["key"]))}
+    tree = {
+        "theta": {p: np.asarray(v) for p, v in ts["theta"].items()},
+        "opt_state": {f"{i:04d}": np.asarray(v) for i, v in enumerate(leaves)},
+        "step": np.asarray(ts["step"], np.int64),
+        "key": np.asarray(jax.random.key_data(ts["key"])),
+    }
     path = ckpt_dir / f"step_{ts['step']:08d}"
     with atomic_directory(path, overwrite=True) as tmp:
         ocp.PyTreeCheckpointer().save(tmp / "state", tree)
@@ -448,16 +520,19 @@ def load_checkpoint(path: Path, template: dict) -> dict:
     leaves, treedef = jax.tree.flatten(template["opt_state"])
     saved = [raw["opt_state"][f"{i:04d}"] for i in range(len(leaves))]
     if len(raw["opt_state"]) != len(leaves):
-        raise LearnError(f"{path}: optimizer state with {len(raw['opt_state'])} arrays, "
-                         f"expected {len(leaves)}")
+        raise LearnError(
+            f"{path}: optimizer state with {len(raw['opt_state'])} arrays, expected {len(leaves)}"
+        )
     for a, b in zip(saved, leaves):
         if np.shape(a) != np.shape(b):
             raise LearnError(f"{path}: optimizer state shapes differ from this run's")
-    opt_state = jax.tree.unflatten(treedef, [jnp.asarray(a, b.dtype)
-                                             for a, b in zip(saved, leaves)])
+    opt_state = jax.tree.unflatten(
+        treedef, [jnp.asarray(a, b.dtype) for a, b in zip(saved, leaves)]
+    )
     theta = {p: jnp.asarray(v, jnp.float32) for p, v in raw["theta"].items()}
     if set(theta) != set(template["theta"]) or any(
-            theta[p].shape != template["theta"][p].shape for p in theta):
+        theta[p].shape != template["theta"][p].shape for p in theta
+    ):
         raise LearnError(f"{path}: thresholds of other points or shapes than this run's")
     key = jax.random.wrap_key_data(jnp.asarray(raw["key"], jnp.uint32))
     return {"theta": theta, "opt_state": opt_state, "step": int(raw["step"]), "key": key}
@@ -466,10 +541,20 @@ def load_checkpoint(path: Path, template: dict) -> dict:
 # ------------------------------------------------------------------ the whole job
 
 
-def learn(config, params, seqs_NxT: np.ndarray, init_state, settings: LearnSettings,
-          ckpt_dir: Path | None = None, save_every: int = 0, resume: bool = False,
-          data_key: dict | None = None, provenance: dict | None = None,
-          progress: bool = True, stop_at: int | None = None):
+def learn(
+    config,
+    params,
+    seqs_NxT: np.ndarray,
+    init_state,
+    settings: LearnSettings,
+    ckpt_dir: Path | None = None,
+    save_every: int = 0,
+    resume: bool = False,
+    data_key: dict | None = None,
+    provenance: dict | None = None,
+    progress: bool = True,
+    stop_at: int | None = None,
+):
     """Learns thresholds from `init_state` on the token rows `seqs_NxT`; returns
     `(SparsityState, info)`. With `stop_at`, stops after that step without finishing
     (returns `(None, training state)`; for tests of interruption)."""
@@ -480,8 +565,10 @@ def learn(config, params, seqs_NxT: np.ndarray, init_state, settings: LearnSetti
         raise LearnError(f"--method {settings.method!r}: learn supports {sorted(POINTS)}")
     check_sparsity(settings.sparsity)
     if init_state.method != settings.method:
-        raise LearnError(f"--init holds a {init_state.method!r} state; --method "
-                         f"{settings.method} starts from a {settings.method!r} state")
+        raise LearnError(
+            f"--init holds a {init_state.method!r} state; --method "
+            f"{settings.method} starts from a {settings.method!r} state"
+        )
     init_state.check_model(config, "--init state")
     data_key = data_key or {}
     t0 = time.time()
@@ -500,21 +587,32 @@ def learn(config, params, seqs_NxT: np.ndarray, init_state, settings: LearnSetti
                 print(f"resuming from {last} (step {ts['step']})", file=sys.stderr)
         else:
             if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
-                raise LearnError(f"{ckpt_dir} already holds checkpoints; pass --resume to "
-                                 f"continue them or remove it")
+                raise LearnError(
+                    f"{ckpt_dir} already holds checkpoints; pass --resume to "
+                    f"continue them or remove it"
+                )
             write_checkpoint_meta(ckpt_dir, config, settings, data_key)
     until = settings.steps if stop_at is None else min(stop_at, settings.steps)
     ts = trainer.run(ts, until, save_every, ckpt_dir, progress)
     if stop_at is not None and until < settings.steps:
         return None, ts
     thresholds, info = trainer.finalize(ts["theta"])
-    values = {f"layers_{i}": {p: thresholds[p][i] for p in trainer.points}
-              for i in range(config.num_layers)}
-    details = {"init_method": init_state.method, "init_provenance": init_state.meta.provenance,
-               "settings": dataclasses.asdict(settings), "points": list(trainer.points),
-               "final_step": ts["step"], "train_tokens": int(seqs_NxT.size),
-               "trace": trainer.trace[-30:], **info,
-               "seconds": round(time.time() - t0, 1)}
-    state = make_state(config, f"{settings.method}-learned", settings.sparsity, values,
-                       provenance, details)
+    values = {
+        f"layers_{i}": {p: thresholds[p][i] for p in trainer.points}
+        for i in range(config.num_layers)
+    }
+    details = {
+        "init_method": init_state.method,
+        "init_provenance": init_state.meta.provenance,
+        "settings": dataclasses.asdict(settings),
+        "points": list(trainer.points),
+        "final_step": ts["step"],
+        "train_tokens": int(seqs_NxT.size),
+        "trace": trainer.trace[-30:],
+        **info,
+        "seconds": round(time.time() - t0, 1),
+    }
+    state = make_state(
+        config, f"{settings.method}-learned", settings.sparsity, values, provenance, details
+    )
     return state, {"training_state": ts, **details}

@@ -67,10 +67,23 @@ ALL_POINTS = ("q_in", "kv_in", "o_in", "ffn_in", "gate", "down_in")
 # gradient fell from 0.009 to 0.0001 with down_in trained too, against a finite
 # difference of 0.012). The gate already skips down_proj's rows.
 DEFAULT_POINTS = ("q_in", "kv_in", "o_in", "ffn_in", "gate")
-DEFAULTS = {"steps": 200, "lr": 0.03, "penalty": 1000.0, "tau_start": 0.2, "tau_end": 0.05,
-            "tokens": 8192, "seq_len": 128, "batch_seqs": 2, "save_every": 50, "seed": 0,
-            "granularity": "layer", "fraction_tol": 1e-3, "init_gate_sparsity": 0.5,
-            "init_input_sparsity": 0.1, "measure_tokens": 2048}
+DEFAULTS = {
+    "steps": 200,
+    "lr": 0.03,
+    "penalty": 1000.0,
+    "tau_start": 0.2,
+    "tau_end": 0.05,
+    "tokens": 8192,
+    "seq_len": 128,
+    "batch_seqs": 2,
+    "save_every": 50,
+    "seed": 0,
+    "granularity": "layer",
+    "fraction_tol": 1e-3,
+    "init_gate_sparsity": 0.5,
+    "init_input_sparsity": 0.1,
+    "measure_tokens": 2048,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,12 +102,15 @@ class KLSettings:
 
     def __post_init__(self):
         if not 0.0 < self.target_fraction <= 1.0:
-            raise LearnError(f"--target-fraction {self.target_fraction}: expected a fraction "
-                             f"of the weights read in (0, 1], e.g. 0.75")
+            raise LearnError(
+                f"--target-fraction {self.target_fraction}: expected a fraction "
+                f"of the weights read in (0, 1], e.g. 0.75"
+            )
         unknown = set(self.points) - set(ALL_POINTS)
         if unknown or not self.points:
-            raise LearnError(f"--points {','.join(self.points)}: expected a subset of "
-                             f"{','.join(ALL_POINTS)}")
+            raise LearnError(
+                f"--points {','.join(self.points)}: expected a subset of {','.join(ALL_POINTS)}"
+            )
         if self.granularity not in ("layer", "channel"):
             raise LearnError(f"--granularity {self.granularity!r}: use layer or channel")
         if self.steps < 1 or self.batch_seqs < 1:
@@ -120,23 +136,28 @@ def base_thresholds(config, init_states: list, points: tuple[str, ...]) -> dict[
     out = {}
     for p in points:
         for st in init_states:
-            t = np.stack([np.asarray(st.thresholds[f"layers_{i}"][p], np.float32)
-                          for i in range(L)])
+            t = np.stack(
+                [np.asarray(st.thresholds[f"layers_{i}"][p], np.float32) for i in range(L)]
+            )
             if np.any(t > 0):
                 out[p] = t
                 break
         else:
-            raise LearnError(f"no --init state thresholds point {p!r} (states: "
-                             f"{', '.join(s.method for s in init_states)}); add one that "
-                             f"does or leave {p} out of --points")
+            raise LearnError(
+                f"no --init state thresholds point {p!r} (states: "
+                f"{', '.join(s.method for s in init_states)}); add one that "
+                f"does or leave {p} out of --points"
+            )
     return out
 
 
 def _log_base(base: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """log of the base thresholds; a zero channel (never zeroed) stays at -inf-like -80,
     a float32-max one (always zeroed) stays huge."""
-    return {p: np.log(np.maximum(np.asarray(b, np.float64), 1e-35)).astype(np.float32)
-            for p, b in base.items()}
+    return {
+        p: np.log(np.maximum(np.asarray(b, np.float64), 1e-35)).astype(np.float32)
+        for p, b in base.items()
+    }
 
 
 def thresholds_for(config, log_base: dict, theta: dict, log_scale=0.0, tau=None) -> dict:
@@ -146,8 +167,9 @@ def thresholds_for(config, log_base: dict, theta: dict, log_scale=0.0, tau=None)
 
     tree = {}
     for i in range(config.num_layers):
-        layer = {p: jnp.exp(jnp.asarray(log_base[p][i]) + theta[p][i] + log_scale)
-                 for p in log_base}
+        layer = {
+            p: jnp.exp(jnp.asarray(log_base[p][i]) + theta[p][i] + log_scale) for p in log_base
+        }
         if tau is not None:
             layer["relax_tau"] = tau
         tree[f"layers_{i}"] = layer
@@ -160,8 +182,9 @@ def host_thresholds(config, log_base: dict, theta: dict, log_scale: float = 0.0)
     for i in range(config.num_layers):
         layer = {}
         for p, lb in log_base.items():
-            t = np.exp(np.asarray(lb[i], np.float64) + np.asarray(theta[p][i], np.float64)
-                       + log_scale)
+            t = np.exp(
+                np.asarray(lb[i], np.float64) + np.asarray(theta[p][i], np.float64) + log_scale
+            )
             layer[p] = np.minimum(t, np.finfo(np.float32).max).astype(np.float32)
         out[f"layers_{i}"] = layer
     return out
@@ -173,8 +196,7 @@ def host_thresholds(config, log_base: dict, theta: dict, log_scale: float = 0.0)
 class KLTrainer:
     """The jit-compiled end-to-end step and the host loop (checkpoints every K steps)."""
 
-    def __init__(self, config, params, seqs_NxT: np.ndarray, log_base: dict,
-                 settings: KLSettings):
+    def __init__(self, config, params, seqs_NxT: np.ndarray, log_base: dict, settings: KLSettings):
         import jax
         import jax.numpy as jnp
         import optax
@@ -204,8 +226,9 @@ class KLTrainer:
 
         def loss_fn(theta, params, base, tokens, tau):
             th = thresholds_for(config, base, theta, 0.0, tau)
-            (logits, _), v = model.apply({"params": params}, tokens, pos, thresholds=th,
-                                         mutable=["taps"])
+            (logits, _), v = model.apply(
+                {"params": params}, tokens, pos, thresholds=th, mutable=["taps"]
+            )
             dense, _ = model.apply({"params": params}, tokens, pos)
             logp_d = jax.nn.log_softmax(jax.lax.stop_gradient(dense).astype(jnp.float32), -1)
             logp_s = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
@@ -218,8 +241,7 @@ class KLTrainer:
                     x = jax.lax.stop_gradient(raw(taps, i, p))
                     if p in th[f"layers_{i}"]:
                         t = th[f"layers_{i}"][p]
-                        keep = straight_through_mask(
-                            x, t, jax.lax.stop_gradient(tau * t) + 1e-20)
+                        keep = straight_through_mask(x, t, jax.lax.stop_gradient(tau * t) + 1e-20)
                         dens[p] = jnp.mean(keep)
                     else:
                         dens[p] = jnp.mean((x != 0).astype(jnp.float32))
@@ -232,7 +254,8 @@ class KLTrainer:
             key, sub = jax.random.split(key)
             idx = jax.random.choice(sub, n, (self.batch,), replace=False)
             (loss, (kl, frac, _)), g = jax.value_and_grad(loss_fn, has_aux=True)(
-                theta, params, base, seqs[idx], tau)
+                theta, params, base, seqs[idx], tau
+            )
             upd, opt_state = self.opt.update(g, opt_state, theta)
             theta = optax.apply_updates(theta, upd)
             return theta, opt_state, key, {"loss": loss, "kl": kl, "fraction": frac}
@@ -254,18 +277,25 @@ class KLTrainer:
         import jax.numpy as jnp
 
         L = self.config.num_layers
-        return {p: jnp.zeros((L, 1 if self.settings.granularity == "layer"
-                                  else self.log_base[p].shape[1]), jnp.float32)
-                for p in self.points}
+        return {
+            p: jnp.zeros(
+                (L, 1 if self.settings.granularity == "layer" else self.log_base[p].shape[1]),
+                jnp.float32,
+            )
+            for p in self.points
+        }
 
     def init(self, theta0: dict | None = None) -> dict:
         import jax
         import jax.numpy as jnp
 
-        theta = {p: jnp.asarray(v, jnp.float32) for p, v in (theta0 or self.zero_theta()
-                                                            ).items()}
-        return {"theta": theta, "opt_state": self.opt.init(theta), "step": 0,
-                "key": jax.random.key(self.settings.seed)}
+        theta = {p: jnp.asarray(v, jnp.float32) for p, v in (theta0 or self.zero_theta()).items()}
+        return {
+            "theta": theta,
+            "opt_state": self.opt.init(theta),
+            "step": 0,
+            "key": jax.random.key(self.settings.seed),
+        }
 
     def hard_kl(self, theta, log_scale: float = 0.0, rows: int | None = None) -> float:
         """Mean KL(dense || sparse, hard masks) over the first `rows` training sequences."""
@@ -274,28 +304,48 @@ class KLTrainer:
         seqs = self.seqs[: rows or len(self.seqs)]
         vals = []
         for s in range(0, len(seqs) - self.batch + 1, self.batch):
-            vals.append(float(self._hard_kl(theta, self.params, self._base,
-                                            seqs[s:s + self.batch], jnp.float32(log_scale))))
+            vals.append(
+                float(
+                    self._hard_kl(
+                        theta,
+                        self.params,
+                        self._base,
+                        seqs[s : s + self.batch],
+                        jnp.float32(log_scale),
+                    )
+                )
+            )
         return float(np.mean(vals))
 
-    def run(self, ts: dict, until: int, save_every: int = 0, ckpt_dir: Path | None = None,
-            progress: bool = True) -> dict:
+    def run(
+        self,
+        ts: dict,
+        until: int,
+        save_every: int = 0,
+        ckpt_dir: Path | None = None,
+        progress: bool = True,
+    ) -> dict:
         import jax.numpy as jnp
         from tqdm import tqdm
 
         theta, opt_state, key, step = ts["theta"], ts["opt_state"], ts["key"], ts["step"]
-        bar = tqdm(total=until, initial=step, desc="learn kl", unit="step",
-                   disable=not progress)
+        bar = tqdm(total=until, initial=step, desc="learn kl", unit="step", disable=not progress)
         self.trace = getattr(self, "trace", [])
         while step < until:
             tau = jnp.float32(self.settings.tau(step))
-            theta, opt_state, key, m = self._step(theta, opt_state, key, tau, self.params,
-                                                  self._base, self.seqs)
+            theta, opt_state, key, m = self._step(
+                theta, opt_state, key, tau, self.params, self._base, self.seqs
+            )
             step += 1
             bar.update(1)
             if step % 10 == 0 or step == until:
-                rec = {"step": step, "loss": float(m["loss"]), "kl": float(m["kl"]),
-                       "fraction": float(m["fraction"]), "tau": float(tau)}
+                rec = {
+                    "step": step,
+                    "loss": float(m["loss"]),
+                    "kl": float(m["kl"]),
+                    "fraction": float(m["fraction"]),
+                    "tau": float(tau),
+                }
                 self.trace.append(rec)
                 bar.set_postfix(kl=f"{rec['kl']:.4f}", fraction=f"{rec['fraction']:.4f}")
             ts = {"theta": theta, "opt_state": opt_state, "step": step, "key": key}
@@ -305,27 +355,40 @@ class KLTrainer:
         return {"theta": theta, "opt_state": opt_state, "step": step, "key": key}
 
 
-def rescale_to_target(config, meter: FractionMeter, log_base: dict, theta: dict,
-                      target: float, tol: float) -> tuple[float, float, list]:
+def rescale_to_target(
+    config, meter: FractionMeter, log_base: dict, theta: dict, target: float, tol: float
+) -> tuple[float, float, list]:
     """Global `log c` putting the hard fraction on `meter`'s tokens at `target`."""
     host_theta = {p: np.asarray(v) for p, v in theta.items()}
     try:
-        return solve_scale(lambda x: meter(host_thresholds(config, log_base, host_theta, x)),
-                           target, tol)
+        return solve_scale(
+            lambda x: meter(host_thresholds(config, log_base, host_theta, x)), target, tol
+        )
     except BudgetError as e:
-        raise LearnError(f"--target-fraction: {e} by scaling the thresholds of "
-                         f"{', '.join(log_base)}") from None
+        raise LearnError(
+            f"--target-fraction: {e} by scaling the thresholds of {', '.join(log_base)}"
+        ) from None
 
 
 # ------------------------------------------------------------------ the whole job
 
 
-def learn_kl(config, params, seqs_NxT: np.ndarray, init_states: list, settings: KLSettings,
-             ckpt_dir: Path | None = None, save_every: int = 0, resume: bool = False,
-             data_key: dict | None = None, provenance: dict | None = None,
-             fraction_tol: float = DEFAULTS["fraction_tol"],
-             measure_tokens: int = DEFAULTS["measure_tokens"], progress: bool = True,
-             stop_at: int | None = None):
+def learn_kl(
+    config,
+    params,
+    seqs_NxT: np.ndarray,
+    init_states: list,
+    settings: KLSettings,
+    ckpt_dir: Path | None = None,
+    save_every: int = 0,
+    resume: bool = False,
+    data_key: dict | None = None,
+    provenance: dict | None = None,
+    fraction_tol: float = DEFAULTS["fraction_tol"],
+    measure_tokens: int = DEFAULTS["measure_tokens"],
+    progress: bool = True,
+    stop_at: int | None = None,
+):
     """Learns thresholds end to end from the base `init_states` on the token rows
     `seqs_NxT`; returns `(SparsityState, info)`, or `(None, training state)` when stopped
     early at `stop_at` (tests of interruption)."""
@@ -342,8 +405,9 @@ def learn_kl(config, params, seqs_NxT: np.ndarray, init_states: list, settings: 
     zero = {p: np.zeros((config.num_layers, 1), np.float32) for p in settings.points}
     # start on budget: one global scale on the base (deterministic, so a resumed run
     # recomputes the same base)
-    s0, f0, trace0 = rescale_to_target(config, meter, log_base0, zero,
-                                       settings.target_fraction, fraction_tol)
+    s0, f0, trace0 = rescale_to_target(
+        config, meter, log_base0, zero, settings.target_fraction, fraction_tol
+    )
     log_base = {p: (v + np.float32(s0)).astype(np.float32) for p, v in log_base0.items()}
     trainer = KLTrainer(config, params, seqs_NxT, log_base, settings)
     ts = trainer.init()
@@ -359,42 +423,54 @@ def learn_kl(config, params, seqs_NxT: np.ndarray, init_states: list, settings: 
                 print(f"resuming from {last} (step {ts['step']})", file=sys.stderr)
         else:
             if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
-                raise LearnError(f"{ckpt_dir} already holds checkpoints; pass --resume to "
-                                 f"continue them or remove it")
+                raise LearnError(
+                    f"{ckpt_dir} already holds checkpoints; pass --resume to "
+                    f"continue them or remove it"
+                )
             write_checkpoint_meta(ckpt_dir, config, settings, data_key)
     until = settings.steps if stop_at is None else min(stop_at, settings.steps)
     start_step = int(ts["step"])
     ts = trainer.run(ts, until, save_every, ckpt_dir, progress)
     if stop_at is not None and until < settings.steps:
         return None, ts
-    s1, f1, trace1 = rescale_to_target(config, meter, log_base, ts["theta"],
-                                       settings.target_fraction, fraction_tol)
-    values = host_thresholds(config, log_base, {p: np.asarray(v) for p, v in
-                                                ts["theta"].items()}, s1)
+    s1, f1, trace1 = rescale_to_target(
+        config, meter, log_base, ts["theta"], settings.target_fraction, fraction_tol
+    )
+    values = host_thresholds(
+        config, log_base, {p: np.asarray(v) for p, v in ts["theta"].items()}, s1
+    )
     alloc = {}
     for i in range(config.num_layers):
-        alloc[f"layers_{i}"] = {p: float(np.mean(np.asarray(ts["theta"][p][i]))) + s1
-                                for p in settings.points}
-    details = {"objective": "kl", "settings": {**dataclasses.asdict(settings),
-                                               "points": list(settings.points)},
-               "init_methods": [st.method for st in init_states],
-               "init_provenance": [st.meta.provenance for st in init_states],
-               "start_step": start_step, "final_step": ts["step"],
-               "train_tokens": int(seqs_NxT.size),
-               "measure_tokens": int(rows * seqs_NxT.shape[1]),
-               "initial_log_scale": s0, "initial_fraction": f0,
-               "final_log_scale": s1, "final_fraction_on_training_text": f1,
-               "log_scale_offsets": alloc, "trace": trainer.trace[-40:],
-               "rescale_trace": {"initial": trace0, "final": trace1},
-               "seconds": round(time.time() - t0, 1)}
-    state = make_state(config, METHOD, 1.0 - settings.target_fraction, values, provenance,
-                       details)
+        alloc[f"layers_{i}"] = {
+            p: float(np.mean(np.asarray(ts["theta"][p][i]))) + s1 for p in settings.points
+        }
+    details = {
+        "objective": "kl",
+        "settings": {**dataclasses.asdict(settings), "points": list(settings.points)},
+        "init_methods": [st.method for st in init_states],
+        "init_provenance": [st.meta.provenance for st in init_states],
+        "start_step": start_step,
+        "final_step": ts["step"],
+        "train_tokens": int(seqs_NxT.size),
+        "measure_tokens": int(rows * seqs_NxT.shape[1]),
+        "initial_log_scale": s0,
+        "initial_fraction": f0,
+        "final_log_scale": s1,
+        "final_fraction_on_training_text": f1,
+        "log_scale_offsets": alloc,
+        "trace": trainer.trace[-40:],
+        "rescale_trace": {"initial": trace0, "final": trace1},
+        "seconds": round(time.time() - t0, 1),
+    }
+    state = make_state(config, METHOD, 1.0 - settings.target_fraction, values, provenance, details)
     return state, {"training_state": ts, "trainer": trainer, "log_base": log_base, **details}
 
 
 def describe(info: dict[str, Any]) -> str:
     tr = info["trace"]
     first, last = (tr[0], tr[-1]) if tr else ({}, {})
-    return (f"{info['final_step']} steps, KL {first.get('kl', float('nan')):.4f} (step "
-            f"{first.get('step')}) -> {last.get('kl', float('nan')):.4f}; fraction on the "
-            f"training text {info['final_fraction_on_training_text']:.4f}")
+    return (
+        f"{info['final_step']} steps, KL {first.get('kl', float('nan')):.4f} (step "
+        f"{first.get('step')}) -> {last.get('kl', float('nan')):.4f}; fraction on the "
+        f"training text {info['final_fraction_on_training_text']:.4f}"
+    )

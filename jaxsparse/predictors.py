@@ -27,45 +27,78 @@ from typing import Any
 
 import numpy as np
 
-DEFAULTS = {"tokens": 8192, "seq_len": 512, "batch_size": 8, "ffn_rank": 128, "head_rank": 32,
-            "steps": 600, "batch_tokens": 1024, "lr": 3e-3, "weight_decay": 1e-4,
-            "eval_every": 50, "patience": 4, "holdout": 0.15, "test_holdout": 0.15,
-            "seed": 0}
+DEFAULTS = {
+    "tokens": 8192,
+    "seq_len": 512,
+    "batch_size": 8,
+    "ffn_rank": 128,
+    "head_rank": 32,
+    "steps": 600,
+    "batch_tokens": 1024,
+    "lr": 3e-3,
+    "weight_decay": 1e-4,
+    "eval_every": 50,
+    "patience": 4,
+    "holdout": 0.15,
+    "test_holdout": 0.15,
+    "seed": 0,
+}
 
 
 class PredictorError(ValueError):
     """Bad predictor settings (a rank or a k that does not fit the model)."""
 
 
-def check_settings(config, ffn_rank: int, head_rank: int, ffn_k: int, head_k: int,
-                   ffn_label_k: int, head_label_k: int) -> None:
+def check_settings(
+    config,
+    ffn_rank: int,
+    head_rank: int,
+    ffn_k: int,
+    head_k: int,
+    ffn_label_k: int,
+    head_label_k: int,
+) -> None:
     d, m, heads = config.hidden_size, config.intermediate_size, config.num_heads
     for name, r in (("--ffn-rank", ffn_rank), ("--head-rank", head_rank)):
         if not 1 <= r <= d:
-            raise PredictorError(f"{name} {r}: a low-rank predictor needs a rank in [1, {d}] "
-                                 f"(the model width, hidden_size={d})")
-    for name, k, width, what in (("--ffn-k", ffn_k, m, "FFN neurons"),
-                                 ("--ffn-label-k", ffn_label_k, m, "FFN neurons"),
-                                 ("--head-k", head_k, heads, "attention heads"),
-                                 ("--head-label-k", head_label_k, heads, "attention heads")):
+            raise PredictorError(
+                f"{name} {r}: a low-rank predictor needs a rank in [1, {d}] "
+                f"(the model width, hidden_size={d})"
+            )
+    for name, k, width, what in (
+        ("--ffn-k", ffn_k, m, "FFN neurons"),
+        ("--ffn-label-k", ffn_label_k, m, "FFN neurons"),
+        ("--head-k", head_k, heads, "attention heads"),
+        ("--head-label-k", head_label_k, heads, "attention heads"),
+    ):
         if not 1 <= k <= width:
-            raise PredictorError(f"{name} {k}: outside [1, {width}] (the model has {width} "
-                                 f"{what} per layer)")
+            raise PredictorError(
+                f"{name} {k}: outside [1, {width}] (the model has {width} {what} per layer)"
+            )
 
 
 def default_ks(config) -> dict[str, int]:
     """Operating point by default: half the neurons kept, a quarter labelled; all heads
     kept, the top half labelled (so head_recall is 1 unless --head-k is lowered)."""
     m, heads = config.intermediate_size, config.num_heads
-    return {"ffn_k": m // 2, "ffn_label_k": max(1, m // 4), "head_k": heads,
-            "head_label_k": max(1, heads // 2)}
+    return {
+        "ffn_k": m // 2,
+        "ffn_label_k": max(1, m // 4),
+        "head_k": heads,
+        "head_label_k": max(1, heads // 2),
+    }
 
 
 # ------------------------------------------------------------------ training data
 
 
-def gather(config, params, seqs_NxT: np.ndarray, batch_size: int = DEFAULTS["batch_size"],
-           progress: bool = True) -> dict[str, np.ndarray]:
+def gather(
+    config,
+    params,
+    seqs_NxT: np.ndarray,
+    batch_size: int = DEFAULTS["batch_size"],
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
     """Dense forward passes (jit) over token rows; returns host arrays over all tokens:
     `x` [L, N, d] float32 (the lookahead input of each layer), `ffn_importance` [L, N, m]
     float16 (`abs(g * u)`), `head_norm` [L, N, H] float32 and `seq` [N] (row index)."""
@@ -76,40 +109,57 @@ def gather(config, params, seqs_NxT: np.ndarray, batch_size: int = DEFAULTS["bat
     from jaxsparse.models import build_model, positions_from_mask
 
     if config.family == "opt":
-        raise PredictorError("train-predictors supports SwiGLU models (the Llama family); "
-                             "OPT's ReLU zeros need no predictor labels from g * u")
+        raise PredictorError(
+            "train-predictors supports SwiGLU models (the Llama family); "
+            "OPT's ReLU zeros need no predictor labels from g * u"
+        )
     model = build_model(config)
     L = config.num_layers
 
     @jax.jit
     def run(params, tokens, valid):
-        _, v = model.apply({"params": params}, tokens, positions_from_mask(valid),
-                           mutable=["taps"])
+        _, v = model.apply({"params": params}, tokens, positions_from_mask(valid), mutable=["taps"])
         t = v["taps"]
         block_in = [t[f"layers_{i}"]["block_in"][0] for i in range(L)]
         x = jnp.stack([block_in[max(i - 1, 0)] for i in range(L)])
-        imp = jnp.stack([jnp.abs(t[f"layers_{i}"]["mlp"]["gate"][0].astype(jnp.float32)
-                                 * t[f"layers_{i}"]["mlp"]["up"][0].astype(jnp.float32))
-                         for i in range(L)])
-        hn = jnp.stack([jnp.linalg.norm(t[f"layers_{i}"]["self_attn"]["head_out"][0].astype(
-            jnp.float32), axis=-1) for i in range(L)])
+        imp = jnp.stack(
+            [
+                jnp.abs(
+                    t[f"layers_{i}"]["mlp"]["gate"][0].astype(jnp.float32)
+                    * t[f"layers_{i}"]["mlp"]["up"][0].astype(jnp.float32)
+                )
+                for i in range(L)
+            ]
+        )
+        hn = jnp.stack(
+            [
+                jnp.linalg.norm(
+                    t[f"layers_{i}"]["self_attn"]["head_out"][0].astype(jnp.float32), axis=-1
+                )
+                for i in range(L)
+            ]
+        )
         return x.astype(jnp.float32), imp.astype(jnp.float16), hn
 
     xs, imps, hns = [], [], []
     n = len(seqs_NxT)
-    for start in tqdm(range(0, n, batch_size), desc="predictor data", unit="batch",
-                      disable=not progress):
-        rows = seqs_NxT[start:start + batch_size]
+    for start in tqdm(
+        range(0, n, batch_size), desc="predictor data", unit="batch", disable=not progress
+    ):
+        rows = seqs_NxT[start : start + batch_size]
         k = len(rows)
         if k < batch_size:  # pad to one compiled shape
-            rows = np.concatenate([rows, np.zeros((batch_size - k,) + rows.shape[1:],
-                                                  rows.dtype)])
+            rows = np.concatenate([rows, np.zeros((batch_size - k,) + rows.shape[1:], rows.dtype)])
         x, imp, hn = run(params, jnp.asarray(rows), jnp.ones(rows.shape, bool))
         for acc, a in ((xs, x), (imps, imp), (hns, hn)):
             acc.append(np.asarray(a)[:, :k].reshape(L, k * rows.shape[1], -1))
     seq = np.repeat(np.arange(n), seqs_NxT.shape[1])
-    return {"x": np.concatenate(xs, 1), "ffn_importance": np.concatenate(imps, 1),
-            "head_norm": np.concatenate(hns, 1), "seq": seq}
+    return {
+        "x": np.concatenate(xs, 1),
+        "ffn_importance": np.concatenate(imps, 1),
+        "head_norm": np.concatenate(hns, 1),
+        "seq": seq,
+    }
 
 
 # ------------------------------------------------------------------ predictors
@@ -120,8 +170,7 @@ def init_predictors(config, ffn_rank: int, head_rank: int, seed: int = 0) -> dic
     import jax
     import jax.numpy as jnp
 
-    L, d, m, H = (config.num_layers, config.hidden_size, config.intermediate_size,
-                  config.num_heads)
+    L, d, m, H = (config.num_layers, config.hidden_size, config.intermediate_size, config.num_heads)
     ks = jax.random.split(jax.random.key(seed), 4)
     n = jax.random.normal
     return {
@@ -160,9 +209,13 @@ def _metrics(w: dict, x, imp, hn, ks: dict):
     head_pred = topk_mask(predictor_logits(w, x, "head"), ks["head_k"])
     f = lambda a: jnp.sum(a.astype(jnp.float32))
     return {
-        "ffn_hits": f(ffn_lab & ffn_pred), "ffn_labels": f(ffn_lab), "ffn_kept": f(ffn_pred),
-        "ffn_mass_kept": jnp.sum(imp * ffn_pred), "ffn_mass": jnp.sum(imp),
-        "head_hits": f(head_lab & head_pred), "head_labels": f(head_lab),
+        "ffn_hits": f(ffn_lab & ffn_pred),
+        "ffn_labels": f(ffn_lab),
+        "ffn_kept": f(ffn_pred),
+        "ffn_mass_kept": jnp.sum(imp * ffn_pred),
+        "ffn_mass": jnp.sum(imp),
+        "head_hits": f(head_lab & head_pred),
+        "head_labels": f(head_lab),
         "head_kept": f(head_pred),
     }
 
@@ -186,14 +239,23 @@ def _report_from_sums(sums: dict, config, ks: dict) -> dict[str, Any]:
     return {"mean": mean, "per_layer": per_layer}
 
 
-def train_predictors(config, data: dict[str, np.ndarray], ks: dict[str, int],
-                     ffn_rank: int = DEFAULTS["ffn_rank"], head_rank: int = DEFAULTS["head_rank"],
-                     steps: int = DEFAULTS["steps"], batch_tokens: int = DEFAULTS["batch_tokens"],
-                     lr: float = DEFAULTS["lr"], weight_decay: float = DEFAULTS["weight_decay"],
-                     eval_every: int = DEFAULTS["eval_every"], patience: int = DEFAULTS["patience"],
-                     holdout: float = DEFAULTS["holdout"], seed: int = DEFAULTS["seed"],
-                     progress: bool = True, test_holdout: float = DEFAULTS["test_holdout"]
-                     ) -> tuple[dict, dict[str, Any]]:
+def train_predictors(
+    config,
+    data: dict[str, np.ndarray],
+    ks: dict[str, int],
+    ffn_rank: int = DEFAULTS["ffn_rank"],
+    head_rank: int = DEFAULTS["head_rank"],
+    steps: int = DEFAULTS["steps"],
+    batch_tokens: int = DEFAULTS["batch_tokens"],
+    lr: float = DEFAULTS["lr"],
+    weight_decay: float = DEFAULTS["weight_decay"],
+    eval_every: int = DEFAULTS["eval_every"],
+    patience: int = DEFAULTS["patience"],
+    holdout: float = DEFAULTS["holdout"],
+    seed: int = DEFAULTS["seed"],
+    progress: bool = True,
+    test_holdout: float = DEFAULTS["test_holdout"],
+) -> tuple[dict, dict[str, Any]]:
     """Trains every layer's predictors on `data` (from `gather`); returns the stacked best
     weights (host) and the report (with the training trace).
 
@@ -214,25 +276,38 @@ def train_predictors(config, data: dict[str, np.ndarray], ks: dict[str, int],
     n_hold = max(1, round(len(seqs) * holdout))
     n_test = max(1, round(len(seqs) * test_holdout))
     if len(seqs) - n_hold - n_test < 1:
-        raise PredictorError(f"{len(seqs)} sequence(s): need at least 3 (training, early "
-                             f"stopping, test; raise --tokens)")
-    test_seqs = seqs[len(seqs) - n_test:]
-    val_seqs = seqs[len(seqs) - n_test - n_hold:len(seqs) - n_test]
+        raise PredictorError(
+            f"{len(seqs)} sequence(s): need at least 3 (training, early "
+            f"stopping, test; raise --tokens)"
+        )
+    test_seqs = seqs[len(seqs) - n_test :]
+    val_seqs = seqs[len(seqs) - n_test - n_hold : len(seqs) - n_test]
     held = np.isin(data["seq"], val_seqs)
     tested = np.isin(data["seq"], test_seqs)
     tr_idx, ho_idx = np.flatnonzero(~held & ~tested), np.flatnonzero(held)
     te_idx = np.flatnonzero(tested)
     x_tr = jnp.asarray(data["x"][:, tr_idx])
     # labels once (a top-k per token is a sort: too costly to redo every step)
-    label = jax.jit(lambda imp, hn: (topk_mask(imp.astype(jnp.float32), ks["ffn_label_k"]),
-                                     topk_mask(hn, ks["head_label_k"])))
-    labs = [label(jnp.asarray(data["ffn_importance"][:, tr_idx[i:i + 2048]]),
-                  jnp.asarray(data["head_norm"][:, tr_idx[i:i + 2048]]))
-            for i in range(0, len(tr_idx), 2048)]
+    label = jax.jit(
+        lambda imp, hn: (
+            topk_mask(imp.astype(jnp.float32), ks["ffn_label_k"]),
+            topk_mask(hn, ks["head_label_k"]),
+        )
+    )
+    labs = [
+        label(
+            jnp.asarray(data["ffn_importance"][:, tr_idx[i : i + 2048]]),
+            jnp.asarray(data["head_norm"][:, tr_idx[i : i + 2048]]),
+        )
+        for i in range(0, len(tr_idx), 2048)
+    ]
     ffn_lab_tr = jnp.concatenate([a for a, _ in labs], 1)
     head_lab_tr = jnp.concatenate([b for _, b in labs], 1)
-    ho = (jnp.asarray(data["x"][:, ho_idx]), jnp.asarray(data["ffn_importance"][:, ho_idx]),
-          jnp.asarray(data["head_norm"][:, ho_idx]))
+    ho = (
+        jnp.asarray(data["x"][:, ho_idx]),
+        jnp.asarray(data["ffn_importance"][:, ho_idx]),
+        jnp.asarray(data["head_norm"][:, ho_idx]),
+    )
     n_tr = len(tr_idx)
     bt = min(batch_tokens, n_tr)
 
@@ -242,8 +317,9 @@ def train_predictors(config, data: dict[str, np.ndarray], ks: dict[str, int],
     kk = {k: int(v) for k, v in ks.items()}
 
     def layer_loss(w, x, ffn_lab, head_lab):
-        return (_weighted_bce(predictor_logits(w, x, "ffn"), ffn_lab, kk["ffn_label_k"])
-                + _weighted_bce(predictor_logits(w, x, "head"), head_lab, kk["head_label_k"]))
+        return _weighted_bce(
+            predictor_logits(w, x, "ffn"), ffn_lab, kk["ffn_label_k"]
+        ) + _weighted_bce(predictor_logits(w, x, "head"), head_lab, kk["head_label_k"])
 
     def loss_fn(p, x, imp, hn):
         return jnp.sum(jax.vmap(layer_loss)(p, x, imp, hn))
@@ -263,8 +339,9 @@ def train_predictors(config, data: dict[str, np.ndarray], ks: dict[str, int],
 
     def score(sums):  # per layer: the early-stopping criterion
         s = {k: np.asarray(v, np.float64) for k, v in sums.items()}
-        return (s["ffn_hits"] / np.maximum(s["ffn_labels"], 1)
-                + s["head_hits"] / np.maximum(s["head_labels"], 1))
+        return s["ffn_hits"] / np.maximum(s["ffn_labels"], 1) + s["head_hits"] / np.maximum(
+            s["head_labels"], 1
+        )
 
     best = jax.tree.map(np.asarray, params)
     best_sums = jax.tree.map(np.asarray, evaluate(params))
@@ -274,48 +351,73 @@ def train_predictors(config, data: dict[str, np.ndarray], ks: dict[str, int],
     bar = tqdm(range(1, steps + 1), desc="predictors", unit="step", disable=not progress)
     loss = float("nan")
     for it in bar:
-        params, opt_state, loss = step(params, opt_state, jax.random.fold_in(key, it), x_tr,
-                                       ffn_lab_tr, head_lab_tr)
+        params, opt_state, loss = step(
+            params, opt_state, jax.random.fold_in(key, it), x_tr, ffn_lab_tr, head_lab_tr
+        )
         if it % eval_every == 0 or it == steps:
             sums = jax.tree.map(np.asarray, evaluate(params))
             sc = score(sums)
             better = sc > best_score
             if better.any():
                 host = jax.tree.map(np.asarray, params)
-                best = {k: np.where(better.reshape((-1,) + (1,) * (v.ndim - 1)), host[k], v)
-                        for k, v in best.items()}
+                best = {
+                    k: np.where(better.reshape((-1,) + (1,) * (v.ndim - 1)), host[k], v)
+                    for k, v in best.items()
+                }
                 best_sums = {k: np.where(better, sums[k], v) for k, v in best_sums.items()}
                 best_score = np.where(better, sc, best_score)
                 stale = 0
             else:
                 stale += 1
             rep = _report_from_sums(best_sums, config, kk)["mean"]
-            trace.append({"step": it, "loss": float(loss), "ffn_recall": rep["ffn_recall"],
-                          "head_recall": rep["head_recall"],
-                          "layers_improved": int(better.sum())})
+            trace.append(
+                {
+                    "step": it,
+                    "loss": float(loss),
+                    "ffn_recall": rep["ffn_recall"],
+                    "head_recall": rep["head_recall"],
+                    "layers_improved": int(better.sum()),
+                }
+            )
             bar.set_postfix(loss=f"{float(loss):.4f}", ffn_recall=f"{rep['ffn_recall']:.3f}")
             if stale >= patience:
                 break
     validation = _report_from_sums(best_sums, config, kk)["mean"]
-    report = heldout_report(config, best, {k: data[k][:, te_idx] for k in
-                                           ("x", "ffn_importance", "head_norm")}, kk)
-    report.update({
-        "validation": validation,
-        "test_tokens": len(te_idx), "test_sequences": int(n_test),
-        "split": "mean/per_layer: test sequences (not trained on, not used for early "
-                 "stopping); validation: the early-stopping sequences",
-        "settings": {**kk, "ffn_rank": ffn_rank, "head_rank": head_rank, "steps_run": it,
-                     "max_steps": steps, "batch_tokens": bt, "lr": lr,
-                     "weight_decay": weight_decay, "eval_every": eval_every,
-                     "patience": patience, "seed": seed},
-        "train_tokens": int(n_tr), "heldout_tokens": len(ho_idx),
-        "heldout_sequences": int(n_hold), "trace": trace,
-    })
+    report = heldout_report(
+        config, best, {k: data[k][:, te_idx] for k in ("x", "ffn_importance", "head_norm")}, kk
+    )
+    report.update(
+        {
+            "validation": validation,
+            "test_tokens": len(te_idx),
+            "test_sequences": int(n_test),
+            "split": "mean/per_layer: test sequences (not trained on, not used for early "
+            "stopping); validation: the early-stopping sequences",
+            "settings": {
+                **kk,
+                "ffn_rank": ffn_rank,
+                "head_rank": head_rank,
+                "steps_run": it,
+                "max_steps": steps,
+                "batch_tokens": bt,
+                "lr": lr,
+                "weight_decay": weight_decay,
+                "eval_every": eval_every,
+                "patience": patience,
+                "seed": seed,
+            },
+            "train_tokens": int(n_tr),
+            "heldout_tokens": len(ho_idx),
+            "heldout_sequences": int(n_hold),
+            "trace": trace,
+        }
+    )
     return best, report
 
 
-def heldout_report(config, weights: dict, data: dict[str, np.ndarray], ks: dict[str, int]
-                   ) -> dict[str, Any]:
+def heldout_report(
+    config, weights: dict, data: dict[str, np.ndarray], ks: dict[str, int]
+) -> dict[str, Any]:
     """The report of stacked `weights` on all of `data` (e.g. other tokens, other k's)."""
     import jax
     import jax.numpy as jnp
@@ -323,26 +425,35 @@ def heldout_report(config, weights: dict, data: dict[str, np.ndarray], ks: dict[
     kk = {k: int(v) for k, v in ks.items()}
     w = {k: jnp.asarray(v) for k, v in weights.items() if not k.endswith("_k")}
     sums = jax.jit(jax.vmap(lambda w, x, i, h: _metrics(w, x, i, h, kk)))(
-        w, jnp.asarray(data["x"]), jnp.asarray(data["ffn_importance"]),
-        jnp.asarray(data["head_norm"]))
+        w,
+        jnp.asarray(data["x"]),
+        jnp.asarray(data["ffn_importance"]),
+        jnp.asarray(data["head_norm"]),
+    )
     return _report_from_sums(jax.tree.map(np.asarray, sums), config, kk)
 
 
-def dejavu_state(config, weights: dict, ffn_k: int, head_k: int, provenance=None,
-                 details=None):
+def dejavu_state(config, weights: dict, ffn_k: int, head_k: int, provenance=None, details=None):
     """The `dejavu` SparsityState: zero thresholds, per-layer predictors and k's."""
     from jaxsparse.sparsity import make_state
 
     m = config.intermediate_size
     preds = {}
     for i in range(config.num_layers):
-        layer = {k: np.asarray(v[i], np.float32) for k, v in weights.items()
-                 if not k.endswith("_k")}
+        layer = {
+            k: np.asarray(v[i], np.float32) for k, v in weights.items() if not k.endswith("_k")
+        }
         layer["ffn_k"] = np.asarray(ffn_k, np.int32)
         layer["head_k"] = np.asarray(head_k, np.int32)
         preds[f"layers_{i}"] = layer
-    state = make_state(config, "dejavu", 1.0 - ffn_k / m, {}, provenance,
-                       {**(details or {}), "ffn_k": ffn_k, "head_k": head_k})
+    state = make_state(
+        config,
+        "dejavu",
+        1.0 - ffn_k / m,
+        {},
+        provenance,
+        {**(details or {}), "ffn_k": ffn_k, "head_k": head_k},
+    )
     out = state.replace(predictors=preds)
     out.check_model(config, "dejavu state")
     return out
@@ -358,15 +469,21 @@ def with_operating_point(state, ffn_k: int | None = None, head_k: int | None = N
     fp = state.meta.model
     ffn_k = ffn_k or int(state.predictors["layers_0"]["ffn_k"])
     head_k = head_k or int(state.predictors["layers_0"]["head_k"])
-    for name, k, width in (("ffn_k", ffn_k, fp.intermediate_size),
-                           ("head_k", head_k, fp.num_heads)):
+    for name, k, width in (
+        ("ffn_k", ffn_k, fp.intermediate_size),
+        ("head_k", head_k, fp.num_heads),
+    ):
         if not 1 <= k <= width:
             raise PredictorError(f"{name} {k}: outside [1, {width}]")
-    preds = {layer: {**w, "ffn_k": np.asarray(ffn_k, np.int32),
-                     "head_k": np.asarray(head_k, np.int32)}
-             for layer, w in state.predictors.items()}
+    preds = {
+        layer: {**w, "ffn_k": np.asarray(ffn_k, np.int32), "head_k": np.asarray(head_k, np.int32)}
+        for layer, w in state.predictors.items()
+    }
     details = {**state.meta.details, "ffn_k": ffn_k, "head_k": head_k}
-    meta = dataclasses.replace(state.meta, target_sparsity=1.0 - ffn_k / fp.intermediate_size,
-                               details_json=_json.dumps(details, sort_keys=True))
+    meta = dataclasses.replace(
+        state.meta,
+        target_sparsity=1.0 - ffn_k / fp.intermediate_size,
+        details_json=_json.dumps(details, sort_keys=True),
+    )
     assert isinstance(meta, StateMeta)
     return state.replace(predictors=preds, meta=meta)

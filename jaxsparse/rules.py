@@ -53,8 +53,7 @@ def soft_mask(x: jax.Array, threshold: jax.Array, tau: jax.Array | float) -> jax
     return jax.nn.sigmoid((a - threshold) / tau)
 
 
-def straight_through_mask(x: jax.Array, threshold: jax.Array, tau: jax.Array | float
-                          ) -> jax.Array:
+def straight_through_mask(x: jax.Array, threshold: jax.Array, tau: jax.Array | float) -> jax.Array:
     """The hard keep-mask in the forward pass, the gradient of `soft_mask` in the backward.
 
     Its value is exactly `abs(x) >= threshold` (float32 0/1), so a loss computed with it
@@ -66,8 +65,7 @@ def straight_through_mask(x: jax.Array, threshold: jax.Array, tau: jax.Array | f
     return soft + jax.lax.stop_gradient(hard - soft)
 
 
-def relaxed_sparsify(x: jax.Array, threshold: jax.Array, tau_rel: jax.Array | float
-                     ) -> jax.Array:
+def relaxed_sparsify(x: jax.Array, threshold: jax.Array, tau_rel: jax.Array | float) -> jax.Array:
     """`x * straight_through_mask(x, t, tau_rel * t)`: the training-time `sparsify`.
 
     The temperature is relative to each channel's threshold (`tau_rel * t`, without
@@ -110,8 +108,10 @@ def predictor_logits(w: dict, x: jax.Array, which: str) -> jax.Array:
 def predicted_masks(w: dict, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Deja Vu keep-masks `(ffn [..., m], heads [..., H])`: the top `w["ffn_k"]` neurons
     and the top `w["head_k"]` heads by predictor logit (k's are int32 data)."""
-    return (topk_mask(predictor_logits(w, x, "ffn"), w["ffn_k"]),
-            topk_mask(predictor_logits(w, x, "head"), w["head_k"]))
+    return (
+        topk_mask(predictor_logits(w, x, "ffn"), w["ffn_k"]),
+        topk_mask(predictor_logits(w, x, "head"), w["head_k"]),
+    )
 
 
 def zero_fraction(x: jax.Array) -> jax.Array:
@@ -152,17 +152,29 @@ KERNEL_POINTS: dict[str, tuple[str, ...]] = {
 
 # Methods whose q and k/v inputs always carry the same threshold (or none), so that q/k/v
 # can run as one fused matmul; the others (chess+, teal-learned) fuse only k and v.
-SHARED_QKV_INPUT = frozenset({"dense", "cats", "chess", "chess-learned", "teal", "wina",
-                              "dejavu"})
+SHARED_QKV_INPUT = frozenset({"dense", "cats", "chess", "chess-learned", "teal", "wina", "dejavu"})
 
 
 # Logical axis names (`jaxsparse.sharding.LOGICAL_AXIS_RULES`) of each point's threshold
 # vector, so that a sparsity state is split over devices as the activations it thresholds.
-POINT_AXES: dict[str, str] = {"q_in": "embed", "kv_in": "embed", "o_in": "q_heads",
-                              "ffn_in": "embed", "gate": "mlp", "down_in": "mlp"}
-_PREDICTOR_AXES = {"ffn_w1": ("embed", "rank"), "ffn_b1": ("rank",), "ffn_w2": ("rank", "mlp"),
-                   "ffn_b2": ("mlp",), "head_w1": ("embed", "rank"), "head_b1": ("rank",),
-                   "head_w2": ("rank", "heads"), "head_b2": ("heads",)}
+POINT_AXES: dict[str, str] = {
+    "q_in": "embed",
+    "kv_in": "embed",
+    "o_in": "q_heads",
+    "ffn_in": "embed",
+    "gate": "mlp",
+    "down_in": "mlp",
+}
+_PREDICTOR_AXES = {
+    "ffn_w1": ("embed", "rank"),
+    "ffn_b1": ("rank",),
+    "ffn_w2": ("rank", "mlp"),
+    "ffn_b2": ("mlp",),
+    "head_w1": ("embed", "rank"),
+    "head_b1": ("rank",),
+    "head_w2": ("rank", "heads"),
+    "head_b2": ("heads",),
+}
 
 
 def state_logical_axes(tree: dict) -> dict:

@@ -51,8 +51,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
 )
 
 
-def make_mesh(data: int | None = None, model: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+    data: int | None = None, model: int = 1, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
     """A (`data`, `model`) mesh; `data=None` uses every remaining local device."""
     devices = list(devices if devices is not None else jax.local_devices())
     if model < 1 or len(devices) % model:
@@ -62,8 +63,9 @@ def make_mesh(data: int | None = None, model: int = 1,
     if data < 1:
         raise ValueError(f"data={data}: must be >= 1")
     if data * model > len(devices):
-        raise ValueError(f"mesh {data}x{model} needs {data * model} devices; "
-                         f"{len(devices)} available")
+        raise ValueError(
+            f"mesh {data}x{model} needs {data * model} devices; {len(devices)} available"
+        )
     grid = np.asarray(devices[: data * model], dtype=object).reshape(data, model)
     return Mesh(grid, (DATA, MODEL))
 
@@ -90,8 +92,7 @@ def parse_mesh(text: str) -> dict[str, int]:
     return {DATA: out.get(DATA, 1), MODEL: out.get(MODEL, 1)}
 
 
-def mesh_from_spec(spec: str | dict[str, int], devices: Sequence[jax.Device] | None = None
-                   ) -> Mesh:
+def mesh_from_spec(spec: str | dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """The mesh of a `parse_mesh` string or dict over every device (`jax.devices()`):
     data x model must equal their number. Raises ValueError with the fix otherwise."""
     shape = parse_mesh(spec) if isinstance(spec, str) else {DATA: 1, MODEL: 1, **spec}
@@ -102,7 +103,8 @@ def mesh_from_spec(spec: str | dict[str, int], devices: Sequence[jax.Device] | N
             f"data={shape[DATA]} x model={shape[MODEL]} = {n} devices, but {len(devices)} "
             f"are visible: make data x model = {len(devices)} (e.g. data={len(devices)} or "
             f"data={max(1, len(devices) // shape[MODEL])},model={shape[MODEL]}), or make "
-            f"only {n} visible (CUDA_VISIBLE_DEVICES)")
+            f"only {n} visible (CUDA_VISIBLE_DEVICES)"
+        )
     return make_mesh(shape[DATA], shape[MODEL], devices)
 
 
@@ -115,9 +117,12 @@ def as_mesh(mesh: Mesh | str | dict | None) -> Mesh:
     return mesh_from_spec(mesh)
 
 
-def logical_to_mesh(spec: PartitionSpec | Sequence[str | None] | None, mesh: Mesh,
-                    rules: Sequence[tuple[str, str | None]] = LOGICAL_AXIS_RULES,
-                    shape: Sequence[int] | None = None) -> PartitionSpec:
+def logical_to_mesh(
+    spec: PartitionSpec | Sequence[str | None] | None,
+    mesh: Mesh,
+    rules: Sequence[tuple[str, str | None]] = LOGICAL_AXIS_RULES,
+    shape: Sequence[int] | None = None,
+) -> PartitionSpec:
     """Maps a PartitionSpec of logical names to one of mesh axes.
 
     A mesh axis of size 1, one already used by an earlier dimension, or (given `shape`)
@@ -135,8 +140,7 @@ def logical_to_mesh(spec: PartitionSpec | Sequence[str | None] | None, mesh: Mes
             raise KeyError(f"logical axis {name!r} has no rule in LOGICAL_AXIS_RULES")
         axis = table[name]
         size = mesh.shape.get(axis, 1) if axis is not None else 1
-        if (axis is None or axis in used or size == 1
-                or (shape is not None and shape[i] % size)):
+        if axis is None or axis in used or size == 1 or (shape is not None and shape[i] % size):
             out.append(None)
         else:
             out.append(axis)
@@ -148,30 +152,49 @@ def _is_spec(x) -> bool:
     return isinstance(x, PartitionSpec) or x is None
 
 
-def tree_shardings(logical: Any, shapes: Any, mesh: Mesh,
-                   rules: Sequence[tuple[str, str | None]] = LOGICAL_AXIS_RULES) -> Any:
+def tree_shardings(
+    logical: Any,
+    shapes: Any,
+    mesh: Mesh,
+    rules: Sequence[tuple[str, str | None]] = LOGICAL_AXIS_RULES,
+) -> Any:
     """NamedShardings for a tree of arrays (or anything with `.shape`) from the matching
     tree of logical PartitionSpecs (None: replicated)."""
     return jax.tree.map(
         lambda s, a: NamedSharding(mesh, logical_to_mesh(s, mesh, rules, np.shape(a))),
-        logical, shapes, is_leaf=_is_spec)
+        logical,
+        shapes,
+        is_leaf=_is_spec,
+    )
 
 
-def shard_tree(tree: Any, logical: Any, mesh: Mesh,
-               rules: Sequence[tuple[str, str | None]] = LOGICAL_AXIS_RULES) -> Any:
+def shard_tree(
+    tree: Any,
+    logical: Any,
+    mesh: Mesh,
+    rules: Sequence[tuple[str, str | None]] = LOGICAL_AXIS_RULES,
+) -> Any:
     """Places `tree` on `mesh` following its logical axis names and the rules."""
     return jax.device_put(tree, tree_shardings(logical, tree, mesh, rules))
 
 
-def param_shardings(logical: dict, shapes: dict, mesh: Mesh,
-                    rules: Sequence[tuple[str, str | None]] = LOGICAL_AXIS_RULES) -> dict:
+def param_shardings(
+    logical: dict,
+    shapes: dict,
+    mesh: Mesh,
+    rules: Sequence[tuple[str, str | None]] = LOGICAL_AXIS_RULES,
+) -> dict:
     """The params tree of NamedShardings, from the params' logical axes
     (`jaxsparse.models.logical_axes(config, kernels)`) and their shapes."""
     return tree_shardings(logical, shapes, mesh, rules)
 
 
-def shard_params(params: dict, logical: dict, mesh: Mesh,
-                 rules: Sequence[tuple[str, str | None]] = LOGICAL_AXIS_RULES) -> dict:
+def shard_params(
+    params: dict,
+    logical: dict,
+    mesh: Mesh,
+    rules: Sequence[tuple[str, str | None]] = LOGICAL_AXIS_RULES,
+) -> dict:
     """Places `params` on `mesh` following the logical-axis rules; `logical` is the tree
     `jaxsparse.models.logical_axes(config, kernels)` gives for these params' layout."""
     return shard_tree(params, logical, mesh, rules)

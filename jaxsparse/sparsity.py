@@ -38,8 +38,18 @@ FORMAT_VERSION = 1
 STATE_JSON = "state.json"
 THRESHOLDS_DIR = "thresholds"
 PREDICTORS_DIR = "predictors"
-PREDICTOR_KEYS = ("ffn_w1", "ffn_b1", "ffn_w2", "ffn_b2", "head_w1", "head_b1", "head_w2",
-                  "head_b2", "ffn_k", "head_k")
+PREDICTOR_KEYS = (
+    "ffn_w1",
+    "ffn_b1",
+    "ffn_w2",
+    "ffn_b2",
+    "head_w1",
+    "head_b1",
+    "head_w2",
+    "head_b2",
+    "ffn_k",
+    "head_k",
+)
 
 
 class StateError(ValueError):
@@ -77,22 +87,31 @@ class ModelFingerprint:
         d = {k: v for k, v in config.to_dict().items() if k not in _FINGERPRINT_IGNORES}
         digest = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
         return cls(
-            model_type=config.model_type, num_layers=config.num_layers,
-            hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-            num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
-            head_dim=config.head_dim, vocab_size=config.vocab_size, config_hash=digest,
+            model_type=config.model_type,
+            num_layers=config.num_layers,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_heads=config.num_heads,
+            num_kv_heads=config.num_kv_heads,
+            head_dim=config.head_dim,
+            vocab_size=config.vocab_size,
+            config_hash=digest,
         )
 
     def describe(self) -> str:
-        return (f"{self.model_type} (layers={self.num_layers}, hidden={self.hidden_size}, "
-                f"intermediate={self.intermediate_size}, heads={self.num_heads}/"
-                f"{self.num_kv_heads}x{self.head_dim}, vocab={self.vocab_size}, "
-                f"config hash {self.config_hash})")
+        return (
+            f"{self.model_type} (layers={self.num_layers}, hidden={self.hidden_size}, "
+            f"intermediate={self.intermediate_size}, heads={self.num_heads}/"
+            f"{self.num_kv_heads}x{self.head_dim}, vocab={self.vocab_size}, "
+            f"config hash {self.config_hash})"
+        )
 
     def widths(self) -> dict[str, int]:
         q_dim = self.num_heads * self.head_dim
-        return {name: rules.tensor_width(name, self.hidden_size, q_dim, self.intermediate_size)
-                for name in rules.TENSORS}
+        return {
+            name: rules.tensor_width(name, self.hidden_size, q_dim, self.intermediate_size)
+            for name in rules.TENSORS
+        }
 
 
 # ------------------------------------------------------------------ metadata
@@ -126,10 +145,16 @@ class StateMeta:
         }
 
 
-def make_meta(method: str, target_sparsity: float, config: ModelConfig,
-              provenance: dict | None = None, details: dict | None = None) -> StateMeta:
+def make_meta(
+    method: str,
+    target_sparsity: float,
+    config: ModelConfig,
+    provenance: dict | None = None,
+    details: dict | None = None,
+) -> StateMeta:
     return StateMeta(
-        method=method, target_sparsity=float(target_sparsity),
+        method=method,
+        target_sparsity=float(target_sparsity),
         model=ModelFingerprint.of(config),
         provenance_json=json.dumps(provenance or {}, sort_keys=True),
         details_json=json.dumps(details or {}, sort_keys=True),
@@ -168,8 +193,10 @@ class SparsityState:
         (with a Deja Vu state, each layer's predictor under "predictor")."""
         if self.predictors is None:
             return self.thresholds
-        return {layer: {**points, "predictor": self.predictors[layer]}
-                for layer, points in self.thresholds.items()}
+        return {
+            layer: {**points, "predictor": self.predictors[layer]}
+            for layer, points in self.thresholds.items()
+        }
 
     def check_model(self, config: ModelConfig, where: str = "sparsity state") -> None:
         """Raises StateError unless the state was fitted for a model with `config`."""
@@ -185,8 +212,10 @@ class SparsityState:
 
 
 def model_widths(config: ModelConfig) -> dict[str, int]:
-    return {name: rules.tensor_width(name, config.hidden_size, config.q_dim,
-                                     config.intermediate_size) for name in rules.TENSORS}
+    return {
+        name: rules.tensor_width(name, config.hidden_size, config.q_dim, config.intermediate_size)
+        for name in rules.TENSORS
+    }
 
 
 # ------------------------------------------------------------------ weights read per token
@@ -195,8 +224,12 @@ def model_widths(config: ModelConfig) -> dict[str, int]:
 def linear_sizes(config: ModelConfig) -> dict[str, int]:
     """Weights of each linear layer of one block (kernels only)."""
     d, m = config.hidden_size, config.intermediate_size
-    sizes = {"q_proj": d * config.q_dim, "k_proj": d * config.kv_dim,
-             "v_proj": d * config.kv_dim, "o_proj": config.q_dim * d}
+    sizes = {
+        "q_proj": d * config.q_dim,
+        "k_proj": d * config.kv_dim,
+        "v_proj": d * config.kv_dim,
+        "o_proj": config.q_dim * d,
+    }
     if config.family == "opt":
         sizes.update(fc1=d * m, fc2=m * d)
     else:
@@ -209,12 +242,12 @@ def predictor_weights(predictor: dict | None) -> int:
     the head predictor (biases excluded, as for the blocks); 0 without a predictor."""
     if not predictor:
         return 0
-    return int(sum(np.prod(np.shape(v)) for k, v in predictor.items()
-                   if k.endswith(("_w1", "_w2"))))
+    return int(
+        sum(np.prod(np.shape(v)) for k, v in predictor.items() if k.endswith(("_w1", "_w2")))
+    )
 
 
-def activated_params_fraction(config: ModelConfig, density: dict[str, Any],
-                              predictor: float = 0.0):
+def activated_params_fraction(config: ModelConfig, density: dict[str, Any], predictor: float = 0.0):
     """The fraction of one block's linear weights read for a token, from the density
     (1 - zero fraction) of each point after masking: the one budget every method is
     compared at (docs/methods.md).
@@ -232,14 +265,19 @@ def activated_params_fraction(config: ModelConfig, density: dict[str, Any],
     sizes = linear_sizes(config)
     total = float(sum(sizes.values()))
     d = density
-    read = (sizes["q_proj"] * d["q_in"] + (sizes["k_proj"] + sizes["v_proj"]) * d["kv_in"]
-            + sizes["o_proj"] * d["o_in"])
+    read = (
+        sizes["q_proj"] * d["q_in"]
+        + (sizes["k_proj"] + sizes["v_proj"]) * d["kv_in"]
+        + sizes["o_proj"] * d["o_in"]
+    )
     if config.family == "opt":
         read = read + sizes["fc1"] * d["ffn_in"] + sizes["fc2"] * d["down_in"]
     else:
-        read = read + (sizes["gate_proj"] * d["ffn_in"] * d.get("gate_rows", 1.0)
-                       + sizes["up_proj"] * d["ffn_in"] * d["gate"]
-                       + sizes["down_proj"] * d["down_in"])
+        read = read + (
+            sizes["gate_proj"] * d["ffn_in"] * d.get("gate_rows", 1.0)
+            + sizes["up_proj"] * d["ffn_in"] * d["gate"]
+            + sizes["down_proj"] * d["down_in"]
+        )
     return (read + predictor) / total
 
 
@@ -257,13 +295,13 @@ def shares_qkv_input(thresholds: dict | None) -> bool:
         q, kv = layer.get("q_in"), layer.get("kv_in")
         if (q is None) != (kv is None) and not np.all(np.asarray(q if kv is None else kv) == 0):
             return False
-        if q is not None and kv is not None and not np.array_equal(np.asarray(q),
-                                                                   np.asarray(kv)):
+        if q is not None and kv is not None and not np.array_equal(np.asarray(q), np.asarray(kv)):
             return False
         masks = layer.get("masks", {})
         mq, mkv = masks.get("q_in"), masks.get("kv_in")
         if (mq is None) != (mkv is None) or (
-                mq is not None and not np.array_equal(np.asarray(mq), np.asarray(mkv))):
+            mq is not None and not np.array_equal(np.asarray(mq), np.asarray(mkv))
+        ):
             return False
     return True
 
@@ -272,8 +310,9 @@ def layer_names(num_layers: int) -> list[str]:
     return [f"layers_{i}" for i in range(num_layers)]
 
 
-def thresholds_from_values(config: ModelConfig,
-                           values: dict[str, dict[str, float | np.ndarray]]) -> dict:
+def thresholds_from_values(
+    config: ModelConfig, values: dict[str, dict[str, float | np.ndarray]]
+) -> dict:
     """The full threshold tree from `{layer: {point: scalar or [width]}}`; the rest is 0.
 
     A scalar (a per-layer threshold) is broadcast to the point's width.
@@ -291,24 +330,33 @@ def thresholds_from_values(config: ModelConfig,
             if v.ndim == 0:
                 v = np.full((widths[name],), v, np.float32)
             if v.shape != (widths[name],):
-                raise ValueError(f"{layer}/{name}: threshold shape {v.shape}, expected "
-                                 f"({widths[name]},)")
+                raise ValueError(
+                    f"{layer}/{name}: threshold shape {v.shape}, expected ({widths[name]},)"
+                )
             tree[layer][name] = v
     return tree
 
 
 def dense_state(config: ModelConfig) -> SparsityState:
     """The empty state: every threshold 0, so nothing is zeroed."""
-    return SparsityState(thresholds=thresholds_from_values(config, {}),
-                         meta=make_meta("dense", 0.0, config))
+    return SparsityState(
+        thresholds=thresholds_from_values(config, {}), meta=make_meta("dense", 0.0, config)
+    )
 
 
-def make_state(config: ModelConfig, method: str, target_sparsity: float,
-               values: dict[str, dict[str, float | np.ndarray]],
-               provenance: dict | None = None, details: dict | None = None) -> SparsityState:
+def make_state(
+    config: ModelConfig,
+    method: str,
+    target_sparsity: float,
+    values: dict[str, dict[str, float | np.ndarray]],
+    provenance: dict | None = None,
+    details: dict | None = None,
+) -> SparsityState:
     """A threshold state for `config`; `values` as in `thresholds_from_values`."""
-    state = SparsityState(thresholds=thresholds_from_values(config, values),
-                          meta=make_meta(method, target_sparsity, config, provenance, details))
+    state = SparsityState(
+        thresholds=thresholds_from_values(config, values),
+        meta=make_meta(method, target_sparsity, config, provenance, details),
+    )
     _check_tree(state.thresholds, state.meta.model, f"{method} state")
     return state
 
@@ -317,27 +365,32 @@ def _check_tree(tree: dict, fp: ModelFingerprint, where: str) -> None:
     """Shapes against the fingerprint, and finiteness, with the layer and point named."""
     expected = layer_names(fp.num_layers)
     if sorted(tree) != sorted(expected):
-        raise StateError(f"{where}: holds layers {sorted(tree)[:3]}... ({len(tree)} layers), "
-                         f"expected {fp.num_layers} layers for {fp.describe()}")
+        raise StateError(
+            f"{where}: holds layers {sorted(tree)[:3]}... ({len(tree)} layers), "
+            f"expected {fp.num_layers} layers for {fp.describe()}"
+        )
     widths = fp.widths()
     for layer in expected:
         points = tree[layer]
         if sorted(points) != sorted(rules.TENSORS):
-            raise StateError(f"{where}: {layer} holds points {sorted(points)}, expected "
-                             f"{sorted(rules.TENSORS)}")
+            raise StateError(
+                f"{where}: {layer} holds points {sorted(points)}, expected {sorted(rules.TENSORS)}"
+            )
         for name in rules.TENSORS:
             v = np.asarray(points[name])
             if v.shape != (widths[name],):
                 raise StateError(
                     f"{where}: {layer}/{name} has shape {v.shape}, expected ({widths[name]},) "
-                    f"for {fp.describe()}")
+                    f"for {fp.describe()}"
+                )
             bad = ~np.isfinite(v)
             if bad.any():
                 kinds = sorted({"NaN" if np.isnan(x) else "inf" for x in v[bad]})
                 raise StateError(
                     f"{where}: {layer}/{name} holds {int(bad.sum())} non-finite threshold(s) "
                     f"({', '.join(kinds)}, first at channel {int(np.flatnonzero(bad)[0])}); "
-                    f"re-run `jaxsparse calibrate`")
+                    f"re-run `jaxsparse calibrate`"
+                )
 
 
 # ------------------------------------------------------------------ storage
@@ -352,13 +405,14 @@ def save_state(state: SparsityState, directory: str | Path, overwrite: bool = Fa
     _check_tree(state.thresholds, state.meta.model, f"{directory}")
     if state.predictors is not None:
         check_predictors(state.predictors, state.meta.model, f"{directory}")
-    tree = {layer: {k: np.asarray(v, np.float32) for k, v in points.items()}
-            for layer, points in state.thresholds.items()}
+    tree = {
+        layer: {k: np.asarray(v, np.float32) for k, v in points.items()}
+        for layer, points in state.thresholds.items()
+    }
     with atomic_directory(directory, overwrite) as tmp:
         ocp.PyTreeCheckpointer().save(tmp / THRESHOLDS_DIR, tree)
         if state.predictors is not None:
-            ocp.PyTreeCheckpointer().save(tmp / PREDICTORS_DIR, _predictor_arrays(
-                state.predictors))
+            ocp.PyTreeCheckpointer().save(tmp / PREDICTORS_DIR, _predictor_arrays(state.predictors))
         doc = {"format": FORMAT, "version": FORMAT_VERSION, **state.meta.to_dict()}
         (tmp / STATE_JSON).write_text(json.dumps(natural_order(doc), indent=2) + "\n")
     return Path(directory)
@@ -368,8 +422,9 @@ def read_state_meta(directory: str | Path) -> StateMeta:
     """The metadata of a stored state, without reading the thresholds."""
     from jaxsparse.io import require_complete
 
-    directory = require_complete(directory, "sparsity state directory",
-                                 "re-run `jaxsparse calibrate`")
+    directory = require_complete(
+        directory, "sparsity state directory", "re-run `jaxsparse calibrate`"
+    )
     path = directory / STATE_JSON
     try:
         doc = json.loads(path.read_text())
@@ -380,11 +435,14 @@ def read_state_meta(directory: str | Path) -> StateMeta:
     if doc.get("format") != FORMAT:
         raise StateError(f"{path}: format {doc.get('format')!r}, expected {FORMAT!r}")
     if doc.get("version") != FORMAT_VERSION:
-        raise StateError(f"{path}: format version {doc.get('version')}, this jaxsparse reads "
-                         f"version {FORMAT_VERSION}")
+        raise StateError(
+            f"{path}: format version {doc.get('version')}, this jaxsparse reads "
+            f"version {FORMAT_VERSION}"
+        )
     try:
         return StateMeta(
-            method=doc["method"], target_sparsity=float(doc["target_sparsity"]),
+            method=doc["method"],
+            target_sparsity=float(doc["target_sparsity"]),
             model=ModelFingerprint(**doc["model"]),
             provenance_json=json.dumps(doc.get("provenance", {}), sort_keys=True),
             details_json=json.dumps(doc.get("details", {}), sort_keys=True),
@@ -408,57 +466,81 @@ def load_state(directory: str | Path, config: ModelConfig | None = None) -> Spar
             f"{directory}: sparsity state calibrated for another model.\n"
             f"  state: {meta.model.describe()}\n  model: "
             f"{ModelFingerprint.of(config).describe()}\n"
-            f"re-run `jaxsparse calibrate` with this model")
+            f"re-run `jaxsparse calibrate` with this model"
+        )
     try:
         tree = ocp.PyTreeCheckpointer().restore(directory.absolute() / THRESHOLDS_DIR)
     except Exception as e:  # noqa: BLE001 (orbax raises many types for a damaged tree)
-        raise StateError(f"{directory}: cannot read the thresholds ({type(e).__name__}: {e})") \
-            from None
-    tree = {layer: {k: np.asarray(v, np.float32) for k, v in points.items()}
-            for layer, points in tree.items()}
+        raise StateError(
+            f"{directory}: cannot read the thresholds ({type(e).__name__}: {e})"
+        ) from None
+    tree = {
+        layer: {k: np.asarray(v, np.float32) for k, v in points.items()}
+        for layer, points in tree.items()
+    }
     _check_tree(tree, meta.model, str(directory))
     predictors = None
     if (directory / PREDICTORS_DIR).exists():
         try:
             raw = ocp.PyTreeCheckpointer().restore(directory.absolute() / PREDICTORS_DIR)
         except Exception as e:  # noqa: BLE001
-            raise StateError(f"{directory}: cannot read the Deja Vu predictors "
-                             f"({type(e).__name__}: {e})") from None
+            raise StateError(
+                f"{directory}: cannot read the Deja Vu predictors ({type(e).__name__}: {e})"
+            ) from None
         predictors = _predictor_arrays(raw)
         check_predictors(predictors, meta.model, str(directory))
     elif meta.method == "dejavu":
-        raise StateError(f"{directory}: a dejavu state without {PREDICTORS_DIR}/; re-run "
-                         f"`jaxsparse train-predictors`")
+        raise StateError(
+            f"{directory}: a dejavu state without {PREDICTORS_DIR}/; re-run "
+            f"`jaxsparse train-predictors`"
+        )
     return SparsityState(thresholds=tree, meta=meta, predictors=predictors)
 
 
 def _predictor_arrays(tree: dict) -> dict:
     """Host arrays: float32 weights, int32 scalar k's."""
-    return {layer: {k: (np.asarray(v, np.int32).reshape(()) if k.endswith("_k")
-                        else np.asarray(v, np.float32)) for k, v in w.items()}
-            for layer, w in tree.items()}
+    return {
+        layer: {
+            k: (
+                np.asarray(v, np.int32).reshape(())
+                if k.endswith("_k")
+                else np.asarray(v, np.float32)
+            )
+            for k, v in w.items()
+        }
+        for layer, w in tree.items()
+    }
 
 
 def check_predictors(tree: dict, fp: ModelFingerprint, where: str) -> None:
     """Deja Vu predictor shapes against the model, finiteness, and k in [1, width]."""
     expected = layer_names(fp.num_layers)
     if sorted(tree) != sorted(expected):
-        raise StateError(f"{where}: predictors for {len(tree)} layers, expected "
-                         f"{fp.num_layers} for {fp.describe()}")
+        raise StateError(
+            f"{where}: predictors for {len(tree)} layers, expected "
+            f"{fp.num_layers} for {fp.describe()}"
+        )
     d, m, heads = fp.hidden_size, fp.intermediate_size, fp.num_heads
     for layer in expected:
         w = tree[layer]
         if sorted(w) != sorted(PREDICTOR_KEYS):
-            raise StateError(f"{where}: {layer} predictor holds {sorted(w)}, expected "
-                             f"{sorted(PREDICTOR_KEYS)}")
+            raise StateError(
+                f"{where}: {layer} predictor holds {sorted(w)}, expected {sorted(PREDICTOR_KEYS)}"
+            )
         for which, out in (("ffn", m), ("head", heads)):
             r = np.shape(w[f"{which}_w1"])[-1]
-            want = {f"{which}_w1": (d, r), f"{which}_b1": (r,), f"{which}_w2": (r, out),
-                    f"{which}_b2": (out,)}
+            want = {
+                f"{which}_w1": (d, r),
+                f"{which}_b1": (r,),
+                f"{which}_w2": (r, out),
+                f"{which}_b2": (out,),
+            }
             for k, shape in want.items():
                 if np.shape(w[k]) != shape:
-                    raise StateError(f"{where}: {layer}/{k} has shape {np.shape(w[k])}, "
-                                     f"expected {shape} for {fp.describe()}")
+                    raise StateError(
+                        f"{where}: {layer}/{k} has shape {np.shape(w[k])}, "
+                        f"expected {shape} for {fp.describe()}"
+                    )
                 if not np.all(np.isfinite(np.asarray(w[k]))):
                     raise StateError(f"{where}: {layer}/{k} holds non-finite values")
             k = int(np.asarray(w[f"{which}_k"]))

@@ -29,8 +29,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-TABLE_COLUMNS = ("method", "target_sparsity", "perplexity", "acc", "acc_norm",
-                 "ffn_sparsity", "activated_params_fraction")
+TABLE_COLUMNS = (
+    "method",
+    "target_sparsity",
+    "perplexity",
+    "acc",
+    "acc_norm",
+    "ffn_sparsity",
+    "activated_params_fraction",
+)
 
 
 def config_name(method: str, sparsity: float) -> str:
@@ -39,8 +46,15 @@ def config_name(method: str, sparsity: float) -> str:
 
 SETTINGS_JSON = "settings.json"
 # What a sweep writes into its --out (all that `overwrite` removes).
-OUTPUTS = ("states", "results", "table.md", "table.json", "ppl_vs_activated.png",
-           "sparsity_heatmap.png", SETTINGS_JSON)
+OUTPUTS = (
+    "states",
+    "results",
+    "table.md",
+    "table.json",
+    "ppl_vs_activated.png",
+    "sparsity_heatmap.png",
+    SETTINGS_JSON,
+)
 
 
 class SweepSettingsError(ValueError):
@@ -62,26 +76,42 @@ def _files_key(paths) -> list[dict] | str | None:
     return out
 
 
-def sweep_settings(model: str, dtype: str, data: list[str] | None, calib: dict,
-                   options: dict | None, ev: dict) -> dict[str, dict]:
+def sweep_settings(
+    model: str, dtype: str, data: list[str] | None, calib: dict, options: dict | None, ev: dict
+) -> dict[str, dict]:
     """The settings a sweep's states ("calibration") and results ("evaluation") depend on."""
     from jaxsparse.data import builtin_provenance
 
     builtin_eval = not ev["ppl"] and not ev["tasks"]
-    calibration = {"model": model, "dtype": dtype,
-                   "data": _files_key(data) or builtin_provenance("calibration"),
-                   "tokens": calib["tokens"], "seq_len": calib["seq_len"],
-                   "batch_size": calib["batch_size"], "options": options or {}}
-    evaluation = {"model": model, "dtype": dtype, "ppl": _files_key(ev["ppl"]),
-                  "tasks": _files_key(ev["tasks"]), "num_tasks": ev["num_tasks"],
-                  "max_tokens": ev["max_tokens"], "seq_len": ev["seq_len"],
-                  "batch_size": ev["batch_size"],
-                  "builtin": builtin_provenance("evaluation") if builtin_eval else None}
+    calibration = {
+        "model": model,
+        "dtype": dtype,
+        "data": _files_key(data) or builtin_provenance("calibration"),
+        "tokens": calib["tokens"],
+        "seq_len": calib["seq_len"],
+        "batch_size": calib["batch_size"],
+        "options": options or {},
+    }
+    evaluation = {
+        "model": model,
+        "dtype": dtype,
+        "ppl": _files_key(ev["ppl"]),
+        "tasks": _files_key(ev["tasks"]),
+        "num_tasks": ev["num_tasks"],
+        "max_tokens": ev["max_tokens"],
+        "seq_len": ev["seq_len"],
+        "batch_size": ev["batch_size"],
+        "builtin": builtin_provenance("evaluation") if builtin_eval else None,
+    }
     return {"calibration": calibration, "evaluation": evaluation}
 
 
-def check_out_dir(out: str | Path, settings: dict[str, dict], calibrate_only: bool = False,
-                  ignore: tuple[str, ...] = ()) -> None:
+def check_out_dir(
+    out: str | Path,
+    settings: dict[str, dict],
+    calibrate_only: bool = False,
+    ignore: tuple[str, ...] = (),
+) -> None:
     """Raises SweepSettingsError if `out` holds a sweep made with settings other than
     `settings` (for "calibration", and "evaluation" unless `calibrate_only`; keys in
     `ignore` are not compared), or states and results without a settings file."""
@@ -90,9 +120,11 @@ def check_out_dir(out: str | Path, settings: dict[str, dict], calibrate_only: bo
     path = out / SETTINGS_JSON
     if not path.is_file():
         if any((out / d).is_dir() and any((out / d).iterdir()) for d in ("states", "results")):
-            raise SweepSettingsError(f"{out} holds states or results but no {SETTINGS_JSON} "
-                                     f"(an older sweep): they may come from other settings; "
-                                     f"{fix}")
+            raise SweepSettingsError(
+                f"{out} holds states or results but no {SETTINGS_JSON} "
+                f"(an older sweep): they may come from other settings; "
+                f"{fix}"
+            )
         return
     try:
         stored = json.loads(path.read_text())
@@ -107,8 +139,9 @@ def check_out_dir(out: str | Path, settings: dict[str, dict], calibrate_only: bo
             if k not in ignore and old.get(k) != new.get(k):
                 diffs.append(f"{part} {k}: {old.get(k)!r} there, {new.get(k)!r} now")
     if diffs:
-        raise SweepSettingsError(f"{out} holds a sweep made with other settings ("
-                                 f"{'; '.join(diffs)}); {fix}")
+        raise SweepSettingsError(
+            f"{out} holds a sweep made with other settings ({'; '.join(diffs)}); {fix}"
+        )
 
 
 def remove_outputs(out: str | Path) -> None:
@@ -160,8 +193,10 @@ def table_row(result: dict[str, Any]) -> dict[str, Any]:
     tasks = result.get("tasks") or {}
     ffn = result["measured_sparsity"]["ffn"]
     return {
-        "method": result["method"], "target_sparsity": result["target_sparsity"],
-        "perplexity": result.get("perplexity"), "acc": tasks.get("acc"),
+        "method": result["method"],
+        "target_sparsity": result["target_sparsity"],
+        "perplexity": result.get("perplexity"),
+        "acc": tasks.get("acc"),
         "acc_norm": tasks.get("acc_norm"),
         "ffn_sparsity": ffn if ffn > 0 or result["method"] == "dense" else None,
         "activated_params_fraction": result["activated_params_fraction"],
@@ -176,8 +211,11 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
     head = "| " + " | ".join(TABLE_COLUMNS) + " |\n"
     sep = "|" + "---|" * len(TABLE_COLUMNS) + "\n"
-    return head + sep + "".join("| " + " | ".join(fmt(r[c]) for c in TABLE_COLUMNS) + " |\n"
-                                for r in rows)
+    return (
+        head
+        + sep
+        + "".join("| " + " | ".join(fmt(r[c]) for c in TABLE_COLUMNS) + " |\n" for r in rows)
+    )
 
 
 def plot_ppl_vs_activated(results: list[dict], path: Path, title: str) -> None:
@@ -200,9 +238,13 @@ def plot_ppl_vs_activated(results: list[dict], path: Path, title: str) -> None:
             continue
         ax.plot(x, y, marker="o", label=method)
         for r in rs:
-            ax.annotate(f"{r['target_sparsity']:g}", (r["activated_params_fraction"],
-                                                       r["perplexity"]),
-                        textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.annotate(
+                f"{r['target_sparsity']:g}",
+                (r["activated_params_fraction"], r["perplexity"]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=8,
+            )
     ax.set_xlabel("activated fraction of linear weights per token (blocks only)")
     ax.set_ylabel("perplexity")
     ax.set_title(title, fontsize=10)
@@ -227,26 +269,44 @@ def plot_layer_heatmap(results: list[dict], path: Path, title: str) -> None:
     im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0, vmax=1)
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
     step = max(1, len(layers) // 16)
-    ax.set_xticks(range(0, len(layers), step), [str(i) for i in range(0, len(layers), step)],
-                  fontsize=8)
+    ax.set_xticks(
+        range(0, len(layers), step), [str(i) for i in range(0, len(layers), step)], fontsize=8
+    )
     ax.set_xlabel("layer")
     for i in range(data.shape[0]):
         for j in range(data.shape[1]):
             if len(layers) <= 32:
-                ax.text(j, i, f"{data[i, j]:.2f}"[1:], ha="center", va="center", fontsize=6,
-                        color="white" if data[i, j] < 0.6 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{data[i, j]:.2f}"[1:],
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if data[i, j] < 0.6 else "black",
+                )
     fig.colorbar(im, ax=ax, label="fraction of linear weights skipped")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
 
 
-def sweep(lm, methods: list[str], sparsities: list[float], out: str | Path,
-          data: list[str] | None = None, calib: dict | None = None, ev: dict | None = None,
-          options: dict | None = None, include_dense: bool = True,
-          progress: bool = True, calibrate_only: bool = False,
-          extra_states: list[str] | None = None, overwrite: bool = False,
-          mesh=None) -> list[dict]:
+def sweep(
+    lm,
+    methods: list[str],
+    sparsities: list[float],
+    out: str | Path,
+    data: list[str] | None = None,
+    calib: dict | None = None,
+    ev: dict | None = None,
+    options: dict | None = None,
+    include_dense: bool = True,
+    progress: bool = True,
+    calibrate_only: bool = False,
+    extra_states: list[str] | None = None,
+    overwrite: bool = False,
+    mesh=None,
+) -> list[dict]:
     """Runs the sweep for a loaded model (`LoadedModel`-like: config, params, tokenizer,
     source); returns the result dicts (dense first). `extra_states`: directories of
     states fitted elsewhere (`jaxsparse learn`, `train-predictors`), evaluated after the
@@ -294,24 +354,43 @@ def sweep(lm, methods: list[str], sparsities: list[float], out: str | Path,
         todo_methods = sorted({m for m, _ in missing}, key=methods.index)
         todo_s = sorted({s for _, s in missing})
         print(f"calibrating {', '.join(todo_methods)} at {', '.join(map(str, todo_s))}")
-        fitted = calibrate(config, lm.params, lm.tokenizer, todo_methods, todo_s, data,
-                           calib["tokens"], calib["seq_len"], calib["batch_size"], options,
-                           mesh=mesh, model_source=lm.source, progress=progress)
+        fitted = calibrate(
+            config,
+            lm.params,
+            lm.tokenizer,
+            todo_methods,
+            todo_s,
+            data,
+            calib["tokens"],
+            calib["seq_len"],
+            calib["batch_size"],
+            options,
+            mesh=mesh,
+            model_source=lm.source,
+            progress=progress,
+        )
         for key in missing:
             save_state(fitted[key], out / "states" / config_name(*key), overwrite=True)
             states[key] = fitted[key]
 
     if calibrate_only:
         return []
-    settings = {"seq_len": ev["seq_len"], "max_tokens": ev["max_tokens"], "ppl": ev["ppl"],
-                "tasks": ev["tasks"], "num_tasks": ev["num_tasks"], "model": lm.source}
+    settings = {
+        "seq_len": ev["seq_len"],
+        "max_tokens": ev["max_tokens"],
+        "ppl": ev["ppl"],
+        "tasks": ev["tasks"],
+        "num_tasks": ev["num_tasks"],
+        "model": lm.source,
+    }
     builtin = not ev["ppl"] and not ev["tasks"]
     evaluator = ppl = tasks = None
     results = []
     from jaxsparse.sparsity import load_state
 
     todo = ([("dense", None)] if include_dense else []) + [
-        (config_name(m, s), states[(m, s)]) for m in methods for s in sparsities]
+        (config_name(m, s), states[(m, s)]) for m in methods for s in sparsities
+    ]
     for d in extra_states or []:
         st = load_state(d, config)
         todo.append((f"{config_name(st.method, st.target_sparsity)}_{Path(d).name}", st))
@@ -319,25 +398,38 @@ def sweep(lm, methods: list[str], sparsities: list[float], out: str | Path,
         path = out / "results" / f"{name}.json"
         if path.is_file():
             old = json.loads(path.read_text())
-            if (old.get("sweep_settings") == settings
-                    and old.get("state_fingerprint") == state_fingerprint(state)):
+            if old.get("sweep_settings") == settings and old.get(
+                "state_fingerprint"
+            ) == state_fingerprint(state):
                 results.append(old)
                 continue
         if evaluator is None:
-            tasks = data_mod.read_tasks(ev["tasks"]) if ev["tasks"] else (
-                data_mod.builtin_tasks(ev["num_tasks"]) if builtin else None)
+            tasks = (
+                data_mod.read_tasks(ev["tasks"])
+                if ev["tasks"]
+                else (data_mod.builtin_tasks(ev["num_tasks"]) if builtin else None)
+            )
             if ev["ppl"] or builtin:
                 ppl = ppl_token_ids(config, lm.tokenizer, ev["ppl"], ev["max_tokens"] or None)
-            evaluator = Evaluator(config, lm.params, lm.tokenizer, ev["seq_len"],
-                                  ev["batch_size"], mesh=mesh, progress=progress)
+            evaluator = Evaluator(
+                config,
+                lm.params,
+                lm.tokenizer,
+                ev["seq_len"],
+                ev["batch_size"],
+                mesh=mesh,
+                progress=progress,
+            )
         t0 = time.time()
         r = evaluator.evaluate(state, ppl, tasks)
         r["sweep_settings"] = settings
         r["state_fingerprint"] = state_fingerprint(state)
         r["model_source"] = lm.source
         write_json_atomic(r, path)
-        print(f"{name}: perplexity {r.get('perplexity', float('nan')):.3f}, activated "
-              f"{r['activated_params_fraction']:.3f} ({time.time() - t0:.0f} s)")
+        print(
+            f"{name}: perplexity {r.get('perplexity', float('nan')):.3f}, activated "
+            f"{r['activated_params_fraction']:.3f} ({time.time() - t0:.0f} s)"
+        )
         results.append(r)
 
     rows = [table_row(r) for r in results]

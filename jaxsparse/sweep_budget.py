@@ -26,16 +26,23 @@ from pathlib import Path
 from typing import Any
 
 GRID = (0.25, 0.5, 0.75, 0.95)
-COLUMNS = ("method", "target_fraction", "knob", "calibration_fraction",
-           "activated_params_fraction", "perplexity", "acc", "acc_norm")
+COLUMNS = (
+    "method",
+    "target_fraction",
+    "knob",
+    "calibration_fraction",
+    "activated_params_fraction",
+    "perplexity",
+    "acc",
+    "acc_norm",
+)
 
 
 def fraction_name(method: str, fraction: float, suffix: str = "") -> str:
     return f"{method.replace('+', '_plus')}_f{fraction:g}{suffix}"
 
 
-def solve_sparsity(fit, meter, target: float, tol: float, grid=GRID
-                   ) -> tuple[float, float, list]:
+def solve_sparsity(fit, meter, target: float, tol: float, grid=GRID) -> tuple[float, float, list]:
     """The sparsity `s` of `fit(s)` (a state) whose measured fraction is `target`; returns
     (s, fraction, trace of (s, fraction)). Raises `budget.BudgetError` when out of reach."""
     from jaxsparse.budget import BudgetError, solve_decreasing
@@ -56,8 +63,10 @@ def solve_sparsity(fit, meter, target: float, tol: float, grid=GRID
         if fb <= target <= fa:
             s, v = solve_decreasing(f, target, a, b, tol, fa=fa, fb=fb)
             return s, v, trace
-    raise BudgetError(f"target fraction {target} is out of reach: sparsities 0 to {grid[-1]} "
-                      f"give fractions {values[0]:.4f} to {values[-1]:.4f}")
+    raise BudgetError(
+        f"target fraction {target} is out of reach: sparsities 0 to {grid[-1]} "
+        f"give fractions {values[0]:.4f} to {values[-1]:.4f}"
+    )
 
 
 def solve_dejavu(state, meter, target: float, tol: float) -> tuple[Any, float, list]:
@@ -78,25 +87,33 @@ def solve_dejavu(state, meter, target: float, tol: float) -> tuple[Any, float, l
         return cache[k]
 
     try:  # x = 1 - k / m, so the fraction falls with x
-        x, _ = solve_decreasing(lambda x: f_k(m * (1 - x)), target, 0.0, 1.0 - 1.0 / m,
-                                max(tol, 0.5 / m))
+        x, _ = solve_decreasing(
+            lambda x: f_k(m * (1 - x)), target, 0.0, 1.0 - 1.0 / m, max(tol, 0.5 / m)
+        )
     except BudgetError as e:
         raise BudgetError(f"dejavu: {e} (ffn_k from {m} to 1)") from None
     k = int(min(max(round(m * (1 - x)), 1), m))
     # the nearest integer on either side
-    best = min((kk for kk in (k - 1, k, k + 1) if 1 <= kk <= m),
-               key=lambda kk: abs(f_k(kk) - target))
+    best = min(
+        (kk for kk in (k - 1, k, k + 1) if 1 <= kk <= m), key=lambda kk: abs(f_k(kk) - target)
+    )
     return with_operating_point(state, ffn_k=best), f_k(best), trace
 
 
 def table_row(result: dict[str, Any]) -> dict[str, Any]:
     tasks = result.get("tasks") or {}
     b = result.get("budget", {})
-    return {"method": result["method"], "target_fraction": b.get("target_fraction"),
-            "knob": b.get("knob"), "calibration_fraction": b.get("calibration_fraction"),
-            "activated_params_fraction": result.get("activated_params_fraction"),
-            "perplexity": result.get("perplexity"), "acc": tasks.get("acc"),
-            "acc_norm": tasks.get("acc_norm"), "note": b.get("note")}
+    return {
+        "method": result["method"],
+        "target_fraction": b.get("target_fraction"),
+        "knob": b.get("knob"),
+        "calibration_fraction": b.get("calibration_fraction"),
+        "activated_params_fraction": result.get("activated_params_fraction"),
+        "perplexity": result.get("perplexity"),
+        "acc": tasks.get("acc"),
+        "acc_norm": tasks.get("acc_norm"),
+        "note": b.get("note"),
+    }
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -115,12 +132,22 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return head + "".join(lines)
 
 
-def sweep_fractions(lm, methods: list[str], fractions: list[float], out: str | Path,
-                    data: list[str] | None = None, calib: dict | None = None,
-                    ev: dict | None = None, options: dict | None = None,
-                    extra_states: list[str] | None = None, include_dense: bool = True,
-                    measure_tokens: int = 2048, tol: float = 2e-3,
-                    progress: bool = True, mesh=None) -> list[dict]:
+def sweep_fractions(
+    lm,
+    methods: list[str],
+    fractions: list[float],
+    out: str | Path,
+    data: list[str] | None = None,
+    calib: dict | None = None,
+    ev: dict | None = None,
+    options: dict | None = None,
+    extra_states: list[str] | None = None,
+    include_dense: bool = True,
+    measure_tokens: int = 2048,
+    tol: float = 2e-3,
+    progress: bool = True,
+    mesh=None,
+) -> list[dict]:
     """Runs the equal-budget sweep for a loaded model; returns the result dicts (dense
     first; an unreachable (method, fraction) is a result without perplexity, with a
     note). `mesh`: the devices of calibration and evaluation, as in
@@ -163,23 +190,41 @@ def sweep_fractions(lm, methods: list[str], fractions: list[float], out: str | P
                     todo.append((name, st, b))
                     continue
             if cal is None:
-                cal = gather(config, lm.params, lm.tokenizer, methods, data, calib["tokens"],
-                             calib["seq_len"], calib["batch_size"], options, mesh=mesh,
-                             model_source=lm.source, progress=progress)
+                cal = gather(
+                    config,
+                    lm.params,
+                    lm.tokenizer,
+                    methods,
+                    data,
+                    calib["tokens"],
+                    calib["seq_len"],
+                    calib["batch_size"],
+                    options,
+                    mesh=mesh,
+                    model_source=lm.source,
+                    progress=progress,
+                )
                 rows = max(1, min(len(cal.seqs), -(-measure_tokens // cal.seqs.shape[1])))
                 meter = FractionMeter(config, lm.params, cal.seqs[:rows])
             t0 = time.time()
             try:
-                s, frac, trace = solve_sparsity(lambda s, m=m, c=cal: c.fit(m, s), meter, f,
-                                                tol)
+                s, frac, trace = solve_sparsity(lambda s, m=m, c=cal: c.fit(m, s), meter, f, tol)
             except BudgetError as e:
-                todo.append((name, None, {"target_fraction": f, "note": "out of reach",
-                                          "error": str(e)}))
+                todo.append(
+                    (name, None, {"target_fraction": f, "note": "out of reach", "error": str(e)})
+                )
                 print(f"{name}: {e}", file=sys.stderr)
                 continue
-            b = {"target_fraction": f, "knob": round(s, 6), "knob_name": "sparsity",
-                 "calibration_fraction": frac, "tol": tol, "trace": trace,
-                 "measure_tokens": int(meter.seqs.size), "seconds": round(time.time() - t0, 1)}
+            b = {
+                "target_fraction": f,
+                "knob": round(s, 6),
+                "knob_name": "sparsity",
+                "calibration_fraction": frac,
+                "tol": tol,
+                "trace": trace,
+                "measure_tokens": int(meter.seqs.size),
+                "seconds": round(time.time() - t0, 1),
+            }
             st = cal.fit(m, s)
             st = _with_details(st, {"budget": b})
             save_state(st, path, overwrite=True)
@@ -195,30 +240,63 @@ def sweep_fractions(lm, methods: list[str], fractions: list[float], out: str | P
                 try:
                     st_f, frac, trace = solve_dejavu(st, meter, f, tol)
                 except BudgetError as e:
-                    todo.append((name, None, {"target_fraction": f, "note": "out of reach",
-                                              "error": str(e)}))
+                    todo.append(
+                        (
+                            name,
+                            None,
+                            {"target_fraction": f, "note": "out of reach", "error": str(e)},
+                        )
+                    )
                     continue
                 k = int(st_f.predictors["layers_0"]["ffn_k"])
-                todo.append((name, st_f, {"target_fraction": f, "knob": k,
-                                          "knob_name": "ffn_k", "calibration_fraction": frac,
-                                          "trace": trace}))
+                todo.append(
+                    (
+                        name,
+                        st_f,
+                        {
+                            "target_fraction": f,
+                            "knob": k,
+                            "knob_name": "ffn_k",
+                            "calibration_fraction": frac,
+                            "trace": trace,
+                        },
+                    )
+                )
         else:
-            todo.append((f"{st.method}_{Path(d).name}", st,
-                         {"target_fraction": st.meta.details.get("settings", {}).get(
-                             "target_fraction"), "knob": None, "state": str(d)}))
+            todo.append(
+                (
+                    f"{st.method}_{Path(d).name}",
+                    st,
+                    {
+                        "target_fraction": st.meta.details.get("settings", {}).get(
+                            "target_fraction"
+                        ),
+                        "knob": None,
+                        "state": str(d),
+                    },
+                )
+            )
 
     # 2. evaluation on the evaluation split
-    settings = {"seq_len": ev["seq_len"], "max_tokens": ev["max_tokens"], "ppl": ev["ppl"],
-                "tasks": ev["tasks"], "num_tasks": ev["num_tasks"], "model": lm.source}
+    settings = {
+        "seq_len": ev["seq_len"],
+        "max_tokens": ev["max_tokens"],
+        "ppl": ev["ppl"],
+        "tasks": ev["tasks"],
+        "num_tasks": ev["num_tasks"],
+        "model": lm.source,
+    }
     builtin = not ev["ppl"] and not ev["tasks"]
     evaluator = ppl = tasks = None
     results = []
-    for name, st, b in ([("dense", None, {"target_fraction": 1.0})] if include_dense
-                        else []) + todo:
+    for name, st, b in (
+        [("dense", None, {"target_fraction": 1.0})] if include_dense else []
+    ) + todo:
         path = out / "results" / f"{name}.json"
         if st is None and name != "dense":
-            results.append({"method": name.rsplit("_f", 1)[0], "budget": b,
-                            "activated_params_fraction": None})
+            results.append(
+                {"method": name.rsplit("_f", 1)[0], "budget": b, "activated_params_fraction": None}
+            )
             continue
         if path.is_file():
             old = json.loads(path.read_text())
@@ -226,27 +304,41 @@ def sweep_fractions(lm, methods: list[str], fractions: list[float], out: str | P
                 results.append(old)
                 continue
         if evaluator is None:
-            tasks = data_mod.read_tasks(ev["tasks"]) if ev["tasks"] else (
-                data_mod.builtin_tasks(ev["num_tasks"]) if builtin else None)
+            tasks = (
+                data_mod.read_tasks(ev["tasks"])
+                if ev["tasks"]
+                else (data_mod.builtin_tasks(ev["num_tasks"]) if builtin else None)
+            )
             if ev["ppl"] or builtin:
                 ppl = ppl_token_ids(config, lm.tokenizer, ev["ppl"], ev["max_tokens"] or None)
-            evaluator = Evaluator(config, lm.params, lm.tokenizer, ev["seq_len"],
-                                  ev["batch_size"], mesh=mesh, progress=progress)
+            evaluator = Evaluator(
+                config,
+                lm.params,
+                lm.tokenizer,
+                ev["seq_len"],
+                ev["batch_size"],
+                mesh=mesh,
+                progress=progress,
+            )
         t0 = time.time()
         r = evaluator.evaluate(st, ppl, tasks)
         r.update({"sweep_settings": settings, "model_source": lm.source, "budget": b})
         write_json_atomic(r, path)
-        print(f"{name}: perplexity {r.get('perplexity', float('nan')):.3f}, activated "
-              f"{r['activated_params_fraction']:.4f} ({time.time() - t0:.0f} s)")
+        print(
+            f"{name}: perplexity {r.get('perplexity', float('nan')):.3f}, activated "
+            f"{r['activated_params_fraction']:.4f} ({time.time() - t0:.0f} s)"
+        )
         results.append(r)
 
     rows = [table_row(r) for r in results]
     (out / "table.md").write_text(markdown_table(rows))
     write_json_atomic(rows, out / "table.json")
-    plot_ppl_vs_activated([r for r in results if r.get("perplexity") is not None],
-                          out / "ppl_vs_fraction.png",
-                          f"{Path(lm.source).name}: equal activated-params fractions "
-                          f"{', '.join(f'{f:g}' for f in fractions)}")
+    plot_ppl_vs_activated(
+        [r for r in results if r.get("perplexity") is not None],
+        out / "ppl_vs_fraction.png",
+        f"{Path(lm.source).name}: equal activated-params fractions "
+        f"{', '.join(f'{f:g}' for f in fractions)}",
+    )
     return results
 
 
@@ -264,5 +356,6 @@ def _calibration_rows(config, tokenizer, data, calib: dict, measure_tokens: int)
     what = data_mod.describe_sources(data, "calibration")
     docs = data_mod.load_documents(data, "calibration")
     eos = data_mod.eos_token_id(config, tokenizer)
-    return data_mod.pack_tokens(docs, tokenizer, eos, calib["seq_len"],
-                                min(measure_tokens, calib["tokens"]), what)
+    return data_mod.pack_tokens(
+        docs, tokenizer, eos, calib["seq_len"], min(measure_tokens, calib["tokens"]), what
+    )

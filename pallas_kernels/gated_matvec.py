@@ -309,4 +309,3 @@ def gated_matvec(
         (x_Bxd, g_Bxm, wu_mxd),
         {"block_m": block_m, "block_d": block_d},
     )
-

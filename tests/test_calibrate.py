@@ -20,12 +20,34 @@ from jaxsparse.methods.statistics import LogBins
 from jaxsparse.methods.teal import greedy_allocation, group_sizes
 from jaxsparse.models import build_model, positions_from_mask
 
-LLAMA = ModelConfig(model_type="llama", vocab_size=260, hidden_size=32, intermediate_size=48,
-                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, eos_token_ids=(0,))
-OPT = ModelConfig(model_type="opt", vocab_size=260, hidden_size=32, intermediate_size=64,
-                  num_layers=2, num_heads=4, num_kv_heads=4, head_dim=8, eos_token_ids=(0,),
-                  qkv_bias=True, o_bias=True, mlp_bias=True, tie_word_embeddings=True,
-                  position_offset=2, max_position_embeddings=128)
+LLAMA = ModelConfig(
+    model_type="llama",
+    vocab_size=260,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    eos_token_ids=(0,),
+)
+OPT = ModelConfig(
+    model_type="opt",
+    vocab_size=260,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=4,
+    head_dim=8,
+    eos_token_ids=(0,),
+    qkv_bias=True,
+    o_bias=True,
+    mlp_bias=True,
+    tie_word_embeddings=True,
+    position_offset=2,
+    max_position_embeddings=128,
+)
 METHODS = ["cats", "chess", "chess+", "teal"]
 SEQ, TOKENS = 64, 1024
 
@@ -51,9 +73,19 @@ def corpus(tmp_path_factory):
 def fitted(request, corpus, make_params):
     config = request.param
     params = make_params(config)
-    states = calibrate(config, params, ByteTok(), METHODS, [0.0, 0.5], [str(corpus / "cal.txt")],
-                       TOKENS, SEQ, 8, {"teal": {"allocation": "greedy", "greedy_tokens": 128}},
-                       progress=False)
+    states = calibrate(
+        config,
+        params,
+        ByteTok(),
+        METHODS,
+        [0.0, 0.5],
+        [str(corpus / "cal.txt")],
+        TOKENS,
+        SEQ,
+        8,
+        {"teal": {"allocation": "greedy", "greedy_tokens": 128}},
+        progress=False,
+    )
     return config, params, states
 
 
@@ -69,8 +101,7 @@ def _taps(config, params, tokens):
     @jax.jit
     def run(params, tokens):
         valid = jnp.ones(tokens.shape, bool)
-        _, v = model.apply({"params": params}, tokens, positions_from_mask(valid),
-                           mutable=["taps"])
+        _, v = model.apply({"params": params}, tokens, positions_from_mask(valid), mutable=["taps"])
         return v["taps"]
 
     return run(params, jnp.asarray(tokens))
@@ -80,8 +111,12 @@ def _taps(config, params, tokens):
 
 
 @settings(max_examples=15, deadline=None)
-@given(seed=st.integers(0, 10_000), q=st.floats(0.01, 0.99), sigma=st.floats(0.3, 4.0),
-       zeros=st.floats(0.0, 0.5))
+@given(
+    seed=st.integers(0, 10_000),
+    q=st.floats(0.01, 0.99),
+    sigma=st.floats(0.3, 4.0),
+    zeros=st.floats(0.0, 0.5),
+)
 def test_histogram_quantile_within_one_bin_of_np_quantile(seed, q, sigma, zeros):
     rng = np.random.default_rng(seed)
     x = rng.lognormal(-2.0, sigma, 5000).astype(np.float32)
@@ -126,11 +161,13 @@ def test_chess_thresholds_equal_numpy_formula(fitted, corpus):
         # chess+ adds per-layer thresholds on the q and o inputs, k/v stay dense
         sa = taps[f"layers_{i}"]["self_attn"]
         plus = states[("chess+", 0.5)].thresholds[f"layers_{i}"]
-        np.testing.assert_array_equal(plus["gate"], states[("chess", 0.5)].thresholds[
-            f"layers_{i}"]["gate"])
+        np.testing.assert_array_equal(
+            plus["gate"], states[("chess", 0.5)].thresholds[f"layers_{i}"]["gate"]
+        )
         for point in ("q_in", "o_in"):
-            want_t = np.quantile(np.abs(np.asarray(sa[point][0], np.float64)), 0.5,
-                                 method="inverted_cdf")
+            want_t = np.quantile(
+                np.abs(np.asarray(sa[point][0], np.float64)), 0.5, method="inverted_cdf"
+            )
             np.testing.assert_allclose(plus[point], want_t, rtol=bins.ratio - 1 + 1e-5)
         assert np.all(plus["kv_in"] == 0) and np.all(plus["ffn_in"] == 0)
 
@@ -169,8 +206,9 @@ def test_teal_greedy_reaches_the_layer_sparsity(fitted, corpus):
 def test_greedy_allocation_picks_the_cheapest_group_and_stops_at_target():
     sizes = {"a": 100, "b": 300}
     # error grows only with b's sparsity: the greedy loads everything on a (up to the cap)
-    alloc, trace = greedy_allocation(lambda cands: [c["b"] for c in cands], sizes, 0.3,
-                                     step=0.05, max_group_sparsity=0.99)
+    alloc, trace = greedy_allocation(
+        lambda cands: [c["b"] for c in cands], sizes, 0.3, step=0.05, max_group_sparsity=0.99
+    )
     assert alloc["b"] == pytest.approx((0.3 * 400 - 99) / 300)
     assert alloc["a"] == pytest.approx(0.99)
     assert trace[-1][0] == pytest.approx(0.3)
@@ -189,8 +227,9 @@ def _logits(config, params, tokens, thresholds):
     @jax.jit
     def run(params, tokens, thresholds):
         valid = jnp.ones(tokens.shape, bool)
-        return model.apply({"params": params}, tokens, positions_from_mask(valid),
-                           thresholds=thresholds)[0]
+        return model.apply(
+            {"params": params}, tokens, positions_from_mask(valid), thresholds=thresholds
+        )[0]
 
     return np.asarray(run(params, jnp.asarray(tokens), thresholds))
 
@@ -249,8 +288,16 @@ def test_empty_and_short_data_files(tmp_path):
     with pytest.raises(DataError, match="empty.txt: contains no text"):
         calibrate(LLAMA, None, ByteTok(), ["cats"], [0.5], [str(tmp_path / "empty.txt")])
     with pytest.raises(DataError, match=r"short.txt: found 17 tokens, need 1024"):
-        calibrate(LLAMA, None, ByteTok(), ["cats"], [0.5], [str(tmp_path / "short.txt")],
-                  tokens=1000, seq_len=64)
+        calibrate(
+            LLAMA,
+            None,
+            ByteTok(),
+            ["cats"],
+            [0.5],
+            [str(tmp_path / "short.txt")],
+            tokens=1000,
+            seq_len=64,
+        )
 
 
 def test_cli_refuses_bad_arguments_before_loading_the_model(tmp_path, capsys):
@@ -262,8 +309,20 @@ def test_cli_refuses_bad_arguments_before_loading_the_model(tmp_path, capsys):
     assert main(["calibrate", "--method", "nope", "--sparsity", "0.5", *out]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
     (tmp_path / "exists").mkdir()
-    assert main(["calibrate", "--method", "cats", "--sparsity", "0.5", "--out",
-                 str(tmp_path / "exists")]) == 2
+    assert (
+        main(
+            [
+                "calibrate",
+                "--method",
+                "cats",
+                "--sparsity",
+                "0.5",
+                "--out",
+                str(tmp_path / "exists"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "already exists" in err and err.startswith("jaxsparse calibrate: error:")
 
@@ -273,16 +332,30 @@ def test_cli_refuses_bad_arguments_before_loading_the_model(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def smollm2_fitted(smollm2):
-    states = calibrate(smollm2.config, smollm2.params, smollm2.tokenizer, METHODS, [0.0, 0.5],
-                       None, tokens=2048, seq_len=256, batch_size=8, progress=False)
+    states = calibrate(
+        smollm2.config,
+        smollm2.params,
+        smollm2.tokenizer,
+        METHODS,
+        [0.0, 0.5],
+        None,
+        tokens=2048,
+        seq_len=256,
+        batch_size=8,
+        progress=False,
+    )
     return smollm2, states
 
 
 @pytest.mark.slow
 def test_smollm2_sparsity_zero_equals_dense(smollm2_fitted):
     lm, states = smollm2_fitted
-    tokens = np.asarray(lm.tokenizer.encode("def f(x):\n    return x + 1  # the answer is",
-                                            add_special_tokens=False), np.int32)[None]
+    tokens = np.asarray(
+        lm.tokenizer.encode(
+            "def f(x):\n    return x + 1  # the answer is", add_special_tokens=False
+        ),
+        np.int32,
+    )[None]
     model = build_model(lm.config)
 
     @jax.jit

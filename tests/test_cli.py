@@ -25,13 +25,26 @@ def test_readme_generate_matches_hf_greedy(smollm2_hf, smollm2):
     text HF greedy decoding of the same model and prompt gives."""
     torch = pytest.importorskip("torch")
     out = subprocess.run(
-        [*jaxsparse_cmd(), "generate", "--prompt", PROMPT, "--max-new-tokens", "32",
-         "--temperature", "0", "--json"], capture_output=True, text=True, check=True)
+        [
+            *jaxsparse_cmd(),
+            "generate",
+            "--prompt",
+            PROMPT,
+            "--max-new-tokens",
+            "32",
+            "--temperature",
+            "0",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     got = json.loads(out.stdout.strip().splitlines()[-1])
     ids = smollm2.tokenizer(PROMPT, return_tensors="pt")
     with torch.no_grad():
         ref = smollm2_hf.generate(**ids, max_new_tokens=32, do_sample=False)
-    new = ref[0, ids["input_ids"].shape[1]:].tolist()
+    new = ref[0, ids["input_ids"].shape[1] :].tolist()
     eos = smollm2.tokenizer.eos_token_id
     new = new[: new.index(eos)] if eos in new else new
     assert got["tokens"] == new
@@ -77,11 +90,15 @@ def test_convert_refuses_existing_output(tiny_hf_models, tmp_path, capsys, monke
     (out / "keep.txt").write_text("user data")
     reads = []
     real_read = converter.read_model
-    monkeypatch.setattr(converter, "read_model", lambda *a, **k: reads.append(a) or real_read(*a, **k))
+    monkeypatch.setattr(
+        converter, "read_model", lambda *a, **k: reads.append(a) or real_read(*a, **k)
+    )
     assert main(["convert", str(src), str(out)]) == 2
     err = capsys.readouterr().err
-    assert err == f"jaxsparse convert: error: {out} already exists; pass --overwrite " \
-                  f"(overwrite=True) to replace it\n"
+    assert (
+        err == f"jaxsparse convert: error: {out} already exists; pass --overwrite "
+        f"(overwrite=True) to replace it\n"
+    )
     assert (out / "keep.txt").read_text() == "user data"
     assert reads == []  # refused before reading the source
     assert main(["convert", str(src), str(out), "--overwrite"]) == 0
@@ -92,8 +109,22 @@ def test_convert_refuses_existing_output(tiny_hf_models, tmp_path, capsys, monke
 def test_generate_stream_json_lines(smollm2, capsys):
     """`--stream --json`: one {"delta"} line per chunk, adding up to the final object's text,
     which says how its tokens/s is counted."""
-    assert main(["generate", "--prompt", PROMPT, "--max-new-tokens", "12", "--stream",
-                 "--stream-chunk", "4", "--json"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--prompt",
+                PROMPT,
+                "--max-new-tokens",
+                "12",
+                "--stream",
+                "--stream-chunk",
+                "4",
+                "--json",
+            ]
+        )
+        == 0
+    )
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     deltas, final = lines[:-1], lines[-1]
     assert len(deltas) >= 2 and all(set(d) == {"delta"} for d in deltas)

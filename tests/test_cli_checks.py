@@ -34,65 +34,147 @@ def _last_line(err: str) -> str:
 
 
 BAD = [  # argv, what the error line must contain
-    (["generate", "--prompt", "hi", "--max-new-tokens", "0"],
-     "argument --max-new-tokens: must be >= 1, got 0"),
+    (
+        ["generate", "--prompt", "hi", "--max-new-tokens", "0"],
+        "argument --max-new-tokens: must be >= 1, got 0",
+    ),
     (["generate", "--prompt", "hi", "--temperature", "-1"], "argument --temperature: must be >= 0"),
     (["generate", "--prompt", "hi", "--top-k", "-2"], "argument --top-k: must be >= 0"),
     (["generate", "--prompt", "hi", "--sparse-prefill"], "--sparse-prefill needs --sparsity-state"),
     (["generate", "--prompt", "hi", "--sparsity-state", "{tmp}/none"], "{tmp}/none: no such"),
     (["generate", "--prompt-file", "{tmp}/none.txt"], "--prompt-file {tmp}/none.txt"),
-    (["calibrate", "--method", "cats", "--sparsity", "0.5", "--out", "{tmp}/o", "--tokens", "0"],
-     "argument --tokens: must be >= 1"),
-    (["calibrate", "--method", "cats", "--sparsity", "1", "--out", "{tmp}/o"],
-     "argument --sparsity: sparsity 1.0 is outside [0, 1)"),
-    (["calibrate", "--method", "nope", "--sparsity", "0.5", "--out", "{tmp}/o"],
-     "--method: unknown method 'nope'"),
-    (["calibrate", "--method", "cats", "--sparsity", "0.5", "--out", "{tmp}/o", "--data",
-      "{tmp}/none.txt"], "--data {tmp}/none.txt: no such file"),
-    (["calibrate", "--method", "teal", "--sparsity", "0.5", "--out", "{tmp}/o",
-      "--teal-greedy-step", "0"], "argument --teal-greedy-step: must be in (0, 1)"),
-    (["eval", "--json", "{tmp}/r.json", "--batch-size", "0"], "argument --batch-size: must be >= 1"),
+    (
+        ["calibrate", "--method", "cats", "--sparsity", "0.5", "--out", "{tmp}/o", "--tokens", "0"],
+        "argument --tokens: must be >= 1",
+    ),
+    (
+        ["calibrate", "--method", "cats", "--sparsity", "1", "--out", "{tmp}/o"],
+        "argument --sparsity: sparsity 1.0 is outside [0, 1)",
+    ),
+    (
+        ["calibrate", "--method", "nope", "--sparsity", "0.5", "--out", "{tmp}/o"],
+        "--method: unknown method 'nope'",
+    ),
+    (
+        [
+            "calibrate",
+            "--method",
+            "cats",
+            "--sparsity",
+            "0.5",
+            "--out",
+            "{tmp}/o",
+            "--data",
+            "{tmp}/none.txt",
+        ],
+        "--data {tmp}/none.txt: no such file",
+    ),
+    (
+        [
+            "calibrate",
+            "--method",
+            "teal",
+            "--sparsity",
+            "0.5",
+            "--out",
+            "{tmp}/o",
+            "--teal-greedy-step",
+            "0",
+        ],
+        "argument --teal-greedy-step: must be in (0, 1)",
+    ),
+    (
+        ["eval", "--json", "{tmp}/r.json", "--batch-size", "0"],
+        "argument --batch-size: must be >= 1",
+    ),
     (["eval", "--json", "{tmp}/r.json", "--ppl", "{tmp}/none.txt"], "--ppl {tmp}/none.txt"),
     (["eval", "--json", "{tmp}/r.json", "--sparsity-state", "{tmp}/none"], "{tmp}/none: no such"),
-    (["sweep", "--out", "{tmp}/s", "--sparsities", "0.5,1.5"], "--sparsities 0.5,1.5: sparsity 1.5"),
+    (
+        ["sweep", "--out", "{tmp}/s", "--sparsities", "0.5,1.5"],
+        "--sparsities 0.5,1.5: sparsity 1.5",
+    ),
     (["sweep", "--out", "{tmp}/s", "--methods", "cats,nope"], "--methods: unknown method 'nope'"),
     (["sweep", "--out", "{tmp}/s", "--max-tokens", "-1"], "argument --max-tokens: must be >= 0"),
-    (["learn", "--method", "chess", "--sparsity", "0.5", "--out", "{tmp}/o", "--steps", "0"],
-     "argument --steps: must be >= 1, got 0"),
-    (["learn", "--method", "chess", "--sparsity", "0.5", "--out", "{tmp}/o", "--lr", "0"],
-     "argument --lr: must be in (0, inf]"),
+    (
+        ["learn", "--method", "chess", "--sparsity", "0.5", "--out", "{tmp}/o", "--steps", "0"],
+        "argument --steps: must be >= 1, got 0",
+    ),
+    (
+        ["learn", "--method", "chess", "--sparsity", "0.5", "--out", "{tmp}/o", "--lr", "0"],
+        "argument --lr: must be in (0, inf]",
+    ),
     (["train-predictors", "--out", "{tmp}/o", "--ffn-k", "0"], "argument --ffn-k: must be >= 1"),
-    (["train-predictors", "--out", "{tmp}/o", "--tokens", "100", "--seq-len", "512"],
-     "--tokens 100: need at least two sequences of --seq-len 512"),
-    (["generate", "--prompt", "hi", "--mesh", "data=3,model=5"],
-     "--mesh data=3,model=5: data=3 x model=5 = 15 devices, but"),
-    (["eval", "--json", "{tmp}/r.json", "--mesh", "data=2;model=2"],
-     "argument --mesh: 'data=2;model=2': 'data=2;model=2' is not data=N or model=M"),
-    (["eval", "--json", "{tmp}/r.json", "--mesh", "data=999"],
-     "are visible: make data x model ="),
-    (["calibrate", "--method", "teal", "--sparsity", "0.5", "--out", "{tmp}/o", "--mesh",
-      "pipe=2"], "argument --mesh: 'pipe=2': 'pipe=2' is not data=N or model=M"),
-    (["calibrate", "--method", "teal", "--sparsity", "0.5", "--out", "{tmp}/o", "--mesh",
-      "model=4,model=2"], "argument --mesh: 'model=4,model=2': model given twice"),
-    (["sweep", "--out", "{tmp}/s", "--mesh", "model=0"],
-     "argument --mesh: 'model=0': model=0: must be >= 1"),
-    (["sweep", "--out", "{tmp}/s", "--mesh", "model=1000"],
-     "--mesh model=1000: data=1 x model=1000 = 1000 devices"),
+    (
+        ["train-predictors", "--out", "{tmp}/o", "--tokens", "100", "--seq-len", "512"],
+        "--tokens 100: need at least two sequences of --seq-len 512",
+    ),
+    (
+        ["generate", "--prompt", "hi", "--mesh", "data=3,model=5"],
+        "--mesh data=3,model=5: data=3 x model=5 = 15 devices, but",
+    ),
+    (
+        ["eval", "--json", "{tmp}/r.json", "--mesh", "data=2;model=2"],
+        "argument --mesh: 'data=2;model=2': 'data=2;model=2' is not data=N or model=M",
+    ),
+    (["eval", "--json", "{tmp}/r.json", "--mesh", "data=999"], "are visible: make data x model ="),
+    (
+        [
+            "calibrate",
+            "--method",
+            "teal",
+            "--sparsity",
+            "0.5",
+            "--out",
+            "{tmp}/o",
+            "--mesh",
+            "pipe=2",
+        ],
+        "argument --mesh: 'pipe=2': 'pipe=2' is not data=N or model=M",
+    ),
+    (
+        [
+            "calibrate",
+            "--method",
+            "teal",
+            "--sparsity",
+            "0.5",
+            "--out",
+            "{tmp}/o",
+            "--mesh",
+            "model=4,model=2",
+        ],
+        "argument --mesh: 'model=4,model=2': model given twice",
+    ),
+    (
+        ["sweep", "--out", "{tmp}/s", "--mesh", "model=0"],
+        "argument --mesh: 'model=0': model=0: must be >= 1",
+    ),
+    (
+        ["sweep", "--out", "{tmp}/s", "--mesh", "model=1000"],
+        "--mesh model=1000: data=1 x model=1000 = 1000 devices",
+    ),
     (["data", "--num-tasks", "0"], "argument --num-tasks: must be >= 1"),
-    (["convert", "{tmp}/src", "{tmp}/out", "--dtype", "float16"],
-     "argument --dtype: invalid choice: 'float16'"),
+    (
+        ["convert", "{tmp}/src", "{tmp}/out", "--dtype", "float16"],
+        "argument --dtype: invalid choice: 'float16'",
+    ),
     (["convert", "{tmp}/no_such_src", "{tmp}/out"], "{tmp}/no_such_src: no such file"),
 ]
 
 
 if "learn-kl" in COMMANDS:
-    BAD.append((["learn-kl", "--target-fraction", "0", "--out", "{tmp}/o"],
-                "argument --target-fraction: must be in (0, 1], got 0"))
+    BAD.append(
+        (
+            ["learn-kl", "--target-fraction", "0", "--out", "{tmp}/o"],
+            "argument --target-fraction: must be in (0, 1], got 0",
+        )
+    )
 
 
 @pytest.mark.parametrize("argv,message", BAD, ids=[" ".join(a[:1] + a[-2:]) for a, _ in BAD])
-def test_bad_argument_is_refused_before_the_model_loads(argv, message, tmp_path, capsys,
-                                                        no_model_load):
+def test_bad_argument_is_refused_before_the_model_loads(
+    argv, message, tmp_path, capsys, no_model_load
+):
     argv = [a.format(tmp=tmp_path) for a in argv]
     assert main(argv) == 2
     line = _last_line(capsys.readouterr().err)
@@ -121,10 +203,17 @@ def test_help_shows_every_default(command, capsys, monkeypatch):
 def _help_block(text: str, option: str) -> str:
     """The lines of `--help` output that describe `option` (up to the next option)."""
     lines = text.splitlines()
-    start = next(i for i, x in enumerate(lines) if x.strip().startswith(option + " ")
-                 or x.strip() == option)
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("-")
-                or not lines[i].strip()), len(lines))
+    start = next(
+        i for i, x in enumerate(lines) if x.strip().startswith(option + " ") or x.strip() == option
+    )
+    end = next(
+        (
+            i
+            for i in range(start + 1, len(lines))
+            if lines[i].lstrip().startswith("-") or not lines[i].strip()
+        ),
+        len(lines),
+    )
     return " ".join(x.strip() for x in lines[start:end])
 
 
@@ -143,11 +232,13 @@ def test_version(capsys):
 def test_convert_entry_points_share_the_error_convention(tmp_path):
     """`python -m convert` and `jaxsparse convert` (as processes) exit 2 with the prefix."""
     missing = tmp_path / "missing"
-    for cmd, prefix in (([sys.executable, "-m", "convert"], "python -m convert"),
-                        ([sys.executable, "-m", "jaxsparse.cli", "convert"], "jaxsparse convert")):
-        p = subprocess.run([*cmd, str(missing), str(tmp_path / "out")], check=False,
-                           capture_output=True,
-                           text=True)
+    for cmd, prefix in (
+        ([sys.executable, "-m", "convert"], "python -m convert"),
+        ([sys.executable, "-m", "jaxsparse.cli", "convert"], "jaxsparse convert"),
+    ):
+        p = subprocess.run(
+            [*cmd, str(missing), str(tmp_path / "out")], check=False, capture_output=True, text=True
+        )
         assert p.returncode == 2, p.stderr
         assert p.stderr == f"{prefix}: error: {missing}: no such file or directory\n"
 
@@ -156,8 +247,22 @@ def test_data_writes_create_parent_folders(tmp_path, capsys):
     from jaxsparse import data
 
     tasks, text = tmp_path / "a" / "b" / "tasks.jsonl", tmp_path / "c" / "d" / "eval.txt"
-    assert main(["data", "--write-tasks", str(tasks), "--num-tasks", "5",
-                 "--write-text", str(text), "--split", "calibration"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "--write-tasks",
+                str(tasks),
+                "--num-tasks",
+                "5",
+                "--write-text",
+                str(text),
+                "--split",
+                "calibration",
+            ]
+        )
+        == 0
+    )
     assert data.read_tasks(tasks) == data.builtin_tasks(5)
     assert data.stdlib_documents("calibration")[0].text in text.read_text()
     assert sorted(p.name for p in text.parent.iterdir()) == ["eval.txt"]  # no temporary left
@@ -177,8 +282,10 @@ def test_bf16_on_cpu_warns(monkeypatch, capsys):
     args = argparse.Namespace(model=None, dtype="bfloat16", command="generate")
     load_model_for(args)
     err = capsys.readouterr().err
-    assert err.startswith("jaxsparse generate: warning: bfloat16 on the CPU backend decodes "
-                          "slower than float32, up to several times")
+    assert err.startswith(
+        "jaxsparse generate: warning: bfloat16 on the CPU backend decodes "
+        "slower than float32, up to several times"
+    )
     load_model_for(argparse.Namespace(model=None, dtype="float32", command="generate"))
     assert capsys.readouterr().err == ""
     monkeypatch.setattr("jax.default_backend", lambda: "gpu")
@@ -190,16 +297,24 @@ def test_no_tokenizer_is_a_user_error(monkeypatch):
     from jaxsparse.cli.common import load_model_for
 
     cfg = types.SimpleNamespace(dtype="float32")
-    monkeypatch.setattr("jaxsparse.loading.load_model", lambda p, d: types.SimpleNamespace(
-        config=cfg, tokenizer=None, source="ckpt"))
+    monkeypatch.setattr(
+        "jaxsparse.loading.load_model",
+        lambda p, d: types.SimpleNamespace(config=cfg, tokenizer=None, source="ckpt"),
+    )
     with pytest.raises(ValueError, match="ckpt: no tokenizer; calibration needs one"):
-        load_model_for(argparse.Namespace(model="ckpt", dtype=None, command="calibrate"),
-                       needs_tokenizer="calibration")
+        load_model_for(
+            argparse.Namespace(model="ckpt", dtype=None, command="calibrate"),
+            needs_tokenizer="calibration",
+        )
 
 
 def _result(method, per_point, tasks=None):
-    r = {"method": method, "target_sparsity": 0.5, "activated_params_fraction": 0.6,
-         "measured_sparsity": {"ffn": per_point.get("gate", 0.0), "per_point": per_point}}
+    r = {
+        "method": method,
+        "target_sparsity": 0.5,
+        "activated_params_fraction": 0.6,
+        "measured_sparsity": {"ffn": per_point.get("gate", 0.0), "per_point": per_point},
+    }
     if tasks:
         r["tasks"] = tasks
     return r
@@ -209,8 +324,13 @@ def test_eval_summary_names_the_points_a_method_sparsifies():
     from jaxsparse.cli.eval import summary
 
     teal = {"q_in": 0.5, "kv_in": 0.5, "o_in": 0.49, "ffn_in": 0.5, "gate": 0.0, "down_in": 0.51}
-    line = summary(_result("teal", teal, {"acc": 0.75, "acc_stderr": 0.0433, "acc_norm": 0.5,
-                                          "acc_norm_stderr": 0.05}))
+    line = summary(
+        _result(
+            "teal",
+            teal,
+            {"acc": 0.75, "acc_stderr": 0.0433, "acc_norm": 0.5, "acc_norm_stderr": 0.05},
+        )
+    )
     assert "gate" not in line and "ffn sparsity" not in line and "0.000" not in line
     assert "q_in 0.500" in line and "down_in 0.510" in line
     assert "acc 0.750 ± 0.043" in line and "acc_norm 0.500 ± 0.050" in line
@@ -244,22 +364,31 @@ def test_json_keys_in_natural_order(tmp_path):
 
 
 def test_sweep_into_an_out_with_other_settings_is_refused_before_the_model_loads(
-        tmp_path, capsys, no_model_load):
+    tmp_path, capsys, no_model_load
+):
     from jaxsparse.calibrate import DEFAULTS as CAL
     from jaxsparse.evaluate import DEFAULTS as EV
     from jaxsparse.sweep import sweep_settings
 
     ev = {k: EV[k] for k in ("seq_len", "batch_size", "max_tokens", "num_tasks")}
     options = {m: {"allocation": "uniform"} for m in ("teal", "wina")}  # the CLI's defaults
-    settings = sweep_settings("some-model", "float32", None, CAL, options,
-                              {**ev, "seq_len": CAL["seq_len"], "ppl": None, "tasks": None})
+    settings = sweep_settings(
+        "some-model",
+        "float32",
+        None,
+        CAL,
+        options,
+        {**ev, "seq_len": CAL["seq_len"], "ppl": None, "tasks": None},
+    )
     (tmp_path / "settings.json").write_text(json.dumps(settings))
     argv = ["sweep", "--out", str(tmp_path), "--tokens", str(2 * CAL["tokens"])]
     assert main(argv) == 2
     line = _last_line(capsys.readouterr().err)
-    assert line.startswith(f"jaxsparse sweep: error: {tmp_path} holds a sweep made with other "
-                           f"settings (calibration tokens: {CAL['tokens']} there, "
-                           f"{2 * CAL['tokens']} now)")
+    assert line.startswith(
+        f"jaxsparse sweep: error: {tmp_path} holds a sweep made with other "
+        f"settings (calibration tokens: {CAL['tokens']} there, "
+        f"{2 * CAL['tokens']} now)"
+    )
     assert "--overwrite" in line and "another --out" in line
     # the same settings pass the check (and then load the model, which this test forbids)
     with pytest.raises(AssertionError, match="the model was loaded"):

@@ -31,7 +31,8 @@ def test_builtin_splits_are_disjoint_deterministic_and_large_enough():
     assert not {d.text for d in cal} & {d.text for d in ev}
     assert sum(len(d.text) for d in ev) > 100_000
     assert [d.source for d in data._stdlib_documents.__wrapped__("evaluation")] == [
-        d.source for d in ev]
+        d.source for d in ev
+    ]
     with pytest.raises(ValueError, match="unknown split"):
         data.stdlib_documents("train")
 
@@ -44,13 +45,16 @@ def test_read_text_and_jsonl(tmp_path):
     assert docs[2].source.endswith("b.jsonl:3")
 
 
-@pytest.mark.parametrize("name,content,match", [
-    ("empty.txt", "", "empty.txt: contains no text"),
-    ("blank.txt", " \n\n", "blank.txt: contains no text"),
-    ("e.jsonl", "", "e.jsonl: contains no text"),
-    ("bad.jsonl", '{"text": "a"}\n{oops\n', r"bad.jsonl:2: not valid JSON"),
-    ("nofield.jsonl", '{"txt": "a"}\n', r"nofield.jsonl:1: expected an object with a string"),
-])
+@pytest.mark.parametrize(
+    "name,content,match",
+    [
+        ("empty.txt", "", "empty.txt: contains no text"),
+        ("blank.txt", " \n\n", "blank.txt: contains no text"),
+        ("e.jsonl", "", "e.jsonl: contains no text"),
+        ("bad.jsonl", '{"text": "a"}\n{oops\n', r"bad.jsonl:2: not valid JSON"),
+        ("nofield.jsonl", '{"txt": "a"}\n', r"nofield.jsonl:1: expected an object with a string"),
+    ],
+)
 def test_bad_data_files(tmp_path, name, content, match):
     (tmp_path / name).write_text(content)
     with pytest.raises(DataError, match=match):
@@ -118,8 +122,19 @@ def test_builtin_tasks_are_deterministic_and_valid(tmp_path):
 def test_data_cli_exports_tasks_and_text(tmp_path, capsys):
     from jaxsparse.cli import main
 
-    rc = main(["data", "--write-tasks", str(tmp_path / "t.jsonl"), "--num-tasks", "12",
-               "--write-text", str(tmp_path / "ev.txt"), "--split", "evaluation"])
+    rc = main(
+        [
+            "data",
+            "--write-tasks",
+            str(tmp_path / "t.jsonl"),
+            "--num-tasks",
+            "12",
+            "--write-text",
+            str(tmp_path / "ev.txt"),
+            "--split",
+            "evaluation",
+        ]
+    )
     assert rc == 0
     assert data.read_tasks(tmp_path / "t.jsonl") == data.builtin_tasks(12)
     text = (tmp_path / "ev.txt").read_text()

@@ -23,8 +23,17 @@ from jaxsparse.evaluate import _POINTS, Evaluator, linear_sizes
 from jaxsparse.models import build_model, init_params, positions_from_mask
 from jaxsparse.sparsity import dense_state, make_state
 
-LLAMA = ModelConfig(model_type="llama", vocab_size=260, hidden_size=32, intermediate_size=48,
-                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, eos_token_ids=(0,))
+LLAMA = ModelConfig(
+    model_type="llama",
+    vocab_size=260,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    eos_token_ids=(0,),
+)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -38,8 +47,11 @@ class ByteTok:
 @pytest.fixture(scope="module")
 def model():
     params = init_params(LLAMA, 3)
-    return LLAMA, params, Evaluator(LLAMA, params, ByteTok(), seq_len=16, batch_size=4,
-                                    progress=False)
+    return (
+        LLAMA,
+        params,
+        Evaluator(LLAMA, params, ByteTok(), seq_len=16, batch_size=4, progress=False),
+    )
 
 
 @functools.cache
@@ -68,7 +80,7 @@ def test_perplexity_equals_direct_computation(model):
     r = ev.evaluate(None, ids)
     nll, n = 0.0, 0
     for start in range(0, 40, 16):
-        w = ids[start:start + 16]
+        w = ids[start : start + 16]
         lp = _log_probs(config, params, w)
         nll -= sum(lp[t, w[t + 1]] for t in range(len(w) - 1))
         n += len(w) - 1
@@ -81,8 +93,10 @@ def test_perplexity_equals_direct_computation(model):
 def test_tasks_scored_as_the_harness_does(model):
     config, params, _ = model
     ev = Evaluator(config, params, ByteTok(), seq_len=64, batch_size=4, progress=False)
-    tasks = [Task("The cat sat on the ", ("mat", "roof", "a long answer here"), 0),
-             Task("", ("abc", "x"), 1)]
+    tasks = [
+        Task("The cat sat on the ", ("mat", "roof", "a long answer here"), 0),
+        Task("", ("abc", "x"), 1),
+    ]
     rows, cont_lens = ev.encode_task_choices(tasks)
     tok = ByteTok()
     # trailing space of the context moves to the continuation
@@ -115,22 +129,39 @@ def test_tasks_scored_as_the_harness_does(model):
 def _reference_zero_fractions(config, params, tokens, thresholds):
     m = build_model(config)
     t = jnp.asarray(tokens)
-    _, v = m.apply({"params": params}, t, positions_from_mask(jnp.ones(t.shape, bool)),
-                   thresholds=thresholds, mutable=["stats"])
+    _, v = m.apply(
+        {"params": params},
+        t,
+        positions_from_mask(jnp.ones(t.shape, bool)),
+        thresholds=thresholds,
+        mutable=["stats"],
+    )
     out = {}
     for i in range(config.num_layers):
         s = v["stats"][f"layers_{i}"]
-        out[i] = {p: np.asarray((s["self_attn"] if p in ("q_in", "kv_in", "o_in") else
-                                 s["mlp"])[p][0], np.float64) for p in _POINTS}
+        out[i] = {
+            p: np.asarray(
+                (s["self_attn"] if p in ("q_in", "kv_in", "o_in") else s["mlp"])[p][0], np.float64
+            )
+            for p in _POINTS
+        }
     return out
 
 
 def test_measured_sparsity_and_activated_params(model):
     config, params, ev = model
     rng = np.random.default_rng(0)
-    values = {f"layers_{i}": {"q_in": 0.01, "kv_in": 0.005, "o_in": 0.002, "ffn_in": 0.01,
-                              "gate": rng.uniform(0, 0.002, config.intermediate_size),
-                              "down_in": 1e-5} for i in range(2)}
+    values = {
+        f"layers_{i}": {
+            "q_in": 0.01,
+            "kv_in": 0.005,
+            "o_in": 0.002,
+            "ffn_in": 0.01,
+            "gate": rng.uniform(0, 0.002, config.intermediate_size),
+            "down_in": 1e-5,
+        }
+        for i in range(2)
+    }
     state = make_state(config, "test", 0.5, values)
     tokens = rng.integers(1, 250, (4, 16)).astype(np.int32)
     r = ev.evaluate(state, tokens.reshape(-1))
@@ -142,16 +173,24 @@ def test_measured_sparsity_and_activated_params(model):
         d = {p: 1 - z[i][p] for p in _POINTS}
         for p in _POINTS:
             assert r["measured_sparsity"]["per_layer"][f"layers_{i}"][p] == pytest.approx(
-                z[i][p].mean(), abs=1e-6)
+                z[i][p].mean(), abs=1e-6
+            )
             assert 0 < z[i][p].mean() < 1
-        read += (sizes["q_proj"] * d["q_in"] + (sizes["k_proj"] + sizes["v_proj"]) * d["kv_in"]
-                 + sizes["o_proj"] * d["o_in"] + sizes["gate_proj"] * d["ffn_in"]
-                 + sizes["up_proj"] * d["ffn_in"] * d["gate"] + sizes["down_proj"] * d["down_in"])
+        read += (
+            sizes["q_proj"] * d["q_in"]
+            + (sizes["k_proj"] + sizes["v_proj"]) * d["kv_in"]
+            + sizes["o_proj"] * d["o_in"]
+            + sizes["gate_proj"] * d["ffn_in"]
+            + sizes["up_proj"] * d["ffn_in"] * d["gate"]
+            + sizes["down_proj"] * d["down_in"]
+        )
     assert r["activated_params_fraction"] == pytest.approx(read.mean() / total, rel=1e-5)
     assert r["measured_sparsity"]["ffn"] == pytest.approx(
-        np.mean([z[i]["gate"].mean() for i in range(2)]), abs=1e-6)
+        np.mean([z[i]["gate"].mean() for i in range(2)]), abs=1e-6
+    )
     assert np.mean(list(r["activated_params_per_layer"].values())) == pytest.approx(
-        r["activated_params_fraction"], rel=1e-6)
+        r["activated_params_fraction"], rel=1e-6
+    )
 
 
 def test_padding_is_excluded(model):
@@ -202,10 +241,20 @@ _TWO_DEVICE_SCRIPT = textwrap.dedent("""
 def test_two_devices_give_the_same_result_as_one():
     out = {}
     for n in (1, 2):
-        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}",
-               "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
-        p = subprocess.run([sys.executable, "-c", _TWO_DEVICE_SCRIPT], env=env,
-                           capture_output=True, text=True, timeout=300, check=False)
+        env = {
+            **os.environ,
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}",
+            "PYTHONPATH": str(REPO),
+            "JAX_PLATFORMS": "cpu",
+        }
+        p = subprocess.run(
+            [sys.executable, "-c", _TWO_DEVICE_SCRIPT],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
         assert p.returncode == 0, p.stderr[-3000:]
         out[n] = json.loads(p.stdout.strip().splitlines()[-1])
     assert out[1]["devices"] == 1 and out[2]["devices"] == 2
@@ -221,17 +270,33 @@ def test_eval_cli_on_smollm2(smollm2, tmp_path):
     from jaxsparse.cli import main
 
     (tmp_path / "t.txt").write_text("Return the sum of the two arguments. " * 20)
-    (tmp_path / "tasks.jsonl").write_text(json.dumps(
-        {"context": "The capital of France is", "choices": [" Paris", " banana"], "gold": 0})
-        + "\n")
+    (tmp_path / "tasks.jsonl").write_text(
+        json.dumps(
+            {"context": "The capital of France is", "choices": [" Paris", " banana"], "gold": 0}
+        )
+        + "\n"
+    )
     out = tmp_path / "r.json"
     # the shapes of test_calibrate's SmolLM2 evaluation: the compiled forward is reused
-    rc = main(["eval", "--ppl", str(tmp_path / "t.txt"), "--tasks", str(tmp_path / "tasks.jsonl"),
-               "--seq-len", "256", "--batch-size", "8", "--json", str(out), "--no-progress"])
+    rc = main(
+        [
+            "eval",
+            "--ppl",
+            str(tmp_path / "t.txt"),
+            "--tasks",
+            str(tmp_path / "tasks.jsonl"),
+            "--seq-len",
+            "256",
+            "--batch-size",
+            "8",
+            "--json",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     r = json.loads(out.read_text())
-    for key in ("perplexity", "tokens", "method", "target_sparsity",
-                "activated_params_fraction"):
+    for key in ("perplexity", "tokens", "method", "target_sparsity", "activated_params_fraction"):
         assert key in r
     assert r["method"] == "dense" and r["perplexity"] < 20
     assert r["tasks"]["acc"] == 1.0 and "acc_norm" in r["tasks"]

@@ -30,30 +30,52 @@ from jaxsparse.sharding import (
     shard_params,
 )
 
-TINY = ModelConfig(model_type="llama", vocab_size=260, hidden_size=32, intermediate_size=48,
-                   num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+TINY = ModelConfig(
+    model_type="llama",
+    vocab_size=260,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+)
 
 
 def _names(tree) -> set[str]:
-    return {n for spec in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, PartitionSpec))
-            for n in spec if n is not None}
+    return {
+        n
+        for spec in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, PartitionSpec))
+        for n in spec
+        if n is not None
+    }
 
 
 # every distinct params layout (methods share most of them)
-LAYOUTS = list({(k.fuse_qkv, k.fuse_kv, k.up_rows, k.gate_rows, k.q_rows): k for k in [XLA] + [
-    kernels_for_method(m, mode) for m in sorted(KERNEL_POINTS)
-    for mode in ("xla", "pallas")]}.values())
+LAYOUTS = list(
+    {
+        (k.fuse_qkv, k.fuse_kv, k.up_rows, k.gate_rows, k.q_rows): k
+        for k in [XLA]
+        + [kernels_for_method(m, mode) for m in sorted(KERNEL_POINTS) for mode in ("xla", "pallas")]
+    }.values()
+)
 
 
-@pytest.mark.parametrize("kernels", LAYOUTS, ids=lambda k: f"qkv{k.fuse_qkv:d}-kv{k.fuse_kv:d}-"
-                         f"up{k.up_rows:d}-gate{k.gate_rows:d}-q{k.q_rows:d}")
+@pytest.mark.parametrize(
+    "kernels",
+    LAYOUTS,
+    ids=lambda k: (
+        f"qkv{k.fuse_qkv:d}-kv{k.fuse_kv:d}-up{k.up_rows:d}-gate{k.gate_rows:d}-q{k.q_rows:d}"
+    ),
+)
 def test_every_logical_axis_of_every_layout_has_a_rule(kernels):
     """The params `prepare_params` lays out for any kernel setup: their logical axes (the
     tree matches the params) all have a rule, and the fused q/k/v outputs are split."""
     specs = logical_axes(TINY, kernels)
     params = prepare_params(init_params(TINY), TINY, kernels)
     assert jax.tree.structure(params) == jax.tree.structure(
-        specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+        specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )
     assert _names(specs) <= dict(LOGICAL_AXIS_RULES).keys()
     attn = specs["layers_0"]["self_attn"]
     mesh = AbstractMesh((1, 2), ("data", "model"))
@@ -78,17 +100,21 @@ def test_sharding_does_not_import_the_models():
     import subprocess
     import sys
 
-    code = ("import sys, jaxsparse.sharding; "
-            "assert not any(m.startswith('jaxsparse.models') for m in sys.modules)")
+    code = (
+        "import sys, jaxsparse.sharding; "
+        "assert not any(m.startswith('jaxsparse.models') for m in sys.modules)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_a_dimension_the_mesh_axis_does_not_divide_is_replicated():
     mesh = AbstractMesh((1, 2), ("data", "model"))
-    assert logical_to_mesh(PartitionSpec("embed", "kv_heads"), mesh, shape=(8, 6)) == \
-        PartitionSpec(None, "model")
-    assert logical_to_mesh(PartitionSpec("embed", "kv_heads"), mesh, shape=(8, 3)) == \
-        PartitionSpec(None, None)
+    assert logical_to_mesh(PartitionSpec("embed", "kv_heads"), mesh, shape=(8, 6)) == PartitionSpec(
+        None, "model"
+    )
+    assert logical_to_mesh(PartitionSpec("embed", "kv_heads"), mesh, shape=(8, 3)) == PartitionSpec(
+        None, None
+    )
 
 
 def test_fused_kv_columns_hold_whole_heads():
@@ -103,21 +129,33 @@ def test_fused_kv_columns_hold_whole_heads():
         dh = TINY.head_dim
         k0 = attn["k_proj"]["kernel"][:, :dh]
         v0 = attn["v_proj"]["kernel"][:, :dh]
-        assert (w[:, half - 2 * dh:half - dh] == k0).all()
-        assert (w[:, half - dh:half] == v0).all()
+        assert (w[:, half - 2 * dh : half - dh] == k0).all()
+        assert (w[:, half - dh : half] == v0).all()
 
 
-@pytest.mark.parametrize("text,want", [("data=4,model=2", {"data": 4, "model": 2}),
-                                       ("model=8", {"data": 1, "model": 8}),
-                                       (" data = 2 ", {"data": 2, "model": 1})])
+@pytest.mark.parametrize(
+    "text,want",
+    [
+        ("data=4,model=2", {"data": 4, "model": 2}),
+        ("model=8", {"data": 1, "model": 8}),
+        (" data = 2 ", {"data": 2, "model": 1}),
+    ],
+)
 def test_parse_mesh(text, want):
     assert parse_mesh(text) == want
 
 
-@pytest.mark.parametrize("text,message", [("", "empty mesh"), ("data=2;model=2", "is not"),
-                                          ("data=2,data=2", "data given twice"),
-                                          ("data=0", "data=0: must be >= 1"),
-                                          ("pipe=2", "is not data=N"), ("data=x", "is not")])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("", "empty mesh"),
+        ("data=2;model=2", "is not"),
+        ("data=2,data=2", "data given twice"),
+        ("data=0", "data=0: must be >= 1"),
+        ("pipe=2", "is not data=N"),
+        ("data=x", "is not"),
+    ],
+)
 def test_parse_mesh_refuses(text, message):
     with pytest.raises(ValueError, match=message):
         parse_mesh(text)

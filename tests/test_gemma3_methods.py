@@ -16,11 +16,22 @@ from jaxsparse.evaluate import Evaluator
 from jaxsparse.generate import Generator
 from jaxsparse.models import build_model, kernels_for_method, positions_from_mask
 
-GEMMA = ModelConfig(model_type="gemma3_text", vocab_size=260, hidden_size=32,
-                    intermediate_size=48, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8,
-                    sliding_window=6, layer_types=(SLIDING, FULL, SLIDING),
-                    rope_local_theta=100.0, query_pre_attn_scalar=12.0,
-                    tie_word_embeddings=True, eos_token_ids=(0,))
+GEMMA = ModelConfig(
+    model_type="gemma3_text",
+    vocab_size=260,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    sliding_window=6,
+    layer_types=(SLIDING, FULL, SLIDING),
+    rope_local_theta=100.0,
+    query_pre_attn_scalar=12.0,
+    tie_word_embeddings=True,
+    eos_token_ids=(0,),
+)
 METHODS = ["cats", "chess", "chess+", "teal"]
 SEQ, TOKENS = 32, 1024
 
@@ -43,9 +54,19 @@ def fitted(tmp_path_factory, make_params):
     (d / "cal.txt").write_text(_text(0))
     (d / "eval.txt").write_text(_text(1))
     params = make_params(GEMMA)
-    states = calibrate(GEMMA, params, ByteTok(), METHODS, [0.5], [str(d / "cal.txt")], TOKENS,
-                       SEQ, 8, {"teal": {"allocation": "greedy", "greedy_tokens": 128}},
-                       progress=False)
+    states = calibrate(
+        GEMMA,
+        params,
+        ByteTok(),
+        METHODS,
+        [0.5],
+        [str(d / "cal.txt")],
+        TOKENS,
+        SEQ,
+        8,
+        {"teal": {"allocation": "greedy", "greedy_tokens": 128}},
+        progress=False,
+    )
     return params, states, d
 
 
@@ -57,8 +78,9 @@ def test_gate_is_gelu_tanh_of_x_wg():
     params = init_params(GEMMA, seed=0)
     params = jax.tree.map(lambda x: x * 20 if x.ndim == 2 else x, params)
     tokens = jnp.asarray([[5, 6, 7, 8]])
-    _, v = build_model(GEMMA).apply({"params": params}, tokens, jnp.arange(4)[None],
-                                    mutable=["taps"])
+    _, v = build_model(GEMMA).apply(
+        {"params": params}, tokens, jnp.arange(4)[None], mutable=["taps"]
+    )
     mlp = v["taps"]["layers_1"]["mlp"]
     x = mlp["ffn_in"][0]
     wg = params["layers_1"]["mlp"]["gate_proj"]["kernel"]
@@ -112,19 +134,28 @@ def test_dejavu_predictors_generate_and_eval(fitted):
     seqs = np.random.default_rng(1).integers(1, GEMMA.vocab_size, (8, SEQ)).astype(np.int32)
     ks = {"ffn_k": 24, "ffn_label_k": 12, "head_k": 2, "head_label_k": 2}
     data = gather(GEMMA, params, seqs, batch_size=4, progress=False)
-    weights, _ = train_predictors(GEMMA, data, ks, ffn_rank=8, head_rank=4, steps=20,
-                                  batch_tokens=128, eval_every=10, progress=False)
+    weights, _ = train_predictors(
+        GEMMA,
+        data,
+        ks,
+        ffn_rank=8,
+        head_rank=4,
+        steps=20,
+        batch_tokens=128,
+        eval_every=10,
+        progress=False,
+    )
     state = dejavu_state(GEMMA, weights, ks["ffn_k"], ks["head_k"])
     th = state.thresholds_for_model()
     prompts = [seqs[0, :9].tolist()]
     ref = Generator(GEMMA, params).generate_ids(prompts, 6, thresholds=th, stop_at_eos=False)
-    gen = Generator(GEMMA, params, kernels=kernels_for_method("dejavu", "pallas",
-                                                             "gpu_interpret"))
+    gen = Generator(GEMMA, params, kernels=kernels_for_method("dejavu", "pallas", "gpu_interpret"))
     got = gen.generate_ids(prompts, 6, thresholds=th, stop_at_eos=False)
     assert got.tokens == ref.tokens
     assert ref.measured_sparsity["gate"] >= 1 - ks["ffn_k"] / 48 - 1e-6
     r = Evaluator(GEMMA, params, ByteTok(), SEQ, 8, progress=False).evaluate(
-        state, seqs.reshape(-1))
+        state, seqs.reshape(-1)
+    )
     assert r["measured_sparsity"]["per_point"]["o_in"] == pytest.approx(0.5, abs=1e-6)
 
 
@@ -139,14 +170,22 @@ def test_learn_layer_functions_reproduce_the_model_layers(fitted, method):
     params, states, _ = fitted
     seqs = np.random.default_rng(2).integers(1, GEMMA.vocab_size, (4, 16)).astype(np.int32)
     data = dense_inputs(GEMMA, params, seqs, method)
-    _, v = build_model(GEMMA).apply({"params": params}, jnp.asarray(seqs),
-                                    positions_from_mask(np.ones(seqs.shape, bool)),
-                                    mutable=["taps"])
+    _, v = build_model(GEMMA).apply(
+        {"params": params},
+        jnp.asarray(seqs),
+        positions_from_mask(np.ones(seqs.shape, bool)),
+        mutable=["taps"],
+    )
     for i in range(GEMMA.num_layers - 1):  # block i's output is block i+1's input
         if method == "teal":
             want = np.asarray(v["taps"][f"layers_{i + 1}"]["block_in"][0])
             np.testing.assert_allclose(data["y"][i], want, rtol=1e-4, atol=1e-4)
-    state, _ = learn(GEMMA, params, seqs, states[(method, 0.5)], LearnSettings(method, 0.5, steps=3,
-                                                                 batch_tokens=64),
-                     progress=False)
+    state, _ = learn(
+        GEMMA,
+        params,
+        seqs,
+        states[(method, 0.5)],
+        LearnSettings(method, 0.5, steps=3, batch_tokens=64),
+        progress=False,
+    )
     assert state.method == f"{method}-learned"

@@ -30,8 +30,17 @@ from jaxsparse.methods import get_method
 from jaxsparse.methods.statistics import collect_statistics
 from jaxsparse.sparsity import make_state
 
-LLAMA = ModelConfig(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64,
-                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, eos_token_ids=(0,))
+LLAMA = ModelConfig(
+    model_type="llama",
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    eos_token_ids=(0,),
+)
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +53,9 @@ def tiny(make_params):
 def _calibrated(config, params, seqs, method, s):
     mod = get_method(method)
     batches, num = sequence_batches(seqs, 4)
-    stats = collect_statistics(config, params, batches, mod.requirements(), num_batches=num,
-                               progress=False)
+    stats = collect_statistics(
+        config, params, batches, mod.requirements(), num_batches=num, progress=False
+    )
     values, _ = mod.fit(stats, s)
     return make_state(config, method, s, values)
 
@@ -54,8 +64,10 @@ def _calibrated(config, params, seqs, method, s):
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.lists(st.floats(-10, 10, allow_nan=False, width=32), min_size=1, max_size=40),
-       st.floats(0.01, 5.0))
+@given(
+    st.lists(st.floats(-10, 10, allow_nan=False, width=32), min_size=1, max_size=40),
+    st.floats(0.01, 5.0),
+)
 def test_soft_mask_tends_to_hard_mask(xs, t):
     x = jnp.asarray(xs, jnp.float32)
     hard = (jnp.abs(x) >= t).astype(jnp.float32)
@@ -106,12 +118,10 @@ def test_training_lowers_the_loss_and_hits_the_target(tiny, method):
     # than the closed-form thresholds it started from
     th, _ = tr.finalize(ts["theta"])
     err_init, sp_init = tr.hard_error(ts0["theta"])
-    err_learned, sp_learned = tr.hard_error({p: jnp.log(jnp.asarray(v)) for p, v in
-                                             th.items()})
+    err_learned, sp_learned = tr.hard_error({p: jnp.log(jnp.asarray(v)) for p, v in th.items()})
     assert sp_learned >= sp_init - 0.01, (sp_init, sp_learned)
     assert err_learned < 0.95 * err_init, (err_init, err_learned)
-    state, _ = learn(LLAMA, params, seqs, init, dataclasses.replace(cfg, steps=5),
-                     progress=False)
+    state, _ = learn(LLAMA, params, seqs, init, dataclasses.replace(cfg, steps=5), progress=False)
     assert state.method == f"{method}-learned"
     state.check_model(LLAMA)
     zs = _measured_zero_fraction(params, seqs, state.thresholds_for_model())
@@ -137,8 +147,7 @@ def _measured_zero_fraction(params, seqs, thresholds):
             from jaxsparse.learn import _tap
 
             d = out.setdefault(f"layers_{i}", {})
-            pts = ("gate",) if method == "chess" else ("q_in", "kv_in", "o_in", "ffn_in",
-                                                       "down_in")
+            pts = ("gate",) if method == "chess" else ("q_in", "kv_in", "o_in", "ffn_in", "down_in")
             for p in pts:
                 raw = np.abs(np.asarray(_tap(taps, p)))
                 d[p] = float(np.mean(raw < np.asarray(th[p])))
@@ -149,10 +158,10 @@ def test_resume_is_bitwise_identical(tiny, tmp_path):
     params, seqs = tiny
     init = _calibrated(LLAMA, params, seqs, "chess", 0.5)
     cfg = LearnSettings("chess", 0.5, steps=6, lr=0.05, batch_tokens=64)
-    whole, _ = learn(LLAMA, params, seqs, init, cfg, tmp_path / "a", save_every=3,
-                     progress=False)
-    none, ts3 = learn(LLAMA, params, seqs, init, cfg, tmp_path / "b", save_every=3,
-                      progress=False, stop_at=3)
+    whole, _ = learn(LLAMA, params, seqs, init, cfg, tmp_path / "a", save_every=3, progress=False)
+    none, ts3 = learn(
+        LLAMA, params, seqs, init, cfg, tmp_path / "b", save_every=3, progress=False, stop_at=3
+    )
     assert none is None and ts3["step"] == 3
     # the checkpoint holds exactly the state at step 3, optimizer state included
     ck = load_checkpoint(latest_checkpoint(tmp_path / "b"), ts3)
@@ -160,17 +169,20 @@ def test_resume_is_bitwise_identical(tiny, tmp_path):
     for a, b in zip(jax.tree.leaves(ck["opt_state"]), jax.tree.leaves(ts3["opt_state"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert int(ck["opt_state"][0].count) == 3
-    np.testing.assert_array_equal(jax.random.key_data(ck["key"]),
-                                  jax.random.key_data(ts3["key"]))
-    resumed, info = learn(LLAMA, params, seqs, init, cfg, tmp_path / "b", save_every=3,
-                          resume=True, progress=False)
+    np.testing.assert_array_equal(jax.random.key_data(ck["key"]), jax.random.key_data(ts3["key"]))
+    resumed, info = learn(
+        LLAMA, params, seqs, init, cfg, tmp_path / "b", save_every=3, resume=True, progress=False
+    )
     assert info["final_step"] == 6
     for layer in whole.thresholds:
-        np.testing.assert_array_equal(whole.thresholds[layer]["gate"],
-                                      resumed.thresholds[layer]["gate"])
+        np.testing.assert_array_equal(
+            whole.thresholds[layer]["gate"], resumed.thresholds[layer]["gate"]
+        )
     # and training changed something (so equality is not trivial)
-    assert any(not np.array_equal(whole.thresholds[k]["gate"], init.thresholds[k]["gate"])
-               for k in whole.thresholds)
+    assert any(
+        not np.array_equal(whole.thresholds[k]["gate"], init.thresholds[k]["gate"])
+        for k in whole.thresholds
+    )
 
 
 @pytest.mark.slow
@@ -181,16 +193,40 @@ def test_resume_refuses_another_method_model_or_settings(tiny, tmp_path, make_pa
     learn(LLAMA, params, seqs, init, cfg, tmp_path / "c", save_every=1, progress=False)
     teal_init = _calibrated(LLAMA, params, seqs, "teal", 0.5)
     with pytest.raises(LearnError, match="method 'chess', not 'teal'"):
-        learn(LLAMA, params, seqs, teal_init, LearnSettings("teal", 0.5, steps=2),
-              tmp_path / "c", resume=True, progress=False)
+        learn(
+            LLAMA,
+            params,
+            seqs,
+            teal_init,
+            LearnSettings("teal", 0.5, steps=2),
+            tmp_path / "c",
+            resume=True,
+            progress=False,
+        )
     other = dataclasses.replace(LLAMA, intermediate_size=48)
     p2 = make_params(other)
     with pytest.raises(LearnError, match="another model"):
-        learn(other, p2, seqs, _calibrated(other, p2, seqs, "chess", 0.5), cfg,
-              tmp_path / "c", resume=True, progress=False)
+        learn(
+            other,
+            p2,
+            seqs,
+            _calibrated(other, p2, seqs, "chess", 0.5),
+            cfg,
+            tmp_path / "c",
+            resume=True,
+            progress=False,
+        )
     with pytest.raises(LearnError, match="other settings"):
-        learn(LLAMA, params, seqs, init, dataclasses.replace(cfg, sparsity=0.7),
-              tmp_path / "c", resume=True, progress=False)
+        learn(
+            LLAMA,
+            params,
+            seqs,
+            init,
+            dataclasses.replace(cfg, sparsity=0.7),
+            tmp_path / "c",
+            resume=True,
+            progress=False,
+        )
     with pytest.raises(LearnError, match="no learn checkpoint"):
         learn(LLAMA, params, seqs, init, cfg, tmp_path / "empty", resume=True, progress=False)
     with pytest.raises(LearnError, match="already holds checkpoints"):
@@ -202,12 +238,27 @@ def test_resume_refuses_another_method_model_or_settings(tiny, tmp_path, make_pa
 def test_cli_bad_input(tmp_path, capsys):
     from jaxsparse.cli import main
 
-    assert main(["learn", "--method", "chess", "--sparsity", "1.5", "--out",
-                 str(tmp_path / "o")]) == 2
+    assert (
+        main(["learn", "--method", "chess", "--sparsity", "1.5", "--out", str(tmp_path / "o")]) == 2
+    )
     assert "outside [0, 1)" in capsys.readouterr().err
-    assert main(["learn", "--method", "chess", "--sparsity", "0.5", "--resume", "--out",
-                 str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "learn",
+                "--method",
+                "chess",
+                "--sparsity",
+                "0.5",
+                "--resume",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "no learn checkpoint" in capsys.readouterr().err
-    assert main(["learn", "--method", "cats", "--sparsity", "0.5", "--out",
-                 str(tmp_path / "o")]) == 2
+    assert (
+        main(["learn", "--method", "cats", "--sparsity", "0.5", "--out", str(tmp_path / "o")]) == 2
+    )
     assert "invalid choice: 'cats'" in capsys.readouterr().err

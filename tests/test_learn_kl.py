@@ -18,8 +18,17 @@ from jaxsparse.methods import get_method
 from jaxsparse.methods.statistics import collect_statistics
 from jaxsparse.sparsity import make_state
 
-LLAMA = ModelConfig(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64,
-                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, eos_token_ids=(0,))
+LLAMA = ModelConfig(
+    model_type="llama",
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    eos_token_ids=(0,),
+)
 TARGET = 0.6
 
 
@@ -31,8 +40,9 @@ def tiny(make_params):
     def cal(method, s):
         mod = get_method(method)
         b, n = sequence_batches(seqs, 4)
-        stats = collect_statistics(LLAMA, params, b, mod.requirements(), num_batches=n,
-                                   progress=False)
+        stats = collect_statistics(
+            LLAMA, params, b, mod.requirements(), num_batches=n, progress=False
+        )
         return make_state(LLAMA, method, s, mod.fit(stats, s)[0])
 
     return params, seqs, [cal("chess", 0.5), cal("wina", 0.1)]
@@ -52,8 +62,9 @@ def _measured_fraction(params, seqs, state):
 def test_kl_falls_at_the_same_fraction_and_the_target_is_hit(tiny):
     params, seqs, inits = tiny
     cfg = KLSettings(TARGET, steps=60, lr=0.03, penalty=30.0, batch_seqs=8)
-    state, info = learn_kl(LLAMA, params, seqs, inits, cfg, progress=False,
-                           measure_tokens=seqs.size, fraction_tol=2e-3)
+    state, info = learn_kl(
+        LLAMA, params, seqs, inits, cfg, progress=False, measure_tokens=seqs.size, fraction_tol=2e-3
+    )
     assert state.method == "kl-learned"
     state.check_model(LLAMA)
     # the final rescale: the fraction `eval` measures on the training text is the target
@@ -77,22 +88,31 @@ def test_resume_is_bitwise_identical(tiny, tmp_path):
     cfg = KLSettings(TARGET, steps=4, lr=0.05, batch_seqs=4)
     kw = {"progress": False, "measure_tokens": 128, "fraction_tol": 0.01}
     whole, _ = learn_kl(LLAMA, params, seqs, inits, cfg, tmp_path / "a", save_every=2, **kw)
-    none, ts2 = learn_kl(LLAMA, params, seqs, inits, cfg, tmp_path / "b", save_every=2,
-                         stop_at=2, **kw)
+    none, ts2 = learn_kl(
+        LLAMA, params, seqs, inits, cfg, tmp_path / "b", save_every=2, stop_at=2, **kw
+    )
     assert none is None and ts2["step"] == 2
     ck = load_checkpoint(latest_checkpoint(tmp_path / "b"), ts2)
     for a, b in zip(jax.tree.leaves(ck["opt_state"]), jax.tree.leaves(ts2["opt_state"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    resumed, info = learn_kl(LLAMA, params, seqs, inits, cfg, tmp_path / "b", save_every=2,
-                             resume=True, **kw)
+    resumed, info = learn_kl(
+        LLAMA, params, seqs, inits, cfg, tmp_path / "b", save_every=2, resume=True, **kw
+    )
     assert info["start_step"] == 2 and info["final_step"] == 4  # it did resume
     for layer in whole.thresholds:
         for p in cfg.points:
-            np.testing.assert_array_equal(whole.thresholds[layer][p],
-                                          resumed.thresholds[layer][p])
+            np.testing.assert_array_equal(whole.thresholds[layer][p], resumed.thresholds[layer][p])
     with pytest.raises(LearnError, match="other settings"):
-        learn_kl(LLAMA, params, seqs, inits, KLSettings(0.7, steps=4, lr=0.05, batch_seqs=4),
-                 tmp_path / "b", resume=True, **kw)
+        learn_kl(
+            LLAMA,
+            params,
+            seqs,
+            inits,
+            KLSettings(0.7, steps=4, lr=0.05, batch_seqs=4),
+            tmp_path / "b",
+            resume=True,
+            **kw,
+        )
 
 
 def test_solve_scale_and_bad_settings():

@@ -49,9 +49,11 @@ def test_make_run_prints_hf_greedy_text(smollm2_hf, smollm2_gguf):
         got = last_json_line(Path(os.environ[OUTPUT_ENV]).read_text())
     else:
         command = recipe.replace("$(BIN)", str(Path(sys.executable).parent)).replace(
-            "$(PROMPT)", prompt)
-        out = subprocess.run(command, shell=True, capture_output=True, text=True, check=False,
-                             cwd=ROOT, timeout=600)
+            "$(PROMPT)", prompt
+        )
+        out = subprocess.run(
+            command, shell=True, capture_output=True, text=True, check=False, cwd=ROOT, timeout=600
+        )
         assert out.returncode == 0, out.stderr[-3000:]
         got = last_json_line(out.stdout)
 
@@ -59,7 +61,7 @@ def test_make_run_prints_hf_greedy_text(smollm2_hf, smollm2_gguf):
     ids = tok(prompt, return_tensors="pt")
     with torch.no_grad():
         ref = smollm2_hf.generate(**ids, max_new_tokens=max_new, do_sample=False)
-    new = ref[0, ids["input_ids"].shape[1]:].tolist()
+    new = ref[0, ids["input_ids"].shape[1] :].tolist()
     new = new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
     expected = tok.decode(new, skip_special_tokens=True)
     assert got["text"] == expected, f"make run printed {got['text']!r}, HF greedy {expected!r}"

@@ -50,57 +50,84 @@ def run_cases() -> dict:
     from jaxsparse.sparsity import dense_state
 
     assert len(jax.devices()) == 8, jax.devices()
-    config = ModelConfig(model_type="llama", vocab_size=256, hidden_size=32,
-                         intermediate_size=64, num_layers=1, num_heads=8, num_kv_heads=4,
-                         head_dim=4, eos_token_ids=(0,))
+    config = ModelConfig(
+        model_type="llama",
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=1,
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=4,
+        eos_token_ids=(0,),
+    )
     params = init_params(config, seed=1)
     tok = ByteTok()
     one = make_mesh(1, 1, jax.devices()[:1])
     cal = {"tokens": 512, "seq_len": 32, "batch_size": 8, "progress": False}
-    states = {k[0]: v for k, v in calibrate(config, params, tok, ["chess", "chess+", "teal"],
-                                            [0.5], mesh=one, **cal).items()}
+    states = {
+        k[0]: v
+        for k, v in calibrate(
+            config, params, tok, ["chess", "chess+", "teal"], [0.5], mesh=one, **cal
+        ).items()
+    }
     states["dense"] = dense_state(config)
     rng = np.random.default_rng(0)
     L, d, m, h, r = config.num_layers, 32, 64, 8, 8
-    shapes = {"ffn_w1": (L, d, r), "ffn_b1": (L, r), "ffn_w2": (L, r, m), "ffn_b2": (L, m),
-              "head_w1": (L, d, r), "head_b1": (L, r), "head_w2": (L, r, h), "head_b2": (L, h)}
-    states["dejavu"] = dejavu_state(config, {k: rng.normal(0, 0.5, s).astype(np.float32)
-                                             for k, s in shapes.items()}, 24, 5)
+    shapes = {
+        "ffn_w1": (L, d, r),
+        "ffn_b1": (L, r),
+        "ffn_w2": (L, r, m),
+        "ffn_b2": (L, m),
+        "head_w1": (L, d, r),
+        "head_b1": (L, r),
+        "head_w2": (L, r, h),
+        "head_b2": (L, h),
+    }
+    states["dejavu"] = dejavu_state(
+        config, {k: rng.normal(0, 0.5, s).astype(np.float32) for k, s in shapes.items()}, 24, 5
+    )
 
     text = " ".join(doc.text for doc in stdlib_documents("evaluation")[:20])
     ppl_ids = np.asarray(tok.encode(text)[:256], np.int32)
-    prompts = [tok.encode(doc.text)[:n] for doc, n in
-               zip(stdlib_documents("evaluation")[20:28], (3, 5, 8, 9, 12, 4, 16, 7))]
-    tokens = ppl_ids[:8 * 32].reshape(8, 32)
+    prompts = [
+        tok.encode(doc.text)[:n]
+        for doc, n in zip(stdlib_documents("evaluation")[20:28], (3, 5, 8, 9, 12, 4, 16, 7))
+    ]
+    tokens = ppl_ids[: 8 * 32].reshape(8, 32)
     valid = np.ones(tokens.shape, bool)
     # one Generator per params layout: teal's kernels serve dense, chess and teal
     layouts = {"teal": ("dense", "chess", "teal"), "chess+": ("chess+",), "dejavu": ("dejavu",)}
 
     def results(mesh) -> dict:
         out = {}
-        ev = Evaluator(config, params, tok, seq_len=32, batch_size=8, mesh=mesh,
-                       progress=False)
+        ev = Evaluator(config, params, tok, seq_len=32, batch_size=8, mesh=mesh, progress=False)
         for method in METHODS:
             # the log-softmax of the logits at every next token, from the forward
             # `evaluate` compiled (the same shapes: no compile of its own)
-            ll = ev.forward(ev.params, put_batch(tokens, ev.mesh), put_batch(valid, ev.mesh),
-                            ev._thresholds(states[method]))["next_ll"]
+            ll = ev.forward(
+                ev.params,
+                put_batch(tokens, ev.mesh),
+                put_batch(valid, ev.mesh),
+                ev._thresholds(states[method]),
+            )["next_ll"]
             res = ev.evaluate(states[method], ppl_ids)
-            out[method] = {"ll": np.asarray(ll, np.float64),
-                           "perplexity": res["perplexity"],
-                           "ffn_sparsity": res["measured_sparsity"]["ffn"]}
+            out[method] = {
+                "ll": np.asarray(ll, np.float64),
+                "perplexity": res["perplexity"],
+                "ffn_sparsity": res["measured_sparsity"]["ffn"],
+            }
         for layout, methods in layouts.items():
-            gen = Generator(config, params, kernels=kernels_for_method(layout, "pallas"),
-                            mesh=mesh)
+            gen = Generator(config, params, kernels=kernels_for_method(layout, "pallas"), mesh=mesh)
             for method in methods:
-                g = gen.generate_ids(prompts, 6, thresholds=states[method].thresholds_for_model(),
-                                     stop_at_eos=False)
+                g = gen.generate_ids(
+                    prompts, 6, thresholds=states[method].thresholds_for_model(), stop_at_eos=False
+                )
                 out[method].update(tokens=g.tokens, decode_sparsity=g.measured_sparsity)
         return out
 
     ref = results(one)
-    report = {"single": {m: {k: v for k, v in r.items() if k != "ll"}
-                         for m, r in ref.items()}}
+    report = {"single": {m: {k: v for k, v in r.items() if k != "ll"} for m, r in ref.items()}}
     for spec in MESHES:
         got = results(mesh_from_spec(spec))
         report[spec] = {}
@@ -109,24 +136,41 @@ def run_cases() -> dict:
             report[spec][method] = {
                 "ll_max_abs_diff": float(np.max(np.abs(a["ll"] - b["ll"]))),
                 "ll_max_abs": float(np.max(np.abs(a["ll"]))),
-                **{k: v for k, v in b.items() if k != "ll"}}
+                **{k: v for k, v in b.items() if k != "ll"},
+            }
     mesh = mesh_from_spec("data=4,model=2")
     fitted = calibrate(config, params, tok, ["teal"], [0.5], mesh=mesh, **cal)
     report["calibrate"] = {}
     for (method, _), st in fitted.items():
-        diffs = [float(np.max(np.abs(np.asarray(st.thresholds[layer][p]) -
-                                     np.asarray(states[method].thresholds[layer][p]))))
-                 for layer in st.thresholds for p in st.thresholds[layer]]
+        diffs = [
+            float(
+                np.max(
+                    np.abs(
+                        np.asarray(st.thresholds[layer][p])
+                        - np.asarray(states[method].thresholds[layer][p])
+                    )
+                )
+            )
+            for layer in st.thresholds
+            for p in st.thresholds[layer]
+        ]
         report["calibrate"][method] = max(diffs)
     return report
 
 
 @pytest.fixture(scope="module")
 def report() -> dict:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
-    p = subprocess.run([sys.executable, str(Path(__file__).resolve())], env=env,
-                       capture_output=True, text=True, timeout=900, check=False)
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
+    )
+    p = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     assert p.returncode == 0, p.stderr[-4000:]
     return json.loads(p.stdout.strip().splitlines()[-1])
 

@@ -18,8 +18,14 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 def readme_notebook_command(notebook: Path, output_dir: Path) -> list[str]:
     """README.md's `jupyter nbconvert ...` line, for `notebook`, writing into `output_dir`."""
-    line = next((ln for ln in (ROOT / "README.md").read_text().splitlines()
-                 if ln.startswith("jupyter nbconvert ")), None)
+    line = next(
+        (
+            ln
+            for ln in (ROOT / "README.md").read_text().splitlines()
+            if ln.startswith("jupyter nbconvert ")
+        ),
+        None,
+    )
     assert line is not None, "README.md gives no `jupyter nbconvert ...` command"
     args = shlex.split(line, comments=True)
     shown = [a for a in args if a.endswith(".ipynb")]
@@ -37,8 +43,15 @@ def test_notebook_runs(path, smollm2, tmp_path):  # smollm2: the default model i
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env.setdefault("JAX_PLATFORMS", "cpu")
-    out = subprocess.run(readme_notebook_command(path, tmp_path), cwd=ROOT, env=env,
-                         capture_output=True, text=True, check=False, timeout=1200)
+    out = subprocess.run(
+        readme_notebook_command(path, tmp_path),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=1200,
+    )
     assert out.returncode == 0, out.stderr[-5000:]
     nb = nbformat.read(tmp_path / path.name, as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
@@ -48,9 +61,13 @@ def test_notebook_runs(path, smollm2, tmp_path):  # smollm2: the default model i
     for c in code:  # a plot that does not show (a library switched the backend) is a failure
         if "plt.show()" in c.source:
             assert any("image/png" in o.get("data", {}) for o in c.get("outputs", [])), (
-                f"{path.name}: no figure shown by\n{c.source}")
+                f"{path.name}: no figure shown by\n{c.source}"
+            )
 
 
 def test_there_are_notebooks():
-    assert {p.name for p in NOTEBOOKS} >= {"quickstart.ipynb", "sparsity_in_a_notebook.ipynb",
-                                           "batch_eval.ipynb"}
+    assert {p.name for p in NOTEBOOKS} >= {
+        "quickstart.ipynb",
+        "sparsity_in_a_notebook.ipynb",
+        "batch_eval.ipynb",
+    }

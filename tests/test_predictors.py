@@ -25,8 +25,17 @@ from jaxsparse.sparsity import StateError, load_state, save_state
 # Structured tiny model: large token embeddings and small attention/FFN-output weights, so
 # the residual stream stays close to the token's embedding across layers and the FFN's
 # important neurons are a (nonlinear) function of the token, visible one block ahead.
-TINY = ModelConfig(model_type="llama", vocab_size=48, hidden_size=32, intermediate_size=64,
-                   num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8, eos_token_ids=(0,))
+TINY = ModelConfig(
+    model_type="llama",
+    vocab_size=48,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    eos_token_ids=(0,),
+)
 KS = {"ffn_k": 32, "ffn_label_k": 12, "head_k": 3, "head_label_k": 2}
 RECALL_FLOOR = 0.9  # mean held-out FFN recall the tiny model must reach (stated in docs)
 
@@ -35,8 +44,9 @@ def _structured_params(seed=0):
     p = init_params(TINY, seed)
     rng = np.random.default_rng(seed)
     p = jax.tree.map(np.asarray, p)
-    p["embed_tokens"]["embedding"] = rng.normal(0, 1.0, p["embed_tokens"]["embedding"].shape
-                                                ).astype(np.float32)
+    p["embed_tokens"]["embedding"] = rng.normal(
+        0, 1.0, p["embed_tokens"]["embedding"].shape
+    ).astype(np.float32)
     for i in range(TINY.num_layers):
         mlp = p[f"layers_{i}"]["mlp"]
         for k in ("gate_proj", "up_proj"):
@@ -49,9 +59,19 @@ def trained():
     params = _structured_params()
     seqs = np.random.default_rng(1).integers(1, TINY.vocab_size, (20, 64)).astype(np.int32)
     data = gather(TINY, params, seqs, batch_size=4, progress=False)
-    weights, report = train_predictors(TINY, data, KS, ffn_rank=16, head_rank=8, steps=300,
-                                       batch_tokens=256, lr=1e-2, eval_every=50,
-                                       patience=3, progress=False)
+    weights, report = train_predictors(
+        TINY,
+        data,
+        KS,
+        ffn_rank=16,
+        head_rank=8,
+        steps=300,
+        batch_tokens=256,
+        lr=1e-2,
+        eval_every=50,
+        patience=3,
+        progress=False,
+    )
     return params, seqs, data, weights, report
 
 
@@ -78,7 +98,8 @@ def test_predictors_reach_the_recall_floor(trained):
     assert report["heldout_tokens"] > 0 and report["train_tokens"] > report["heldout_tokens"]
     # early stopping: the kept weights are the best evaluated on the validation split
     assert report["trace"] and report["trace"][-1]["ffn_recall"] == pytest.approx(
-        report["validation"]["ffn_recall"])
+        report["validation"]["ffn_recall"]
+    )
 
 
 def test_report_is_on_a_third_split(trained):
@@ -86,18 +107,18 @@ def test_report_is_on_a_third_split(trained):
     training nor early stopping used."""
     _, seqs, data, weights, report = trained
     n_seq, t = seqs.shape
-    assert (report["train_tokens"] + report["heldout_tokens"] + report["test_tokens"]
-            == seqs.size)
+    assert report["train_tokens"] + report["heldout_tokens"] + report["test_tokens"] == seqs.size
     n_test = report["test_sequences"]
-    test = {k: data[k][:, (n_seq - n_test) * t:] for k in ("x", "ffn_importance", "head_norm")}
+    test = {k: data[k][:, (n_seq - n_test) * t :] for k in ("x", "ffn_importance", "head_norm")}
     want = heldout_report(TINY, weights, test, KS)
     for k, v in want["mean"].items():
         assert report["mean"][k] == pytest.approx(v, abs=1e-9), k
     # and it is not the early-stopping split's number
     val_start = (n_seq - n_test - report["heldout_sequences"]) * t
-    val = {k: data[k][:, val_start:(n_seq - n_test) * t] for k in test}
+    val = {k: data[k][:, val_start : (n_seq - n_test) * t] for k in test}
     assert heldout_report(TINY, weights, val, KS)["mean"]["ffn_recall"] == pytest.approx(
-        report["validation"]["ffn_recall"], abs=1e-9)
+        report["validation"]["ffn_recall"], abs=1e-9
+    )
     assert report["mean"]["ffn_recall"] != report["validation"]["ffn_recall"]
 
 
@@ -122,9 +143,13 @@ def test_state_roundtrip_and_model_masks(trained, tmp_path):
     model = build_model(TINY)
     tokens = jnp.asarray(seqs[:2])
     pos = positions_from_mask(jnp.ones(tokens.shape, bool))
-    (logits, _), v = model.apply({"params": params}, tokens, pos,
-                                 thresholds=loaded.thresholds_for_model(),
-                                 mutable=["stats", "taps"])
+    (logits, _), v = model.apply(
+        {"params": params},
+        tokens,
+        pos,
+        thresholds=loaded.thresholds_for_model(),
+        mutable=["stats", "taps"],
+    )
     for i in range(TINY.num_layers):
         s = v["stats"][f"layers_{i}"]
         gate_zero = np.asarray(s["mlp"]["gate"][0])
@@ -136,16 +161,16 @@ def test_state_roundtrip_and_model_masks(trained, tmp_path):
 
     taps = v["taps"]
     x_prev = taps["layers_1"]["block_in"][0]
-    ffn_keep, _ = predicted_masks(jax.tree.map(jnp.asarray, loaded.predictors["layers_2"]),
-                                  x_prev)
+    ffn_keep, _ = predicted_masks(jax.tree.map(jnp.asarray, loaded.predictors["layers_2"]), x_prev)
     raw = taps["layers_2"]["mlp"]["gate"][0]
     zeroed = np.asarray(v["stats"]["layers_2"]["mlp"]["gate"][0])
     expect = 1 - np.mean(np.asarray(ffn_keep & (raw != 0)), axis=-1)
     np.testing.assert_allclose(zeroed, expect, atol=1e-6)
     # keeping every neuron and head is the dense model
     dense_op = with_operating_point(loaded, 64, TINY.num_heads)
-    (full, _) = model.apply({"params": params}, tokens, pos,
-                            thresholds=dense_op.thresholds_for_model())
+    (full, _) = model.apply(
+        {"params": params}, tokens, pos, thresholds=dense_op.thresholds_for_model()
+    )
     (dense, _) = model.apply({"params": params}, tokens, pos)
     np.testing.assert_allclose(np.asarray(full), np.asarray(dense), rtol=1e-5, atol=1e-5)
     assert not np.allclose(np.asarray(logits), np.asarray(dense), atol=1e-3)
@@ -169,8 +194,7 @@ def test_bad_ranks_and_ks_are_refused(trained, tmp_path):
         with_operating_point(dejavu_state(TINY, weights, 32, 3), ffn_k=100)
     # a stored state with a k out of range is refused at load
     state = dejavu_state(TINY, weights, 32, 3)
-    bad = {layer: {**w, "ffn_k": np.asarray(0, np.int32)} for layer, w in
-           state.predictors.items()}
+    bad = {layer: {**w, "ffn_k": np.asarray(0, np.int32)} for layer, w in state.predictors.items()}
     with pytest.raises(StateError, match=r"ffn_k = 0 is outside \[1, 64\]"):
         state.replace(predictors=bad).check_model(TINY)
 
@@ -211,17 +235,29 @@ def test_sweep_and_eval_take_dejavu_and_learned_states(trained, tmp_path):
 
     save_state(dejavu_state(TINY, weights, 32, 3), tmp_path / "dv")
     init = make_state(TINY, "chess", 0.5, {f"layers_{i}": {"gate": 0.05} for i in range(3)})
-    learned, _ = learn(TINY, params, seqs, init, LearnSettings("chess", 0.5, steps=3),
-                       progress=False)
+    learned, _ = learn(
+        TINY, params, seqs, init, LearnSettings("chess", 0.5, steps=3), progress=False
+    )
     save_state(learned, tmp_path / "cl")
     (tmp_path / "ev.txt").write_text("alpha beta gamma delta " * 40)
     out = tmp_path / "sweep"
-    results = sweep(Loaded(TINY, params, ByteTok()), ["cats"], [0.3], out,
-                    ev={"seq_len": 64, "batch_size": 4, "ppl": [str(tmp_path / "ev.txt")],
-                        "tasks": None, "max_tokens": 0},
-                    data=[str(tmp_path / "ev.txt")],
-                    calib={"tokens": 512, "seq_len": 64, "batch_size": 4}, progress=False,
-                    extra_states=[str(tmp_path / "dv"), str(tmp_path / "cl")])
+    results = sweep(
+        Loaded(TINY, params, ByteTok()),
+        ["cats"],
+        [0.3],
+        out,
+        ev={
+            "seq_len": 64,
+            "batch_size": 4,
+            "ppl": [str(tmp_path / "ev.txt")],
+            "tasks": None,
+            "max_tokens": 0,
+        },
+        data=[str(tmp_path / "ev.txt")],
+        calib={"tokens": 512, "seq_len": 64, "batch_size": 4},
+        progress=False,
+        extra_states=[str(tmp_path / "dv"), str(tmp_path / "cl")],
+    )
     assert [r["method"] for r in results] == ["dense", "cats", "dejavu", "chess-learned"]
     dv = results[2]
     assert dv["measured_sparsity"]["ffn"] >= 0.5 - 1e-6
@@ -273,8 +309,10 @@ def test_dejavu_kernel_decode_skips_gate_rows(trained, monkeypatch):
 
     monkeypatch.setattr(pallas_kernels, "gated_matvec", spy)
     xla = kernels_for_method("dejavu", "xla")
-    models = {"xla": (build_model(TINY, xla), prepare_params(params, TINY, xla)),
-              "pallas": (build_model(TINY, kn), p_k)}
+    models = {
+        "xla": (build_model(TINY, xla), prepare_params(params, TINY, xla)),
+        "pallas": (build_model(TINY, kn), p_k),
+    }
     prompt = jnp.asarray(seqs[:2, :6])
     pos = positions_from_mask(jnp.ones(prompt.shape, bool))
     out = {}
@@ -284,8 +322,9 @@ def test_dejavu_kernel_decode_skips_gate_rows(trained, monkeypatch):
         toks, tok = [], jnp.argmax(logits[:, -1], -1)[:, None]
         for step in range(4):
             toks.append(np.asarray(tok[:, 0]))
-            logits, cache = model.apply({"params": p}, tok, jnp.full((2, 1), 6 + step), cache,
-                                        6 + step, th)
+            logits, cache = model.apply(
+                {"params": p}, tok, jnp.full((2, 1), 6 + step), cache, 6 + step, th
+            )
             tok = jnp.argmax(logits[:, -1], -1)[:, None]
         out[name] = (np.stack(toks), np.asarray(logits))
     np.testing.assert_array_equal(out["pallas"][0], out["xla"][0])
@@ -295,8 +334,9 @@ def test_dejavu_kernel_decode_skips_gate_rows(trained, monkeypatch):
     per_step = [c for c in calls if c[0] == (m, d)]
     assert len(per_step) == 4 * 2 * TINY.num_layers
     masks = [np.asarray(g) for _, g in per_step[0::2]]
-    assert all(set(np.unique(mk)) <= {0.0, 1.0} and (mk != 0).sum(-1).max() <= KS["ffn_k"]
-               for mk in masks)
+    assert all(
+        set(np.unique(mk)) <= {0.0, 1.0} and (mk != 0).sum(-1).max() <= KS["ffn_k"] for mk in masks
+    )
 
 
 def test_dejavu_activated_params_counts_predictors_and_gate_rows(trained):
@@ -314,6 +354,12 @@ def test_dejavu_activated_params_counts_predictors_and_gate_rows(trained):
     keep, heads = KS["ffn_k"] / TINY.intermediate_size, KS["head_k"] / TINY.num_heads
     pred = predictor_weights(state.predictors["layers_0"])
     assert pred == 32 * 16 + 16 * 64 + 32 * 8 + 8 * 4  # W1 and W2 of both predictors
-    want = (s["q_proj"] + s["k_proj"] + s["v_proj"] + s["o_proj"] * heads
-            + (s["gate_proj"] + s["up_proj"] + s["down_proj"]) * keep + pred) / sum(s.values())
+    want = (
+        s["q_proj"]
+        + s["k_proj"]
+        + s["v_proj"]
+        + s["o_proj"] * heads
+        + (s["gate_proj"] + s["up_proj"] + s["down_proj"]) * keep
+        + pred
+    ) / sum(s.values())
     assert r["activated_params_fraction"] == pytest.approx(want, rel=1e-5)

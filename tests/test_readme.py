@@ -51,14 +51,14 @@ class Block:
     def skip_reason(self) -> str | None:
         for m in self.markers:
             if m.split(None, 1)[0] == "skip":
-                return m[len("skip"):].strip()
+                return m[len("skip") :].strip()
         return None
 
     def code_to_run(self) -> str:
         code = self.code
         for m in self.markers:
             if m.split(None, 1)[0] == "replace":
-                old, new = (x.strip() for x in m[len("replace"):].split("=>", 1))
+                old, new = (x.strip() for x in m[len("replace") :].split("=>", 1))
                 code = code.replace(old, new)
         return code
 
@@ -80,7 +80,7 @@ def readme_blocks(text: str) -> list[Block]:
             if lines[k].strip():
                 markers.insert(0, MARKER.match(lines[k]).group(1))
             k -= 1
-        blocks.append(Block(start + 1, language, "\n".join(lines[start + 1:end]) + "\n", markers))
+        blocks.append(Block(start + 1, language, "\n".join(lines[start + 1 : end]) + "\n", markers))
         i = end + 1
     return blocks
 
@@ -101,15 +101,17 @@ def test_readme_markers():
                 assert b.skip_reason(), f"README.md:{b.line}: skip without a reason"
             else:
                 assert "=>" in m, f"README.md:{b.line}: replace needs 'OLD => NEW': {m!r}"
-                old = m[len("replace"):].split("=>", 1)[0].strip()
+                old = m[len("replace") :].split("=>", 1)[0].strip()
                 assert old and old in b.code, f"README.md:{b.line}: {old!r} is not in the block"
         if b.markers:
             assert b.language in RUN_LANGUAGES, f"README.md:{b.line}: marker on a block not run"
 
 
 def test_marker_parsing():
-    text = ("x\n<!-- readme-test: replace A => B -->\n\n<!-- readme-test: replace B => C -->\n"
-            "```bash\necho A\n```\n```python\nprint(1)\n```\n```\nplain\n```\n")
+    text = (
+        "x\n<!-- readme-test: replace A => B -->\n\n<!-- readme-test: replace B => C -->\n"
+        "```bash\necho A\n```\n```python\nprint(1)\n```\n```\nplain\n```\n"
+    )
     a, b, c = readme_blocks(text)
     assert (a.line, a.language, a.markers) == (5, "bash", ["replace A => B", "replace B => C"])
     assert a.code_to_run() == "echo C\n" and a.skip_reason() is None
@@ -132,12 +134,23 @@ def test_readme_block(block: Block, workdir: Path):
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env.setdefault("JAX_PLATFORMS", "cpu")
     code = block.code_to_run()
-    cmd = (["bash", "-e", "-o", "pipefail", "-c", code] if block.language == "bash"
-           else [sys.executable, "-c", code])
+    cmd = (
+        ["bash", "-e", "-o", "pipefail", "-c", code]
+        if block.language == "bash"
+        else [sys.executable, "-c", code]
+    )
     t0 = time.time()
-    out = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True,
-                         check=False, timeout=BLOCK_TIMEOUT_S)
+    out = subprocess.run(
+        cmd,
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=BLOCK_TIMEOUT_S,
+    )
     print(f"README.md:{block.line} ({block.language}) ran in {time.time() - t0:.0f} s")
     assert out.returncode == 0, (
         f"README.md:{block.line} ({block.language}) exited {out.returncode}\n--- ran:\n{code}"
-        f"--- stdout:\n{out.stdout[-3000:]}\n--- stderr:\n{out.stderr[-5000:]}")
+        f"--- stdout:\n{out.stdout[-3000:]}\n--- stderr:\n{out.stderr[-5000:]}"
+    )

@@ -20,15 +20,26 @@ from jaxsparse.sparsity import (
     save_state,
 )
 
-TINY = ModelConfig(model_type="llama", vocab_size=260, hidden_size=32, intermediate_size=48,
-                   num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, eos_token_ids=(0,))
+TINY = ModelConfig(
+    model_type="llama",
+    vocab_size=260,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    eos_token_ids=(0,),
+)
 OTHER = TINY.replace(intermediate_size=64)
 
 
 def _state(config=TINY, method="chess+", s=0.5):
     gate = np.linspace(0.1, 1.0, config.intermediate_size).astype(np.float32)
-    values = {f"layers_{i}": {"gate": gate * (i + 1), "q_in": 0.3, "o_in": 0.2}
-              for i in range(config.num_layers)}
+    values = {
+        f"layers_{i}": {"gate": gate * (i + 1), "q_in": 0.3, "o_in": 0.2}
+        for i in range(config.num_layers)
+    }
     return make_state(config, method, s, values, {"tokens": 123}, {"note": "test"})
 
 

@@ -13,8 +13,17 @@ from jaxsparse.config import ModelConfig
 from jaxsparse.models import init_params
 from jaxsparse.sweep import config_name, markdown_table, sweep
 
-LLAMA = ModelConfig(model_type="llama", vocab_size=260, hidden_size=32, intermediate_size=48,
-                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, eos_token_ids=(0,))
+LLAMA = ModelConfig(
+    model_type="llama",
+    vocab_size=260,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    eos_token_ids=(0,),
+)
 
 
 class ByteTok:
@@ -48,14 +57,22 @@ def test_sweep_writes_table_and_plots_and_resumes(tmp_path):
     (tmp_path / "cal.txt").write_text(" ".join(rng.choice(words, 600)))
     (tmp_path / "ev.txt").write_text(" ".join(rng.choice(words, 200)))
     (tmp_path / "tasks.jsonl").write_text(
-        json.dumps({"context": "alpha beta", "choices": [" gamma", " delta"], "gold": 0}) + "\n")
+        json.dumps({"context": "alpha beta", "choices": [" gamma", " delta"], "gold": 0}) + "\n"
+    )
     lm = FakeLoaded(LLAMA, init_params(LLAMA), ByteTok())
     out = tmp_path / "sweep"
-    kw = {"data": [str(tmp_path / "cal.txt")],
-          "calib": {"tokens": 1024, "seq_len": 64, "batch_size": 8},
-          "ev": {"seq_len": 64, "batch_size": 8, "ppl": [str(tmp_path / "ev.txt")],
-                 "tasks": str(tmp_path / "tasks.jsonl"), "max_tokens": 0},
-          "progress": False}
+    kw = {
+        "data": [str(tmp_path / "cal.txt")],
+        "calib": {"tokens": 1024, "seq_len": 64, "batch_size": 8},
+        "ev": {
+            "seq_len": 64,
+            "batch_size": 8,
+            "ppl": [str(tmp_path / "ev.txt")],
+            "tasks": str(tmp_path / "tasks.jsonl"),
+            "max_tokens": 0,
+        },
+        "progress": False,
+    }
     results = sweep(lm, ["cats", "chess+"], [0.3, 0.6], out, **kw)
     assert [r["method"] for r in results] == ["dense", "cats", "cats", "chess+", "chess+"]
     for name in ("cats_s0.3", "cats_s0.6", "chess_plus_s0.3", "chess_plus_s0.6"):
@@ -85,8 +102,12 @@ def test_table_row_shows_no_ffn_sparsity_for_a_method_that_does_not_threshold_th
 
     def result(method, gate):
         per_point = {"q_in": 0.5, "gate": gate}
-        return {"method": method, "target_sparsity": 0.5, "activated_params_fraction": 0.6,
-                "measured_sparsity": {"ffn": gate, "per_point": per_point}}
+        return {
+            "method": method,
+            "target_sparsity": 0.5,
+            "activated_params_fraction": 0.6,
+            "measured_sparsity": {"ffn": gate, "per_point": per_point},
+        }
 
     assert table_row(result("teal", 0.0))["ffn_sparsity"] is None
     assert table_row(result("chess", 0.49))["ffn_sparsity"] == 0.49
@@ -94,9 +115,19 @@ def test_table_row_shows_no_ffn_sparsity_for_a_method_that_does_not_threshold_th
 
 
 def test_markdown_table_formats_missing_values():
-    md = markdown_table([{"method": "dense", "target_sparsity": 0.0, "perplexity": 3.14159,
-                          "acc": None, "acc_norm": None, "ffn_sparsity": 0.0,
-                          "activated_params_fraction": 1.0}])
+    md = markdown_table(
+        [
+            {
+                "method": "dense",
+                "target_sparsity": 0.0,
+                "perplexity": 3.14159,
+                "acc": None,
+                "acc_norm": None,
+                "ffn_sparsity": 0.0,
+                "activated_params_fraction": 1.0,
+            }
+        ]
+    )
     assert "| dense | 0 | 3.142 | — | — | 0 | 1 |" in md
 
 
@@ -112,9 +143,13 @@ def test_sweep_refuses_an_out_made_with_other_settings(tmp_path):
     (tmp_path / "ev.txt").write_text(" ".join(rng.choice(words, 200)))
     lm = FakeLoaded(LLAMA, init_params(LLAMA), ByteTok())
     out = tmp_path / "sweep"
-    kw = {"data": [str(cal)], "calib": {"tokens": 512, "seq_len": 64, "batch_size": 8},
-          "ev": {"seq_len": 64, "batch_size": 8, "ppl": [str(tmp_path / "ev.txt")],
-                 "max_tokens": 0}, "progress": False, "include_dense": False}
+    kw = {
+        "data": [str(cal)],
+        "calib": {"tokens": 512, "seq_len": 64, "batch_size": 8},
+        "ev": {"seq_len": 64, "batch_size": 8, "ppl": [str(tmp_path / "ev.txt")], "max_tokens": 0},
+        "progress": False,
+        "include_dense": False,
+    }
     first = sweep(lm, ["cats"], [0.5], out, **kw)
     stored = json.loads((out / "settings.json").read_text())
     assert stored["calibration"]["tokens"] == 512 and stored["evaluation"]["seq_len"] == 64
@@ -122,8 +157,11 @@ def test_sweep_refuses_an_out_made_with_other_settings(tmp_path):
 
     # other calibration tokens: refused, nothing touched
     other = {**kw, "calib": {**kw["calib"], "tokens": 1024}}
-    with pytest.raises(SweepSettingsError, match=r"calibration tokens: 512 there, 1024 now.*"
-                                                 r"--overwrite.*another --out"):
+    with pytest.raises(
+        SweepSettingsError,
+        match=r"calibration tokens: 512 there, 1024 now.*"
+        r"--overwrite.*another --out",
+    ):
         sweep(lm, ["cats"], [0.5], out, **other)
     assert (out / "states" / "cats_s0.5" / "state.json").read_text() == state_json
     # the same path with other content is another data set
@@ -132,8 +170,13 @@ def test_sweep_refuses_an_out_made_with_other_settings(tmp_path):
         sweep(lm, ["cats"], [0.5], out, **kw)
     # other evaluation settings: refused too, but --calibrate-only only compares calibration
     with pytest.raises(SweepSettingsError, match="evaluation seq_len: 64 there, 32 now"):
-        sweep(lm, ["cats"], [0.5], out, **{**other, "calib": kw["calib"],
-                                           "ev": {**kw["ev"], "seq_len": 32}})
+        sweep(
+            lm,
+            ["cats"],
+            [0.5],
+            out,
+            **{**other, "calib": kw["calib"], "ev": {**kw["ev"], "seq_len": 32}},
+        )
     # overwrite: recalibrated on the new settings, new results
     again = sweep(lm, ["cats"], [0.5], out, **other, overwrite=True)
     assert json.loads((out / "settings.json").read_text())["calibration"]["tokens"] == 1024
@@ -158,10 +201,13 @@ def test_sweep_does_not_reuse_a_result_of_another_state(tmp_path):
     (tmp_path / "ev.txt").write_text(" ".join(rng.choice(words, 200)))
     lm = FakeLoaded(LLAMA, init_params(LLAMA), ByteTok())
     out = tmp_path / "sweep"
-    kw = {"data": [str(tmp_path / "cal.txt")],
-          "calib": {"tokens": 512, "seq_len": 64, "batch_size": 8},
-          "ev": {"seq_len": 64, "batch_size": 8, "ppl": [str(tmp_path / "ev.txt")],
-                 "max_tokens": 0}, "progress": False, "include_dense": False}
+    kw = {
+        "data": [str(tmp_path / "cal.txt")],
+        "calib": {"tokens": 512, "seq_len": 64, "batch_size": 8},
+        "ev": {"seq_len": 64, "batch_size": 8, "ppl": [str(tmp_path / "ev.txt")], "max_tokens": 0},
+        "progress": False,
+        "include_dense": False,
+    }
     sweep(lm, ["cats"], [0.5], out, **kw)
     result = out / "results" / "cats_s0.5.json"
     doc = json.loads(result.read_text())

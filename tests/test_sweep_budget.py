@@ -13,8 +13,17 @@ import pytest
 from jaxsparse.config import ModelConfig
 from jaxsparse.sweep_budget import solve_sparsity, sweep_fractions
 
-LLAMA = ModelConfig(model_type="llama", vocab_size=260, hidden_size=32, intermediate_size=48,
-                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, eos_token_ids=(0,))
+LLAMA = ModelConfig(
+    model_type="llama",
+    vocab_size=260,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    eos_token_ids=(0,),
+)
 TOL = 2e-3
 
 
@@ -60,11 +69,20 @@ def test_equal_fraction_sweep(tmp_path, make_params):
     (tmp_path / "ev.txt").write_text(" ".join(rng.choice(words, 200)))
     lm = FakeLoaded(LLAMA, make_params(LLAMA), ByteTok())
     out = tmp_path / "sweep"
-    kw = {"data": [str(tmp_path / "cal.txt")],
-          "calib": {"tokens": 1024, "seq_len": 64, "batch_size": 8},
-          "ev": {"seq_len": 64, "batch_size": 8, "ppl": [str(tmp_path / "ev.txt")],
-                 "tasks": None, "max_tokens": 0},
-          "measure_tokens": 1024, "tol": TOL, "progress": False}
+    kw = {
+        "data": [str(tmp_path / "cal.txt")],
+        "calib": {"tokens": 1024, "seq_len": 64, "batch_size": 8},
+        "ev": {
+            "seq_len": 64,
+            "batch_size": 8,
+            "ppl": [str(tmp_path / "ev.txt")],
+            "tasks": None,
+            "max_tokens": 0,
+        },
+        "measure_tokens": 1024,
+        "tol": TOL,
+        "progress": False,
+    }
     results = sweep_fractions(lm, ["chess", "teal", "wina"], [0.5, 0.75], out, **kw)
     by = {(r["method"], r["budget"]["target_fraction"]): r for r in results}
     assert by[("dense", 1.0)]["activated_params_fraction"] == pytest.approx(1.0)

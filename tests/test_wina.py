@@ -13,12 +13,34 @@ from jaxsparse.config import ModelConfig
 from jaxsparse.methods.teal import group_sizes
 from jaxsparse.models import build_model, positions_from_mask
 
-LLAMA = ModelConfig(model_type="llama", vocab_size=260, hidden_size=32, intermediate_size=48,
-                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, eos_token_ids=(0,))
-OPT = ModelConfig(model_type="opt", vocab_size=260, hidden_size=32, intermediate_size=64,
-                  num_layers=2, num_heads=4, num_kv_heads=4, head_dim=8, eos_token_ids=(0,),
-                  qkv_bias=True, o_bias=True, mlp_bias=True, tie_word_embeddings=True,
-                  position_offset=2, max_position_embeddings=128)
+LLAMA = ModelConfig(
+    model_type="llama",
+    vocab_size=260,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    eos_token_ids=(0,),
+)
+OPT = ModelConfig(
+    model_type="opt",
+    vocab_size=260,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=4,
+    head_dim=8,
+    eos_token_ids=(0,),
+    qkv_bias=True,
+    o_bias=True,
+    mlp_bias=True,
+    tie_word_embeddings=True,
+    position_offset=2,
+    max_position_embeddings=128,
+)
 SEQ, TOKENS = 64, 1024
 RESOLUTION = 0.0035  # the histogram's relative bin width (docs/methods.md)
 
@@ -43,8 +65,18 @@ def corpus(tmp_path_factory):
 def fitted(request, corpus, make_params):
     config = request.param
     params = make_params(config)
-    states = calibrate(config, params, ByteTok(), ["wina"], [0.0, 0.5],
-                       [str(corpus / "cal.txt")], TOKENS, SEQ, 8, progress=False)
+    states = calibrate(
+        config,
+        params,
+        ByteTok(),
+        ["wina"],
+        [0.0, 0.5],
+        [str(corpus / "cal.txt")],
+        TOKENS,
+        SEQ,
+        8,
+        progress=False,
+    )
     return config, params, states
 
 
@@ -57,8 +89,9 @@ def _tokens(corpus):
 def _taps(config, params, tokens):
     model = build_model(config)
     valid = jnp.ones(tokens.shape, bool)
-    _, v = jax.jit(lambda p, t: model.apply({"params": p}, t, positions_from_mask(valid),
-                                            mutable=["taps"]))(params, jnp.asarray(tokens))
+    _, v = jax.jit(
+        lambda p, t: model.apply({"params": p}, t, positions_from_mask(valid), mutable=["taps"])
+    )(params, jnp.asarray(tokens))
     return v["taps"]
 
 
@@ -67,17 +100,29 @@ def _numpy_norms(config, layer_params):
     a, m = layer_params["self_attn"], layer_params["mlp"]
     k = lambda p: np.asarray(p["kernel"], np.float64)
     qkv = np.concatenate([k(a["q_proj"]), k(a["k_proj"]), k(a["v_proj"])], axis=1)
-    ffn = (k(m["fc1"]) if config.family == "opt"
-           else np.concatenate([k(m["gate_proj"]), k(m["up_proj"])], axis=1))
+    ffn = (
+        k(m["fc1"])
+        if config.family == "opt"
+        else np.concatenate([k(m["gate_proj"]), k(m["up_proj"])], axis=1)
+    )
     down = k(m["fc2"]) if config.family == "opt" else k(m["down_proj"])
     n = lambda w: np.linalg.norm(w, axis=1)
-    return {"q_in": n(qkv), "kv_in": n(qkv), "o_in": n(k(a["o_proj"])), "ffn_in": n(ffn),
-            "down_in": n(down)}
+    return {
+        "q_in": n(qkv),
+        "kv_in": n(qkv),
+        "o_in": n(k(a["o_proj"])),
+        "ffn_in": n(ffn),
+        "down_in": n(down),
+    }
 
 
-TAP = {"q_in": ("self_attn", "q_in"), "kv_in": ("self_attn", "kv_in"),
-       "o_in": ("self_attn", "o_in"), "ffn_in": ("mlp", "ffn_in"),
-       "down_in": ("mlp", "down_in")}
+TAP = {
+    "q_in": ("self_attn", "q_in"),
+    "kv_in": ("self_attn", "kv_in"),
+    "o_in": ("self_attn", "o_in"),
+    "ffn_in": ("mlp", "ffn_in"),
+    "down_in": ("mlp", "down_in"),
+}
 
 
 def test_thresholds_equal_the_numpy_formula(fitted, corpus):
@@ -91,8 +136,7 @@ def test_thresholds_equal_the_numpy_formula(fitted, corpus):
         np.testing.assert_array_equal(th["q_in"], th["kv_in"])  # one input, one threshold
         assert np.all(th["gate"] == 0)
         for p, (sub, name) in TAP.items():
-            x = np.abs(np.asarray(taps[layer][sub][name][0], np.float64)).reshape(
-                -1, norms[p].size)
+            x = np.abs(np.asarray(taps[layer][sub][name][0], np.float64)).reshape(-1, norms[p].size)
             score = x * norms[p]
             want = np.quantile(score, 0.5, method="inverted_cdf")
             got = th[p].astype(np.float64) * norms[p]  # T = t_i * n_i, the same T for all i
@@ -122,9 +166,19 @@ def test_sparsity_zero_equals_dense_and_measured_sparsity(fitted, corpus):
 
 def test_greedy_allocation_reaches_the_layer_sparsity(corpus, make_params):
     params = make_params(LLAMA)
-    st_ = calibrate(LLAMA, params, ByteTok(), ["wina"], [0.5], [str(corpus / "cal.txt")],
-                    TOKENS, SEQ, 8, {"wina": {"allocation": "greedy", "greedy_tokens": 128}},
-                    progress=False)[("wina", 0.5)]
+    st_ = calibrate(
+        LLAMA,
+        params,
+        ByteTok(),
+        ["wina"],
+        [0.5],
+        [str(corpus / "cal.txt")],
+        TOKENS,
+        SEQ,
+        8,
+        {"wina": {"allocation": "greedy", "greedy_tokens": 128}},
+        progress=False,
+    )[("wina", 0.5)]
     alloc = st_.meta.details["group_sparsity"]
     sizes = group_sizes(LLAMA)
     taps = _taps(LLAMA, params, _tokens(corpus))
@@ -132,5 +186,10 @@ def test_greedy_allocation_reaches_the_layer_sparsity(corpus, make_params):
         assert sum(s[g] * sizes[g] for g in sizes) / sum(sizes.values()) == pytest.approx(0.5)
         norms = _numpy_norms(LLAMA, params[layer])
         x = np.abs(np.asarray(taps[layer]["mlp"]["ffn_in"][0], np.float64)).reshape(-1, 32)
-        np.testing.assert_allclose(np.mean(x * norms["ffn_in"] < st_.thresholds[layer][
-            "ffn_in"] * norms["ffn_in"] * (1 - 1e-6)), s["gate_up"], atol=2e-3)
+        np.testing.assert_allclose(
+            np.mean(
+                x * norms["ffn_in"] < st_.thresholds[layer]["ffn_in"] * norms["ffn_in"] * (1 - 1e-6)
+            ),
+            s["gate_up"],
+            atol=2e-3,
+        )

@@ -23,26 +23,54 @@ from jaxsparse.cli.common import (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--method", required=True,
-                        help="cats, chess, chess+, teal or wina")
-    parser.add_argument("--sparsity", required=True, type=sparsity,
-                        help="target fraction of activations to zero, in [0, 1)")
-    parser.add_argument("--data", nargs="+", metavar="FILE",
-                        help="text files or JSONL files with a 'text' field (default: the "
-                             "calibration split of the built-in stdlib-docstring corpus)")
-    parser.add_argument("--tokens", type=at_least(1), default=DEFAULTS["tokens"],
-                        help="calibration tokens")
-    parser.add_argument("--seq-len", type=at_least(2), default=DEFAULTS["seq_len"],
-                        help="tokens per calibration sequence")
-    parser.add_argument("--batch-size", type=at_least(1), default=DEFAULTS["batch_size"],
-                        help="sequences per forward pass")
-    parser.add_argument("--teal-allocation", choices=["uniform", "greedy"], default="uniform",
-                        help="teal: the same sparsity for every layer and input, or a greedy "
-                             "allocation by block error")
-    parser.add_argument("--teal-greedy-step", type=in_interval(0.0, 1.0, True, True),
-                        default=0.05, help="greedy: layer sparsity added per step")
-    parser.add_argument("--teal-greedy-tokens", type=at_least(1), default=1024,
-                        help="greedy: calibration tokens the block error is measured on")
+    parser.add_argument("--method", required=True, help="cats, chess, chess+, teal or wina")
+    parser.add_argument(
+        "--sparsity",
+        required=True,
+        type=sparsity,
+        help="target fraction of activations to zero, in [0, 1)",
+    )
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        metavar="FILE",
+        help="text files or JSONL files with a 'text' field (default: the "
+        "calibration split of the built-in stdlib-docstring corpus)",
+    )
+    parser.add_argument(
+        "--tokens", type=at_least(1), default=DEFAULTS["tokens"], help="calibration tokens"
+    )
+    parser.add_argument(
+        "--seq-len",
+        type=at_least(2),
+        default=DEFAULTS["seq_len"],
+        help="tokens per calibration sequence",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=at_least(1),
+        default=DEFAULTS["batch_size"],
+        help="sequences per forward pass",
+    )
+    parser.add_argument(
+        "--teal-allocation",
+        choices=["uniform", "greedy"],
+        default="uniform",
+        help="teal: the same sparsity for every layer and input, or a greedy "
+        "allocation by block error",
+    )
+    parser.add_argument(
+        "--teal-greedy-step",
+        type=in_interval(0.0, 1.0, True, True),
+        default=0.05,
+        help="greedy: layer sparsity added per step",
+    )
+    parser.add_argument(
+        "--teal-greedy-tokens",
+        type=at_least(1),
+        default=1024,
+        help="greedy: calibration tokens the block error is measured on",
+    )
     add_mesh_argument(parser, "calibration")
     parser.add_argument("--out", required=True, help="directory to write the state to")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -50,8 +78,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def method_options(args: argparse.Namespace) -> dict[str, dict]:
-    opts = {"allocation": args.teal_allocation, "greedy_step": args.teal_greedy_step,
-            "greedy_tokens": args.teal_greedy_tokens}
+    opts = {
+        "allocation": args.teal_allocation,
+        "greedy_step": args.teal_greedy_step,
+        "greedy_tokens": args.teal_greedy_tokens,
+    }
     return {"teal": opts, "wina": dict(opts)}  # wina allocates its groups as teal does
 
 
@@ -67,11 +98,25 @@ def run(args: argparse.Namespace) -> int:
     mesh = mesh_for(args)
     t0 = time.time()
     lm = load_model_for(args, needs_tokenizer="calibration")
-    states = calibrate(lm.config, lm.params, lm.tokenizer, [args.method], [s], args.data,
-                       args.tokens, args.seq_len, args.batch_size, method_options(args),
-                       mesh=mesh, model_source=lm.source, progress=not args.no_progress)
+    states = calibrate(
+        lm.config,
+        lm.params,
+        lm.tokenizer,
+        [args.method],
+        [s],
+        args.data,
+        args.tokens,
+        args.seq_len,
+        args.batch_size,
+        method_options(args),
+        mesh=mesh,
+        model_source=lm.source,
+        progress=not args.no_progress,
+    )
     state = states[(args.method, s)]
     save_state(state, args.out, args.overwrite)
-    print(f"{args.method} at sparsity {s}: calibrated on {state.meta.provenance['tokens']} "
-          f"tokens in {time.time() - t0:.1f} s; wrote {Path(args.out)}")
+    print(
+        f"{args.method} at sparsity {s}: calibrated on {state.meta.provenance['tokens']} "
+        f"tokens in {time.time() - t0:.1f} s; wrote {Path(args.out)}"
+    )
     return 0

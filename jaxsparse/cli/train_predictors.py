@@ -28,32 +28,62 @@ from jaxsparse.predictors import (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--data", nargs="+", metavar="FILE",
-                        help="training text (default: the calibration split of the built-in "
-                             "corpus; the last 20%% of its sequences are held out)")
-    parser.add_argument("--tokens", type=at_least(2), default=DEFAULTS["tokens"],
-                        help="training tokens (at least two sequences)")
-    parser.add_argument("--seq-len", type=at_least(2), default=DEFAULTS["seq_len"],
-                        help="tokens per sequence")
-    parser.add_argument("--ffn-rank", type=at_least(1), default=DEFAULTS["ffn_rank"],
-                        help="rank r of the FFN predictor d -> r -> m")
-    parser.add_argument("--head-rank", type=at_least(1), default=DEFAULTS["head_rank"],
-                        help="rank r of the head predictor d -> r -> H")
-    parser.add_argument("--ffn-k", type=at_least(1),
-                        help="FFN neurons kept per token (default m/2)")
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        metavar="FILE",
+        help="training text (default: the calibration split of the built-in "
+        "corpus; the last 20%% of its sequences are held out)",
+    )
+    parser.add_argument(
+        "--tokens",
+        type=at_least(2),
+        default=DEFAULTS["tokens"],
+        help="training tokens (at least two sequences)",
+    )
+    parser.add_argument(
+        "--seq-len", type=at_least(2), default=DEFAULTS["seq_len"], help="tokens per sequence"
+    )
+    parser.add_argument(
+        "--ffn-rank",
+        type=at_least(1),
+        default=DEFAULTS["ffn_rank"],
+        help="rank r of the FFN predictor d -> r -> m",
+    )
+    parser.add_argument(
+        "--head-rank",
+        type=at_least(1),
+        default=DEFAULTS["head_rank"],
+        help="rank r of the head predictor d -> r -> H",
+    )
+    parser.add_argument(
+        "--ffn-k", type=at_least(1), help="FFN neurons kept per token (default m/2)"
+    )
     parser.add_argument("--head-k", type=at_least(1), help="heads kept per token (default: all)")
-    parser.add_argument("--ffn-label-k", type=at_least(1),
-                        help="top-k of |g*u| labelled as mattering (default m/4)")
-    parser.add_argument("--head-label-k", type=at_least(1),
-                        help="top-k heads by output norm labelled (default H/2)")
-    parser.add_argument("--steps", type=at_least(1), default=DEFAULTS["steps"],
-                        help="optimizer steps")
-    parser.add_argument("--batch-tokens", type=at_least(1), default=DEFAULTS["batch_tokens"],
-                        help="tokens per optimizer step")
-    parser.add_argument("--lr", type=in_interval(0.0, float("inf"), lo_open=True),
-                        default=DEFAULTS["lr"], help="Adam learning rate")
-    parser.add_argument("--seed", type=int, default=DEFAULTS["seed"],
-                        help="initialization and batch-order seed")
+    parser.add_argument(
+        "--ffn-label-k", type=at_least(1), help="top-k of |g*u| labelled as mattering (default m/4)"
+    )
+    parser.add_argument(
+        "--head-label-k", type=at_least(1), help="top-k heads by output norm labelled (default H/2)"
+    )
+    parser.add_argument(
+        "--steps", type=at_least(1), default=DEFAULTS["steps"], help="optimizer steps"
+    )
+    parser.add_argument(
+        "--batch-tokens",
+        type=at_least(1),
+        default=DEFAULTS["batch_tokens"],
+        help="tokens per optimizer step",
+    )
+    parser.add_argument(
+        "--lr",
+        type=in_interval(0.0, float("inf"), lo_open=True),
+        default=DEFAULTS["lr"],
+        help="Adam learning rate",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=DEFAULTS["seed"], help="initialization and batch-order seed"
+    )
     parser.add_argument("--out", required=True, help="directory for the dejavu state")
     parser.add_argument("--report", metavar="FILE.json", help="write the held-out report here")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -72,8 +102,10 @@ def run(args: argparse.Namespace) -> int:
     refuse_existing(args.out, args.overwrite)
     check_text_files("--data", args.data)
     if args.tokens < 2 * args.seq_len:
-        raise PredictorError(f"--tokens {args.tokens}: need at least two sequences of "
-                             f"--seq-len {args.seq_len} (one is held out)")
+        raise PredictorError(
+            f"--tokens {args.tokens}: need at least two sequences of "
+            f"--seq-len {args.seq_len} (one is held out)"
+        )
     t0 = time.time()
     lm = load_model_for(args, needs_tokenizer="training")
     config = lm.config
@@ -88,27 +120,53 @@ def run(args: argparse.Namespace) -> int:
     seqs = data_mod.pack_tokens(docs, lm.tokenizer, eos, args.seq_len, args.tokens, what)
     data = gather(config, lm.params, seqs, progress=not args.no_progress)
     t_data = time.time() - t0
-    weights, report = train_predictors(config, data, ks, args.ffn_rank, args.head_rank,
-                                       args.steps, args.batch_tokens, args.lr, seed=args.seed,
-                                       progress=not args.no_progress)
-    provenance = {"data": list(map(str, args.data)) if args.data else None,
-                  "builtin_corpus": None if args.data else data_mod.builtin_provenance(
-                      "calibration"),
-                  "tokens": int(seqs.size), "seq_len": args.seq_len,
-                  "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                  "jax_version": jax.__version__, "model_source": lm.source}
-    details = {"ffn_rank": args.ffn_rank, "head_rank": args.head_rank,
-               "ffn_label_k": ks["ffn_label_k"], "head_label_k": ks["head_label_k"],
-               "test_mean": report["mean"], "validation_mean": report["validation"]}
+    weights, report = train_predictors(
+        config,
+        data,
+        ks,
+        args.ffn_rank,
+        args.head_rank,
+        args.steps,
+        args.batch_tokens,
+        args.lr,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    provenance = {
+        "data": list(map(str, args.data)) if args.data else None,
+        "builtin_corpus": None if args.data else data_mod.builtin_provenance("calibration"),
+        "tokens": int(seqs.size),
+        "seq_len": args.seq_len,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "jax_version": jax.__version__,
+        "model_source": lm.source,
+    }
+    details = {
+        "ffn_rank": args.ffn_rank,
+        "head_rank": args.head_rank,
+        "ffn_label_k": ks["ffn_label_k"],
+        "head_label_k": ks["head_label_k"],
+        "test_mean": report["mean"],
+        "validation_mean": report["validation"],
+    }
     state = dejavu_state(config, weights, ks["ffn_k"], ks["head_k"], provenance, details)
     save_state(state, args.out, args.overwrite)
-    report.update({"model_source": lm.source, "data": what, "data_seconds": round(t_data, 1),
-                   "seconds": round(time.time() - t0, 1), "state": str(args.out)})
+    report.update(
+        {
+            "model_source": lm.source,
+            "data": what,
+            "data_seconds": round(t_data, 1),
+            "seconds": round(time.time() - t0, 1),
+            "state": str(args.out),
+        }
+    )
     if args.report:
         write_json_atomic(report, args.report)
     r = report["mean"]
-    print(f"dejavu: test-split ffn_recall {r['ffn_recall']:.3f} ffn_precision "
-          f"{r['ffn_precision']:.3f} head_recall {r['head_recall']:.3f} predicted sparsity "
-          f"{r['predicted_sparsity']:.3f} ({report['seconds']:.0f} s); wrote {args.out}"
-          + (f", {args.report}" if args.report else ""))
+    print(
+        f"dejavu: test-split ffn_recall {r['ffn_recall']:.3f} ffn_precision "
+        f"{r['ffn_precision']:.3f} head_recall {r['head_recall']:.3f} predicted sparsity "
+        f"{r['predicted_sparsity']:.3f} ({report['seconds']:.0f} s); wrote {args.out}"
+        + (f", {args.report}" if args.report else "")
+    )
     return 0

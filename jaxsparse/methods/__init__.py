@@ -48,6 +48,7 @@ def check_sparsity(s: float) -> float:
     except (TypeError, ValueError):
         raise ValueError(f"sparsity {s!r} is not a number; expected a value in [0, 1)") from None
     if not (0.0 <= s < 1.0):
-        raise ValueError(f"sparsity {s} is outside [0, 1): it is the fraction of activations "
-                         f"to zero, e.g. 0.5")
+        raise ValueError(
+            f"sparsity {s} is outside [0, 1): it is the fraction of activations to zero, e.g. 0.5"
+        )
     return s

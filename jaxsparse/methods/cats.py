@@ -18,8 +18,10 @@ def requirements(options: dict | None = None) -> Requirements:
 
 def cats_thresholds(stats: CalibrationStats, sparsity: float) -> dict[str, dict[str, float]]:
     """`{layers_i: {"gate": t_l}}` (scalars, broadcast to channels by the state)."""
-    return {f"layers_{i}": {"gate": stats.quantile("gate", i, sparsity)}
-            for i in range(stats.num_layers)}
+    return {
+        f"layers_{i}": {"gate": stats.quantile("gate", i, sparsity)}
+        for i in range(stats.num_layers)
+    }
 
 
 def fit(stats: CalibrationStats, sparsity: float, options: dict | None = None, context=None):

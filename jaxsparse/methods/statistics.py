@@ -162,33 +162,37 @@ class Requirements:
     weighted_points: frozenset[str] = frozenset()  # histograms of abs(x_i) * n_i (WINA)
 
     def __or__(self, other: Requirements) -> Requirements:
-        return Requirements(self.points | other.points, self.importance or other.importance,
-                            self.block_inputs or other.block_inputs,
-                            self.weighted_points | other.weighted_points)
+        return Requirements(
+            self.points | other.points,
+            self.importance or other.importance,
+            self.block_inputs or other.block_inputs,
+            self.weighted_points | other.weighted_points,
+        )
 
 
 # The matrices each input point feeds, as (module, projection) under `layers_i`; a point
 # feeding several matrices (q_in: q/k/v, ffn_in: gate/up) reads their concatenation.
 _POINT_MATRICES = {
-    "llama": {"q_in": (("self_attn", "q_proj"), ("self_attn", "k_proj"),
-                       ("self_attn", "v_proj")),
-              "kv_in": (("self_attn", "q_proj"), ("self_attn", "k_proj"),
-                        ("self_attn", "v_proj")),
-              "o_in": (("self_attn", "o_proj"),),
-              "ffn_in": (("mlp", "gate_proj"), ("mlp", "up_proj")),
-              "down_in": (("mlp", "down_proj"),)},
-    "opt": {"q_in": (("self_attn", "q_proj"), ("self_attn", "k_proj"),
-                     ("self_attn", "v_proj")),
-            "kv_in": (("self_attn", "q_proj"), ("self_attn", "k_proj"),
-                      ("self_attn", "v_proj")),
-            "o_in": (("self_attn", "o_proj"),),
-            "ffn_in": (("mlp", "fc1"),),
-            "down_in": (("mlp", "fc2"),)},
+    "llama": {
+        "q_in": (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj")),
+        "kv_in": (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj")),
+        "o_in": (("self_attn", "o_proj"),),
+        "ffn_in": (("mlp", "gate_proj"), ("mlp", "up_proj")),
+        "down_in": (("mlp", "down_proj"),),
+    },
+    "opt": {
+        "q_in": (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj")),
+        "kv_in": (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj")),
+        "o_in": (("self_attn", "o_proj"),),
+        "ffn_in": (("mlp", "fc1"),),
+        "down_in": (("mlp", "fc2"),),
+    },
 }
 
 
-def input_row_norms(config: ModelConfig, params: dict, points: Iterable[str]
-                    ) -> dict[str, np.ndarray]:
+def input_row_norms(
+    config: ModelConfig, params: dict, points: Iterable[str]
+) -> dict[str, np.ndarray]:
     """`{point: [L, width]}`: `n_i`, the L2 norm of input channel i's weights in the
     matrices the point feeds (kernels stored `[in, out]`: row i), float32.
 
@@ -205,8 +209,10 @@ def input_row_norms(config: ModelConfig, params: dict, points: Iterable[str]
         rows = []
         for i in range(config.num_layers):
             layer = params[f"layers_{i}"]
-            sq = sum(np.sum(np.square(np.asarray(layer[mod][proj]["kernel"], np.float32)),
-                            axis=1) for mod, proj in table[p])
+            sq = sum(
+                np.sum(np.square(np.asarray(layer[mod][proj]["kernel"], np.float32)), axis=1)
+                for mod, proj in table[p]
+            )
             rows.append(np.sqrt(sq).astype(np.float32))
         out[p] = np.stack(rows)
     return out
@@ -220,9 +226,14 @@ def _tap(taps: dict, layer: int, point: str):
     return taps[f"layers_{layer}"][sub][name][0]
 
 
-def make_stats_fn(config: ModelConfig, bins: LogBins, points: Iterable[str],
-                  mean_u: bool, importance: bool, weighted_points: Iterable[str] = ()
-                  ) -> Callable:
+def make_stats_fn(
+    config: ModelConfig,
+    bins: LogBins,
+    points: Iterable[str],
+    mean_u: bool,
+    importance: bool,
+    weighted_points: Iterable[str] = (),
+) -> Callable:
     """A jit-compiled `f(params, tokens, valid, mean_abs_u, norms) -> dict of per-batch
     statistics`.
 
@@ -249,14 +260,20 @@ def make_stats_fn(config: ModelConfig, bins: LogBins, points: Iterable[str],
         taps = variables["taps"]
         out = {}
         for p in points:
-            out[f"hist/{p}"] = jnp.stack([
-                bins.histogram(jnp.abs(_tap(taps, i, p)), valid_BxT)
-                for i in range(config.num_layers)])
+            out[f"hist/{p}"] = jnp.stack(
+                [
+                    bins.histogram(jnp.abs(_tap(taps, i, p)), valid_BxT)
+                    for i in range(config.num_layers)
+                ]
+            )
         w = valid_BxT.astype(jnp.float32)[..., None]
         if mean_u and has_up:
-            out["sum_abs_u"] = jnp.stack([
-                jnp.sum(jnp.abs(_tap(taps, i, "up").astype(jnp.float32)) * w, axis=(0, 1))
-                for i in range(config.num_layers)])
+            out["sum_abs_u"] = jnp.stack(
+                [
+                    jnp.sum(jnp.abs(_tap(taps, i, "up").astype(jnp.float32)) * w, axis=(0, 1))
+                    for i in range(config.num_layers)
+                ]
+            )
         if importance:
             hists = []
             for i in range(config.num_layers):
@@ -264,10 +281,14 @@ def make_stats_fn(config: ModelConfig, bins: LogBins, points: Iterable[str],
                 hists.append(bins.histogram(g * mean_abs_u_LxM[i], valid_BxT))
             out["importance"] = jnp.stack(hists)
         for p in weighted_points:
-            out[f"whist/{p}"] = jnp.stack([
-                bins.histogram(jnp.abs(_tap(taps, i, p).astype(jnp.float32)) * norms[p][i],
-                               valid_BxT)
-                for i in range(config.num_layers)])
+            out[f"whist/{p}"] = jnp.stack(
+                [
+                    bins.histogram(
+                        jnp.abs(_tap(taps, i, p).astype(jnp.float32)) * norms[p][i], valid_BxT
+                    )
+                    for i in range(config.num_layers)
+                ]
+            )
         out["count"] = jnp.sum(valid_BxT.astype(jnp.int32))
         return out
 
@@ -315,8 +336,13 @@ def collect_statistics(
         sum_u = np.zeros((L, m), np.float64)
         tokens = 0
         mean_dev = jnp.asarray(mean_abs_u if importance else np.zeros((L, 1), np.float32))
-        for tokens_BxT, valid_BxT in tqdm(batches(), total=num_batches, disable=not progress,
-                                          desc=f"calibration: {label}", unit="batch"):
+        for tokens_BxT, valid_BxT in tqdm(
+            batches(),
+            total=num_batches,
+            disable=not progress,
+            desc=f"calibration: {label}",
+            unit="batch",
+        ):
             out = fn(params, put(tokens_BxT), put(valid_BxT), mean_dev, norms_dev)
             out = {k: np.asarray(v) for k, v in out.items()}
             for p in points:
@@ -342,8 +368,9 @@ def collect_statistics(
     return stats
 
 
-def collect_block_inputs(config: ModelConfig, params: dict, tokens_BxT: np.ndarray,
-                         valid_BxT: np.ndarray) -> list[np.ndarray]:
+def collect_block_inputs(
+    config: ModelConfig, params: dict, tokens_BxT: np.ndarray, valid_BxT: np.ndarray
+) -> list[np.ndarray]:
     """The residual entering each block of the dense model, [B, T, D] per layer (host)."""
     import jax
     import jax.numpy as jnp
@@ -354,8 +381,9 @@ def collect_block_inputs(config: ModelConfig, params: dict, tokens_BxT: np.ndarr
 
     @jax.jit
     def run(params, tokens, valid):
-        _, variables = model.apply({"params": params}, tokens, positions_from_mask(valid),
-                                   mutable=["taps"])
+        _, variables = model.apply(
+            {"params": params}, tokens, positions_from_mask(valid), mutable=["taps"]
+        )
         return [variables["taps"][f"layers_{i}"]["block_in"][0] for i in range(config.num_layers)]
 
     return [np.asarray(x) for x in run(params, jnp.asarray(tokens_BxT), jnp.asarray(valid_BxT))]

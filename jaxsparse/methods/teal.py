@@ -34,16 +34,21 @@ from jaxsparse.methods.statistics import CalibrationStats, Requirements
 
 NAME = "teal"
 GROUPS = ("qkv", "o", "gate_up", "down")
-GROUP_POINTS = {"qkv": ("q_in", "kv_in"), "o": ("o_in",), "gate_up": ("ffn_in",),
-                "down": ("down_in",)}
+GROUP_POINTS = {
+    "qkv": ("q_in", "kv_in"),
+    "o": ("o_in",),
+    "gate_up": ("ffn_in",),
+    "down": ("down_in",),
+}
 GROUP_HIST = {"qkv": "q_in", "o": "o_in", "gate_up": "ffn_in", "down": "down_in"}
 DEFAULT_OPTIONS = {"allocation": "uniform", "greedy_step": 0.05, "max_group_sparsity": 0.99}
 
 
 def requirements(options: dict | None = None) -> Requirements:
     opts = {**DEFAULT_OPTIONS, **(options or {})}
-    return Requirements(points=frozenset(GROUP_HIST.values()),
-                        block_inputs=opts["allocation"] == "greedy")
+    return Requirements(
+        points=frozenset(GROUP_HIST.values()), block_inputs=opts["allocation"] == "greedy"
+    )
 
 
 def group_sizes(config: ModelConfig) -> dict[str, int]:
@@ -53,9 +58,12 @@ def group_sizes(config: ModelConfig) -> dict[str, int]:
 
     s = linear_sizes(config)
     ffn_in = ("fc1",) if config.family == "opt" else ("gate_proj", "up_proj")
-    return {"qkv": s["q_proj"] + s["k_proj"] + s["v_proj"], "o": s["o_proj"],
-            "gate_up": sum(s[n] for n in ffn_in), "down": s["fc2" if config.family == "opt"
-                                                              else "down_proj"]}
+    return {
+        "qkv": s["q_proj"] + s["k_proj"] + s["v_proj"],
+        "o": s["o_proj"],
+        "gate_up": sum(s[n] for n in ffn_in),
+        "down": s["fc2" if config.family == "opt" else "down_proj"],
+    }
 
 
 def group_thresholds(stats: CalibrationStats, layer: int, sparsities: dict[str, float]) -> dict:
@@ -68,9 +76,13 @@ def group_thresholds(stats: CalibrationStats, layer: int, sparsities: dict[str, 
     return out
 
 
-def greedy_allocation(errors: Callable[[list[dict[str, float]]], np.ndarray],
-                      sizes: dict[str, int], target: float, step: float = 0.05,
-                      max_group_sparsity: float = 0.99) -> tuple[dict[str, float], list]:
+def greedy_allocation(
+    errors: Callable[[list[dict[str, float]]], np.ndarray],
+    sizes: dict[str, int],
+    target: float,
+    step: float = 0.05,
+    max_group_sparsity: float = 0.99,
+) -> tuple[dict[str, float], list]:
     """TEAL's greedy allocation for one layer (see the module docstring).
 
     `errors(candidates)` returns the output error of each candidate allocation (a dict
@@ -101,8 +113,10 @@ def greedy_allocation(errors: Callable[[list[dict[str, float]]], np.ndarray],
 
 
 def teal_uniform(stats: CalibrationStats, sparsity: float) -> dict:
-    return {f"layers_{i}": group_thresholds(stats, i, {g: sparsity for g in GROUPS})
-            for i in range(stats.num_layers)}
+    return {
+        f"layers_{i}": group_thresholds(stats, i, {g: sparsity for g in GROUPS})
+        for i in range(stats.num_layers)
+    }
 
 
 def make_block_error_fn(config: ModelConfig, layer_type: str = FULL):
@@ -120,8 +134,9 @@ def make_block_error_fn(config: ModelConfig, layer_type: str = FULL):
     from jaxsparse.models.llama import LlamaBlock
     from jaxsparse.models.opt import OPTBlock
 
-    block = OPTBlock(config) if config.family == "opt" else LlamaBlock(config,
-                                                                        layer_type=layer_type)
+    block = (
+        OPTBlock(config) if config.family == "opt" else LlamaBlock(config, layer_type=layer_type)
+    )
 
     def run(p, x, positions, rope, th):
         y, _ = block.apply({"params": p}, x, positions, positions, rope, None, 0, th)
@@ -143,10 +158,19 @@ def make_block_error_fn(config: ModelConfig, layer_type: str = FULL):
     return errors
 
 
-def teal_greedy(stats: CalibrationStats, sparsity: float, config: ModelConfig, params: dict,
-                block_inputs: list[np.ndarray], valid: np.ndarray, step: float = 0.05,
-                max_group_sparsity: float = 0.99, progress: bool = True,
-                thresholds_fn: Callable = group_thresholds, desc: str = "teal"):
+def teal_greedy(
+    stats: CalibrationStats,
+    sparsity: float,
+    config: ModelConfig,
+    params: dict,
+    block_inputs: list[np.ndarray],
+    valid: np.ndarray,
+    step: float = 0.05,
+    max_group_sparsity: float = 0.99,
+    progress: bool = True,
+    thresholds_fn: Callable = group_thresholds,
+    desc: str = "teal",
+):
     """Per-layer greedy allocation; returns (thresholds, per-layer group sparsities).
 
     `thresholds_fn(stats, layer, {group: sparsity})` gives a layer's point thresholds
@@ -157,22 +181,34 @@ def teal_greedy(stats: CalibrationStats, sparsity: float, config: ModelConfig, p
     from jaxsparse.sparsity import model_widths
 
     sizes = group_sizes(config)
-    errors_fns = {t: make_block_error_fn(config, t)
-                  for t in {config.layer_type(i) for i in range(config.num_layers)}}
+    errors_fns = {
+        t: make_block_error_fn(config, t)
+        for t in {config.layer_type(i) for i in range(config.num_layers)}
+    }
     widths = model_widths(config)
     valid_dev = jnp.asarray(valid)
     values, alloc = {}, {}
-    for i in tqdm(range(config.num_layers), desc=f"{desc} greedy allocation", unit="layer",
-                  disable=not progress):
+    for i in tqdm(
+        range(config.num_layers),
+        desc=f"{desc} greedy allocation",
+        unit="layer",
+        disable=not progress,
+    ):
         p = params[f"layers_{i}"]
         x = jnp.asarray(block_inputs[i])
         errors_fn = errors_fns[config.layer_type(i)]
 
         def errors(cands, i=i, p=p, x=x, errors_fn=errors_fn):
             ths = [thresholds_fn(stats, i, c) for c in cands]
-            stack = {pt: jnp.stack([jnp.broadcast_to(jnp.asarray(th.get(pt, 0.0), jnp.float32),
-                                                     (widths[pt],)) for th in ths])
-                     for pt in widths}
+            stack = {
+                pt: jnp.stack(
+                    [
+                        jnp.broadcast_to(jnp.asarray(th.get(pt, 0.0), jnp.float32), (widths[pt],))
+                        for th in ths
+                    ]
+                )
+                for pt in widths
+            }
             return np.asarray(errors_fn(p, x, valid_dev, stack))
 
         s, _ = greedy_allocation(errors, sizes, sparsity, step, max_group_sparsity)
@@ -190,9 +226,19 @@ def fit(stats: CalibrationStats, sparsity: float, options: dict | None = None, c
         raise ValueError(f"teal allocation {opts['allocation']!r}: expected uniform or greedy")
     if context is None:
         raise ValueError("teal greedy allocation needs the model and the block inputs")
-    values, alloc = teal_greedy(stats, sparsity, context["config"], context["params"],
-                                context["block_inputs"], context["valid"],
-                                opts["greedy_step"], opts["max_group_sparsity"],
-                                context.get("progress", True))
-    return values, {"allocation": "greedy", "greedy_step": opts["greedy_step"],
-                    "group_sparsity": alloc}
+    values, alloc = teal_greedy(
+        stats,
+        sparsity,
+        context["config"],
+        context["params"],
+        context["block_inputs"],
+        context["valid"],
+        opts["greedy_step"],
+        opts["max_group_sparsity"],
+        context.get("progress", True),
+    )
+    return values, {
+        "allocation": "greedy",
+        "greedy_step": opts["greedy_step"],
+        "group_sparsity": alloc,
+    }

@@ -34,8 +34,9 @@ ALWAYS_ZERO = float(np.finfo(np.float32).max)
 
 def requirements(options: dict | None = None) -> Requirements:
     opts = {**DEFAULT_OPTIONS, **(options or {})}
-    return Requirements(weighted_points=frozenset(GROUP_POINT.values()),
-                        block_inputs=opts["allocation"] == "greedy")
+    return Requirements(
+        weighted_points=frozenset(GROUP_POINT.values()), block_inputs=opts["allocation"] == "greedy"
+    )
 
 
 def per_channel(score_threshold: float, norms: np.ndarray) -> np.ndarray:
@@ -48,8 +49,9 @@ def per_channel(score_threshold: float, norms: np.ndarray) -> np.ndarray:
     return np.minimum(t, ALWAYS_ZERO).astype(np.float32)
 
 
-def group_thresholds(stats: CalibrationStats, layer: int, sparsities: dict[str, float]
-                     ) -> dict[str, np.ndarray]:
+def group_thresholds(
+    stats: CalibrationStats, layer: int, sparsities: dict[str, float]
+) -> dict[str, np.ndarray]:
     """Per-channel point thresholds of one layer for per-group sparsities."""
     out = {}
     for g, s in sparsities.items():
@@ -61,8 +63,10 @@ def group_thresholds(stats: CalibrationStats, layer: int, sparsities: dict[str, 
 
 
 def wina_uniform(stats: CalibrationStats, sparsity: float) -> dict:
-    return {f"layers_{i}": group_thresholds(stats, i, {g: sparsity for g in GROUPS})
-            for i in range(stats.num_layers)}
+    return {
+        f"layers_{i}": group_thresholds(stats, i, {g: sparsity for g in GROUPS})
+        for i in range(stats.num_layers)
+    }
 
 
 def fit(stats: CalibrationStats, sparsity: float, options: dict | None = None, context=None):
@@ -74,10 +78,21 @@ def fit(stats: CalibrationStats, sparsity: float, options: dict | None = None, c
         raise ValueError(f"wina allocation {opts['allocation']!r}: expected uniform or greedy")
     if context is None:
         raise ValueError("wina greedy allocation needs the model and the block inputs")
-    values, alloc = teal.teal_greedy(stats, sparsity, context["config"], context["params"],
-                                     context["block_inputs"], context["valid"],
-                                     opts["greedy_step"], opts["max_group_sparsity"],
-                                     context.get("progress", True),
-                                     thresholds_fn=group_thresholds, desc="wina")
-    return values, {"allocation": "greedy", "greedy_step": opts["greedy_step"],
-                    "group_sparsity": alloc}
+    values, alloc = teal.teal_greedy(
+        stats,
+        sparsity,
+        context["config"],
+        context["params"],
+        context["block_inputs"],
+        context["valid"],
+        opts["greedy_step"],
+        opts["max_group_sparsity"],
+        context.get("progress", True),
+        thresholds_fn=group_thresholds,
+        desc="wina",
+    )
+    return values, {
+        "allocation": "greedy",
+        "greedy_step": opts["greedy_step"],
+        "group_sparsity": alloc,
+    }

@@ -33,8 +33,9 @@ def build_model(config: ModelConfig, kernels: Kernels = XLA) -> nn.Module:
     return cls(config, kernels)
 
 
-def kernels_for_method(method: str, mode: str = "pallas", impl: str = "auto",
-                       thresholds: dict | None = None) -> Kernels:
+def kernels_for_method(
+    method: str, mode: str = "pallas", impl: str = "auto", thresholds: dict | None = None
+) -> Kernels:
     """The kernel setup for a sparsity method's decode steps (`rules.KERNEL_POINTS`).
 
     `thresholds`, the `thresholds=` tree of the state that will run: q/k/v are fused into
@@ -52,9 +53,15 @@ def kernels_for_method(method: str, mode: str = "pallas", impl: str = "auto",
     if mode == "xla":
         return Kernels("xla", fuse_qkv=fuse, fuse_kv=not fuse)
     heads = method == "dejavu"  # head-sparse attention: q apart from k/v (`Kernels.q_rows`)
-    return Kernels(mode, fuse_qkv=fuse and not heads, fuse_kv=not fuse or heads,
-                   points=KERNEL_POINTS[method], impl=impl, gate_proj_rows=method == "dejavu",
-                   head_attention=heads)
+    return Kernels(
+        mode,
+        fuse_qkv=fuse and not heads,
+        fuse_kv=not fuse or heads,
+        points=KERNEL_POINTS[method],
+        impl=impl,
+        gate_proj_rows=method == "dejavu",
+        head_attention=heads,
+    )
 
 
 def prepare_params(params: dict, config: ModelConfig, kernels: Kernels) -> dict:
@@ -78,11 +85,12 @@ def prepare_params(params: dict, config: ModelConfig, kernels: Kernels) -> dict:
         layer = dict(out[f"layers_{i}"])
         if up_rows:
             mlp = dict(layer["mlp"])
-            mlp["up_proj"] = {**mlp["up_proj"],
-                              "kernel": jnp.asarray(mlp["up_proj"]["kernel"]).T}
+            mlp["up_proj"] = {**mlp["up_proj"], "kernel": jnp.asarray(mlp["up_proj"]["kernel"]).T}
             if gate_rows:
-                mlp["gate_proj"] = {**mlp["gate_proj"],
-                                    "kernel": jnp.asarray(mlp["gate_proj"]["kernel"]).T}
+                mlp["gate_proj"] = {
+                    **mlp["gate_proj"],
+                    "kernel": jnp.asarray(mlp["gate_proj"]["kernel"]).T,
+                }
             layer["mlp"] = mlp
         if kernels.fuse_qkv or kernels.fuse_kv:
             attn = dict(layer["self_attn"])
@@ -90,10 +98,13 @@ def prepare_params(params: dict, config: ModelConfig, kernels: Kernels) -> dict:
             parts = [attn.pop(n) for n in names]
             attn["qkv_proj" if kernels.fuse_qkv else "kv_proj"] = {
                 name: _group_by_kv_head([jnp.asarray(p[name]) for p in parts], config)
-                for name in parts[0]}
+                for name in parts[0]
+            }
             if kernels.q_rows:  # Deja Vu heads: a head's q weights are contiguous rows
-                attn["q_proj"] = {**attn["q_proj"],
-                                  "kernel": jnp.asarray(attn["q_proj"]["kernel"]).T}
+                attn["q_proj"] = {
+                    **attn["q_proj"],
+                    "kernel": jnp.asarray(attn["q_proj"]["kernel"]).T,
+                }
             layer["self_attn"] = attn
         out[f"layers_{i}"] = layer
     return out

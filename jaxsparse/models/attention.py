@@ -53,8 +53,9 @@ def _decode_heads(kn: Kernels, thresholds: dict | None, c: ModelConfig, t: int):
     return o_keep.reshape(o_keep.shape[0], c.num_heads, c.head_dim)[:, :, 0]
 
 
-def _per_head_shard(fn, mesh, c: ModelConfig, q_BxHxD, heads_BxH, k_BxKxSxD, v_BxKxSxD,
-                    valid_BxS, kv_len):
+def _per_head_shard(
+    fn, mesh, c: ModelConfig, q_BxHxD, heads_BxH, k_BxKxSxD, v_BxKxSxD, valid_BxS, kv_len
+):
     """`fn` (head-sparse attention) on each device's own kv heads and their q heads, when
     `mesh`'s `model` axis splits the kv heads evenly (as `jaxsparse.sharding` lays out the
     KV cache); else on the whole arrays."""
@@ -68,12 +69,16 @@ def _per_head_shard(fn, mesh, c: ModelConfig, q_BxHxD, heads_BxH, k_BxKxSxD, v_B
     bs = DATA if mesh.shape[DATA] > 1 and b % mesh.shape[DATA] == 0 else None
     h = P(bs, MODEL)
     if kv_len is None:
-        return jax.shard_map(lambda *a: fn(*a, None), mesh=mesh,
-                             in_specs=(h, h, h, h, P(bs)), out_specs=h, check_vma=False)(
-            q_BxHxD, heads_BxH, k_BxKxSxD, v_BxKxSxD, valid_BxS)
-    return jax.shard_map(fn, mesh=mesh, in_specs=(h, h, h, h, P(bs), P()), out_specs=h,
-                         check_vma=False)(q_BxHxD, heads_BxH, k_BxKxSxD, v_BxKxSxD,
-                                          valid_BxS, kv_len)
+        return jax.shard_map(
+            lambda *a: fn(*a, None),
+            mesh=mesh,
+            in_specs=(h, h, h, h, P(bs)),
+            out_specs=h,
+            check_vma=False,
+        )(q_BxHxD, heads_BxH, k_BxKxSxD, v_BxKxSxD, valid_BxS)
+    return jax.shard_map(
+        fn, mesh=mesh, in_specs=(h, h, h, h, P(bs), P()), out_specs=h, check_vma=False
+    )(q_BxHxD, heads_BxH, k_BxKxSxD, v_BxKxSxD, valid_BxS, kv_len)
 
 
 class SelfAttention(nn.Module):
@@ -85,8 +90,9 @@ class SelfAttention(nn.Module):
     layer_type: str = FULL
 
     @nn.compact
-    def __call__(self, h_BxTxD, positions_BxT, kv_pos_BxS, rope, layer_cache, cache_index,
-                 thresholds):
+    def __call__(
+        self, h_BxTxD, positions_BxT, kv_pos_BxS, rope, layer_cache, cache_index, thresholds
+    ):
         c = self.config
         dt = param_dtype(c)
         b, t, _ = h_BxTxD.shape
@@ -95,8 +101,9 @@ class SelfAttention(nn.Module):
         kn = self.kernels
         heads_BxH = _decode_heads(kn, thresholds, c, t)
         if kn.fuse_qkv:  # q and k/v read the same input here (see Kernels.fuse_qkv)
-            qkv = Linear(c.q_dim + 2 * c.kv_dim, ("embed", "qkv_heads"), c.qkv_bias, dt, kn,
-                         name="qkv_proj")(xq, "q_in")
+            qkv = Linear(
+                c.q_dim + 2 * c.kv_dim, ("embed", "qkv_heads"), c.qkv_bias, dt, kn, name="qkv_proj"
+            )(xq, "q_in")
             # columns grouped per kv head: its G q heads, its k, its v (`prepare_params`)
             g = c.num_heads // c.num_kv_heads
             qkv = qkv.reshape(b, t, c.num_kv_heads, g + 2, c.head_dim)
@@ -104,24 +111,27 @@ class SelfAttention(nn.Module):
             k = qkv[:, :, :, g].reshape(b, t, c.kv_dim)
             v = qkv[:, :, :, g + 1].reshape(b, t, c.kv_dim)
         elif kn.fuse_kv:
-            q_proj = Linear(c.q_dim, ("embed", "q_heads"), c.qkv_bias, dt, kn, kn.q_rows,
-                            name="q_proj")
+            q_proj = Linear(
+                c.q_dim, ("embed", "q_heads"), c.qkv_bias, dt, kn, kn.q_rows, name="q_proj"
+            )
             if heads_BxH is not None:  # only the selected heads' rows of q_proj are read
                 q = q_proj(xq, gate=thresholds["masks"]["o_in"])
             else:
                 q = q_proj(xq, "q_in")
-            kv = Linear(2 * c.kv_dim, ("embed", "kv_heads"), c.qkv_bias, dt, kn,
-                        name="kv_proj")(xkv, "kv_in")
+            kv = Linear(2 * c.kv_dim, ("embed", "kv_heads"), c.qkv_bias, dt, kn, name="kv_proj")(
+                xkv, "kv_in"
+            )
             kv = kv.reshape(b, t, c.num_kv_heads, 2, c.head_dim)  # k, v side by side per head
             k = kv[:, :, :, 0].reshape(b, t, c.kv_dim)
             v = kv[:, :, :, 1].reshape(b, t, c.kv_dim)
         else:
-            q = Linear(c.q_dim, ("embed", "q_heads"), c.qkv_bias, dt, kn, name="q_proj")(
-                xq, "q_in")
+            q = Linear(c.q_dim, ("embed", "q_heads"), c.qkv_bias, dt, kn, name="q_proj")(xq, "q_in")
             k = Linear(c.kv_dim, ("embed", "kv_heads"), c.qkv_bias, dt, kn, name="k_proj")(
-                xkv, "kv_in")
+                xkv, "kv_in"
+            )
             v = Linear(c.kv_dim, ("embed", "kv_heads"), c.qkv_bias, dt, kn, name="v_proj")(
-                xkv, "kv_in")
+                xkv, "kv_in"
+            )
         q_BxTxHxD = q.reshape(b, t, c.num_heads, c.head_dim)
         k_BxTxKxD = k.reshape(b, t, c.num_kv_heads, c.head_dim)
         v_BxTxKxD = v.reshape(b, t, c.num_kv_heads, c.head_dim)
@@ -147,16 +157,27 @@ class SelfAttention(nn.Module):
             kv_len = None if layer_cache is None else jnp.asarray(cache_index + t, jnp.int32)
 
             def heads_attention(q, heads, k_, v_, valid, n):
-                return head_sparse_attention(q, heads, k_, v_, valid, kv_len=n,
-                                             scale=c.attention_scale, impl=kn.impl)
+                return head_sparse_attention(
+                    q, heads, k_, v_, valid, kv_len=n, scale=c.attention_scale, impl=kn.impl
+                )
 
-            o_BxHxD = _per_head_shard(heads_attention, kn.mesh, c, q_BxTxHxD[:, 0], heads_BxH,
-                                      k_BxKxSxD, v_BxKxSxD, mask[:, 0], kv_len)
+            o_BxHxD = _per_head_shard(
+                heads_attention,
+                kn.mesh,
+                c,
+                q_BxTxHxD[:, 0],
+                heads_BxH,
+                k_BxKxSxD,
+                v_BxKxSxD,
+                mask[:, 0],
+                kv_len,
+            )
             out_BxTxHD = o_BxHxD.reshape(b, t, c.q_dim).astype(q_BxTxHxD.dtype)
         else:
             out_BxTxHD = attend(q_BxTxHxD, k_BxKxSxD, v_BxKxSxD, mask, c.attention_scale)
         self.sow("taps", "head_out", out_BxTxHD.reshape(b, t, c.num_heads, c.head_dim))
         out_BxTxHD = _sparse(self, "o_in", out_BxTxHD, thresholds)
         y = Linear(c.hidden_size, ("q_heads", "embed"), c.o_bias, dt, kn, name="o_proj")(
-            out_BxTxHD, "o_in")
+            out_BxTxHD, "o_in"
+        )
         return y, new_cache

@@ -45,8 +45,15 @@ class SwiGLU(nn.Module):
         kn = self.kernels
         x = _sparse(self, "ffn_in", h_BxTxD, thresholds)
         act = ACTIVATIONS[c.activation]
-        gate_proj = Linear(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, dt, kn,
-                           kn.gate_rows, name="gate_proj")
+        gate_proj = Linear(
+            c.intermediate_size,
+            ("embed", "mlp"),
+            c.mlp_bias,
+            dt,
+            kn,
+            kn.gate_rows,
+            name="gate_proj",
+        )
         mask = None if thresholds is None else thresholds.get("masks", {}).get("gate")
         if mask is not None:  # Deja Vu: a predicted-inactive neuron skips its gate row too
             self.sow("stats", "gate_rows", rules.zero_fraction(mask))
@@ -56,8 +63,9 @@ class SwiGLU(nn.Module):
             pre = gate_proj(x, "ffn_in")
         g = act(pre.astype(jnp.float32)).astype(dt)  # act(0) = 0: the mask survives it
         g = _sparse(self, "gate", g, thresholds)
-        up = Linear(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, dt, kn, kn.up_rows,
-                    name="up_proj")
+        up = Linear(
+            c.intermediate_size, ("embed", "mlp"), c.mlp_bias, dt, kn, kn.up_rows, name="up_proj"
+        )
         if kn.up_rows:  # g * (x @ Wu^T), only the rows where g != 0 in a decode step
             a = up(x, gate=g)
         else:
@@ -66,7 +74,8 @@ class SwiGLU(nn.Module):
             a = g * u
         a = _sparse(self, "down_in", a, thresholds)
         return Linear(c.hidden_size, ("mlp", "embed"), c.mlp_bias, dt, kn, name="down_proj")(
-            a, "down_in")
+            a, "down_in"
+        )
 
 
 class LlamaBlock(nn.Module):
@@ -77,15 +86,17 @@ class LlamaBlock(nn.Module):
     layer_type: str = FULL
 
     @nn.compact
-    def __call__(self, x_BxTxD, positions_BxT, kv_pos_BxS, rope, layer_cache, cache_index,
-                 thresholds):
+    def __call__(
+        self, x_BxTxD, positions_BxT, kv_pos_BxS, rope, layer_cache, cache_index, thresholds
+    ):
         c = self.config
         dt = param_dtype(c)
         gemma = c.is_gemma3
         self.sow("taps", "block_in", x_BxTxD)
         h = RMSNorm(c.norm_eps, dt, gemma, name="input_layernorm")(x_BxTxD)
         a, new_cache = SelfAttention(c, self.kernels, self.layer_type, name="self_attn")(
-            h, positions_BxT, kv_pos_BxS, rope, layer_cache, cache_index, thresholds)
+            h, positions_BxT, kv_pos_BxS, rope, layer_cache, cache_index, thresholds
+        )
         if gemma:  # Gemma 3 norms the attention output, and the FFN's input and output
             a = RMSNorm(c.norm_eps, dt, True, name="post_attention_layernorm")(a)
             x_BxTxD = x_BxTxD + a
@@ -112,8 +123,15 @@ class LlamaForCausalLM(nn.Module):
         if not c.tie_word_embeddings:
             self.lm_head = Linear(c.vocab_size, ("embed", "vocab"), False, dt)
 
-    def __call__(self, tokens_BxT, positions_BxT, cache=None, cache_index=0, thresholds=None,
-                 last_only: bool = False):
+    def __call__(
+        self,
+        tokens_BxT,
+        positions_BxT,
+        cache=None,
+        cache_index=0,
+        thresholds=None,
+        last_only: bool = False,
+    ):
         """Logits [B, T, V] (or [B, 1, V] with `last_only`) in float32, and the updated cache.
 
         `positions_BxT` holds each token's position, -1 on padding. `thresholds` maps
@@ -124,8 +142,9 @@ class LlamaForCausalLM(nn.Module):
         if c.is_gemma3:  # HF: embedding * sqrt(hidden), the scale cast to the params' dtype
             x = x * jnp.asarray(c.hidden_size**0.5, x.dtype)
         rope = rope_tables(c, positions_BxT)
-        x, new_cache = run_layers(self.layers, x, positions_BxT, cache, cache_index, thresholds,
-                                  rope)
+        x, new_cache = run_layers(
+            self.layers, x, positions_BxT, cache, cache_index, thresholds, rope
+        )
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
@@ -147,8 +166,9 @@ def rope_tables(config: ModelConfig, positions_BxT: jax.Array):
 def run_layers(layers, x, positions_BxT, cache, cache_index, thresholds, rope):
     """Runs the unrolled blocks, threading the KV cache; shared by every family."""
     if cache is not None:
-        kv_pos = jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions_BxT.astype(
-            jnp.int32), cache_index, axis=1)
+        kv_pos = jax.lax.dynamic_update_slice_in_dim(
+            cache["pos"], positions_BxT.astype(jnp.int32), cache_index, axis=1
+        )
         new_cache = {"pos": kv_pos}
     else:
         kv_pos, new_cache = positions_BxT, None
@@ -160,8 +180,13 @@ def run_layers(layers, x, positions_BxT, cache, cache_index, thresholds, rope):
             th = with_predicted_masks(th, prev_in)
         prev_in = x
         x, layer_cache = layer(
-            x, positions_BxT, kv_pos, rope,
-            None if cache is None else cache[name], cache_index, th,
+            x,
+            positions_BxT,
+            kv_pos,
+            rope,
+            None if cache is None else cache[name],
+            cache_index,
+            th,
         )
         if new_cache is not None:
             new_cache[name] = layer_cache
@@ -177,6 +202,9 @@ def with_predicted_masks(th: dict, x_prev_BxTxD):
     th = dict(th)
     ffn_keep, head_keep = predicted_masks(th.pop("predictor"), x_prev_BxTxD)
     head_dim = th["o_in"].shape[-1] // head_keep.shape[-1]
-    th["masks"] = {**th.get("masks", {}), "gate": ffn_keep,
-                   "o_in": jnp.repeat(head_keep, head_dim, axis=-1)}
+    th["masks"] = {
+        **th.get("masks", {}),
+        "gate": ffn_keep,
+        "o_in": jnp.repeat(head_keep, head_dim, axis=-1),
+    }
     return th

@@ -28,8 +28,11 @@ class ReluFFN(nn.Module):
         dt = param_dtype(c)
         kn = self.kernels
         x = _sparse(self, "ffn_in", h_BxTxD, thresholds)
-        g = nn.relu(Linear(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, dt, kn,
-                           name="fc1")(x, "ffn_in"))
+        g = nn.relu(
+            Linear(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, dt, kn, name="fc1")(
+                x, "ffn_in"
+            )
+        )
         g = _sparse(self, "gate", g, thresholds)
         a = _sparse(self, "down_in", g, thresholds)
         # ReLU's zeros (and a gate threshold's) skip rows of fc2, as down_in does.
@@ -42,18 +45,21 @@ class OPTBlock(nn.Module):
     kernels: Kernels = XLA
 
     @nn.compact
-    def __call__(self, x_BxTxD, positions_BxT, kv_pos_BxS, rope, layer_cache, cache_index,
-                 thresholds):
+    def __call__(
+        self, x_BxTxD, positions_BxT, kv_pos_BxS, rope, layer_cache, cache_index, thresholds
+    ):
         c = self.config
         dt = param_dtype(c)
         pre = c.do_layer_norm_before
-        attn_norm = LayerNorm(1e-5, c.layer_norm_elementwise_affine, dt,
-                              name="self_attn_layer_norm")
+        attn_norm = LayerNorm(
+            1e-5, c.layer_norm_elementwise_affine, dt, name="self_attn_layer_norm"
+        )
         ffn_norm = LayerNorm(1e-5, c.layer_norm_elementwise_affine, dt, name="final_layer_norm")
         self.sow("taps", "block_in", x_BxTxD)
         h = attn_norm(x_BxTxD) if pre else x_BxTxD
         a, new_cache = SelfAttention(c, self.kernels, name="self_attn")(
-            h, positions_BxT, kv_pos_BxS, None, layer_cache, cache_index, thresholds)
+            h, positions_BxT, kv_pos_BxS, None, layer_cache, cache_index, thresholds
+        )
         x_BxTxD = x_BxTxD + a
         if not pre:
             x_BxTxD = attn_norm(x_BxTxD)
@@ -72,8 +78,12 @@ class OPTForCausalLM(nn.Module):
         c = self.config
         dt = param_dtype(c)
         self.embed_tokens = Embed(c.vocab_size, c.embed_dim, dtype=dt)
-        self.embed_positions = Embed(c.max_position_embeddings + c.position_offset, c.hidden_size,
-                                     axes=("positions", "embed"), dtype=dt)
+        self.embed_positions = Embed(
+            c.max_position_embeddings + c.position_offset,
+            c.hidden_size,
+            axes=("positions", "embed"),
+            dtype=dt,
+        )
         if c.word_embed_proj_dim:
             self.project_in = Linear(c.hidden_size, ("embed_proj", "embed"), False, dt)
             self.project_out = Linear(c.embed_dim, ("embed", "embed_proj"), False, dt)
@@ -81,8 +91,15 @@ class OPTForCausalLM(nn.Module):
         if c.final_layer_norm:
             self.final_layer_norm = LayerNorm(1e-5, c.layer_norm_elementwise_affine, dt)
 
-    def __call__(self, tokens_BxT, positions_BxT, cache=None, cache_index=0, thresholds=None,
-                 last_only: bool = False):
+    def __call__(
+        self,
+        tokens_BxT,
+        positions_BxT,
+        cache=None,
+        cache_index=0,
+        thresholds=None,
+        last_only: bool = False,
+    ):
         """Same contract as `LlamaForCausalLM.__call__`."""
         c = self.config
         x = self.embed_tokens(tokens_BxT)
@@ -90,8 +107,9 @@ class OPTForCausalLM(nn.Module):
             x = self.project_in(x)
         pos_ids = jnp.maximum(positions_BxT, 0) + c.position_offset
         x = x + self.embed_positions(pos_ids)
-        x, new_cache = run_layers(self.layers, x, positions_BxT, cache, cache_index, thresholds,
-                                  None)
+        x, new_cache = run_layers(
+            self.layers, x, positions_BxT, cache, cache_index, thresholds, None
+        )
         if last_only:
             x = x[:, -1:]
         if c.final_layer_norm:

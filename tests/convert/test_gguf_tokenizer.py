@@ -43,8 +43,16 @@ def tokenizers(smollm2_gguf):
 def test_same_definition_as_transformers(tokenizers):
     ours, hf = tokenizers
     assert json.loads(ours.backend_tokenizer.to_str()) == json.loads(hf.backend_tokenizer.to_str())
-    for attr in ("bos_token", "eos_token", "unk_token", "pad_token", "chat_template",
-                 "all_special_tokens", "all_special_ids", "added_tokens_decoder"):
+    for attr in (
+        "bos_token",
+        "eos_token",
+        "unk_token",
+        "pad_token",
+        "chat_template",
+        "all_special_tokens",
+        "all_special_ids",
+        "added_tokens_decoder",
+    ):
         assert getattr(ours, attr) == getattr(hf, attr), attr
 
 
@@ -55,7 +63,9 @@ def test_same_ids_and_text_as_transformers(tokenizers, text):
     assert ids == hf(text)["input_ids"]
     assert ours.encode(text, add_special_tokens=False) == hf.encode(text, add_special_tokens=False)
     for skip in (False, True):
-        assert ours.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
+        assert ours.decode(ids, skip_special_tokens=skip) == hf.decode(
+            ids, skip_special_tokens=skip
+        )
     assert ours.convert_ids_to_tokens(ids) == hf.convert_ids_to_tokens(ids)
 
 
@@ -66,8 +76,9 @@ def test_same_batches_and_chat_prompt(tokenizers):
     assert ours.decode(ids) == hf.decode(ids)
     chat = [{"role": "user", "content": "Name three prime numbers."}]
     for tok in (ours, hf):
-        assert tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) \
-            == hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        assert tok.apply_chat_template(
+            chat, tokenize=False, add_generation_prompt=True
+        ) == hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
 
 
 def test_save_and_reload(tokenizers, tmp_path):
@@ -90,25 +101,46 @@ def test_load_tokenizer_without_torch(smollm2_gguf):
         "assert 'torch' not in {k for k, v in sys.modules.items() if v is not None}\n"
         "print(tok('The Python programming language is')['input_ids'])\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
-                         cwd=Path(__file__).resolve().parents[2], timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).resolve().parents[2],
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "[504, 5905, 6256, 1789, 314]"
 
 
 def _spm_metadata() -> dict:
-    return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default",
-            "tokenizer.ggml.tokens": ["<unk>", "<s>", "</s>", "\u2581a", "a"],
-            "tokenizer.ggml.scores": [0.0, 0.0, 0.0, -1.0, -2.0],
-            "tokenizer.ggml.token_type": [2, 3, 3, 1, 1]}
+    return {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.pre": "default",
+        "tokenizer.ggml.tokens": ["<unk>", "<s>", "</s>", "\u2581a", "a"],
+        "tokenizer.ggml.scores": [0.0, 0.0, 0.0, -1.0, -2.0],
+        "tokenizer.ggml.token_type": [2, 3, 3, 1, 1],
+    }
 
 
-@pytest.mark.parametrize("meta,what", [
-    (_spm_metadata(), "SentencePiece-style"),
-    (dict(_spm_metadata(), **{"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2",
-                              "tokenizer.ggml.merges": ["a b"]}), "pre-tokenizer 'qwen2'"),
-    (dict(_spm_metadata(), **{"tokenizer.ggml.model": "t5"}), "tokenizer model 't5'"),
-])
+@pytest.mark.parametrize(
+    "meta,what",
+    [
+        (_spm_metadata(), "SentencePiece-style"),
+        (
+            dict(
+                _spm_metadata(),
+                **{
+                    "tokenizer.ggml.model": "gpt2",
+                    "tokenizer.ggml.pre": "qwen2",
+                    "tokenizer.ggml.merges": ["a b"],
+                },
+            ),
+            "pre-tokenizer 'qwen2'",
+        ),
+        (dict(_spm_metadata(), **{"tokenizer.ggml.model": "t5"}), "tokenizer model 't5'"),
+    ],
+)
 def test_unsupported_kinds_are_refused(meta, what):
     with pytest.raises(UnsupportedGGUFTokenizer, match=what):
         tokenizer_from_metadata(meta, source="x.gguf")
@@ -132,11 +164,19 @@ def test_sentencepiece_gguf_without_torch_names_the_fix(tmp_path):
     w.close()
     with pytest.raises(UnsupportedGGUFTokenizer, match="SentencePiece"):
         gguf_tokenizer(path)
-    code = ("import sys; sys.modules['torch'] = None\n"
-            "from convert import load_tokenizer\n"
-            f"load_tokenizer({str(path)!r})\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
-                         cwd=Path(__file__).resolve().parents[2], timeout=300)
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from convert import load_tokenizer\n"
+        f"load_tokenizer({str(path)!r})\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).resolve().parents[2],
+        timeout=300,
+    )
     assert out.returncode != 0
     assert "ConversionError" in out.stderr and "SentencePiece" in out.stderr
     assert "pip install torch" in out.stderr
@@ -156,10 +196,15 @@ def test_gguf_without_tokenizer(tmp_path):
 
 
 def _bpe_metadata(**extra) -> dict:
-    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm",
-            "tokenizer.ggml.tokens": ["<|end|>", "a", "b", "ab"],
-            "tokenizer.ggml.token_type": [3, 1, 1, 1], "tokenizer.ggml.merges": ["a b"],
-            "tokenizer.ggml.eos_token_id": 0, **extra}
+    return {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "smollm",
+        "tokenizer.ggml.tokens": ["<|end|>", "a", "b", "ab"],
+        "tokenizer.ggml.token_type": [3, 1, 1, 1],
+        "tokenizer.ggml.merges": ["a b"],
+        "tokenizer.ggml.eos_token_id": 0,
+        **extra,
+    }
 
 
 def test_small_bpe_and_bad_metadata():

@@ -18,8 +18,17 @@ from jaxsparse.models import build_model, init_cache, positions_from_mask
 torch = pytest.importorskip("torch")
 jax.config.update("jax_default_matmul_precision", "highest")
 
-ARCHS = ["llama", "llama3_rope", "llama_tied", "mistral", "qwen2", "gemma3", "opt",
-         "opt_post_ln", "opt_proj"]
+ARCHS = [
+    "llama",
+    "llama3_rope",
+    "llama_tied",
+    "mistral",
+    "qwen2",
+    "gemma3",
+    "opt",
+    "opt_post_ln",
+    "opt_proj",
+]
 B, T, PREFILL = 2, 12, 5
 TOL = 1e-4
 
@@ -64,12 +73,22 @@ def our_prefill_decode(config, params, tokens, valid, prefill: int) -> np.ndarra
     b, t = tokens.shape
     positions = positions_from_mask(valid)
     cache = init_cache(config, b, t)
-    out, cache = apply({"params": params}, jnp.asarray(tokens[:, :prefill]),
-                             positions[:, :prefill], cache=cache, cache_index=0)
+    out, cache = apply(
+        {"params": params},
+        jnp.asarray(tokens[:, :prefill]),
+        positions[:, :prefill],
+        cache=cache,
+        cache_index=0,
+    )
     outs = [np.asarray(out)]
     for i in range(prefill, t):
-        out, cache = apply({"params": params}, jnp.asarray(tokens[:, i:i + 1]),
-                                 positions[:, i:i + 1], cache=cache, cache_index=i)
+        out, cache = apply(
+            {"params": params},
+            jnp.asarray(tokens[:, i : i + 1]),
+            positions[:, i : i + 1],
+            cache=cache,
+            cache_index=i,
+        )
         outs.append(np.asarray(out))
     return np.concatenate(outs, axis=1)
 
@@ -122,8 +141,10 @@ def test_left_padded_batch_and_cached_decode_match_hf(arch, tiny_hf_models, conv
     err_full = rel_err(got_full[keep], want[keep])
     err_decode = rel_err(got_decode[keep], want[keep])
     err_decode_unpadded = rel_err(got_decode[1], want[1])
-    print(f"{arch}: left padding rel err {err_full:.2e} (full), {err_decode:.2e} (prefill + "
-          f"decode), unpadded row {err_decode_unpadded:.2e}")
+    print(
+        f"{arch}: left padding rel err {err_full:.2e} (full), {err_decode:.2e} (prefill + "
+        f"decode), unpadded row {err_decode_unpadded:.2e}"
+    )
     assert err_full < TOL and err_decode < TOL and err_decode_unpadded < TOL
 
 
@@ -168,8 +189,10 @@ def test_cli_converts_to_a_checkpoint_that_loads(tmp_path, tiny_hf_models, conve
     for x, y in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(ref.params), strict=True):
         assert x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y))
     tokens = tokens_for(ref.config.vocab_size, seed=4)
-    assert rel_err(our_logits(loaded.config, loaded.params, tokens),
-                   hf_logits(m.torch_model, tokens)) < TOL
+    assert (
+        rel_err(our_logits(loaded.config, loaded.params, tokens), hf_logits(m.torch_model, tokens))
+        < TOL
+    )
 
 
 def test_bfloat16_conversion_rounds_like_torch(tiny_hf_models):

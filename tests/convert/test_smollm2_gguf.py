@@ -34,7 +34,12 @@ def prompt_ids(smollm2) -> np.ndarray:
 def test_default_model_config_and_tokenizer(smollm2, smollm2_gguf):
     c = smollm2.config
     assert (c.model_type, c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads) == (
-        "llama", 30, 576, 9, 3)
+        "llama",
+        30,
+        576,
+        9,
+        3,
+    )
     assert c.tie_word_embeddings and c.vocab_size == 49152 and c.dtype == "float32"
     assert smollm2.source == str(smollm2_gguf)
     text = "The quick brown fox"
@@ -51,8 +56,13 @@ def apply(smollm2):
 def prefill(smollm2, apply, prompt_ids):
     """Our logits for the prompt [1, 64, V], and the KV cache holding it."""
     cache = init_cache(smollm2.config, 1, N_PROMPT + N_NEW)
-    return apply({"params": smollm2.params}, jnp.asarray(prompt_ids),
-                 jnp.arange(N_PROMPT)[None], cache=cache, cache_index=0)
+    return apply(
+        {"params": smollm2.params},
+        jnp.asarray(prompt_ids),
+        jnp.arange(N_PROMPT)[None],
+        cache=cache,
+        cache_index=0,
+    )
 
 
 @pytest.mark.slow
@@ -79,12 +89,22 @@ def test_greedy_generation_matches_hf(smollm2, smollm2_hf, prompt_ids, apply, pr
         if tok in c.eos_token_ids:
             break
         pos = N_PROMPT + i
-        logits, cache = apply(params, jnp.asarray([[tok]], jnp.int32), jnp.asarray([[pos]]),
-                              cache=cache, cache_index=pos)
+        logits, cache = apply(
+            params,
+            jnp.asarray([[tok]], jnp.int32),
+            jnp.asarray([[pos]]),
+            cache=cache,
+            cache_index=pos,
+        )
     ids = torch.from_numpy(prompt_ids.astype(np.int64))
     with torch.no_grad():
-        out = smollm2_hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                  max_new_tokens=N_NEW, pad_token_id=c.pad_token_id)
+        out = smollm2_hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=N_NEW,
+            pad_token_id=c.pad_token_id,
+        )
     want = out[0, N_PROMPT:].tolist()
     print("ours:", repr(smollm2.tokenizer.decode(ours)))
     assert len(ours) == len(want) == N_NEW  # no early end-of-sequence: all 32 tokens compared
