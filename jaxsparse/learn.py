@@ -502,6 +502,30 @@ def save_checkpoint(ckpt_dir: Path, ts: dict) -> Path:
     return path
 
 
+def start_or_resume(
+    ckpt_dir: Path, resume: bool, ts: dict, config, settings, data_key: dict, progress: bool
+) -> dict:
+    """With `resume`: the training state of the latest complete checkpoint in `ckpt_dir`
+    (its settings checked against this run's); else `ts`, after refusing a `ckpt_dir` that
+    already holds checkpoints and writing this run's settings there. `learn` and
+    `learn-kl` share it."""
+    if resume:
+        check_checkpoint_meta(ckpt_dir, config, settings, data_key)
+        last = latest_checkpoint(ckpt_dir)
+        if last is None:
+            raise LearnError(f"--resume: no complete checkpoint in {ckpt_dir}")
+        ts = load_checkpoint(last, ts)
+        if progress:
+            print(f"resuming from {last} (step {ts['step']})", file=sys.stderr)
+        return ts
+    if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+        raise LearnError(
+            f"{ckpt_dir} already holds checkpoints; pass --resume to continue them or remove it"
+        )
+    write_checkpoint_meta(ckpt_dir, config, settings, data_key)
+    return ts
+
+
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     from jaxsparse.io import is_complete
 
@@ -577,21 +601,7 @@ def learn(
     ts = trainer.init(init_theta(init_state, settings.method))
     if ckpt_dir is not None:
         ckpt_dir = Path(ckpt_dir)
-        if resume:
-            check_checkpoint_meta(ckpt_dir, config, settings, data_key)
-            last = latest_checkpoint(ckpt_dir)
-            if last is None:
-                raise LearnError(f"--resume: no complete checkpoint in {ckpt_dir}")
-            ts = load_checkpoint(last, ts)
-            if progress:
-                print(f"resuming from {last} (step {ts['step']})", file=sys.stderr)
-        else:
-            if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
-                raise LearnError(
-                    f"{ckpt_dir} already holds checkpoints; pass --resume to "
-                    f"continue them or remove it"
-                )
-            write_checkpoint_meta(ckpt_dir, config, settings, data_key)
+        ts = start_or_resume(ckpt_dir, resume, ts, config, settings, data_key, progress)
     until = settings.steps if stop_at is None else min(stop_at, settings.steps)
     ts = trainer.run(ts, until, save_every, ckpt_dir, progress)
     if stop_at is not None and until < settings.steps:

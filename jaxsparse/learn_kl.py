@@ -42,7 +42,6 @@ as every threshold method serves it).
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -52,11 +51,8 @@ import numpy as np
 from jaxsparse.budget import BudgetError, FractionMeter, solve_scale
 from jaxsparse.learn import (
     LearnError,
-    check_checkpoint_meta,
-    latest_checkpoint,
-    load_checkpoint,
     save_checkpoint,
-    write_checkpoint_meta,
+    start_or_resume,
 )
 
 METHOD = "kl-learned"
@@ -413,21 +409,7 @@ def learn_kl(
     ts = trainer.init()
     if ckpt_dir is not None:
         ckpt_dir = Path(ckpt_dir)
-        if resume:
-            check_checkpoint_meta(ckpt_dir, config, settings, data_key)
-            last = latest_checkpoint(ckpt_dir)
-            if last is None:
-                raise LearnError(f"--resume: no complete checkpoint in {ckpt_dir}")
-            ts = load_checkpoint(last, ts)
-            if progress:
-                print(f"resuming from {last} (step {ts['step']})", file=sys.stderr)
-        else:
-            if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
-                raise LearnError(
-                    f"{ckpt_dir} already holds checkpoints; pass --resume to "
-                    f"continue them or remove it"
-                )
-            write_checkpoint_meta(ckpt_dir, config, settings, data_key)
+        ts = start_or_resume(ckpt_dir, resume, ts, config, settings, data_key, progress)
     until = settings.steps if stop_at is None else min(stop_at, settings.steps)
     start_step = int(ts["step"])
     ts = trainer.run(ts, until, save_every, ckpt_dir, progress)
