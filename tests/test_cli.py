@@ -136,3 +136,19 @@ def test_generate_stream_json_lines(smollm2, capsys):
 def test_generate_stream_takes_one_prompt(capsys):
     assert main(["generate", "--prompt", "a", "--prompt", "b", "--stream"]) == 2
     assert "--stream takes one prompt" in capsys.readouterr().err
+
+
+def test_stream_chunk_defaults_agree():
+    """`generate --stream-chunk`, `Generator.stream` and `stream_ids` share one default, the
+    chunk the H200 measurement chose (jaxsparse.generate.STREAM_CHUNK)."""
+    import argparse
+    import inspect
+
+    from jaxsparse.cli import build_parser
+    from jaxsparse.generate import STREAM_CHUNK, Generator
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    cli = next(a for a in sub.choices["generate"]._actions if a.dest == "stream_chunk")
+    assert cli.default == STREAM_CHUNK
+    for fn in (Generator.stream, Generator.stream_ids):
+        assert inspect.signature(fn).parameters["chunk_tokens"].default == STREAM_CHUNK

@@ -58,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "pure-jnp references)")
     p.add_argument("--stream", action="store_true",
                    help="print the text as it is generated (one prompt)")
-    p.add_argument("--stream-chunk", type=at_least(1), default=8,
+    p.add_argument("--stream-chunk", type=at_least(1), default=32,  # generate.STREAM_CHUNK
                    help="with --stream: tokens per printed chunk (the decode loop returns "
                    "to the host once per chunk)")
     add_mesh_argument(p, "generation")
