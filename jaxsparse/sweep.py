@@ -203,19 +203,49 @@ def table_row(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
+def markdown_table(rows: list[dict[str, Any]], columns=TABLE_COLUMNS) -> str:
+    """A Markdown table of `rows` (dicts) over `columns`: floats to 4 significant digits,
+    None as "—"; a row's "note", if any, is appended to its last cell."""
+
     def fmt(v):
         if v is None:
             return "—"
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 
-    head = "| " + " | ".join(TABLE_COLUMNS) + " |\n"
-    sep = "|" + "---|" * len(TABLE_COLUMNS) + "\n"
-    return (
-        head
-        + sep
-        + "".join("| " + " | ".join(fmt(r[c]) for c in TABLE_COLUMNS) + " |\n" for r in rows)
+    lines = ["| " + " | ".join(columns) + " |\n", "|" + "---|" * len(columns) + "\n"]
+    for r in rows:
+        cells = [fmt(r.get(c)) for c in columns]
+        if r.get("note"):
+            cells[-1] = f"{cells[-1]} ({r['note']})"
+        lines.append("| " + " | ".join(cells) + " |\n")
+    return "".join(lines)
+
+
+def open_evaluator(config, lm, ev: dict, mesh, progress: bool):
+    """`(Evaluator, perplexity token ids or None, tasks or None)` for a sweep's evaluation
+    settings `ev` (no `ppl` and no `tasks` file: the built-in splits). Sweeps call it on
+    first need, so that a sweep whose results are all reused loads no data."""
+    from jaxsparse import data as data_mod
+    from jaxsparse.evaluate import Evaluator, ppl_token_ids
+
+    builtin = not ev["ppl"] and not ev["tasks"]
+    if ev["tasks"]:
+        tasks = data_mod.read_tasks(ev["tasks"])
+    else:
+        tasks = data_mod.builtin_tasks(ev["num_tasks"]) if builtin else None
+    ppl = None
+    if ev["ppl"] or builtin:
+        ppl = ppl_token_ids(config, lm.tokenizer, ev["ppl"], ev["max_tokens"] or None)
+    evaluator = Evaluator(
+        config,
+        lm.params,
+        lm.tokenizer,
+        ev["seq_len"],
+        ev["batch_size"],
+        mesh=mesh,
+        progress=progress,
     )
+    return evaluator, ppl, tasks
 
 
 def plot_ppl_vs_activated(results: list[dict], path: Path, title: str) -> None:
@@ -313,11 +343,10 @@ def sweep(
     calibrated ones. Raises SweepSettingsError if `out` holds a sweep made with other
     settings, unless `overwrite` (which first removes what that sweep wrote). `mesh`: the
     devices of calibration and evaluation, as in `jaxsparse.evaluate.Evaluator`."""
-    from jaxsparse import data as data_mod
     from jaxsparse.calibrate import DEFAULTS as CAL
     from jaxsparse.calibrate import calibrate
     from jaxsparse.evaluate import DEFAULTS as EV
-    from jaxsparse.evaluate import Evaluator, ppl_token_ids, write_json_atomic
+    from jaxsparse.evaluate import write_json_atomic
     from jaxsparse.methods import check_sparsity, get_method
     from jaxsparse.sparsity import save_state
 
@@ -383,7 +412,6 @@ def sweep(
         "num_tasks": ev["num_tasks"],
         "model": lm.source,
     }
-    builtin = not ev["ppl"] and not ev["tasks"]
     evaluator = ppl = tasks = None
     results = []
     from jaxsparse.sparsity import load_state
@@ -404,22 +432,7 @@ def sweep(
                 results.append(old)
                 continue
         if evaluator is None:
-            tasks = (
-                data_mod.read_tasks(ev["tasks"])
-                if ev["tasks"]
-                else (data_mod.builtin_tasks(ev["num_tasks"]) if builtin else None)
-            )
-            if ev["ppl"] or builtin:
-                ppl = ppl_token_ids(config, lm.tokenizer, ev["ppl"], ev["max_tokens"] or None)
-            evaluator = Evaluator(
-                config,
-                lm.params,
-                lm.tokenizer,
-                ev["seq_len"],
-                ev["batch_size"],
-                mesh=mesh,
-                progress=progress,
-            )
+            evaluator, ppl, tasks = open_evaluator(config, lm, ev, mesh, progress)
         t0 = time.time()
         r = evaluator.evaluate(state, ppl, tasks)
         r["sweep_settings"] = settings

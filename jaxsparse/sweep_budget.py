@@ -117,19 +117,9 @@ def table_row(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    def fmt(v):
-        if v is None:
-            return "—"
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
+    from jaxsparse.sweep import markdown_table as table
 
-    head = "| " + " | ".join(COLUMNS) + " |\n" + "|" + "---|" * len(COLUMNS) + "\n"
-    lines = []
-    for r in rows:
-        cells = [fmt(r.get(c)) for c in COLUMNS]
-        if r.get("note"):
-            cells[-1] = f"{cells[-1]} ({r['note']})"
-        lines.append("| " + " | ".join(cells) + " |\n")
-    return head + "".join(lines)
+    return table(rows, COLUMNS)
 
 
 def sweep_fractions(
@@ -152,16 +142,15 @@ def sweep_fractions(
     first; an unreachable (method, fraction) is a result without perplexity, with a
     note). `mesh`: the devices of calibration and evaluation, as in
     `jaxsparse.evaluate.Evaluator`."""
-    from jaxsparse import data as data_mod
     from jaxsparse.budget import BudgetError, FractionMeter
     from jaxsparse.calibrate import DEFAULTS as CAL
     from jaxsparse.calibrate import gather
     from jaxsparse.evaluate import DEFAULTS as EV
-    from jaxsparse.evaluate import Evaluator, ppl_token_ids, write_json_atomic
+    from jaxsparse.evaluate import write_json_atomic
     from jaxsparse.io import is_complete
     from jaxsparse.methods import get_method
     from jaxsparse.sparsity import load_state, save_state
-    from jaxsparse.sweep import plot_ppl_vs_activated
+    from jaxsparse.sweep import open_evaluator, plot_ppl_vs_activated
 
     for m in methods:
         get_method(m)
@@ -286,7 +275,6 @@ def sweep_fractions(
         "num_tasks": ev["num_tasks"],
         "model": lm.source,
     }
-    builtin = not ev["ppl"] and not ev["tasks"]
     evaluator = ppl = tasks = None
     results = []
     for name, st, b in (
@@ -304,22 +292,7 @@ def sweep_fractions(
                 results.append(old)
                 continue
         if evaluator is None:
-            tasks = (
-                data_mod.read_tasks(ev["tasks"])
-                if ev["tasks"]
-                else (data_mod.builtin_tasks(ev["num_tasks"]) if builtin else None)
-            )
-            if ev["ppl"] or builtin:
-                ppl = ppl_token_ids(config, lm.tokenizer, ev["ppl"], ev["max_tokens"] or None)
-            evaluator = Evaluator(
-                config,
-                lm.params,
-                lm.tokenizer,
-                ev["seq_len"],
-                ev["batch_size"],
-                mesh=mesh,
-                progress=progress,
-            )
+            evaluator, ppl, tasks = open_evaluator(config, lm, ev, mesh, progress)
         t0 = time.time()
         r = evaluator.evaluate(st, ppl, tasks)
         r.update({"sweep_settings": settings, "model_source": lm.source, "budget": b})
