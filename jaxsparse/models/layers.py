@@ -80,8 +80,9 @@ class Kernels:
         if unknown:
             raise ValueError(f"kernel points {sorted(unknown)} unknown; known: {TENSORS}")
         if self.head_attention and not self.fuse_kv:
-            raise ValueError("Kernels(head_attention=True) needs fuse_kv=True (q_proj apart "
-                             "from kv_proj)")
+            raise ValueError(
+                "Kernels(head_attention=True) needs fuse_kv=True (q_proj apart from kv_proj)"
+            )
 
     @property
     def up_rows(self) -> bool:
@@ -99,8 +100,7 @@ class Kernels:
 
     def use(self, point: str, x: jax.Array) -> bool:
         """Whether the projection fed by `point` uses a kernel for input `x` (decode only)."""
-        return (self.mode == "pallas" and point in self.points and x.ndim == 3
-                and x.shape[1] == 1)
+        return self.mode == "pallas" and point in self.points and x.ndim == 3 and x.shape[1] == 1
 
 
 XLA = Kernels()
@@ -126,7 +126,9 @@ class Linear(nn.Module):
         shape = (self.features, x.shape[-1]) if self.rows else (x.shape[-1], self.features)
         axes = self.axes[::-1] if self.rows else self.axes
         kernel = self.param(
-            "kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), axes), shape,
+            "kernel",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
+            shape,
             self.dtype,
         )
         x = x.astype(self.dtype)
@@ -135,16 +137,28 @@ class Linear(nn.Module):
             from pallas_kernels import gated_matvec
 
             b = x.shape[0]
-            h = per_shard(lambda x2, g2, w: gated_matvec(x2, g2, w, impl=k.impl), k.mesh,
-                          x.reshape(b, -1), gate.reshape(b, -1).astype(self.dtype), kernel,
-                          axes, rows=True)
+            h = per_shard(
+                lambda x2, g2, w: gated_matvec(x2, g2, w, impl=k.impl),
+                k.mesh,
+                x.reshape(b, -1),
+                gate.reshape(b, -1).astype(self.dtype),
+                kernel,
+                axes,
+                rows=True,
+            )
             return h.reshape(b, 1, -1)
         if point is not None and not self.rows and k.use(point, x):
             from pallas_kernels import sparse_input_matvec
 
             b = x.shape[0]
-            y = per_shard(lambda x2, w: sparse_input_matvec(x2, w, impl=k.impl), k.mesh,
-                          x.reshape(b, -1), None, kernel, axes)
+            y = per_shard(
+                lambda x2, w: sparse_input_matvec(x2, w, impl=k.impl),
+                k.mesh,
+                x.reshape(b, -1),
+                None,
+                kernel,
+                axes,
+            )
             y = y.reshape(b, 1, -1).astype(jnp.float32)
         elif self.rows:
             y = jnp.einsum("...i,oi->...o", x, kernel, preferred_element_type=jnp.float32)
@@ -188,8 +202,9 @@ def per_shard(fn, mesh, x_BxK, gate_BxN, kernel, axes: tuple[str, str], rows: bo
             y = jax.lax.psum(y.astype(jnp.float32), k_spec).astype(y.dtype)
         return y
 
-    return jax.shard_map(body, mesh=mesh, in_specs=tuple(in_specs),
-                         out_specs=P(b_spec, n_spec), check_vma=False)(*args)
+    return jax.shard_map(
+        body, mesh=mesh, in_specs=tuple(in_specs), out_specs=P(b_spec, n_spec), check_vma=False
+    )(*args)
 
 
 class RMSNorm(nn.Module):
@@ -203,7 +218,10 @@ class RMSNorm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         init = nn.initializers.zeros if self.unit_offset else nn.initializers.ones
         scale = self.param(
-            "scale", nn.with_logical_partitioning(init, ("norm",)), (x.shape[-1],), self.dtype,
+            "scale",
+            nn.with_logical_partitioning(init, ("norm",)),
+            (x.shape[-1],),
+            self.dtype,
         )
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
@@ -225,10 +243,12 @@ class LayerNorm(nn.Module):
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
         if self.affine:
             init = nn.with_logical_partitioning
-            scale = self.param("scale", init(nn.initializers.ones, ("norm",)), (x.shape[-1],),
-                               self.dtype)
-            bias = self.param("bias", init(nn.initializers.zeros, ("norm",)), (x.shape[-1],),
-                              self.dtype)
+            scale = self.param(
+                "scale", init(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.dtype
+            )
+            bias = self.param(
+                "bias", init(nn.initializers.zeros, ("norm",)), (x.shape[-1],), self.dtype
+            )
             y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
         return y.astype(self.dtype)
 
@@ -255,8 +275,9 @@ class Embed(nn.Module):
         return jnp.dot(x.astype(self.dtype), self.embedding.T, preferred_element_type=jnp.float32)
 
 
-def rope_cos_sin(config: ModelConfig, positions_BxT: jax.Array,
-                 layer_type: str = FULL) -> tuple[jax.Array, jax.Array]:
+def rope_cos_sin(
+    config: ModelConfig, positions_BxT: jax.Array, layer_type: str = FULL
+) -> tuple[jax.Array, jax.Array]:
     """RoPE tables [B, T, head_dim] for the layers of `layer_type` (Gemma 3 has two bases)."""
     inv_freq = jnp.asarray(rope_inv_freq(config, layer_type))
     pos = jnp.maximum(positions_BxT, 0).astype(jnp.float32)
@@ -274,8 +295,9 @@ def apply_rope(x_BxTxHxD: jax.Array, cos_BxTxD: jax.Array, sin_BxTxD: jax.Array)
     return out.astype(x_BxTxHxD.dtype)
 
 
-def attention_mask(q_pos_BxT: jax.Array, kv_pos_BxS: jax.Array,
-                   sliding_window: int | None = None) -> jax.Array:
+def attention_mask(
+    q_pos_BxT: jax.Array, kv_pos_BxS: jax.Array, sliding_window: int | None = None
+) -> jax.Array:
     """[B, T, S] bool: causal over positions, empty or padded slots (pos < 0) excluded."""
     q = q_pos_BxT[:, :, None]
     k = kv_pos_BxS[:, None, :]
@@ -290,9 +312,10 @@ def attend(q_BxTxHxD, k_BxKxSxD, v_BxKxSxD, mask_BxTxS, scale: float) -> jax.Arr
     b, t, h, d = q_BxTxHxD.shape
     kv_heads = k_BxKxSxD.shape[1]
     q_BxKxGxTxD = q_BxTxHxD.reshape(b, t, kv_heads, h // kv_heads, d).transpose(0, 2, 3, 1, 4)
-    scores_BxKxGxTxS = jnp.einsum(
-        "bkgtd,bksd->bkgts", q_BxKxGxTxD, k_BxKxSxD, preferred_element_type=jnp.float32
-    ) * scale
+    scores_BxKxGxTxS = (
+        jnp.einsum("bkgtd,bksd->bkgts", q_BxKxGxTxD, k_BxKxSxD, preferred_element_type=jnp.float32)
+        * scale
+    )
     scores_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxKxGxTxS, MASK_VALUE)
     probs = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxKxSxD.dtype)
     out_BxKxGxTxD = jnp.einsum(
@@ -303,10 +326,12 @@ def attend(q_BxTxHxD, k_BxKxSxD, v_BxKxSxD, mask_BxTxS, scale: float) -> jax.Arr
 
 
 def update_layer_cache(layer_cache: dict, k_BxKxTxD, v_BxKxTxD, index) -> dict:
-    k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k_BxKxTxD.astype(
-        layer_cache["k"].dtype), index, axis=2)
-    v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v_BxKxTxD.astype(
-        layer_cache["v"].dtype), index, axis=2)
+    k = jax.lax.dynamic_update_slice_in_dim(
+        layer_cache["k"], k_BxKxTxD.astype(layer_cache["k"].dtype), index, axis=2
+    )
+    v = jax.lax.dynamic_update_slice_in_dim(
+        layer_cache["v"], v_BxKxTxD.astype(layer_cache["v"].dtype), index, axis=2
+    )
     return {"k": k, "v": v}
 
 
