@@ -14,11 +14,23 @@ Add new fixtures here only if several test packages use them.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# One persistent XLA compilation cache for the test session, shared by this process and the
+# `jaxsparse`, notebook and README subprocesses it starts (they inherit the environment):
+# the same SmolLM2 prefill and decode loop compile once instead of in every CLI run. Set
+# before anything imports jax, which reads it then. A cache given from outside is kept.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxsparse-xla-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 
 # name -> (transformers config class name, kwargs). Small, but with GQA, biases, RoPE
 # scaling, tied embeddings, sliding windows, Gemma 3 and OPT's variants all exercised.
