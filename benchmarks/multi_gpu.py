@@ -40,9 +40,11 @@ import time
 from pathlib import Path
 
 if "--tiny" in sys.argv and "force_host_platform_device_count" not in os.environ.get(
-        "XLA_FLAGS", ""):  # must precede jax's start
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_force_host_platform_device_count=2").strip()
+    "XLA_FLAGS", ""
+):  # must precede jax's start
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    ).strip()
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -55,17 +57,44 @@ from jaxsparse.config import ModelConfig
 from jaxsparse.sharding import make_mesh
 
 SMOLLM2_135M = ModelConfig(
-    model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
-    num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, max_position_embeddings=8192,
-    norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True, eos_token_ids=(2,),
-    dtype="bfloat16")
+    model_type="llama",
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_layers=30,
+    num_heads=9,
+    num_kv_heads=3,
+    head_dim=64,
+    max_position_embeddings=8192,
+    norm_eps=1e-5,
+    rope_theta=100000.0,
+    tie_word_embeddings=True,
+    eos_token_ids=(2,),
+    dtype="bfloat16",
+)
 
-TINY_SMOLLM2 = dataclasses.replace(SMOLLM2_135M, vocab_size=320, hidden_size=48,
-                                   intermediate_size=96, num_layers=2, num_heads=3,
-                                   num_kv_heads=3, head_dim=16, dtype="float32")
-TINY_LLAMA = dataclasses.replace(LLAMA3_8B, vocab_size=320, hidden_size=64,
-                                 intermediate_size=128, num_layers=2, num_heads=4,
-                                 num_kv_heads=2, head_dim=16, dtype="float32")
+TINY_SMOLLM2 = dataclasses.replace(
+    SMOLLM2_135M,
+    vocab_size=320,
+    hidden_size=48,
+    intermediate_size=96,
+    num_layers=2,
+    num_heads=3,
+    num_kv_heads=3,
+    head_dim=16,
+    dtype="float32",
+)
+TINY_LLAMA = dataclasses.replace(
+    LLAMA3_8B,
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    dtype="float32",
+)
 
 
 def timed(fn, repeats: int) -> tuple[float, float]:
@@ -100,8 +129,12 @@ def load_smollm2(args):
     """(config, params, tokenizer, name): the real SmolLM2-135M in bf16 if it loads (not
     with --tiny), else its shapes with random weights."""
     if args.tiny:
-        return TINY_SMOLLM2, random_params(TINY_SMOLLM2), ByteTokenizer(), \
-            "SmolLM2-135M shapes (tiny), random weights"
+        return (
+            TINY_SMOLLM2,
+            random_params(TINY_SMOLLM2),
+            ByteTokenizer(),
+            "SmolLM2-135M shapes (tiny), random weights",
+        )
     if args.smollm2 != "random":
         try:
             from jaxsparse.loading import load_model
@@ -112,15 +145,23 @@ def load_smollm2(args):
             if args.smollm2 == "real":
                 raise
             print(f"SmolLM2 weights not loadable ({e}); random weights", file=sys.stderr)
-    return SMOLLM2_135M, random_params(SMOLLM2_135M), ByteTokenizer(), \
-        "SmolLM2-135M shapes, random bf16 weights"
+    return (
+        SMOLLM2_135M,
+        random_params(SMOLLM2_135M),
+        ByteTokenizer(),
+        "SmolLM2-135M shapes, random bf16 weights",
+    )
 
 
 def llama(args):
-    config = TINY_LLAMA if args.tiny else dataclasses.replace(
-        LLAMA3_8B, num_layers=args.llama_layers)
-    what = "Llama-3-8B shapes" + (" (tiny)" if args.tiny else (
-        "" if args.llama_layers == 32 else f" ({args.llama_layers} layers)"))
+    config = (
+        TINY_LLAMA if args.tiny else dataclasses.replace(LLAMA3_8B, num_layers=args.llama_layers)
+    )
+    what = "Llama-3-8B shapes" + (
+        " (tiny)"
+        if args.tiny
+        else ("" if args.llama_layers == 32 else f" ({args.llama_layers} layers)")
+    )
     return config, random_params(config), ByteTokenizer(), what + ", random weights"
 
 
@@ -132,9 +173,15 @@ def eval_throughput(config, params, tok, name: str, args, per_device: int) -> li
     eos = config.eos_token_ids[0] if config.eos_token_ids else tok.eos_token_id
     rows = []
     for n in (1, 2):
-        ev = Evaluator(config, params, tok, seq_len=args.seq_len,
-                       batch_size=per_device * n,
-                       mesh=make_mesh(n, 1, jax.devices()[:n]), progress=False)
+        ev = Evaluator(
+            config,
+            params,
+            tok,
+            seq_len=args.seq_len,
+            batch_size=per_device * n,
+            mesh=make_mesh(n, 1, jax.devices()[:n]),
+            progress=False,
+        )
         ids = eval_text_ids(tok, args.eval_batches * ev.batch_size * args.seq_len, eos)
         res = {}
 
@@ -142,11 +189,21 @@ def eval_throughput(config, params, tok, name: str, args, per_device: int) -> li
             res.update(ev.evaluate(None, ids))
 
         t, warm = timed(run, args.repeats)
-        rows.append({"part": "eval", "model": name, "devices": n, "mesh": f"data={n}",
-                     "batch": ev.batch_size, "seq_len": args.seq_len,
-                     "tokens": res["perplexity_tokens"], "seconds": t,
-                     "tokens_per_s": res["perplexity_tokens"] / t, "warmup_s": warm,
-                     "perplexity": res["perplexity"]})
+        rows.append(
+            {
+                "part": "eval",
+                "model": name,
+                "devices": n,
+                "mesh": f"data={n}",
+                "batch": ev.batch_size,
+                "seq_len": args.seq_len,
+                "tokens": res["perplexity_tokens"],
+                "seconds": t,
+                "tokens_per_s": res["perplexity_tokens"] / t,
+                "warmup_s": warm,
+                "perplexity": res["perplexity"],
+            }
+        )
         print(json.dumps(rows[-1]), file=sys.stderr)
         del ev
     rows[1]["speedup_vs_1"] = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
@@ -159,9 +216,19 @@ def tp_decode(config, params, tok, name: str, args) -> list[dict]:
     from jaxsparse.generate import Generator, default_kernels
 
     t0 = time.perf_counter()
-    states = calibrate(config, params, tok, ["teal"], [args.sparsity], None,
-                       tokens=args.calibration_tokens, seq_len=args.calibration_seq_len,
-                       batch_size=4, model_source=name, progress=False)
+    states = calibrate(
+        config,
+        params,
+        tok,
+        ["teal"],
+        [args.sparsity],
+        None,
+        tokens=args.calibration_tokens,
+        seq_len=args.calibration_seq_len,
+        batch_size=4,
+        model_source=name,
+        progress=False,
+    )
     calibration_s = time.perf_counter() - t0
     th = {"dense": None, "teal": states[("teal", args.sparsity)].thresholds_for_model()}
     prompt = prompt_batch(tok, 1, args.prompt_len)
@@ -169,24 +236,40 @@ def tp_decode(config, params, tok, name: str, args) -> list[dict]:
     for n in (1, 2):
         for method in ("dense", "teal"):
             kernels = default_kernels(method, 1, args.kernels)
-            gen = Generator(config, params, tok, kernels=kernels,
-                            mesh=None if n == 1 else make_mesh(1, 2, jax.devices()[:2]))
+            gen = Generator(
+                config,
+                params,
+                tok,
+                kernels=kernels,
+                mesh=None if n == 1 else make_mesh(1, 2, jax.devices()[:2]),
+            )
             out = {}
 
             def run(gen=gen, method=method, out=out):
-                out["r"] = gen.generate_ids(prompt, args.new_tokens, thresholds=th[method],
-                                            stop_at_eos=False)
+                out["r"] = gen.generate_ids(
+                    prompt, args.new_tokens, thresholds=th[method], stop_at_eos=False
+                )
                 return out["r"]
 
             run()  # compiles
             results = sorted((run() for _ in range(args.repeats)), key=lambda r: r.decode_s)
             r = results[len(results) // 2]
-            rows.append({"part": "decode", "model": name, "method": method, "devices": n,
-                         "mesh": "one device" if n == 1 else "model=2", "batch": 1,
-                         "kernels": kernels.mode, "decode_steps": r.decode_steps,
-                         "tokens_per_s": r.decode_steps_per_s, "compile_s": r.compile_s,
-                         "measured_sparsity": r.measured_sparsity,
-                         "calibration_s": calibration_s})
+            rows.append(
+                {
+                    "part": "decode",
+                    "model": name,
+                    "method": method,
+                    "devices": n,
+                    "mesh": "one device" if n == 1 else "model=2",
+                    "batch": 1,
+                    "kernels": kernels.mode,
+                    "decode_steps": r.decode_steps,
+                    "tokens_per_s": r.decode_steps_per_s,
+                    "compile_s": r.compile_s,
+                    "measured_sparsity": r.measured_sparsity,
+                    "calibration_s": calibration_s,
+                }
+            )
             print(json.dumps(rows[-1]), file=sys.stderr)
             del gen, out
     by = {(r["method"], r["devices"]): r for r in rows}
@@ -199,27 +282,47 @@ def tp_decode(config, params, tok, name: str, args) -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", required=True, help="where to write the results")
-    p.add_argument("--tiny", action="store_true",
-                   help="tiny models and sizes on a CPU with 2 fake devices (a check)")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="tiny models and sizes on a CPU with 2 fake devices (a check)",
+    )
     p.add_argument("--parts", default="eval,decode", help="eval, decode or both")
-    p.add_argument("--smollm2", choices=("auto", "real", "random"), default="auto",
-                   help="SmolLM2 weights: the embedded model if it loads (auto), or random")
-    p.add_argument("--llama-layers", type=int, default=32,
-                   help="layers of the Llama-3-8B-shaped model (fewer compile faster)")
+    p.add_argument(
+        "--smollm2",
+        choices=("auto", "real", "random"),
+        default="auto",
+        help="SmolLM2 weights: the embedded model if it loads (auto), or random",
+    )
+    p.add_argument(
+        "--llama-layers",
+        type=int,
+        default=32,
+        help="layers of the Llama-3-8B-shaped model (fewer compile faster)",
+    )
     p.add_argument("--seq-len", type=int, default=512, help="eval window")
-    p.add_argument("--batch-per-device", type=int, default=8,
-                   help="eval rows per device, Llama-3-8B shapes")
-    p.add_argument("--smollm2-batch-per-device", type=int, default=32,
-                   help="eval rows per device, SmolLM2 (a small model needs large batches to "
-                   "keep a GPU busy between the evaluator's host steps)")
+    p.add_argument(
+        "--batch-per-device", type=int, default=8, help="eval rows per device, Llama-3-8B shapes"
+    )
+    p.add_argument(
+        "--smollm2-batch-per-device",
+        type=int,
+        default=32,
+        help="eval rows per device, SmolLM2 (a small model needs large batches to "
+        "keep a GPU busy between the evaluator's host steps)",
+    )
     p.add_argument("--eval-batches", type=int, default=4, help="eval batches per timed call")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--sparsity", type=float, default=0.5, help="teal's target sparsity")
     p.add_argument("--calibration-tokens", type=int, default=2048)
     p.add_argument("--calibration-seq-len", type=int, default=256)
-    p.add_argument("--kernels", choices=("auto", "pallas", "xla"), default="auto",
-                   help="teal's decode matmuls (auto: the sparse kernels on a GPU at batch 1)")
+    p.add_argument(
+        "--kernels",
+        choices=("auto", "pallas", "xla"),
+        default="auto",
+        help="teal's decode matmuls (auto: the sparse kernels on a GPU at batch 1)",
+    )
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
     if args.tiny:
@@ -231,8 +334,10 @@ def main(argv=None) -> int:
     if not parts or parts - {"eval", "decode"}:
         p.error(f"--parts {args.parts}: use eval, decode or eval,decode")
     if len(jax.devices()) < 2:
-        p.error(f"needs 2 devices, {len(jax.devices())} visible ({jax.devices()[0].platform})"
-                "; on a CPU use --tiny")
+        p.error(
+            f"needs 2 devices, {len(jax.devices())} visible ({jax.devices()[0].platform})"
+            "; on a CPU use --tiny"
+        )
     t_start = time.perf_counter()
     rows: list[dict] = []
     if "eval" in parts:
@@ -250,8 +355,8 @@ def main(argv=None) -> int:
         "backend": jax.default_backend(),
         "jax_version": jax.__version__,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": "python benchmarks/multi_gpu.py " + " ".join(
-            sys.argv[1:] if argv is None else argv),
+        "command": "python benchmarks/multi_gpu.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
         "tiny": args.tiny,
         "settings": {k: v for k, v in vars(args).items() if k not in ("json",)},
         "wall_s": time.perf_counter() - t_start,
@@ -262,17 +367,23 @@ def main(argv=None) -> int:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
         json.dump(out, f, indent=2)
     os.replace(f.name, path)
-    print(f"\n{out['device']} x{out['devices_visible']}, jax {out['jax_version']}, "
-          f"{out['wall_s']:.0f} s{' (--tiny: a check, not a measurement)' if args.tiny else ''}"
-          f" -> {path}")
-    print(f"{'part':6} {'model':44} {'method':6} {'mesh':10} {'tok/s':>10} {'x1 dev':>6} "
-          f"{'x dense':>7}")
+    print(
+        f"\n{out['device']} x{out['devices_visible']}, jax {out['jax_version']}, "
+        f"{out['wall_s']:.0f} s{' (--tiny: a check, not a measurement)' if args.tiny else ''}"
+        f" -> {path}"
+    )
+    print(
+        f"{'part':6} {'model':44} {'method':6} {'mesh':10} {'tok/s':>10} {'x1 dev':>6} "
+        f"{'x dense':>7}"
+    )
     for r in rows:
         sp = r.get("speedup_vs_1")
         rd = r.get("ratio_vs_dense")
-        print(f"{r['part']:6} {r['model'][:44]:44} {r.get('method', 'dense'):6} "
-              f"{r['mesh']:10} {r['tokens_per_s']:10.1f} "
-              f"{'' if sp is None else f'{sp:.2f}':>6} {'' if rd is None else f'{rd:.2f}':>7}")
+        print(
+            f"{r['part']:6} {r['model'][:44]:44} {r.get('method', 'dense'):6} "
+            f"{r['mesh']:10} {r['tokens_per_s']:10.1f} "
+            f"{'' if sp is None else f'{sp:.2f}':>6} {'' if rd is None else f'{rd:.2f}':>7}"
+        )
     return 0
 
 
