@@ -105,7 +105,8 @@ def dense_inputs(
     import jax
     import jax.numpy as jnp
 
-    from jaxsparse.models import build_model, positions_from_mask
+    from jaxsparse.measure import dense_taps, tap
+    from jaxsparse.models import build_model
 
     model = build_model(config)
     L = config.num_layers
@@ -113,13 +114,8 @@ def dense_inputs(
 
     @jax.jit
     def run(params, tokens, valid):
-        _, v = model.apply({"params": params}, tokens, positions_from_mask(valid), mutable=["taps"])
-        t = v["taps"]
-        if ffn_only:
-            x = [t[f"layers_{i}"]["mlp"]["ffn_in"][0] for i in range(L)]
-        else:
-            x = [t[f"layers_{i}"]["block_in"][0] for i in range(L)]
-        return jnp.stack(x)
+        t = dense_taps(model, params, tokens, valid)
+        return jnp.stack([tap(t, i, "ffn_in" if ffn_only else "block_in") for i in range(L)])
 
     xs = []
     for start in range(0, len(seqs_NxT), batch_size):
@@ -206,7 +202,7 @@ def _layer_fns(config, method: str):
 
 def _tap(taps: dict, point: str):
     """A point's raw activation from the taps of an FFN (root level) or a whole block."""
-    from jaxsparse.methods.statistics import TAP_PATHS
+    from jaxsparse.measure import TAP_PATHS
 
     sub, name = TAP_PATHS[point]
     return taps[sub][name][0] if sub in taps else taps[name][0]

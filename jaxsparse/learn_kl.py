@@ -197,7 +197,7 @@ class KLTrainer:
         import jax.numpy as jnp
         import optax
 
-        from jaxsparse.methods.statistics import TAP_PATHS
+        from jaxsparse.measure import tap
         from jaxsparse.models import build_model
         from jaxsparse.rules import straight_through_mask
         from jaxsparse.sparsity import activated_params_fraction
@@ -216,10 +216,6 @@ class KLTrainer:
         base_dev = {p: jnp.asarray(v) for p, v in self.log_base.items()}
         pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (self.batch, T))
 
-        def raw(taps, layer, p):
-            sub, name = TAP_PATHS[p]
-            return taps[f"layers_{layer}"][sub][name][0]
-
         def loss_fn(theta, params, base, tokens, tau):
             th = thresholds_for(config, base, theta, 0.0, tau)
             (logits, _), v = model.apply(
@@ -234,7 +230,7 @@ class KLTrainer:
             for i in range(L):
                 dens = {}
                 for p in ALL_POINTS:
-                    x = jax.lax.stop_gradient(raw(taps, i, p))
+                    x = jax.lax.stop_gradient(tap(taps, i, p))
                     if p in th[f"layers_{i}"]:
                         t = th[f"layers_{i}"][p]
                         keep = straight_through_mask(x, t, jax.lax.stop_gradient(tau * t) + 1e-20)

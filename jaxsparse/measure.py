@@ -29,10 +29,34 @@ TAP_PATHS = {
 }
 
 
+# Every activation a fitting pass reads from the "taps" collection: the points and the up
+# projection (`TAP_PATHS`), the residual entering each block, each head's attention output.
+TAPS = {**TAP_PATHS, "block_in": ("block_in",), "head_out": ("self_attn", "head_out")}
+
+
 def point_value(layer_tree: dict, point: str):
     """The value sown for `point` in one layer's subtree of a collection (its first sow)."""
     module, name = TAP_PATHS[point]
     return layer_tree[module][name][0]
+
+
+def dense_taps(model, params, tokens_BxT, valid_BxT) -> dict:
+    """The "taps" collection of one dense forward of `model` over token rows (`valid_BxT`
+    False on padding); read it with `tap`. Call it under jit."""
+    from jaxsparse.models import positions_from_mask
+
+    _, variables = model.apply(
+        {"params": params}, tokens_BxT, positions_from_mask(valid_BxT), mutable=["taps"]
+    )
+    return variables["taps"]
+
+
+def tap(taps: dict, layer: int, name: str):
+    """The activation sown under `name` (a key of `TAPS`) in layer `layer` of `taps`."""
+    tree = taps[f"layers_{layer}"]
+    for key in TAPS[name]:
+        tree = tree[key]
+    return tree[0]
 
 
 @functools.cache

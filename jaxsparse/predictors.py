@@ -106,7 +106,8 @@ def gather(
     import jax.numpy as jnp
     from tqdm import tqdm
 
-    from jaxsparse.models import build_model, positions_from_mask
+    from jaxsparse.measure import dense_taps, tap
+    from jaxsparse.models import build_model
 
     if config.family == "opt":
         raise PredictorError(
@@ -118,26 +119,17 @@ def gather(
 
     @jax.jit
     def run(params, tokens, valid):
-        _, v = model.apply({"params": params}, tokens, positions_from_mask(valid), mutable=["taps"])
-        t = v["taps"]
-        block_in = [t[f"layers_{i}"]["block_in"][0] for i in range(L)]
+        t = dense_taps(model, params, tokens, valid)
+        block_in = [tap(t, i, "block_in") for i in range(L)]
         x = jnp.stack([block_in[max(i - 1, 0)] for i in range(L)])
         imp = jnp.stack(
             [
-                jnp.abs(
-                    t[f"layers_{i}"]["mlp"]["gate"][0].astype(jnp.float32)
-                    * t[f"layers_{i}"]["mlp"]["up"][0].astype(jnp.float32)
-                )
+                jnp.abs(tap(t, i, "gate").astype(jnp.float32) * tap(t, i, "up").astype(jnp.float32))
                 for i in range(L)
             ]
         )
         hn = jnp.stack(
-            [
-                jnp.linalg.norm(
-                    t[f"layers_{i}"]["self_attn"]["head_out"][0].astype(jnp.float32), axis=-1
-                )
-                for i in range(L)
-            ]
+            [jnp.linalg.norm(tap(t, i, "head_out").astype(jnp.float32), axis=-1) for i in range(L)]
         )
         return x.astype(jnp.float32), imp.astype(jnp.float16), hn
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from jaxsparse import rules
 from jaxsparse.config import ModelConfig
-from jaxsparse.measure import TAP_PATHS  # where each point is sown, under `taps/layers_i/...`
+from jaxsparse.measure import dense_taps, tap  # TAP_PATHS: where each point is sown
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,11 +221,6 @@ def input_row_norms(
 Batch = tuple[np.ndarray, np.ndarray]  # tokens [B, T] int32, valid [B, T] bool
 
 
-def _tap(taps: dict, layer: int, point: str):
-    sub, name = TAP_PATHS[point]
-    return taps[f"layers_{layer}"][sub][name][0]
-
-
 def make_stats_fn(
     config: ModelConfig,
     bins: LogBins,
@@ -244,7 +239,7 @@ def make_stats_fn(
     import jax
     import jax.numpy as jnp
 
-    from jaxsparse.models import build_model, positions_from_mask
+    from jaxsparse.models import build_model
 
     model = build_model(config)
     points = tuple(sorted(points))
@@ -255,14 +250,12 @@ def make_stats_fn(
     has_up = config.family != "opt"
 
     def stats(params, tokens_BxT, valid_BxT, mean_abs_u_LxM, norms=None):
-        positions = positions_from_mask(valid_BxT)
-        _, variables = model.apply({"params": params}, tokens_BxT, positions, mutable=["taps"])
-        taps = variables["taps"]
+        taps = dense_taps(model, params, tokens_BxT, valid_BxT)
         out = {}
         for p in points:
             out[f"hist/{p}"] = jnp.stack(
                 [
-                    bins.histogram(jnp.abs(_tap(taps, i, p)), valid_BxT)
+                    bins.histogram(jnp.abs(tap(taps, i, p)), valid_BxT)
                     for i in range(config.num_layers)
                 ]
             )
@@ -270,21 +263,21 @@ def make_stats_fn(
         if mean_u and has_up:
             out["sum_abs_u"] = jnp.stack(
                 [
-                    jnp.sum(jnp.abs(_tap(taps, i, "up").astype(jnp.float32)) * w, axis=(0, 1))
+                    jnp.sum(jnp.abs(tap(taps, i, "up").astype(jnp.float32)) * w, axis=(0, 1))
                     for i in range(config.num_layers)
                 ]
             )
         if importance:
             hists = []
             for i in range(config.num_layers):
-                g = jnp.abs(_tap(taps, i, "gate").astype(jnp.float32))
+                g = jnp.abs(tap(taps, i, "gate").astype(jnp.float32))
                 hists.append(bins.histogram(g * mean_abs_u_LxM[i], valid_BxT))
             out["importance"] = jnp.stack(hists)
         for p in weighted_points:
             out[f"whist/{p}"] = jnp.stack(
                 [
                     bins.histogram(
-                        jnp.abs(_tap(taps, i, p).astype(jnp.float32)) * norms[p][i], valid_BxT
+                        jnp.abs(tap(taps, i, p).astype(jnp.float32)) * norms[p][i], valid_BxT
                     )
                     for i in range(config.num_layers)
                 ]
@@ -375,15 +368,13 @@ def collect_block_inputs(
     import jax
     import jax.numpy as jnp
 
-    from jaxsparse.models import build_model, positions_from_mask
+    from jaxsparse.models import build_model
 
     model = build_model(config)
 
     @jax.jit
     def run(params, tokens, valid):
-        _, variables = model.apply(
-            {"params": params}, tokens, positions_from_mask(valid), mutable=["taps"]
-        )
-        return [variables["taps"][f"layers_{i}"]["block_in"][0] for i in range(config.num_layers)]
+        taps = dense_taps(model, params, tokens, valid)
+        return [tap(taps, i, "block_in") for i in range(config.num_layers)]
 
     return [np.asarray(x) for x in run(params, jnp.asarray(tokens_BxT), jnp.asarray(valid_BxT))]
