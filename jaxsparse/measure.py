@@ -4,8 +4,10 @@ per-token log-likelihoods, per-layer zero fractions of every sparsification poin
 fraction of linear weights read (`jaxsparse.sparsity.activated_params_fraction`).
 
 One function for both, so that a knob the budget solves hits the fraction `eval` reports
-on the same text. It runs the model and sits with it (docs/design.md, "Layers"): below
-fitting and inference, which both import it.
+on the same text. Also where the model sows each activation (`TAP_PATHS`, `TAPS`) and how
+fitting reads them: `dense_taps` runs a dense forward with its taps, `tap` picks one
+layer's activation by name. It runs the model and sits with it (docs/design.md,
+"Layers"): below fitting and inference, which both import it.
 """
 
 from __future__ import annotations
