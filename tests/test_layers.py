@@ -178,3 +178,23 @@ def test_the_check_sees_lazy_imports_and_flags_an_upward_edge():
 )
 def test_layer_patterns(module, layer):
     assert LAYERS[layer_of(module)][0] == layer
+
+
+def test_only_the_cli_parses_arguments():
+    """Argument parsing lives in jaxsparse/cli/ (and `python -m convert`): no library module
+    imports argparse."""
+    cli = {m for m in graph() if LAYERS[layer_of(m)][0] == "cli"}
+    bad = []
+    for pkg in PACKAGES:
+        for p in sorted((ROOT / pkg).rglob("*.py")):
+            if module_name(p) in cli:
+                continue
+            for node in ast.walk(ast.parse(p.read_text(), str(p))):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and not node.level:
+                    names = [node.module or ""]
+                if "argparse" in names:
+                    bad.append(module_name(p))
+    assert not bad, f"argparse outside jaxsparse/cli/: {bad}"
