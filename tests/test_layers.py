@@ -66,10 +66,6 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("cli", ("jaxsparse.cli", "jaxsparse.cli.*", "convert.__main__")),
 ]
 
-# (importer, imported) edges allowed although they go up. jaxsparse.sharding reads the
-# models' logical axis names; moving that lookup out of sharding is issue 14's work.
-KNOWN_EXCEPTIONS = {("jaxsparse.sharding", "jaxsparse.models")}
-
 
 def layer_of(module: str) -> int:
     for rank, (_, patterns) in enumerate(LAYERS):
@@ -132,8 +128,6 @@ def upward_edges(g: dict[str, set[str]]) -> list[str]:
     bad = []
     for mod, deps in g.items():
         for dep in sorted(deps):
-            if (mod, dep) in KNOWN_EXCEPTIONS:
-                continue
             if layer_of(dep) > layer_of(mod):
                 bad.append(
                     f"{mod} ({LAYERS[layer_of(mod)][0]}) imports {dep} ({LAYERS[layer_of(dep)][0]})"
