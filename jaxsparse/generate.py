@@ -122,8 +122,9 @@ def bucket_length(n: int) -> int:
     return max(MIN_BUCKET, 1 << (max(n, 1) - 1).bit_length())
 
 
-def sample_logits(logits_BxV: jax.Array, key: jax.Array, temperature, top_k, top_p,
-                  mode: str | None = None) -> jax.Array:
+def sample_logits(
+    logits_BxV: jax.Array, key: jax.Array, temperature, top_k, top_p, mode: str | None = None
+) -> jax.Array:
     """Greedy where temperature == 0, else temperature / top-k / top-p sampling. [B] int32.
 
     `mode` ("greedy", "sample", "filtered": `SamplingParams.mode`) picks the computation
@@ -137,12 +138,12 @@ def sample_logits(logits_BxV: jax.Array, key: jax.Array, temperature, top_k, top
         sorted_desc = -jnp.sort(-scaled, axis=-1)
         vocab = logits.shape[-1]
         k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-        kth = jnp.take_along_axis(sorted_desc, jnp.broadcast_to(k - 1, (logits.shape[0], 1)),
-                                  axis=-1)
+        kth = jnp.take_along_axis(
+            sorted_desc, jnp.broadcast_to(k - 1, (logits.shape[0], 1)), axis=-1
+        )
         scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
         # top-p over what top-k kept: drop tokens once the mass before them reaches top_p.
-        probs_sorted = jax.nn.softmax(jnp.where(sorted_desc < kth, -jnp.inf, sorted_desc),
-                                      axis=-1)
+        probs_sorted = jax.nn.softmax(jnp.where(sorted_desc < kth, -jnp.inf, sorted_desc), axis=-1)
         mass_before = jnp.cumsum(probs_sorted, axis=-1) - probs_sorted
         cutoff_idx = jnp.sum(mass_before < top_p, axis=-1, keepdims=True) - 1
         cutoff = jnp.take_along_axis(sorted_desc, cutoff_idx, axis=-1)
@@ -191,8 +192,14 @@ class Generator:
     """Compiled prefill and decode loop for one model; reuse it across calls to reuse
     compilations."""
 
-    def __init__(self, config: ModelConfig, params: Any, tokenizer: Any = None,
-                 kernels: Kernels = XLA, mesh: Any = None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        params: Any,
+        tokenizer: Any = None,
+        kernels: Kernels = XLA,
+        mesh: Any = None,
+    ):
         """`kernels` picks the decode matmuls (`jaxsparse.models.kernels_for_method`); the
         params are laid out for it and placed on the device here, once. `mesh`: a
         `jax.sharding.Mesh` or a spec such as `"model=2"` (`jaxsparse.sharding.parse_mesh`)
@@ -209,8 +216,7 @@ class Generator:
         if self.mesh is None:
             self.params = jax.device_put(prepared)
         else:
-            self.params = sharding.shard_params(prepared, logical_axes(config, kernels),
-                                                self.mesh)
+            self.params = sharding.shard_params(prepared, logical_axes(config, kernels), self.mesh)
         self.tokenizer = tokenizer
         self.kernels = kernels
         self.model = build_model(config, kernels)
@@ -219,15 +225,24 @@ class Generator:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_ids.add(int(tokenizer.eos_token_id))
         self.pad_id = next(
-            (x for x in (config.pad_token_id, *sorted(self.eos_ids)) if x is not None), 0)
+            (x for x in (config.pad_token_id, *sorted(self.eos_ids)) if x is not None), 0
+        )
 
     # ------------------------------------------------------------------ compiled functions
 
-    def _apply(self, params, tokens_BxT, positions_BxT, cache, index, thresholds,
-               collect_stats: bool):
-        out = self.model.apply({"params": params}, tokens_BxT, positions_BxT, cache, index,
-                               thresholds, last_only=True,
-                               mutable=["zeros"] if collect_stats else False)
+    def _apply(
+        self, params, tokens_BxT, positions_BxT, cache, index, thresholds, collect_stats: bool
+    ):
+        out = self.model.apply(
+            {"params": params},
+            tokens_BxT,
+            positions_BxT,
+            cache,
+            index,
+            thresholds,
+            last_only=True,
+            mutable=["zeros"] if collect_stats else False,
+        )
         if collect_stats:
             (logits, cache), variables = out
             return logits[:, -1], cache, variables["zeros"]
@@ -259,13 +274,19 @@ class Generator:
         from jaxsparse.models import cache_logical_axes
         from jaxsparse.rules import POINT_AXES
 
-        shard = {k: jax.tree.map(lambda _: self._replicated, v) for k, v in carry.items()
-                 if k not in ("cache", "stats")}
-        shard["cache"] = sharding.tree_shardings(cache_logical_axes(self.config),
-                                                 carry["cache"], self.mesh)
+        shard = {
+            k: jax.tree.map(lambda _: self._replicated, v)
+            for k, v in carry.items()
+            if k not in ("cache", "stats")
+        }
+        shard["cache"] = sharding.tree_shardings(
+            cache_logical_axes(self.config), carry["cache"], self.mesh
+        )
         if "stats" in carry:
-            axes = {layer: {p: P(POINT_AXES.get(p, "mlp")) for p in points}  # gate_rows: mlp
-                    for layer, points in carry["stats"].items()}
+            axes = {
+                layer: {p: P(POINT_AXES.get(p, "mlp")) for p in points}  # gate_rows: mlp
+                for layer, points in carry["stats"].items()
+            }
             shard["stats"] = sharding.tree_shardings(axes, carry["stats"], self.mesh)
         return jax.lax.with_sharding_constraint(carry, shard)
 
@@ -273,15 +294,27 @@ class Generator:
         eos = jnp.asarray(sorted(self.eos_ids) or [-1], jnp.int32)
         return jnp.any(tok_B[:, None] == eos[None, :], axis=-1)
 
-    def _prefill_fn(self, params, tokens_BxT, positions_BxT, prefill_thresholds, thresholds,
-                    sampling, seed, max_new_tokens: int, mode: str, collect_stats: bool,
-                    stop_at_eos: bool) -> dict:
+    def _prefill_fn(
+        self,
+        params,
+        tokens_BxT,
+        positions_BxT,
+        prefill_thresholds,
+        thresholds,
+        sampling,
+        seed,
+        max_new_tokens: int,
+        mode: str,
+        collect_stats: bool,
+        stop_at_eos: bool,
+    ) -> dict:
         """Prefill, first token, and the decode loop's initial state (the carry)."""
         batch, bucket = tokens_BxT.shape
         cache = init_cache(self.config, batch, bucket + max_new_tokens)
         key, sub = jax.random.split(jax.random.key(seed))
-        logits_BxV, cache, _ = self._apply(params, tokens_BxT, positions_BxT, cache, 0,
-                                           prefill_thresholds, False)
+        logits_BxV, cache, _ = self._apply(
+            params, tokens_BxT, positions_BxT, cache, 0, prefill_thresholds, False
+        )
         tok_B = sample_logits(logits_BxV, sub, *sampling, mode=mode)
         carry = {
             "out": jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(tok_B),
@@ -295,14 +328,34 @@ class Generator:
             "decoded": jnp.int32(0),
         }
         if collect_stats:  # zeros shaped like one step's statistics
-            step = jax.eval_shape(lambda: _zero_counts(self._apply(
-                params, tok_B[:, None], carry["pos"][:, None], cache, carry["index"],
-                thresholds, True)[2], jnp.ones((batch,), bool)))
+            step = jax.eval_shape(
+                lambda: _zero_counts(
+                    self._apply(
+                        params,
+                        tok_B[:, None],
+                        carry["pos"][:, None],
+                        cache,
+                        carry["index"],
+                        thresholds,
+                        True,
+                    )[2],
+                    jnp.ones((batch,), bool),
+                )
+            )
             carry["stats"] = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), step)
         return self._constrain(carry)
 
-    def _loop_fn(self, params, thresholds, sampling, carry, stop_step, mode: str,
-                 collect_stats: bool, stop_at_eos: bool) -> dict:
+    def _loop_fn(
+        self,
+        params,
+        thresholds,
+        sampling,
+        carry,
+        stop_step,
+        mode: str,
+        collect_stats: bool,
+        stop_at_eos: bool,
+    ) -> dict:
         """Decode steps on the device until `stop_step` tokens per row (or every row done)."""
 
         def cond(c):
@@ -313,12 +366,19 @@ class Generator:
             key, sub = jax.random.split(c["key"])
             active_B = ~c["done"]
             logits_BxV, cache, stats = self._apply(
-                params, c["tok"][:, None], c["pos"][:, None], c["cache"], c["index"],
-                thresholds, collect_stats)
+                params,
+                c["tok"][:, None],
+                c["pos"][:, None],
+                c["cache"],
+                c["index"],
+                thresholds,
+                collect_stats,
+            )
             tok_B = sample_logits(logits_BxV, sub, *sampling, mode=mode)
             new = {
-                "out": jax.lax.dynamic_update_slice_in_dim(c["out"], tok_B[:, None],
-                                                           c["step"], axis=1),
+                "out": jax.lax.dynamic_update_slice_in_dim(
+                    c["out"], tok_B[:, None], c["step"], axis=1
+                ),
                 "tok": tok_B,
                 "pos": c["pos"] + 1,
                 "cache": cache,
@@ -358,7 +418,8 @@ class Generator:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise ValueError("--chat: this model's tokenizer has no chat template")
             enc = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+            )
             return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
         return list(self.tokenizer(prompt)["input_ids"])
 
@@ -378,8 +439,16 @@ class Generator:
         """Generates up to `max_new_tokens` for each prompt (lists of token ids) in one
         unbroken on-device loop. `collect_stats` (default: with `thresholds`) measures the
         zero fraction of every sparsification point over every decoded token."""
-        steps = self.stream_ids(prompts, max_new_tokens, sampling, thresholds, sparse_prefill,
-                                stop_at_eos, collect_stats, chunk_tokens=None)
+        steps = self.stream_ids(
+            prompts,
+            max_new_tokens,
+            sampling,
+            thresholds,
+            sparse_prefill,
+            stop_at_eos,
+            collect_stats,
+            chunk_tokens=None,
+        )
         for _, result in steps:
             if result is not None:
                 return result
@@ -411,25 +480,33 @@ class Generator:
         batch = len(prompts)
         bucket = bucket_length(max(len(p) for p in prompts))
         if bucket + max_new_tokens > self.config.max_position_embeddings and (
-                self.config.family == "opt"):
+            self.config.family == "opt"
+        ):
             raise ValueError(
                 f"prompt bucket {bucket} + max_new_tokens {max_new_tokens} exceeds OPT's "
-                f"{self.config.max_position_embeddings} learned positions")
+                f"{self.config.max_position_embeddings} learned positions"
+            )
         tokens = np.full((batch, bucket), self.pad_id, np.int32)
         valid = np.zeros((batch, bucket), bool)
         for i, p in enumerate(prompts):
-            tokens[i, bucket - len(p):] = p
-            valid[i, bucket - len(p):] = True
+            tokens[i, bucket - len(p) :] = p
+            valid[i, bucket - len(p) :] = True
         positions = np.where(valid, np.cumsum(valid, axis=1) - 1, -1).astype(np.int32)
-        samp = self._put((np.float32(sampling.temperature), np.int32(sampling.top_k),
-                          np.float32(sampling.top_p)))
+        samp = self._put(
+            (np.float32(sampling.temperature), np.int32(sampling.top_k), np.float32(sampling.top_p))
+        )
         # The sparsity state goes to the device once per call, not once per token.
         thresholds = self._put_thresholds(thresholds)
         static = (sampling.mode, bool(collect_stats), bool(stop_at_eos))
 
-        args = (self.params, *self._put((tokens, positions)),
-                thresholds if sparse_prefill else None, thresholds, samp,
-                self._put(np.uint32(sampling.seed)))
+        args = (
+            self.params,
+            *self._put((tokens, positions)),
+            thresholds if sparse_prefill else None,
+            thresholds,
+            samp,
+            self._put(np.uint32(sampling.seed)),
+        )
         prefill, compile_s = self._get("prefill", args, (max_new_tokens, *static))
         t0 = time.perf_counter()
         carry = prefill(*args)
@@ -443,8 +520,9 @@ class Generator:
         chunk = max_new_tokens if chunk_tokens is None else chunk_tokens
         stop_early = stop_at_eos and all(int(t) in self.eos_ids for t in first)
         if not stop_early and max_new_tokens > 1:  # compiled before the clock starts
-            loop, c_s = self._get("loop", (self.params, thresholds, samp, carry,
-                                           self._put(np.int32(0))), static)
+            loop, c_s = self._get(
+                "loop", (self.params, thresholds, samp, carry, self._put(np.int32(0))), static
+            )
             if c_s:  # a new executable's first run loads its GPU modules: zero steps here
                 t1 = time.perf_counter()
                 carry = loop(self.params, thresholds, samp, carry, self._put(np.int32(1)))
@@ -476,23 +554,35 @@ class Generator:
                 row = row[:cut]
             new_tokens.append(row)
         result = GenerationResult(
-            tokens=new_tokens, prompt_tokens=[len(p) for p in prompts], prefill_s=prefill_s,
-            decode_s=decode_s, compile_s=compile_s, decode_steps=seen - 1,
-            decode_tokens=int(decoded), host_reads=host_reads)
+            tokens=new_tokens,
+            prompt_tokens=[len(p) for p in prompts],
+            prefill_s=prefill_s,
+            decode_s=decode_s,
+            compile_s=compile_s,
+            decode_steps=seen - 1,
+            decode_tokens=int(decoded),
+            host_reads=host_reads,
+        )
         if collect_stats and host_reads and int(decoded):
             totals = jax.device_get(carry["stats"])  # the one read of the statistics
             per_layer: dict[str, list[float]] = {}
             for layer in sorted(totals, key=_layer_index):
                 for point, counts in totals[layer].items():
                     per_layer.setdefault(point, []).append(
-                        float(np.sum(counts, dtype=np.int64)) / (int(decoded) * counts.size))
+                        float(np.sum(counts, dtype=np.int64)) / (int(decoded) * counts.size)
+                    )
             result.measured_sparsity_per_layer = per_layer
             result.measured_sparsity = {p: float(np.mean(v)) for p, v in per_layer.items()}
         yield [], result
 
-    def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 32,
-                 sampling: SamplingParams = SamplingParams(), chat: bool = False,
-                 **kwargs) -> tuple[list[str], GenerationResult]:
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        max_new_tokens: int = 32,
+        sampling: SamplingParams = SamplingParams(),
+        chat: bool = False,
+        **kwargs,
+    ) -> tuple[list[str], GenerationResult]:
         """Text in, text out; `prompts` is one string or a list of them."""
         single = isinstance(prompts, str)
         texts = [prompts] if single else list(prompts)
@@ -500,9 +590,15 @@ class Generator:
         result = self.generate_ids(ids, max_new_tokens, sampling, **kwargs)
         return [self.decode(t) for t in result.tokens], result
 
-    def stream(self, prompts: str | Sequence[str], max_new_tokens: int = 32,
-               sampling: SamplingParams = SamplingParams(), chat: bool = False,
-               chunk_tokens: int = STREAM_CHUNK, **kwargs) -> Iterator[StreamChunk]:
+    def stream(
+        self,
+        prompts: str | Sequence[str],
+        max_new_tokens: int = 32,
+        sampling: SamplingParams = SamplingParams(),
+        chat: bool = False,
+        chunk_tokens: int = STREAM_CHUNK,
+        **kwargs,
+    ) -> Iterator[StreamChunk]:
         """Text as it is generated: yields a `StreamChunk` every `chunk_tokens` decode steps
         (the loop returns to the host only then), the last one carrying the result.
 
@@ -516,8 +612,9 @@ class Generator:
         shown = [""] * len(ids)
         ended = [False] * len(ids)  # the row has produced its EOS
         stop_at_eos = kwargs.get("stop_at_eos", True)
-        for new, result in self.stream_ids(ids, max_new_tokens, sampling,
-                                           chunk_tokens=chunk_tokens, **kwargs):
+        for new, result in self.stream_ids(
+            ids, max_new_tokens, sampling, chunk_tokens=chunk_tokens, **kwargs
+        ):
             got_text, got_ids = [], []
             for i in range(len(ids)):
                 kept = []
@@ -531,7 +628,7 @@ class Generator:
                 # Hold back an incomplete UTF-8 sequence until its next token arrives.
                 stable = text if result is not None else text.rstrip("\ufffd")
                 if stable.startswith(shown[i]):
-                    got_text.append(stable[len(shown[i]):])
+                    got_text.append(stable[len(shown[i]) :])
                     shown[i] = stable
                 else:  # the tokenizer re-segmented shown text: nothing safe to add
                     got_text.append("")

@@ -34,33 +34,60 @@ from jaxsparse.cli.common import (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
-    p.add_argument("--prompt", action="append", default=[],
-                   help="prompt text (repeat for a batch)")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
     p.add_argument("--prompt-file", help="a text file with one prompt per line")
-    p.add_argument("--max-new-tokens", type=at_least(1), default=64,
-                   help="tokens to generate at most per prompt")
-    p.add_argument("--temperature", type=at_least(0.0, float), default=0.0,
-                   help="sampling temperature; 0 is greedy")
-    p.add_argument("--top-k", type=at_least(0), default=0,
-                   help="keep the k most likely tokens (0: off)")
-    p.add_argument("--top-p", type=in_interval(0.0, 1.0, lo_open=True), default=1.0,
-                   help="nucleus sampling mass (1: off)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=at_least(1),
+        default=64,
+        help="tokens to generate at most per prompt",
+    )
+    p.add_argument(
+        "--temperature",
+        type=at_least(0.0, float),
+        default=0.0,
+        help="sampling temperature; 0 is greedy",
+    )
+    p.add_argument(
+        "--top-k", type=at_least(0), default=0, help="keep the k most likely tokens (0: off)"
+    )
+    p.add_argument(
+        "--top-p",
+        type=in_interval(0.0, 1.0, lo_open=True),
+        default=1.0,
+        help="nucleus sampling mass (1: off)",
+    )
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    p.add_argument("--sparsity-state", metavar="DIR",
-                   help="a sparsity state directory (calibrate, learn, train-predictors)")
-    p.add_argument("--sparse-prefill", action="store_true",
-                   help="apply the sparsity state to the prompt too (default: dense prefill)")
-    p.add_argument("--kernels", choices=("auto", "xla", "pallas"), default="auto",
-                   help="decode matmuls with a sparsity state: pallas kernels or masked dense "
-                   "XLA (auto: pallas on GPU/TPU for a single prompt; xla for a batch, where "
-                   "the kernels are slower, and on CPU, where they would only run as their "
-                   "pure-jnp references)")
-    p.add_argument("--stream", action="store_true",
-                   help="print the text as it is generated (one prompt)")
-    p.add_argument("--stream-chunk", type=at_least(1), default=32,  # generate.STREAM_CHUNK
-                   help="with --stream: tokens per printed chunk (the decode loop returns "
-                   "to the host once per chunk)")
+    p.add_argument(
+        "--sparsity-state",
+        metavar="DIR",
+        help="a sparsity state directory (calibrate, learn, train-predictors)",
+    )
+    p.add_argument(
+        "--sparse-prefill",
+        action="store_true",
+        help="apply the sparsity state to the prompt too (default: dense prefill)",
+    )
+    p.add_argument(
+        "--kernels",
+        choices=("auto", "xla", "pallas"),
+        default="auto",
+        help="decode matmuls with a sparsity state: pallas kernels or masked dense "
+        "XLA (auto: pallas on GPU/TPU for a single prompt; xla for a batch, where "
+        "the kernels are slower, and on CPU, where they would only run as their "
+        "pure-jnp references)",
+    )
+    p.add_argument(
+        "--stream", action="store_true", help="print the text as it is generated (one prompt)"
+    )
+    p.add_argument(
+        "--stream-chunk",
+        type=at_least(1),
+        default=32,  # generate.STREAM_CHUNK
+        help="with --stream: tokens per printed chunk (the decode loop returns "
+        "to the host once per chunk)",
+    )
     add_mesh_argument(p, "generation")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -88,8 +115,9 @@ def run(args: argparse.Namespace) -> int:
     # Every argument is checked before the model loads (argparse checked the numbers).
     prompts = _prompts(args)
     if args.stream and len(prompts) > 1:
-        raise ValueError(f"--stream takes one prompt ({len(prompts)} given); drop --stream "
-                         "to generate a batch")
+        raise ValueError(
+            f"--stream takes one prompt ({len(prompts)} given); drop --stream to generate a batch"
+        )
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     if args.sparsity_state:
         read_state_meta(args.sparsity_state)
@@ -106,13 +134,17 @@ def run(args: argparse.Namespace) -> int:
         thresholds = state.thresholds_for_model()
         kernels = default_kernels(state.method, len(prompts), args.kernels)
     gen = Generator(lm.config, lm.params, lm.tokenizer, kernels=kernels, mesh=mesh)
-    kwargs = dict(chat=args.chat, thresholds=thresholds, sparse_prefill=args.sparse_prefill)
+    kwargs = {"chat": args.chat, "thresholds": thresholds, "sparse_prefill": args.sparse_prefill}
     if args.stream:
-        for chunk in gen.stream(prompts, args.max_new_tokens, sampling,
-                                chunk_tokens=args.stream_chunk, **kwargs):
+        for chunk in gen.stream(
+            prompts, args.max_new_tokens, sampling, chunk_tokens=args.stream_chunk, **kwargs
+        ):
             if chunk.texts[0]:
-                print(json.dumps({"delta": chunk.texts[0]}) if args.json else chunk.texts[0],
-                      end="\n" if args.json else "", flush=True)
+                print(
+                    json.dumps({"delta": chunk.texts[0]}) if args.json else chunk.texts[0],
+                    end="\n" if args.json else "",
+                    flush=True,
+                )
             r = chunk.result
         texts = [gen.decode(t) for t in r.tokens]
         if not args.json:
@@ -147,10 +179,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         for prompt, text in zip(prompts, [] if args.stream else texts):
             print(text if one else f"--- {prompt!r}\n{text}")
-        stats = (f"prefill {r.prefill_tokens_per_s:.1f} tok/s, decode "
-                 f"{r.decode_tokens_per_s:.1f} tok/s, compile {r.compile_s:.1f} s")
+        stats = (
+            f"prefill {r.prefill_tokens_per_s:.1f} tok/s, decode "
+            f"{r.decode_tokens_per_s:.1f} tok/s, compile {r.compile_s:.1f} s"
+        )
         if r.measured_sparsity is not None:
             stats += ", measured sparsity " + ", ".join(
-                f"{k} {v:.3f}" for k, v in r.measured_sparsity.items() if v > 0)
+                f"{k} {v:.3f}" for k, v in r.measured_sparsity.items() if v > 0
+            )
         print(f"[{stats}]", file=sys.stderr)
     return 0
