@@ -295,8 +295,8 @@ def run(args) -> dict:
             state_dir = str(save_state(state, Path(tmp) / method.replace("+", "_plus")))
         gens: dict = {}
         for batch in args.batches:
-            kernels = default_kernels(method, batch, args.kernels)
-            key = (kernels.mode, kernels.points)
+            kernels = default_kernels(method, batch, args.kernels, th)
+            key = (kernels.mode, kernels.points, kernels.fuse_qkv, kernels.fuse_kv)
             if key not in gens:
                 gens.clear()  # one prepared layout on the device at a time
                 gens[key] = Generator(config, params, tok, kernels=kernels)

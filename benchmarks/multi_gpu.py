@@ -235,7 +235,7 @@ def tp_decode(config, params, tok, name: str, args) -> list[dict]:
     rows = []
     for n in (1, 2):
         for method in ("dense", "teal"):
-            kernels = default_kernels(method, 1, args.kernels)
+            kernels = default_kernels(method, 1, args.kernels, th[method])
             gen = Generator(
                 config,
                 params,

@@ -152,12 +152,14 @@ def sample_logits(
     return sampled if mode is not None else jnp.where(temperature > 0, sampled, greedy)
 
 
-def default_kernels(method: str, batch: int, mode: str = "auto") -> Kernels:
+def default_kernels(method: str, batch: int, mode: str = "auto", thresholds: Any = None) -> Kernels:
     """The decode matmuls for a state of `method` at `batch` rows: `mode` "pallas" (the
     sparse kernels) or "xla" (masked dense), or "auto": the kernels on a GPU or TPU for a
     single row, XLA otherwise (on an H100 the kernels lose to XLA from batch 4 on:
     benchmarks/results/decode_llama3_8b_h100.json; on a CPU they would only run as their
-    pure-jnp references). Dense always runs plain XLA."""
+    pure-jnp references). Dense always runs plain XLA. `thresholds`, the state's
+    `thresholds_for_model()`: q/k/v are fused only where its q_in and kv_in thresholds are
+    equal (`jaxsparse.models.kernels_for_method`); None decides by the method's name."""
     from jaxsparse.models import kernels_for_method
 
     if mode not in ("auto", "pallas", "xla"):
@@ -167,7 +169,7 @@ def default_kernels(method: str, batch: int, mode: str = "auto") -> Kernels:
     if mode == "auto":
         accelerator = jax.default_backend() in ("gpu", "tpu")
         mode = "pallas" if accelerator and batch == 1 else "xla"
-    return kernels_for_method(method, mode)
+    return kernels_for_method(method, mode, thresholds=thresholds)
 
 
 def _layer_index(name: str) -> int:
@@ -254,6 +256,19 @@ class Generator:
         return jax.device_put(x, self._replicated)
 
     def _put_thresholds(self, thresholds):
+        if thresholds is not None and self.kernels.fuse_qkv:
+            from jaxsparse.sparsity import shares_qkv_input
+
+            with jax.transfer_guard("allow"):  # a host-side check, once per call
+                shared = shares_qkv_input(jax.device_get(thresholds))
+            if not shared:
+                raise ValueError(
+                    "these thresholds give q_in and kv_in different values, but this "
+                    "Generator's kernels fuse q/k/v into one matmul on the q input, which "
+                    "would apply q_in's threshold to k/v too: build the Generator with "
+                    "kernels=default_kernels(method, batch, mode, thresholds=...) (or "
+                    "jaxsparse.models.kernels_for_method(..., thresholds=...))"
+                )
         if thresholds is None or self.mesh is None:
             return None if thresholds is None else jax.device_put(thresholds)
         from jaxsparse import sharding

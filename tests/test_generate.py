@@ -415,3 +415,31 @@ def test_smollm2_loop_gives_the_per_step_tokens(smollm2):
         assert got.tokens == want
         if th is not None:
             assert 0.3 < got.measured_sparsity["gate"] < 0.7
+
+
+def test_fused_qkv_refused_for_different_q_and_kv_thresholds():
+    """A state whose q_in and kv_in thresholds differ gets the unfused layout from
+    `default_kernels` (what `jaxsparse generate` uses), decodes as masked dense XLA does, and a
+    Generator built with fused q/k/v refuses it instead of applying q_in's threshold to k/v."""
+    from jaxsparse.generate import default_kernels
+    from jaxsparse.models import kernels_for_method
+
+    config = tiny()
+    params = init_params(config, seed=2)
+    th = jax.tree.map(np.asarray, _random_thresholds(config, jax.random.key(5), scale=0.5))
+    same = {k: {**v, "kv_in": v["q_in"]} for k, v in th.items()}
+    assert default_kernels("teal", 1, "xla", same).fuse_qkv
+    kernels = default_kernels("teal", 1, "xla", th)
+    assert not kernels.fuse_qkv
+    prompt = [[5, 6, 7, 8]]
+    got = Generator(config, params, kernels=kernels).generate_ids(
+        prompt, 6, thresholds=th, stop_at_eos=False
+    )
+    want = Generator(config, params).generate_ids(prompt, 6, thresholds=th, stop_at_eos=False)
+    assert got.tokens == want.tokens
+    assert got.measured_sparsity["kv_in"] == pytest.approx(want.measured_sparsity["kv_in"])
+    fused = Generator(config, params, kernels=kernels_for_method("teal", "xla"))
+    assert fused.kernels.fuse_qkv
+    with pytest.raises(ValueError, match="q_in and kv_in different values"):
+        fused.generate_ids(prompt, 6, thresholds=th, stop_at_eos=False)
+    fused.generate_ids(prompt, 6, thresholds=same, stop_at_eos=False)  # equal: accepted

@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
 
         state = load_state(args.sparsity_state, config=lm.config)
         thresholds = state.thresholds_for_model()
-        kernels = default_kernels(state.method, len(prompts), args.kernels)
+        kernels = default_kernels(state.method, len(prompts), args.kernels, thresholds)
     gen = Generator(lm.config, lm.params, lm.tokenizer, kernels=kernels, mesh=mesh)
     kwargs = {"chat": args.chat, "thresholds": thresholds, "sparse_prefill": args.sparse_prefill}
     if args.stream:
