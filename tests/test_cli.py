@@ -130,6 +130,7 @@ def test_generate_stream_json_lines(smollm2, capsys):
     assert len(deltas) >= 2 and all(set(d) == {"delta"} for d in deltas)
     assert "".join(d["delta"] for d in deltas) == final["text"]
     assert final["decode_tokens_per_s_basis"] == "summed over the batch's sequences"
+    assert final["mesh"] is None and final["kernels"] == "xla"  # one device, no --mesh
     assert final["decode_steps"] == 11 and final["decode_s"] > 0
 
 

@@ -170,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
         "compile_s": r.compile_s,
         "dtype": lm.config.dtype,
         "kernels": kernels.mode,
+        "mesh": None if mesh is None else dict(mesh.shape),
     }
     if r.measured_sparsity is not None:
         out["measured_sparsity"] = r.measured_sparsity
