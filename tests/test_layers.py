@@ -62,6 +62,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "jaxsparse.loading",
         ),
     ),
+    # the public API (jaxsparse/__init__.py): names from the layers above, loaded lazily
+    ("api", ("jaxsparse",)),
     # argument parsing and printing only
     ("cli", ("jaxsparse.cli", "jaxsparse.cli.*", "convert.__main__")),
 ]
