@@ -51,33 +51,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax
 import jax.numpy as jnp
 
-from jaxsparse.config import ModelConfig
+from jaxsparse.config import ModelConfig, full_size_shapes
 from jaxsparse.generate import Generator, bucket_length, default_kernels
 from jaxsparse.models import build_model, init_cache, param_shapes, prepare_params
 
 METHODS = ("dense", "chess", "chess+", "teal")
 
-LLAMA3_8B = ModelConfig(
-    model_type="llama",
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_layers=32,
-    num_heads=32,
-    num_kv_heads=8,
-    head_dim=128,
-    max_position_embeddings=8192,
-    norm_eps=1e-5,
-    rope_theta=500000.0,
-    rope_scaling=(
-        ("factor", 8.0),
-        ("high_freq_factor", 4.0),
-        ("low_freq_factor", 1.0),
-        ("original_max_position_embeddings", 8192),
-        ("rope_type", "llama3"),
-    ),
-    dtype="bfloat16",
-)
+LLAMA3_8B = full_size_shapes()["llama3-8b"]
 
 
 class ByteTokenizer:

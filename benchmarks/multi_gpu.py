@@ -53,25 +53,10 @@ import jax
 import numpy as np
 from decode import LLAMA3_8B, ByteTokenizer, prompt_batch, random_params
 
-from jaxsparse.config import ModelConfig
+from jaxsparse.config import full_size_shapes
 from jaxsparse.sharding import make_mesh
 
-SMOLLM2_135M = ModelConfig(
-    model_type="llama",
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_layers=30,
-    num_heads=9,
-    num_kv_heads=3,
-    head_dim=64,
-    max_position_embeddings=8192,
-    norm_eps=1e-5,
-    rope_theta=100000.0,
-    tie_word_embeddings=True,
-    eos_token_ids=(2,),
-    dtype="bfloat16",
-)
+SMOLLM2_135M = full_size_shapes()["smollm2-135m"]
 
 TINY_SMOLLM2 = dataclasses.replace(
     SMOLLM2_135M,

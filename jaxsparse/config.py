@@ -410,3 +410,71 @@ def rope_inv_freq(config: ModelConfig, layer_type: str = FULL) -> np.ndarray:
         is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         inv_freq = np.where(is_medium, smoothed, scaled)
     return inv_freq.astype(np.float32)
+
+
+def full_size_shapes() -> dict[str, ModelConfig]:
+    """Full-size configs for random-weight benchmarks and shape tests, which need no model
+    file: Llama-3-8B, and the shapes of the two embedded models (SmolLM2-135M-Instruct,
+    Gemma 3 270M; their real configs come from their GGUF files). bfloat16."""
+    return {
+        "llama3-8b": ModelConfig.from_hf(
+            {
+                "model_type": "llama",
+                "vocab_size": 128256,
+                "hidden_size": 4096,
+                "intermediate_size": 14336,
+                "num_hidden_layers": 32,
+                "num_attention_heads": 32,
+                "num_key_value_heads": 8,
+                "max_position_embeddings": 8192,
+                "rms_norm_eps": 1e-5,
+                "rope_theta": 500000.0,
+                "rope_scaling": {
+                    "factor": 8.0,
+                    "high_freq_factor": 4.0,
+                    "low_freq_factor": 1.0,
+                    "original_max_position_embeddings": 8192,
+                    "rope_type": "llama3",
+                },
+            },
+            dtype="bfloat16",
+        ),
+        "smollm2-135m": ModelConfig.from_hf(
+            {
+                "model_type": "llama",
+                "vocab_size": 49152,
+                "hidden_size": 576,
+                "intermediate_size": 1536,
+                "num_hidden_layers": 30,
+                "num_attention_heads": 9,
+                "num_key_value_heads": 3,
+                "max_position_embeddings": 8192,
+                "rms_norm_eps": 1e-5,
+                "rope_theta": 100000.0,
+                "tie_word_embeddings": True,
+                "eos_token_id": 2,
+            },
+            dtype="bfloat16",
+        ),
+        "gemma3-270m": ModelConfig.from_hf(
+            {
+                "model_type": "gemma3_text",
+                "vocab_size": 262144,
+                "hidden_size": 640,
+                "intermediate_size": 2048,
+                "num_hidden_layers": 18,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 1,
+                "head_dim": 256,
+                "max_position_embeddings": 32768,
+                "rms_norm_eps": 1e-6,
+                "sliding_window": 512,
+                "sliding_window_pattern": 6,
+                "query_pre_attn_scalar": 256,
+                "rope_theta": 1000000.0,
+                "rope_local_base_freq": 10000.0,
+                "hidden_activation": "gelu_pytorch_tanh",
+            },
+            dtype="bfloat16",
+        ),
+    }

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
 
-from jaxsparse.config import ModelConfig
+from jaxsparse.config import ModelConfig, full_size_shapes
 from jaxsparse.models import (
     Kernels,
     build_model,
@@ -36,68 +36,13 @@ from jaxsparse.rules import KERNEL_POINTS, TENSORS, state_logical_axes
 from jaxsparse.sharding import DATA, LOGICAL_AXIS_RULES, MODEL, logical_to_mesh, tree_shardings
 from jaxsparse.sparsity import model_widths
 
-# The configs of benchmarks/decode.py (LLAMA3_8B) and benchmarks/multi_gpu.py
-# (SMOLLM2_135M), and Gemma 3 270M's HF config.json fields (as tests/convert/
+# The full-size configs the benchmarks use (jaxsparse.config.full_size_shapes): Llama-3-8B,
+# SmolLM2-135M, and Gemma 3 270M's HF config.json fields (as tests/convert/
 # test_gemma3_gguf.py checks them on the real GGUF), built through `ModelConfig.from_hf`.
-LLAMA3_8B = ModelConfig(
-    model_type="llama",
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_layers=32,
-    num_heads=32,
-    num_kv_heads=8,
-    head_dim=128,
-    max_position_embeddings=8192,
-    norm_eps=1e-5,
-    rope_theta=500000.0,
-    rope_scaling=(
-        ("factor", 8.0),
-        ("high_freq_factor", 4.0),
-        ("low_freq_factor", 1.0),
-        ("original_max_position_embeddings", 8192),
-        ("rope_type", "llama3"),
-    ),
-    dtype="bfloat16",
+FULL_MODELS = full_size_shapes()
+LLAMA3_8B, SMOLLM2_135M, GEMMA3_270M = (
+    FULL_MODELS[k] for k in ("llama3-8b", "smollm2-135m", "gemma3-270m")
 )
-SMOLLM2_135M = ModelConfig.from_hf(
-    {
-        "model_type": "llama",
-        "vocab_size": 49152,
-        "hidden_size": 576,
-        "intermediate_size": 1536,
-        "num_hidden_layers": 30,
-        "num_attention_heads": 9,
-        "num_key_value_heads": 3,
-        "max_position_embeddings": 8192,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 100000.0,
-        "tie_word_embeddings": True,
-    },
-    dtype="bfloat16",
-)
-GEMMA3_270M = ModelConfig.from_hf(
-    {
-        "model_type": "gemma3_text",
-        "vocab_size": 262144,
-        "hidden_size": 640,
-        "intermediate_size": 2048,
-        "num_hidden_layers": 18,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 1,
-        "head_dim": 256,
-        "max_position_embeddings": 32768,
-        "rms_norm_eps": 1e-6,
-        "sliding_window": 512,
-        "sliding_window_pattern": 6,
-        "query_pre_attn_scalar": 256,
-        "rope_theta": 1000000.0,
-        "rope_local_base_freq": 10000.0,
-        "hidden_activation": "gelu_pytorch_tanh",
-    },
-    dtype="bfloat16",
-)
-FULL_MODELS = {"llama3-8b": LLAMA3_8B, "smollm2-135m": SMOLLM2_135M, "gemma3-270m": GEMMA3_270M}
 
 
 def _first_layers(c: ModelConfig, n: int) -> ModelConfig:
