@@ -6,16 +6,10 @@ import json
 
 import numpy as np
 import pytest
+from tiny import ByteTok
 
 from jaxsparse import data
 from jaxsparse.data import DataError, Document
-
-
-class ByteTok:
-    eos_token_id = 0
-
-    def encode(self, text, add_special_tokens=False):
-        return [b + 1 for b in text.encode()]
 
 
 def test_builtin_splits_are_disjoint_deterministic_and_large_enough():

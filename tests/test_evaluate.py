@@ -15,33 +15,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny import LLAMA, ByteTok
 
 from jaxsparse import rules
-from jaxsparse.config import ModelConfig
 from jaxsparse.data import Task
 from jaxsparse.evaluate import _POINTS, Evaluator, linear_sizes
 from jaxsparse.models import build_model, init_params, positions_from_mask
 from jaxsparse.sparsity import dense_state, make_state
 
-LLAMA = ModelConfig(
-    model_type="llama",
-    vocab_size=260,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    eos_token_ids=(0,),
-)
 REPO = Path(__file__).resolve().parents[1]
-
-
-class ByteTok:
-    eos_token_id = 0
-
-    def encode(self, text, add_special_tokens=False):
-        return [b + 1 for b in text.encode()]
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny import ByteTok
 
 from jaxsparse.calibrate import calibrate
 from jaxsparse.config import FULL, SLIDING, ModelConfig
@@ -34,13 +35,6 @@ GEMMA = ModelConfig(
 )
 METHODS = ["cats", "chess", "chess+", "teal"]
 SEQ, TOKENS = 32, 1024
-
-
-class ByteTok:
-    eos_token_id = 0
-
-    def encode(self, text, add_special_tokens=False):
-        return [b + 1 for b in text.encode()]
 
 
 def _text(seed: int, n: int = 800) -> str:

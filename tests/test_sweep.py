@@ -7,30 +7,12 @@ import json
 
 import numpy as np
 import pytest
+from tiny import LLAMA, ByteTok
 
 from jaxsparse.cli.sweep import parse_list
 from jaxsparse.config import ModelConfig
 from jaxsparse.models import init_params
 from jaxsparse.sweep import config_name, markdown_table, sweep
-
-LLAMA = ModelConfig(
-    model_type="llama",
-    vocab_size=260,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    eos_token_ids=(0,),
-)
-
-
-class ByteTok:
-    eos_token_id = 0
-
-    def encode(self, text, add_special_tokens=False):
-        return [b + 1 for b in text.encode()]
 
 
 @dataclasses.dataclass

@@ -9,29 +9,12 @@ import json
 
 import numpy as np
 import pytest
+from tiny import LLAMA, ByteTok
 
 from jaxsparse.config import ModelConfig
 from jaxsparse.sweep_budget import solve_sparsity, sweep_fractions
 
-LLAMA = ModelConfig(
-    model_type="llama",
-    vocab_size=260,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    eos_token_ids=(0,),
-)
 TOL = 2e-3
-
-
-class ByteTok:
-    eos_token_id = 0
-
-    def encode(self, text, add_special_tokens=False):
-        return [b + 1 for b in text.encode()]
 
 
 @dataclasses.dataclass

@@ -7,49 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny import LLAMA, OPT, ByteTok
 
 from jaxsparse.calibrate import calibrate
-from jaxsparse.config import ModelConfig
 from jaxsparse.methods.teal import group_sizes
 from jaxsparse.models import build_model, positions_from_mask
 
-LLAMA = ModelConfig(
-    model_type="llama",
-    vocab_size=260,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    eos_token_ids=(0,),
-)
-OPT = ModelConfig(
-    model_type="opt",
-    vocab_size=260,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=4,
-    head_dim=8,
-    eos_token_ids=(0,),
-    qkv_bias=True,
-    o_bias=True,
-    mlp_bias=True,
-    tie_word_embeddings=True,
-    position_offset=2,
-    max_position_embeddings=128,
-)
 SEQ, TOKENS = 64, 1024
 RESOLUTION = 0.0035  # the histogram's relative bin width (docs/methods.md)
-
-
-class ByteTok:
-    eos_token_id = 0
-
-    def encode(self, text, add_special_tokens=False):
-        return [b + 1 for b in text.encode()]
 
 
 @pytest.fixture(scope="module")
