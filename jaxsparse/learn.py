@@ -38,13 +38,13 @@ which `generate`, `eval` and `sweep` take like any other.
 from __future__ import annotations
 
 import dataclasses
-import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from jaxsparse.training import LearnError, TrainLoop, TrainSettings, start_or_resume
 
 POINTS = {"chess": ("gate",), "teal": ("q_in", "kv_in", "o_in", "ffn_in", "down_in")}
 DEFAULTS = {
@@ -61,15 +61,10 @@ DEFAULTS = {
     "seed": 0,
     "batch_size": 8,
 }
-CKPT_META = "meta.json"
-
-
-class LearnError(ValueError):
-    """Bad learning input: a checkpoint of another run, a wrong init state."""
 
 
 @dataclasses.dataclass(frozen=True)
-class LearnSettings:
+class LearnSettings(TrainSettings):
     method: str
     sparsity: float
     steps: int = DEFAULTS["steps"]
@@ -79,15 +74,6 @@ class LearnSettings:
     tau_end: float = DEFAULTS["tau_end"]
     batch_tokens: int = DEFAULTS["batch_tokens"]
     seed: int = DEFAULTS["seed"]
-
-    def tau(self, step):
-        """tau_rel at step `step` (0-based), geometric from tau_start to tau_end."""
-        frac = step / max(self.steps - 1, 1)
-        return self.tau_start * (self.tau_end / self.tau_start) ** frac
-
-    def resume_key(self) -> dict:
-        """What must agree between a checkpoint and the run resuming it."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "steps"}
 
 
 # ------------------------------------------------------------------ the training data
@@ -222,8 +208,11 @@ def init_theta(state, method: str) -> dict[str, np.ndarray]:
     }
 
 
-class Trainer:
-    """The jit-compiled training step and the host-side loop, checkpoints and rescale."""
+class Trainer(TrainLoop):
+    """The jit-compiled training step (the loop and checkpoints: `TrainLoop`) and the
+    rescale."""
+
+    postfix = (("loss", ".4f"), ("err", ".4f"), ("sparsity", ".3f"))
 
     def __init__(self, config, params, data: dict[str, np.ndarray], settings: LearnSettings):
         import jax
@@ -234,6 +223,7 @@ class Trainer:
 
         self.config, self.settings = config, settings
         self.method = settings.method
+        self.desc = f"learn {self.method}"
         self.points = POINTS[self.method]
         self.opt = optax.adam(settings.lr)
         self.stacked = stack_layer_params(params, config)
@@ -304,67 +294,13 @@ class Trainer:
 
         return self._full_loss(theta, jnp.float32(tau), self.stacked, self.x, self.y)
 
-    def init(self, theta0: dict[str, np.ndarray]):
-        import jax
+    def init(self, theta0: dict[str, np.ndarray]) -> dict:
         import jax.numpy as jnp
 
-        theta = {p: jnp.asarray(v) for p, v in theta0.items()}
-        return {
-            "theta": theta,
-            "opt_state": self.opt.init(theta),
-            "step": 0,
-            "key": jax.random.key(self.settings.seed),
-        }
+        return super().init({p: jnp.asarray(v) for p, v in theta0.items()})
 
-    def run(
-        self,
-        ts: dict,
-        until: int,
-        save_every: int = 0,
-        ckpt_dir: Path | None = None,
-        progress: bool = True,
-    ) -> dict:
-        """Steps `ts` (the training state) from its step up to `until`; saves every
-        `save_every` steps. Returns the new training state."""
-        import jax.numpy as jnp
-        from tqdm import tqdm
-
-        theta, opt_state, key = ts["theta"], ts["opt_state"], ts["key"]
-        step = ts["step"]
-        bar = tqdm(
-            total=until,
-            initial=step,
-            desc=f"learn {self.method}",
-            unit="step",
-            disable=not progress,
-        )
-        self.trace = getattr(self, "trace", [])
-        while step < until:
-            tau = jnp.float32(self.settings.tau(step))
-            theta, opt_state, key, m = self._step(
-                theta, opt_state, key, tau, self.stacked, self.x, self.y
-            )
-            step += 1
-            bar.update(1)
-            if step % 10 == 0 or step == until:
-                rec = {
-                    "step": step,
-                    "loss": float(m["loss"]),
-                    "err": float(m["err"]),
-                    "sparsity": float(m["sparsity"]),
-                    "tau": float(tau),
-                }
-                self.trace.append(rec)
-                bar.set_postfix(
-                    loss=f"{rec['loss']:.4f}",
-                    err=f"{rec['err']:.4f}",
-                    sparsity=f"{rec['sparsity']:.3f}",
-                )
-            ts = {"theta": theta, "opt_state": opt_state, "step": step, "key": key}
-            if save_every and ckpt_dir is not None and step % save_every == 0:
-                save_checkpoint(ckpt_dir, ts)
-        bar.close()
-        return {"theta": theta, "opt_state": opt_state, "step": step, "key": key}
+    def step_args(self) -> tuple:
+        return (self.stacked, self.x, self.y)
 
     def hard_error(self, theta) -> tuple[float, float]:
         """(mean relative output error, mean hard sparsity) of thresholds `exp(theta)` on
@@ -410,152 +346,6 @@ class Trainer:
             "train_err_before_rescale": float(np.mean(np.concatenate(errs, -1))),
         }
         return out, info
-
-
-# ------------------------------------------------------------------ checkpoints
-
-
-def _fingerprint_dict(config) -> dict:
-    from jaxsparse.sparsity import ModelFingerprint
-
-    return dataclasses.asdict(ModelFingerprint.of(config))
-
-
-def write_checkpoint_meta(ckpt_dir: Path, config, settings: LearnSettings, data_key: dict) -> None:
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    doc = {
-        "format": "jaxsparse.learn_checkpoint",
-        "model": _fingerprint_dict(config),
-        "settings": settings.resume_key(),
-        "data": data_key,
-    }
-    (ckpt_dir / CKPT_META).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-
-
-def check_checkpoint_meta(ckpt_dir: Path, config, settings: LearnSettings, data_key: dict) -> None:
-    """Raises LearnError unless the checkpoints in `ckpt_dir` belong to this run."""
-    path = ckpt_dir / CKPT_META
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise LearnError(
-            f"--resume: {ckpt_dir} holds no learn checkpoint ({CKPT_META} "
-            f"missing); run without --resume"
-        ) from None
-    except json.JSONDecodeError as e:
-        raise LearnError(f"{path}: not valid JSON ({e})") from None
-    mine = settings.resume_key()
-    theirs = doc.get("settings", {})
-    if theirs.get("method") != mine["method"]:
-        raise LearnError(
-            f"--resume: {ckpt_dir} is a checkpoint of method "
-            f"{theirs.get('method')!r}, not {mine['method']!r}; pass the same "
-            f"--method or another --checkpoint-dir"
-        )
-    if doc.get("model") != _fingerprint_dict(config):
-        from jaxsparse.sparsity import ModelFingerprint
-
-        try:
-            other = ModelFingerprint(**doc.get("model", {})).describe()
-        except TypeError:
-            other = str(doc.get("model"))
-        raise LearnError(
-            f"--resume: {ckpt_dir} is a checkpoint for another model.\n"
-            f"  checkpoint: {other}\n  model: "
-            f"{ModelFingerprint.of(config).describe()}"
-        )
-    diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-    if diff:
-        raise LearnError(
-            f"--resume: {ckpt_dir} was trained with other settings ("
-            + ", ".join(f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now" for k in diff)
-            + ")"
-        )
-    if doc.get("data") != data_key:
-        raise LearnError(
-            f"--resume: {ckpt_dir} was trained on other data "
-            f"({doc.get('data')} there, {data_key} now)"
-        )
-
-
-def save_checkpoint(ckpt_dir: Path, ts: dict) -> Path:
-    """Writes `step_<N>/` (orbax: theta, optimizer state leaves, step, key) atomically."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    from jaxsparse.io import atomic_directory
-
-    leaves = jax.tree.leaves(ts["opt_state"])
-    tree = {
-        "theta": {p: np.asarray(v) for p, v in ts["theta"].items()},
-        "opt_state": {f"{i:04d}": np.asarray(v) for i, v in enumerate(leaves)},
-        "step": np.asarray(ts["step"], np.int64),
-        "key": np.asarray(jax.random.key_data(ts["key"])),
-    }
-    path = ckpt_dir / f"step_{ts['step']:08d}"
-    with atomic_directory(path, overwrite=True) as tmp:
-        ocp.PyTreeCheckpointer().save(tmp / "state", tree)
-    return path
-
-
-def start_or_resume(
-    ckpt_dir: Path, resume: bool, ts: dict, config, settings, data_key: dict, progress: bool
-) -> dict:
-    """With `resume`: the training state of the latest complete checkpoint in `ckpt_dir`
-    (its settings checked against this run's); else `ts`, after refusing a `ckpt_dir` that
-    already holds checkpoints and writing this run's settings there. `learn` and
-    `learn-kl` share it."""
-    if resume:
-        check_checkpoint_meta(ckpt_dir, config, settings, data_key)
-        last = latest_checkpoint(ckpt_dir)
-        if last is None:
-            raise LearnError(f"--resume: no complete checkpoint in {ckpt_dir}")
-        ts = load_checkpoint(last, ts)
-        if progress:
-            print(f"resuming from {last} (step {ts['step']})", file=sys.stderr)
-        return ts
-    if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
-        raise LearnError(
-            f"{ckpt_dir} already holds checkpoints; pass --resume to continue them or remove it"
-        )
-    write_checkpoint_meta(ckpt_dir, config, settings, data_key)
-    return ts
-
-
-def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    from jaxsparse.io import is_complete
-
-    steps = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir() and is_complete(p))
-    return steps[-1] if steps else None
-
-
-def load_checkpoint(path: Path, template: dict) -> dict:
-    """The training state saved at `path`; `template` (a fresh `Trainer.init`) gives the
-    optimizer state's structure and dtypes."""
-    import jax
-    import jax.numpy as jnp
-    import orbax.checkpoint as ocp
-
-    raw = ocp.PyTreeCheckpointer().restore(path.absolute() / "state")
-    leaves, treedef = jax.tree.flatten(template["opt_state"])
-    saved = [raw["opt_state"][f"{i:04d}"] for i in range(len(leaves))]
-    if len(raw["opt_state"]) != len(leaves):
-        raise LearnError(
-            f"{path}: optimizer state with {len(raw['opt_state'])} arrays, expected {len(leaves)}"
-        )
-    for a, b in zip(saved, leaves):
-        if np.shape(a) != np.shape(b):
-            raise LearnError(f"{path}: optimizer state shapes differ from this run's")
-    opt_state = jax.tree.unflatten(
-        treedef, [jnp.asarray(a, b.dtype) for a, b in zip(saved, leaves)]
-    )
-    theta = {p: jnp.asarray(v, jnp.float32) for p, v in raw["theta"].items()}
-    if set(theta) != set(template["theta"]) or any(
-        theta[p].shape != template["theta"][p].shape for p in theta
-    ):
-        raise LearnError(f"{path}: thresholds of other points or shapes than this run's")
-    key = jax.random.wrap_key_data(jnp.asarray(raw["key"], jnp.uint32))
-    return {"theta": theta, "opt_state": opt_state, "step": int(raw["step"]), "key": key}
 
 
 # ------------------------------------------------------------------ the whole job

@@ -33,7 +33,7 @@ Before training and after it, one global factor `c` on every trained threshold i
 the training text (`jaxsparse.evaluate`'s forward) is `F_target` within `--fraction-tol`:
 training starts on budget and the result meets it. Only the allocation comes from training.
 
-Checkpoints and `--resume` reuse `jaxsparse.learn` (orbax: theta, optimizer state, step,
+Checkpoints and `--resume` are `jaxsparse.training`'s, as for `learn` (orbax: theta, optimizer state, step,
 key; `meta.json` with the settings): a resumed run is bitwise an uninterrupted one.
 The result is a threshold `SparsityState`, method `kl-learned` (the same compiled forward
 as every threshold method serves it).
@@ -49,11 +49,7 @@ from typing import Any
 import numpy as np
 
 from jaxsparse.budget import BudgetError, FractionMeter, solve_scale
-from jaxsparse.learn import (
-    LearnError,
-    save_checkpoint,
-    start_or_resume,
-)
+from jaxsparse.training import LearnError, TrainLoop, TrainSettings, start_or_resume
 
 METHOD = "kl-learned"
 ALL_POINTS = ("q_in", "kv_in", "o_in", "ffn_in", "gate", "down_in")
@@ -83,7 +79,7 @@ DEFAULTS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class KLSettings:
+class KLSettings(TrainSettings):
     target_fraction: float
     points: tuple[str, ...] = DEFAULT_POINTS
     granularity: str = DEFAULTS["granularity"]
@@ -111,15 +107,6 @@ class KLSettings:
             raise LearnError(f"--granularity {self.granularity!r}: use layer or channel")
         if self.steps < 1 or self.batch_seqs < 1:
             raise LearnError("--steps and --batch-seqs must be positive")
-
-    def tau(self, step):
-        frac = step / max(self.steps - 1, 1)
-        return self.tau_start * (self.tau_end / self.tau_start) ** frac
-
-    def resume_key(self) -> dict:
-        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "steps"}
-        d["points"] = list(self.points)
-        return d
 
 
 # ------------------------------------------------------------------ base thresholds
@@ -189,8 +176,11 @@ def host_thresholds(config, log_base: dict, theta: dict, log_scale: float = 0.0)
 # ------------------------------------------------------------------ training
 
 
-class KLTrainer:
-    """The jit-compiled end-to-end step and the host loop (checkpoints every K steps)."""
+class KLTrainer(TrainLoop):
+    """The jit-compiled end-to-end step (the loop and checkpoints: `TrainLoop`)."""
+
+    desc = "learn kl"
+    postfix = (("kl", ".4f"), ("fraction", ".4f"))
 
     def __init__(self, config, params, seqs_NxT: np.ndarray, log_base: dict, settings: KLSettings):
         import jax
@@ -278,16 +268,13 @@ class KLTrainer:
         }
 
     def init(self, theta0: dict | None = None) -> dict:
-        import jax
         import jax.numpy as jnp
 
         theta = {p: jnp.asarray(v, jnp.float32) for p, v in (theta0 or self.zero_theta()).items()}
-        return {
-            "theta": theta,
-            "opt_state": self.opt.init(theta),
-            "step": 0,
-            "key": jax.random.key(self.settings.seed),
-        }
+        return super().init(theta)
+
+    def step_args(self) -> tuple:
+        return (self.params, self._base, self.seqs)
 
     def hard_kl(self, theta, log_scale: float = 0.0, rows: int | None = None) -> float:
         """Mean KL(dense || sparse, hard masks) over the first `rows` training sequences."""
@@ -308,43 +295,6 @@ class KLTrainer:
                 )
             )
         return float(np.mean(vals))
-
-    def run(
-        self,
-        ts: dict,
-        until: int,
-        save_every: int = 0,
-        ckpt_dir: Path | None = None,
-        progress: bool = True,
-    ) -> dict:
-        import jax.numpy as jnp
-        from tqdm import tqdm
-
-        theta, opt_state, key, step = ts["theta"], ts["opt_state"], ts["key"], ts["step"]
-        bar = tqdm(total=until, initial=step, desc="learn kl", unit="step", disable=not progress)
-        self.trace = getattr(self, "trace", [])
-        while step < until:
-            tau = jnp.float32(self.settings.tau(step))
-            theta, opt_state, key, m = self._step(
-                theta, opt_state, key, tau, self.params, self._base, self.seqs
-            )
-            step += 1
-            bar.update(1)
-            if step % 10 == 0 or step == until:
-                rec = {
-                    "step": step,
-                    "loss": float(m["loss"]),
-                    "kl": float(m["kl"]),
-                    "fraction": float(m["fraction"]),
-                    "tau": float(tau),
-                }
-                self.trace.append(rec)
-                bar.set_postfix(kl=f"{rec['kl']:.4f}", fraction=f"{rec['fraction']:.4f}")
-            ts = {"theta": theta, "opt_state": opt_state, "step": step, "key": key}
-            if save_every and ckpt_dir is not None and step % save_every == 0:
-                save_checkpoint(ckpt_dir, ts)
-        bar.close()
-        return {"theta": theta, "opt_state": opt_state, "step": step, "key": key}
 
 
 def rescale_to_target(

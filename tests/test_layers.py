@@ -45,6 +45,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "jaxsparse.methods",
             "jaxsparse.methods.*",
             "jaxsparse.calibrate",
+            "jaxsparse.training",
             "jaxsparse.learn",
             "jaxsparse.learn_kl",
             "jaxsparse.predictors",

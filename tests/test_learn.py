@@ -22,13 +22,12 @@ from jaxsparse.learn import (
     Trainer,
     dense_inputs,
     init_theta,
-    latest_checkpoint,
     learn,
-    load_checkpoint,
 )
 from jaxsparse.methods import get_method
 from jaxsparse.methods.statistics import collect_statistics
 from jaxsparse.sparsity import make_state
+from jaxsparse.training import latest_checkpoint, load_checkpoint
 
 LLAMA = ModelConfig(
     model_type="llama",

@@ -12,11 +12,11 @@ import pytest
 from jaxsparse.budget import BudgetError, solve_scale
 from jaxsparse.calibrate import sequence_batches
 from jaxsparse.config import ModelConfig
-from jaxsparse.learn import latest_checkpoint, load_checkpoint
 from jaxsparse.learn_kl import KLSettings, LearnError, learn_kl
 from jaxsparse.methods import get_method
 from jaxsparse.methods.statistics import collect_statistics
 from jaxsparse.sparsity import make_state
+from jaxsparse.training import latest_checkpoint, load_checkpoint
 
 LLAMA = ModelConfig(
     model_type="llama",

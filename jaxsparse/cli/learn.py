@@ -16,7 +16,8 @@ from jaxsparse.cli.common import (
     load_model_for,
     sparsity,
 )
-from jaxsparse.learn import CKPT_META, DEFAULTS, POINTS, LearnError, LearnSettings, learn
+from jaxsparse.learn import DEFAULTS, POINTS, LearnError, LearnSettings, learn
+from jaxsparse.training import CKPT_META
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,7 +15,6 @@ from jaxsparse.cli.common import (
     in_interval,
     load_model_for,
 )
-from jaxsparse.learn import CKPT_META
 from jaxsparse.learn_kl import (
     DEFAULT_POINTS,
     DEFAULTS,
@@ -24,6 +23,7 @@ from jaxsparse.learn_kl import (
     describe,
     learn_kl,
 )
+from jaxsparse.training import CKPT_META
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
