@@ -36,8 +36,8 @@ import numpy as np
 
 from jaxsparse.config import ModelConfig
 from jaxsparse.generate import Generator
-from jaxsparse.models import kernels_for_method
 from jaxsparse.predictors import dejavu_state, init_predictors
+from jaxsparse.registry import kernels_for_method
 
 TINY = ModelConfig(
     model_type="llama",

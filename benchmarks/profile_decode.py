@@ -30,7 +30,8 @@ def record(args) -> None:
     import jax
     import jax.numpy as jnp
 
-    from jaxsparse.models import init_cache, kernels_for_method, prepare_params
+    from jaxsparse.models import init_cache, prepare_params
+    from jaxsparse.registry import kernels_for_method
 
     config = bench.LLAMA3_8B
     params = bench.random_params(config)

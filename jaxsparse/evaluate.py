@@ -126,7 +126,7 @@ class Evaluator:
 
     def _thresholds(self, state):
         from jaxsparse import sharding
-        from jaxsparse.rules import state_logical_axes
+        from jaxsparse.models import state_logical_axes
         from jaxsparse.sparsity import dense_state
 
         state = state or dense_state(self.config)

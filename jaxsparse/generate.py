@@ -159,8 +159,8 @@ def default_kernels(method: str, batch: int, mode: str = "auto", thresholds: Any
     benchmarks/results/decode_llama3_8b_h100.json; on a CPU they would only run as their
     pure-jnp references). Dense always runs plain XLA. `thresholds`, the state's
     `thresholds_for_model()`: q/k/v are fused only where its q_in and kv_in thresholds are
-    equal (`jaxsparse.models.kernels_for_method`); None decides by the method's name."""
-    from jaxsparse.models import kernels_for_method
+    equal (`jaxsparse.registry.kernels_for_method`); None decides by the method's name."""
+    from jaxsparse.registry import kernels_for_method
 
     if mode not in ("auto", "pallas", "xla"):
         raise ValueError(f"kernels={mode!r}: use 'auto', 'pallas' or 'xla'")
@@ -202,7 +202,7 @@ class Generator:
         kernels: Kernels = XLA,
         mesh: Any = None,
     ):
-        """`kernels` picks the decode matmuls (`jaxsparse.models.kernels_for_method`); the
+        """`kernels` picks the decode matmuls (`jaxsparse.registry.kernels_for_method`); the
         params are laid out for it and placed on the device here, once. `mesh`: a
         `jax.sharding.Mesh` or a spec such as `"model=2"` (`jaxsparse.sharding.parse_mesh`)
         to spread them over; None: the default device."""
@@ -267,12 +267,12 @@ class Generator:
                     "Generator's kernels fuse q/k/v into one matmul on the q input, which "
                     "would apply q_in's threshold to k/v too: build the Generator with "
                     "kernels=default_kernels(method, batch, mode, thresholds=...) (or "
-                    "jaxsparse.models.kernels_for_method(..., thresholds=...))"
+                    "jaxsparse.registry.kernels_for_method(..., thresholds=...))"
                 )
         if thresholds is None or self.mesh is None:
             return None if thresholds is None else jax.device_put(thresholds)
         from jaxsparse import sharding
-        from jaxsparse.rules import state_logical_axes
+        from jaxsparse.models import state_logical_axes
 
         return sharding.shard_tree(thresholds, state_logical_axes(thresholds), self.mesh)
 

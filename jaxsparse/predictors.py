@@ -12,7 +12,7 @@ class-weighted BCE (positives weighted `(width - k) / k`), early-stopped per lay
 held-out recall (the best evaluation of each layer is kept; training stops when no layer
 improved for `patience` evaluations).
 
-At inference (`rules.predicted_masks`) a layer keeps its top `ffn_k` predicted neurons
+At inference (`jaxsparse.models.predictor.predicted_masks`) a layer keeps its top `ffn_k` predicted neurons
 and top `head_k` heads. The report gives, on test tokens (sequences used neither for
 training nor for early stopping: three disjoint splits), per layer and averaged: `ffn_recall` (fraction of the labelled neurons kept),
 `ffn_precision` (fraction of the kept neurons that are labelled), `ffn_mass_recall` (the
@@ -192,7 +192,8 @@ def _metrics(w: dict, x, imp, hn, ks: dict):
     """Per-layer (unstacked `w`) held-out sums: hits and counts for recall/precision."""
     import jax.numpy as jnp
 
-    from jaxsparse.rules import predictor_logits, topk_mask
+    from jaxsparse.models.predictor import predictor_logits
+    from jaxsparse.rules import topk_mask
 
     imp = imp.astype(jnp.float32)
     ffn_lab = topk_mask(imp, ks["ffn_label_k"])
@@ -261,7 +262,8 @@ def train_predictors(
     import optax
     from tqdm import tqdm
 
-    from jaxsparse.rules import predictor_logits, topk_mask
+    from jaxsparse.models.predictor import predictor_logits
+    from jaxsparse.rules import topk_mask
 
     check_settings(config, ffn_rank, head_rank, **ks)
     seqs = np.unique(data["seq"])

@@ -1,6 +1,6 @@
 """Sparsity rules: the names of the sparsified tensors and the pure functions that mask them.
 
-Layer 2 of the design: no model imports. A model calls `sparsify(x, threshold)` at each
+The rules layer of docs/design.md: no model imports, no method names, no networks. A model calls `sparsify(x, threshold)` at each
 sparsifiable point; what the threshold holds (a per-layer scalar broadcast to channels,
 or per-channel values) is decided by the method that fitted it, not here.
 
@@ -92,67 +92,17 @@ def topk_mask(scores: jax.Array, k: jax.Array | int) -> jax.Array:
     return jnp.where(k > 0, scores >= kth, False)
 
 
-def predictor_logits(w: dict, x: jax.Array, which: str) -> jax.Array:
-    """Logits of a Deja Vu low-rank predictor: `silu(rms(x) W1 + b1) W2 + b2`.
-
-    `which` is "ffn" (-> [..., m]) or "head" (-> [..., H]); `w` holds `{which}_w1` [d, r],
-    `{which}_b1` [r], `{which}_w2` [r, out], `{which}_b2` [out]. The input is divided by its
-    root mean square (no learned scale), since the residual's scale grows with depth.
-    """
-    x = x.astype(jnp.float32)
-    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
-    h = jax.nn.silu(x @ w[f"{which}_w1"] + w[f"{which}_b1"])
-    return h @ w[f"{which}_w2"] + w[f"{which}_b2"]
-
-
-def predicted_masks(w: dict, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Deja Vu keep-masks `(ffn [..., m], heads [..., H])`: the top `w["ffn_k"]` neurons
-    and the top `w["head_k"]` heads by predictor logit (k's are int32 data)."""
-    return (
-        topk_mask(predictor_logits(w, x, "ffn"), w["ffn_k"]),
-        topk_mask(predictor_logits(w, x, "head"), w["head_k"]),
-    )
-
-
 def zero_fraction(x: jax.Array) -> jax.Array:
     """Fraction of exact zeros over the last axis, per token, in float32."""
     return jnp.mean((x == 0).astype(jnp.float32), axis=-1)
 
 
-# Per method, the points whose projections a decode step runs through the sparse kernels
-# (`jaxsparse.models.Kernels`): where the method makes zeros. Zeroing the gate (CATS,
-# CHESS) zeroes the down input too.
-KERNEL_POINTS: dict[str, tuple[str, ...]] = {
-    "dense": (),
-    "cats": ("gate", "down_in"),
-    "chess": ("gate", "down_in"),
-    # kv_in is dense here (threshold 0), but XLA reads a [d, 2 kv] matvec at a third of
-    # the bandwidth the kernel reaches (H100 profile), so k/v go through it too.
-    "chess+": ("q_in", "kv_in", "o_in", "gate", "down_in"),
-    "teal": ("q_in", "kv_in", "o_in", "ffn_in", "down_in"),
-    # WINA: TEAL's points, per-channel thresholds `T / n_i` (docs/methods.md).
-    "wina": ("q_in", "kv_in", "o_in", "ffn_in", "down_in"),
-    # Learned thresholds zero what the closed-form method they start from zeroes.
-    "chess-learned": ("gate", "down_in"),
-    "teal-learned": ("q_in", "kv_in", "o_in", "ffn_in", "down_in"),
-    # End-to-end learned (`jaxsparse learn-kl`): any of the points.
-    "kl-learned": ("q_in", "kv_in", "o_in", "ffn_in", "gate", "down_in"),
-    # Deja Vu: predicted FFN neurons zero the gate; predicted heads zero o_proj's input
-    # (q/k/v stay dense here: see docs/learned.md).
-    "dejavu": ("o_in", "gate", "down_in"),
-}
-
 # Keys a layer's sparsity dict may hold besides the points of `TENSORS`:
 #   "relax_tau"  scalar: training mode, thresholds applied by `relaxed_sparsify`
 #   "masks"      {point: bool [..., width]}: predicted keep-masks (Deja Vu), applied
 #                after the point's threshold
-#   "predictor"  Deja Vu predictor weights (`predicted_masks`; the model's layer loop feeds
-#                them the residual entering the previous block and sets "masks")
-
-
-# Methods whose q and k/v inputs always carry the same threshold (or none), so that q/k/v
-# can run as one fused matmul; the others (chess+, teal-learned) fuse only k and v.
-SHARED_QKV_INPUT = frozenset({"dense", "cats", "chess", "chess-learned", "teal", "wina", "dejavu"})
+#   "predictor"  Deja Vu predictor weights (`jaxsparse.models.predictor`; the model's layer
+#                loop feeds them the residual entering the previous block and sets "masks")
 
 
 # Logical axis names (`jaxsparse.sharding.LOGICAL_AXIS_RULES`) of each point's threshold
@@ -165,32 +115,3 @@ POINT_AXES: dict[str, str] = {
     "gate": "mlp",
     "down_in": "mlp",
 }
-_PREDICTOR_AXES = {
-    "ffn_w1": ("embed", "rank"),
-    "ffn_b1": ("rank",),
-    "ffn_w2": ("rank", "mlp"),
-    "ffn_b2": ("mlp",),
-    "head_w1": ("embed", "rank"),
-    "head_b1": ("rank",),
-    "head_w2": ("rank", "heads"),
-    "head_b2": ("heads",),
-}
-
-
-def state_logical_axes(tree: dict) -> dict:
-    """The model's `thresholds=` tree (`SparsityState.thresholds_for_model()`) with each
-    leaf replaced by its logical axis names (a PartitionSpec; scalars replicated)."""
-    from jax.sharding import PartitionSpec as P
-
-    def layer(th: dict) -> dict:
-        out = {}
-        for key, v in th.items():
-            if key in POINT_AXES:
-                out[key] = P(POINT_AXES[key])
-            elif key == "predictor":
-                out[key] = {k: P(*_PREDICTOR_AXES.get(k, ())) for k in v}
-            else:  # relax_tau, k's: scalars
-                out[key] = jax.tree.map(lambda _: P(), v)
-        return out
-
-    return {name: layer(th) for name, th in tree.items()}

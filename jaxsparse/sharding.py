@@ -3,7 +3,7 @@ batches on them.
 
 As in maxtext: each array carries logical axis names (the params' come from
 `jaxsparse.models.logical_axes`, the KV cache's from `jaxsparse.models.cache_logical_axes`,
-a sparsity state's from `jaxsparse.rules.state_logical_axes`), and one table,
+a sparsity state's from `jaxsparse.models.state_logical_axes`), and one table,
 `LOGICAL_AXIS_RULES`, maps each logical name to a mesh axis (or to None: replicated).
 Changing how a model is spread over devices is then a change of the table or of the mesh
 shape, not of the model code. This module takes those name trees as arguments: it sits

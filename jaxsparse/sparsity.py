@@ -7,7 +7,7 @@ does not use holds zeros (`abs(x) < 0` zeroes nothing). Every threshold method a
 sparsity therefore has the same tree structure and the same shapes, and one compiled
 forward (which takes `state.thresholds_for_model()`) serves them all. `predictors` holds
 the Deja Vu low-rank predictors (`{"layers_i": {"ffn_w1", "ffn_b1", "ffn_w2", "ffn_b2",
-"head_w1", ..., "ffn_k", "head_k"}}`, see `jaxsparse.rules.predicted_masks`); threshold
+"head_w1", ..., "ffn_k", "head_k"}}`, see `jaxsparse.models.predictor.predicted_masks`); threshold
 methods (learned ones included) leave it None. A dejavu state's `thresholds_for_model()`
 adds each layer's predictor under the key "predictor" (a different tree, so one more
 compile, shared by every dejavu state of the same ranks).
@@ -285,7 +285,7 @@ def shares_qkv_input(thresholds: dict | None) -> bool:
     """Whether q and k/v read the same input under `thresholds` (a model's `thresholds=`
     tree): in every layer the `q_in` and `kv_in` thresholds (a missing one: zeros) and
     keep-masks are equal, and no relaxed (learning) mask is used. Only then may q/k/v run as
-    one fused matmul on the q input (`jaxsparse.models.kernels_for_method`); otherwise k/v
+    one fused matmul on the q input (`jaxsparse.registry.kernels_for_method`); otherwise k/v
     must read their own, differently thresholded input. None (dense) shares it."""
     if thresholds is None:
         return True

@@ -13,12 +13,12 @@ from jaxsparse.config import ModelConfig
 from jaxsparse.models import (
     cache_logical_axes,
     init_params,
-    kernels_for_method,
     logical_axes,
     prepare_params,
+    state_logical_axes,
 )
 from jaxsparse.models.layers import XLA
-from jaxsparse.rules import KERNEL_POINTS, state_logical_axes
+from jaxsparse.registry import KERNEL_POINTS, kernels_for_method
 from jaxsparse.sharding import (
     LOGICAL_AXIS_RULES,
     logical_to_mesh,

@@ -27,12 +27,13 @@ from jaxsparse.models import (
     build_model,
     cache_logical_axes,
     init_cache,
-    kernels_for_method,
     logical_axes,
     param_shapes,
     prepare_params,
+    state_logical_axes,
 )
-from jaxsparse.rules import KERNEL_POINTS, TENSORS, state_logical_axes
+from jaxsparse.registry import KERNEL_POINTS, kernels_for_method
+from jaxsparse.rules import TENSORS
 from jaxsparse.sharding import DATA, LOGICAL_AXIS_RULES, MODEL, logical_to_mesh, tree_shardings
 from jaxsparse.sparsity import model_widths
 

@@ -15,7 +15,8 @@ from jaxsparse.calibrate import calibrate
 from jaxsparse.config import FULL, SLIDING, ModelConfig
 from jaxsparse.evaluate import Evaluator
 from jaxsparse.generate import Generator
-from jaxsparse.models import build_model, kernels_for_method, positions_from_mask
+from jaxsparse.models import build_model, positions_from_mask
+from jaxsparse.registry import kernels_for_method
 
 GEMMA = ModelConfig(
     model_type="gemma3_text",

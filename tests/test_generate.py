@@ -185,7 +185,7 @@ def test_kernel_decoding_gives_masked_dense_tokens(method, impl):
     masked dense XLA path's logits and tokens, for a batch of prompts of different lengths.
     The random thresholds of q_in and kv_in differ, so q/k/v must not be fused (a fused
     matmul reads k/v from the q input, ignoring kv_in); equal ones may be."""
-    from jaxsparse.models import kernels_for_method
+    from jaxsparse.registry import kernels_for_method
 
     config = tiny(intermediate_size=96)
     params = jax.tree.map(lambda x: x * 10, init_params(config, seed=2))
@@ -422,7 +422,7 @@ def test_fused_qkv_refused_for_different_q_and_kv_thresholds():
     `default_kernels` (what `jaxsparse generate` uses), decodes as masked dense XLA does, and a
     Generator built with fused q/k/v refuses it instead of applying q_in's threshold to k/v."""
     from jaxsparse.generate import default_kernels
-    from jaxsparse.models import kernels_for_method
+    from jaxsparse.registry import kernels_for_method
 
     config = tiny()
     params = init_params(config, seed=2)

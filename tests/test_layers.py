@@ -61,6 +61,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "jaxsparse.sweep",
             "jaxsparse.sweep_budget",
             "jaxsparse.loading",
+            "jaxsparse.registry",
         ),
     ),
     # the public API (jaxsparse/__init__.py): names from the layers above, loaded lazily
@@ -195,3 +196,20 @@ def test_only_the_cli_parses_arguments():
                 if "argparse" in names:
                     bad.append(module_name(p))
     assert not bad, f"argparse outside jaxsparse/cli/: {bad}"
+
+
+def test_rules_hold_no_method_names():
+    """jaxsparse/rules.py is masking math: no string in it names a method of the registry
+    (jaxsparse/registry.py, KERNEL_POINTS), and it defines no predictor network."""
+    reg = ast.parse((ROOT / "jaxsparse" / "registry.py").read_text())
+    methods = next(
+        {k.value for k in node.value.keys}
+        for node in ast.walk(reg)
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "KERNEL_POINTS"
+    )
+    assert {"dense", "chess", "teal", "dejavu"} <= methods
+    tree = ast.parse((ROOT / "jaxsparse" / "rules.py").read_text())
+    strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)} - {None}
+    assert not strings & methods, f"method names in jaxsparse/rules.py: {strings & methods}"
+    defs = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+    assert not {d for d in defs if "predict" in d}, "a predictor network in jaxsparse/rules.py"

@@ -26,6 +26,7 @@ from jaxsparse.learn import (
 )
 from jaxsparse.methods import get_method
 from jaxsparse.methods.statistics import collect_statistics
+from jaxsparse.registry import KERNEL_POINTS
 from jaxsparse.sparsity import make_state
 from jaxsparse.training import latest_checkpoint, load_checkpoint
 
@@ -125,7 +126,7 @@ def test_training_lowers_the_loss_and_hits_the_target(tiny, method):
     state.check_model(LLAMA)
     zs = _measured_zero_fraction(params, seqs, state.thresholds_for_model())
     for layer, points in zs.items():
-        for p in rules.KERNEL_POINTS[state.method]:
+        for p in KERNEL_POINTS[state.method]:
             if p in state.meta.details["points"]:
                 assert abs(points[p] - s) < 0.02, (layer, p, points[p])
 

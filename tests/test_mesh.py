@@ -44,8 +44,9 @@ def run_cases() -> dict:
     from jaxsparse.data import stdlib_documents
     from jaxsparse.evaluate import Evaluator
     from jaxsparse.generate import Generator
-    from jaxsparse.models import init_params, kernels_for_method
+    from jaxsparse.models import init_params
     from jaxsparse.predictors import dejavu_state
+    from jaxsparse.registry import kernels_for_method
     from jaxsparse.sharding import make_mesh, mesh_from_spec, put_batch
     from jaxsparse.sparsity import dense_state
 

@@ -157,7 +157,7 @@ def test_state_roundtrip_and_model_masks(trained, tmp_path):
         o_zero = np.asarray(s["self_attn"]["o_in"][0])
         np.testing.assert_allclose(o_zero, 1 - KS["head_k"] / TINY.num_heads, atol=1e-6)
     # the masks come from the residual entering the previous block (lookahead)
-    from jaxsparse.rules import predicted_masks
+    from jaxsparse.models.predictor import predicted_masks
 
     taps = v["taps"]
     x_prev = taps["layers_1"]["block_in"][0]
@@ -272,7 +272,7 @@ def test_generate_decodes_with_a_dejavu_state(trained, impl):
     """`Generator` (what `jaxsparse generate --sparsity-state` runs) takes a dejavu state;
     through the kernels (interpret mode) it gives the masked dense path's tokens."""
     from jaxsparse.generate import Generator
-    from jaxsparse.models import kernels_for_method
+    from jaxsparse.registry import kernels_for_method
 
     params, seqs, _, weights, _ = trained
     state = dejavu_state(TINY, weights, KS["ffn_k"], KS["head_k"])
@@ -291,7 +291,8 @@ def test_dejavu_kernel_decode_skips_gate_rows(trained, monkeypatch):
     with the neuron mask as its gate (only predicted-active rows read), as up_proj is; the
     tokens equal the masked XLA path's."""
     import pallas_kernels
-    from jaxsparse.models import init_cache, kernels_for_method, prepare_params
+    from jaxsparse.models import init_cache, prepare_params
+    from jaxsparse.registry import kernels_for_method
 
     params, seqs, _, weights, _ = trained
     th = dejavu_state(TINY, weights, KS["ffn_k"], KS["head_k"]).thresholds_for_model()

@@ -19,11 +19,11 @@ __all__ = [
     "cache_logical_axes",
     "init_cache",
     "init_params",
-    "kernels_for_method",
     "logical_axes",
     "param_shapes",
     "positions_from_mask",
     "prepare_params",
+    "state_logical_axes",
 ]
 
 
@@ -31,37 +31,6 @@ def build_model(config: ModelConfig, kernels: Kernels = XLA) -> nn.Module:
     """The Flax module of `config`'s family; `kernels` picks the decode matmul path."""
     cls = OPTForCausalLM if config.family == "opt" else LlamaForCausalLM
     return cls(config, kernels)
-
-
-def kernels_for_method(
-    method: str, mode: str = "pallas", impl: str = "auto", thresholds: dict | None = None
-) -> Kernels:
-    """The kernel setup for a sparsity method's decode steps (`rules.KERNEL_POINTS`).
-
-    `thresholds`, the `thresholds=` tree of the state that will run: q/k/v are fused into
-    one matmul on the q input only when its `q_in` and `kv_in` thresholds are equal in
-    every layer (`jaxsparse.sparsity.shares_qkv_input`); otherwise k/v run apart, on their
-    own input, so that the `kv_in` threshold is the one applied. None: decided by the
-    method's name alone (`rules.SHARED_QKV_INPUT`)."""
-    from jaxsparse.rules import KERNEL_POINTS, SHARED_QKV_INPUT
-    from jaxsparse.sparsity import shares_qkv_input
-
-    if method not in KERNEL_POINTS:
-        raise ValueError(f"no kernel path for method {method!r}; known: {sorted(KERNEL_POINTS)}")
-    # else q has a threshold of its own (chess+, or a state whose q_in and kv_in differ)
-    fuse = method in SHARED_QKV_INPUT and shares_qkv_input(thresholds)
-    if mode == "xla":
-        return Kernels("xla", fuse_qkv=fuse, fuse_kv=not fuse)
-    heads = method == "dejavu"  # head-sparse attention: q apart from k/v (`Kernels.q_rows`)
-    return Kernels(
-        mode,
-        fuse_qkv=fuse and not heads,
-        fuse_kv=not fuse or heads,
-        points=KERNEL_POINTS[method],
-        impl=impl,
-        gate_proj_rows=method == "dejavu",
-        head_attention=heads,
-    )
 
 
 def prepare_params(params: dict, config: ModelConfig, kernels: Kernels) -> dict:
@@ -155,3 +124,27 @@ def cache_logical_axes(config: ModelConfig) -> dict:
     for i in range(config.num_layers):
         out[f"layers_{i}"] = {"k": kv, "v": kv}
     return out
+
+
+def state_logical_axes(tree: dict) -> dict:
+    """The model's `thresholds=` tree (`SparsityState.thresholds_for_model()`) with each
+    leaf replaced by its logical axis names (a PartitionSpec; scalars replicated): a
+    point's thresholds as the activations they threshold (`jaxsparse.rules.POINT_AXES`),
+    Deja Vu predictor weights by `jaxsparse.models.predictor.PREDICTOR_AXES`."""
+    from jax.sharding import PartitionSpec as P
+
+    from jaxsparse.models.predictor import PREDICTOR_AXES
+    from jaxsparse.rules import POINT_AXES
+
+    def layer(th: dict) -> dict:
+        out = {}
+        for key, v in th.items():
+            if key in POINT_AXES:
+                out[key] = P(POINT_AXES[key])
+            elif key == "predictor":
+                out[key] = {k: P(*PREDICTOR_AXES.get(k, ())) for k in v}
+            else:  # relax_tau, k's: scalars
+                out[key] = jax.tree.map(lambda _: P(), v)
+        return out
+
+    return {name: layer(th) for name, th in tree.items()}

@@ -195,9 +195,9 @@ def run_layers(layers, x, positions_BxT, cache, cache_index, thresholds, rope):
 
 def with_predicted_masks(th: dict, x_prev_BxTxD):
     """A layer's sparsity dict with its Deja Vu predictor replaced by the masks it predicts
-    from the residual entering the previous block (`jaxsparse.rules.predicted_masks`): `gate` keeps
+    from the residual entering the previous block (`jaxsparse.models.predictor`): `gate` keeps
     the top `ffn_k` neurons, `o_in` the `head_dim` channels of the top `head_k` heads."""
-    from jaxsparse.rules import predicted_masks
+    from jaxsparse.models.predictor import predicted_masks
 
     th = dict(th)
     ffn_keep, head_keep = predicted_masks(th.pop("predictor"), x_prev_BxTxD)

@@ -17,10 +17,10 @@ from jaxsparse.models import (
     build_model,
     init_cache,
     init_params,
-    kernels_for_method,
     prepare_params,
 )
 from jaxsparse.predictors import dejavu_state, init_predictors
+from jaxsparse.registry import kernels_for_method
 
 TINY = ModelConfig(
     model_type="llama",
