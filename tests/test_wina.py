@@ -158,3 +158,58 @@ def test_greedy_allocation_reaches_the_layer_sparsity(corpus, make_params):
             s["gate_up"],
             atol=2e-3,
         )
+        # the search and the result use WINA's per-channel thresholds T / n_i, not TEAL's
+        for p in TAP:
+            t = np.asarray(st_.thresholds[layer][p], np.float64)
+            if np.all(t == 0):  # a group the greedy search left dense
+                continue
+            assert np.ptp(t) > 0, (layer, p)
+            np.testing.assert_allclose(t * norms[p], np.median(t * norms[p]), rtol=1e-5)
+
+
+def _equal_row_norms(config, params):
+    """`params` with every input channel's weights scaled to norm 1 in the matrices its input
+    feeds together (q/k/v; gate/up or fc1; o; down or fc2)."""
+    groups = [("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",))]
+    if config.family == "opt":
+        groups += [("mlp", ("fc1",)), ("mlp", ("fc2",))]
+    else:
+        groups += [("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",))]
+    params = jax.tree.map(np.asarray, params)
+    for i in range(config.num_layers):
+        layer = params[f"layers_{i}"]
+        for mod, names in groups:
+            ks = [np.asarray(layer[mod][n]["kernel"], np.float64) for n in names]
+            norm = np.sqrt(sum(np.sum(k * k, axis=1) for k in ks))[:, None]
+            for n, k in zip(names, ks):
+                layer[mod][n] = {**layer[mod][n], "kernel": (k / norm).astype(np.float32)}
+    return params
+
+
+@pytest.mark.parametrize("config", [LLAMA, OPT], ids=["llama", "opt"])
+def test_equal_row_norms_give_teal(config, corpus, make_params):
+    """With every n_i equal, WINA's score orders channels as |x_i| does: its thresholds are
+    TEAL's (the row norm of each input's weights is what sets WINA apart, so a norm taken
+    over the wrong axis, or over part of a fused q/k/v or gate/up input, fails here)."""
+    params = _equal_row_norms(config, make_params(config))
+    norms = _numpy_norms(config, params["layers_0"])
+    np.testing.assert_allclose(norms["q_in"], 1.0, rtol=1e-6)  # the setup did what it says
+    states = calibrate(
+        config,
+        params,
+        ByteTok(),
+        ["teal", "wina"],
+        [0.5],
+        [str(corpus / "cal.txt")],
+        TOKENS,
+        SEQ,
+        8,
+        progress=False,
+    )
+    teal_th, wina_th = states[("teal", 0.5)].thresholds, states[("wina", 0.5)].thresholds
+    for layer in teal_th:
+        for p in TAP:
+            assert np.all(np.asarray(teal_th[layer][p]) > 0), (layer, p)
+            np.testing.assert_allclose(
+                wina_th[layer][p], teal_th[layer][p], rtol=1e-4, err_msg=f"{layer}/{p}"
+            )
