@@ -22,10 +22,14 @@ import numpy as np
 DEFAULTS = {"tokens": 16384, "seq_len": 512, "batch_size": 8}
 
 
-def sequence_batches(seqs_NxT: np.ndarray, batch_size: int):
+def sequence_batches(seqs_NxT: np.ndarray, batch_size: int, mesh=None):
     """(make_iterator, num_batches): [B, T] token/valid batches, the last padded with
-    invalid rows (valid = False) to the full batch size so that one compile serves all."""
+    invalid rows (valid = False) to the full batch size so that one compile serves all.
+    B is `batch_size`, or fewer when every row fits in fewer (`sharding.rows_per_batch`)."""
+    from jaxsparse.sharding import rows_per_batch
+
     n = len(seqs_NxT)
+    batch_size = rows_per_batch(n, batch_size, mesh)
     num = -(-n // batch_size)
 
     def batches():
@@ -117,7 +121,7 @@ def gather(
     mesh = sharding.as_mesh(mesh)
     batch_size = sharding.round_batch(batch_size, mesh)
     params = sharding.shard_params(params, logical_axes(config), mesh)
-    batches, num_batches = sequence_batches(seqs, batch_size)
+    batches, num_batches = sequence_batches(seqs, batch_size, mesh)
     t0 = time.time()
     stats = collect_statistics(
         config,

@@ -138,11 +138,14 @@ class Evaluator:
         self, rows: list[np.ndarray], width: int, thresholds, meter: SparsityMeter, desc: str
     ) -> list[np.ndarray]:
         """Forward over token rows (each at most `width` long, right-padded); returns the
-        per-row next-token log-likelihoods [len(row) - 1]."""
+        per-row next-token log-likelihoods [len(row) - 1]. Batches hold `batch_size` rows,
+        fewer when there are fewer rows in all (`jaxsparse.sharding.rows_per_batch`)."""
         from tqdm import tqdm
 
+        from jaxsparse import sharding
+
         out_rows = []
-        b = self.batch_size
+        b = sharding.rows_per_batch(len(rows), self.batch_size, self.mesh)
         for start in tqdm(
             range(0, len(rows), b), desc=desc, unit="batch", disable=not self.progress
         ):

@@ -133,8 +133,11 @@ def gather(
         )
         return x.astype(jnp.float32), imp.astype(jnp.float16), hn
 
+    from jaxsparse.sharding import rows_per_batch
+
     xs, imps, hns = [], [], []
     n = len(seqs_NxT)
+    batch_size = rows_per_batch(n, batch_size)
     for start in tqdm(
         range(0, n, batch_size), desc="predictor data", unit="batch", disable=not progress
     ):

@@ -242,6 +242,29 @@ def test_sparsity_outside_range_is_refused(s, corpus):
         calibrate(LLAMA, None, ByteTok(), ["cats"], [s], [str(corpus / "cal.txt")])
 
 
+def test_calibration_batches_are_not_padded_past_the_rows():
+    """Rows fewer than a batch run in the next power of two of rows (rounded up to the
+    data-parallel size), not padded to the full batch; more rows run in full batches, the
+    last padded with invalid rows."""
+    from jaxsparse.calibrate import sequence_batches
+    from jaxsparse.sharding import make_mesh, rows_per_batch
+
+    seqs = np.arange(3 * 4, dtype=np.int32).reshape(3, 4) + 1
+    make, num = sequence_batches(seqs, 8)
+    (tokens, valid), *rest = list(make())
+    assert num == 1 and not rest and tokens.shape == (4, 4)
+    np.testing.assert_array_equal(tokens[:3], seqs)
+    assert valid[:3].all() and not valid[3].any()
+    make, num = sequence_batches(np.ones((20, 4), np.int32), 8)
+    got = list(make())
+    assert num == 3 and [t.shape[0] for t, _ in got] == [8, 8, 8]
+    assert [int(v[:, 0].sum()) for _, v in got] == [8, 8, 4]
+    assert [rows_per_batch(n, 8) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 8]
+    assert rows_per_batch(3, 3) == 3
+    one = make_mesh(1, 1, jax.devices()[:1])
+    assert rows_per_batch(3, 8, one) == 4
+
+
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match="unknown method 'dejavu2'; known: cats, chess"):
         calibrate(LLAMA, None, ByteTok(), ["dejavu2"], [0.5])

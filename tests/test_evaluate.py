@@ -183,6 +183,34 @@ def test_padding_is_excluded(model):
     assert r["tokens"] == 20 and r["perplexity_tokens"] == 18
 
 
+def test_fewer_rows_than_a_batch_are_not_padded_to_it(model):
+    """2 windows with batch_size 4 run as one batch of 2 rows (the 2 padding rows would be
+    computed and thrown away), with the result of a batch of 4; 5 task rows run in batches
+    of 4 (the batch size is a cap, not a target)."""
+    config, params, ev = model
+    shapes = []
+
+    def spy(p, tokens, valid, thresholds):
+        shapes.append(tuple(tokens.shape))
+        return ev.forward(p, tokens, valid, thresholds)
+
+    small = Evaluator(config, params, ByteTok(), seq_len=16, batch_size=4, progress=False)
+    small.forward = spy
+    ids = np.arange(1, 33, dtype=np.int32)  # 2 full windows
+    tasks = [Task("a b", (" c", " d", " e"), 0), Task("x", (" y", " z"), 1)]
+    r = small.evaluate(None, ids, tasks)
+    assert shapes == [(2, 16), (4, 16), (4, 16)]
+    padded = ev.forward(
+        ev.params,
+        jnp.asarray(np.concatenate([ids.reshape(2, 16), np.zeros((2, 16), np.int32)])),
+        jnp.asarray(np.arange(4)[:, None] < np.full((4, 16), 2)),
+        ev._thresholds(None),
+    )
+    nll = -float(np.asarray(padded["next_ll"])[:2, :15].sum(dtype=np.float64)) / 30
+    assert r["perplexity"] == pytest.approx(np.exp(nll), rel=1e-5)
+    assert r["perplexity"] == pytest.approx(ev.evaluate(None, ids)["perplexity"], rel=1e-6)
+
+
 def test_state_for_another_model_is_refused(model):
     config, _, ev = model
     with pytest.raises(ValueError, match="calibrated for another model"):
