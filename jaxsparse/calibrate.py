@@ -113,10 +113,7 @@ def gather(
         req = req | mod.requirements(options.get(name))
     bins = bins or LogBins()
 
-    what = data_mod.describe_sources(data, "calibration")
-    docs = data_mod.load_documents(data, "calibration")
-    eos = data_mod.eos_token_id(config, tokenizer)
-    seqs = data_mod.pack_tokens(docs, tokenizer, eos, seq_len, tokens, what)
+    _, seqs = data_mod.token_rows(data, "calibration", config, tokenizer, seq_len, tokens)
 
     mesh = sharding.as_mesh(mesh)
     batch_size = sharding.round_batch(batch_size, mesh)

@@ -226,6 +226,23 @@ def pack_tokens(
     return np.asarray(buf[: n * seq_len], np.int32).reshape(n, seq_len)
 
 
+def token_rows(
+    paths: list[str] | None,
+    split: str,
+    config,
+    tokenizer,
+    seq_len: int,
+    num_tokens: int | None,
+) -> tuple[str, np.ndarray]:
+    """`(what, rows)`: the text of `paths` (default: the built-in corpus's `split`), its
+    description, and its tokens packed into `[N, seq_len]` rows (`pack_tokens`), EOS
+    from `config` or `tokenizer`."""
+    what = describe_sources(paths, split)
+    docs = load_documents(paths, split)
+    eos = eos_token_id(config, tokenizer)
+    return what, pack_tokens(docs, tokenizer, eos, seq_len, num_tokens, what)
+
+
 def describe_sources(paths: list[str] | None, split: str) -> str:
     if paths:
         return ", ".join(str(p) for p in paths)

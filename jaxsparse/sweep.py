@@ -248,6 +248,65 @@ def open_evaluator(config, lm, ev: dict, mesh, progress: bool):
     return evaluator, ppl, tasks
 
 
+def eval_settings(ev: dict, source: str) -> dict:
+    """What a sweep's result depends on besides its state: the evaluation settings `ev`
+    and the model's source."""
+    return {
+        "seq_len": ev["seq_len"],
+        "max_tokens": ev["max_tokens"],
+        "ppl": ev["ppl"],
+        "tasks": ev["tasks"],
+        "num_tasks": ev["num_tasks"],
+        "model": source,
+    }
+
+
+class ResultCache:
+    """The evaluations of a sweep in `out/results/<name>.json`, reused when they were made
+    with the same settings (`eval_settings`) and hold the same `key` items (the state's
+    fingerprint, or its budget); the Evaluator opens on first need (`open_evaluator`), so
+    that a sweep whose results are all reused loads no data. `digits`: of the activated
+    fraction printed."""
+
+    def __init__(self, out: Path, config, lm, ev: dict, mesh, progress: bool, digits: int = 3):
+        self.out, self.config, self.lm, self.ev = out, config, lm, ev
+        self.mesh, self.progress, self.digits = mesh, progress, digits
+        self.settings = eval_settings(ev, lm.source)
+        self.evaluator = self.ppl = self.tasks = None
+
+    def result(self, name: str, state, key: dict) -> dict:
+        from jaxsparse.io import write_json_atomic
+
+        path = self.out / "results" / f"{name}.json"
+        if path.is_file():
+            old = json.loads(path.read_text())
+            if old.get("sweep_settings") == self.settings and all(
+                old.get(k) == v for k, v in key.items()
+            ):
+                return old
+        if self.evaluator is None:
+            self.evaluator, self.ppl, self.tasks = open_evaluator(
+                self.config, self.lm, self.ev, self.mesh, self.progress
+            )
+        t0 = time.time()
+        r = self.evaluator.evaluate(state, self.ppl, self.tasks)
+        r.update({"sweep_settings": self.settings, **key, "model_source": self.lm.source})
+        write_json_atomic(r, path)
+        print(
+            f"{name}: perplexity {r.get('perplexity', float('nan')):.3f}, activated "
+            f"{r['activated_params_fraction']:.{self.digits}f} ({time.time() - t0:.0f} s)"
+        )
+        return r
+
+
+def write_table(rows: list[dict[str, Any]], out: Path, columns=TABLE_COLUMNS) -> None:
+    """`out/table.md` (`markdown_table`) and `out/table.json`."""
+    from jaxsparse.io import write_json_atomic
+
+    (out / "table.md").write_text(markdown_table(rows, columns))
+    write_json_atomic(rows, out / "table.json")
+
+
 def plot_ppl_vs_activated(results: list[dict], path: Path, title: str) -> None:
     # A bare Figure, not pyplot: no global backend switch (a notebook's plots keep working).
     from matplotlib.figure import Figure
@@ -404,16 +463,6 @@ def sweep(
 
     if calibrate_only:
         return []
-    settings = {
-        "seq_len": ev["seq_len"],
-        "max_tokens": ev["max_tokens"],
-        "ppl": ev["ppl"],
-        "tasks": ev["tasks"],
-        "num_tasks": ev["num_tasks"],
-        "model": lm.source,
-    }
-    evaluator = ppl = tasks = None
-    results = []
     from jaxsparse.sparsity import load_state
 
     todo = ([("dense", None)] if include_dense else []) + [
@@ -422,32 +471,12 @@ def sweep(
     for d in extra_states or []:
         st = load_state(d, config)
         todo.append((f"{config_name(st.method, st.target_sparsity)}_{Path(d).name}", st))
-    for name, state in todo:
-        path = out / "results" / f"{name}.json"
-        if path.is_file():
-            old = json.loads(path.read_text())
-            if old.get("sweep_settings") == settings and old.get(
-                "state_fingerprint"
-            ) == state_fingerprint(state):
-                results.append(old)
-                continue
-        if evaluator is None:
-            evaluator, ppl, tasks = open_evaluator(config, lm, ev, mesh, progress)
-        t0 = time.time()
-        r = evaluator.evaluate(state, ppl, tasks)
-        r["sweep_settings"] = settings
-        r["state_fingerprint"] = state_fingerprint(state)
-        r["model_source"] = lm.source
-        write_json_atomic(r, path)
-        print(
-            f"{name}: perplexity {r.get('perplexity', float('nan')):.3f}, activated "
-            f"{r['activated_params_fraction']:.3f} ({time.time() - t0:.0f} s)"
-        )
-        results.append(r)
-
-    rows = [table_row(r) for r in results]
-    (out / "table.md").write_text(markdown_table(rows))
-    write_json_atomic(rows, out / "table.json")
+    cache = ResultCache(out, config, lm, ev, mesh, progress)
+    results = [
+        cache.result(name, state, {"state_fingerprint": state_fingerprint(state)})
+        for name, state in todo
+    ]
+    write_table([table_row(r) for r in results], out)
     title = f"{Path(lm.source).name}: {', '.join(methods)}"
     plot_ppl_vs_activated(results, out / "ppl_vs_activated.png", title)
     plot_layer_heatmap(results, out / "sparsity_heatmap.png", title)

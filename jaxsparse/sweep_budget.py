@@ -116,12 +116,6 @@ def table_row(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    from jaxsparse.sweep import markdown_table as table
-
-    return table(rows, COLUMNS)
-
-
 def sweep_fractions(
     lm,
     methods: list[str],
@@ -146,11 +140,10 @@ def sweep_fractions(
     from jaxsparse.calibrate import DEFAULTS as CAL
     from jaxsparse.calibrate import gather
     from jaxsparse.evaluate import DEFAULTS as EV
-    from jaxsparse.evaluate import write_json_atomic
     from jaxsparse.io import is_complete
     from jaxsparse.methods import get_method
     from jaxsparse.sparsity import load_state, save_state
-    from jaxsparse.sweep import open_evaluator, plot_ppl_vs_activated
+    from jaxsparse.sweep import ResultCache, plot_ppl_vs_activated, write_table
 
     for m in methods:
         get_method(m)
@@ -267,45 +260,18 @@ def sweep_fractions(
             )
 
     # 2. evaluation on the evaluation split
-    settings = {
-        "seq_len": ev["seq_len"],
-        "max_tokens": ev["max_tokens"],
-        "ppl": ev["ppl"],
-        "tasks": ev["tasks"],
-        "num_tasks": ev["num_tasks"],
-        "model": lm.source,
-    }
-    evaluator = ppl = tasks = None
+    cache = ResultCache(out, config, lm, ev, mesh, progress, digits=4)
     results = []
     for name, st, b in (
         [("dense", None, {"target_fraction": 1.0})] if include_dense else []
     ) + todo:
-        path = out / "results" / f"{name}.json"
         if st is None and name != "dense":
             results.append(
                 {"method": name.rsplit("_f", 1)[0], "budget": b, "activated_params_fraction": None}
             )
-            continue
-        if path.is_file():
-            old = json.loads(path.read_text())
-            if old.get("sweep_settings") == settings and old.get("budget") == b:
-                results.append(old)
-                continue
-        if evaluator is None:
-            evaluator, ppl, tasks = open_evaluator(config, lm, ev, mesh, progress)
-        t0 = time.time()
-        r = evaluator.evaluate(st, ppl, tasks)
-        r.update({"sweep_settings": settings, "model_source": lm.source, "budget": b})
-        write_json_atomic(r, path)
-        print(
-            f"{name}: perplexity {r.get('perplexity', float('nan')):.3f}, activated "
-            f"{r['activated_params_fraction']:.4f} ({time.time() - t0:.0f} s)"
-        )
-        results.append(r)
-
-    rows = [table_row(r) for r in results]
-    (out / "table.md").write_text(markdown_table(rows))
-    write_json_atomic(rows, out / "table.json")
+        else:
+            results.append(cache.result(name, st, {"budget": b}))
+    write_table([table_row(r) for r in results], out, COLUMNS)
     plot_ppl_vs_activated(
         [r for r in results if r.get("perplexity") is not None],
         out / "ppl_vs_fraction.png",
@@ -326,9 +292,12 @@ def _with_details(state, extra: dict):
 def _calibration_rows(config, tokenizer, data, calib: dict, measure_tokens: int):
     from jaxsparse import data as data_mod
 
-    what = data_mod.describe_sources(data, "calibration")
-    docs = data_mod.load_documents(data, "calibration")
-    eos = data_mod.eos_token_id(config, tokenizer)
-    return data_mod.pack_tokens(
-        docs, tokenizer, eos, calib["seq_len"], min(measure_tokens, calib["tokens"]), what
+    _, rows = data_mod.token_rows(
+        data,
+        "calibration",
+        config,
+        tokenizer,
+        calib["seq_len"],
+        min(measure_tokens, calib["tokens"]),
     )
+    return rows

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny import LLAMA, OPT, ByteTok
+from tiny import LLAMA, OPT, ByteTok, write_words
 
 from jaxsparse.calibrate import calibrate
 from jaxsparse.data import DataError
@@ -28,9 +28,8 @@ SEQ, TOKENS = 64, 1024
 def corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus")
     rng = np.random.default_rng(0)
-    words = ["alpha", "beta", "gamma", "delta", "sparse", "token", "layer", "the", "of", "a"]
-    (d / "cal.txt").write_text(" ".join(rng.choice(words, 800)))
-    (d / "eval.txt").write_text(" ".join(rng.choice(words, 800)))
+    write_words(rng, d / "cal.txt", 800)
+    write_words(rng, d / "eval.txt", 800)
     return d
 
 
@@ -286,33 +285,6 @@ def test_empty_and_short_data_files(tmp_path):
             tokens=1000,
             seq_len=64,
         )
-
-
-def test_cli_refuses_bad_arguments_before_loading_the_model(tmp_path, capsys):
-    from jaxsparse.cli import main
-
-    out = ["--out", "/nonexistent/x", "--no-progress"]
-    assert main(["calibrate", "--method", "cats", "--sparsity", "1.2", *out]) == 2
-    assert "sparsity 1.2 is outside [0, 1)" in capsys.readouterr().err
-    assert main(["calibrate", "--method", "nope", "--sparsity", "0.5", *out]) == 2
-    assert "unknown method 'nope'" in capsys.readouterr().err
-    (tmp_path / "exists").mkdir()
-    assert (
-        main(
-            [
-                "calibrate",
-                "--method",
-                "cats",
-                "--sparsity",
-                "0.5",
-                "--out",
-                str(tmp_path / "exists"),
-            ]
-        )
-        == 2
-    )
-    err = capsys.readouterr().err
-    assert "already exists" in err and err.startswith("jaxsparse calibrate: error:")
 
 
 # ------------------------------------------------------------------ SmolLM2

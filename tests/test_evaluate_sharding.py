@@ -8,8 +8,8 @@ from __future__ import annotations
 import jax
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
+from tiny import LLAMA
 
-from jaxsparse.config import ModelConfig
 from jaxsparse.models import (
     cache_logical_axes,
     init_params,
@@ -30,16 +30,7 @@ from jaxsparse.sharding import (
     shard_params,
 )
 
-TINY = ModelConfig(
-    model_type="llama",
-    vocab_size=260,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-)
+TINY = LLAMA.replace(eos_token_ids=())
 
 
 def _names(tree) -> set[str]:

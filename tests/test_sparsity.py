@@ -6,9 +6,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from tiny import LLAMA
 
 from jaxsparse import rules
-from jaxsparse.config import ModelConfig
 from jaxsparse.sparsity import (
     THRESHOLDS_DIR,
     SparsityState,
@@ -20,17 +20,7 @@ from jaxsparse.sparsity import (
     save_state,
 )
 
-TINY = ModelConfig(
-    model_type="llama",
-    vocab_size=260,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    eos_token_ids=(0,),
-)
+TINY = LLAMA
 OTHER = TINY.replace(intermediate_size=64)
 
 

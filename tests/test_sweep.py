@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
-import numpy as np
 import pytest
-from tiny import LLAMA, ByteTok
+from tiny import LLAMA, SWEEP_WORDS, ByteTok, Loaded, sweep_corpus, sweep_kwargs
 
 from jaxsparse.cli.sweep import parse_list
-from jaxsparse.config import ModelConfig
 from jaxsparse.models import init_params
 from jaxsparse.sweep import config_name, markdown_table, sweep
-
-
-@dataclasses.dataclass
-class FakeLoaded:
-    config: ModelConfig
-    params: dict
-    tokenizer: object
-    source: str = "tiny-random"
 
 
 def test_parse_list_and_names():
@@ -34,27 +23,13 @@ def test_parse_list_and_names():
 def test_sweep_writes_table_and_plots_and_resumes(tmp_path):
     from PIL import Image
 
-    rng = np.random.default_rng(0)
-    words = ["alpha", "beta", "gamma", "delta", "sparse", "token", "layer", "the", "of"]
-    (tmp_path / "cal.txt").write_text(" ".join(rng.choice(words, 600)))
-    (tmp_path / "ev.txt").write_text(" ".join(rng.choice(words, 200)))
+    _, cal, ev = sweep_corpus(tmp_path, 600)
     (tmp_path / "tasks.jsonl").write_text(
         json.dumps({"context": "alpha beta", "choices": [" gamma", " delta"], "gold": 0}) + "\n"
     )
-    lm = FakeLoaded(LLAMA, init_params(LLAMA), ByteTok())
+    lm = Loaded(LLAMA, init_params(LLAMA), ByteTok())
     out = tmp_path / "sweep"
-    kw = {
-        "data": [str(tmp_path / "cal.txt")],
-        "calib": {"tokens": 1024, "seq_len": 64, "batch_size": 8},
-        "ev": {
-            "seq_len": 64,
-            "batch_size": 8,
-            "ppl": [str(tmp_path / "ev.txt")],
-            "tasks": str(tmp_path / "tasks.jsonl"),
-            "max_tokens": 0,
-        },
-        "progress": False,
-    }
+    kw = sweep_kwargs(cal, ev, 1024, str(tmp_path / "tasks.jsonl"))
     results = sweep(lm, ["cats", "chess+"], [0.3, 0.6], out, **kw)
     assert [r["method"] for r in results] == ["dense", "cats", "cats", "chess+", "chess+"]
     for name in ("cats_s0.3", "cats_s0.6", "chess_plus_s0.3", "chess_plus_s0.6"):
@@ -118,20 +93,10 @@ def test_sweep_refuses_an_out_made_with_other_settings(tmp_path):
     and reuses nothing; `overwrite` replaces what the earlier sweep wrote."""
     from jaxsparse.sweep import SweepSettingsError
 
-    rng = np.random.default_rng(0)
-    words = ["alpha", "beta", "gamma", "delta", "sparse", "token", "layer", "the", "of"]
-    cal = tmp_path / "cal.txt"
-    cal.write_text(" ".join(rng.choice(words, 600)))
-    (tmp_path / "ev.txt").write_text(" ".join(rng.choice(words, 200)))
-    lm = FakeLoaded(LLAMA, init_params(LLAMA), ByteTok())
+    rng, cal, ev = sweep_corpus(tmp_path, 600)
+    lm = Loaded(LLAMA, init_params(LLAMA), ByteTok())
     out = tmp_path / "sweep"
-    kw = {
-        "data": [str(cal)],
-        "calib": {"tokens": 512, "seq_len": 64, "batch_size": 8},
-        "ev": {"seq_len": 64, "batch_size": 8, "ppl": [str(tmp_path / "ev.txt")], "max_tokens": 0},
-        "progress": False,
-        "include_dense": False,
-    }
+    kw = sweep_kwargs(cal, ev, 512, include_dense=False)
     first = sweep(lm, ["cats"], [0.5], out, **kw)
     stored = json.loads((out / "settings.json").read_text())
     assert stored["calibration"]["tokens"] == 512 and stored["evaluation"]["seq_len"] == 64
@@ -147,7 +112,7 @@ def test_sweep_refuses_an_out_made_with_other_settings(tmp_path):
         sweep(lm, ["cats"], [0.5], out, **other)
     assert (out / "states" / "cats_s0.5" / "state.json").read_text() == state_json
     # the same path with other content is another data set
-    cal.write_text(" ".join(rng.choice(words, 600)))
+    cal.write_text(" ".join(rng.choice(SWEEP_WORDS, 600)))
     with pytest.raises(SweepSettingsError, match="calibration data"):
         sweep(lm, ["cats"], [0.5], out, **kw)
     # other evaluation settings: refused too, but --calibrate-only only compares calibration
@@ -177,19 +142,10 @@ def test_sweep_refuses_states_without_settings(tmp_path):
 
 def test_sweep_does_not_reuse_a_result_of_another_state(tmp_path):
     """A result is reused only for the very state it was made from (its fingerprint)."""
-    rng = np.random.default_rng(1)
-    words = ["alpha", "beta", "gamma", "delta", "sparse", "token", "layer", "the", "of"]
-    (tmp_path / "cal.txt").write_text(" ".join(rng.choice(words, 600)))
-    (tmp_path / "ev.txt").write_text(" ".join(rng.choice(words, 200)))
-    lm = FakeLoaded(LLAMA, init_params(LLAMA), ByteTok())
+    _, cal, ev = sweep_corpus(tmp_path, 600, seed=1)
+    lm = Loaded(LLAMA, init_params(LLAMA), ByteTok())
     out = tmp_path / "sweep"
-    kw = {
-        "data": [str(tmp_path / "cal.txt")],
-        "calib": {"tokens": 512, "seq_len": 64, "batch_size": 8},
-        "ev": {"seq_len": 64, "batch_size": 8, "ppl": [str(tmp_path / "ev.txt")], "max_tokens": 0},
-        "progress": False,
-        "include_dense": False,
-    }
+    kw = sweep_kwargs(cal, ev, 512, include_dense=False)
     sweep(lm, ["cats"], [0.5], out, **kw)
     result = out / "results" / "cats_s0.5.json"
     doc = json.loads(result.read_text())

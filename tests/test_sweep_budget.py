@@ -4,25 +4,15 @@ reported, a dejavu state is re-pointed by ffn_k, and a rerun reuses the states."
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
 import pytest
-from tiny import LLAMA, ByteTok
+from tiny import LLAMA, ByteTok, Loaded, sweep_corpus, sweep_kwargs
 
-from jaxsparse.config import ModelConfig
 from jaxsparse.sweep_budget import solve_sparsity, sweep_fractions
 
 TOL = 2e-3
-
-
-@dataclasses.dataclass
-class FakeLoaded:
-    config: ModelConfig
-    params: dict
-    tokenizer: object
-    source: str = "tiny-random"
 
 
 def test_solve_sparsity_on_a_monotone_curve():
@@ -46,26 +36,10 @@ def test_solve_sparsity_on_a_monotone_curve():
 def test_equal_fraction_sweep(tmp_path, make_params):
     from PIL import Image
 
-    rng = np.random.default_rng(0)
-    words = ["alpha", "beta", "gamma", "delta", "sparse", "token", "layer", "the", "of"]
-    (tmp_path / "cal.txt").write_text(" ".join(rng.choice(words, 800)))
-    (tmp_path / "ev.txt").write_text(" ".join(rng.choice(words, 200)))
-    lm = FakeLoaded(LLAMA, make_params(LLAMA), ByteTok())
+    _, cal, ev = sweep_corpus(tmp_path, 800)
+    lm = Loaded(LLAMA, make_params(LLAMA), ByteTok())
     out = tmp_path / "sweep"
-    kw = {
-        "data": [str(tmp_path / "cal.txt")],
-        "calib": {"tokens": 1024, "seq_len": 64, "batch_size": 8},
-        "ev": {
-            "seq_len": 64,
-            "batch_size": 8,
-            "ppl": [str(tmp_path / "ev.txt")],
-            "tasks": None,
-            "max_tokens": 0,
-        },
-        "measure_tokens": 1024,
-        "tol": TOL,
-        "progress": False,
-    }
+    kw = sweep_kwargs(cal, ev, 1024, measure_tokens=1024, tol=TOL)
     results = sweep_fractions(lm, ["chess", "teal", "wina"], [0.5, 0.75], out, **kw)
     by = {(r["method"], r["budget"]["target_fraction"]): r for r in results}
     assert by[("dense", 1.0)]["activated_params_fraction"] == pytest.approx(1.0)

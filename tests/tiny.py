@@ -1,6 +1,10 @@
 """Tiny random configs and a byte tokenizer shared by the CPU tests of fitting and
 evaluation (importable from any test module in tests/: pytest puts this folder on sys.path)."""
 
+import dataclasses
+
+import numpy as np
+
 from jaxsparse.config import ModelConfig
 
 LLAMA = ModelConfig(
@@ -38,3 +42,45 @@ class ByteTok:
 
     def encode(self, text, add_special_tokens=False):
         return [b + 1 for b in text.encode()]
+
+
+# ------------------------------------------------------------------ text and sweeps
+
+WORDS = ("alpha", "beta", "gamma", "delta", "sparse", "token", "layer", "the", "of", "a")
+SWEEP_WORDS = WORDS[:-1]  # the sweep tests' vocabulary
+
+
+def write_words(rng, path, n: int, words=WORDS):
+    """Writes `n` words drawn by `rng` (numpy Generator) from `words` to `path`."""
+    path.write_text(" ".join(rng.choice(list(words), n)))
+    return path
+
+
+@dataclasses.dataclass
+class Loaded:
+    """A loaded model as sweeps take it (the fields of `jaxsparse.loading.LoadedModel`)."""
+
+    config: ModelConfig
+    params: dict
+    tokenizer: object
+    source: str = "tiny-random"
+
+
+def sweep_corpus(tmp_path, cal_words: int, seed: int = 0):
+    """`(rng, cal.txt, ev.txt)`: calibration and evaluation text of the sweep tests."""
+    rng = np.random.default_rng(seed)
+    cal = write_words(rng, tmp_path / "cal.txt", cal_words, SWEEP_WORDS)
+    ev = write_words(rng, tmp_path / "ev.txt", 200, SWEEP_WORDS)
+    return rng, cal, ev
+
+
+def sweep_kwargs(cal, ev, tokens: int, tasks=None, **extra) -> dict:
+    """The keyword arguments of `sweep` / `sweep_fractions` on that text (sequences of 64,
+    batches of 8, every perplexity token)."""
+    return {
+        "data": [str(cal)],
+        "calib": {"tokens": tokens, "seq_len": 64, "batch_size": 8},
+        "ev": {"seq_len": 64, "batch_size": 8, "ppl": [str(ev)], "tasks": tasks, "max_tokens": 0},
+        "progress": False,
+        **extra,
+    }

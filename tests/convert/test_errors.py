@@ -48,45 +48,39 @@ def test_unknown_architecture(llama_dir):
         read_model(llama_dir)
 
 
-def test_missing_tensor_is_named(llama_dir):
-    rewrite_safetensors(llama_dir, lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
-    with pytest.raises(
-        ConversionError,
-        match=r"(?s)missing tensors \(1\): "
-        r"model.layers.1.mlp.up_proj.weight.*re-download",
-    ):
-        read_model(llama_dir)
+def _pop(name):
+    return lambda sd: sd.pop(name)
 
 
-def test_untied_model_without_lm_head_is_a_missing_tensor(llama_dir):
-    rewrite_safetensors(llama_dir, lambda sd: sd.pop("lm_head.weight"))
-    with pytest.raises(ConversionError, match=r"missing tensors \(1\): lm_head.weight"):
-        read_model(llama_dir)
+def _zeros(name, shape):
+    return lambda sd: sd.update({name: np.zeros(shape, np.float32)})
 
 
-def test_unexpected_tensor_is_named(llama_dir):
-    def add(sd):
-        sd["model.layers.0.mlp.extra_proj.weight"] = np.zeros((3, 3), np.float32)
-
-    rewrite_safetensors(llama_dir, add)
-    with pytest.raises(
-        ConversionError,
-        match=r"unexpected tensors \(1\): "
-        r"'model.layers.0.mlp.extra_proj.weight' \(in model",
-    ):
-        read_model(llama_dir)
-
-
-def test_misshaped_tensor_names_expected_and_found_shapes(llama_dir):
-    def shrink(sd):
-        sd["model.layers.0.self_attn.k_proj.weight"] = np.zeros((16, 64), np.float32)
-
-    rewrite_safetensors(llama_dir, shrink)
-    with pytest.raises(
-        ConversionError,
-        match=r"'model.layers.0.self_attn.k_proj.weight' in "
-        r"model.safetensors: expected shape \(32, 64\), found \(16, 64\)",
-    ):
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            _pop("model.layers.1.mlp.up_proj.weight"),
+            r"(?s)missing tensors \(1\): model.layers.1.mlp.up_proj.weight.*re-download",
+        ),
+        # an untied model without lm_head
+        (_pop("lm_head.weight"), r"missing tensors \(1\): lm_head.weight"),
+        (
+            _zeros("model.layers.0.mlp.extra_proj.weight", (3, 3)),
+            r"unexpected tensors \(1\): 'model.layers.0.mlp.extra_proj.weight' \(in model",
+        ),
+        (
+            _zeros("model.layers.0.self_attn.k_proj.weight", (16, 64)),
+            r"'model.layers.0.self_attn.k_proj.weight' in model.safetensors: "
+            + r"expected shape \(32, 64\), found \(16, 64\)",
+        ),
+    ],
+    ids=["missing", "untied-without-lm-head", "unexpected", "misshaped"],
+)
+def test_a_bad_tensor_is_named(llama_dir, change, message):
+    """A missing, unexpected or misshaped tensor: named, with the shapes and the fix."""
+    rewrite_safetensors(llama_dir, change)
+    with pytest.raises(ConversionError, match=message):
         read_model(llama_dir)
 
 
