@@ -28,7 +28,7 @@ from convert.keymaps import (
     hf_key_map,
     hf_optional,
 )
-from convert.readers import GGUFSource, SourceError, TensorSource, open_hf_dir
+from convert.readers import GGUFSource, TensorSource, open_hf_dir
 from jaxsparse.config import ModelConfig
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -264,14 +264,3 @@ def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="tensor")
-
-
-__all__ = [
-    "ConversionError",
-    "ConvertedModel",
-    "SourceError",
-    "convert",
-    "load_tokenizer",
-    "read_model",
-    "source_kind",
-]

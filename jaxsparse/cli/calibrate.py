@@ -9,48 +9,32 @@ from pathlib import Path
 
 from jaxsparse.calibrate import DEFAULTS, calibrate
 from jaxsparse.cli.common import (
+    add_data_argument,
     add_mesh_argument,
     add_model_arguments,
+    add_output_arguments,
+    add_sequence_arguments,
+    add_sparsity_argument,
     at_least,
     check_text_files,
     in_interval,
     load_model_for,
     mesh_for,
     method_arg,
-    sparsity,
 )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--method", required=True, help="cats, chess, chess+, teal or wina")
-    parser.add_argument(
-        "--sparsity",
-        required=True,
-        type=sparsity,
-        help="target fraction of activations to zero, in [0, 1)",
-    )
-    parser.add_argument(
-        "--data",
-        nargs="+",
-        metavar="FILE",
-        help="text files or JSONL files with a 'text' field (default: the "
-        "calibration split of the built-in stdlib-docstring corpus)",
-    )
-    parser.add_argument(
-        "--tokens", type=at_least(1), default=DEFAULTS["tokens"], help="calibration tokens"
-    )
-    parser.add_argument(
-        "--seq-len",
-        type=at_least(2),
-        default=DEFAULTS["seq_len"],
-        help="tokens per calibration sequence",
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=at_least(1),
-        default=DEFAULTS["batch_size"],
-        help="sequences per forward pass",
+    add_sparsity_argument(parser)
+    add_data_argument(parser, "text files or JSONL files with a 'text' field")
+    add_sequence_arguments(
+        parser,
+        DEFAULTS,
+        "calibration tokens",
+        "tokens per calibration sequence",
+        "sequences per forward pass",
     )
     parser.add_argument(
         "--teal-allocation",
@@ -72,9 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="greedy: calibration tokens the block error is measured on",
     )
     add_mesh_argument(parser, "calibration")
-    parser.add_argument("--out", required=True, help="directory to write the state to")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_output_arguments(parser, "directory to write the state to")
 
 
 def method_options(args: argparse.Namespace) -> dict[str, dict]:

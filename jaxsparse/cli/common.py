@@ -185,3 +185,209 @@ def method_arg(name: str, flag: str = "--method") -> str:
     except ValueError as e:
         raise ValueError(f"{flag}: {e}") from None
     return name
+
+
+# ------------------------------------------------------------------ options several commands share
+
+
+def add_data_argument(parser: argparse.ArgumentParser, what: str, note: str = "") -> None:
+    """`--data FILE...`: the text a command fits on (default: the calibration split of the
+    built-in corpus)."""
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        metavar="FILE",
+        help=f"{what} (default: the calibration split of the built-in corpus{note})",
+    )
+
+
+def add_sparsity_argument(parser: argparse.ArgumentParser) -> None:
+    """`--sparsity S` (required), in [0, 1)."""
+    parser.add_argument(
+        "--sparsity",
+        required=True,
+        type=sparsity,
+        help="target fraction of activations to zero, in [0, 1)",
+    )
+
+
+def add_output_arguments(
+    parser: argparse.ArgumentParser,
+    out_help: str,
+    overwrite_help: str = "replace --out if it exists",
+    out_metavar: str | None = None,
+) -> None:
+    """`--out` (required), `--overwrite` and `--no-progress`."""
+    parser.add_argument("--out", required=True, metavar=out_metavar, help=out_help)
+    parser.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_sequence_arguments(
+    parser: argparse.ArgumentParser,
+    defaults: dict,
+    tokens_help: str,
+    seq_len_help: str | None,
+    batch_size_help: str | None = None,
+    min_tokens: int = 1,
+) -> None:
+    """`--tokens` and `--seq-len` (its default `defaults["seq_len"]`, or none if that key is
+    missing), and `--batch-size` with `batch_size_help`."""
+    parser.add_argument(
+        "--tokens", type=at_least(min_tokens), default=defaults["tokens"], help=tokens_help
+    )
+    parser.add_argument(
+        "--seq-len", type=at_least(2), default=defaults.get("seq_len"), help=seq_len_help
+    )
+    if batch_size_help is not None:
+        parser.add_argument(
+            "--batch-size",
+            type=at_least(1),
+            default=defaults["batch_size"],
+            help=batch_size_help,
+        )
+
+
+def add_optimizer_arguments(
+    parser: argparse.ArgumentParser,
+    defaults: dict,
+    lr_help: str,
+    seed_help: str | None = None,
+    steps_help: str | None = "optimizer steps",
+) -> None:
+    """`--steps`, `--lr` (Adam) and `--seed`."""
+    parser.add_argument("--steps", type=at_least(1), default=defaults["steps"], help=steps_help)
+    parser.add_argument(
+        "--lr",
+        type=in_interval(0.0, float("inf"), lo_open=True),
+        default=defaults["lr"],
+        help=lr_help,
+    )
+    parser.add_argument("--seed", type=int, default=defaults["seed"], help=seed_help)
+
+
+def add_threshold_training_arguments(
+    parser: argparse.ArgumentParser, defaults: dict, penalty_help: str
+) -> None:
+    """What `learn` and `learn-kl` share: the penalty, the relaxed mask's temperatures and
+    the checkpoints (`--checkpoint-dir`, `--resume`, `--save-every`)."""
+    parser.add_argument(
+        "--penalty", type=at_least(0.0, float), default=defaults["penalty"], help=penalty_help
+    )
+    parser.add_argument(
+        "--tau-start",
+        type=in_interval(0.0, float("inf"), lo_open=True),
+        default=defaults["tau_start"],
+        help="temperature of the relaxed mask at the first step",
+    )
+    parser.add_argument(
+        "--tau-end",
+        type=in_interval(0.0, float("inf"), lo_open=True),
+        default=defaults["tau_end"],
+        help="temperature of the relaxed mask at the last step",
+    )
+    parser.add_argument("--checkpoint-dir", help="training checkpoints (default: <out>.ckpt)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest checkpoint in --checkpoint-dir",
+    )
+    parser.add_argument(
+        "--save-every",
+        type=at_least(0),
+        default=defaults["save_every"],
+        help="steps between checkpoints (0: none)",
+    )
+
+
+def add_eval_text_arguments(parser: argparse.ArgumentParser, defaults: dict) -> None:
+    """`eval` and `sweep`: `--ppl`, `--tasks`, `--max-tokens`, `--num-tasks`."""
+    parser.add_argument(
+        "--ppl",
+        nargs="+",
+        metavar="FILE",
+        help="text/JSONL files for perplexity (default, without --ppl and "
+        "--tasks: the evaluation split of the built-in corpus)",
+    )
+    parser.add_argument(
+        "--tasks",
+        metavar="FILE.jsonl",
+        help='multiple-choice tasks: {"context", "choices", "gold"} a line',
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=at_least(0),
+        default=defaults["max_tokens"],
+        help="perplexity tokens at most (0: all)",
+    )
+    parser.add_argument(
+        "--num-tasks",
+        type=at_least(1),
+        default=defaults["num_tasks"],
+        help="size of the built-in task set (without --ppl/--tasks)",
+    )
+
+
+def add_budget_arguments(
+    parser: argparse.ArgumentParser,
+    measure_tokens: int,
+    fraction_tol: float,
+    text: str,
+    note: str = "",
+) -> None:
+    """`--measure-tokens` and `--fraction-tol`: on how many tokens of `text` and how closely
+    an activated-params fraction is solved (`learn-kl`, `sweep --fractions`)."""
+    parser.add_argument(
+        "--measure-tokens",
+        type=at_least(1),
+        default=measure_tokens,
+        help=f"{text} tokens the fraction is measured on{note}",
+    )
+    parser.add_argument(
+        "--fraction-tol",
+        type=in_interval(0.0, 1.0, lo_open=True),
+        default=fraction_tol,
+        help=f"tolerance of the solved fraction{note}",
+    )
+
+
+def checkpoint_dir(args: argparse.Namespace) -> Path:
+    """`--checkpoint-dir` (default `<out>.ckpt`); with `--resume`, a LearnError unless it
+    holds a learn checkpoint. Cheap: call it before the model loads."""
+    from jaxsparse.training import CKPT_META, LearnError
+
+    ckpt_dir = Path(args.checkpoint_dir or f"{Path(args.out)}.ckpt")
+    if args.resume and not (ckpt_dir / CKPT_META).exists():
+        raise LearnError(
+            f"--resume: {ckpt_dir} holds no learn checkpoint ({CKPT_META} "
+            f"missing); run without --resume"
+        )
+    return ckpt_dir
+
+
+def training_sequences(args: argparse.Namespace, lm, seq_len: int):
+    """`(what, seqs)`: `--tokens` tokens of `--data` (default: the calibration split of the
+    built-in corpus) packed into rows of `seq_len` (`jaxsparse.data.pack_tokens`), and
+    their description."""
+    from jaxsparse.data import token_rows
+
+    return token_rows(args.data, "calibration", lm.config, lm.tokenizer, seq_len, args.tokens)
+
+
+def text_provenance(args: argparse.Namespace, lm, seqs, seq_len: int) -> dict:
+    """The provenance of a state trained on `seqs` (`training_sequences`) from `--data`."""
+    import datetime
+
+    import jax
+
+    from jaxsparse import data as data_mod
+
+    return {
+        "data": list(map(str, args.data)) if args.data else None,
+        "builtin_corpus": None if args.data else data_mod.builtin_provenance("calibration"),
+        "tokens": int(seqs.size),
+        "seq_len": seq_len,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "jax_version": jax.__version__,
+        "model_source": lm.source,
+    }

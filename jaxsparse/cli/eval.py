@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from jaxsparse.cli.common import (
+    add_eval_text_arguments,
     add_mesh_argument,
     add_model_arguments,
     at_least,
@@ -24,18 +25,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a state written by calibrate, learn or train-predictors (default: dense)",
     )
     parser.add_argument(
-        "--ppl",
-        nargs="+",
-        metavar="FILE",
-        help="text/JSONL files for perplexity (default, without --ppl and "
-        "--tasks: the evaluation split of the built-in corpus)",
-    )
-    parser.add_argument(
-        "--tasks",
-        metavar="FILE.jsonl",
-        help='multiple-choice tasks: {"context", "choices", "gold"} a line',
-    )
-    parser.add_argument(
         "--seq-len",
         type=at_least(2),
         default=DEFAULTS["seq_len"],
@@ -47,18 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULTS["batch_size"],
         help="rows per forward pass",
     )
-    parser.add_argument(
-        "--max-tokens",
-        type=at_least(0),
-        default=DEFAULTS["max_tokens"],
-        help="perplexity tokens at most (0: all)",
-    )
-    parser.add_argument(
-        "--num-tasks",
-        type=at_least(1),
-        default=DEFAULTS["num_tasks"],
-        help="size of the built-in task set (without --ppl/--tasks)",
-    )
+    add_eval_text_arguments(parser, DEFAULTS)
     add_mesh_argument(parser, "evaluation")
     parser.add_argument("--json", required=True, metavar="OUT", help="where to write results")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -4,20 +4,24 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import time
-from pathlib import Path
 
 from jaxsparse.cli.common import (
+    add_data_argument,
     add_model_arguments,
+    add_optimizer_arguments,
+    add_output_arguments,
+    add_sequence_arguments,
+    add_sparsity_argument,
+    add_threshold_training_arguments,
     at_least,
     check_text_files,
-    in_interval,
+    checkpoint_dir,
     load_model_for,
-    sparsity,
+    text_provenance,
+    training_sequences,
 )
 from jaxsparse.learn import DEFAULTS, POINTS, LearnError, LearnSettings, learn
-from jaxsparse.training import CKPT_META
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,59 +32,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=sorted(POINTS),
         help="chess: per-channel FFN thresholds; teal: the inputs of every linear layer",
     )
-    parser.add_argument(
-        "--sparsity",
-        required=True,
-        type=sparsity,
-        help="target fraction of activations to zero, in [0, 1)",
-    )
-    parser.add_argument(
-        "--data",
-        nargs="+",
-        metavar="FILE",
-        help="training text (default: the calibration split of the built-in corpus)",
-    )
+    add_sparsity_argument(parser)
+    add_data_argument(parser, "training text")
     parser.add_argument(
         "--init",
         metavar="DIR",
         help="calibrated state to start from (default: calibrate --method on the same data)",
     )
-    parser.add_argument("--out", required=True, help="directory for the learned state")
-    parser.add_argument("--checkpoint-dir", help="training checkpoints (default: <out>.ckpt)")
-    parser.add_argument(
-        "--steps", type=at_least(1), default=DEFAULTS["steps"], help="optimizer steps"
+    add_optimizer_arguments(
+        parser, DEFAULTS, "Adam learning rate (on log thresholds)", "batch order seed"
     )
-    parser.add_argument(
-        "--lr",
-        type=in_interval(0.0, float("inf"), lo_open=True),
-        default=DEFAULTS["lr"],
-        help="Adam learning rate (on log thresholds)",
+    add_threshold_training_arguments(
+        parser, DEFAULTS, "lambda of the sparsity penalty lambda * (s - S)^2"
     )
-    parser.add_argument(
-        "--penalty",
-        type=at_least(0.0, float),
-        default=DEFAULTS["penalty"],
-        help="lambda of the sparsity penalty lambda * (s - S)^2",
-    )
-    parser.add_argument(
-        "--tau-start",
-        type=in_interval(0.0, float("inf"), lo_open=True),
-        default=DEFAULTS["tau_start"],
-        help="temperature of the relaxed mask at the first step",
-    )
-    parser.add_argument(
-        "--tau-end",
-        type=in_interval(0.0, float("inf"), lo_open=True),
-        default=DEFAULTS["tau_end"],
-        help="temperature of the relaxed mask at the last step",
-    )
-    parser.add_argument(
-        "--tokens", type=at_least(1), default=DEFAULTS["tokens"], help="training tokens"
-    )
-    parser.add_argument(
-        "--seq-len",
-        type=at_least(2),
-        help="default 512 (chess), 128 (teal: whole blocks on sequences)",
+    add_sequence_arguments(
+        parser,
+        {"tokens": DEFAULTS["tokens"]},  # --seq-len: its default depends on --method
+        "training tokens",
+        "default 512 (chess), 128 (teal: whole blocks on sequences)",
     )
     parser.add_argument(
         "--batch-tokens",
@@ -88,26 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULTS["batch_tokens"],
         help="tokens per optimizer step",
     )
-    parser.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="batch order seed")
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the latest checkpoint in --checkpoint-dir",
-    )
-    parser.add_argument(
-        "--save-every",
-        type=at_least(0),
-        default=DEFAULTS["save_every"],
-        help="steps between checkpoints (0: none)",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_output_arguments(parser, "directory for the learned state")
 
 
 def run(args: argparse.Namespace) -> int:
-    import jax
-
-    from jaxsparse import data as data_mod
     from jaxsparse.calibrate import calibrate
     from jaxsparse.io import refuse_existing
     from jaxsparse.sparsity import load_state, read_state_meta, save_state
@@ -123,22 +76,14 @@ def run(args: argparse.Namespace) -> int:
                 f"--init {args.init} holds a {meta.method!r} state; --method "
                 f"{args.method} starts from a {args.method!r} state"
             )
-    ckpt_dir = Path(args.checkpoint_dir or f"{Path(args.out)}.ckpt")
-    if args.resume and not (ckpt_dir / CKPT_META).exists():
-        raise LearnError(
-            f"--resume: {ckpt_dir} holds no learn checkpoint ({CKPT_META} "
-            f"missing); run without --resume"
-        )
+    ckpt_dir = checkpoint_dir(args)
     seq_len = args.seq_len or (
         DEFAULTS["seq_len"] if args.method == "chess" else DEFAULTS["teal_seq_len"]
     )
     t0 = time.time()
     lm = load_model_for(args, needs_tokenizer="learning")
     config = lm.config
-    what = data_mod.describe_sources(args.data, "calibration")
-    docs = data_mod.load_documents(args.data, "calibration")
-    eos = data_mod.eos_token_id(config, lm.tokenizer)
-    seqs = data_mod.pack_tokens(docs, lm.tokenizer, eos, seq_len, args.tokens, what)
+    what, seqs = training_sequences(args, lm, seq_len)
     if args.init:
         init = load_state(args.init, config)
     else:
@@ -172,15 +117,7 @@ def run(args: argparse.Namespace) -> int:
         "init": str(args.init) if args.init else "calibrated on the same data",
         "init_target_sparsity": init.target_sparsity,
     }
-    provenance = {
-        "data": list(map(str, args.data)) if args.data else None,
-        "builtin_corpus": None if args.data else data_mod.builtin_provenance("calibration"),
-        "tokens": int(seqs.size),
-        "seq_len": seq_len,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "jax_version": jax.__version__,
-        "model_source": lm.source,
-    }
+    provenance = text_provenance(args, lm, seqs, seq_len)
     state, info = learn(
         config,
         lm.params,

@@ -4,26 +4,31 @@ distribution under a global activated-params budget (the work is in `jaxsparse.l
 from __future__ import annotations
 
 import argparse
-import datetime
 import time
-from pathlib import Path
 
 from jaxsparse.cli.common import (
+    add_budget_arguments,
+    add_data_argument,
     add_model_arguments,
+    add_optimizer_arguments,
+    add_output_arguments,
+    add_sequence_arguments,
+    add_threshold_training_arguments,
     at_least,
     check_text_files,
+    checkpoint_dir,
     in_interval,
     load_model_for,
+    text_provenance,
+    training_sequences,
 )
 from jaxsparse.learn_kl import (
     DEFAULT_POINTS,
     DEFAULTS,
     KLSettings,
-    LearnError,
     describe,
     learn_kl,
 )
-from jaxsparse.training import CKPT_META
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,69 +71,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=in_interval(0.0, 1.0, hi_open=True),
         default=DEFAULTS["init_input_sparsity"],
     )
-    parser.add_argument(
-        "--data",
-        nargs="+",
-        metavar="FILE",
-        help="training text (default: the calibration split of the built-in corpus)",
+    add_data_argument(parser, "training text")
+    add_optimizer_arguments(
+        parser, DEFAULTS, "Adam learning rate (log thresholds)", steps_help=None
     )
-    parser.add_argument("--out", required=True, help="directory for the learned state")
-    parser.add_argument("--checkpoint-dir", help="training checkpoints (default: <out>.ckpt)")
-    parser.add_argument("--steps", type=at_least(1), default=DEFAULTS["steps"])
-    parser.add_argument(
-        "--lr",
-        type=in_interval(0.0, float("inf"), lo_open=True),
-        default=DEFAULTS["lr"],
-        help="Adam learning rate (log thresholds)",
-    )
-    parser.add_argument(
-        "--penalty",
-        type=at_least(0.0, float),
-        default=DEFAULTS["penalty"],
-        help="lambda of lambda * (fraction - target)^2",
-    )
-    parser.add_argument(
-        "--tau-start",
-        type=in_interval(0.0, float("inf"), lo_open=True),
-        default=DEFAULTS["tau_start"],
-    )
-    parser.add_argument(
-        "--tau-end", type=in_interval(0.0, float("inf"), lo_open=True), default=DEFAULTS["tau_end"]
-    )
-    parser.add_argument(
-        "--tokens", type=at_least(1), default=DEFAULTS["tokens"], help="training tokens"
-    )
-    parser.add_argument("--seq-len", type=at_least(2), default=DEFAULTS["seq_len"])
+    add_threshold_training_arguments(parser, DEFAULTS, "lambda of lambda * (fraction - target)^2")
+    add_sequence_arguments(parser, DEFAULTS, "training tokens", None)
     parser.add_argument(
         "--batch-seqs",
         type=at_least(1),
         default=DEFAULTS["batch_seqs"],
         help="sequences per optimizer step",
     )
-    parser.add_argument(
-        "--measure-tokens",
-        type=at_least(1),
-        default=DEFAULTS["measure_tokens"],
-        help="training tokens the final rescale measures the fraction on",
+    add_budget_arguments(
+        parser,
+        DEFAULTS["measure_tokens"],
+        DEFAULTS["fraction_tol"],
+        "training",
+        " (by the final rescale)",
     )
-    parser.add_argument(
-        "--fraction-tol", type=in_interval(0.0, 1.0, lo_open=True), default=DEFAULTS["fraction_tol"]
-    )
-    parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the latest checkpoint in --checkpoint-dir",
-    )
-    parser.add_argument("--save-every", type=at_least(0), default=DEFAULTS["save_every"])
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_output_arguments(parser, "directory for the learned state")
 
 
 def run(args: argparse.Namespace) -> int:
-    import jax
-
-    from jaxsparse import data as data_mod
     from jaxsparse.calibrate import calibrate
     from jaxsparse.io import refuse_existing
     from jaxsparse.sparsity import load_state, read_state_meta, save_state
@@ -150,19 +115,11 @@ def run(args: argparse.Namespace) -> int:
     check_text_files("--data", args.data)
     for d in args.init or []:
         read_state_meta(d)  # a bad directory fails before the model loads
-    ckpt_dir = Path(args.checkpoint_dir or f"{Path(args.out)}.ckpt")
-    if args.resume and not (ckpt_dir / CKPT_META).exists():
-        raise LearnError(
-            f"--resume: {ckpt_dir} holds no learn checkpoint ({CKPT_META} "
-            f"missing); run without --resume"
-        )
+    ckpt_dir = checkpoint_dir(args)
     t0 = time.time()
     lm = load_model_for(args, needs_tokenizer="learning")
     config = lm.config
-    what = data_mod.describe_sources(args.data, "calibration")
-    docs = data_mod.load_documents(args.data, "calibration")
-    eos = data_mod.eos_token_id(config, lm.tokenizer)
-    seqs = data_mod.pack_tokens(docs, lm.tokenizer, eos, args.seq_len, args.tokens, what)
+    what, seqs = training_sequences(args, lm, args.seq_len)
     if args.init:
         inits = [load_state(d, config) for d in args.init]
         init_desc = [str(d) for d in args.init]
@@ -189,15 +146,7 @@ def run(args: argparse.Namespace) -> int:
         "init": init_desc,
         "measure_tokens": args.measure_tokens,
     }
-    provenance = {
-        "data": list(map(str, args.data)) if args.data else None,
-        "builtin_corpus": None if args.data else data_mod.builtin_provenance("calibration"),
-        "tokens": int(seqs.size),
-        "seq_len": args.seq_len,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "jax_version": jax.__version__,
-        "model_source": lm.source,
-    }
+    provenance = text_provenance(args, lm, seqs, args.seq_len)
     state, info = learn_kl(
         config,
         lm.params,

@@ -8,9 +8,13 @@ from pathlib import Path
 
 from jaxsparse.calibrate import DEFAULTS as CAL
 from jaxsparse.cli.common import (
+    add_budget_arguments,
+    add_data_argument,
+    add_eval_text_arguments,
     add_mesh_argument,
     add_model_arguments,
-    at_least,
+    add_output_arguments,
+    add_sequence_arguments,
     check_text_files,
     in_interval,
     load_model_for,
@@ -37,26 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated: cats, chess, chess+, teal, wina",
     )
     parser.add_argument("--sparsities", default="0.3,0.5,0.7", help="comma-separated, in [0, 1)")
-    parser.add_argument(
-        "--data",
-        nargs="+",
-        metavar="FILE",
-        help="calibration text (default: the calibration split of the built-in corpus)",
-    )
-    parser.add_argument(
-        "--tokens", type=at_least(1), default=CAL["tokens"], help="calibration tokens"
-    )
-    parser.add_argument(
-        "--seq-len",
-        type=at_least(2),
-        default=CAL["seq_len"],
-        help="tokens per sequence (calibration and perplexity)",
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=at_least(1),
-        default=CAL["batch_size"],
-        help="sequences per forward pass",
+    add_data_argument(parser, "calibration text")
+    add_sequence_arguments(
+        parser,
+        CAL,
+        "calibration tokens",
+        "tokens per sequence (calibration and perplexity)",
+        "sequences per forward pass",
     )
     parser.add_argument(
         "--teal-allocation",
@@ -64,26 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="uniform",
         help="teal: the same sparsity everywhere, or a greedy allocation",
     )
-    parser.add_argument(
-        "--ppl",
-        nargs="+",
-        metavar="FILE",
-        help="perplexity text (default, without --ppl and --tasks: the "
-        "evaluation split of the built-in corpus)",
-    )
-    parser.add_argument("--tasks", metavar="FILE.jsonl", help="multiple-choice tasks")
-    parser.add_argument(
-        "--max-tokens",
-        type=at_least(0),
-        default=EV["max_tokens"],
-        help="perplexity tokens at most (0: all)",
-    )
-    parser.add_argument(
-        "--num-tasks",
-        type=at_least(1),
-        default=EV["num_tasks"],
-        help="size of the built-in task set (without --ppl/--tasks)",
-    )
+    add_eval_text_arguments(parser, EV)
     parser.add_argument(
         "--fractions",
         metavar="F,F,...",
@@ -92,18 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "solved on calibration text to read this fraction of the blocks' "
         "linear weights, e.g. 0.5,0.6,0.75 (jaxsparse.sweep_budget)",
     )
-    parser.add_argument(
-        "--measure-tokens",
-        type=at_least(1),
-        default=2048,
-        help="calibration tokens the fraction is measured on (with --fractions)",
-    )
-    parser.add_argument(
-        "--fraction-tol",
-        type=in_interval(0.0, 1.0, lo_open=True),
-        default=2e-3,
-        help="tolerance of the solved fraction (with --fractions)",
-    )
+    add_budget_arguments(parser, 2048, 2e-3, "calibration", " (with --fractions)")
     add_mesh_argument(parser, "calibration and evaluation")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
     parser.add_argument(
@@ -118,20 +79,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="states fitted elsewhere (learn, train-predictors) to evaluate "
         "beside the calibrated ones",
     )
-    parser.add_argument(
-        "--out",
-        required=True,
-        metavar="DIR",
-        help="output directory; a rerun reuses what it holds if the settings "
-        "match, and refuses otherwise",
+    add_output_arguments(
+        parser,
+        "output directory; a rerun reuses what it holds if the settings match, and refuses "
+        "otherwise",
+        "first remove the states, results, tables and plots a sweep with other settings "
+        "left in --out",
+        out_metavar="DIR",
     )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="first remove the states, results, tables and plots a sweep with "
-        "other settings left in --out",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:

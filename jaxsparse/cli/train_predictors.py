@@ -4,15 +4,19 @@ dejavu state (the work is in `jaxsparse.predictors`)."""
 from __future__ import annotations
 
 import argparse
-import datetime
 import time
 
 from jaxsparse.cli.common import (
+    add_data_argument,
     add_model_arguments,
+    add_optimizer_arguments,
+    add_output_arguments,
+    add_sequence_arguments,
     at_least,
     check_text_files,
-    in_interval,
     load_model_for,
+    text_provenance,
+    training_sequences,
 )
 from jaxsparse.io import write_json_atomic
 from jaxsparse.predictors import (
@@ -28,21 +32,13 @@ from jaxsparse.predictors import (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument(
-        "--data",
-        nargs="+",
-        metavar="FILE",
-        help="training text (default: the calibration split of the built-in "
-        "corpus; the last 20%% of its sequences are held out)",
-    )
-    parser.add_argument(
-        "--tokens",
-        type=at_least(2),
-        default=DEFAULTS["tokens"],
-        help="training tokens (at least two sequences)",
-    )
-    parser.add_argument(
-        "--seq-len", type=at_least(2), default=DEFAULTS["seq_len"], help="tokens per sequence"
+    add_data_argument(parser, "training text", "; the last 20%% of its sequences are held out")
+    add_sequence_arguments(
+        parser,
+        DEFAULTS,
+        "training tokens (at least two sequences)",
+        "tokens per sequence",
+        min_tokens=2,
     )
     parser.add_argument(
         "--ffn-rank",
@@ -66,8 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--head-label-k", type=at_least(1), help="top-k heads by output norm labelled (default H/2)"
     )
-    parser.add_argument(
-        "--steps", type=at_least(1), default=DEFAULTS["steps"], help="optimizer steps"
+    add_optimizer_arguments(
+        parser, DEFAULTS, "Adam learning rate", "initialization and batch-order seed"
     )
     parser.add_argument(
         "--batch-tokens",
@@ -75,25 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULTS["batch_tokens"],
         help="tokens per optimizer step",
     )
-    parser.add_argument(
-        "--lr",
-        type=in_interval(0.0, float("inf"), lo_open=True),
-        default=DEFAULTS["lr"],
-        help="Adam learning rate",
-    )
-    parser.add_argument(
-        "--seed", type=int, default=DEFAULTS["seed"], help="initialization and batch-order seed"
-    )
-    parser.add_argument("--out", required=True, help="directory for the dejavu state")
     parser.add_argument("--report", metavar="FILE.json", help="write the held-out report here")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_output_arguments(parser, "directory for the dejavu state")
 
 
 def run(args: argparse.Namespace) -> int:
-    import jax
-
-    from jaxsparse import data as data_mod
     from jaxsparse.io import refuse_existing
     from jaxsparse.sparsity import save_state
 
@@ -114,10 +96,7 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, k) is not None:
             ks[k] = getattr(args, k)
     check_settings(config, args.ffn_rank, args.head_rank, **ks)
-    what = data_mod.describe_sources(args.data, "calibration")
-    docs = data_mod.load_documents(args.data, "calibration")
-    eos = data_mod.eos_token_id(config, lm.tokenizer)
-    seqs = data_mod.pack_tokens(docs, lm.tokenizer, eos, args.seq_len, args.tokens, what)
+    what, seqs = training_sequences(args, lm, args.seq_len)
     data = gather(config, lm.params, seqs, progress=not args.no_progress)
     t_data = time.time() - t0
     weights, report = train_predictors(
@@ -132,15 +111,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
     )
-    provenance = {
-        "data": list(map(str, args.data)) if args.data else None,
-        "builtin_corpus": None if args.data else data_mod.builtin_provenance("calibration"),
-        "tokens": int(seqs.size),
-        "seq_len": args.seq_len,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "jax_version": jax.__version__,
-        "model_source": lm.source,
-    }
+    provenance = text_provenance(args, lm, seqs, args.seq_len)
     details = {
         "ffn_rank": args.ffn_rank,
         "head_rank": args.head_rank,

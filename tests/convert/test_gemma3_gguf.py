@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from parity import rel_err
 
 from jaxsparse.config import FULL, SLIDING
 
@@ -17,11 +18,6 @@ torch = pytest.importorskip("torch")
 jax.config.update("jax_default_matmul_precision", "highest")
 
 N_PROMPT, N_NEW = 64, 32
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.fixture(scope="module")

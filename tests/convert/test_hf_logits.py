@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from parity import rel_err
 
 from convert import read_model
 from jaxsparse.loading import load_model
@@ -31,11 +32,6 @@ ARCHS = [
 ]
 B, T, PREFILL = 2, 12, 5
 TOL = 1e-4
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def tokens_for(vocab: int, seed: int = 0, shape=(B, T)) -> np.ndarray:

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from parity import rel_err
 
 from jaxsparse.models import init_cache
 
@@ -16,11 +17,6 @@ torch = pytest.importorskip("torch")
 jax.config.update("jax_default_matmul_precision", "highest")
 
 N_PROMPT, N_NEW = 64, 32
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.fixture(scope="module")
