@@ -92,22 +92,28 @@ def test_save_and_reload(tokenizers, tmp_path):
     assert back.chat_template == hf.chat_template and back.eos_token == hf.eos_token
 
 
-def test_load_tokenizer_without_torch(smollm2_gguf):
-    """`load_tokenizer` on the default GGUF with torch unimportable (as in a venv without it)."""
-    code = (
+def _without_torch(code: str) -> subprocess.CompletedProcess:
+    """Runs `code` in a fresh Python with torch unimportable and `load_tokenizer` imported."""
+    prelude = (
         "import sys; sys.modules['torch'] = None\n"  # find_spec -> None, import -> ImportError
         "from convert import load_tokenizer\n"
-        f"tok = load_tokenizer({str(smollm2_gguf)!r})\n"
-        "assert 'torch' not in {k for k, v in sys.modules.items() if v is not None}\n"
-        "print(tok('The Python programming language is')['input_ids'])\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
+    return subprocess.run(
+        [sys.executable, "-c", prelude + code],
         capture_output=True,
         text=True,
         check=False,
         cwd=Path(__file__).resolve().parents[2],
         timeout=300,
+    )
+
+
+def test_load_tokenizer_without_torch(smollm2_gguf):
+    """`load_tokenizer` on the default GGUF with torch unimportable (as in a venv without it)."""
+    out = _without_torch(
+        f"tok = load_tokenizer({str(smollm2_gguf)!r})\n"
+        "assert 'torch' not in {k for k, v in sys.modules.items() if v is not None}\n"
+        "print(tok('The Python programming language is')['input_ids'])\n"
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "[504, 5905, 6256, 1789, 314]"
@@ -164,19 +170,7 @@ def test_sentencepiece_gguf_without_torch_names_the_fix(tmp_path):
     w.close()
     with pytest.raises(UnsupportedGGUFTokenizer, match="SentencePiece"):
         gguf_tokenizer(path)
-    code = (
-        "import sys; sys.modules['torch'] = None\n"
-        "from convert import load_tokenizer\n"
-        f"load_tokenizer({str(path)!r})\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=Path(__file__).resolve().parents[2],
-        timeout=300,
-    )
+    out = _without_torch(f"load_tokenizer({str(path)!r})\n")
     assert out.returncode != 0
     assert "ConversionError" in out.stderr and "SentencePiece" in out.stderr
     assert "pip install torch" in out.stderr
