@@ -22,6 +22,7 @@ Anything else after `readme-test:` is an error (`test_readme_markers`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import subprocess
@@ -85,6 +86,16 @@ def readme_blocks(text: str) -> list[Block]:
     return blocks
 
 
+# The files and directories a command says it writes: `--json FILE`, `--out DIR`,
+# `--report FILE`, `--write-text FILE`, `--write-tasks FILE` (a value on the same line).
+WRITES = re.compile(r"--(?:json|out|report|write-text|write-tasks)[ \t]+([^\s\\-]\S*)")
+
+
+def written_paths(code: str) -> list[str]:
+    """The paths a block's commands write (`WRITES`), in order."""
+    return WRITES.findall(code)
+
+
 BLOCKS = readme_blocks(README.read_text())
 RUN_BLOCKS = [b for b in BLOCKS if b.language in RUN_LANGUAGES]
 
@@ -117,6 +128,15 @@ def test_marker_parsing():
     assert a.code_to_run() == "echo C\n" and a.skip_reason() is None
     assert (b.language, b.code, b.markers) == ("python", "print(1)\n", [])
     assert c.language == ""
+
+
+def test_written_paths():
+    code = (
+        "jaxsparse eval --max-tokens 8 \\\n    --json results/a.json  # x\n"
+        "jaxsparse generate --prompt hi --json\njaxsparse calibrate --out states/s \\\n"
+        "    --no-progress\njaxsparse sweep --out sweep/ --report r.json\n"
+    )
+    assert written_paths(code) == ["results/a.json", "states/s", "sweep/", "r.json"]
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +174,14 @@ def test_readme_block(block: Block, workdir: Path):
         f"README.md:{block.line} ({block.language}) exited {out.returncode}\n--- ran:\n{code}"
         f"--- stdout:\n{out.stdout[-3000:]}\n--- stderr:\n{out.stderr[-5000:]}"
     )
+    # what the commands say they write is there: non-empty files (JSON that parses), and
+    # directories that hold something
+    for rel in written_paths(code):
+        path = workdir / rel
+        assert path.exists(), f"README.md:{block.line}: {rel} was not written"
+        if path.is_dir():
+            assert any(path.iterdir()), f"README.md:{block.line}: {rel} is empty"
+        else:
+            assert path.stat().st_size > 0, f"README.md:{block.line}: {rel} is empty"
+            if path.suffix == ".json":
+                json.loads(path.read_text())
