@@ -47,6 +47,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax
 import jax.numpy as jnp
@@ -276,11 +277,10 @@ def run(args) -> dict:
         gens: dict = {}
         for batch in args.batches:
             kernels = default_kernels(method, batch, args.kernels, th)
-            key = (kernels.mode, kernels.points, kernels.fuse_qkv, kernels.fuse_kv)
-            if key not in gens:
+            if kernels not in gens:
                 gens.clear()  # one prepared layout on the device at a time
-                gens[key] = Generator(config, params, tok, kernels=kernels)
-            gen = gens[key]
+                gens[kernels] = Generator(config, params, tok, kernels=kernels)
+            gen = gens[kernels]
             r, compile_s = median_result(
                 lambda g=gen, b=batch, t=th: g.generate_ids(
                     prompts[:b], args.new_tokens, thresholds=t, stop_at_eos=False
@@ -334,6 +334,8 @@ def run(args) -> dict:
                             "vs_unbroken": s.decode_steps_per_s / r.decode_steps_per_s,
                         }
                     )
+            if args.profile:
+                row["profile"] = profile_steps(gen, prompts[:batch], th, args, f"{method}_b{batch}")
             rows.append(row)
             print(
                 json.dumps({k: v for k, v in row.items() if k != "measured_sparsity"}),
@@ -362,6 +364,51 @@ def run(args) -> dict:
         "repeats": args.repeats,
         "copy_bandwidth_GBps": bw / 1e9,
         "rows": rows,
+    }
+
+
+def profile_steps(gen, prompts, th, args, method) -> dict:
+    """Device-side time of one decode step from `jax.profiler` traces of the product call
+    (`generate_ids`): a call of `--new-tokens` tokens minus a call of 1 token (prefill and
+    the first step cancel), per kernel kind (benchmarks/profile_decode.py's grouping),
+    against the step's wall time in the same traced calls. Their difference is idle time
+    on the GPU between kernels (launch gaps)."""
+    from profile_decode import device_kernel_events, kind
+
+    totals = []
+    for n in (args.new_tokens, 1):
+        d = Path(args.profile) / f"{method.replace('+', '_plus')}_{n}"
+        gen.generate_ids(prompts, n, thresholds=th, stop_at_eos=False)  # compiled, warm
+        with jax.profiler.trace(str(d), create_perfetto_trace=True):
+            r = gen.generate_ids(prompts, n, thresholds=th, stop_at_eos=False)
+        groups: dict[str, list[float]] = {}
+        names: dict[str, float] = {}
+        for e in device_kernel_events(d):
+            groups.setdefault(kind(e["name"]), []).append(float(e.get("dur", 0.0)))
+            names[e["name"][:60]] = names.get(e["name"][:60], 0.0) + float(e.get("dur", 0.0))
+        totals.append((r.decode_s, r.decode_steps, groups, names))
+    (wall_n, steps_n, g_n, names_n), (wall_1, steps_1, g_1, names_1) = totals
+    steps = steps_n - steps_1
+    by_kind = {
+        k: {
+            "count_per_step": (len(g_n.get(k, [])) - len(g_1.get(k, []))) / steps,
+            "ms_per_step": (sum(g_n.get(k, [])) - sum(g_1.get(k, []))) / 1e3 / steps,
+        }
+        for k in g_n
+    }
+    device_ms = sum(v["ms_per_step"] for v in by_kind.values())
+    wall_ms = (wall_n - wall_1) * 1e3 / steps
+    top = sorted(
+        ((k, (v - names_1.get(k, 0.0)) / 1e3 / steps) for k, v in names_n.items()),
+        key=lambda kv: -kv[1],
+    )[:12]
+    return {
+        "wall_ms_per_step": wall_ms,
+        "device_ms_per_step": device_ms,
+        "idle_ms_per_step": wall_ms - device_ms,
+        "by_kind": by_kind,
+        "top_kernels_ms_per_step": dict(top),
+        "how": "traced generate_ids of --new-tokens minus of 1 token; decode_s as wall",
     }
 
 
@@ -394,6 +441,7 @@ def main(argv=None) -> int:
         action="store_false",
         help="skip the bare fori_loop reference at batch 1",
     )
+    p.add_argument("--profile", help="directory for profiler traces: per-step device time, per row")
     p.add_argument("--calibration-tokens", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument(
@@ -440,6 +488,17 @@ def main(argv=None) -> int:
             f"{100 * r['roofline_fraction'] if 'roofline_fraction' in r else float('nan'):5.1f}"
             f"  {st}; {sp}"
         )
+    for r in out["rows"]:
+        if "profile" in r:
+            pr = r["profile"]
+            kinds = ", ".join(
+                f"{k} {v['count_per_step']:.0f}/{v['ms_per_step']:.2f}"
+                for k, v in pr["by_kind"].items()
+            )
+            print(
+                f"profile {r['method']:7} wall {pr['wall_ms_per_step']:.3f} ms/step, device "
+                f"{pr['device_ms_per_step']:.3f}, idle {pr['idle_ms_per_step']:.3f}; {kinds}"
+            )
     return 0
 
 

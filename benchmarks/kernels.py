@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from jaxsparse.io import write_json_atomic
 from pallas_kernels import gated_matvec, sparse_input_matvec
@@ -42,20 +43,37 @@ ROOFLINE_BPS = 3.0e12
 MIN_TOTAL_BYTES = 220e6
 MATVEC_SHAPES = [(4096, 14336), (14336, 4096), (4096, 4096), (4096, 1024)]
 SPARSITIES = [0.0, 0.25, 0.5, 0.7, 0.9]
-BATCHES = [1, 4]
+BATCHES = [1, 4, 8]
 FFN_M, FFN_D = 14336, 4096
 
 # (block_k, block_n, split_k, num_warps, num_stages); split_k None = automatic.
 SPLIT_MAX = 1 << 20  # split_k clamps to the number of K blocks: one tile per program (TEAL)
+# (block_k, block_n, tiles per program, num_warps): tiles per program sets split_k (K
+# blocks / tiles); a program's tiles are unrolled (`unroll`), so their loads overlap.
 MATVEC_SWEEP = [
-    (64, 128, None, 4, 3),
-    (128, 64, None, 4, 3),
-    (64, 128, SPLIT_MAX, 4, 1),
-    (128, 128, SPLIT_MAX, 4, 1),
-    (32, 256, SPLIT_MAX, 4, 1),
-    (128, 64, SPLIT_MAX, 4, 1),
-    (256, 128, SPLIT_MAX, 8, 1),
-    (64, 256, SPLIT_MAX, 4, 1),
+    (128, 64, 1, 4),
+    (128, 64, 2, 4),
+    (128, 64, 4, 4),
+    (64, 128, 1, 2),
+    (64, 128, 2, 4),
+    (64, 128, 4, 4),
+    (32, 128, 4, 4),
+    (64, 64, 4, 4),
+    (128, 128, 2, 8),
+    (64, 256, 2, 8),
+    (32, 256, 4, 4),
+    (64, 512, 1, 4),
+]
+# Batch >= 2 (at batch 4, 50%): (block_k, block_n, tiles per program, num_warps, dot).
+MATVEC_SWEEP_BATCH = [
+    (64, 512, 1, 4, True),
+    (64, 128, 1, 4, True),
+    (128, 64, 1, 4, True),
+    (32, 128, 1, 4, True),
+    (64, 64, 1, 4, True),
+    (128, 128, 1, 8, True),
+    (64, 128, 1, 4, False),
+    (128, 64, 1, 4, False),
 ]
 GATED_SWEEP = [(16, 256, 4, 3), (32, 256, 4, 3), (64, 128, 8, 3)]
 DEADLINE = [float("inf")]  # wall-clock time after which remaining rows are skipped
@@ -80,6 +98,22 @@ def time_per_call(fn, args, calls, repeats, warmup=2):
     return statistics.median(ts), (max(ts) - min(ts)) / statistics.median(ts)
 
 
+def device_us_per_call(f, args, calls, trace_dir):
+    """Device-side time of one call of `f(*args)` (which makes `calls` calls) from a
+    `jax.profiler` trace: the sum of its kernels' durations / calls, in µs. None where the
+    trace holds no device events (a CPU run). Launch gaps and the per-execution host
+    overhead are left out, as in a CUDA-graph replay (how TEAL's kernel is timed)."""
+    from profile_decode import device_kernel_events
+
+    jax.block_until_ready(f(*args))
+    with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+        jax.block_until_ready(f(*args))
+    ev = device_kernel_events(Path(trace_dir))
+    if not ev:
+        return None
+    return sum(float(e.get("dur", 0.0)) for e in ev) / calls
+
+
 def unrolled(f, calls, n_buf):
     """jit of: y_i = f(x_i, W_{i mod n_buf}) for i < calls, all outputs returned."""
 
@@ -97,15 +131,18 @@ def measure_copy_bps(repeats):
     return 2 * 512 * 1024 * 1024 / t
 
 
-def row_sparse_x(key, B, K, s, dtype):
-    """Random normal [B, K] with round(s*K) rows (same for every b) exactly zero."""
+def row_sparse_x(key, B, K, s, dtype, shared=True):
+    """Random normal [B, K] with round(s*K) entries of each row exactly zero: the same
+    columns for every b (`shared`), or each row its own. Returns (x, rows of W in use)."""
     k1, k2 = jax.random.split(key)
     n_off = round(s * K)
-    perm = jax.random.permutation(k1, K)
-    active = jnp.ones((K,), bool).at[perm[:n_off]].set(False)
+    perms = [
+        jax.random.permutation(jax.random.fold_in(k1, b if not shared else 0), K) for b in range(B)
+    ]
+    active = jnp.stack([jnp.ones((K,), bool).at[p[:n_off]].set(False) for p in perms])
     x = jax.random.normal(k2, (B, K), jnp.float32)
     x = jnp.where(x == 0, 1.0, x)  # never a stray zero
-    return (x * active[None, :]).astype(dtype), K - n_off
+    return (x * active).astype(dtype), int(jnp.sum(jnp.any(active, axis=0)))
 
 
 def weights(key, shape, n_buf, dtype):
@@ -128,18 +165,27 @@ def bench_matvec(args, cfg_for, dtype, calls_min, repeats):
         nb = n_buffers(wbytes, calls_min)
         calls = nb
         ws = [(w,) for w in weights(jax.random.key(K * 7 + N), (K, N), nb, dtype)]
-        cfg = cfg_for.get((K, N), {})
         for B in args.batches:
+            cfg = cfg_for.get((K, N, B == 1), {})
             dense = unrolled(lambda x, w: jnp.dot(x, w), calls, nb)
+            # the models' call: float32 out (the accumulator, no cast pass after the kernel)
             kern = unrolled(
+                lambda x, w, cfg=cfg: sparse_input_matvec(
+                    x, w, impl=args.impl, out_dtype=jnp.float32, **cfg
+                ),
+                calls,
+                nb,
+            )
+            kern_bf16 = unrolled(
                 lambda x, w, cfg=cfg: sparse_input_matvec(x, w, impl=args.impl, **cfg), calls, nb
             )
-            for s in args.sparsities:
+            patterns = ["shared"] + (["independent"] if B > 1 else [])
+            for s, pattern in [(s, pt) for s in args.sparsities for pt in patterns]:
                 if over_budget():
                     log(f"skipped (time budget): matvec {K}x{N} B={B} s={s}")
                     continue
                 keys = jax.random.split(jax.random.key(int(s * 1000) + B), calls)
-                xs_act = [row_sparse_x(k, B, K, s, dtype) for k in keys]
+                xs_act = [row_sparse_x(k, B, K, s, dtype, pattern == "shared") for k in keys]
                 xs = [x for x, _ in xs_act]
                 n_act = xs_act[0][1]
                 try:
@@ -149,6 +195,10 @@ def bench_matvec(args, cfg_for, dtype, calls_min, repeats):
                     err = float(jnp.linalg.norm(y.astype(jnp.float32) - yr) / jnp.linalg.norm(yr))
                     td, sd = time_per_call(dense, (xs, ws), calls, repeats)
                     tk, sk = time_per_call(kern, (xs, ws), calls, repeats)
+                    tb, _ = time_per_call(kern_bf16, (xs, ws), calls, repeats)
+                    tag = Path(args.trace_dir) / f"{K}x{N}_b{B}_s{s}_{pattern}"
+                    dd = device_us_per_call(dense, (xs, ws), calls, f"{tag}_dense")
+                    dk = device_us_per_call(kern, (xs, ws), calls, f"{tag}_kernel")
                 except Exception as e:  # noqa: BLE001 - recorded, the rest still runs
                     rows.append(
                         {
@@ -179,7 +229,16 @@ def bench_matvec(args, cfg_for, dtype, calls_min, repeats):
                     (tk, sk),
                     dense_bytes,
                     need,
-                    {"rel_err": err},
+                    {
+                        "rel_err": err,
+                        "pattern": pattern,
+                        "time_us_kernel_bf16_out": tb * 1e6,
+                        "device_us_dense": dd,
+                        "device_us_kernel": dk,
+                        "device_speedup": None if not (dd and dk) else dd / dk,
+                        "device_gbps_kernel": None if not dk else need / (dk * 1e-6) / 1e9,
+                        "path": "tensor-core tile" if B > 1 else "per-row multiply + sum",
+                    },
                 )
                 rows.append(row)
                 log(fmt_row(row))
@@ -188,33 +247,61 @@ def bench_matvec(args, cfg_for, dtype, calls_min, repeats):
 
 
 def sweep_matvec(args, dtype, calls_min, repeats):
+    """Times each sweep config at 50% (batch 1: MATVEC_SWEEP; batch 4, when batches above
+    1 are benchmarked: MATVEC_SWEEP_BATCH); the best by device time (wall time where there
+    is no device trace) per (K, N, batch 1 or not) is used for the rows."""
     best, results = {}, []
+    sweeps = [(1, [(*c, None) for c in MATVEC_SWEEP])]
+    if any(b > 1 for b in args.batches):
+        sweeps.append((4, MATVEC_SWEEP_BATCH))
     for K, N in args.shapes:
         wbytes = K * N * dtype.itemsize
         nb = n_buffers(wbytes, calls_min)
         calls = nb
         ws = [(w,) for w in weights(jax.random.key(K + N), (K, N), nb, dtype)]
         keys = jax.random.split(jax.random.key(1), calls)
-        xs = [row_sparse_x(k, 1, K, 0.5, dtype)[0] for k in keys]
-        for bk, bn, sk, nw, ns in MATVEC_SWEEP:
-            if over_budget():
-                break
-            cfg = {"block_k": bk, "block_n": bn, "split_k": sk, "num_warps": nw, "num_stages": ns}
-            try:
-                f = unrolled(
-                    lambda x, w, cfg=cfg: sparse_input_matvec(x, w, impl=args.impl, **cfg),
-                    calls,
-                    nb,
+        for B, configs in sweeps:
+            xs = [row_sparse_x(k, B, K, 0.5, dtype)[0] for k in keys]
+            for i, (bk, bn, tpp, nw, dot) in enumerate(configs):
+                if over_budget():
+                    break
+                split = max(1, -(-K // bk) // tpp)
+                cfg = {"block_k": bk, "block_n": bn, "split_k": split, "num_warps": nw}
+                cfg["num_stages"] = 1
+                if dot is not None:
+                    cfg["dot"] = dot
+                try:
+                    f = unrolled(
+                        lambda x, w, cfg=cfg: sparse_input_matvec(
+                            x, w, impl=args.impl, out_dtype=jnp.float32, **cfg
+                        ),
+                        calls,
+                        nb,
+                    )
+                    t, _ = time_per_call(f, (xs, ws), calls, repeats)
+                    trace = Path(args.trace_dir) / f"sw{K}x{N}_b{B}_{i}"
+                    dev = device_us_per_call(f, (xs, ws), calls, trace)
+                except Exception as e:  # noqa: BLE001 - a failing config is recorded
+                    results.append(
+                        {"K": K, "N": N, "batch": B, "config": cfg, "error": repr(e)[:300]}
+                    )
+                    log(f"sweep {K}x{N} B={B} {cfg} FAILED {repr(e)[:200]}")
+                    continue
+                results.append(
+                    {
+                        "K": K,
+                        "N": N,
+                        "batch": B,
+                        "config": cfg,
+                        "time_us": t * 1e6,
+                        "device_us": dev,
+                    }
                 )
-                t, _ = time_per_call(f, (xs, ws), calls, repeats)
-            except Exception as e:  # noqa: BLE001 - a failing config is recorded, not fatal
-                results.append({"K": K, "N": N, "config": cfg, "error": repr(e)[:300]})
-                log(f"sweep {K}x{N} {cfg} FAILED {repr(e)[:200]}")
-                continue
-            results.append({"K": K, "N": N, "config": cfg, "time_us": t * 1e6})
-            log(f"sweep {K}x{N} {cfg} {t * 1e6:.1f} us")
-            if (K, N) not in best or t < best[(K, N)][0]:
-                best[(K, N)] = (t, cfg)
+                log(f"sweep {K}x{N} B={B} {cfg} wall {t * 1e6:.1f} us, device {dev} us")
+                score = dev if dev is not None else t * 1e6  # device time where there is one
+                key = (K, N, B == 1)
+                if key not in best or score < best[key][0]:
+                    best[key] = (score, cfg)
         del ws
     return {k: v[1] for k, v in best.items()}, results
 
@@ -255,7 +342,7 @@ def bench_ffn(args, dtype, calls_min, repeats):
         if best_g is None or t < best_g[0]:
             best_g = (t, cfg)
     gcfg = best_g[1] if best_g else {}
-    mv_cfg = args.best_cfg.get((m, d), {})
+    mv_cfg = args.best_cfg.get((m, d, True), {})
 
     fns = {
         "gated_matvec": (
@@ -365,12 +452,122 @@ def result_row(
 
 
 def fmt_row(r):
+    dev = ""
+    if r.get("device_speedup"):
+        dev = (
+            f"  | device: dense {r['device_us_dense']:6.1f} us kernel {r['device_us_kernel']:6.1f}"
+            f" us x{r['device_speedup']:.2f} {r['device_gbps_kernel']:5.0f} GB/s"
+        )
     return (
         f"{r['kernel']:<20} {r['K']:>5}x{r['N']:<5} B={r['batch']} s={r['sparsity']:<4} "
-        f"dense {r['time_us_dense']:8.1f} us  kernel {r['time_us_kernel']:8.1f} us  "
-        f"x{r['speedup']:.2f} (ideal x{r['ideal_speedup']:.2f})  "
-        f"{r['gbps_kernel']:7.0f} GB/s  {100 * r['roofline_frac_kernel']:5.1f}% roofline"
+        f"{r.get('pattern', ''):<11} wall: dense {r['time_us_dense']:6.1f} kernel "
+        f"{r['time_us_kernel']:6.1f} us x{r['speedup']:.2f} (ideal x{r['ideal_speedup']:.2f})" + dev
     )
+
+
+def profile_matvec(args, dtype, calls_min, out_dir):
+    """Device-side time per call from a profiler trace (`jax.profiler`), next to the wall
+    time per call, for dense XLA and the kernel (float32 out, and bf16 out with its cast
+    pass) at batch 1, 50%: which kernels a call launches and what each costs on the GPU."""
+    from profile_decode import device_kernel_events
+
+    rows = []
+    for K, N in args.shapes:
+        wbytes = K * N * dtype.itemsize
+        nb = n_buffers(wbytes, calls_min)
+        ws = [(w,) for w in weights(jax.random.key(K + 3 * N), (K, N), nb, dtype)]
+        keys = jax.random.split(jax.random.key(2), nb)
+        xs = [row_sparse_x(k, 1, K, 0.5, dtype)[0] for k in keys]
+        cfg = args.best_cfg.get((K, N, True), {})
+        fns = {
+            "dense_xla": lambda x, w: jnp.dot(x, w),
+            "kernel_f32_out": lambda x, w, cfg=cfg: sparse_input_matvec(
+                x, w, impl=args.impl, out_dtype=jnp.float32, **cfg
+            ),
+            "kernel_bf16_out": lambda x, w, cfg=cfg: sparse_input_matvec(
+                x, w, impl=args.impl, **cfg
+            ),
+        }
+        for name, fn in fns.items():
+            f = unrolled(fn, nb, nb)
+            wall, _ = time_per_call(f, (xs, ws), nb, 5)
+            d = Path(out_dir) / f"{K}x{N}_{name}"
+            with jax.profiler.trace(str(d), create_perfetto_trace=True):
+                jax.block_until_ready(f(xs, ws))
+            ev = device_kernel_events(d)
+            per_name: dict[str, list[float]] = {}
+            for e in ev:
+                per_name.setdefault(e["name"][:60], []).append(float(e.get("dur", 0.0)))
+            row = {
+                "K": K,
+                "N": N,
+                "what": name,
+                "calls": nb,
+                "wall_us_per_call": wall * 1e6,
+                "device_us_per_call": sum(sum(v) for v in per_name.values()) / nb,
+                "device_events_per_call": len(ev) / nb,
+                "by_kernel_us_per_call": {k: sum(v) / nb for k, v in per_name.items()},
+                "by_kernel_count": {k: len(v) for k, v in per_name.items()},
+            }
+            rows.append(row)
+            log(
+                f"profile {K}x{N} {name}: wall {row['wall_us_per_call']:.1f} us/call, device "
+                f"{row['device_us_per_call']:.1f} us/call in {row['device_events_per_call']:.1f} "
+                f"kernels: "
+                + ", ".join(f"{k} {v:.1f}" for k, v in row["by_kernel_us_per_call"].items())
+            )
+        del ws
+    return rows
+
+
+def run_teal(args):
+    """benchmarks/teal_gemv.py in a subprocess, before jax takes the GPU's memory."""
+    import json
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "teal.json"
+        shapes = ",".join(f"{k}x{n}" for k, n in args.shapes)
+        sps = ",".join(str(v) for v in args.sparsities)
+        cmd = [sys.executable, str(Path(__file__).parent / "teal_gemv.py"), "--json", str(out)]
+        cmd += ["--shapes", shapes, "--sparsities", sps]
+        log("running: " + " ".join(cmd))
+        r = subprocess.run(
+            cmd, check=False, text=True, capture_output=True, timeout=args.teal_timeout
+        )
+        log(r.stdout[-4000:] + r.stderr[-2000:])
+        if r.returncode != 0 or not out.is_file():
+            return {"error": f"exit {r.returncode}: {r.stderr[-1000:]}"}
+        return json.loads(out.read_text())
+
+
+def side_by_side(rows, teal):
+    """(K, N, s) -> ours vs TEAL's (µs per call, batch 1) for the rows both measured."""
+    out = []
+    teal_rows = {(r["K"], r["N"], r["sparsity"]): r for r in (teal or {}).get("rows", [])}
+    for r in rows:
+        key = (r.get("K"), r.get("N"), r.get("sparsity"))
+        if r.get("kernel") != "sparse_input_matvec" or r.get("batch") != 1 or key not in teal_rows:
+            continue
+        t = teal_rows[key]
+        out.append(
+            {
+                "K": key[0],
+                "N": key[1],
+                "sparsity": key[2],
+                "ours_device_us": r.get("device_us_kernel"),
+                "ours_wall_us": r["time_us_kernel"],
+                "teal_graph_us": t["time_us"],
+                "teal_graph_kernel_only_us": t["time_us_kernel_only"],
+                "teal_speed_over_ours": (r.get("device_us_kernel") or r["time_us_kernel"])
+                / t["time_us"],
+                "ours_vs_our_dense_xla_device": r.get("device_speedup"),
+                "ours_vs_our_dense_xla_wall": r["speedup"],
+                "teal_vs_cublas_dense": t["time_us_dense_cublas"] / t["time_us"],
+            }
+        )
+    return out
 
 
 def main(argv=None):
@@ -380,6 +577,19 @@ def main(argv=None):
     p.add_argument("--no-sweep", dest="sweep", action="store_false")
     p.add_argument("--impl", default="auto", help="kernel impl (default: by backend)")
     p.add_argument("--skip-ffn", action="store_true")
+    p.add_argument("--shapes", dest="shapes_arg", help="KxN,... (default: the Llama-3-8B shapes)")
+    p.add_argument(
+        "--sparsities", dest="sparsities_arg", help="comma-separated (default 0,0.25,0.5,0.7,0.9)"
+    )
+    p.add_argument("--batches", dest="batches_arg", help="comma-separated (default 1,4,8)")
+    p.add_argument("--teal", action="store_true", help="also time TEAL's design (teal_gemv.py)")
+    p.add_argument("--teal-timeout", type=float, default=240.0)
+    p.add_argument("--profile", help="directory for profiler traces of the 50%% calls")
+    p.add_argument(
+        "--trace-dir",
+        default=None,
+        help="where the per-row profiler traces go (default: a temporary directory)",
+    )
     p.add_argument(
         "--budget-s",
         type=float,
@@ -392,8 +602,17 @@ def main(argv=None):
     repeats, calls_min = (3, 4) if args.quick else (7, 16)
     DEADLINE[0] = time.time() + args.budget_s
     args.shapes = [(512, 1024), (1024, 256)] if args.quick else MATVEC_SHAPES
+    if args.shapes_arg:
+        args.shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes_arg.split(",")]
     args.sparsities = [0.0, 0.5, 0.9] if args.quick else SPARSITIES
-    args.batches = BATCHES
+    if args.sparsities_arg:
+        args.sparsities = [float(v) for v in args.sparsities_arg.split(",")]
+    args.batches = [int(v) for v in args.batches_arg.split(",")] if args.batches_arg else BATCHES
+    teal = run_teal(args) if args.teal else None
+    if args.trace_dir is None:
+        import tempfile
+
+        args.trace_dir = tempfile.mkdtemp(prefix="kernels_traces_")
     global FFN_M, FFN_D, MIN_TOTAL_BYTES
     if args.quick:
         FFN_M, FFN_D, MIN_TOTAL_BYTES = 1024, 512, 4e6
@@ -405,7 +624,7 @@ def main(argv=None):
     if copy_bps:
         log(f"measured copy rate: {copy_bps / 1e9:.0f} GB/s (read + write)")
     args.best_cfg, sweep_rows = {}, []
-    rows, ffn_rows, ffn_sweep = [], [], []
+    rows, ffn_rows, ffn_sweep, prof_rows = [], [], [], []
     path = Path(args.json)
 
     def dump():
@@ -418,6 +637,12 @@ def main(argv=None):
             "impl": args.impl,
             "roofline_bps": ROOFLINE_BPS,
             "measured_copy_bps": copy_bps,
+            "device_timing": (
+                "device_us_*: the kernels' durations in a jax.profiler trace of the same "
+                "jitted call, / calls (no launch gaps, no per-execution host overhead: like "
+                "the CUDA-graph replay TEAL's kernel is timed with); the split-K output's "
+                "zero-fill counts"
+            ),
             "timing": (
                 f"per invocation = wall/calls, {calls_min}+ invocations unrolled in one jit, "
                 f"each on its own activation and its own weight buffer "
@@ -425,10 +650,21 @@ def main(argv=None):
                 f"merge the dense dots), "
                 f"median of {repeats} after 2 warm-ups; host clock + jax.block_until_ready"
             ),
-            "sparsity_pattern": "the same random set of weight rows inactive for every batch row",
-            "best_matvec_configs": {f"{k[0]}x{k[1]}": v for k, v in args.best_cfg.items()},
+            "sparsity_pattern": (
+                "'shared': the same random set of weight rows inactive for every batch row; "
+                "'independent': each batch row its own (the union of active rows grows)"
+            ),
+            "best_matvec_configs": {
+                f"{k[0]}x{k[1]} {'batch 1' if k[2] else 'batch > 1'}": v
+                for k, v in args.best_cfg.items()
+            },
             "sweep": sweep_rows + ffn_sweep,
             "rows": rows + ffn_rows,
+            "profile": prof_rows,
+            "teal": teal,
+            "side_by_side_b1": side_by_side(rows, teal),
+            "command": "python benchmarks/kernels.py "
+            + " ".join(sys.argv[1:] if argv is None else argv),
             "wall_s": time.time() - t_start,
         }
         write_json_atomic(out, path)
@@ -436,6 +672,9 @@ def main(argv=None):
 
     if args.sweep:
         args.best_cfg, sweep_rows = sweep_matvec(args, dtype, calls_min, repeats)
+        dump()
+    if args.profile:
+        prof_rows = profile_matvec(args, dtype, calls_min, args.profile)
         dump()
     rows = bench_matvec(args, args.best_cfg, dtype, calls_min, repeats)
     dump()
@@ -445,6 +684,13 @@ def main(argv=None):
     log("\n=== summary (bf16; speedup = dense XLA time / kernel time) ===")
     for r in rows + ffn_rows:
         log(fmt_row(r) if "error" not in r else f"{r['kernel']} FAILED {r['error'][:150]}")
+    for r in out["side_by_side_b1"]:
+        log(
+            f"side by side {r['K']}x{r['N']} s={r['sparsity']}: ours {r['ours_device_us']} us "
+            f"(device), TEAL {r['teal_graph_us']:.1f} us (graph replay, zero-fill included); "
+            f"TEAL time / ours x{r['teal_speed_over_ours']:.2f}; ours vs our dense "
+            f"(device) {r['ours_vs_our_dense_xla_device']}"
+        )
     return out
 
 

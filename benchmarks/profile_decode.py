@@ -1,14 +1,14 @@
-"""Per-kernel profile of decode steps (batch 1), per method, from JAX's own profiler.
+"""Reading JAX profiler traces: device-side kernel events, grouped by kind.
 
-    python benchmarks/profile_decode.py --out DIR [--sparsity 0.5] [--methods dense,chess]
     python benchmarks/profile_decode.py --summarize DIR --json OUT   # anywhere, no GPU
 
-On the GPU it builds the Llama-3-8B-shaped model of `benchmarks/decode.py`, compiles and
-warms up a jitted block of `--steps` decode steps per method, then records one block under
-`jax.profiler.trace(..., create_perfetto_trace=True)`; the Perfetto JSON traces land in
-DIR/<method>/. `--summarize` reads them and sums the device-side kernel time per step by
-kind (Pallas/Triton kernels, XLA matmuls, other fusions, copies), next to the step's wall
-time: their difference is launch gaps and host overhead.
+Used by benchmarks/decode.py (`--profile DIR`: per-step device time of the product's
+`generate_ids` at batch 1) and benchmarks/kernels.py (`--profile DIR`: device time per
+kernel call). `--summarize` reads trace directories written by the profile of an earlier
+version of this script (DIR/<method>/ with a `wall.json`, as in
+benchmarks/results/profile_decode_h100.json) and sums the device-side kernel time per
+step by kind (Pallas/Triton kernels, XLA matmuls, other fusions, copies), next to the
+step's wall time: their difference is launch gaps and host overhead.
 """
 
 from __future__ import annotations
@@ -16,61 +16,11 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-
-def record(args) -> None:
-    import decode as bench  # benchmarks/decode.py
-    import jax
-    import jax.numpy as jnp
-
-    from jaxsparse.models import init_cache, prepare_params
-    from jaxsparse.registry import kernels_for_method
-
-    config = bench.LLAMA3_8B
-    params = bench.random_params(config)
-    prompt = bench.real_text_tokens(None, config.vocab_size, args.prompt_len)
-    quantiles = bench.calibrate_thresholds(config, params, prompt, args.sparsity)
-    for method in args.methods:
-        th = bench.thresholds_for(method, quantiles, config)
-        kernels = kernels_for_method(method, "pallas" if method != "dense" else "xla")
-        p = prepare_params(params, config, kernels)
-        step = bench.make_decode(config, kernels, args.steps)
-        cache = init_cache(config, 1, args.prompt_len + 16 * args.steps)
-        tok = jnp.zeros((1,), jnp.int32)
-        pos = jnp.full((1,), args.prompt_len, jnp.int32)
-        idx = args.prompt_len
-        walls = []
-        for i in range(6):
-            t0 = time.perf_counter()
-            tok, pos, cache = step(p, tok, pos, cache, idx, th)
-            jax.block_until_ready(tok)
-            if i >= 2:
-                walls.append((time.perf_counter() - t0) / args.steps)
-            idx += args.steps
-        out = Path(args.out) / method.replace("+", "_plus")
-        with jax.profiler.trace(str(out), create_perfetto_trace=True):
-            tok, pos, cache = step(p, tok, pos, cache, idx, th)
-            jax.block_until_ready(tok)
-        (out / "wall.json").write_text(
-            json.dumps(
-                {
-                    "method": method,
-                    "wall_ms_per_step": statistics.median(walls) * 1e3,
-                    "steps": args.steps,
-                    "device": jax.devices()[0].device_kind,
-                    "jax_version": jax.__version__,
-                }
-            )
-        )
-        print(f"{method}: {statistics.median(walls) * 1e3:.3f} ms/step", flush=True)
-        del p, cache
 
 
 def kind(name: str) -> str:
@@ -84,6 +34,24 @@ def kind(name: str) -> str:
     return "other"
 
 
+def device_kernel_events(trace_dir: Path) -> list[dict]:
+    """The device-side kernel events ("X" events of the GPU streams, not host threads) of
+    the first Perfetto trace under `trace_dir`, each with `name` and `dur` (µs)."""
+    traces = list(Path(trace_dir).rglob("perfetto_trace.json.gz"))
+    if not traces:
+        return []
+    with gzip.open(traces[0]) as f:
+        events = json.loads(f.read())
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    pnames = {
+        e["pid"]: e["args"]["name"]
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
+    dev = {pid for pid, n in pnames.items() if "/device:" in n.lower() or "gpu" in n.lower()}
+    return [e for e in events if e.get("ph") == "X" and e.get("pid") in dev]
+
+
 def summarize(directory: str) -> dict:
     """Device kernel events of each method's Perfetto trace, summed per step by kind."""
     out = {}
@@ -91,20 +59,9 @@ def summarize(directory: str) -> dict:
         if not (sub / "wall.json").is_file():
             continue
         wall = json.loads((sub / "wall.json").read_text())
-        traces = list(sub.rglob("perfetto_trace.json.gz"))
-        if not traces:
+        kernels = device_kernel_events(sub)
+        if not kernels:
             continue
-        with gzip.open(traces[0]) as f:
-            events = json.loads(f.read())
-        events = events["traceEvents"] if isinstance(events, dict) else events
-        # Device streams: processes whose name mentions the GPU (not the host threads).
-        pnames = {
-            e["pid"]: e["args"]["name"]
-            for e in events
-            if e.get("ph") == "M" and e.get("name") == "process_name"
-        }
-        dev = {pid for pid, n in pnames.items() if "/device:" in n.lower() or "gpu" in n.lower()}
-        kernels = [e for e in events if e.get("ph") == "X" and e.get("pid") in dev]
         steps = wall["steps"]
         groups: dict[str, dict] = {}
         per_name: dict[str, float] = {}
@@ -126,25 +83,15 @@ def summarize(directory: str) -> dict:
             },
             "device": wall["device"],
             "jax_version": wall["jax_version"],
-            "processes": sorted(pnames[p] for p in dev),
         }
     return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", help="trace directory to write (GPU)")
-    p.add_argument("--summarize", help="trace directory to read")
+    p.add_argument("--summarize", required=True, help="trace directory to read")
     p.add_argument("--json", help="summary JSON to write (with --summarize)")
-    p.add_argument("--sparsity", type=float, default=0.5)
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--methods", default="dense,chess,chess+,teal")
     args = p.parse_args(argv)
-    args.methods = args.methods.split(",")
-    if args.out:
-        record(args)
-        return 0
     s = summarize(args.summarize)
     if args.json:
         Path(args.json).write_text(json.dumps(s, indent=2))

@@ -177,16 +177,18 @@ def _layer_index(name: str) -> int:
 
 
 def _zero_counts(zeros: dict, active_B: jax.Array) -> dict[str, dict[str, jax.Array]]:
-    """Per layer and point: int32 [width] counts of this step's zeros, over the rows still
-    generating (`active_B`). Elementwise, so XLA fuses the count into the op that made the
-    activation; a reduction per point and layer would cost a launch each (~8% of an 8B
-    decode step on an H100: benchmarks/results/decode_llama3_8b_h100_per_point_reductions.json)."""
+    """Per layer and point: int32 [B, width], this step's zeros of the rows still
+    generating (`active_B`), kept per row: elementwise, so XLA fuses the count into the op
+    that made the activation. A reduction per point and layer (over the channels, or over
+    the batch rows) would cost a launch each (~8% of an 8B decode step on an H100:
+    benchmarks/results/decode_llama3_8b_h100_per_point_reductions.json); the loop adds the
+    counts up elementwise and the host sums them once, at the end."""
     out: dict[str, dict[str, jax.Array]] = {}
     for layer, tree in zeros.items():
         for path, zero_BxTxW in jax.tree_util.tree_flatten_with_path(tree)[0]:
             point = next(str(p.key) for p in reversed(path) if hasattr(p, "key"))
             z = zero_BxTxW[:, -1] & active_B[:, None]
-            out.setdefault(layer, {})[point] = jnp.sum(z.astype(jnp.int32), axis=0)
+            out.setdefault(layer, {})[point] = z.astype(jnp.int32)
     return out
 
 
@@ -299,7 +301,7 @@ class Generator:
         )
         if "stats" in carry:
             axes = {
-                layer: {p: P(POINT_AXES.get(p, "mlp")) for p in points}  # gate_rows: mlp
+                layer: {p: P("batch", POINT_AXES.get(p, "mlp")) for p in points}  # gate_rows: mlp
                 for layer, points in carry["stats"].items()
             }
             shard["stats"] = sharding.tree_shardings(axes, carry["stats"], self.mesh)
@@ -584,7 +586,7 @@ class Generator:
             for layer in sorted(totals, key=_layer_index):
                 for point, counts in totals[layer].items():
                     per_layer.setdefault(point, []).append(
-                        float(np.sum(counts, dtype=np.int64)) / (int(decoded) * counts.size)
+                        float(np.sum(counts, dtype=np.int64)) / (int(decoded) * counts.shape[-1])
                     )
             result.measured_sparsity_per_layer = per_layer
             result.measured_sparsity = {p: float(np.mean(v)) for p, v in per_layer.items()}

@@ -114,16 +114,37 @@ def _load_takes_idx() -> bool:
     return "idx" in params
 
 
-def masked_load(ref: Any, mask: jax.Array, other: float = 0.0) -> jax.Array:
-    """`ref[...]` where `mask`, else `other`; masked-out elements are not read.
+def _load_takes_eviction() -> bool:
+    return "eviction_policy" in inspect.signature(_triton_module().load).parameters
+
+
+def masked_load(
+    ref: Any, mask: jax.Array | None, other: float = 0.0, eviction: str | None = None
+) -> jax.Array:
+    """`ref[...]` where `mask` (None: everywhere), else `other`; masked-out elements are
+    not read. `eviction` ("evict_first"/"evict_last") is the L2 cache hint of the load,
+    dropped where this jax's load has no such argument.
 
     On jax <= 0.4.3x the load took an index argument (`pl.load(ref, idx, ...)`);
     later ones take a ref view (`plgpu.load(ref.at[...], ...)`).
     """
     plgpu = _triton_module()
+    kw: dict[str, Any] = {}
+    if mask is not None:
+        kw = {"mask": mask, "other": other}
+    if eviction is not None and _load_takes_eviction():
+        kw["eviction_policy"] = eviction
     if _load_takes_idx():
-        return plgpu.load(ref, (), mask=mask, other=other)
-    return plgpu.load(ref, mask=mask, other=other)
+        return plgpu.load(ref, (), **kw)
+    return plgpu.load(ref, **kw)
+
+
+def triton_dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    """`a @ b` on the tensor cores inside a Triton kernel (float32 result; float32 inputs
+    without TF32). Every dimension must be at least 16."""
+    fn = getattr(_triton_module(), "dot", None) or pl.dot
+    exact = a.dtype == jnp.float32 or b.dtype == jnp.float32
+    return fn(a, b, allow_tf32=False if exact else None).astype(jnp.float32)
 
 
 def masked_store(ref: Any, val: jax.Array, mask: jax.Array) -> None:

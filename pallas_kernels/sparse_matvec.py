@@ -42,11 +42,12 @@ from pallas_kernels import _row_dma as rdma
 
 _NAME = "sparse_input_matvec"
 
-# Defaults from the H100 sweep (benchmarks/results/kernels_h100.json, NOTES_kernels.md):
-# 128 x 64 tiles, one tile per program (TEAL's layout) was fastest on 4096x14336,
-# 14336x4096 and (tied with 128x128) 4096x4096; on 4096x1024 all configs were within noise.
-DEFAULT_BLOCK_K = 128
-DEFAULT_BLOCK_N = 64
+# Tile defaults from the device-time sweep on an H200 (benchmarks/results/kernels_h200.json,
+# benchmarks/NOTES_kernels.md): at batch 1, 64 x 512 tiles, one per program, were fastest on
+# both Llama-3-8B shapes at 50% (19.9 / 20.8 us; 128 x 64: 21.8 / 21.7 us).
+DEFAULT_BLOCK_K = 64
+DEFAULT_BLOCK_N = 512
+DEFAULT_NUM_WARPS = 4
 
 
 def _check(x_BxK: jax.Array, w_KxN: jax.Array, threshold: Any) -> None:
@@ -76,20 +77,34 @@ def sparse_input_matvec_reference(
     *,
     block_k: int | None = None,
     block_n: int | None = None,
+    out_dtype: Any = None,
 ) -> jax.Array:
-    """`(x * (abs(x) >= t)) @ W` in float32, returned in x.dtype (block sizes unused)."""
+    """`(x * (abs(x) >= t)) @ W` in float32, returned in `out_dtype` (default x.dtype;
+    block sizes unused)."""
     del block_k, block_n
     _check(x_BxK, w_KxN, threshold)
     t = None if threshold is None else dsp.threshold_row(_NAME, threshold, x_BxK.shape[1])
     xk = _kept(x_BxK.astype(jnp.float32), t)
     y = jnp.dot(xk, w_KxN.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-    return y.astype(x_BxK.dtype)
+    return y.astype(x_BxK.dtype if out_dtype is None else out_dtype)
 
 
 # ------------------------------------------------------------------------ GPU (Triton)
 
 
-def _gpu_kernel(*refs, B, K, N, block_k, block_n, blocks_per_split, has_t, atomic):
+def _gpu_kernel(
+    *refs, B, K, N, block_k, block_n, blocks_per_split, has_t, atomic, dot_dtype, k_exact, unroll
+):
+    """One program: the (block_k x block_n) tiles of its K split, for one column block.
+
+    `dot_dtype` None: batch rows one by one (multiply + sum over the tile: B = 1); else
+    the [B, block_k] x tile (B padded to 16+ rows) times the W tile on the tensor cores.
+    Either way a W row is loaded only when some batch row's x is nonzero there (the union
+    of active rows), with an evict-first hint (each W byte is read once) while x is
+    evict-last (every column block reads it). With `unroll` the loop over the program's
+    tiles is unrolled: the tiles' loads do not wait on each other, and a program covering
+    several tiles issues a quarter (with 4) of the atomics.
+    """
     if has_t:
         x_ref, t_ref, w_ref, *rest = refs
     else:
@@ -100,37 +115,82 @@ def _gpu_kernel(*refs, B, K, N, block_k, block_n, blocks_per_split, has_t, atomi
     s = pl.program_id(1)
     rows = dsp.static_indices(B)
     n0 = n * block_n
-    col_ok = (n0 + jnp.arange(block_n)) < N
+    col_ok = None if N % block_n == 0 else (n0 + jnp.arange(block_n)) < N
 
-    def body(j, accs):
-        k0 = (s * blocks_per_split + j) * block_k
-        k_ok = (k0 + jnp.arange(block_k)) < K
-        t = None
+    def w_tile(k0, active):
+        mask = active[:, None]
+        if col_ok is not None:
+            mask = mask & col_ok[None, :]
+        mask = jnp.broadcast_to(mask, (block_k, block_n))
+        w_view = w_ref.at[pl.ds(k0, block_k), pl.ds(n0, block_n)]
+        return dsp.masked_load(w_view, mask, 0.0, eviction="evict_first")
+
+    def x_and_t(k0, k_ok, x_view, shape):
+        ok = None if k_ok is None else jnp.broadcast_to(k_ok, shape)  # [block_k] -> shape
+        x = dsp.masked_load(x_view, ok, 0.0, eviction="evict_last").astype(jnp.float32)
         if has_t:
             t = dsp.masked_load(t_ref.at[rows[0], pl.ds(k0, block_k)], k_ok, 0.0)
-        xs = []
-        active = None
-        for b in range(B):
-            xb = dsp.masked_load(x_ref.at[rows[b], pl.ds(k0, block_k)], k_ok, 0.0)
-            xb = _kept(xb.astype(jnp.float32), t)
-            xs.append(xb)
-            nz = xb != 0.0
-            active = nz if active is None else (active | nz)
-        mask = active[:, None] & col_ok[None, :]
-        w = dsp.masked_load(w_ref.at[pl.ds(k0, block_k), pl.ds(n0, block_n)], mask, 0.0).astype(
-            jnp.float32
-        )
-        return tuple(acc + jnp.sum(xb[:, None] * w, axis=0) for acc, xb in zip(accs, xs))
+            x = _kept(x, t.astype(jnp.float32))
+        return x
 
-    init = tuple(jnp.zeros((block_n,), jnp.float32) for _ in range(B))
-    accs = jax.lax.fori_loop(0, blocks_per_split, body, init)
-    for b in range(B):
-        if atomic:
-            dsp.atomic_add(y_ref, (rows[b], pl.ds(n0, block_n)), accs[b])
-        else:
-            dsp.masked_store(
-                y_ref.at[rows[b], pl.ds(n0, block_n)], accs[b].astype(y_ref.dtype), col_ok
-            )
+    def k_start(j):
+        k0 = (s * blocks_per_split + j) * block_k
+        return k0, None if k_exact else (k0 + jnp.arange(block_k)) < K
+
+    if dot_dtype is None:
+
+        def body(j, accs):
+            k0, k_ok = k_start(j)
+            xs = [
+                x_and_t(k0, k_ok, x_ref.at[rows[b], pl.ds(k0, block_k)], (block_k,))
+                for b in range(B)
+            ]
+            active = xs[0] != 0.0
+            for xb in xs[1:]:
+                active = active | (xb != 0.0)
+            w = w_tile(k0, active).astype(jnp.float32)
+            return tuple(acc + jnp.sum(xb[:, None] * w, axis=0) for acc, xb in zip(accs, xs))
+
+        init = tuple(jnp.zeros((block_n,), jnp.float32) for _ in range(B))
+        accs = _loop(blocks_per_split, body, init, unroll)
+        for b in range(B):
+            if atomic:
+                dsp.atomic_add(y_ref, (rows[b], pl.ds(n0, block_n)), accs[b])
+            else:
+                dsp.masked_store(
+                    y_ref.at[rows[b], pl.ds(n0, block_n)], accs[b].astype(y_ref.dtype), col_ok
+                )
+        return
+
+    def body_dot(j, acc):
+        k0, k_ok = k_start(j)
+        x_view = x_ref.at[pl.ds(0, B), pl.ds(k0, block_k)]
+        x = x_and_t(k0, k_ok, x_view, (B, block_k))
+        active = jnp.sum(jnp.abs(x), axis=0) > 0.0
+        w = w_tile(k0, active).astype(dot_dtype)
+        return acc + dsp.triton_dot(x.astype(dot_dtype), w)
+
+    acc = _loop(blocks_per_split, body_dot, jnp.zeros((B, block_n), jnp.float32), unroll)
+    out = (pl.ds(0, B), pl.ds(n0, block_n))
+    if atomic:
+        dsp.atomic_add(y_ref, out, acc)
+    else:
+        dsp.masked_store(
+            y_ref.at[out],
+            acc.astype(y_ref.dtype),
+            None if col_ok is None else jnp.broadcast_to(col_ok[None, :], (B, block_n)),
+        )
+
+
+def _loop(n: int, body, init, unroll: bool):
+    """`fori_loop(0, n, body, init)`, or the n steps written out one after the other (the
+    Triton lowering has no unrolled loop; a Python loop gives the same straight-line code)."""
+    if not unroll:
+        return jax.lax.fori_loop(0, n, body, init)
+    out = init
+    for j in range(n):
+        out = body(j, out)
+    return out
 
 
 def _auto_split(n_col_blocks: int, n_k_blocks: int) -> int:
@@ -139,6 +199,16 @@ def _auto_split(n_col_blocks: int, n_k_blocks: int) -> int:
     load waits on its x load (the row mask), which serializes the latencies."""
     del n_col_blocks
     return n_k_blocks
+
+
+DOT_MIN_ROWS = 16  # the tensor-core path pads the batch to at least this many rows
+
+
+def _dot_dtype(x_dtype: Any, w_dtype: Any) -> Any:
+    """The tensor-core input dtype: the shared half-precision dtype, else float32."""
+    if jnp.dtype(x_dtype) == jnp.dtype(w_dtype) and jnp.dtype(w_dtype) != jnp.float32:
+        return jnp.dtype(w_dtype)
+    return jnp.dtype(jnp.float32)
 
 
 @functools.partial(
@@ -150,6 +220,9 @@ def _auto_split(n_col_blocks: int, n_k_blocks: int) -> int:
         "num_warps",
         "num_stages",
         "interpret",
+        "dot",
+        "out_dtype",
+        "unroll",
     ),
 )
 def _sparse_input_matvec_gpu(
@@ -163,11 +236,21 @@ def _sparse_input_matvec_gpu(
     num_warps: int | None = 4,
     num_stages: int | None = 3,
     interpret: bool = False,
+    dot: bool | None = None,
+    out_dtype: Any = None,
+    unroll: bool | None = None,
 ) -> jax.Array:
     B, K = x_BxK.shape
     N = w_KxN.shape[1]
+    out_dtype = jnp.dtype(x_BxK.dtype if out_dtype is None else out_dtype)
     dsp.check_block(_NAME, "block_k", block_k, power_of_2=True)
     dsp.check_block(_NAME, "block_n", block_n, power_of_2=True)
+    use_dot = B >= 2 if dot is None else bool(dot)
+    if use_dot and min(block_k, block_n) < DOT_MIN_ROWS:
+        raise ValueError(
+            f"{_NAME}: the tensor-core path (dot=True, the default for batch >= 2) needs "
+            f"block_k and block_n >= {DOT_MIN_ROWS}, got {block_k} x {block_n}."
+        )
     n_col = dsp.cdiv(N, block_n)
     n_kb = dsp.cdiv(K, block_k)
     split = _auto_split(n_col, n_kb) if split_k is None else max(1, min(split_k, n_kb))
@@ -175,14 +258,19 @@ def _sparse_input_matvec_gpu(
     split = dsp.cdiv(n_kb, blocks_per_split)  # drop splits that would have no rows
     atomic = split > 1
     has_t = threshold is not None
+    rows = B
+    x_in = x_BxK
+    if use_dot:  # pad the batch to a tensor-core tile (a power of 2, at least 16 rows)
+        rows = max(DOT_MIN_ROWS, 1 << (B - 1).bit_length())
+        x_in = jnp.pad(x_BxK, ((0, rows - B), (0, 0)))
 
-    args = [x_BxK]
+    args = [x_in]
     if has_t:
         args.append(dsp.threshold_row(_NAME, threshold, K))
     args.append(w_KxN)
     kernel = functools.partial(
         _gpu_kernel,
-        B=B,
+        B=rows,
         K=K,
         N=N,
         block_k=block_k,
@@ -190,12 +278,18 @@ def _sparse_input_matvec_gpu(
         blocks_per_split=blocks_per_split,
         has_t=has_t,
         atomic=atomic,
+        dot_dtype=_dot_dtype(x_BxK.dtype, w_KxN.dtype) if use_dot else None,
+        k_exact=K % block_k == 0 and n_kb == split * blocks_per_split,
+        # unrolled up to 8 tiles per program (None); a longer loop stays a loop
+        unroll=blocks_per_split <= 8 if unroll is None else bool(unroll),
     )
     params = dsp.triton_compiler_params(num_warps, num_stages)
     if atomic:
         # The atomic target is padded to whole column blocks so that no atomic needs a
-        # mask (masked atomics have no interpret-mode rule in jax 0.10).
-        zeros = jnp.zeros((B, n_col * block_n), jnp.float32)
+        # mask (masked atomics have no interpret-mode rule in jax 0.10). It is float32:
+        # with out_dtype float32 (what the models ask for) it is returned as it is, with
+        # no cast pass after the kernel.
+        zeros = jnp.zeros((rows, n_col * block_n), jnp.float32)
         args.append(zeros)
         y = pl.pallas_call(
             kernel,
@@ -206,15 +300,18 @@ def _sparse_input_matvec_gpu(
             interpret=interpret,
             name="sparse_input_matvec_splitk",
         )(*args)
-        return y[:, :N].astype(x_BxK.dtype)
-    return pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((B, N), x_BxK.dtype),
-        grid=(n_col, 1),
-        compiler_params=params,
-        interpret=interpret,
-        name="sparse_input_matvec",
-    )(*args)
+    else:
+        y = pl.pallas_call(
+            kernel,
+            out_shape=jax.ShapeDtypeStruct((rows, N), out_dtype),
+            grid=(n_col, 1),
+            compiler_params=params,
+            interpret=interpret,
+            name="sparse_input_matvec",
+        )(*args)
+    if y.shape != (B, N):
+        y = y[:B, :N]
+    return y if y.dtype == out_dtype else y.astype(out_dtype)
 
 
 # ------------------------------------------------------------------------ TPU (Mosaic)
@@ -357,6 +454,7 @@ def sparse_input_matvec(
     impl: str = "auto",
     block_k: int | None = None,
     block_n: int | None = None,
+    out_dtype: Any = None,
     **kernel_options: Any,
 ) -> jax.Array:
     """`y[B, N] = (x * (abs(x) >= t)) @ W`, reading only the rows of W still in use.
@@ -369,11 +467,20 @@ def sparse_input_matvec(
       impl: "auto" (by backend: gpu, tpu, else reference), "reference", "gpu", "tpu",
         "gpu_interpret", "tpu_interpret".
       block_k, block_n: tile sizes (powers of 2 on GPU); None picks the kernel default.
-      kernel_options: GPU only: split_k, num_warps, num_stages.
+      out_dtype: the dtype of y (default x.dtype). float32 returns the accumulator
+        itself: on GPU that saves the cast pass after the split-K kernel.
+      kernel_options: GPU only: split_k, num_warps, num_stages, `dot` (True: the
+        batch rows as one tensor-core tile, padded to 16; the default from batch 2 on) and
+        `unroll` (unroll each program's loop over its tiles; default when it has <= 8).
 
     Returns:
-      y [B, N] in x.dtype, accumulated in float32.
+      y [B, N] in `out_dtype`, accumulated in float32.
     """
+    if out_dtype is not None and jnp.dtype(out_dtype) not in dsp.FLOAT_DTYPES:
+        raise ValueError(
+            f"{_NAME}: out_dtype={out_dtype!r}; use float32, bfloat16 or float16 (or None "
+            "for x's dtype)."
+        )
     which = dsp.resolve_impl(impl, fn_name=_NAME)
     _check(x_BxK, w_KxN, threshold)
     blocks = {}
@@ -381,19 +488,22 @@ def sparse_input_matvec(
         blocks["block_k"] = block_k
     if block_n is not None:
         blocks["block_n"] = block_n
+    out = None if out_dtype is None else jnp.dtype(out_dtype)
     if which == "reference":
-        return sparse_input_matvec_reference(x_BxK, w_KxN, threshold)
+        return sparse_input_matvec_reference(x_BxK, w_KxN, threshold, out_dtype=out)
     if which in ("gpu", "gpu_interpret"):
         return _sparse_input_matvec_gpu(
             x_BxK,
             w_KxN,
             threshold,
             interpret=which == "gpu_interpret",
+            out_dtype=out,
             **blocks,
             **kernel_options,
         )
     if kernel_options:
         raise ValueError(f"{_NAME}: options {sorted(kernel_options)} apply to the GPU kernel only.")
-    return _sparse_input_matvec_tpu(
+    y = _sparse_input_matvec_tpu(
         x_BxK, w_KxN, threshold, interpret=which == "tpu_interpret", **blocks
     )
+    return y if out is None else y.astype(out)

@@ -85,6 +85,8 @@ LAYOUTS = {
     "up-rows-fused-kv": Kernels("pallas", fuse_kv=True, points=("q_in", "kv_in", "o_in", *GATED)),
     "gate-rows": Kernels("pallas", fuse_qkv=True, points=GATED, gate_proj_rows=True),
     "q-rows-heads": Kernels("pallas", fuse_kv=True, points=("o_in",), head_attention=True),
+    "gate-up-fused": kernels_for_method("teal"),
+    "gate-up-fused-kv": kernels_for_method("teal-learned"),
     "dejavu": kernels_for_method("dejavu"),
 }
 CASES = [(m, lay) for m in MODELS for lay in LAYOUTS]
@@ -94,7 +96,7 @@ RANK = 128  # Deja Vu predictor rank
 
 
 def _flags(kn: Kernels) -> tuple:
-    return (kn.fuse_qkv, kn.fuse_kv, kn.up_rows, kn.gate_rows, kn.q_rows)
+    return (kn.fuse_qkv, kn.fuse_kv, kn.fuse_gate_up, kn.up_rows, kn.gate_rows, kn.q_rows)
 
 
 def test_every_method_uses_a_layout_tested_here():
@@ -131,6 +133,9 @@ def expected_params(c: ModelConfig, kn: Kernels) -> dict[tuple[str, ...], tuple[
             "up_proj": (m, d) if kn.up_rows else (d, m),
             "down_proj": (m, d),
         }
+        if kn.fuse_gate_up:
+            del mlp["gate_proj"], mlp["up_proj"]
+            mlp["gate_up_proj"] = (d, 2 * m)
         for name, shape in mlp.items():
             out[(L, "mlp", name, "kernel")] = shape
         norms = ["input_layernorm", "post_attention_layernorm"]

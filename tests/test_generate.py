@@ -229,13 +229,16 @@ def test_fused_qkv_layout_gives_the_same_logits(model_type, extra):
     tokens = jnp.asarray([[5, 6, 7, 8, 9]])
     pos = jnp.arange(5)[None]
     ref, _ = build_model(config).apply({"params": params}, tokens, pos)
-    for kernels, name in [
-        (Kernels("xla", fuse_qkv=True), "qkv_proj"),
-        (Kernels("xla", fuse_kv=True), "kv_proj"),
-    ]:
+    layouts = [
+        (Kernels("xla", fuse_qkv=True), "self_attn", "qkv_proj", "k_proj"),
+        (Kernels("xla", fuse_kv=True), "self_attn", "kv_proj", "k_proj"),
+    ]
+    if model_type != "opt":  # one gate|up matmul (TEAL's points: both read ffn_in)
+        layouts.append((Kernels("xla", fuse_gate_up=True), "mlp", "gate_up_proj", "up_proj"))
+    for kernels, module, name, gone in layouts:
         fused = prepare_params(params, config, kernels)
-        assert name in fused["layers_0"]["self_attn"]
-        assert "k_proj" not in fused["layers_0"]["self_attn"]
+        assert name in fused["layers_0"][module]
+        assert gone not in fused["layers_0"][module]
         got, _ = build_model(config, kernels).apply({"params": fused}, tokens, pos)
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 

@@ -36,7 +36,8 @@ def build_model(config: ModelConfig, kernels: Kernels = XLA) -> nn.Module:
 def prepare_params(params: dict, config: ModelConfig, kernels: Kernels) -> dict:
     """Lays weights out for `kernels`, once at load time: with the gate kernel, every
     `up_proj` kernel becomes `[m, d]` so that the rows an active gate needs are contiguous
-    (and `gate_proj` too with `gate_proj_rows`: Deja Vu);
+    (and `gate_proj` too with `gate_proj_rows`: Deja Vu); with `fuse_gate_up`, gate/up_proj
+    become one `gate_up_proj` (kernel `[d, 2m]`, columns interleaved gate_i, up_i);
     with `fuse_qkv`, q/k/v_proj become one `qkv_proj` (kernel `[d, q + 2 kv]`); with
     `fuse_kv`, k/v_proj become one `kv_proj` (`[d, 2 kv]`); with `q_rows` (Deja Vu heads),
     `q_proj` becomes `[q, d]`.
@@ -47,11 +48,22 @@ def prepare_params(params: dict, config: ModelConfig, kernels: Kernels) -> dict:
     Returns a new tree (shares the untouched arrays)."""
     up_rows = kernels.up_rows and config.family == "llama"
     gate_rows = kernels.gate_rows and config.family == "llama"
-    if not (up_rows or kernels.fuse_qkv or kernels.fuse_kv):
+    gate_up = kernels.fuse_gate_up and config.family == "llama"
+    if not (up_rows or gate_up or kernels.fuse_qkv or kernels.fuse_kv):
         return params
     out = dict(params)
     for i in range(config.num_layers):
         layer = dict(out[f"layers_{i}"])
+        if gate_up:  # [d, m] + [d, m] -> [d, 2m], columns (gate_i, up_i)
+            mlp = dict(layer["mlp"])
+            g, u = mlp.pop("gate_proj"), mlp.pop("up_proj")
+            mlp["gate_up_proj"] = {
+                name: jnp.stack([jnp.asarray(g[name]), jnp.asarray(u[name])], axis=-1).reshape(
+                    *g[name].shape[:-1], -1
+                )
+                for name in g
+            }
+            layer["mlp"] = mlp
         if up_rows:
             mlp = dict(layer["mlp"])
             mlp["up_proj"] = {**mlp["up_proj"], "kernel": jnp.asarray(mlp["up_proj"]["kernel"]).T}

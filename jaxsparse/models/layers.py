@@ -51,6 +51,11 @@ class Kernels:
     fuse_qkv: bool = False
     # k/v as one `kv_proj` matmul [d, 2 kv] (chess+, where q reads its own input).
     fuse_kv: bool = False
+    # gate_proj and up_proj as one `gate_up_proj` matmul [d, 2m], prepared at load by
+    # `prepare_params`, where both read the thresholded FFN input (`ffn_in`: TEAL, WINA):
+    # one sparse kernel launch per layer instead of two. Columns are interleaved per
+    # neuron (gate_i, up_i), so that an even split over devices keeps each neuron's pair.
+    fuse_gate_up: bool = False
     # The sparsification points (`jaxsparse.rules.TENSORS`) whose projections use a kernel;
     # the others stay dense XLA matmuls. "gate" means: up_proj stored [m, d] (rows layout,
     # prepared at load by `prepare_params`) and computed by `gated_matvec`.
@@ -79,6 +84,11 @@ class Kernels:
         unknown = set(self.points) - set(TENSORS)
         if unknown:
             raise ValueError(f"kernel points {sorted(unknown)} unknown; known: {TENSORS}")
+        if self.fuse_gate_up and "gate" in self.points:
+            raise ValueError(
+                "Kernels(fuse_gate_up=True) cannot run with the 'gate' kernel point (up_proj "
+                "stored as rows for gated_matvec); drop one of them"
+            )
         if self.head_attention and not self.fuse_kv:
             raise ValueError(
                 "Kernels(head_attention=True) needs fuse_kv=True (q_proj apart from kv_proj)"
@@ -151,8 +161,8 @@ class Linear(nn.Module):
             from pallas_kernels import sparse_input_matvec
 
             b = x.shape[0]
-            y = per_shard(
-                lambda x2, w: sparse_input_matvec(x2, w, impl=k.impl),
+            y = per_shard(  # float32 out: the accumulator as it is, no cast pass
+                lambda x2, w: sparse_input_matvec(x2, w, impl=k.impl, out_dtype=jnp.float32),
                 k.mesh,
                 x.reshape(b, -1),
                 None,

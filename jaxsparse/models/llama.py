@@ -45,6 +45,18 @@ class SwiGLU(nn.Module):
         kn = self.kernels
         x = _sparse(self, "ffn_in", h_BxTxD, thresholds)
         act = ACTIVATIONS[c.activation]
+        if kn.fuse_gate_up:  # one [d, 2m] matmul, columns (gate_i, up_i) (`prepare_params`)
+            m = c.intermediate_size
+            gu = Linear(2 * m, ("embed", "mlp"), c.mlp_bias, dt, kn, name="gate_up_proj")(
+                x, "ffn_in"
+            )
+            gu = gu.reshape(*gu.shape[:-1], m, 2)
+            g = _sparse(self, "gate", act(gu[..., 0].astype(jnp.float32)).astype(dt), thresholds)
+            self.sow("taps", "up", gu[..., 1])
+            a = _sparse(self, "down_in", g * gu[..., 1], thresholds)
+            return Linear(c.hidden_size, ("mlp", "embed"), c.mlp_bias, dt, kn, name="down_proj")(
+                a, "down_in"
+            )
         gate_proj = Linear(
             c.intermediate_size,
             ("embed", "mlp"),
