@@ -226,20 +226,38 @@ def gguf_field_value(field) -> Any:
     return v
 
 
+# The last GGUF file parsed, by (path, size, mtime): converting one reads its tensors and
+# then its tokenizer, and parsing the metadata (a 49152-token vocabulary and its merges) is
+# most of the cost (~5 s of CPU for SmolLM2), so it is parsed once. The reader memory-maps
+# the file read-only.
+_LAST_READER: dict[tuple, Any] = {}
+
+
+def gguf_reader(path: Path):
+    """`gguf.GGUFReader(path)`, reused while the file's size and mtime are unchanged."""
+    import gguf
+
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _LAST_READER:
+        reader = gguf.GGUFReader(path)
+        _LAST_READER.clear()
+        _LAST_READER[key] = reader
+    return _LAST_READER[key]
+
+
 class GGUFSource(TensorSource):
     """A GGUF file; shapes are given in HF row-major order (GGUF `ne` reversed)."""
 
     kind = "gguf"
 
     def __init__(self, path: Path):
-        import gguf
-
         path = Path(path)
         self.files = (path,)
         if not path.is_file():
             raise SourceError(f"{path}: file not found")
         try:
-            self.reader = gguf.GGUFReader(path)
+            self.reader = gguf_reader(path)
         except Exception as e:  # noqa: BLE001 (the reader raises many kinds)
             raise SourceError(
                 f"{path}: cannot read the GGUF file ({type(e).__name__}: {e}); it "

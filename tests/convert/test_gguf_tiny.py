@@ -3,6 +3,7 @@ biases), quantized to several types, converted by us and by HF transformers: sam
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import jax
@@ -149,6 +150,28 @@ def test_tiny_gguf_converts_without_tokenizer(tiny_ggufs, tmp_path):
     convert(path, tmp_path / "ck", progress=False)
     m = load_model(tmp_path / "ck")
     assert m.tokenizer is None and m.config.model_type == "qwen2" and m.config.qkv_bias
+
+
+def test_a_conversion_parses_the_file_once(tiny_ggufs, tmp_path, monkeypatch):
+    """Tensors and tokenizer come from one parse of the GGUF; a changed file is parsed again."""
+    import gguf
+
+    path = tmp_path / "m.gguf"
+    path.write_bytes(tiny_ggufs["llama"].read_bytes())
+    parsed = []
+    real = gguf.GGUFReader
+
+    def counting(p, *args, **kwargs):
+        parsed.append(p)
+        return real(p, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting)
+    convert(path, tmp_path / "ck", progress=False)  # the tensors, then the tokenizer
+    assert len(parsed) == 1
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    read_model(path)
+    assert len(parsed) == 2
 
 
 def test_truncated_and_garbage_gguf(tiny_ggufs, tmp_path):
