@@ -186,7 +186,11 @@ def _equal_row_norms(config, params):
     return params
 
 
-@pytest.mark.parametrize("config", [LLAMA, OPT], ids=["llama", "opt"])
+@pytest.mark.parametrize(
+    "config",
+    [LLAMA, pytest.param(OPT, marks=pytest.mark.slow)],  # each ~45 s on the loaded 2-core CPU
+    ids=["llama", "opt"],
+)
 def test_equal_row_norms_give_teal(config, corpus, make_params):
     """With every n_i equal, WINA's score orders channels as |x_i| does: its thresholds are
     TEAL's (the row norm of each input's weights is what sets WINA apart, so a norm taken
