@@ -8,27 +8,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny
 
 from jaxsparse.budget import BudgetError, solve_scale
 from jaxsparse.calibrate import sequence_batches
-from jaxsparse.config import ModelConfig
 from jaxsparse.learn_kl import KLSettings, LearnError, learn_kl
 from jaxsparse.methods import get_method
 from jaxsparse.methods.statistics import collect_statistics
 from jaxsparse.sparsity import make_state
 from jaxsparse.training import latest_checkpoint, load_checkpoint
 
-LLAMA = ModelConfig(
-    model_type="llama",
-    vocab_size=97,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    eos_token_ids=(0,),
-)
+LLAMA = tiny.LLAMA.replace(vocab_size=97, intermediate_size=64)
 TARGET = 0.6
 
 

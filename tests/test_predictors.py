@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny import LLAMA, Loaded
 
-from jaxsparse.config import ModelConfig
 from jaxsparse.models import build_model, init_params, positions_from_mask
 from jaxsparse.predictors import (
     PredictorError,
@@ -25,17 +25,7 @@ from jaxsparse.sparsity import StateError, load_state, save_state
 # Structured tiny model: large token embeddings and small attention/FFN-output weights, so
 # the residual stream stays close to the token's embedding across layers and the FFN's
 # important neurons are a (nonlinear) function of the token, visible one block ahead.
-TINY = ModelConfig(
-    model_type="llama",
-    vocab_size=48,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=3,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    eos_token_ids=(0,),
-)
+TINY = LLAMA.replace(vocab_size=48, intermediate_size=64, num_layers=3)
 KS = {"ffn_k": 32, "ffn_label_k": 12, "head_k": 3, "head_label_k": 2}
 RECALL_FLOOR = 0.9  # mean held-out FFN recall the tiny model must reach (stated in docs)
 
@@ -211,7 +201,6 @@ def test_cli_rejects_bad_rank_before_training(tmp_path, capsys):
 
 
 def test_sweep_and_eval_take_dejavu_and_learned_states(trained, tmp_path):
-    import dataclasses
     import json
 
     from jaxsparse.learn import LearnSettings, learn
@@ -226,13 +215,6 @@ def test_sweep_and_eval_take_dejavu_and_learned_states(trained, tmp_path):
         def encode(self, text, add_special_tokens=False):
             return [b % 40 + 1 for b in text.encode()]
 
-    @dataclasses.dataclass
-    class Loaded:
-        config: ModelConfig
-        params: dict
-        tokenizer: object
-        source: str = "tiny-structured"
-
     save_state(dejavu_state(TINY, weights, 32, 3), tmp_path / "dv")
     init = make_state(TINY, "chess", 0.5, {f"layers_{i}": {"gate": 0.05} for i in range(3)})
     learned, _ = learn(
@@ -242,7 +224,7 @@ def test_sweep_and_eval_take_dejavu_and_learned_states(trained, tmp_path):
     (tmp_path / "ev.txt").write_text("alpha beta gamma delta " * 40)
     out = tmp_path / "sweep"
     results = sweep(
-        Loaded(TINY, params, ByteTok()),
+        Loaded(TINY, params, ByteTok(), "tiny-structured"),
         ["cats"],
         [0.3],
         out,
