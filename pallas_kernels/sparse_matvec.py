@@ -369,7 +369,9 @@ def _tpu_kernel(
     y_ref[...] = acc_ref[...].astype(y_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("block_k", "block_n", "interpret", "count_copies"))
+@functools.partial(
+    jax.jit, static_argnames=("block_k", "block_n", "interpret", "count_copies", "out_dtype")
+)
 def _sparse_input_matvec_tpu(
     x_BxK: jax.Array,
     w_KxN: jax.Array,
@@ -379,6 +381,7 @@ def _sparse_input_matvec_tpu(
     block_n: int | None = None,
     interpret: bool = False,
     count_copies: bool = False,
+    out_dtype: Any = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """The TPU kernel. With `count_copies` (a debug mode) it also returns the number of
     row DMAs each column block started, int32 [n_col]."""
@@ -412,7 +415,7 @@ def _sparse_input_matvec_tpu(
         count_copies=count_copies,
     )
     out_specs = [pl.BlockSpec((B, block_n), lambda n, ids, cnt: (0, n))]
-    out_shape = [jax.ShapeDtypeStruct((B, N), x_BxK.dtype)]
+    out_shape = [jax.ShapeDtypeStruct((B, N), x_BxK.dtype if out_dtype is None else out_dtype)]
     if count_copies:
         out_specs.append(rdma.smem_spec())
         out_shape.append(jax.ShapeDtypeStruct((n_col,), jnp.int32))
@@ -503,7 +506,6 @@ def sparse_input_matvec(
         )
     if kernel_options:
         raise ValueError(f"{_NAME}: options {sorted(kernel_options)} apply to the GPU kernel only.")
-    y = _sparse_input_matvec_tpu(
-        x_BxK, w_KxN, threshold, interpret=which == "tpu_interpret", **blocks
+    return _sparse_input_matvec_tpu(
+        x_BxK, w_KxN, threshold, interpret=which == "tpu_interpret", out_dtype=out, **blocks
     )
-    return y if out is None else y.astype(out)

@@ -92,6 +92,49 @@ def test_random_sparsity_gpu(kt, gpu_impl, seed, sparsity):
     kt.assert_close(y, sparse_input_matvec_reference(x, w), jnp.bfloat16, f"seed={seed}")
 
 
+@pytest.mark.parametrize("B", [1, 2, 5, 8])
+@pytest.mark.parametrize("dot", [False, True])
+def test_gpu_paths_per_row_and_tensor_core(kt, gpu_impl, B, dot):
+    """Both GPU reductions (batch rows one by one; the batch as one tensor-core tile,
+    padded to 16 rows) read the union of active rows: each batch row its own random (not
+    block-aligned) pattern, with the rows nobody uses poisoned with NaN, fp32 and bf16, and
+    the unrolled and looped forms of several tiles per program."""
+    for dtype in (jnp.float32, jnp.bfloat16):
+        x = kt.sparse_values(jax.random.key(20 + B), (B, K), 0.7, dtype)
+        w = kt.normal(jax.random.key(21), (K, N), dtype)
+        unused = ~jnp.any(x != 0, axis=0)
+        poisoned = jnp.where(unused[:, None], jnp.nan, w)
+        want = sparse_input_matvec_reference(x, w)
+        for split_k, unroll in ((None, None), (3, True), (3, False)):
+            y = sparse_input_matvec(
+                x,
+                poisoned,
+                impl=gpu_impl,
+                block_k=32,
+                block_n=64,
+                dot=dot,
+                split_k=split_k,
+                unroll=unroll,
+            )
+            kt.assert_close(y, want, dtype, f"B={B} dot={dot} split={split_k} unroll={unroll}")
+
+
+@pytest.mark.parametrize("impl_name", ["reference", "gpu_interpret", "tpu_interpret"])
+def test_out_dtype_float32_is_the_unrounded_sum(kt, impl_name):
+    """out_dtype=float32 (what the models ask for) returns the float32 accumulation
+    itself, not the bf16-rounded result cast back."""
+    x = kt.sparse_values(jax.random.key(30), (2, K), 0.5, jnp.bfloat16)
+    w = kt.normal(jax.random.key(31), (K, N), jnp.bfloat16)
+    y32 = sparse_input_matvec(x, w, impl=impl_name, out_dtype=jnp.float32, **blocks(impl_name))
+    y16 = sparse_input_matvec(x, w, impl=impl_name, **blocks(impl_name))
+    want = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), precision="highest")
+    assert y32.dtype == jnp.float32 and y16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y32), np.asarray(want), rtol=1e-5, atol=1e-5)
+    assert float(jnp.max(jnp.abs(y16.astype(jnp.float32) - want))) > 1e-4  # bf16 rounding
+    with pytest.raises(ValueError, match="out_dtype"):
+        sparse_input_matvec(x, w, impl=impl_name, out_dtype=jnp.int32)
+
+
 def test_interpreters_poison_unwritten_outputs():
     """The tests above rely on unwritten outputs coming back as NaN (then assert_close
     fails): check that both interpreters really do that."""
@@ -128,6 +171,8 @@ def test_bad_inputs():
         sparse_input_matvec(x, w, impl="tpu_interpret", split_k=2)
     with pytest.raises(ValueError, match="block_n=128 must equal N"):
         sparse_input_matvec(x, w, impl="tpu_interpret", block_n=128)  # 128 does not divide 200
+    with pytest.raises(ValueError, match="tensor-core path"):
+        sparse_input_matvec(x, w, impl="gpu_interpret", block_k=8, block_n=64)  # batch 2: dot
     with pytest.raises(ValueError, match="block_k=12 .*multiple of 8"):
         sparse_input_matvec(x, w, impl="tpu_interpret", block_k=12)
 
