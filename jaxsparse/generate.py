@@ -155,8 +155,9 @@ def sample_logits(
 def default_kernels(method: str, batch: int, mode: str = "auto", thresholds: Any = None) -> Kernels:
     """The decode matmuls for a state of `method` at `batch` rows: `mode` "pallas" (the
     sparse kernels) or "xla" (masked dense), or "auto": the kernels on a GPU or TPU for a
-    single row, XLA otherwise (on an H100 the kernels lose to XLA from batch 4 on:
-    benchmarks/results/decode_llama3_8b_h100.json; on a CPU they would only run as their
+    single row, XLA otherwise (on an H200 the batch kernel, the union of the rows' active
+    rows as one tensor-core tile, is 0.56-0.71x XLA's dense matmul at batch 4 and 8:
+    benchmarks/results/kernels_h200.json; on a CPU they would only run as their
     pure-jnp references). Dense always runs plain XLA. `thresholds`, the state's
     `thresholds_for_model()`: q/k/v are fused only where its q_in and kv_in thresholds are
     equal (`jaxsparse.registry.kernels_for_method`); None decides by the method's name."""
