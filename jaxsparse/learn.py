@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxsparse.training import LearnError, TrainLoop, TrainSettings, start_or_resume
+from jaxsparse.training import LearnError, TrainLoop, TrainSettings, adam_step
 
 POINTS = {"chess": ("gate",), "teal": ("q_in", "kv_in", "o_in", "ffn_in", "down_in")}
 DEFAULTS = {
@@ -260,17 +260,14 @@ class Trainer(TrainLoop):
             )
             return jnp.sum(tot), (jnp.mean(err), jnp.mean(sp))
 
-        def step(theta, opt_state, key, tau, stacked, x_all, y_all):
-            key, sub = jax.random.split(key)
-            idx = jax.random.choice(sub, n, (self.batch,), replace=False)
-            x, y = x_all[:, idx], y_all[:, idx]
-            (loss, (err, sp)), g = jax.value_and_grad(loss_fn, has_aux=True)(
-                theta, stacked, x, y, tau
-            )
-            upd, opt_state = opt.update(g, opt_state, theta)
-            theta = optax.apply_updates(theta, upd)
-            return theta, opt_state, key, {"loss": loss, "err": err, "sparsity": sp}
-
+        step = adam_step(
+            loss_fn,
+            opt,
+            n,
+            self.batch,
+            lambda idx, stacked, x_all, y_all: (stacked, x_all[:, idx], y_all[:, idx]),
+            lambda loss, aux: {"loss": loss, "err": aux[0], "sparsity": aux[1]},
+        )
         self._step = jax.jit(step)
         self._full_loss = jax.jit(lambda theta, tau, st, x, y: loss_fn(theta, st, x, y, tau)[0])
 
@@ -385,12 +382,10 @@ def learn(
     data = dense_inputs(config, params, seqs_NxT, settings.method)
     trainer = Trainer(config, params, data, settings)
     ts = trainer.init(init_theta(init_state, settings.method))
-    if ckpt_dir is not None:
-        ckpt_dir = Path(ckpt_dir)
-        ts = start_or_resume(ckpt_dir, resume, ts, config, settings, data_key, progress)
-    until = settings.steps if stop_at is None else min(stop_at, settings.steps)
-    ts = trainer.run(ts, until, save_every, ckpt_dir, progress)
-    if stop_at is not None and until < settings.steps:
+    _, ts, done = trainer.train(
+        ts, config, ckpt_dir, resume, save_every, data_key, progress, stop_at
+    )
+    if not done:
         return None, ts
     thresholds, info = trainer.finalize(ts["theta"])
     values = {

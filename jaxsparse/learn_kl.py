@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from jaxsparse.budget import BudgetError, FractionMeter, solve_scale
-from jaxsparse.training import LearnError, TrainLoop, TrainSettings, start_or_resume
+from jaxsparse.training import LearnError, TrainLoop, TrainSettings, adam_step
 
 METHOD = "kl-learned"
 ALL_POINTS = ("q_in", "kv_in", "o_in", "ffn_in", "gate", "down_in")
@@ -232,16 +232,14 @@ class KLTrainer(TrainLoop):
             loss = kl + lam * jnp.square(frac - target)
             return loss, (kl, frac, jnp.stack(fracs))
 
-        def step(theta, opt_state, key, tau, params, base, seqs):
-            key, sub = jax.random.split(key)
-            idx = jax.random.choice(sub, n, (self.batch,), replace=False)
-            (loss, (kl, frac, _)), g = jax.value_and_grad(loss_fn, has_aux=True)(
-                theta, params, base, seqs[idx], tau
-            )
-            upd, opt_state = self.opt.update(g, opt_state, theta)
-            theta = optax.apply_updates(theta, upd)
-            return theta, opt_state, key, {"loss": loss, "kl": kl, "fraction": frac}
-
+        step = adam_step(
+            loss_fn,
+            self.opt,
+            n,
+            self.batch,
+            lambda idx, params, base, seqs: (params, base, seqs[idx]),
+            lambda loss, aux: {"loss": loss, "kl": aux[0], "fraction": aux[1]},
+        )
         self._step = jax.jit(step)
         self._base = base_dev
 
@@ -352,14 +350,10 @@ def learn_kl(
     )
     log_base = {p: (v + np.float32(s0)).astype(np.float32) for p, v in log_base0.items()}
     trainer = KLTrainer(config, params, seqs_NxT, log_base, settings)
-    ts = trainer.init()
-    if ckpt_dir is not None:
-        ckpt_dir = Path(ckpt_dir)
-        ts = start_or_resume(ckpt_dir, resume, ts, config, settings, data_key, progress)
-    until = settings.steps if stop_at is None else min(stop_at, settings.steps)
-    start_step = int(ts["step"])
-    ts = trainer.run(ts, until, save_every, ckpt_dir, progress)
-    if stop_at is not None and until < settings.steps:
+    start_step, ts, done = trainer.train(
+        trainer.init(), config, ckpt_dir, resume, save_every, data_key, progress, stop_at
+    )
+    if not done:
         return None, ts
     s1, f1, trace1 = rescale_to_target(
         config, meter, log_base, ts["theta"], settings.target_fraction, fraction_tol

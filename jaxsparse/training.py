@@ -39,6 +39,26 @@ class TrainSettings:
         }
 
 
+def adam_step(loss_fn, opt, n: int, batch: int, pick, metrics):
+    """The training step `learn` and `learn-kl` jit: `batch` of the `n` training rows drawn
+    without replacement with the key the training state carries, the gradient of
+    `loss_fn(theta, *pick(idx, *args), tau) -> (loss, aux)`, one `opt` (optax) update.
+    Returns `step(theta, opt_state, key, tau, *args) -> (theta, opt_state, key,
+    metrics(loss, aux))`."""
+    import jax
+    import optax
+
+    def step(theta, opt_state, key, tau, *args):
+        key, sub = jax.random.split(key)
+        idx = jax.random.choice(sub, n, (batch,), replace=False)
+        (loss, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(theta, *pick(idx, *args), tau)
+        upd, opt_state = opt.update(g, opt_state, theta)
+        theta = optax.apply_updates(theta, upd)
+        return theta, opt_state, key, metrics(loss, aux)
+
+    return step
+
+
 class TrainLoop:
     """The host side of a trainer. A subclass sets `self.settings`, `self.opt` (optax) and
     `self._step(theta, opt_state, key, tau, *self.step_args()) -> (theta, opt_state, key,
@@ -60,6 +80,30 @@ class TrainLoop:
             "step": 0,
             "key": jax.random.key(self.settings.seed),
         }
+
+    def train(
+        self,
+        ts: dict,
+        config,
+        ckpt_dir: Path | str | None,
+        resume: bool,
+        save_every: int,
+        data_key: dict,
+        progress: bool,
+        stop_at: int | None = None,
+    ) -> tuple[int, dict, bool]:
+        """The whole training from `ts` (a fresh `init`): resumed from `ckpt_dir` with
+        `resume` (`start_or_resume`), stepped to `settings.steps`, or only to `stop_at`
+        (tests of interruption). Returns `(the step it started from, the training state,
+        whether it reached settings.steps)`."""
+        if ckpt_dir is not None:
+            ckpt_dir = Path(ckpt_dir)
+            ts = start_or_resume(ckpt_dir, resume, ts, config, self.settings, data_key, progress)
+        start = int(ts["step"])
+        steps = self.settings.steps
+        until = steps if stop_at is None else min(stop_at, steps)
+        ts = self.run(ts, until, save_every, ckpt_dir, progress)
+        return start, ts, until >= steps
 
     def run(
         self,
