@@ -446,3 +446,30 @@ def test_fused_qkv_refused_for_different_q_and_kv_thresholds():
     with pytest.raises(ValueError, match="q_in and kv_in different values"):
         fused.generate_ids(prompt, 6, thresholds=th, stop_at_eos=False)
     fused.generate_ids(prompt, 6, thresholds=same, stop_at_eos=False)  # equal: accepted
+
+
+def test_auto_kernels_follow_the_recorded_crossover(monkeypatch):
+    """`--kernels auto` on a GPU picks the sparse kernels at a batch size exactly when the
+    committed kernel measurements (benchmarks/results/kernels_h200.json: device time of
+    the kernel against XLA's dense matmul at 50%, both Llama-3-8B shapes) show them
+    faster there; dense always runs XLA."""
+    import json
+    from pathlib import Path
+
+    from jaxsparse.generate import default_kernels
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks/results/kernels_h200.json"
+    rows = [
+        r
+        for r in json.loads(path.read_text())["rows"]
+        if r["kernel"] == "sparse_input_matvec" and r["sparsity"] == 0.5
+    ]
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    batches = sorted({r["batch"] for r in rows})
+    assert batches == [1, 4, 8]
+    for batch in batches:
+        faster = all(r["device_speedup"] > 1.0 for r in rows if r["batch"] == batch)
+        for method in ("chess", "teal"):
+            mode = default_kernels(method, batch, "auto").mode
+            assert mode == ("pallas" if faster else "xla"), (method, batch, faster)
+        assert default_kernels("dense", batch, "auto").mode == "xla"
