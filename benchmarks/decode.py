@@ -39,7 +39,6 @@ import contextlib
 import datetime
 import io
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -54,6 +53,7 @@ import jax.numpy as jnp
 
 from jaxsparse.config import ModelConfig, full_size_shapes
 from jaxsparse.generate import Generator, bucket_length, default_kernels
+from jaxsparse.io import write_json_atomic
 from jaxsparse.models import build_model, init_cache, param_shapes, prepare_params
 
 METHODS = ("dense", "chess", "chess+", "teal")
@@ -462,9 +462,7 @@ def main(argv=None) -> int:
     out = run(args)
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        json.dump(out, f, indent=2)
-    os.replace(f.name, path)
+    write_json_atomic(out, path)
     print(
         f"\n{out['model']} on {out['device']}, jax {out['jax_version']}, "
         f"S={args.sparsity}, copy {out['copy_bandwidth_GBps']:.0f} GB/s; tok/s per sequence"

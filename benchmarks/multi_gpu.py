@@ -35,7 +35,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -54,6 +53,7 @@ import numpy as np
 from decode import LLAMA3_8B, ByteTokenizer, prompt_batch, random_params
 
 from jaxsparse.config import full_size_shapes
+from jaxsparse.io import write_json_atomic
 from jaxsparse.sharding import make_mesh
 
 SMOLLM2_135M = full_size_shapes()["smollm2-135m"]
@@ -349,9 +349,7 @@ def main(argv=None) -> int:
     }
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        json.dump(out, f, indent=2)
-    os.replace(f.name, path)
+    write_json_atomic(out, path)
     print(
         f"\n{out['device']} x{out['devices_visible']}, jax {out['jax_version']}, "
         f"{out['wall_s']:.0f} s{' (--tiny: a check, not a measurement)' if args.tiny else ''}"

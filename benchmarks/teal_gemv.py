@@ -28,17 +28,18 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import json
 import math
-import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jaxsparse.io import write_json_atomic
 
 MIN_TOTAL_BYTES = 220e6
 # (BLOCK_K, BLOCK_N, num_warps): TEAL's autotune list (its BLOCK_M is our BLOCK_K).
@@ -233,11 +234,7 @@ def main(argv=None):
         + " ".join(sys.argv[1:] if argv is None else argv),
         "rows": rows,
     }
-    path = Path(a.json)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(out, f, indent=1)
-    os.replace(tmp, path)
+    write_json_atomic(out, Path(a.json))
     return 0
 
 
