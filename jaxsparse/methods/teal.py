@@ -217,15 +217,27 @@ def teal_greedy(
     return values, alloc
 
 
-def fit(stats: CalibrationStats, sparsity: float, options: dict | None = None, context=None):
-    """`context` (greedy only): dict with config, params, block_inputs, valid."""
+def fit_allocated(
+    name: str,
+    uniform_fn,
+    thresholds_fn,
+    stats: CalibrationStats,
+    sparsity: float,
+    options: dict | None = None,
+    context=None,
+):
+    """TEAL's points at `sparsity`, with the uniform fit `uniform_fn(stats, sparsity)` or
+    the greedy allocation over blocks, whose groups get their thresholds from
+    `thresholds_fn(stats, layer, group_sparsities)`: the one allocation switch of teal and
+    wina (`name` is the method, for messages and the progress bar). `context` (greedy
+    only): dict with config, params, block_inputs, valid."""
     opts = {**DEFAULT_OPTIONS, **(options or {})}
     if opts["allocation"] == "uniform":
-        return teal_uniform(stats, sparsity), {"allocation": "uniform"}
+        return uniform_fn(stats, sparsity), {"allocation": "uniform"}
     if opts["allocation"] != "greedy":
-        raise ValueError(f"teal allocation {opts['allocation']!r}: expected uniform or greedy")
+        raise ValueError(f"{name} allocation {opts['allocation']!r}: expected uniform or greedy")
     if context is None:
-        raise ValueError("teal greedy allocation needs the model and the block inputs")
+        raise ValueError(f"{name} greedy allocation needs the model and the block inputs")
     values, alloc = teal_greedy(
         stats,
         sparsity,
@@ -236,9 +248,16 @@ def fit(stats: CalibrationStats, sparsity: float, options: dict | None = None, c
         opts["greedy_step"],
         opts["max_group_sparsity"],
         context.get("progress", True),
+        thresholds_fn=thresholds_fn,
+        desc=name,
     )
     return values, {
         "allocation": "greedy",
         "greedy_step": opts["greedy_step"],
         "group_sparsity": alloc,
     }
+
+
+def fit(stats: CalibrationStats, sparsity: float, options: dict | None = None, context=None):
+    """`context` (greedy only): dict with config, params, block_inputs, valid."""
+    return fit_allocated("teal", teal_uniform, group_thresholds, stats, sparsity, options, context)

@@ -71,28 +71,6 @@ def wina_uniform(stats: CalibrationStats, sparsity: float) -> dict:
 
 def fit(stats: CalibrationStats, sparsity: float, options: dict | None = None, context=None):
     """`context` (greedy only): dict with config, params, block_inputs, valid."""
-    opts = {**DEFAULT_OPTIONS, **(options or {})}
-    if opts["allocation"] == "uniform":
-        return wina_uniform(stats, sparsity), {"allocation": "uniform"}
-    if opts["allocation"] != "greedy":
-        raise ValueError(f"wina allocation {opts['allocation']!r}: expected uniform or greedy")
-    if context is None:
-        raise ValueError("wina greedy allocation needs the model and the block inputs")
-    values, alloc = teal.teal_greedy(
-        stats,
-        sparsity,
-        context["config"],
-        context["params"],
-        context["block_inputs"],
-        context["valid"],
-        opts["greedy_step"],
-        opts["max_group_sparsity"],
-        context.get("progress", True),
-        thresholds_fn=group_thresholds,
-        desc="wina",
+    return teal.fit_allocated(
+        "wina", wina_uniform, group_thresholds, stats, sparsity, options, context
     )
-    return values, {
-        "allocation": "greedy",
-        "greedy_step": opts["greedy_step"],
-        "group_sparsity": alloc,
-    }
