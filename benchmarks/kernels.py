@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import math
 import statistics
 import sys
@@ -103,12 +104,10 @@ def device_us_per_call(f, args, calls, trace_dir):
     `jax.profiler` trace: the sum of its kernels' durations / calls, in µs. None where the
     trace holds no device events (a CPU run). Launch gaps and the per-execution host
     overhead are left out, as in a CUDA-graph replay (how TEAL's kernel is timed)."""
-    from profile_decode import device_kernel_events
+    from profile_decode import traced
 
     jax.block_until_ready(f(*args))
-    with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
-        jax.block_until_ready(f(*args))
-    ev = device_kernel_events(Path(trace_dir))
+    _, ev = traced(lambda: f(*args), trace_dir)
     if not ev:
         return None
     return sum(float(e.get("dur", 0.0)) for e in ev) / calls
@@ -469,7 +468,7 @@ def profile_matvec(args, dtype, calls_min, out_dir):
     """Device-side time per call from a profiler trace (`jax.profiler`), next to the wall
     time per call, for dense XLA and the kernel (float32 out, and bf16 out with its cast
     pass) at batch 1, 50%: which kernels a call launches and what each costs on the GPU."""
-    from profile_decode import device_kernel_events
+    from profile_decode import traced
 
     rows = []
     for K, N in args.shapes:
@@ -491,10 +490,7 @@ def profile_matvec(args, dtype, calls_min, out_dir):
         for name, fn in fns.items():
             f = unrolled(fn, nb, nb)
             wall, _ = time_per_call(f, (xs, ws), nb, 5)
-            d = Path(out_dir) / f"{K}x{N}_{name}"
-            with jax.profiler.trace(str(d), create_perfetto_trace=True):
-                jax.block_until_ready(f(xs, ws))
-            ev = device_kernel_events(d)
+            _, ev = traced(functools.partial(f, xs, ws), Path(out_dir) / f"{K}x{N}_{name}")
             per_name: dict[str, list[float]] = {}
             for e in ev:
                 per_name.setdefault(e["name"][:60], []).append(float(e.get("dur", 0.0)))

@@ -52,6 +52,16 @@ def device_kernel_events(trace_dir: Path) -> list[dict]:
     return [e for e in events if e.get("ph") == "X" and e.get("pid") in dev]
 
 
+def traced(fn, trace_dir) -> tuple:
+    """`fn()` run (and waited for) under `jax.profiler.trace(trace_dir)`; returns its
+    result and the device kernel events of that trace (`device_kernel_events`)."""
+    import jax
+
+    with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+        out = jax.block_until_ready(fn())
+    return out, device_kernel_events(Path(trace_dir))
+
+
 def summarize(directory: str) -> dict:
     """Device kernel events of each method's Perfetto trace, summed per step by kind."""
     out = {}

@@ -233,7 +233,7 @@ def _sparse_input_matvec_gpu(
     block_k: int = DEFAULT_BLOCK_K,
     block_n: int = DEFAULT_BLOCK_N,
     split_k: int | None = None,
-    num_warps: int | None = 4,
+    num_warps: int | None = DEFAULT_NUM_WARPS,
     num_stages: int | None = 3,
     interpret: bool = False,
     dot: bool | None = None,

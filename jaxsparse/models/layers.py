@@ -169,7 +169,7 @@ class Linear(nn.Module):
                 kernel,
                 axes,
             )
-            y = y.reshape(b, 1, -1).astype(jnp.float32)
+            y = y.reshape(b, 1, -1)  # float32 already
         elif self.rows:
             y = jnp.einsum("...i,oi->...o", x, kernel, preferred_element_type=jnp.float32)
         else:
