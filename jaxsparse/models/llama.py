@@ -45,43 +45,34 @@ class SwiGLU(nn.Module):
         kn = self.kernels
         x = _sparse(self, "ffn_in", h_BxTxD, thresholds)
         act = ACTIVATIONS[c.activation]
+        m = c.intermediate_size
+        u = None  # the up projection, where it is computed apart from the gate
         if kn.fuse_gate_up:  # one [d, 2m] matmul, columns (gate_i, up_i) (`prepare_params`)
-            m = c.intermediate_size
             gu = Linear(2 * m, ("embed", "mlp"), c.mlp_bias, dt, kn, name="gate_up_proj")(
                 x, "ffn_in"
             )
             gu = gu.reshape(*gu.shape[:-1], m, 2)
-            g = _sparse(self, "gate", act(gu[..., 0].astype(jnp.float32)).astype(dt), thresholds)
-            self.sow("taps", "up", gu[..., 1])
-            a = _sparse(self, "down_in", g * gu[..., 1], thresholds)
-            return Linear(c.hidden_size, ("mlp", "embed"), c.mlp_bias, dt, kn, name="down_proj")(
-                a, "down_in"
-            )
-        gate_proj = Linear(
-            c.intermediate_size,
-            ("embed", "mlp"),
-            c.mlp_bias,
-            dt,
-            kn,
-            kn.gate_rows,
-            name="gate_proj",
-        )
-        mask = None if thresholds is None else thresholds.get("masks", {}).get("gate")
-        if mask is not None:  # Deja Vu: a predicted-inactive neuron skips its gate row too
-            self.sow("stats", "gate_rows", rules.zero_fraction(mask))
-            self.sow("zeros", "gate_rows", mask == 0)
-            pre = gate_proj(x, gate=mask)  # mask * (x Wg); the kernel reads active rows only
+            pre, u = gu[..., 0], gu[..., 1]
         else:
-            pre = gate_proj(x, "ffn_in")
+            gate_proj = Linear(
+                m, ("embed", "mlp"), c.mlp_bias, dt, kn, kn.gate_rows, name="gate_proj"
+            )
+            mask = None if thresholds is None else thresholds.get("masks", {}).get("gate")
+            if mask is not None:  # Deja Vu: a predicted-inactive neuron skips its gate row too
+                self.sow("stats", "gate_rows", rules.zero_fraction(mask))
+                self.sow("zeros", "gate_rows", mask == 0)
+                pre = gate_proj(x, gate=mask)  # mask * (x Wg); the kernel reads active rows only
+            else:
+                pre = gate_proj(x, "ffn_in")
         g = act(pre.astype(jnp.float32)).astype(dt)  # act(0) = 0: the mask survives it
         g = _sparse(self, "gate", g, thresholds)
-        up = Linear(
-            c.intermediate_size, ("embed", "mlp"), c.mlp_bias, dt, kn, kn.up_rows, name="up_proj"
-        )
-        if kn.up_rows:  # g * (x @ Wu^T), only the rows where g != 0 in a decode step
-            a = up(x, gate=g)
-        else:
-            u = up(x, "ffn_in")
+        if u is None:
+            up = Linear(m, ("embed", "mlp"), c.mlp_bias, dt, kn, kn.up_rows, name="up_proj")
+            if kn.up_rows:  # g * (x @ Wu^T), only the rows where g != 0 in a decode step
+                a = up(x, gate=g)
+            else:
+                u = up(x, "ffn_in")
+        if u is not None:
             self.sow("taps", "up", u)
             a = g * u
         a = _sparse(self, "down_in", a, thresholds)
