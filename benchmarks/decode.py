@@ -283,7 +283,11 @@ def run(args) -> dict:
             gen = gens[kernels]
             r, compile_s = median_result(
                 lambda g=gen, b=batch, t=th: g.generate_ids(
-                    prompts[:b], args.new_tokens, thresholds=t, stop_at_eos=False
+                    prompts[:b],
+                    args.new_tokens,
+                    thresholds=t,
+                    stop_at_eos=False,
+                    collect_stats=args.collect_stats,
                 ),
                 args.repeats,
             )
@@ -292,6 +296,8 @@ def run(args) -> dict:
                 "batch": batch,
                 "kernels": kernels.mode,
                 "kernel_points": list(kernels.points),
+                "dense_kernel_points": list(kernels.dense_points),
+                "collect_stats": args.collect_stats is not False and th is not None,
                 "generator_tokens_per_s_per_sequence": r.decode_steps_per_s,
                 "generator_tokens_per_s_summed": r.decode_tokens_per_s,
                 "decode_steps": r.decode_steps,
@@ -380,9 +386,14 @@ def profile_steps(gen, prompts, th, args, method) -> dict:
     for n in (args.new_tokens, 1):
         d = Path(args.profile) / f"{method.replace('+', '_plus')}_{n}"
         if n != args.new_tokens:  # --new-tokens is compiled and warm from the timing
-            gen.generate_ids(prompts, n, thresholds=th, stop_at_eos=False)
+            gen.generate_ids(
+                prompts, n, thresholds=th, stop_at_eos=False, collect_stats=args.collect_stats
+            )
         r, events = traced(
-            lambda n=n: gen.generate_ids(prompts, n, thresholds=th, stop_at_eos=False), d
+            lambda n=n: gen.generate_ids(
+                prompts, n, thresholds=th, stop_at_eos=False, collect_stats=args.collect_stats
+            ),
+            d,
         )
         groups: dict[str, list[float]] = {}
         names: dict[str, float] = {}
@@ -417,7 +428,12 @@ def profile_steps(gen, prompts, th, args, method) -> dict:
 
 def _stream(gen, prompts, args, th, chunk):
     for _, result in gen.stream_ids(
-        prompts, args.new_tokens, thresholds=th, stop_at_eos=False, chunk_tokens=chunk
+        prompts,
+        args.new_tokens,
+        thresholds=th,
+        stop_at_eos=False,
+        collect_stats=args.collect_stats,
+        chunk_tokens=chunk,
     ):
         if result is not None:
             return result
@@ -445,6 +461,15 @@ def main(argv=None) -> int:
         help="skip the bare fori_loop reference at batch 1",
     )
     p.add_argument("--profile", help="directory for profiler traces: per-step device time, per row")
+    p.add_argument(
+        "--no-stats",
+        dest="collect_stats",
+        action="store_const",
+        const=False,
+        default=None,
+        help="generate without the zero counts (collect_stats=False; default: with them, "
+        "as `jaxsparse generate` runs a state): what counting the zeros costs",
+    )
     p.add_argument("--calibration-tokens", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument(

@@ -177,19 +177,47 @@ def _layer_index(name: str) -> int:
     return int(name.rsplit("_", 1)[1])
 
 
-def _zero_counts(zeros: dict, active_B: jax.Array) -> dict[str, dict[str, jax.Array]]:
-    """Per layer and point: int32 [B, width], this step's zeros of the rows still
-    generating (`active_B`), kept per row: elementwise, so XLA fuses the count into the op
-    that made the activation. A reduction per point and layer (over the channels, or over
-    the batch rows) would cost a launch each (~8% of an 8B decode step on an H100:
-    benchmarks/results/decode_llama3_8b_h100_per_point_reductions.json); the loop adds the
-    counts up elementwise and the host sums them once, at the end."""
-    out: dict[str, dict[str, jax.Array]] = {}
+def _stats_key(point: str, layers: list[int], num_layers: int) -> str:
+    """The loop's key for one point's stacked counts: the point's name where every layer
+    has it (the usual case), else the name and the layers it covers."""
+    if layers == list(range(num_layers)):
+        return point
+    return f"{point}@{','.join(map(str, layers))}"
+
+
+def _stats_layers(key: str, num_layers: int) -> tuple[str, list[int]]:
+    """The inverse of `_stats_key`: the point and the layers of its stacked counts."""
+    point, _, layers = key.partition("@")
+    return point, [int(i) for i in layers.split(",")] if layers else list(range(num_layers))
+
+
+def _zero_counts(zeros: dict, active_B: jax.Array, num_layers: int) -> dict[str, jax.Array]:
+    """Per point: int32 [layers, B, width], this step's zeros of the rows still generating
+    (`active_B`), every layer's stacked in one array (`_stats_key`), kept per row. The loop
+    adds them up elementwise and the host sums them once, at the end: a reduction per
+    point and layer would be a launch each (~8% of an 8B decode step on an H100:
+    benchmarks/results/decode_llama3_8b_h100_per_point_reductions.json), and so was an
+    add per point and layer where XLA did not fuse it into the op making the activation
+    (~100 more kernels per step at batch 4 on an H200: benchmarks/NOTES_kernels.md); the
+    stacked update is one op per point."""
+    per_point: dict[str, dict[int, jax.Array]] = {}
     for layer, tree in zeros.items():
         for path, zero_BxTxW in jax.tree_util.tree_flatten_with_path(tree)[0]:
             point = next(str(p.key) for p in reversed(path) if hasattr(p, "key"))
             z = zero_BxTxW[:, -1] & active_B[:, None]
-            out.setdefault(layer, {})[point] = z.astype(jnp.int32)
+            per_point.setdefault(point, {})[_layer_index(layer)] = z
+    out: dict[str, jax.Array] = {}
+    for point, by_layer in per_point.items():
+        layers = sorted(by_layer)
+        widths = {by_layer[i].shape for i in layers}
+        if len(widths) > 1:  # layers of different widths: one array per width
+            for shape in sorted(widths):
+                ls = [i for i in layers if by_layer[i].shape == shape]
+                key = _stats_key(point, ls, num_layers)
+                out[key] = jnp.stack([by_layer[i] for i in ls]).astype(jnp.int32)
+            continue
+        key = _stats_key(point, layers, num_layers)
+        out[key] = jnp.stack([by_layer[i] for i in layers]).astype(jnp.int32)
     return out
 
 
@@ -301,9 +329,9 @@ class Generator:
             cache_logical_axes(self.config), carry["cache"], self.mesh
         )
         if "stats" in carry:
-            axes = {
-                layer: {p: P("batch", POINT_AXES.get(p, "mlp")) for p in points}  # gate_rows: mlp
-                for layer, points in carry["stats"].items()
+            axes = {  # [layers, B, width]; gate_rows: mlp
+                key: P(None, "batch", POINT_AXES.get(key.partition("@")[0], "mlp"))
+                for key in carry["stats"]
             }
             shard["stats"] = sharding.tree_shardings(axes, carry["stats"], self.mesh)
         return jax.lax.with_sharding_constraint(carry, shard)
@@ -358,6 +386,7 @@ class Generator:
                         True,
                     )[2],
                     jnp.ones((batch,), bool),
+                    self.config.num_layers,
                 )
             )
             carry["stats"] = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), step)
@@ -407,7 +436,9 @@ class Generator:
                 "decoded": c["decoded"] + jnp.sum(active_B.astype(jnp.int32)),
             }
             if collect_stats:
-                new["stats"] = jax.tree.map(jnp.add, c["stats"], _zero_counts(stats, active_B))
+                new["stats"] = jax.tree.map(
+                    jnp.add, c["stats"], _zero_counts(stats, active_B, self.config.num_layers)
+                )
             return new
 
         return self._constrain(jax.lax.while_loop(cond, body, carry))
@@ -583,12 +614,14 @@ class Generator:
         )
         if collect_stats and host_reads and int(decoded):
             totals = jax.device_get(carry["stats"])  # the one read of the statistics
-            per_layer: dict[str, list[float]] = {}
-            for layer in sorted(totals, key=_layer_index):
-                for point, counts in totals[layer].items():
-                    per_layer.setdefault(point, []).append(
-                        float(np.sum(counts, dtype=np.int64)) / (int(decoded) * counts.shape[-1])
+            by_layer: dict[str, dict[int, float]] = {}
+            for key, counts_LxBxW in totals.items():
+                point, layers = _stats_layers(key, self.config.num_layers)
+                for i, counts in zip(layers, counts_LxBxW):
+                    by_layer.setdefault(point, {})[i] = float(np.sum(counts, dtype=np.int64)) / (
+                        int(decoded) * counts.shape[-1]
                     )
+            per_layer = {p: [v[i] for i in sorted(v)] for p, v in by_layer.items()}
             result.measured_sparsity_per_layer = per_layer
             result.measured_sparsity = {p: float(np.mean(v)) for p, v in per_layer.items()}
         yield [], result

@@ -30,6 +30,15 @@ KERNEL_POINTS: dict[str, tuple[str, ...]] = {
     "dejavu": ("o_in", "gate", "down_in"),
 }
 
+# Per method, points the method leaves dense whose projections a decode step still runs
+# through `sparse_input_matvec` (`Kernels.dense_points`), which then reads every row: the
+# gate of CATS/CHESS. In XLA it is a GEMM fused with the activation and threshold that
+# took 42.7 us per layer in an H200 decode step (2.75 TB/s), the kernel 32.2 us
+# (benchmarks/NOTES_kernels.md).
+DENSE_KERNEL_POINTS: dict[str, tuple[str, ...]] = {
+    m: ("ffn_in",) for m in ("cats", "chess", "chess+", "chess-learned")
+}
+
 # Methods whose q and k/v inputs always carry the same threshold (or none), so that q/k/v
 # can run as one fused matmul; the others (chess+, teal-learned) fuse only k and v.
 SHARED_QKV_INPUT = frozenset({"dense", "cats", "chess", "chess-learned", "teal", "wina", "dejavu"})
@@ -62,6 +71,7 @@ def kernels_for_method(
         # gate and up both read the thresholded FFN input: one launch (`Kernels.fuse_gate_up`)
         fuse_gate_up="ffn_in" in points and "gate" not in points and not heads,
         points=points,
+        dense_points=DENSE_KERNEL_POINTS.get(method, ()),
         impl=impl,
         gate_proj_rows=method == "dejavu",
         head_attention=heads,

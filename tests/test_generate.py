@@ -213,6 +213,51 @@ def test_kernel_decoding_gives_masked_dense_tokens(method, impl):
     np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+def _pallas_calls(jaxpr, out: list) -> list:
+    """The names of the pallas_calls in `jaxpr` and its sub-jaxprs, in order."""
+    for e in jaxpr.eqns:
+        if e.primitive.name == "pallas_call":
+            out.append(str(e.params.get("name")))
+        for v in e.params.values():
+            for sub in v if isinstance(v, (list, tuple)) else [v]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    _pallas_calls(inner, out)
+    return out
+
+
+@pytest.mark.parametrize(
+    "method,per_layer",
+    [
+        # the dense gate (DENSE_KERNEL_POINTS), gated up, down
+        ("chess", ["sparse_input_matvec", "gated_matvec", "sparse_input_matvec"]),
+        # q, k|v, o, then as chess
+        (
+            "chess+",
+            ["sparse_input_matvec"] * 4 + ["gated_matvec", "sparse_input_matvec"],
+        ),
+        # q|k|v, o, gate|up, down
+        ("teal", ["sparse_input_matvec"] * 4),
+    ],
+)
+def test_decode_step_kernels_per_layer(method, per_layer):
+    """Which projections a pallas decode step runs through the kernels: for CATS/CHESS the
+    dense gate too (`jaxsparse.registry.DENSE_KERNEL_POINTS`: faster than XLA's fused GEMM
+    in an H200 decode step), read off the step's jaxpr."""
+    from jaxsparse.models import init_cache, prepare_params
+    from jaxsparse.registry import kernels_for_method
+
+    config = tiny(intermediate_size=96)
+    kernels = kernels_for_method(method, "pallas", "gpu_interpret")
+    model = build_model(config, kernels)
+    params = prepare_params(init_params(config, seed=2), config, kernels)
+    cache = init_cache(config, 1, 8)
+    tok, pos = jnp.ones((1, 1), jnp.int32), jnp.full((1, 1), 3)
+    jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, tok, pos, cache, 3, None))(params)
+    names = [n.removesuffix("_splitk") for n in _pallas_calls(jaxpr.jaxpr, [])]
+    assert names == per_layer * config.num_layers
+
+
 @pytest.mark.parametrize(
     "model_type,extra", [("llama", {}), ("qwen2", {"qkv_bias": True}), ("opt", {})]
 )
@@ -331,6 +376,31 @@ def test_loop_measures_sparsity_over_every_decoded_token():
         assert got.measured_sparsity[point] == pytest.approx(v, abs=1e-6)
     assert len(got.measured_sparsity_per_layer["gate"]) == config.num_layers
     assert got.measured_sparsity["gate"] > 0.1
+
+
+def test_zero_counts_stack_layers_in_order():
+    """The loop's zero counts: one [layers, B, width] array per point, layer i at index i,
+    inactive rows not counted; a point in some layers only (or with another width) keeps
+    the layers it covers in its key, and `_stats_layers` reads them back."""
+    from jaxsparse.generate import _stats_layers, _zero_counts
+
+    B, L = 2, 3
+    zeros = {}
+    for i in range(L):  # layer i: the first i+1 channels of q_in are zero
+        q = jnp.zeros((B, 1, 5), bool).at[:, :, : i + 1].set(True)
+        zeros[f"layers_{i}"] = {"self_attn": {"q_in": (q,)}}
+    zeros["layers_2"]["mlp"] = {"gate_rows": (jnp.ones((B, 1, 4), bool),)}
+    zeros["layers_0"]["mlp"] = {"gate_rows": (jnp.ones((B, 1, 6), bool),)}
+    active = jnp.array([True, False])
+    out = _zero_counts(zeros, active, L)
+    assert set(out) == {"q_in", "gate_rows@0", "gate_rows@2"}
+    assert out["q_in"].shape == (L, B, 5) and out["q_in"].dtype == jnp.int32
+    for i in range(L):
+        assert np.asarray(out["q_in"][i, 0]).tolist() == [1] * (i + 1) + [0] * (4 - i)
+        assert not np.any(np.asarray(out["q_in"][i, 1]))  # the finished row counts nothing
+    assert _stats_layers("q_in", L) == ("q_in", [0, 1, 2])
+    assert _stats_layers("gate_rows@2", L) == ("gate_rows", [2])
+    assert out["gate_rows@0"].shape == (1, B, 6)
 
 
 def test_no_host_round_trip_per_token():

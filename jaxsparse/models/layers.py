@@ -60,6 +60,11 @@ class Kernels:
     # the others stay dense XLA matmuls. "gate" means: up_proj stored [m, d] (rows layout,
     # prepared at load by `prepare_params`) and computed by `gated_matvec`.
     points: tuple[str, ...] = ()
+    # Points whose input the method leaves dense but whose projection still runs through
+    # `sparse_input_matvec` (which then reads every row): where the kernel reads a dense
+    # matvec faster than XLA's fused GEMM in the decode step (the gate of CATS/CHESS:
+    # `jaxsparse.registry.DENSE_KERNEL_POINTS`).
+    dense_points: tuple[str, ...] = ()
     impl: str = "auto"
     # gate_proj stored [m, d] (rows layout, prepared by `prepare_params`) and computed by
     # `gated_matvec` with the Deja Vu neuron mask as its gate: only predicted-active rows
@@ -81,7 +86,7 @@ class Kernels:
 
         if self.mode not in ("xla", "pallas"):
             raise ValueError(f"kernels={self.mode!r}: use 'xla' or 'pallas'")
-        unknown = set(self.points) - set(TENSORS)
+        unknown = (set(self.points) | set(self.dense_points)) - set(TENSORS)
         if unknown:
             raise ValueError(f"kernel points {sorted(unknown)} unknown; known: {TENSORS}")
         if self.fuse_gate_up and "gate" in self.points:
@@ -110,7 +115,8 @@ class Kernels:
 
     def use(self, point: str, x: jax.Array) -> bool:
         """Whether the projection fed by `point` uses a kernel for input `x` (decode only)."""
-        return self.mode == "pallas" and point in self.points and x.ndim == 3 and x.shape[1] == 1
+        used = point in self.points or point in self.dense_points
+        return self.mode == "pallas" and used and x.ndim == 3 and x.shape[1] == 1
 
 
 XLA = Kernels()
