@@ -119,6 +119,10 @@ def run_command(name: str, argv: Sequence[str] | None, prog: str | None = None) 
     except SystemExit as e:  # argparse: --help (0) or bad usage (2), message already printed
         return _status(e)
     try:
+        if name != "convert":  # converting compiles nothing worth keeping
+            from jaxsparse.cli.common import enable_compilation_cache
+
+            enable_compilation_cache()
         return args._module.run(args) or 0
     except (ValueError, OSError) as e:  # user errors: the message names the file or argument
         print(f"{prog}: error: {e}", file=sys.stderr)
