@@ -30,6 +30,7 @@ def _run(tmp_path: Path, **env_extra: str) -> subprocess.CompletedProcess:
     )
     return subprocess.run(
         [sys.executable, "-c", SCRIPT],
+        cwd=tmp_path,  # a relative directory, were one made, lands here
         check=False,
         env=env,
         capture_output=True,
