@@ -35,7 +35,8 @@ run: $(VENV)/.installed
 	$(BIN)/jaxsparse generate --prompt "$(PROMPT)" --max-new-tokens 32 --temperature 0 --json
 
 # Two workers, each test file on one (`--dist loadfile`: a file's fixtures are built once):
-# 23 min instead of 30 for the whole suite on the 2-core machine.
+# on the 2-core machine with the models already converted, 23 min instead of 30; from a
+# fresh clone with an empty model cache, 32 min.
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q -rs --durations=15 -n 2 --dist loadfile
 
