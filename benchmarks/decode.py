@@ -382,19 +382,17 @@ def profile_steps(gen, prompts, th, args, method) -> dict:
     kernels; compare the device time with the unprofiled step time (1 / tokens/s)."""
     from profile_decode import kind, traced
 
+    def generate(n):
+        return gen.generate_ids(
+            prompts, n, thresholds=th, stop_at_eos=False, collect_stats=args.collect_stats
+        )
+
     totals = []
     for n in (args.new_tokens, 1):
         d = Path(args.profile) / f"{method.replace('+', '_plus')}_{n}"
         if n != args.new_tokens:  # --new-tokens is compiled and warm from the timing
-            gen.generate_ids(
-                prompts, n, thresholds=th, stop_at_eos=False, collect_stats=args.collect_stats
-            )
-        r, events = traced(
-            lambda n=n: gen.generate_ids(
-                prompts, n, thresholds=th, stop_at_eos=False, collect_stats=args.collect_stats
-            ),
-            d,
-        )
+            generate(n)
+        r, events = traced(lambda n=n: generate(n), d)
         groups: dict[str, list[float]] = {}
         names: dict[str, float] = {}
         for e in events:

@@ -209,15 +209,11 @@ def _zero_counts(zeros: dict, active_B: jax.Array, num_layers: int) -> dict[str,
     out: dict[str, jax.Array] = {}
     for point, by_layer in per_point.items():
         layers = sorted(by_layer)
-        widths = {by_layer[i].shape for i in layers}
-        if len(widths) > 1:  # layers of different widths: one array per width
-            for shape in sorted(widths):
-                ls = [i for i in layers if by_layer[i].shape == shape]
-                key = _stats_key(point, ls, num_layers)
-                out[key] = jnp.stack([by_layer[i] for i in ls]).astype(jnp.int32)
-            continue
-        key = _stats_key(point, layers, num_layers)
-        out[key] = jnp.stack([by_layer[i] for i in layers]).astype(jnp.int32)
+        for shape in sorted({by_layer[i].shape for i in layers}):  # one array per width
+            same = [i for i in layers if by_layer[i].shape == shape]
+            out[_stats_key(point, same, num_layers)] = jnp.stack(
+                [by_layer[i] for i in same]
+            ).astype(jnp.int32)
     return out
 
 
@@ -330,7 +326,7 @@ class Generator:
         )
         if "stats" in carry:
             axes = {  # [layers, B, width]; gate_rows: mlp
-                key: P(None, "batch", POINT_AXES.get(key.partition("@")[0], "mlp"))
+                key: P(None, "batch", POINT_AXES.get(_stats_layers(key, 0)[0], "mlp"))
                 for key in carry["stats"]
             }
             shard["stats"] = sharding.tree_shardings(axes, carry["stats"], self.mesh)

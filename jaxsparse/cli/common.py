@@ -10,6 +10,7 @@ model load, the second loads the model and warns about a slow dtype.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -402,8 +403,6 @@ def enable_compilation_cache() -> Path | None:
     from disk instead of compiling them: `$JAXSPARSE_XLA_CACHE` if set (`off` turns it
     off), else the cache JAX was given (`JAX_COMPILATION_CACHE_DIR`), else `xla/` in the
     model cache (`jaxsparse.loading.cache_dir()`). Returns the directory in use, or None."""
-    import os
-
     import jax
 
     from jaxsparse.loading import cache_dir
