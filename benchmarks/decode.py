@@ -27,6 +27,11 @@ At batch 1 also:
   read per chunk, against the unbroken loop (`--cli-repeats 0` and `--no-reference` skip
   the CLI and the reference).
 
+A method may carry Kernels overrides, to time a kernel-path variant beside the default
+in one run: `--methods dense,chess,chess@gate_rule_in_kernel=0` or
+`chess@dense_points=ffn_in+q_in+o_in` (fields of `jaxsparse.models.Kernels`, several
+joined by `/`, tuple values by `+`); the state is the base method's.
+
 The roofline (batch 1) is the bytes a decode step must read (weights the method needs at
 its measured per-layer sparsity, KV cache, output projection) over the bandwidth of a
 device-to-device copy measured in the same run.
@@ -36,9 +41,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import io
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -237,6 +244,30 @@ def load(args):
     return lm, f"{Path(lm.source).name} (bf16)"
 
 
+def method_variant(spec: str) -> tuple[str, dict]:
+    """`name@field=value/field=value` -> (name, {field: value}) for
+    `dataclasses.replace(Kernels, ...)`: tuple fields split on `+`, bools from 0/1."""
+    from jaxsparse.models import Kernels
+
+    name, _, rest = spec.partition("@")
+    defaults = {f.name: f.default for f in dataclasses.fields(Kernels)}
+    out = {}
+    for item in filter(None, rest.split("/")):
+        key, eq, value = item.partition("=")
+        if not eq or key not in defaults or key in ("mode", "impl", "mesh"):
+            raise SystemExit(
+                f"--methods {spec!r}: {item!r} is not FIELD=VALUE with a Kernels field "
+                f"(one of {sorted(set(defaults) - {'mode', 'impl', 'mesh'})})"
+            )
+        if isinstance(defaults[key], bool):
+            if value not in ("0", "1"):
+                raise SystemExit(f"--methods {spec!r}: {key} takes 0 or 1, not {value!r}")
+            out[key] = value == "1"
+        else:
+            out[key] = tuple(filter(None, value.split("+")))
+    return name, out
+
+
 def run(args) -> dict:
     from jaxsparse.calibrate import calibrate
     from jaxsparse.sparsity import save_state
@@ -244,7 +275,8 @@ def run(args) -> dict:
     lm, name = load(args)
     config, params, tok = lm.config, lm.params, lm.tokenizer
     bw = copy_bandwidth()
-    sparse = [m for m in args.methods if m != "dense"]
+    variants = {spec: method_variant(spec) for spec in args.methods}
+    sparse = sorted({base for base, _ in variants.values() if base != "dense"})
     t0 = time.perf_counter()
     states = (
         calibrate(
@@ -269,14 +301,20 @@ def run(args) -> dict:
     tmp = tempfile.mkdtemp()
     rows = []
     for method in args.methods:
-        state = states.get((method, args.sparsity))
+        base, overrides = variants[method]
+        state = states.get((base, args.sparsity))
         th = None if state is None else state.thresholds_for_model()
         state_dir = None
         if state is not None:
-            state_dir = str(save_state(state, Path(tmp) / method.replace("+", "_plus")))
+            state_dir = Path(tmp) / base.replace("+", "_plus")
+            if not state_dir.exists():  # a variant reuses its base method's state
+                save_state(state, state_dir)
+            state_dir = str(state_dir)
         gens: dict = {}
         for batch in args.batches:
-            kernels = default_kernels(method, batch, args.kernels, th)
+            kernels = default_kernels(base, batch, args.kernels, th)
+            if overrides and kernels.mode == "pallas":
+                kernels = dataclasses.replace(kernels, **overrides)
             if kernels not in gens:
                 gens.clear()  # one prepared layout on the device at a time
                 gens[kernels] = Generator(config, params, tok, kernels=kernels)
@@ -318,7 +356,7 @@ def run(args) -> dict:
                     row["generator_vs_reference"] = (
                         r.decode_steps_per_s / row["reference_loop_tokens_per_s"]
                     )
-                if args.cli_repeats:
+                if args.cli_repeats and not overrides:  # the CLI runs the base method
                     row["cli_tokens_per_s"] = cli_tokens_per_s(
                         lm, state_dir, prompt_text, args.new_tokens, args.cli_repeats
                     )
@@ -389,7 +427,7 @@ def profile_steps(gen, prompts, th, args, method) -> dict:
 
     totals = []
     for n in (args.new_tokens, 1):
-        d = Path(args.profile) / f"{method.replace('+', '_plus')}_{n}"
+        d = Path(args.profile) / re.sub(r"[^\w.-]", "_", f"{method.replace('+', '_plus')}_{n}")
         if n != args.new_tokens:  # --new-tokens is compiled and warm from the timing
             generate(n)
         r, events = traced(lambda n=n: generate(n), d)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import itertools
 import math
 import statistics
 import sys
@@ -49,8 +50,10 @@ FFN_M, FFN_D = 14336, 4096
 
 # (block_k, block_n, split_k, num_warps, num_stages); split_k None = automatic.
 SPLIT_MAX = 1 << 20  # split_k clamps to the number of K blocks: one tile per program (TEAL)
-# (block_k, block_n, tiles per program, num_warps): tiles per program sets split_k (K
-# blocks / tiles); a program's tiles are unrolled (`unroll`), so their loads overlap.
+# (block_k, block_n, tiles per program, num_warps[, num_stages]): tiles per program sets
+# split_k (K blocks / tiles); a program's tiles are unrolled (`unroll`), so their loads
+# overlap. num_stages defaults to 1. The last rows aim at a dense input (CHESS's gate:
+# `--sweep-sparsities 0.0`), where bigger tiles and pipelined tiles may pay.
 MATVEC_SWEEP = [
     (128, 64, 1, 4),
     (128, 64, 2, 4),
@@ -64,6 +67,12 @@ MATVEC_SWEEP = [
     (64, 256, 2, 8),
     (32, 256, 4, 4),
     (64, 512, 1, 4),
+    (64, 512, 1, 8),
+    (64, 512, 2, 4, 2),
+    (128, 512, 1, 8),
+    (32, 512, 1, 4),
+    (64, 1024, 1, 8),
+    (128, 256, 2, 8, 2),
 ]
 # Batch >= 2 (at batch 4, 50%): (block_k, block_n, tiles per program, num_warps, dot).
 MATVEC_SWEEP_BATCH = [
@@ -76,9 +85,18 @@ MATVEC_SWEEP_BATCH = [
     (64, 128, 1, 4, False),
     (128, 64, 1, 4, False),
 ]
-# gated_matvec at batch 1, 50%: (block_m, block_d, num_warps, num_stages)
+# gated_matvec at batch 1, 50%, with the gate's activation and threshold in the kernel
+# (the model's call): (block_m, block_d, num_warps, num_stages)
 GATED_SWEEP = [
     (16, 256, 4, 3),
+    (8, 256, 4, 3),
+    (8, 256, 2, 3),
+    (16, 128, 4, 3),
+    (16, 256, 2, 3),
+    (16, 256, 4, 4),
+    (8, 128, 2, 3),
+    (32, 128, 4, 3),
+    (4, 512, 2, 3),
     (32, 256, 4, 3),
     (64, 128, 8, 3),
     (8, 512, 4, 3),
@@ -256,11 +274,12 @@ def bench_matvec(args, cfg_for, dtype, calls_min, repeats):
 
 
 def sweep_matvec(args, dtype, calls_min, repeats):
-    """Times each sweep config at 50% (batch 1: MATVEC_SWEEP; batch 4, when batches above
-    1 are benchmarked: MATVEC_SWEEP_BATCH); the best by device time (wall time where there
-    is no device trace) per (K, N, batch 1 or not) is used for the rows."""
+    """Times each sweep config at each of `--sweep-sparsities` (default 50%; batch 1:
+    MATVEC_SWEEP; batch 4, when batches above 1 are benchmarked: MATVEC_SWEEP_BATCH); the
+    best at 50% by device time (wall time where there is no device trace) per (K, N,
+    batch 1 or not) is used for the rows."""
     best, results = {}, []
-    sweeps = [(1, [(*c, None) for c in MATVEC_SWEEP])]
+    sweeps = [(1, [(*c[:4], None, *c[4:]) for c in MATVEC_SWEEP])]
     if any(b > 1 for b in args.batches):
         sweeps.append((4, MATVEC_SWEEP_BATCH))
     for K, N in args.shapes:
@@ -269,14 +288,14 @@ def sweep_matvec(args, dtype, calls_min, repeats):
         calls = nb
         ws = [(w,) for w in weights(jax.random.key(K + N), (K, N), nb, dtype)]
         keys = jax.random.split(jax.random.key(1), calls)
-        for B, configs in sweeps:
-            xs = [row_sparse_x(k, B, K, 0.5, dtype)[0] for k in keys]
-            for i, (bk, bn, tpp, nw, dot) in enumerate(configs):
+        for (B, configs), sp in itertools.product(sweeps, args.sweep_sparsities):
+            xs = [row_sparse_x(k, B, K, sp, dtype)[0] for k in keys]
+            for i, (bk, bn, tpp, nw, dot, *stages) in enumerate(configs):
                 if over_budget():
                     break
                 split = max(1, -(-K // bk) // tpp)
                 cfg = {"block_k": bk, "block_n": bn, "split_k": split, "num_warps": nw}
-                cfg["num_stages"] = 1
+                cfg["num_stages"] = stages[0] if stages else 1
                 if dot is not None:
                     cfg["dot"] = dot
                 try:
@@ -288,25 +307,35 @@ def sweep_matvec(args, dtype, calls_min, repeats):
                         nb,
                     )
                     t, _ = time_per_call(f, (xs, ws), calls, repeats)
-                    trace = Path(args.trace_dir) / f"sw{K}x{N}_b{B}_{i}"
+                    trace = Path(args.trace_dir) / f"sw{K}x{N}_b{B}_s{sp}_{i}"
                     dev = device_us_per_call(f, (xs, ws), calls, trace)
                 except Exception as e:  # noqa: BLE001 - a failing config is recorded
                     results.append(
-                        {"K": K, "N": N, "batch": B, "config": cfg, "error": repr(e)[:300]}
+                        {
+                            "K": K,
+                            "N": N,
+                            "batch": B,
+                            "sparsity": sp,
+                            "config": cfg,
+                            "error": repr(e)[:300],
+                        }
                     )
-                    log(f"sweep {K}x{N} B={B} {cfg} FAILED {repr(e)[:200]}")
+                    log(f"sweep {K}x{N} B={B} s={sp} {cfg} FAILED {repr(e)[:200]}")
                     continue
                 results.append(
                     {
                         "K": K,
                         "N": N,
                         "batch": B,
+                        "sparsity": sp,
                         "config": cfg,
                         "time_us": t * 1e6,
                         "device_us": dev,
                     }
                 )
-                log(f"sweep {K}x{N} B={B} {cfg} wall {t * 1e6:.1f} us, device {dev} us")
+                log(f"sweep {K}x{N} B={B} s={sp} {cfg} wall {t * 1e6:.1f} us, device {dev} us")
+                if sp != 0.5:
+                    continue  # the rows' configs are the best at 50%
                 score = dev if dev is not None else t * 1e6  # device time where there is one
                 key = (K, N, B == 1)
                 if key not in best or score < best[key][0]:
@@ -330,9 +359,11 @@ def bench_ffn(args, dtype, calls_min, repeats):
         x = jax.random.normal(jax.random.fold_in(key, 1), (B, d), jnp.float32).astype(dtype)
         return (x, g), n_act
 
-    # small sweeps at B=1, s=0.5
+    # small sweeps at B=1, s=0.5: the gate's float32 pre-activation, silu and a threshold
+    # of 0 in the kernel (silu(0) = 0: the zeros of g stay its zeros), as the model calls it
     keys = jax.random.split(jax.random.key(3), calls)
     xg = [gx(k, 1, 0.5)[0] for k in keys]
+    xg = [(x, g.astype(jnp.float32), jnp.zeros((m,), jnp.float32)) for x, g in xg]
     best_g = None
     for bm, bd, nw, ns in GATED_SWEEP if args.sweep else []:
         if over_budget():
@@ -340,7 +371,11 @@ def bench_ffn(args, dtype, calls_min, repeats):
         cfg = {"block_m": bm, "block_d": bd, "num_warps": nw, "num_stages": ns}
         try:
             f = unrolled(
-                lambda a, w, cfg=cfg: gated_matvec(a[0], a[1], w, impl=args.impl, **cfg), calls, nb
+                lambda a, w, cfg=cfg: gated_matvec(
+                    a[0], a[1], w, activation="silu", threshold=a[2], impl=args.impl, **cfg
+                ),
+                calls,
+                nb,
             )
             wargs = (xg, [(w,) for w in wu])
             t, _ = time_per_call(f, wargs, calls, repeats)
@@ -593,6 +628,12 @@ def main(argv=None):
         "--sparsities", dest="sparsities_arg", help="comma-separated (default 0,0.25,0.5,0.7,0.9)"
     )
     p.add_argument("--batches", dest="batches_arg", help="comma-separated (default 1,4,8)")
+    p.add_argument(
+        "--sweep-sparsities",
+        default="0.5",
+        help="input sparsities the matvec sweep times each config at (comma-separated; the "
+        "rows use the best config at 0.5)",
+    )
     p.add_argument("--teal", action="store_true", help="also time TEAL's design (teal_gemv.py)")
     p.add_argument("--teal-timeout", type=float, default=240.0)
     p.add_argument("--profile", help="directory for profiler traces of the 50%% calls")
@@ -619,6 +660,9 @@ def main(argv=None):
     if args.sparsities_arg:
         args.sparsities = [float(v) for v in args.sparsities_arg.split(",")]
     args.batches = [int(v) for v in args.batches_arg.split(",")] if args.batches_arg else BATCHES
+    args.sweep_sparsities = [float(v) for v in args.sweep_sparsities.split(",") if v]
+    if 0.5 not in args.sweep_sparsities:
+        args.sweep_sparsities.append(0.5)
     teal = run_teal(args) if args.teal else None
     if args.trace_dir is None:
         import tempfile

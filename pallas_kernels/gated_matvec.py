@@ -17,8 +17,15 @@ kernel was measured on an H100 (benchmarks/results/kernels_h100.json,
 benchmarks/NOTES_kernels.md): it tied with this pair at batch 1 and lost at batch 4, so
 it was removed.
 
-Leaves out: the gate projection itself (dense, read whole), the SiLU and the
-threshold rule that produces g (they live in jaxsparse's sparsity rules).
+With `activation` (and `threshold`) the gate comes in as the gate projection's
+pre-activation and the GPU kernel makes g itself, per block of rows: `g = act(pre)` in
+float32 from `pre` rounded to x.dtype, rounded to x.dtype, then zeroed where
+`|g| < threshold` (CHESS's and CATS's rule, `gate_values`). In a decode step this takes
+the separate activation-and-threshold kernel off the path between the gate projection
+and the up projection (benchmarks/NOTES_kernels.md). The TPU path computes the same g
+with jnp before its kernel.
+
+Leaves out: the gate projection itself (dense, read whole).
 """
 
 from __future__ import annotations
@@ -49,15 +56,62 @@ def _check_gated(fn: str, x_Bxd: jax.Array, g_Bxm: jax.Array, wu_mxd: jax.Array)
 
 _HI = jax.lax.Precision.HIGHEST
 
+# The gate activations `activation=` takes (the models' names: `ModelConfig.activation`).
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+}
+
+
+def _check_gate_rule(fn: str, activation: str | None, threshold: Any, m: int) -> None:
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(
+            f"{fn}: activation={activation!r} is not one of {sorted(ACTIVATIONS)} "
+            "(or None: g is the gate itself)."
+        )
+    if threshold is not None:
+        shape = jnp.shape(threshold)
+        if shape not in ((), (1,), (m,)):
+            raise ValueError(
+                f"{fn}: threshold has shape {shape}; pass a scalar or one per row of "
+                f"wu_mxd, shape ({m},)."
+            )
+
+
+def gate_values(
+    pre: jax.Array, activation: str | None, threshold: jax.Array | None, dtype: Any
+) -> jax.Array:
+    """The gate g in float32 (its values are those of `dtype`) from the gate projection
+    `pre`: `act(pre)` computed in float32 from pre rounded to `dtype`, rounded to `dtype`,
+    zeroed where `|g| < threshold` (threshold rounded to `dtype`, broadcast on the last
+    axis). `activation=None` and `threshold=None` leave pre as it is (rounded to dtype).
+    The jaxsparse models apply the same rule in XLA (`SwiGLU`, `rules.sparsify`)."""
+    g = pre.astype(dtype).astype(jnp.float32)
+    if activation is not None:
+        g = ACTIVATIONS[activation](g).astype(dtype).astype(jnp.float32)
+    if threshold is not None:
+        t = jnp.asarray(threshold).astype(dtype).astype(jnp.float32)
+        g = jnp.where(jnp.abs(g) >= t, g, 0.0)
+    return g
+
 
 # ----------------------------------------------------------------------- references
 
 
 def gated_matvec_reference(
-    x_Bxd: jax.Array, g_Bxm: jax.Array, wu_mxd: jax.Array, **_blocks: Any
+    x_Bxd: jax.Array,
+    g_Bxm: jax.Array,
+    wu_mxd: jax.Array,
+    activation: str | None = None,
+    threshold: jax.Array | None = None,
+    **_blocks: Any,
 ) -> jax.Array:
-    """`g * (x @ Wu^T)` in float32, returned in x.dtype (block sizes ignored)."""
+    """`g * (x @ Wu^T)` in float32, returned in x.dtype (block sizes ignored); with
+    `activation`/`threshold`, g is `gate_values(g_Bxm, ...)`."""
     _check_gated(_GATED, x_Bxd, g_Bxm, wu_mxd)
+    _check_gate_rule(_GATED, activation, threshold, wu_mxd.shape[0])
+    if activation is not None or threshold is not None:
+        g_Bxm = gate_values(g_Bxm, activation, threshold, x_Bxd.dtype)
     u = jnp.dot(x_Bxd.astype(jnp.float32), wu_mxd.astype(jnp.float32).T, precision=_HI)
     return (g_Bxm.astype(jnp.float32) * u).astype(x_Bxd.dtype)
 
@@ -65,13 +119,19 @@ def gated_matvec_reference(
 # ------------------------------------------------------------------------ GPU (Triton)
 
 
-def _gated_rows(x_ref, g_ref, wu_ref, *, rows, B, m, d, r0, block_m, block_d):
-    """float32 h for rows r0..r0+block_m of one program, and the row-active mask."""
+def _gated_rows(x_ref, g_ref, t_ref, wu_ref, *, rows, B, m, d, r0, block_m, block_d, activation):
+    """float32 h for rows r0..r0+block_m of one program, and the row-active mask. With
+    `activation` or a threshold ref, g_ref holds the pre-activation (`gate_values`)."""
     r_ok = (r0 + jnp.arange(block_m)) < m
     gs = [
         dsp.masked_load(g_ref.at[rows[b], pl.ds(r0, block_m)], r_ok, 0.0).astype(jnp.float32)
         for b in range(B)
     ]
+    if activation is not None or t_ref is not None:
+        t = None
+        if t_ref is not None:  # [1] (one threshold) or [m] (one per row)
+            t = dsp.masked_load(t_ref.at[pl.ds(r0, block_m)], r_ok, 0.0)
+        gs = [gate_values(gb, activation, t, x_ref.dtype) for gb in gs]
     active = gs[0] != 0.0
     for gb in gs[1:]:
         active = active | (gb != 0.0)
@@ -95,12 +155,15 @@ def _gated_rows(x_ref, g_ref, wu_ref, *, rows, B, m, d, r0, block_m, block_d):
     return [gb * ub for gb, ub in zip(gs, us)], active, r_ok
 
 
-def _gated_gpu_kernel(x_ref, g_ref, wu_ref, h_ref, *, B, m, d, block_m, block_d):
+def _gated_gpu_kernel(*refs, B, m, d, block_m, block_d, activation, has_threshold):
+    x_ref, g_ref, *t, wu_ref, h_ref = refs
+    t_ref = t[0] if has_threshold else None
     rows = dsp.static_indices(B)
     r0 = pl.program_id(0) * block_m
     hs, _, r_ok = _gated_rows(
         x_ref,
         g_ref,
+        t_ref,
         wu_ref,
         rows=rows,
         B=B,
@@ -109,22 +172,36 @@ def _gated_gpu_kernel(x_ref, g_ref, wu_ref, h_ref, *, B, m, d, block_m, block_d)
         r0=r0,
         block_m=block_m,
         block_d=block_d,
+        activation=activation,
     )
     for b in range(B):
         dsp.masked_store(h_ref.at[rows[b], pl.ds(r0, block_m)], hs[b].astype(h_ref.dtype), r_ok)
 
 
 @functools.partial(
-    jax.jit, static_argnames=("block_m", "block_d", "num_warps", "num_stages", "interpret")
+    jax.jit,
+    static_argnames=(
+        "activation",
+        "block_m",
+        "block_d",
+        "num_warps",
+        "num_stages",
+        "interpret",
+    ),
 )
 def _gated_matvec_gpu(
     x_Bxd,
     g_Bxm,
     wu_mxd,
+    activation=None,
+    threshold=None,
     *,
-    block_m=16,  # 16 x 256: 21.2 us at 50% on 14336 x 4096 (H200), 32 x 256: 24.3 us
-    block_d=256,  # (the sweep in benchmarks/results/kernels_shapes_h200.json)
-    num_warps=4,
+    # 8 x 256 rows with 2 warps: 20.5 us at 50% on 14336 x 4096 (H200, the gate's rule in
+    # the kernel), 16 x 256 with 4 warps 21.3 us, 8 x 256 with 4 warps 27.7 us (the sweep
+    # in benchmarks/results/kernels_sweep_dense_h200.json; kernels_shapes_h200.json before)
+    block_m=8,
+    block_d=256,
+    num_warps=2,
     num_stages=3,
     interpret=False,
 ):
@@ -132,7 +209,19 @@ def _gated_matvec_gpu(
     m = wu_mxd.shape[0]
     dsp.check_block(_GATED, "block_m", block_m, power_of_2=True)
     dsp.check_block(_GATED, "block_d", block_d, power_of_2=True)
-    kernel = functools.partial(_gated_gpu_kernel, B=B, m=m, d=d, block_m=block_m, block_d=block_d)
+    thresholds = []
+    if threshold is not None:  # one per row of Wu, float32 (a scalar broadcast here)
+        thresholds = [jnp.broadcast_to(jnp.asarray(threshold, jnp.float32).reshape(-1), (m,))]
+    kernel = functools.partial(
+        _gated_gpu_kernel,
+        B=B,
+        m=m,
+        d=d,
+        block_m=block_m,
+        block_d=block_d,
+        activation=activation,
+        has_threshold=threshold is not None,
+    )
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((B, m), x_Bxd.dtype),
@@ -140,7 +229,7 @@ def _gated_matvec_gpu(
         compiler_params=dsp.triton_compiler_params(num_warps, num_stages),
         interpret=interpret,
         name="gated_matvec",
-    )(x_Bxd, g_Bxm, wu_mxd)
+    )(x_Bxd, g_Bxm, *thresholds, wu_mxd)
 
 
 # ------------------------------------------------------------------------ TPU (Mosaic)
@@ -209,15 +298,26 @@ def _counter_out(count_copies, specs, shapes):
     return specs, shapes
 
 
-@functools.partial(jax.jit, static_argnames=("block_m", "interpret", "count_copies"))
+@functools.partial(jax.jit, static_argnames=("activation", "block_m", "interpret", "count_copies"))
 def _gated_matvec_tpu(
-    x_Bxd, g_Bxm, wu_mxd, *, block_m=TPU_BLOCK_M, interpret=False, count_copies=False
+    x_Bxd,
+    g_Bxm,
+    wu_mxd,
+    activation=None,
+    threshold=None,
+    *,
+    block_m=TPU_BLOCK_M,
+    interpret=False,
+    count_copies=False,
 ):
     """The TPU kernel computes `u = x @ Wu[i]^T` for the active rows i only, in compacted
     order ([n_chunks, B, block_m] float32); a scatter then places `g * u` in h. With
-    `count_copies` it also returns the number of row DMAs started, int32 [1]."""
+    `count_copies` it also returns the number of row DMAs started, int32 [1]. With
+    `activation`/`threshold`, g is made first, in XLA (`gate_values`)."""
     B, d = x_Bxd.shape
     m = wu_mxd.shape[0]
+    if activation is not None or threshold is not None:
+        g_Bxm = gate_values(g_Bxm, activation, threshold, x_Bxd.dtype)
     _check_tpu_block_m(_GATED, block_m, wu_mxd.dtype)
     ids, cnt = rdma.compact_rows(jnp.any(g_Bxm != 0, axis=0), block_m)
     n_chunks = ids.shape[0] // block_m
@@ -280,6 +380,8 @@ def gated_matvec(
     g_Bxm: jax.Array,
     wu_mxd: jax.Array,
     *,
+    activation: str | None = None,
+    threshold: jax.Array | None = None,
     impl: str = "auto",
     block_m: int | None = None,
     block_d: int | None = None,
@@ -288,8 +390,12 @@ def gated_matvec(
     """`h[B, m] = g * (x @ Wu^T)`, computing only rows of Wu where some g != 0.
 
     Args:
-      x_Bxd: FFN input [B, d]. g_Bxm: gate (already sparsified) [B, m].
+      x_Bxd: FFN input [B, d]. g_Bxm: gate (already sparsified) [B, m], or with
+        `activation`/`threshold` the gate projection before its activation (any float
+        dtype: the float32 accumulator of the gate's matvec needs no cast pass).
       wu_mxd: up projection [m, d] (torch Linear layout, rows contiguous).
+      activation: None, or "silu" / "gelu_tanh": g is `act(g_Bxm)` (`gate_values`).
+      threshold: None, a scalar or [m]: g is zeroed where `|g| < threshold`.
       impl: "auto", "reference", "gpu", "tpu", "gpu_interpret", "tpu_interpret".
       block_m: rows of Wu per program (GPU: power of 2) / per grid step (TPU).
       block_d: GPU only, columns of Wu per inner step (power of 2).
@@ -299,6 +405,7 @@ def gated_matvec(
       h [B, m] in x.dtype (float32 accumulation; exact zeros where g == 0).
     """
     _check_gated(_GATED, x_Bxd, g_Bxm, wu_mxd)
+    _check_gate_rule(_GATED, activation, threshold, wu_mxd.shape[0])
     return _route(
         _GATED,
         impl,
@@ -306,6 +413,6 @@ def gated_matvec(
         gated_matvec_reference,
         _gated_matvec_gpu,
         _gated_matvec_tpu,
-        (x_Bxd, g_Bxm, wu_mxd),
+        (x_Bxd, g_Bxm, wu_mxd, activation, threshold),
         {"block_m": block_m, "block_d": block_d},
     )

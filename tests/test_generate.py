@@ -226,6 +226,72 @@ def _pallas_calls(jaxpr, out: list) -> list:
     return out
 
 
+def _gate_source(jaxpr) -> list[str]:
+    """For each gated_matvec call in `jaxpr` (top level, each kernel in its own jit), the
+    primitives its gate input passes through on the way back from the op that made it,
+    reshapes skipped, ending at that op: a kernel's name, or an XLA primitive."""
+    made_by = {v: e for e in jaxpr.eqns for v in e.outvars}
+    out = []
+    for e in jaxpr.eqns:
+        if _pallas_calls_of(e) != ["gated_matvec"]:
+            continue
+        v, path = e.invars[1], []
+        while v in made_by:
+            p = made_by[v]
+            names = _pallas_calls_of(p)
+            if names:
+                path.append(names[0].removesuffix("_splitk"))
+                break
+            path.append(p.primitive.name)
+            if p.primitive.name not in ("reshape", "squeeze", "expand_dims"):
+                break
+            v = p.invars[0]
+        out.append([n for n in path if n not in ("reshape", "squeeze", "expand_dims")])
+    return out
+
+
+def _pallas_calls_of(eqn) -> list:
+    if eqn.primitive.name == "pallas_call":
+        return [str(eqn.params.get("name"))]
+    out = []
+    for v in eqn.params.values():
+        for sub in v if isinstance(v, (list, tuple)) else [v]:
+            inner = getattr(sub, "jaxpr", sub)
+            if hasattr(inner, "eqns"):
+                _pallas_calls(inner, out)
+    return out
+
+
+@pytest.mark.parametrize("method,rule_in_kernel", [("chess", True), ("dejavu", False)])
+def test_gate_rule_runs_inside_gated_matvec(method, rule_in_kernel):
+    """In a CHESS decode step the gate kernel's float32 output goes straight into
+    gated_matvec, which applies the activation and the threshold itself: no XLA kernel
+    between the two (`llama._kernel_gate_rule`). Deja Vu's gate, a predicted mask, keeps
+    its rule in XLA. (That the tokens stay those of masked dense: the test above.)"""
+    from jaxsparse.models import init_cache, prepare_params
+    from jaxsparse.registry import kernels_for_method
+
+    config = tiny(intermediate_size=96)
+    kernels = kernels_for_method(method, "pallas", "gpu_interpret")
+    model = build_model(config, kernels)
+    params = prepare_params(init_params(config, seed=2), config, kernels)
+    m = config.intermediate_size
+    th = {f"layers_{i}": {"gate": jnp.full((m,), 0.1)} for i in range(config.num_layers)}
+    if method == "dejavu":
+        th = {k: {**v, "masks": {"gate": jnp.ones((1, 1, m), bool)}} for k, v in th.items()}
+    cache = init_cache(config, 1, 8)
+    tok, pos = jnp.ones((1, 1), jnp.int32), jnp.full((1, 1), 3)
+    jaxpr = jax.make_jaxpr(lambda p, t: model.apply({"params": p}, tok, pos, cache, 3, t))(
+        params, th
+    )
+    sources = _gate_source(jaxpr.jaxpr)
+    if rule_in_kernel:
+        assert sources == [["sparse_input_matvec"]] * config.num_layers
+    else:  # gate_proj and up_proj both run gated_matvec; up's gate comes out of XLA ops
+        assert len(sources) == 2 * config.num_layers
+        assert all(p[-1] not in ("sparse_input_matvec", "gated_matvec") for p in sources)
+
+
 @pytest.mark.parametrize(
     "method,per_layer",
     [

@@ -65,6 +65,10 @@ class Kernels:
     # matvec faster than XLA's fused GEMM in the decode step (the gate of CATS/CHESS:
     # `jaxsparse.registry.DENSE_KERNEL_POINTS`).
     dense_points: tuple[str, ...] = ()
+    # With the "gate" point: `gated_matvec` takes the gate projection's float32 output and
+    # applies the activation and a plain threshold itself (CATS, CHESS), so no XLA kernel
+    # runs between the two matvecs (`llama._kernel_gate_rule`); False: XLA makes g first.
+    gate_rule_in_kernel: bool = True
     impl: str = "auto"
     # gate_proj stored [m, d] (rows layout, prepared by `prepare_params`) and computed by
     # `gated_matvec` with the Deja Vu neuron mask as its gate: only predicted-active rows
@@ -126,8 +130,11 @@ class Linear(nn.Module):
     """`y = x @ kernel (+ bias)`, kernel `[in, out]` (or `[out, in]` with `rows=True`).
 
     `__call__(x, point)` in a pallas decode step where `point` is one of the kernel points
-    reads only the kernel rows of nonzero inputs; `__call__(x, gate=g)` with `rows=True` returns `g * (x @ kernel^T)`,
-    computing only the rows where g is nonzero.
+    reads only the kernel rows of nonzero inputs; `__call__(x, gate=g)` with `rows=True`
+    returns `g * (x @ kernel^T)`, computing only the rows where g is nonzero. With
+    `gate_rule=(activation, threshold)` the gate comes in before its activation and the
+    kernel makes g (`pallas_kernels.gated_matvec.gate_values`); `accumulator=True` returns
+    the float32 accumulator as it is (no cast to `dtype`).
     """
 
     features: int
@@ -138,7 +145,14 @@ class Linear(nn.Module):
     rows: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, point: str | None = None, gate: jax.Array | None = None):
+    def __call__(
+        self,
+        x: jax.Array,
+        point: str | None = None,
+        gate: jax.Array | None = None,
+        gate_rule: tuple[str, jax.Array] | None = None,
+        accumulator: bool = False,
+    ):
         shape = (self.features, x.shape[-1]) if self.rows else (x.shape[-1], self.features)
         axes = self.axes[::-1] if self.rows else self.axes
         kernel = self.param(
@@ -153,16 +167,22 @@ class Linear(nn.Module):
             from pallas_kernels import gated_matvec
 
             b = x.shape[0]
-            h = per_shard(
-                lambda x2, g2, w: gated_matvec(x2, g2, w, impl=k.impl),
-                k.mesh,
-                x.reshape(b, -1),
-                gate.reshape(b, -1).astype(self.dtype),
-                kernel,
-                axes,
-                rows=True,
-            )
+            if gate_rule is None:
+                gate, extra = gate.reshape(b, -1).astype(self.dtype), ()
+                fn = lambda x2, g2, w: gated_matvec(x2, g2, w, impl=k.impl)
+            else:  # the pre-activation as it comes (float32), the threshold per row
+                act, extra = gate_rule[0], (gate_rule[1],)
+                gate = gate.reshape(b, -1)
+                fn = lambda x2, g2, t, w: gated_matvec(
+                    x2, g2, w, activation=act, threshold=t, impl=k.impl
+                )
+            h = per_shard(fn, k.mesh, x.reshape(b, -1), gate, kernel, axes, rows=True, extra=extra)
             return h.reshape(b, 1, -1)
+        if gate_rule is not None:
+            raise ValueError(
+                f"{self.name}: gate_rule= needs the gated_matvec kernel path (rows=True, "
+                "a pallas decode step, no bias)."
+            )
         if point is not None and not self.rows and k.use(point, x):
             from pallas_kernels import sparse_input_matvec
 
@@ -188,13 +208,18 @@ class Linear(nn.Module):
                 self.dtype,
             )
             y = y + bias.astype(jnp.float32)
+        if accumulator and gate is None:
+            return y
         y = y.astype(self.dtype)
         return y if gate is None else gate.astype(self.dtype) * y
 
 
-def per_shard(fn, mesh, x_BxK, gate_BxN, kernel, axes: tuple[str, str], rows: bool = False):
-    """`fn(x, kernel)` (or `fn(x, gate, kernel)` for a rows-layout kernel `[N, K]` with its
-    gate `[B, N]`) run by each device of `mesh` on its own slice of the kernel, as
+def per_shard(
+    fn, mesh, x_BxK, gate_BxN, kernel, axes: tuple[str, str], rows: bool = False, extra=()
+):
+    """`fn(x, kernel)` (or `fn(x, gate, *extra, kernel)` for a rows-layout kernel `[N, K]`
+    with its gate `[B, N]` and `extra` arrays `[N]`) run by each device of `mesh` on its
+    own slice of the kernel, as
     `jaxsparse.sharding` lays it out from the logical `axes` (kernel order). An output axis
     split over `model` stays split; a split input axis (o_proj, down_proj) gives partial
     sums, added over `model` in float32 (then cast back). Without a mesh, or with a `model` axis of 1:
@@ -203,14 +228,17 @@ def per_shard(fn, mesh, x_BxK, gate_BxN, kernel, axes: tuple[str, str], rows: bo
 
     from jaxsparse.sharding import DATA, MODEL, logical_to_mesh
 
-    args = (x_BxK, kernel) if gate_BxN is None else (x_BxK, gate_BxN, kernel)
+    args = (x_BxK, kernel) if gate_BxN is None else (x_BxK, gate_BxN, *extra, kernel)
     if mesh is None or mesh.shape[MODEL] == 1:
         return fn(*args)
     spec = logical_to_mesh(P(*axes), mesh, shape=kernel.shape)
     k_spec, n_spec = (spec[1], spec[0]) if rows else (spec[0], spec[1])
     b = x_BxK.shape[0]
     b_spec = DATA if mesh.shape[DATA] > 1 and b % mesh.shape[DATA] == 0 else None
-    in_specs = [P(b_spec, k_spec)] + ([] if gate_BxN is None else [P(b_spec, n_spec)]) + [spec]
+    in_specs = [P(b_spec, k_spec)]
+    if gate_BxN is not None:
+        in_specs += [P(b_spec, n_spec)] + [P(n_spec) for _ in extra]
+    in_specs.append(spec)
 
     def body(*a):
         y = fn(*a)

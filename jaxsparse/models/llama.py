@@ -10,8 +10,6 @@ the decode path never slices stacked weights (docs/design.md, "Scan or unroll").
 
 from __future__ import annotations
 
-from functools import partial
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -28,8 +26,7 @@ from jaxsparse.models.layers import (
     param_dtype,
     rope_cos_sin,
 )
-
-ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": partial(nn.gelu, approximate=True)}
+from pallas_kernels.gated_matvec import ACTIVATIONS  # one table for the model and the kernel
 
 
 class SwiGLU(nn.Module):
@@ -47,6 +44,7 @@ class SwiGLU(nn.Module):
         act = ACTIVATIONS[c.activation]
         m = c.intermediate_size
         u = None  # the up projection, where it is computed apart from the gate
+        rule = None  # (activation, threshold) where gated_matvec applies the gate's rule
         if kn.fuse_gate_up:  # one [d, 2m] matmul, columns (gate_i, up_i) (`prepare_params`)
             gu = Linear(2 * m, ("embed", "mlp"), c.mlp_bias, dt, kn, name="gate_up_proj")(
                 x, "ffn_in"
@@ -63,12 +61,17 @@ class SwiGLU(nn.Module):
                 self.sow("zeros", "gate_rows", mask == 0)
                 pre = gate_proj(x, gate=mask)  # mask * (x Wg); the kernel reads active rows only
             else:
-                pre = gate_proj(x, "ffn_in")
-        g = act(pre.astype(jnp.float32)).astype(dt)  # act(0) = 0: the mask survives it
+                rule = _kernel_gate_rule(c, kn, x, thresholds)
+                pre = gate_proj(x, "ffn_in", accumulator=rule is not None)
+        # act(0) = 0: the mask survives it. pre is rounded to dt first (a no-op unless it
+        # is the float32 accumulator, which the kernel path below takes as it is).
+        g = act(pre.astype(dt).astype(jnp.float32)).astype(dt)
         g = _sparse(self, "gate", g, thresholds)
         if u is None:
             up = Linear(m, ("embed", "mlp"), c.mlp_bias, dt, kn, kn.up_rows, name="up_proj")
-            if kn.up_rows:  # g * (x @ Wu^T), only the rows where g != 0 in a decode step
+            if kn.up_rows and rule is not None:  # gated_matvec makes g from pre itself
+                a = up(x, gate=pre, gate_rule=rule)
+            elif kn.up_rows:  # g * (x @ Wu^T), only the rows where g != 0 in a decode step
                 a = up(x, gate=g)
             else:
                 u = up(x, "ffn_in")
@@ -79,6 +82,22 @@ class SwiGLU(nn.Module):
         return Linear(c.hidden_size, ("mlp", "embed"), c.mlp_bias, dt, kn, name="down_proj")(
             a, "down_in"
         )
+
+
+def _kernel_gate_rule(c: ModelConfig, kn: Kernels, x, thresholds):
+    """`(activation, threshold)` for `gated_matvec` to apply to the gate's pre-activation
+    inside the kernel, in a pallas decode step whose gate has a plain threshold (CATS,
+    CHESS); None where the rule stays in XLA (no threshold, a Deja Vu mask, learning's
+    relaxed threshold, a biased up projection, no gated kernel)."""
+    if not (kn.up_rows and kn.gate_rule_in_kernel and kn.use("gate", x)):
+        return None
+    if c.mlp_bias or thresholds is None:
+        return None
+    if "gate" not in thresholds or "relax_tau" in thresholds:
+        return None
+    if "gate" in thresholds.get("masks", {}):
+        return None
+    return c.activation, thresholds["gate"]
 
 
 class LlamaBlock(nn.Module):

@@ -123,6 +123,29 @@ def test_head_attention_gpu_kernel_lowers_to_triton():
         assert "__gpu$xla.gpu.triton" in exp.mlir_module()
 
 
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_gated_matvec_gate_rule_lowers_to_triton(activation):
+    """gated_matvec with the gate's activation and threshold inside (CHESS's decode step)
+    goes through the Triton lowering at Llama-3-8B's FFN shape, batch 1 and 4."""
+    from pallas_kernels import gated_matvec
+
+    for B in (1, 4):
+        fn = lambda x, pre, w, t: gated_matvec(
+            x, pre, w, activation=activation, threshold=t, impl="gpu"
+        )
+        exp = export.export(
+            jax.jit(fn),
+            platforms=["cuda"],
+            disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+        )(
+            _sds((B, 4096), jnp.bfloat16),
+            _sds((B, 14336), jnp.float32),
+            _sds((14336, 4096), jnp.bfloat16),
+            _sds((14336,), jnp.float32),
+        )
+        assert "__gpu$xla.gpu.triton" in exp.mlir_module()
+
+
 # ------------------------------------------------------------- rows copied, interpreted
 
 SPARSITIES = (0.25, 0.5, 0.9, 1.0)
