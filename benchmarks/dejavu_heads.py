@@ -8,6 +8,11 @@ Rows, per batch size (median of `--repeats` calls after one warm-up call that co
 - `dejavu-xla`: a dejavu state, masked dense XLA (every head computed, then masked).
 - `dejavu-pallas`: the same state through the kernels: q, attention and o for the
   predicted heads only (`pallas_kernels.head_sparse_attention`), K/V for every head.
+- `dejavu-xla-sort` (with `--topk-sort`): dejavu-xla with the predictors' top-k found by
+  sorting the scores (`jaxsparse.rules.topk_mask(select="sort")`) instead of the
+  default, which counts on a GPU: what the selection costs.
+`--profile DIR` adds each row's per-step device time by kernel kind and its top kernels
+(`decode.profile_steps`).
 The state keeps `head_k = round(H * (1 - --head-sparsity))` heads per token and
 `ffn_k = round(m * (1 - --ffn-sparsity))` FFN neurons (default: all, so that the rows show
 the head path alone). Its predictors are random (init_predictors): this measures speed,
@@ -22,7 +27,9 @@ the script itself.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import functools
 import json
 import os
 import sys
@@ -103,6 +110,20 @@ def timed(gen: Generator, prompts, new_tokens: int, thresholds, repeats: int) ->
     return row
 
 
+@contextlib.contextmanager
+def topk_select(select: str):
+    """The model's Deja Vu top-k (`jaxsparse.models.predictor.topk_mask`) with `select`
+    while the block runs (a Generator compiles on its first call, inside the block)."""
+    from jaxsparse.models import predictor
+    from jaxsparse.rules import topk_mask
+
+    predictor.topk_mask = functools.partial(topk_mask, select=select)
+    try:
+        yield
+    finally:
+        predictor.topk_mask = topk_mask
+
+
 def run(args) -> dict:
     config, params, tok, desc = load(args.model)
     params = jax.device_put(params)
@@ -118,14 +139,26 @@ def run(args) -> dict:
             ("dejavu-xla", kernels_for_method("dejavu", "xla"), th),
             ("dejavu-pallas", kernels_for_method("dejavu", "pallas", args.impl), th),
         ]
+        if args.topk_sort:
+            setups.insert(2, ("dejavu-xla-sort", kernels_for_method("dejavu", "xla"), th))
         for name, kernels, thresholds in setups:
-            gen = Generator(config, params, kernels=kernels)
-            row = {
-                "setup": name,
-                "batch": batch,
-                "kernels": kernels.mode,
-                **timed(gen, prompts, args.new_tokens, thresholds, args.repeats),
-            }
+            with topk_select("sort" if name.endswith("-sort") else "auto"):
+                gen = Generator(config, params, kernels=kernels)
+                row = {
+                    "setup": name,
+                    "batch": batch,
+                    "kernels": kernels.mode,
+                    **timed(gen, prompts, args.new_tokens, thresholds, args.repeats),
+                }
+                if args.profile:
+                    from decode import profile_steps
+
+                    prof_args = argparse.Namespace(
+                        new_tokens=args.new_tokens, profile=args.profile, collect_stats=None
+                    )
+                    row["profile"] = profile_steps(
+                        gen, prompts, thresholds, prof_args, f"{name}_b{batch}"
+                    )
             print(json.dumps(row), flush=True)
             rows.append(row)
             del gen
@@ -167,6 +200,12 @@ def main(argv=None) -> int:
         "--impl",
         default="auto",
         help="kernel impl for dejavu-pallas (auto: gpu on a GPU, else reference)",
+    )
+    p.add_argument("--profile", help="directory for profiler traces: per-step device time")
+    p.add_argument(
+        "--topk-sort",
+        action="store_true",
+        help="add a dejavu-xla row whose predictors' top-k sorts (the selection's cost)",
     )
     args = p.parse_args(argv)
     for name in ("head_sparsity", "ffn_sparsity"):

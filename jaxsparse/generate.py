@@ -37,6 +37,7 @@ import numpy as np
 from jaxsparse.config import ModelConfig
 from jaxsparse.models import Kernels, build_model, init_cache, prepare_params
 from jaxsparse.models.layers import XLA
+from jaxsparse.models.predictor import decode_layout
 
 MIN_BUCKET = 16
 
@@ -400,6 +401,7 @@ class Generator:
         stop_at_eos: bool,
     ) -> dict:
         """Decode steps on the device until `stop_step` tokens per row (or every row done)."""
+        thresholds = decode_layout(thresholds)  # once per call, outside the loop
 
         def cond(c):
             go = c["step"] < stop_step

@@ -31,12 +31,15 @@ KERNEL_POINTS: dict[str, tuple[str, ...]] = {
 }
 
 # Per method, points the method leaves dense whose projections a decode step still runs
-# through `sparse_input_matvec` (`Kernels.dense_points`), which then reads every row: the
-# gate of CATS/CHESS. In XLA it is a GEMM fused with the activation and threshold that
-# took 42.7 us per layer in an H200 decode step (2.75 TB/s), the kernel 32.2 us
-# (benchmarks/NOTES_kernels.md).
+# through `sparse_input_matvec` (`Kernels.dense_points`), which then reads every row:
+# - the gate of CATS/CHESS. In XLA it is a GEMM fused with the activation and threshold
+#   that took 42.7 us per layer in an H200 decode step (2.75 TB/s), the kernel 32.2 us;
+# - Deja Vu's k|v (every kv head is computed): XLA turned that [d, 2 kv] matvec into a
+#   float32 product written out whole and a column sum, 24 us per layer on an H200
+#   (benchmarks/results/dejavu_topk_h200.json; benchmarks/NOTES_kernels.md).
 DENSE_KERNEL_POINTS: dict[str, tuple[str, ...]] = {
-    m: ("ffn_in",) for m in ("cats", "chess", "chess+", "chess-learned")
+    **{m: ("ffn_in",) for m in ("cats", "chess", "chess+", "chess-learned")},
+    "dejavu": ("kv_in",),
 }
 
 # Methods whose q and k/v inputs always carry the same threshold (or none), so that q/k/v

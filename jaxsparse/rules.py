@@ -11,6 +11,8 @@ forward serves every threshold method at every sparsity.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -78,18 +80,74 @@ def relaxed_sparsify(x: jax.Array, threshold: jax.Array, tau_rel: jax.Array | fl
     return (x.astype(jnp.float32) * m).astype(x.dtype)
 
 
-def topk_mask(scores: jax.Array, k: jax.Array | int) -> jax.Array:
+def topk_mask(scores: jax.Array, k: jax.Array | int, select: str = "auto") -> jax.Array:
     """Bool mask of the `k` largest entries of `scores` along the last axis.
 
     `k` may be a traced integer (data, not a static shape), so one compiled function
-    serves every k; entries tied with the k-th largest are all kept. `k = 0` keeps
-    nothing, `k >= width` keeps everything.
+    serves every k; entries tied with the k-th largest are all kept (-0.0 ties +0.0).
+    `k = 0` keeps nothing, `k >= width` keeps everything.
+
+    `select`: how the k-th largest value is found, with the same mask either way: "sort"
+    sorts each row (`topk_mask_sorted`); "count" runs a radix select on the scores' bits
+    (`kth_largest_by_count`: 4 fused counting passes); "auto" counts on a GPU where there
+    are few rows of a wide axis (a decode step's Deja Vu neuron scores, where a sort of
+    the row is many small kernels per layer) and sorts otherwise (prefill, short axes,
+    CPU and TPU).
     """
     width = scores.shape[-1]
+    if select == "auto":
+        few_wide = width >= RADIX_MIN_WIDTH and math.prod(scores.shape[:-1]) <= RADIX_MAX_ROWS
+        select = "count" if few_wide and jax.default_backend() == "gpu" else "sort"
+    if select == "sort":
+        return topk_mask_sorted(scores, k)
+    if select != "count":
+        raise ValueError(f"topk_mask: select={select!r}; use 'auto', 'sort' or 'count'")
     k = jnp.clip(jnp.asarray(k, jnp.int32), 0, width)
+    keys = _order_keys(scores)
+    kth = kth_largest_by_count(keys, k)
+    return jnp.where(k > 0, keys >= kth[..., None], False)
+
+
+# Where "auto" selects by counting (on a GPU).
+RADIX_MIN_WIDTH = 512
+RADIX_MAX_ROWS = 64
+_RADIX_BITS = 8
+
+
+def topk_mask_sorted(scores: jax.Array, k: jax.Array | int) -> jax.Array:
+    """`topk_mask` by sorting each row (the k-th largest read off the sorted row)."""
+    width = scores.shape[-1]
+    k = jnp.clip(jnp.asarray(k, jnp.int32), 0, width)
+    scores = jnp.where(scores == 0, jnp.zeros((), scores.dtype), scores)  # -0.0 -> +0.0
     srt = jnp.sort(scores, axis=-1)  # ascending
     kth = jnp.take(srt, jnp.clip(width - k, 0, width - 1), axis=-1)[..., None]
     return jnp.where(k > 0, scores >= kth, False)
+
+
+def _order_keys(x: jax.Array) -> jax.Array:
+    """uint32 keys in the order of the float32 values of x (-0.0 and +0.0 one key)."""
+    x = x.astype(jnp.float32)
+    x = jnp.where(x == 0, jnp.float32(0), x)
+    b = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    sign = jnp.uint32(1 << 31)
+    return jnp.where(b >= sign, ~b, b | sign)  # negatives reversed below the positives
+
+
+def kth_largest_by_count(keys: jax.Array, k: jax.Array) -> jax.Array:
+    """The k-th largest of uint32 `keys` along the last axis (1 <= k <= width; k may be
+    traced), by a radix select: `_RADIX_BITS` bits per pass from the top, each pass
+    counting for every candidate digit how many keys are at least the prefix so far with
+    that digit, and keeping the largest digit whose count still reaches k. Each pass is one
+    fused compare-and-count over the row, no sort."""
+    n_digits = 1 << _RADIX_BITS
+    digits = jnp.arange(n_digits, dtype=jnp.uint32)
+    prefix = jnp.zeros(keys.shape[:-1], jnp.uint32)
+    for shift in range(32 - _RADIX_BITS, -1, -_RADIX_BITS):
+        cand = prefix[..., None] | (digits << shift)  # [..., n_digits], increasing
+        counts = jnp.sum(keys[..., None, :] >= cand[..., :, None], axis=-1, dtype=jnp.int32)
+        best = jnp.sum(counts >= k[..., None], axis=-1, dtype=jnp.int32) - 1  # counts fall
+        prefix = prefix | (best.astype(jnp.uint32) << shift)
+    return prefix
 
 
 def zero_fraction(x: jax.Array) -> jax.Array:

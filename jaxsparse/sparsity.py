@@ -243,7 +243,11 @@ def predictor_weights(predictor: dict | None) -> int:
     if not predictor:
         return 0
     return int(
-        sum(np.prod(np.shape(v)) for k, v in predictor.items() if k.endswith(("_w1", "_w2")))
+        sum(
+            np.prod(np.shape(v))
+            for k, v in predictor.items()
+            if k.endswith(("_w1", "_w1t", "_w2"))  # _w1t: W1 transposed (decode_layout)
+        )
     )
 
 

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny import pallas_calls, pallas_calls_of
 
 from jaxsparse.config import ModelConfig
 from jaxsparse.generate import Generator, SamplingParams, bucket_length, sample_logits
@@ -213,19 +214,6 @@ def test_kernel_decoding_gives_masked_dense_tokens(method, impl):
     np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
-def _pallas_calls(jaxpr, out: list) -> list:
-    """The names of the pallas_calls in `jaxpr` and its sub-jaxprs, in order."""
-    for e in jaxpr.eqns:
-        if e.primitive.name == "pallas_call":
-            out.append(str(e.params.get("name")))
-        for v in e.params.values():
-            for sub in v if isinstance(v, (list, tuple)) else [v]:
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    _pallas_calls(inner, out)
-    return out
-
-
 def _gate_source(jaxpr) -> list[str]:
     """For each gated_matvec call in `jaxpr` (top level, each kernel in its own jit), the
     primitives its gate input passes through on the way back from the op that made it,
@@ -233,12 +221,12 @@ def _gate_source(jaxpr) -> list[str]:
     made_by = {v: e for e in jaxpr.eqns for v in e.outvars}
     out = []
     for e in jaxpr.eqns:
-        if _pallas_calls_of(e) != ["gated_matvec"]:
+        if pallas_calls_of(e) != ["gated_matvec"]:
             continue
         v, path = e.invars[1], []
         while v in made_by:
             p = made_by[v]
-            names = _pallas_calls_of(p)
+            names = pallas_calls_of(p)
             if names:
                 path.append(names[0].removesuffix("_splitk"))
                 break
@@ -247,18 +235,6 @@ def _gate_source(jaxpr) -> list[str]:
                 break
             v = p.invars[0]
         out.append([n for n in path if n not in ("reshape", "squeeze", "expand_dims")])
-    return out
-
-
-def _pallas_calls_of(eqn) -> list:
-    if eqn.primitive.name == "pallas_call":
-        return [str(eqn.params.get("name"))]
-    out = []
-    for v in eqn.params.values():
-        for sub in v if isinstance(v, (list, tuple)) else [v]:
-            inner = getattr(sub, "jaxpr", sub)
-            if hasattr(inner, "eqns"):
-                _pallas_calls(inner, out)
     return out
 
 
@@ -320,7 +296,7 @@ def test_decode_step_kernels_per_layer(method, per_layer):
     cache = init_cache(config, 1, 8)
     tok, pos = jnp.ones((1, 1), jnp.int32), jnp.full((1, 1), 3)
     jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, tok, pos, cache, 3, None))(params)
-    names = [n.removesuffix("_splitk") for n in _pallas_calls(jaxpr.jaxpr, [])]
+    names = [n.removesuffix("_splitk") for n in pallas_calls(jaxpr.jaxpr)]
     assert names == per_layer * config.num_layers
 
 

@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny import LLAMA, Loaded
+from tiny import LLAMA, Loaded, pallas_calls
 
+from jaxsparse import sparsity
 from jaxsparse.models import build_model, init_params, positions_from_mask
 from jaxsparse.predictors import (
     PredictorError,
@@ -266,6 +267,68 @@ def test_generate_decodes_with_a_dejavu_state(trained, impl):
     got = gen.generate_ids(prompts, 5, thresholds=th, stop_at_eos=False)
     assert got.tokens == ref.tokens
     assert got.measured_sparsity["gate"] >= 1 - KS["ffn_k"] / 64 - 1e-6
+
+
+def test_decode_layout_gives_the_same_masks(trained, monkeypatch):
+    """`decode_layout` (W1 stored [r, d] for the decode loop) leaves the predictors'
+    logits and masks as they were, and the Generator's decode loop runs with it (the
+    prefill keeps [d, r])."""
+    from jaxsparse.generate import Generator
+    from jaxsparse.models import predictor
+
+    params, seqs, _, weights, _ = trained
+    th = dejavu_state(TINY, weights, KS["ffn_k"], KS["head_k"]).thresholds_for_model()
+    moved = predictor.decode_layout(th)
+    assert predictor.decode_layout(None) is None
+    x = jax.random.normal(jax.random.key(0), (3, 1, TINY.hidden_size))
+    for name in th:
+        w, wt = th[name]["predictor"], moved[name]["predictor"]
+        assert "ffn_w1" not in wt and wt["ffn_w1t"].shape == w["ffn_w1"].shape[::-1]
+        for which in ("ffn", "head"):
+            np.testing.assert_allclose(
+                predictor.predictor_logits(wt, x, which),
+                predictor.predictor_logits(w, x, which),
+                rtol=1e-5,
+                atol=1e-5,
+            )
+        for a, b in zip(predictor.predicted_masks(wt, x), predictor.predicted_masks(w, x)):
+            np.testing.assert_array_equal(a, b)
+    assert sparsity.predictor_weights(moved["layers_0"]["predictor"]) == (
+        sparsity.predictor_weights(th["layers_0"]["predictor"])
+    )
+    layouts = []
+    real = predictor.predictor_logits
+
+    def spy(w, x, which):
+        layouts.append((x.shape[-2], f"{which}_w1t" in w))
+        return real(w, x, which)
+
+    monkeypatch.setattr(predictor, "predictor_logits", spy)
+    Generator(TINY, params).generate_ids([seqs[0, :5].tolist()], 3, thresholds=th)
+    assert {t for t, transposed in layouts if transposed} == {1}  # the decode steps
+    assert any(not transposed for _, transposed in layouts)  # the prefill keeps [d, r]
+
+
+def test_dejavu_decode_step_kernels(trained):
+    """Which projections a Deja Vu pallas decode step runs through the kernels, read off
+    its jaxpr: q of the selected heads, k|v of every head (a dense input through
+    `sparse_input_matvec`: `registry.DENSE_KERNEL_POINTS`), the heads' attention, o, then
+    gate and up rows of the predicted neurons and down."""
+    from jaxsparse.models import init_cache, prepare_params
+    from jaxsparse.registry import kernels_for_method
+
+    params, _, _, weights, _ = trained
+    th = dejavu_state(TINY, weights, KS["ffn_k"], KS["head_k"]).thresholds_for_model()
+    kn = kernels_for_method("dejavu", "pallas", "gpu_interpret")
+    model = build_model(TINY, kn)
+    p = prepare_params(params, TINY, kn)
+    cache = init_cache(TINY, 1, 8)
+    tok, pos = jnp.ones((1, 1), jnp.int32), jnp.full((1, 1), 3)
+    jaxpr = jax.make_jaxpr(lambda p, t: model.apply({"params": p}, tok, pos, cache, 3, t))(p, th)
+    names = [n.removesuffix("_splitk") for n in pallas_calls(jaxpr.jaxpr)]
+    per_layer = ["gated_matvec", "sparse_input_matvec", "head_sparse_attention"]
+    per_layer += ["sparse_input_matvec", "gated_matvec", "gated_matvec", "sparse_input_matvec"]
+    assert names == per_layer * TINY.num_layers
 
 
 def test_dejavu_kernel_decode_skips_gate_rows(trained, monkeypatch):

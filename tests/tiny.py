@@ -1,5 +1,6 @@
 """Tiny random configs and a byte tokenizer shared by the CPU tests of fitting and
-evaluation (importable from any test module in tests/: pytest puts this folder on sys.path)."""
+evaluation, and the names of the Pallas kernels a jaxpr runs (`pallas_calls`); importable
+from any test module in tests/: pytest puts this folder on sys.path."""
 
 import dataclasses
 
@@ -84,3 +85,21 @@ def sweep_kwargs(cal, ev, tokens: int, tasks=None, **extra) -> dict:
         "progress": False,
         **extra,
     }
+
+
+def pallas_calls(jaxpr) -> list:
+    """The names of the pallas_calls in `jaxpr` and its sub-jaxprs, in order."""
+    return [name for e in jaxpr.eqns for name in pallas_calls_of(e)]
+
+
+def pallas_calls_of(eqn) -> list:
+    """The names of the pallas_calls one equation runs: itself, or inside its sub-jaxprs."""
+    if eqn.primitive.name == "pallas_call":
+        return [str(eqn.params.get("name"))]
+    out = []
+    for v in eqn.params.values():
+        for sub in v if isinstance(v, (list, tuple)) else [v]:
+            inner = getattr(sub, "jaxpr", sub)
+            if hasattr(inner, "eqns"):
+                out += pallas_calls(inner)
+    return out

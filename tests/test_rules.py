@@ -1,0 +1,66 @@
+"""jaxsparse.rules: the top-k keep-mask by counting (radix select) against the sort."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsparse.rules import kth_largest_by_count, topk_mask, topk_mask_sorted
+
+
+def scores(kind: str, shape, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+    if kind == "ties":  # many equal values, ties at the k-th largest
+        x = np.round(x * 4) / 4
+    elif kind == "signed_zeros_inf":  # -0.0 ties +0.0; infinities order like numbers
+        x[..., ::7] = 0.0
+        x[..., 1::7] = -0.0
+        x[..., 2::11] = -np.inf
+        x[..., 3::13] = np.inf
+    elif kind == "negative":
+        x = -np.abs(x) - 1.0
+    return x
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "signed_zeros_inf", "negative"])
+@pytest.mark.parametrize("shape", [(1, 1536), (3, 1, 600), (2, 4, 1024)])
+def test_count_gives_the_sorts_mask(kind, shape):
+    """Every k from 0 to past the width: the same mask as the sort, ties kept alike; with
+    no ties exactly k entries (and the k largest)."""
+    x = jnp.asarray(scores(kind, shape, seed=len(kind) + shape[-1]))
+    width = shape[-1]
+    count = jax.jit(lambda s, k: topk_mask(s, k, select="count"))
+    for k in (0, 1, 2, 7, width // 3, width // 2, width - 1, width, width + 5):
+        got = np.asarray(count(x, k))
+        want = np.asarray(topk_mask_sorted(x, k))
+        np.testing.assert_array_equal(got, want, err_msg=f"{kind} k={k}")
+        if kind == "normal":
+            assert (got.sum(-1) == min(k, width)).all()
+            if 0 < k <= width:
+                kth = -np.sort(-np.asarray(x), axis=-1)[..., k - 1 : k]
+                assert (np.asarray(x)[got].min() >= kth.min()) and got[np.asarray(x) > kth].all()
+
+
+def test_count_takes_a_traced_k():
+    """k is data: one compiled function serves every k."""
+    x = jnp.asarray(scores("normal", (3, 700), seed=1))
+    f = jax.jit(lambda s, k: topk_mask(s, k, select="count"))
+    for k in (1, 350, 700):
+        np.testing.assert_array_equal(np.asarray(f(x, jnp.int32(k))).sum(-1), [k] * 3)
+    assert f._cache_size() == 1
+    keys = jax.lax.bitcast_convert_type(jnp.asarray([[1.0, 3.0, 2.0]]), jnp.uint32)
+    kth = kth_largest_by_count(keys, jnp.asarray([2]))  # positives: the bits keep the order
+    assert jax.lax.bitcast_convert_type(kth, jnp.float32)[0] == 2.0
+
+
+def test_auto_sorts_on_cpu_and_rejects_unknown_select():
+    """On a CPU "auto" is the sort (the counting passes are slower there), and a typo in
+    `select` is an error, not a silent sort."""
+    x = jnp.asarray(scores("normal", (1, 2048), seed=2))
+    jaxpr = str(jax.make_jaxpr(lambda s: topk_mask(s, 100))(x))
+    assert "sort" in jaxpr
+    assert "sort" not in str(jax.make_jaxpr(lambda s: topk_mask(s, 100, select="count"))(x))
+    with pytest.raises(ValueError, match="select='radix'"):
+        topk_mask(x, 3, select="radix")
