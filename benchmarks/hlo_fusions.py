@@ -48,25 +48,31 @@ def short(line: str) -> str:
     return line + (f"  # {'/'.join(m.group(1).split('/')[-2:])}" if m else "")
 
 
-def describe(comps: dict[str, list[str]], kernel: str, max_lines: int) -> list[str]:
-    """The launching instruction of `kernel`, its call count and its called body."""
-    sites = [
+def launch_sites(comps: dict[str, list[str]], kernel: str) -> list[tuple[str, str]]:
+    """(computation, line) of each instruction named `kernel` (`.` read as `_`)."""
+    want = kernel.replace(".", "_")
+    return [
         (cname, line)
         for cname, body in comps.items()
         for line in body
-        if (m := INSTR.match(line)) and m.group(1).replace(".", "_") == kernel.replace(".", "_")
+        if (m := INSTR.match(line)) and m.group(1).replace(".", "_") == want
     ]
+
+
+def describe(comps: dict[str, list[str]], kernel: str, max_lines: int) -> list[str]:
+    """The launching instruction of `kernel`, its call count and its called body."""
+    sites = launch_sites(comps, kernel)
     if not sites:
         return [f"{kernel}: not found in these modules"]
     cname, line = sites[0]
     out = [f"{kernel} (in {cname}, {len(sites)} site(s)): {short(line)[:400]}"]
     called = CALLS.search(line)
     if called and called.group(1) in comps:
-        body = comps[called.group(1)]
+        name, body = called.group(1), comps[called.group(1)]
         n_calls = sum(
-            1 for b in comps.values() for ln in b if f"calls=%{called.group(1)}" in ln
-        ) or sum(1 for b in comps.values() for ln in b if f"calls={called.group(1)}" in ln)
-        out.append(f"  calls {called.group(1)} ({n_calls} call site(s)), {len(body)} lines:")
+            1 for b in comps.values() for ln in b if (c := CALLS.search(ln)) and c.group(1) == name
+        )
+        out.append(f"  calls {name} ({n_calls} call site(s)), {len(body)} lines:")
         out += ["    " + short(ln)[:300] for ln in body[:max_lines]]
     return out
 
@@ -94,9 +100,7 @@ def main(argv=None) -> int:
         fusions = [k for k in top if "fusion" in k]
         # the row's module: the first (in compile order) that launches all its fusions
         found = [
-            (name, comps)
-            for name, comps in modules
-            if all(not describe(comps, k, 0)[0].endswith("modules") for k in fusions)
+            (name, comps) for name, comps in modules if all(launch_sites(comps, k) for k in fusions)
         ]
         if not found:
             print(f"=== {label}: no module launches all of {fusions}")

@@ -118,8 +118,7 @@ def topk_mask_sorted(scores: jax.Array, k: jax.Array | int) -> jax.Array:
     """`topk_mask` by sorting each row (the k-th largest read off the sorted row)."""
     width = scores.shape[-1]
     k = jnp.clip(jnp.asarray(k, jnp.int32), 0, width)
-    scores = jnp.where(scores == 0, jnp.zeros((), scores.dtype), scores)  # -0.0 -> +0.0
-    srt = jnp.sort(scores, axis=-1)  # ascending
+    srt = jnp.sort(scores, axis=-1)  # ascending; `>=` below ties -0.0 with +0.0
     kth = jnp.take(srt, jnp.clip(width - k, 0, width - 1), axis=-1)[..., None]
     return jnp.where(k > 0, scores >= kth, False)
 

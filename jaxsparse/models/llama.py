@@ -69,7 +69,7 @@ class SwiGLU(nn.Module):
         g = _sparse(self, "gate", g, thresholds)
         if u is None:
             up = Linear(m, ("embed", "mlp"), c.mlp_bias, dt, kn, kn.up_rows, name="up_proj")
-            if kn.up_rows and rule is not None:  # gated_matvec makes g from pre itself
+            if rule is not None:  # gated_matvec makes g from pre itself (implies up_rows)
                 a = up(x, gate=pre, gate_rule=rule)
             elif kn.up_rows:  # g * (x @ Wu^T), only the rows where g != 0 in a decode step
                 a = up(x, gate=g)
