@@ -119,8 +119,6 @@ def load_tokenizer(src: str | Path) -> Any:
     (`convert.gguf_tokenizer`); other GGUF tokenizers (SentencePiece-style, other split
     regexes) go through transformers' GGUF integration, which needs torch.
     """
-    from transformers import AutoTokenizer
-
     from convert.gguf_tokenizer import UnsupportedGGUFTokenizer, gguf_tokenizer
 
     src = Path(src)
@@ -129,6 +127,9 @@ def load_tokenizer(src: str | Path) -> Any:
             return gguf_tokenizer(src)
         except UnsupportedGGUFTokenizer as e:
             unsupported = e
+    # Imported here: AutoTokenizer's import pulls in torch when it is installed (seconds).
+    from transformers import AutoTokenizer
+
     try:
         if source_kind(src) == "gguf":
             try:

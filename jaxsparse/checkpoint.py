@@ -149,10 +149,32 @@ def load_checkpoint(
         ckptr.close()
     tokenizer = None
     if with_tokenizer and (path / "tokenizer").is_dir():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
+        tokenizer = load_saved_tokenizer(path / "tokenizer")
     return config, params, tokenizer, meta.get("source", {})
+
+
+def load_saved_tokenizer(path: str | Path) -> Any:
+    """The tokenizer saved in a checkpoint's `tokenizer/` directory (`save_pretrained`).
+
+    `AutoTokenizer` would build the class that `tokenizer_config.json` names; this calls that
+    class directly when transformers exports it, which gives the same tokenizer without
+    `AutoTokenizer`'s import of transformers' model-config code, which imports torch when
+    torch is installed (about 3 s per process on 2 cores). Other directories go through
+    `AutoTokenizer`.
+    """
+    import transformers
+
+    path = Path(path)
+    try:
+        name = json.loads((path / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    cls = (
+        getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
+    )
+    if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedTokenizerBase):
+        return cls.from_pretrained(str(path))
+    return transformers.AutoTokenizer.from_pretrained(str(path))
 
 
 def _resolve_sharding(shapes: dict, sharding) -> dict:

@@ -3,7 +3,9 @@
 - User data (`--data`, `--ppl`): plain text files (one document each) and JSONL files
   (one document per line, in a `text` field).
 - The built-in corpus: the docstrings of the Python standard library, read by parsing the
-  source files with `ast` (nothing is imported, so nothing runs), in a fixed order. Each
+  source files with `ast` (nothing is imported, so nothing runs), in a fixed order; the
+  result is remembered under the cache directory, keyed by every source file's size and
+  mtime and the Python version. Each
   module gives one document (its docstring and those of its classes and functions, in
   source order). Top-level packages are split by a hash of their name into two disjoint
   named splits, `calibration` (~80%) and `evaluation` (~20%), so evaluation text is never
@@ -117,10 +119,25 @@ def stdlib_documents(split: str) -> list[Document]:
 
 @functools.cache
 def _stdlib_documents(split: str) -> tuple[Document, ...]:
+    """The split's documents, parsed once per standard library and remembered on disk
+    (`_corpus_cache_path`): parsing ~700 modules takes seconds, every command needs them."""
+    files = [(m, p) for m, p in _module_files(stdlib_root()) if _split_of(m) == split]
+    cache = _corpus_cache_path(split, files)
+    docs = _read_corpus_cache(cache)
+    if docs is None:
+        docs = _parse_documents(files)
+        try:  # a cache that cannot be written only costs the parse next time
+            from jaxsparse.io import write_text_atomic
+
+            write_text_atomic(cache, json.dumps([[d.source, d.text] for d in docs]))
+        except OSError:
+            pass
+    return docs
+
+
+def _parse_documents(files: list[tuple[str, Path]]) -> tuple[Document, ...]:
     docs = []
-    for module, path in _module_files(stdlib_root()):
-        if _split_of(module) != split:
-            continue
+    for module, path in files:
         try:
             tree = ast.parse(path.read_bytes(), filename=str(path))
         except (SyntaxError, ValueError, UnicodeDecodeError, OSError):
@@ -129,6 +146,41 @@ def _stdlib_documents(split: str) -> tuple[Document, ...]:
         if parts:
             docs.append(Document(f"stdlib:{module}", "\n\n".join(parts)))
     return tuple(docs)
+
+
+# Bump when what `_parse_documents` extracts changes: old cache entries are then ignored.
+_CORPUS_CACHE_FORMAT = 1
+
+
+def _corpus_cache_path(split: str, files: list[tuple[str, Path]]) -> Path:
+    """`<cache>/corpus/stdlib-docstrings-<split>-<key>.json`, the key a hash of the Python
+    version, the extraction's format and settings, and every source file's name, size and
+    mtime: an edited, added or removed module, or another Python, gives another entry."""
+    from jaxsparse.io import cache_dir
+
+    h = hashlib.sha256()
+    h.update(f"{_CORPUS_CACHE_FORMAT}\n{sys.version}\n{_MIN_DOCSTRING_CHARS}\n".encode())
+    for module, path in files:
+        try:
+            st = path.stat()
+            h.update(f"{module}\t{path}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{module}\t{path}\t-\n".encode())
+    return cache_dir() / "corpus" / f"{BUILTIN_NAME}-{split}-{h.hexdigest()[:20]}.json"
+
+
+def _read_corpus_cache(path: Path) -> tuple[Document, ...] | None:
+    """The cached documents, or None when there is no usable entry (missing, unreadable or
+    malformed: the caller parses again and rewrites it)."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rows, list) or not all(
+        isinstance(r, list) and len(r) == 2 and all(isinstance(x, str) for x in r) for r in rows
+    ):
+        return None
+    return tuple(Document(source, text) for source, text in rows)
 
 
 def builtin_provenance(split: str) -> dict[str, Any]:

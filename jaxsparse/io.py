@@ -24,6 +24,13 @@ from pathlib import Path
 from typing import Any
 
 COMPLETE_MARKER = "COMPLETE"
+CACHE_ENV = "JAXSPARSE_CACHE"
+
+
+def cache_dir() -> Path:
+    """jaxsparse's cache directory: `$JAXSPARSE_CACHE`, else `~/.cache/jaxsparse` (converted
+    embedded models, compiled XLA programs, the built-in corpus's parsed docstrings)."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "jaxsparse")
 
 
 class IncompleteDirectoryError(RuntimeError):

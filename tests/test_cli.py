@@ -1,56 +1,13 @@
-"""The `jaxsparse` command line as a user runs it: the README's main job, and bad input."""
+"""The `jaxsparse` command line: bad input, streaming, conversion (the README's main job, `make
+run`, is compared with HF greedy decoding in tests/test_make_run.py)."""
 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
-
-import pytest
 
 from jaxsparse.cli import main
 
 PROMPT = "The Python programming language is"
-
-
-def jaxsparse_cmd() -> list[str]:
-    exe = shutil.which("jaxsparse")
-    return [exe] if exe else [sys.executable, "-m", "jaxsparse.cli"]
-
-
-@pytest.mark.slow
-def test_readme_generate_matches_hf_greedy(smollm2_hf, smollm2):
-    """`jaxsparse generate --prompt ... --max-new-tokens 32 --temperature 0 --json` prints the
-    text HF greedy decoding of the same model and prompt gives."""
-    torch = pytest.importorskip("torch")
-    out = subprocess.run(
-        [
-            *jaxsparse_cmd(),
-            "generate",
-            "--prompt",
-            PROMPT,
-            "--max-new-tokens",
-            "32",
-            "--temperature",
-            "0",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    got = json.loads(out.stdout.strip().splitlines()[-1])
-    ids = smollm2.tokenizer(PROMPT, return_tensors="pt")
-    with torch.no_grad():
-        ref = smollm2_hf.generate(**ids, max_new_tokens=32, do_sample=False)
-    new = ref[0, ids["input_ids"].shape[1] :].tolist()
-    eos = smollm2.tokenizer.eos_token_id
-    new = new[: new.index(eos)] if eos in new else new
-    assert got["tokens"] == new
-    assert got["text"] == smollm2.tokenizer.decode(new, skip_special_tokens=True)
-    assert got["prefill_tokens_per_s"] > 0 and got["decode_tokens_per_s"] > 0
-    assert got["prompt_tokens"] == ids["input_ids"].shape[1]
 
 
 def test_generate_needs_a_prompt(capsys):

@@ -135,3 +135,48 @@ def test_data_cli_exports_tasks_and_text(tmp_path, capsys):
     assert data.stdlib_documents("evaluation")[0].text in text
     assert data.stdlib_documents("calibration")[0].text not in text
     assert "wrote 12 tasks" in capsys.readouterr().out
+
+
+def _fake_stdlib(root, docs: dict[str, str]) -> None:
+    for module, doc in docs.items():
+        (root / f"{module}.py").write_text(f'"""{doc}"""\n\n\ndef f():\n    pass\n')
+
+
+def test_builtin_corpus_is_parsed_once_and_remembered(tmp_path, monkeypatch):
+    """The parsed corpus is cached on disk: a second process (here: the function again,
+    with parsing broken) reads it back, an edited module gives a new entry, and a corrupt
+    entry is parsed again and rewritten."""
+    root, cache = tmp_path / "stdlib", tmp_path / "cache"
+    root.mkdir()
+    names = [f"mod{i}" for i in range(40)]
+    split = data._split_of(names[0])
+    mods = [n for n in names if data._split_of(n) == split][:3]
+    _fake_stdlib(
+        root, {m: f"The docstring of {m}, long enough to be kept in the corpus." for m in mods}
+    )
+    monkeypatch.setattr(data, "stdlib_root", lambda: root)
+    monkeypatch.setenv("JAXSPARSE_CACHE", str(cache))
+    build = data._stdlib_documents.__wrapped__
+
+    first = build(split)
+    assert [d.source for d in first] == [f"stdlib:{m}" for m in sorted(mods)]
+    (entry,) = (cache / "corpus").iterdir()
+    assert json.loads(entry.read_text()) == [[d.source, d.text] for d in first]
+
+    def no_parse(*a, **k):
+        raise AssertionError("parsed again although the cache holds this corpus")
+
+    with monkeypatch.context() as m:
+        m.setattr(data.ast, "parse", no_parse)
+        assert build(split) == first
+
+    # An edited module (another size) is a new key: parsed again, the new text returned.
+    _fake_stdlib(root, {mods[0]: f"An edited docstring of {mods[0]}, still long enough for it."})
+    edited = build(split)
+    assert edited[0].text.startswith("An edited docstring") and edited[1:] == first[1:]
+    assert len(list((cache / "corpus").iterdir())) == 2
+
+    # A corrupt entry is not trusted.
+    for f in (cache / "corpus").iterdir():
+        f.write_text('{"not": "a list"}')
+    assert build(split) == edited

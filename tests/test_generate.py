@@ -518,9 +518,9 @@ def test_smollm2_loop_gives_the_per_step_tokens(smollm2):
         ["chess"],
         [0.5],
         None,
-        tokens=512,
+        tokens=256,
         seq_len=128,
-        batch_size=4,
+        batch_size=2,
         progress=False,
     )[("chess", 0.5)]
     eos = tuple(sorted(Generator(lm.config, lm.params, lm.tokenizer).eos_ids))

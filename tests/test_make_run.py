@@ -66,3 +66,5 @@ def test_make_run_prints_hf_greedy_text(smollm2_hf, smollm2_gguf):
     expected = tok.decode(new, skip_special_tokens=True)
     assert got["text"] == expected, f"make run printed {got['text']!r}, HF greedy {expected!r}"
     assert got["tokens"] == new
+    assert got["prompt_tokens"] == ids["input_ids"].shape[1]
+    assert got["prefill_tokens_per_s"] > 0 and got["decode_tokens_per_s"] > 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -112,17 +114,25 @@ def init_params(config: ModelConfig, seed: int = 0) -> dict:
     return nn.unbox(jax.jit(_init, static_argnums=0)(config, jax.random.key(seed)))
 
 
+@functools.lru_cache(maxsize=16)
+def _boxed_shapes(config: ModelConfig, kernels: Kernels) -> dict:
+    """The params tree of `_init` as shapes in their logical-axis boxes, traced once per
+    (config, kernels) and process: tracing a 30-layer init takes seconds, and loading a
+    checkpoint and placing it on a mesh both need it. Callers get new trees from it
+    (`nn.unbox`, `nn.get_partition_spec`), never this one."""
+    return jax.eval_shape(lambda: _init(config, jax.random.key(0), kernels))
+
+
 def param_shapes(config: ModelConfig) -> dict:
     """The params tree as `jax.ShapeDtypeStruct`s, without allocating anything."""
-    return nn.unbox(jax.eval_shape(lambda: _init(config, jax.random.key(0))))
+    return nn.unbox(_boxed_shapes(config, XLA))
 
 
 def logical_axes(config: ModelConfig, kernels: Kernels = XLA) -> dict:
     """The params tree with each leaf replaced by its logical axis names (a PartitionSpec),
     for the layout `prepare_params(params, config, kernels)` makes (the `jaxsparse.sharding`
     table maps the names to mesh axes)."""
-    boxed = jax.eval_shape(lambda: _init(config, jax.random.key(0), kernels))
-    return nn.get_partition_spec(boxed)
+    return nn.get_partition_spec(_boxed_shapes(config, kernels))
 
 
 def cache_logical_axes(config: ModelConfig) -> dict:
