@@ -80,7 +80,9 @@ def relaxed_sparsify(x: jax.Array, threshold: jax.Array, tau_rel: jax.Array | fl
     return (x.astype(jnp.float32) * m).astype(x.dtype)
 
 
-def topk_mask(scores: jax.Array, k: jax.Array | int, select: str = "auto") -> jax.Array:
+def topk_mask(
+    scores: jax.Array, k: jax.Array | int, select: str = "auto", radix_bits: int | None = None
+) -> jax.Array:
     """Bool mask of the `k` largest entries of `scores` along the last axis.
 
     `k` may be a traced integer (data, not a static shape), so one compiled function
@@ -89,26 +91,31 @@ def topk_mask(scores: jax.Array, k: jax.Array | int, select: str = "auto") -> ja
 
     `select`: how the k-th largest value is found, with the same mask either way: "sort"
     sorts each row (`topk_mask_sorted`); "count" runs a radix select on the scores' bits
-    (`kth_largest_by_count`: 4 fused counting passes); "auto" counts on a GPU where there
-    are few rows of a wide axis (a decode step's Deja Vu neuron scores, where a sort of
-    the row is many small kernels per layer) and sorts otherwise (prefill, short axes,
-    CPU and TPU).
+    (`kth_largest_by_count`: 32 / `radix_bits` fused counting passes); "auto" counts on a
+    CPU (one bit per pass: XLA's CPU sort is a comparison sort, 6-12x slower here for a
+    Deja Vu layer's scores, decode step or training batch) and on a GPU where there are
+    few rows of a wide axis (a decode step's Deja Vu neuron scores, where a sort of the row
+    is many small kernels per layer; 8 bits per pass), and sorts otherwise (GPU prefill,
+    short axes, TPU). `radix_bits` (1, 2, 4 or 8) overrides the bits per pass.
     """
     width = scores.shape[-1]
+    backend = jax.default_backend()
     if select == "auto":
         few_wide = width >= RADIX_MIN_WIDTH and math.prod(scores.shape[:-1]) <= RADIX_MAX_ROWS
-        select = "count" if few_wide and jax.default_backend() == "gpu" else "sort"
+        select = "count" if backend == "cpu" or (few_wide and backend == "gpu") else "sort"
     if select == "sort":
         return topk_mask_sorted(scores, k)
     if select != "count":
         raise ValueError(f"topk_mask: select={select!r}; use 'auto', 'sort' or 'count'")
+    if radix_bits is None:
+        radix_bits = 1 if backend == "cpu" else _RADIX_BITS
     k = jnp.clip(jnp.asarray(k, jnp.int32), 0, width)
     keys = _order_keys(scores)
-    kth = kth_largest_by_count(keys, k)
+    kth = kth_largest_by_count(keys, k, radix_bits)
     return jnp.where(k > 0, keys >= kth[..., None], False)
 
 
-# Where "auto" selects by counting (on a GPU).
+# Where "auto" selects by counting on a GPU, and the bits per pass there.
 RADIX_MIN_WIDTH = 512
 RADIX_MAX_ROWS = 64
 _RADIX_BITS = 8
@@ -132,19 +139,21 @@ def _order_keys(x: jax.Array) -> jax.Array:
     return jnp.where(b >= sign, ~b, b | sign)  # negatives reversed below the positives
 
 
-def kth_largest_by_count(keys: jax.Array, k: jax.Array) -> jax.Array:
+def kth_largest_by_count(keys: jax.Array, k: jax.Array, bits: int = _RADIX_BITS) -> jax.Array:
     """The k-th largest of uint32 `keys` along the last axis (1 <= k <= width; k may be
-    traced), by a radix select: `_RADIX_BITS` bits per pass from the top, each pass
-    counting for every candidate digit how many keys are at least the prefix so far with
-    that digit, and keeping the largest digit whose count still reaches k. Each pass is one
-    fused compare-and-count over the row, no sort."""
-    n_digits = 1 << _RADIX_BITS
-    digits = jnp.arange(n_digits, dtype=jnp.uint32)
+    traced), by a radix select: `bits` bits per pass from the top (1, 2, 4 or 8), each
+    pass counting, for every nonzero candidate digit, how many keys are at least the prefix
+    so far with that digit, and keeping the largest digit whose count still reaches k (the
+    zero digit always does). Each pass is one fused compare-and-count over the row, no
+    sort; fewer bits mean more passes of fewer comparisons (2**bits - 1 per key)."""
+    if bits not in (1, 2, 4, 8):
+        raise ValueError(f"kth_largest_by_count: bits={bits}; use 1, 2, 4 or 8")
+    digits = jnp.arange(1, 1 << bits, dtype=jnp.uint32)
     prefix = jnp.zeros(keys.shape[:-1], jnp.uint32)
-    for shift in range(32 - _RADIX_BITS, -1, -_RADIX_BITS):
-        cand = prefix[..., None] | (digits << shift)  # [..., n_digits], increasing
+    for shift in range(32 - bits, -1, -bits):
+        cand = prefix[..., None] | (digits << shift)  # [..., 2**bits - 1], increasing
         counts = jnp.sum(keys[..., None, :] >= cand[..., :, None], axis=-1, dtype=jnp.int32)
-        best = jnp.sum(counts >= k[..., None], axis=-1, dtype=jnp.int32) - 1  # counts fall
+        best = jnp.sum(counts >= k[..., None], axis=-1, dtype=jnp.int32)  # counts fall
         prefix = prefix | (best.astype(jnp.uint32) << shift)
     return prefix
 

@@ -24,14 +24,15 @@ def scores(kind: str, shape, seed: int) -> np.ndarray:
     return x
 
 
+@pytest.mark.parametrize("bits", [1, 8])
 @pytest.mark.parametrize("kind", ["normal", "ties", "signed_zeros_inf", "negative"])
 @pytest.mark.parametrize("shape", [(1, 1536), (3, 1, 600), (2, 4, 1024)])
-def test_count_gives_the_sorts_mask(kind, shape):
-    """Every k from 0 to past the width: the same mask as the sort, ties kept alike; with
-    no ties exactly k entries (and the k largest)."""
+def test_count_gives_the_sorts_mask(kind, shape, bits):
+    """Every k from 0 to past the width, 1 or 8 bits per counting pass: the same mask as
+    the sort, ties kept alike; with no ties exactly k entries (and the k largest)."""
     x = jnp.asarray(scores(kind, shape, seed=len(kind) + shape[-1]))
     width = shape[-1]
-    count = jax.jit(lambda s, k: topk_mask(s, k, select="count"))
+    count = jax.jit(lambda s, k: topk_mask(s, k, select="count", radix_bits=bits))
     for k in (0, 1, 2, 7, width // 3, width // 2, width - 1, width, width + 5):
         got = np.asarray(count(x, k))
         want = np.asarray(topk_mask_sorted(x, k))
@@ -55,12 +56,17 @@ def test_count_takes_a_traced_k():
     assert jax.lax.bitcast_convert_type(kth, jnp.float32)[0] == 2.0
 
 
-def test_auto_sorts_on_cpu_and_rejects_unknown_select():
-    """On a CPU "auto" is the sort (the counting passes are slower there), and a typo in
-    `select` is an error, not a silent sort."""
-    x = jnp.asarray(scores("normal", (1, 2048), seed=2))
-    jaxpr = str(jax.make_jaxpr(lambda s: topk_mask(s, 100))(x))
-    assert "sort" in jaxpr
-    assert "sort" not in str(jax.make_jaxpr(lambda s: topk_mask(s, 100, select="count"))(x))
+def test_auto_counts_on_cpu_and_rejects_unknown_select():
+    """On a CPU "auto" counts, one bit per pass (XLA's CPU sort is slower), for a decode
+    step's row and a training batch alike; "sort" sorts; a typo in `select` or an
+    unsupported bit width is an error, not a silent fallback."""
+    for shape in [(1, 2048), (30, 64, 1536)]:
+        x = jnp.asarray(scores("normal", shape, seed=2))
+        jaxpr = str(jax.make_jaxpr(lambda s: topk_mask(s, 100))(x))
+        assert "sort" not in jaxpr and jaxpr.count("reduce_sum") >= 32
+        np.testing.assert_array_equal(topk_mask(x, 100), topk_mask_sorted(x, 100))
+    assert "sort" in str(jax.make_jaxpr(lambda s: topk_mask(s, 100, select="sort"))(x))
     with pytest.raises(ValueError, match="select='radix'"):
         topk_mask(x, 3, select="radix")
+    with pytest.raises(ValueError, match="bits=3"):
+        topk_mask(x, 3, select="count", radix_bits=3)
