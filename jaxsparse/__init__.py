@@ -9,6 +9,7 @@ The public API, importable from the package itself:
 - `load_state(directory, config=None)`: a saved sparsity state.
 - `Generator(config, params, tokenizer, ...)` and `SamplingParams`: decoding.
 - `Evaluator`: perplexity and tasks with a state.
+- `enable_compilation_cache()`: keep JAX's compiled programs on disk, as the commands do.
 
 The names load on first use (PEP 562 `__getattr__`), so `import jaxsparse` and the CLI's
 `--help` do not import JAX.
@@ -27,13 +28,23 @@ _EXPORTS = {
     "Generator": "jaxsparse.generate",
     "SamplingParams": "jaxsparse.generate",
     "calibrate": "jaxsparse.calibrate",
+    "enable_compilation_cache": "jaxsparse.compilation_cache",
     "load_model": "jaxsparse.loading",
     "load_state": "jaxsparse.sparsity",
 }
-__all__ = ["Evaluator", "Generator", "SamplingParams", "calibrate", "load_model", "load_state"]
+__all__ = [
+    "Evaluator",
+    "Generator",
+    "SamplingParams",
+    "calibrate",
+    "enable_compilation_cache",
+    "load_model",
+    "load_state",
+]
 
 if TYPE_CHECKING:
     from jaxsparse.calibrate import calibrate
+    from jaxsparse.compilation_cache import enable_compilation_cache
     from jaxsparse.evaluate import Evaluator
     from jaxsparse.generate import Generator, SamplingParams
     from jaxsparse.loading import load_model

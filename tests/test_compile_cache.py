@@ -1,4 +1,5 @@
-"""`jaxsparse` commands keep JAX's compiled programs on disk (`enable_compilation_cache`)."""
+"""JAX's compiled programs kept on disk (`jaxsparse.enable_compilation_cache`): by every
+`jaxsparse` command but convert, and by scripts and notebooks that call it."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Run in a fresh interpreter: the cache directory is process-wide JAX state.
 SCRIPT = """
 import jax, jax.numpy as jnp
-from jaxsparse.cli.common import enable_compilation_cache
+from jaxsparse import enable_compilation_cache  # the public name; commands call it too
 print("DIR", enable_compilation_cache())
 print(float(jax.jit(lambda x: jnp.sin(x) * 3 + 1)(jnp.float32(2.0))))
 """

@@ -10,10 +10,12 @@ model load, the second loads the model and warns about a slow dtype.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
+
+# Re-exported: commands turn the cache on through this name (tests patch it here).
+from jaxsparse.compilation_cache import XLA_CACHE_ENV, enable_compilation_cache  # noqa: F401
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -392,35 +394,3 @@ def text_provenance(args: argparse.Namespace, lm, seqs, seq_len: int) -> dict:
         "jax_version": jax.__version__,
         "model_source": lm.source,
     }
-
-
-XLA_CACHE_ENV = "JAXSPARSE_XLA_CACHE"
-
-
-def enable_compilation_cache() -> Path | None:
-    """Turns on JAX's persistent compilation cache for a `jaxsparse` command, so that a
-    command run again (the same model, shapes and method) loads its compiled programs
-    from disk instead of compiling them: `$JAXSPARSE_XLA_CACHE` if set (`off` turns it
-    off), else the cache JAX was given (`JAX_COMPILATION_CACHE_DIR`), else `xla/` in the
-    model cache (`jaxsparse.loading.cache_dir()`). Returns the directory in use, or None."""
-    import jax
-
-    from jaxsparse.loading import cache_dir
-
-    chosen = os.environ.get(XLA_CACHE_ENV, "").strip()
-    if chosen.lower() in ("off", "0", "false", "no"):
-        return None
-    if not chosen and jax.config.jax_compilation_cache_dir:
-        return Path(jax.config.jax_compilation_cache_dir)
-    path = Path(chosen) if chosen else cache_dir() / "xla"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a cache that cannot be made is not worth stopping for
-        print(
-            f"warning: {XLA_CACHE_ENV}: cannot create {path} ({e}); compiling without a "
-            f"persistent cache (set {XLA_CACHE_ENV}=off to silence this)",
-            file=sys.stderr,
-        )
-        return None
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    return path
