@@ -191,6 +191,21 @@ def _weighted_bce(logits, labels, k: int):
     return -(pos_w * y * lp + (1 - y) * ln).mean() / (1 + pos_w) * 2
 
 
+def _bulk_topk(scores, k):
+    """The top-k mask of many tokens' neuron scores at once (labels, held-out metrics): on a
+    CPU by counting (`rules.topk_mask(select="count")`, one bit per pass), 6-20x faster
+    there than XLA's sort of every row; its extra compile time (about 1.3 s a call) is paid
+    once per training run. Elsewhere `topk_mask`'s own choice."""
+    import jax
+
+    from jaxsparse.rules import RADIX_MIN_WIDTH, topk_mask
+
+    wide = scores.shape[-1] >= RADIX_MIN_WIDTH
+    return topk_mask(
+        scores, k, select="count" if wide and jax.default_backend() == "cpu" else "auto"
+    )
+
+
 def _metrics(w: dict, x, imp, hn, ks: dict):
     """Per-layer (unstacked `w`) held-out sums: hits and counts for recall/precision."""
     import jax.numpy as jnp
@@ -199,9 +214,9 @@ def _metrics(w: dict, x, imp, hn, ks: dict):
     from jaxsparse.rules import topk_mask
 
     imp = imp.astype(jnp.float32)
-    ffn_lab = topk_mask(imp, ks["ffn_label_k"])
+    ffn_lab = _bulk_topk(imp, ks["ffn_label_k"])
     head_lab = topk_mask(hn, ks["head_label_k"])
-    ffn_pred = topk_mask(predictor_logits(w, x, "ffn"), ks["ffn_k"])
+    ffn_pred = _bulk_topk(predictor_logits(w, x, "ffn"), ks["ffn_k"])
     head_pred = topk_mask(predictor_logits(w, x, "head"), ks["head_k"])
     f = lambda a: jnp.sum(a.astype(jnp.float32))
     return {
@@ -287,7 +302,7 @@ def train_predictors(
     # labels once (a top-k per token is a sort: too costly to redo every step)
     label = jax.jit(
         lambda imp, hn: (
-            topk_mask(imp.astype(jnp.float32), ks["ffn_label_k"]),
+            _bulk_topk(imp.astype(jnp.float32), ks["ffn_label_k"]),
             topk_mask(hn, ks["head_label_k"]),
         )
     )

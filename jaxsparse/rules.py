@@ -91,18 +91,19 @@ def topk_mask(
 
     `select`: how the k-th largest value is found, with the same mask either way: "sort"
     sorts each row (`topk_mask_sorted`); "count" runs a radix select on the scores' bits
-    (`kth_largest_by_count`: 32 / `radix_bits` fused counting passes); "auto" counts on a
-    CPU (one bit per pass: XLA's CPU sort is a comparison sort, 6-12x slower here for a
-    Deja Vu layer's scores, decode step or training batch) and on a GPU where there are
-    few rows of a wide axis (a decode step's Deja Vu neuron scores, where a sort of the row
-    is many small kernels per layer; 8 bits per pass), and sorts otherwise (GPU prefill,
-    short axes, TPU). `radix_bits` (1, 2, 4 or 8) overrides the bits per pass.
+    (`kth_largest_by_count`: 32 / `radix_bits` fused counting passes; by default 8 bits on
+    a GPU and 1 on a CPU, where XLA's comparison sort of a training batch's rows is 6-20x
+    slower, but each pass compiles to its own loop: about 1.3 s of compile per call on 2
+    cores, so a model's decode step, with two top-k per layer, sorts); "auto" counts on a
+    GPU where there are few rows of a wide axis (a decode step's Deja Vu neuron scores,
+    where a sort of the row is many small kernels per layer) and sorts otherwise (prefill,
+    short axes, CPU and TPU). `radix_bits` (1, 2, 4 or 8) overrides the bits per pass.
     """
     width = scores.shape[-1]
     backend = jax.default_backend()
     if select == "auto":
         few_wide = width >= RADIX_MIN_WIDTH and math.prod(scores.shape[:-1]) <= RADIX_MAX_ROWS
-        select = "count" if backend == "cpu" or (few_wide and backend == "gpu") else "sort"
+        select = "count" if few_wide and backend == "gpu" else "sort"
     if select == "sort":
         return topk_mask_sorted(scores, k)
     if select != "count":

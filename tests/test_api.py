@@ -17,6 +17,7 @@ API = {
     "Generator": "jaxsparse.generate",
     "SamplingParams": "jaxsparse.generate",
     "calibrate": "jaxsparse.calibrate",
+    "enable_compilation_cache": "jaxsparse.compilation_cache",
     "load_model": "jaxsparse.loading",
     "load_state": "jaxsparse.sparsity",
 }

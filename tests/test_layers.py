@@ -18,8 +18,17 @@ PACKAGES = ("jaxsparse", "pallas_kernels", "convert")
 
 # Lowest first. A module may import from its own layer and from the layers below it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    # configs, files, the built-in text, device meshes
-    ("base", ("jaxsparse.config", "jaxsparse.io", "jaxsparse.data", "jaxsparse.sharding")),
+    # configs, files, caches, the built-in text, device meshes
+    (
+        "base",
+        (
+            "jaxsparse.config",
+            "jaxsparse.io",
+            "jaxsparse.compilation_cache",
+            "jaxsparse.data",
+            "jaxsparse.sharding",
+        ),
+    ),
     # kernels: pure functions on arrays, no model code
     ("kernels", ("pallas_kernels", "pallas_kernels.*")),
     # what a method does at inference: the state pytree and the masks it gives
