@@ -5,11 +5,11 @@
 - The built-in corpus: the docstrings of the Python standard library, read by parsing the
   source files with `ast` (nothing is imported, so nothing runs), in a fixed order; the
   result is remembered under the cache directory, keyed by every source file's size and
-  mtime and the Python version. Each
-  module gives one document (its docstring and those of its classes and functions, in
-  source order). Top-level packages are split by a hash of their name into two disjoint
-  named splits, `calibration` (~80%) and `evaluation` (~20%), so evaluation text is never
-  calibration text. It depends on the Python version (recorded in the provenance).
+  mtime and the Python version. Each module gives one document (its docstring and those
+  of its classes and functions, in source order). Top-level packages are split by a hash
+  of their name into two disjoint named splits, `calibration` (~80%) and `evaluation`
+  (~20%), so evaluation text is never calibration text. It depends on the Python version
+  (recorded in the provenance).
 - `pack_tokens`: documents tokenized without special tokens, each followed by EOS,
   concatenated and cut into sequences of `seq_len` tokens.
 - Multiple-choice tasks: JSONL, one `{"context": str, "choices": [str, ...], "gold": int}` a

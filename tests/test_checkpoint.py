@@ -168,3 +168,21 @@ def test_saved_tokenizer_is_autotokenizers_without_importing_torch(smollm2, tmp_
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_param_shapes_traced_once_per_config_and_kernels():
+    """`param_shapes` and `logical_axes` share one traced init per (config, kernels), and
+    each call returns its own tree: changing one does not change the next."""
+    from jaxsparse.models import XLA, _boxed_shapes, logical_axes
+
+    config = tiny_config().replace(num_kv_heads=1)  # a config no other test traced
+    before = _boxed_shapes.cache_info()
+    first = param_shapes(config)
+    axes = logical_axes(config, XLA)
+    second = param_shapes(config)
+    after = _boxed_shapes.cache_info()
+    assert (after.misses - before.misses, after.hits - before.hits) == (1, 2)
+    assert jax.tree.structure(first) == jax.tree.structure(second)
+    assert set(axes) == set(first)
+    first["embed_tokens"] = None
+    assert param_shapes(config)["embed_tokens"] == second["embed_tokens"] is not None
