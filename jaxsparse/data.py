@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxsparse.io import cache_dir, write_text_atomic
+
 SPLITS = ("calibration", "evaluation")
 EVALUATION_PERCENT = 20
 BUILTIN_NAME = "stdlib-docstrings"
@@ -127,8 +129,6 @@ def _stdlib_documents(split: str) -> tuple[Document, ...]:
     if docs is None:
         docs = _parse_documents(files)
         try:  # a cache that cannot be written only costs the parse next time
-            from jaxsparse.io import write_text_atomic
-
             write_text_atomic(cache, json.dumps([[d.source, d.text] for d in docs]))
         except OSError:
             pass
@@ -156,8 +156,6 @@ def _corpus_cache_path(split: str, files: list[tuple[str, Path]]) -> Path:
     """`<cache>/corpus/stdlib-docstrings-<split>-<key>.json`, the key a hash of the Python
     version, the extraction's format and settings, and every source file's name, size and
     mtime: an edited, added or removed module, or another Python, gives another entry."""
-    from jaxsparse.io import cache_dir
-
     h = hashlib.sha256()
     h.update(f"{_CORPUS_CACHE_FORMAT}\n{sys.version}\n{_MIN_DOCSTRING_CHARS}\n".encode())
     for module, path in files:

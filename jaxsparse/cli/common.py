@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 # Re-exported: commands turn the cache on through this name (tests patch it here).
-from jaxsparse.compilation_cache import XLA_CACHE_ENV, enable_compilation_cache  # noqa: F401
+from jaxsparse.compilation_cache import enable_compilation_cache  # noqa: F401
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
