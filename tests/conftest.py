@@ -8,6 +8,9 @@
 - `tiny_hf_models`: tiny random HF models of every supported architecture, saved to disk
   (see `TINY_HF_CONFIGS`); a dict name -> TinyHFModel.
 - `tiny_hf_tools`: the helpers that build and save them (`make_tiny_hf_model`, `save_torch_bin`).
+- `fresh_block_traces`: for a test that replaces (spies on) a function the decoder blocks
+  call: the blocks are traced once per shape (`jaxsparse.models.llama._apply_block`), so
+  their traces are dropped before the test (the spy gets traced in) and after it.
 
 Add new fixtures here only if several test packages use them.
 """
@@ -238,3 +241,12 @@ def smollm2_hf(smollm2_gguf):
         str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
     )
     return model.eval()
+
+
+@pytest.fixture
+def fresh_block_traces():
+    from jaxsparse.models.llama import _apply_block
+
+    _apply_block.clear_cache()
+    yield
+    _apply_block.clear_cache()

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny import pallas_calls, pallas_calls_of
+from tiny import block_jaxprs, pallas_calls, pallas_calls_of
 
 from jaxsparse.config import ModelConfig
 from jaxsparse.generate import Generator, SamplingParams, bucket_length, sample_logits
@@ -86,6 +86,36 @@ def test_compiled_once_per_shape_and_reused():
     assert r.compile_s == 0.0
     gen.generate_ids([[8, 9], [1]], max_new_tokens=4, stop_at_eos=False)
     assert len(gen._compiled) == n + 4  # a new batch size compiles prefill and loop once
+
+
+@pytest.mark.parametrize("model_type", ["llama", "opt"])
+def test_blocks_traced_once_and_sown_values_kept(model_type, fresh_block_traces):
+    """The decoder blocks run through one jitted `_apply_block` each: blocks of the same
+    shapes share one trace (the model's jaxpr calls the same block jaxpr per layer), and
+    what they sow (zero counts, statistics, taps) comes out per layer as before."""
+    config = tiny(model_type, num_layers=3)
+    model = build_model(config)
+    params = init_params(config, seed=1)
+    tokens = jnp.asarray([[5, 6, 7, 8]])
+    pos = jnp.arange(4)[None]
+    cut = (0.0, 1e9, 0.0)  # the middle layer zeroes its whole down input
+    th = {f"layers_{i}": {"down_in": jnp.float32(t)} for i, t in enumerate(cut)}
+    jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, tokens, pos, thresholds=th))(
+        params
+    )
+    blocks = block_jaxprs(jaxpr.jaxpr)
+    assert len(blocks) == config.num_layers and all(b is blocks[0] for b in blocks)
+    (_, _), sown = model.apply(
+        {"params": params}, tokens, pos, thresholds=th, mutable=["stats", "zeros", "taps"]
+    )
+    assert sorted(sown["stats"]) == [f"layers_{i}" for i in range(3)]
+    zero = [float(np.mean(sown["stats"][f"layers_{i}"]["mlp"]["down_in"][0])) for i in range(3)]
+    assert zero[1] == 1.0 and zero[0] < 1.0 and zero[2] < 1.0  # each layer's own threshold
+    for i in range(3):
+        (down_in,) = sown["taps"][f"layers_{i}"]["mlp"]["down_in"]
+        (zeros,) = sown["zeros"][f"layers_{i}"]["mlp"]["down_in"]
+        want = (np.asarray(down_in) == 0) | (np.abs(np.asarray(down_in)) < cut[i])
+        np.testing.assert_array_equal(np.asarray(zeros), want)
 
 
 def test_stops_at_eos():
@@ -215,9 +245,17 @@ def test_kernel_decoding_gives_masked_dense_tokens(method, impl):
 
 
 def _gate_source(jaxpr) -> list[str]:
-    """For each gated_matvec call in `jaxpr` (top level, each kernel in its own jit), the
-    primitives its gate input passes through on the way back from the op that made it,
-    reshapes skipped, ending at that op: a kernel's name, or an XLA primitive."""
+    """For each gated_matvec call in a model's `jaxpr` (in each block's jaxpr, where each
+    kernel is in its own jit), the primitives its gate input passes through on the way back
+    from the op that made it, reshapes skipped, ending at that op: a kernel's name, or an
+    XLA primitive."""
+    out = []
+    for block in block_jaxprs(jaxpr):
+        out += _block_gate_source(block)
+    return out
+
+
+def _block_gate_source(jaxpr) -> list[str]:
     made_by = {v: e for e in jaxpr.eqns for v in e.outvars}
     out = []
     for e in jaxpr.eqns:

@@ -331,7 +331,7 @@ def test_dejavu_decode_step_kernels(trained):
     assert names == per_layer * TINY.num_layers
 
 
-def test_dejavu_kernel_decode_skips_gate_rows(trained, monkeypatch):
+def test_dejavu_kernel_decode_skips_gate_rows(trained, monkeypatch, fresh_block_traces):
     """In a pallas decode step gate_proj is stored [m, d] and computed by `gated_matvec`
     with the neuron mask as its gate (only predicted-active rows read), as up_proj is; the
     tokens equal the masked XLA path's."""
@@ -349,8 +349,9 @@ def test_dejavu_kernel_decode_skips_gate_rows(trained, monkeypatch):
     calls = []
     real = pallas_kernels.gated_matvec
 
-    def spy(x, g, w, **kw):
-        calls.append((tuple(w.shape), g))
+    def spy(x, g, w, **kw):  # records each call as it runs (the blocks are jitted)
+        shape = tuple(w.shape)
+        jax.debug.callback(lambda gv: calls.append((shape, np.asarray(gv))), g)
         return real(x, g, w, **kw)
 
     monkeypatch.setattr(pallas_kernels, "gated_matvec", spy)

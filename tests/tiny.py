@@ -87,6 +87,16 @@ def sweep_kwargs(cal, ev, tokens: int, tasks=None, **extra) -> dict:
     }
 
 
+def block_jaxprs(jaxpr) -> list:
+    """The jaxprs of the decoder blocks that a model's `jaxpr` runs, in layer order: each
+    block is one call of the jitted `jaxsparse.models.llama._apply_block`."""
+    return [
+        e.params["jaxpr"].jaxpr
+        for e in jaxpr.eqns
+        if e.primitive.name in ("jit", "pjit") and e.params.get("name") == "_apply_block"
+    ]
+
+
 def pallas_calls(jaxpr) -> list:
     """The names of the pallas_calls in `jaxpr` and its sub-jaxprs, in order."""
     return [name for e in jaxpr.eqns for name in pallas_calls_of(e)]

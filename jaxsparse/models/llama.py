@@ -5,10 +5,14 @@ sliding-window or global attention per layer, each with its RoPE base).
 
 Holds the decoder block, the gated FFN with its sparsification points (`ffn_in`, `gate`,
 `down_in`) and the causal LM. Layers are unrolled over per-layer params (`layers_0`, ...):
-the decode path never slices stacked weights (docs/design.md, "Scan or unroll").
+the decode path never slices stacked weights (docs/design.md, "Scan or unroll"). Each
+block runs through one jitted function, so blocks of the same shapes are traced once
+(`_call_block`).
 """
 
 from __future__ import annotations
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -201,18 +205,45 @@ def run_layers(layers, x, positions_BxT, cache, cache_index, thresholds, rope):
         if th is not None and "predictor" in th:
             th = with_predicted_masks(th, prev_in)
         prev_in = x
-        x, layer_cache = layer(
-            x,
-            positions_BxT,
-            kv_pos,
-            rope,
-            None if cache is None else cache[name],
-            cache_index,
-            th,
-        )
+        args = (x, positions_BxT, kv_pos, rope, None if cache is None else cache[name])
+        x, layer_cache = _call_block(layer, args, cache_index, th)
         if new_cache is not None:
             new_cache[name] = layer_cache
     return x, new_cache
+
+
+# The variable collections the blocks write with `sow` (taps, statistics, zero counts).
+SOWN_COLLECTIONS = ("taps", "stats", "zeros")
+
+
+def _call_block(layer: nn.Module, args: tuple, cache_index, th):
+    """`layer(*args, cache_index, th)`, traced once per distinct block.
+
+    Tracing a flax block is Python work (~0.1 s per SmolLM2 block on a CPU); the unrolled
+    30-layer model traced it 30 times per jitted function (prefill, decode step, ...). Here
+    the block runs through `_apply_block`, a `jax.jit` whose trace cache is keyed by the
+    unbound block (its config, kernels and layer type) and the arguments' shapes: every
+    block with the same shapes reuses one trace, and the lowered program calls one function.
+    XLA inlines those calls when it compiles, so the compiled program is the unrolled one.
+    Initialization (params are created) and a block whose parent scope cannot be read
+    this way run it directly.
+    """
+    if layer.is_initializing() or layer.scope is None:
+        return layer(*args, cache_index, th)
+    mutable = tuple(c for c in SOWN_COLLECTIONS if layer.is_mutable_collection(c))
+    params = layer.variables["params"]
+    unbound = layer.clone(parent=None, name=None)
+    (x, new_cache), sown = _apply_block(unbound, mutable, params, args, cache_index, th)
+    for col, tree in sown.items():
+        for key, value in tree.items():
+            layer.put_variable(col, key, value)
+    return x, new_cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _apply_block(block: nn.Module, mutable: tuple, params, args, cache_index, th):
+    out, state = block.apply({"params": params}, *args, cache_index, th, mutable=list(mutable))
+    return out, {c: state[c] for c in mutable if c in state}
 
 
 def with_predicted_masks(th: dict, x_prev_BxTxD):

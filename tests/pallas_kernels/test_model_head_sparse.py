@@ -45,14 +45,15 @@ def _dejavu(config, head_k: int, ffn_k: int | None = None, seed: int = 0):
 
 
 @pytest.fixture
-def head_calls(monkeypatch):
-    """Counts the model's calls of `pallas_kernels.head_sparse_attention` (and the heads
-    it was asked for), so a test can tell that the kernel path really ran."""
+def head_calls(monkeypatch, fresh_block_traces):
+    """Counts the model's calls of `pallas_kernels.head_sparse_attention` as they run (and
+    the heads it was asked for), so a test can tell that the kernel path really ran."""
     calls = []
     real = pallas_kernels.head_sparse_attention
 
     def counting(q, heads_BxH, *args, **kw):
-        calls.append((tuple(heads_BxH.shape), kw.get("impl")))
+        info = (tuple(heads_BxH.shape), kw.get("impl"))
+        jax.debug.callback(lambda: calls.append(info))
         return real(q, heads_BxH, *args, **kw)
 
     monkeypatch.setattr(pallas_kernels, "head_sparse_attention", counting)
