@@ -100,9 +100,7 @@ def test_blocks_traced_once_and_sown_values_kept(model_type, fresh_block_traces)
     pos = jnp.arange(4)[None]
     cut = (0.0, 1e9, 0.0)  # the middle layer zeroes its whole down input
     th = {f"layers_{i}": {"down_in": jnp.float32(t)} for i, t in enumerate(cut)}
-    jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, tokens, pos, thresholds=th))(
-        params
-    )
+    jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, tokens, pos, thresholds=th))(params)
     blocks = block_jaxprs(jaxpr.jaxpr)
     assert len(blocks) == config.num_layers and all(b is blocks[0] for b in blocks)
     (_, _), sown = model.apply(
