@@ -186,3 +186,38 @@ def test_param_shapes_traced_once_per_config_and_kernels():
     assert set(axes) == set(first)
     first["embed_tokens"] = None
     assert param_shapes(config)["embed_tokens"] == second["embed_tokens"] is not None
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text", "opt"])
+def test_param_shapes_repeat_one_traced_block(family):
+    """`_boxed_shapes` traces a one-layer init and repeats its block: the shapes, dtypes
+    and logical axes equal a full init's, for every family (Gemma 3 with its sliding and
+    global layers) and for the kernels' layout (q/k/v fused, up stored by rows)."""
+    import flax.linen as nn
+
+    from jaxsparse.config import FULL, SLIDING
+    from jaxsparse.models import XLA, _boxed_shapes, _init
+    from jaxsparse.registry import kernels_for_method
+
+    config = tiny_config().replace(num_layers=3)
+    if family == "qwen2":
+        config = config.replace(model_type="qwen2", qkv_bias=True)
+    elif family == "gemma3_text":
+        config = config.replace(
+            model_type="gemma3_text",
+            sliding_window=4,
+            layer_types=(SLIDING, FULL, SLIDING),
+            rope_local_theta=100.0,
+            tie_word_embeddings=True,
+        )
+    elif family == "opt":
+        from tiny import OPT
+
+        config = OPT.replace(num_layers=3)
+    for kernels in (XLA, kernels_for_method("chess", "pallas", "gpu_interpret")):
+        want = jax.eval_shape(lambda k=kernels: _init(config, jax.random.key(0), k))
+        got = _boxed_shapes(config, kernels)
+        assert list(got) == list(want)  # same keys, same order
+        assert jax.tree.structure(nn.unbox(got)) == jax.tree.structure(nn.unbox(want))
+        assert jax.tree.leaves(nn.unbox(got)) == jax.tree.leaves(nn.unbox(want))
+        assert nn.get_partition_spec(got) == nn.get_partition_spec(want)
