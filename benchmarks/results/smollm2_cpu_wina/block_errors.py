@@ -7,11 +7,17 @@ TOKENS calibration tokens, the same tokens the errors are measured on) for candi
                input channel i multiplies (`jaxsparse.methods.statistics.input_row_norms`)
   wina_<group> wina on that group only, teal on the others
   alpha_<a>    the score |x_i| * n_i ** a on every input
+With a fourth argument `ref`, the candidates are instead the norms WINA's reference code
+gives each input (its `k_proj` and `gate_proj` column norms, 1 elsewhere) and their parts:
+  ref          q/k/v input scored with the k_proj row norms, gate/up input with the
+               gate_proj row norms, o and down inputs as TEAL (norm 1)
+  ref_od       ref, plus WINA's norms on the o and down inputs
+  k_only, gate_only, od_only   one of those parts alone, TEAL elsewhere
 and the block's output error ||block(x; thresholds) - block(x; dense)||_2 over those tokens
 (`jaxsparse.methods.teal.make_block_error_fn`: the objective of TEAL's greedy allocation),
 with the dense model's residual entering the block as its input.
 
-usage: python block_errors.py OUT.json [S] [TOKENS]
+usage: python block_errors.py OUT.json [S] [TOKENS] [ref]
 """
 
 import json
@@ -33,6 +39,7 @@ from jaxsparse.sparsity import model_widths
 out_path = sys.argv[1]
 S = float(sys.argv[2]) if len(sys.argv) > 2 else 0.39
 TOKENS = int(sys.argv[3]) if len(sys.argv) > 3 else 1024
+REF = len(sys.argv) > 4 and sys.argv[4] == "ref"
 lm = load_model()
 c, params = lm.config, lm.params
 docs = D.load_documents(None, "calibration")
@@ -47,14 +54,41 @@ taps = jax.jit(
     }
 )(params, jnp.asarray(seqs), jnp.asarray(valid))
 norms = input_row_norms(c, params, pts)
+
+
+def row_norms(mod, proj):
+    return np.stack(
+        [
+            np.linalg.norm(np.asarray(params[f"layers_{i}"][mod][proj]["kernel"], np.float32), axis=1)
+            for i in range(c.num_layers)
+        ]
+    )
+
+
 xs = collect_block_inputs(c, params, seqs, valid)
 err_fn = make_block_error_fn(c)
 widths = model_widths(c)
-cands = {"teal": {p: 0.0 for p in pts}, "wina": {p: 1.0 for p in pts}}
-for p in pts:
-    cands[f"wina_{group_of[p]}"] = {q: float(q == p) for q in pts}
-for a in (0.5, 2.0):
-    cands[f"alpha_{a:g}"] = {p: a for p in pts}
+# a candidate: point -> (norm table, exponent); "n" the group norms, "ref" the reference's
+if REF:
+    ref_norms = {"q_in": row_norms("self_attn", "k_proj"), "ffn_in": row_norms("mlp", "gate_proj")}
+    tables = {"n": norms, "ref": {**norms, **ref_norms}}
+    teal_ = {p: ("n", 0.0) for p in pts}
+    cands = {
+        "teal": teal_,
+        "wina": {p: ("n", 1.0) for p in pts},
+        "ref": {**teal_, "q_in": ("ref", 1.0), "ffn_in": ("ref", 1.0)},
+        "ref_od": {"q_in": ("ref", 1.0), "ffn_in": ("ref", 1.0), "o_in": ("n", 1.0), "down_in": ("n", 1.0)},
+        "k_only": {**teal_, "q_in": ("ref", 1.0)},
+        "gate_only": {**teal_, "ffn_in": ("ref", 1.0)},
+        "od_only": {**teal_, "o_in": ("n", 1.0), "down_in": ("n", 1.0)},
+    }
+else:
+    tables = {"n": norms}
+    cands = {"teal": {p: ("n", 0.0) for p in pts}, "wina": {p: ("n", 1.0) for p in pts}}
+    for p in pts:
+        cands[f"wina_{group_of[p]}"] = {q: ("n", float(q == p)) for q in pts}
+    for a in (0.5, 2.0):
+        cands[f"alpha_{a:g}"] = {p: ("n", a) for p in pts}
 t0 = time.time()
 layers = []
 for i in range(c.num_layers):
@@ -63,7 +97,8 @@ for i in range(c.num_layers):
         th = {}
         for p in pts:
             x = np.abs(np.asarray(taps[(i, p)], np.float64)).reshape(-1, widths[p])
-            n = norms[p][i].astype(np.float64) ** alpha[p]
+            table, a = alpha[p]
+            n = tables[table][p][i].astype(np.float64) ** a
             th[p] = (np.quantile(x * n, S) / n).astype(np.float32)
         th["kv_in"] = th["q_in"]
         th["gate"] = np.zeros(widths["gate"], np.float32)
