@@ -351,7 +351,7 @@ def test_dejavu_kernel_decode_skips_gate_rows(trained, monkeypatch, fresh_block_
 
     def spy(x, g, w, **kw):  # records each call as it runs (the blocks are jitted)
         shape = tuple(w.shape)
-        jax.debug.callback(lambda gv: calls.append((shape, np.asarray(gv))), g)
+        jax.debug.callback(lambda gv: calls.append((shape, np.asarray(gv))), g, ordered=True)
         return real(x, g, w, **kw)
 
     monkeypatch.setattr(pallas_kernels, "gated_matvec", spy)
