@@ -224,7 +224,7 @@ def _call_block(layer: nn.Module, args: tuple, cache_index, th):
     the block runs through `_apply_block`, a `jax.jit` whose trace cache is keyed by the
     unbound block (its config, kernels and layer type) and the arguments' shapes: every
     block with the same shapes reuses one trace, and the lowered program calls one function.
-    XLA inlines those calls when it compiles, so the compiled program is the unrolled one.
+    XLA inlines those calls when it compiles (an H200 decode step ran at the same speed).
     Initialization (params are created) and a block whose parent scope cannot be read
     this way run it directly.
     """
