@@ -225,10 +225,9 @@ def _call_block(layer: nn.Module, args: tuple, cache_index, th):
     unbound block (its config, kernels and layer type) and the arguments' shapes: every
     block with the same shapes reuses one trace, and the lowered program calls one function.
     XLA inlines those calls when it compiles (an H200 decode step ran at the same speed).
-    Initialization (params are created) and a block whose parent scope cannot be read
-    this way run it directly.
+    Initialization (params are created) runs the block directly.
     """
-    if layer.is_initializing() or layer.scope is None:
+    if layer.is_initializing():
         return layer(*args, cache_index, th)
     mutable = tuple(c for c in SOWN_COLLECTIONS if layer.is_mutable_collection(c))
     params = layer.variables["params"]
