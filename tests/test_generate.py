@@ -242,6 +242,57 @@ def test_kernel_decoding_gives_masked_dense_tokens(method, impl):
     np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+def _dot_inputs(jaxpr, weight_shapes: dict) -> list[tuple[str, object]]:
+    """(name, lhs var) of each dot_general in the blocks' jaxprs whose weight (rhs) shape
+    is one of `weight_shapes` ({shape: name})."""
+    out = []
+    for block in block_jaxprs(jaxpr):
+        for e in block.eqns:
+            if e.primitive.name != "dot_general":
+                continue
+            shape = tuple(e.invars[1].aval.shape)
+            if shape in weight_shapes:
+                out.append((weight_shapes[shape], e.invars[0]))
+    return out
+
+
+def test_xla_decode_runs_q_and_kv_on_one_stacked_input():
+    """chess+ in an XLA decode step (what `--kernels auto` runs from batch 2 on): q_proj
+    and kv_proj read one [B, 2, d] input (the q input, then the k/v input), so XLA can run
+    them as one GEMM (`attention._stack_q_kv`). The logits are those of the unstacked
+    matmuls, and the prefill (many tokens) keeps two inputs."""
+    from jaxsparse.models import init_cache, prepare_params
+    from jaxsparse.registry import kernels_for_method
+
+    # every projection's weight of its own shape (q [32, 64], k|v [32, 32], o [64, 32])
+    config = tiny(intermediate_size=96, head_dim=16, num_kv_heads=1)
+    params = jax.tree.map(lambda x: x * 10, init_params(config, seed=2))
+    thresholds = _random_thresholds(config, jax.random.key(4), scale=0.3)
+    kernels = kernels_for_method("chess+", "xla", thresholds=thresholds)
+    assert kernels.fuse_kv and not kernels.fuse_qkv
+    prompt = jnp.asarray([[5, 6, 7, 8], [9, 10, 11, 12]])
+    want = _decode_logits(config, params, Kernels(), thresholds, prompt, 3)  # q, k, v apart
+    have = _decode_logits(config, params, kernels, thresholds, prompt, 3)
+    np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+    model = build_model(config, kernels)
+    p = prepare_params(params, config, kernels)
+    d = config.hidden_size
+    weights = {(d, config.q_dim): "q", (d, 2 * config.kv_dim): "kv"}
+    assert len(weights) == 2 and (config.q_dim, d) not in weights
+    for t, stacked in ((1, True), (4, False)):
+        tok, pos = jnp.ones((2, t), jnp.int32), jnp.broadcast_to(jnp.arange(t), (2, t))
+        jaxpr = jax.make_jaxpr(
+            lambda p, th: model.apply({"params": p}, tok, pos, init_cache(config, 2, 8), 0, th)
+        )(p, thresholds)
+        dots = _dot_inputs(jaxpr.jaxpr, weights)
+        assert [n for n, _ in dots] == ["q", "kv"] * config.num_layers
+        lhs = [v for _, v in dots]
+        for q_lhs, kv_lhs in zip(lhs[::2], lhs[1::2]):
+            assert (q_lhs is kv_lhs) == stacked
+            assert q_lhs.aval.shape[1] == (2 if stacked else t)
+
+
 def _gate_source(jaxpr) -> list[str]:
     """For each gated_matvec call in a model's `jaxpr` (in each block's jaxpr, where each
     kernel is in its own jit), the primitives its gate input passes through on the way back

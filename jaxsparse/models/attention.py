@@ -53,6 +53,17 @@ def _decode_heads(kn: Kernels, thresholds: dict | None, c: ModelConfig, t: int):
     return o_keep.reshape(o_keep.shape[0], c.num_heads, c.head_dim)[:, :, 0]
 
 
+def _stack_q_kv(kn: Kernels, xq: jax.Array, xkv: jax.Array) -> bool:
+    """Whether q_proj and kv_proj run on one stacked input (`SelfAttention`): in an XLA
+    decode step (one token per row, neither projection through a kernel) whose q input
+    has a threshold of its own (chess+). Otherwise XLA runs q apart from k|v: one GEMM
+    more per layer than dense, at batch 4 on an H200 (benchmarks/NOTES_kernels.md,
+    "Batches 4 and 8")."""
+    decode = xq.ndim == 3 and xq.shape[1] == 1
+    kernels = kn.use("q_in", xq) or kn.use("kv_in", xkv)
+    return decode and xq is not xkv and not kernels
+
+
 def _per_head_shard(
     fn, mesh, c: ModelConfig, q_BxHxD, heads_BxH, k_BxKxSxD, v_BxKxSxD, valid_BxS, kv_len
 ):
@@ -114,13 +125,22 @@ class SelfAttention(nn.Module):
             q_proj = Linear(
                 c.q_dim, ("embed", "q_heads"), c.qkv_bias, dt, kn, kn.q_rows, name="q_proj"
             )
+            kv_proj = Linear(
+                2 * c.kv_dim, ("embed", "kv_heads"), c.qkv_bias, dt, kn, name="kv_proj"
+            )
             if heads_BxH is not None:  # only the selected heads' rows of q_proj are read
                 q = q_proj(xq, gate=thresholds["masks"]["o_in"])
+                kv = kv_proj(xkv, "kv_in")
+            elif _stack_q_kv(kn, xq, xkv):
+                # Both inputs as the two "tokens" of one [B, 2, d] input: the two matmuls
+                # then share their input, which XLA's GPU compiler merges into one GEMM
+                # over [q | kv] (weights read once), as it merges q/k/v for a shared input.
+                x_Bx2xD = jnp.concatenate([xq, xkv], axis=1)
+                q = q_proj(x_Bx2xD)[:, :1]
+                kv = kv_proj(x_Bx2xD)[:, 1:]
             else:
                 q = q_proj(xq, "q_in")
-            kv = Linear(2 * c.kv_dim, ("embed", "kv_heads"), c.qkv_bias, dt, kn, name="kv_proj")(
-                xkv, "kv_in"
-            )
+                kv = kv_proj(xkv, "kv_in")
             kv = kv.reshape(b, t, c.num_kv_heads, 2, c.head_dim)  # k, v side by side per head
             k = kv[:, :, :, 0].reshape(b, t, c.kv_dim)
             v = kv[:, :, :, 1].reshape(b, t, c.kv_dim)
