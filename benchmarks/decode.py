@@ -411,13 +411,15 @@ def run(args) -> dict:
     }
 
 
-def profile_steps(gen, prompts, th, args, method) -> dict:
+def profile_steps(gen, prompts, th, args, method, devices: int = 1) -> dict:
     """Device-side time of one decode step from `jax.profiler` traces of the product call
     (`generate_ids`): a call of `--new-tokens` tokens minus a call of 1 token (prefill and
     the first step cancel), per kernel kind (benchmarks/profile_decode.py's grouping),
     against the step's wall time in the same traced calls. That wall time carries the
     profiler's own cost, so `idle_ms_per_step` is an upper bound on the gaps between
-    kernels; compare the device time with the unprofiled step time (1 / tokens/s)."""
+    kernels; compare the device time with the unprofiled step time (1 / tokens/s). With
+    `devices` > 1 the trace holds every device's kernels: counts and times are per
+    device (their sum over the devices divided by `devices`)."""
     from profile_decode import kind, traced
 
     def generate(n):
@@ -439,17 +441,18 @@ def profile_steps(gen, prompts, th, args, method) -> dict:
         totals.append((r.decode_s, r.decode_steps, groups, names))
     (wall_n, steps_n, g_n, names_n), (wall_1, steps_1, g_1, names_1) = totals
     steps = steps_n - steps_1
+    per = steps * devices
     by_kind = {
         k: {
-            "count_per_step": (len(g_n.get(k, [])) - len(g_1.get(k, []))) / steps,
-            "ms_per_step": (sum(g_n.get(k, [])) - sum(g_1.get(k, []))) / 1e3 / steps,
+            "count_per_step": (len(g_n.get(k, [])) - len(g_1.get(k, []))) / per,
+            "ms_per_step": (sum(g_n.get(k, [])) - sum(g_1.get(k, []))) / 1e3 / per,
         }
         for k in g_n
     }
     device_ms = sum(v["ms_per_step"] for v in by_kind.values())
     wall_ms = (wall_n - wall_1) * 1e3 / steps
     top = sorted(
-        ((k, (v - names_1.get(k, 0.0)) / 1e3 / steps) for k, v in names_n.items()),
+        ((k, (v - names_1.get(k, 0.0)) / 1e3 / per) for k, v in names_n.items()),
         key=lambda kv: -kv[1],
     )[:12]
     return {

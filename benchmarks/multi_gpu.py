@@ -239,6 +239,14 @@ def tp_decode(config, params, tok, name: str, args) -> list[dict]:
             run()  # compiles
             results = sorted((run() for _ in range(args.repeats)), key=lambda r: r.decode_s)
             r = results[len(results) // 2]
+            profile = None
+            if args.profile:  # after the timing, which it would slow
+                from decode import profile_steps
+
+                opts = argparse.Namespace(
+                    profile=args.profile, new_tokens=args.new_tokens, collect_stats=None
+                )
+                profile = profile_steps(gen, prompt, th[method], opts, f"{method}_x{n}", n)
             rows.append(
                 {
                     "part": "decode",
@@ -253,6 +261,7 @@ def tp_decode(config, params, tok, name: str, args) -> list[dict]:
                     "compile_s": r.compile_s,
                     "measured_sparsity": r.measured_sparsity,
                     "calibration_s": calibration_s,
+                    **({"profile": profile} if profile else {}),
                 }
             )
             print(json.dumps(rows[-1]), file=sys.stderr)
@@ -309,6 +318,11 @@ def main(argv=None) -> int:
         help="teal's decode matmuls (auto: the sparse kernels on a GPU at batch 1)",
     )
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--profile",
+        help="directory for profiler traces of the decode part: device time per step and "
+        "kernel kind (collectives apart), per device",
+    )
     args = p.parse_args(argv)
     if args.tiny:
         args.seq_len, args.batch_per_device, args.eval_batches = 32, 2, 2
@@ -367,6 +381,17 @@ def main(argv=None) -> int:
             f"{r['mesh']:10} {r['tokens_per_s']:10.1f} "
             f"{'' if sp is None else f'{sp:.2f}':>6} {'' if rd is None else f'{rd:.2f}':>7}"
         )
+    for r in rows:
+        if "profile" in r:
+            pr = r["profile"]
+            kinds = ", ".join(
+                f"{k} {v['count_per_step']:.0f}/{v['ms_per_step']:.2f}"
+                for k, v in sorted(pr["by_kind"].items())
+            )
+            print(
+                f"profile {r['method']:6} {r['mesh']:10} wall {pr['wall_ms_per_step']:.3f} "
+                f"ms/step, device {pr['device_ms_per_step']:.3f} per device; {kinds}"
+            )
     return 0
 
 

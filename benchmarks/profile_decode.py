@@ -25,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def kind(name: str) -> str:
     n = name.lower()
+    if "nccl" in n or "all-reduce" in n or "all_reduce" in n or "allreduce" in n:
+        return "collective"
     if "sparse" in n or "gated" in n or "pallas" in n or n.startswith("triton") or "kernel" in n:
         return "pallas"
     if "gemv" in n or "gemm" in n or "dot" in n or "cutlass" in n or "matmul" in n or "cublas" in n:

@@ -283,8 +283,10 @@ def test_xla_decode_runs_q_and_kv_on_one_stacked_input():
     for t, stacked in ((1, True), (4, False)):
         tok, pos = jnp.ones((2, t), jnp.int32), jnp.broadcast_to(jnp.arange(t), (2, t))
         jaxpr = jax.make_jaxpr(
-            lambda p, th: model.apply({"params": p}, tok, pos, init_cache(config, 2, 8), 0, th)
-        )(p, thresholds)
+            lambda p, tok, pos, th: model.apply(
+                {"params": p}, tok, pos, init_cache(config, 2, 8), 0, th
+            )
+        )(p, tok, pos, thresholds)
         dots = _dot_inputs(jaxpr.jaxpr, weights)
         assert [n for n, _ in dots] == ["q", "kv"] * config.num_layers
         lhs = [v for _, v in dots]
