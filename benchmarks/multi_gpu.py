@@ -273,6 +273,20 @@ def tp_decode(config, params, tok, name: str, args) -> list[dict]:
     return rows
 
 
+def replicate_vocab() -> None:
+    """Maps the logical axis "vocab" to no mesh axis in every sharding jaxsparse makes
+    (`jaxsparse.sharding.logical_to_mesh` wrapped), for `--replicate-vocab`."""
+    from jaxsparse import sharding
+
+    base = sharding.logical_to_mesh
+    rules = tuple((k, None if k == "vocab" else v) for k, v in sharding.LOGICAL_AXIS_RULES)
+
+    def logical_to_mesh(spec, mesh, rules_=None, shape=None):
+        return base(spec, mesh, rules, shape)
+
+    sharding.logical_to_mesh = logical_to_mesh
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", required=True, help="where to write the results")
@@ -319,6 +333,12 @@ def main(argv=None) -> int:
     )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument(
+        "--replicate-vocab",
+        action="store_true",
+        help="an experiment: the vocabulary axis (embedding, LM head, logits) replicated "
+        "instead of split over `model`",
+    )
+    p.add_argument(
         "--profile",
         help="directory for profiler traces of the decode part: device time per step and "
         "kernel kind (collectives apart), per device",
@@ -329,6 +349,8 @@ def main(argv=None) -> int:
         args.smollm2_batch_per_device = 2
         args.prompt_len, args.new_tokens = 16, 8
         args.calibration_tokens, args.calibration_seq_len, args.repeats = 256, 32, 1
+    if args.replicate_vocab:
+        replicate_vocab()
     parts = {x.strip() for x in args.parts.split(",") if x.strip()}
     if not parts or parts - {"eval", "decode"}:
         p.error(f"--parts {args.parts}: use eval, decode or eval,decode")
