@@ -335,8 +335,9 @@ def main(argv=None) -> int:
     p.add_argument(
         "--replicate-vocab",
         action="store_true",
-        help="an experiment: the vocabulary axis (embedding, LM head, logits) replicated "
-        "instead of split over `model`",
+        help="the vocabulary axis (embedding, LM head, logits) replicated: the experiment "
+        "that measured it against a split vocabulary; jaxsparse's table now replicates it "
+        "anyway (jaxsparse/sharding.py)",
     )
     p.add_argument(
         "--profile",

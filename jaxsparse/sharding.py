@@ -10,7 +10,7 @@ shape, not of the model code. This module takes those name trees as arguments: i
 below the models and imports none of them.
 
 The mesh has two axes: `data` (batch rows; data parallelism) and `model` (tensor
-parallelism of the heads, the FFN channels and the vocabulary). `make_mesh()` puts every
+parallelism of the heads and the FFN channels; the embedding and LM head stay whole). `make_mesh()` puts every
 local device on `data`, so evaluation and calibration are data parallel by default;
 `make_mesh(data, model)` (or `parse_mesh("data=4,model=2")`, the CLI's `--mesh`) any
 other shape. With one device (a CPU) everything is a no-op placement.
@@ -36,7 +36,11 @@ DATA, MODEL = "data", "model"
 # `jaxsparse.models` (params, KV cache) and `jaxsparse.rules` (sparsity states).
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
     ("batch", DATA),  # rows of a batch, of the KV cache and of the decode loop's state
-    ("vocab", MODEL),
+    # The vocabulary stays whole on every device: split over `model`, each decode step's
+    # argmax over the split logits cost two all-gathers, ~1 ms each on two H200s, and made
+    # `model=2` decoding slower than one GPU (150 against 183 tokens/s for Llama-3-8B
+    # shapes; whole: 208, benchmarks/results/multi_gpu_h200x2_replicated_vocab.json).
+    ("vocab", None),
     ("embed", None),
     ("q_heads", MODEL),  # q_proj's output, o_proj's input: num_heads * head_dim
     ("kv_heads", MODEL),  # k/v_proj's output, kv_proj's (k and v of a head side by side)
