@@ -10,10 +10,10 @@ shape, not of the model code. This module takes those name trees as arguments: i
 below the models and imports none of them.
 
 The mesh has two axes: `data` (batch rows; data parallelism) and `model` (tensor
-parallelism of the heads and the FFN channels; the embedding and LM head stay whole). `make_mesh()` puts every
-local device on `data`, so evaluation and calibration are data parallel by default;
-`make_mesh(data, model)` (or `parse_mesh("data=4,model=2")`, the CLI's `--mesh`) any
-other shape. With one device (a CPU) everything is a no-op placement.
+parallelism of the heads and the FFN channels; the embedding and LM head stay whole).
+`make_mesh()` puts every local device on `data`, so evaluation and calibration are data
+parallel by default; `make_mesh(data, model)` (or `parse_mesh("data=4,model=2")`, the
+CLI's `--mesh`) any other shape. With one device (a CPU) everything is a no-op placement.
 
 A dimension is split over a mesh axis only when the axis size divides it; otherwise it is
 replicated (a model with 3 kv heads on `model=2` keeps its k/v projections whole).
