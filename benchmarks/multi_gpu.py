@@ -19,6 +19,11 @@ on 1 device against 2 (`jaxsparse.sharding`, the same code `--mesh` runs).
    every weight; the sparse kernels run per device on their slice of rows). Decode
    tokens/s, the 2-device speedup, and teal's ratio over dense on 1 and on 2 devices.
 
+`--profile DIR` adds each decode row's device time per step and kernel kind (NCCL
+collectives apart), per device, from profiler traces of the same `Generator` call.
+`--replicate-vocab` keeps the vocabulary whole on every device, as jaxsparse/sharding.py
+now does: the run that measured a split vocabulary against a whole one.
+
 Protocol (docs/design.md, "Measuring"): one warm-up call that compiles, then the median of
 `--repeats` timed calls. `--tiny` shrinks every model and size so that it runs on a CPU
 with 2 fake devices (it sets `--xla_force_host_platform_device_count=2` before jax starts)
