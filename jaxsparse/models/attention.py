@@ -53,15 +53,14 @@ def _decode_heads(kn: Kernels, thresholds: dict | None, c: ModelConfig, t: int):
     return o_keep.reshape(o_keep.shape[0], c.num_heads, c.head_dim)[:, :, 0]
 
 
-def _stack_q_kv(kn: Kernels, xq: jax.Array, xkv: jax.Array) -> bool:
+def _stack_q_kv(kn: Kernels, xq: jax.Array, xkv: jax.Array, t: int) -> bool:
     """Whether q_proj and kv_proj run on one stacked input (`SelfAttention`): in an XLA
     decode step (one token per row, neither projection through a kernel) whose q input
     has a threshold of its own (chess+). Otherwise XLA runs q apart from k|v: one GEMM
     more per layer than dense, at batch 4 on an H200 (benchmarks/NOTES_kernels.md,
     "Batches 4 and 8")."""
-    decode = xq.ndim == 3 and xq.shape[1] == 1
     kernels = kn.use("q_in", xq) or kn.use("kv_in", xkv)
-    return decode and xq is not xkv and not kernels
+    return t == 1 and xq is not xkv and not kernels
 
 
 def _per_head_shard(
@@ -131,7 +130,7 @@ class SelfAttention(nn.Module):
             if heads_BxH is not None:  # only the selected heads' rows of q_proj are read
                 q = q_proj(xq, gate=thresholds["masks"]["o_in"])
                 kv = kv_proj(xkv, "kv_in")
-            elif _stack_q_kv(kn, xq, xkv):
+            elif _stack_q_kv(kn, xq, xkv, t):
                 # Both inputs as the two "tokens" of one [B, 2, d] input: the two matmuls
                 # then share their input, which XLA's GPU compiler merges into one GEMM
                 # over [q | kv] (weights read once), as it merges q/k/v for a shared input.
