@@ -73,6 +73,16 @@ MATVEC_SWEEP = [
     (32, 512, 1, 4),
     (64, 1024, 1, 8),
     (128, 256, 2, 8, 2),
+    # Several tiles per program: fewer split-K atomics (each output column receives one
+    # per K split), which a sparse input no longer hides behind its loads (90%).
+    (64, 512, 4, 4),
+    (64, 512, 8, 4),
+    (64, 256, 4, 4),
+    (64, 256, 8, 4),
+    (32, 512, 8, 4),
+    (128, 512, 4, 8),
+    (64, 1024, 4, 8),
+    (64, 512, 16, 4),
 ]
 # Batch >= 2 (at batch 4, 50%): (block_k, block_n, tiles per program, num_warps, dot).
 MATVEC_SWEEP_BATCH = [
