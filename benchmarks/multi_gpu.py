@@ -385,6 +385,7 @@ def main(argv=None) -> int:
         "command": "python benchmarks/multi_gpu.py "
         + " ".join(sys.argv[1:] if argv is None else argv),
         "tiny": args.tiny,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "settings": {k: v for k, v in vars(args).items() if k not in ("json",)},
         "wall_s": time.perf_counter() - t_start,
         "rows": rows,
