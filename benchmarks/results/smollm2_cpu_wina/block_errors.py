@@ -17,7 +17,14 @@ and the block's output error ||block(x; thresholds) - block(x; dense)||_2 over t
 (`jaxsparse.methods.teal.make_block_error_fn`: the objective of TEAL's greedy allocation),
 with the dense model's residual entering the block as its input.
 
-usage: python block_errors.py OUT.json [S] [TOKENS] [ref]
+With `sep` instead, q and k|v get masks of their own (points q_in and kv_in, as CHESS+
+has them), each scored with the norms of its own projection's rows:
+  sep          q_in by q_proj's row norms, kv_in by the norms of [k_proj | v_proj] rows,
+               the other inputs by WINA's norms as in `wina`
+  sep_qkv      the same on q_in and kv_in, TEAL elsewhere
+  sep_od       the same on q_in and kv_in, WINA's norms on o and down, TEAL on gate/up
+
+usage: python block_errors.py OUT.json [S] [TOKENS] [ref|sep]
 """
 
 import json
@@ -40,6 +47,7 @@ out_path = sys.argv[1]
 S = float(sys.argv[2]) if len(sys.argv) > 2 else 0.39
 TOKENS = int(sys.argv[3]) if len(sys.argv) > 3 else 1024
 REF = len(sys.argv) > 4 and sys.argv[4] == "ref"
+SEP = len(sys.argv) > 4 and sys.argv[4] == "sep"
 lm = load_model()
 c, params = lm.config, lm.params
 docs = D.load_documents(None, "calibration")
@@ -82,6 +90,19 @@ if REF:
         "gate_only": {**teal_, "ffn_in": ("ref", 1.0)},
         "od_only": {**teal_, "o_in": ("n", 1.0), "down_in": ("n", 1.0)},
     }
+elif SEP:
+    q_n = row_norms("self_attn", "q_proj")
+    kv_n = np.sqrt(row_norms("self_attn", "k_proj") ** 2 + row_norms("self_attn", "v_proj") ** 2)
+    tables = {"n": norms, "q": {"q_in": q_n}, "kv": {"q_in": kv_n}}
+    teal_ = {p: ("n", 0.0) for p in pts}
+    sep_ = {"q_in": ("q", 1.0), "kv_in": ("kv", 1.0)}
+    cands = {
+        "teal": teal_,
+        "wina": {p: ("n", 1.0) for p in pts},
+        "sep": {**{p: ("n", 1.0) for p in pts}, **sep_},
+        "sep_qkv": {**teal_, **sep_},
+        "sep_od": {**teal_, **sep_, "o_in": ("n", 1.0), "down_in": ("n", 1.0)},
+    }
 else:
     tables = {"n": norms}
     cands = {"teal": {p: ("n", 0.0) for p in pts}, "wina": {p: ("n", 1.0) for p in pts}}
@@ -95,12 +116,13 @@ for i in range(c.num_layers):
     ths = []
     for alpha in cands.values():
         th = {}
-        for p in pts:
-            x = np.abs(np.asarray(taps[(i, p)], np.float64)).reshape(-1, widths[p])
+        for p in [*pts, "kv_in"] if "kv_in" in alpha else pts:
+            tap_p = "q_in" if p == "kv_in" else p  # k|v read the q/k/v input
+            x = np.abs(np.asarray(taps[(i, tap_p)], np.float64)).reshape(-1, widths[tap_p])
             table, a = alpha[p]
-            n = tables[table][p][i].astype(np.float64) ** a
+            n = tables[table][tap_p][i].astype(np.float64) ** a
             th[p] = (np.quantile(x * n, S) / n).astype(np.float32)
-        th["kv_in"] = th["q_in"]
+        th.setdefault("kv_in", th["q_in"])
         th["gate"] = np.zeros(widths["gate"], np.float32)
         ths.append(th)
     stack = {p: jnp.stack([jnp.asarray(t[p]) for t in ths]) for p in widths}
