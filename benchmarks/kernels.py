@@ -74,7 +74,8 @@ MATVEC_SWEEP = [
     (64, 1024, 1, 8),
     (128, 256, 2, 8, 2),
     # Several tiles per program: fewer split-K atomics (each output column receives one
-    # per K split), which a sparse input no longer hides behind its loads (90%).
+    # per K split). At 90% every one was slower than one tile per program
+    # (results/kernels_sweep90_h200.json): the atomics are not what costs there.
     (64, 512, 4, 4),
     (64, 512, 8, 4),
     (64, 256, 4, 4),
