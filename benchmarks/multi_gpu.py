@@ -21,8 +21,9 @@ on 1 device against 2 (`jaxsparse.sharding`, the same code `--mesh` runs).
 
 `--profile DIR` adds each decode row's device time per step and kernel kind (NCCL
 collectives apart), per device, from profiler traces of the same `Generator` call.
-`--replicate-vocab` keeps the vocabulary whole on every device, as jaxsparse/sharding.py
-now does: the run that measured a split vocabulary against a whole one.
+`--replicate-vocab` has no effect now: it swapped in the table that keeps the vocabulary
+whole, before jaxsparse/sharding.py made that the default, and is kept so that the
+commands recorded with it still run.
 
 Protocol (docs/design.md, "Measuring"): one warm-up call that compiles, then the median of
 `--repeats` timed calls. `--tiny` shrinks every model and size so that it runs on a CPU
@@ -278,20 +279,6 @@ def tp_decode(config, params, tok, name: str, args) -> list[dict]:
     return rows
 
 
-def replicate_vocab() -> None:
-    """Maps the logical axis "vocab" to no mesh axis in every sharding jaxsparse makes
-    (`jaxsparse.sharding.logical_to_mesh` wrapped), for `--replicate-vocab`."""
-    from jaxsparse import sharding
-
-    base = sharding.logical_to_mesh
-    rules = tuple((k, None if k == "vocab" else v) for k, v in sharding.LOGICAL_AXIS_RULES)
-
-    def logical_to_mesh(spec, mesh, rules_=None, shape=None):
-        return base(spec, mesh, rules, shape)
-
-    sharding.logical_to_mesh = logical_to_mesh
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", required=True, help="where to write the results")
@@ -340,9 +327,9 @@ def main(argv=None) -> int:
     p.add_argument(
         "--replicate-vocab",
         action="store_true",
-        help="the vocabulary axis (embedding, LM head, logits) replicated: the experiment "
-        "that measured it against a split vocabulary; jaxsparse's table now replicates it "
-        "anyway (jaxsparse/sharding.py)",
+        help="no effect now: jaxsparse's table keeps the vocabulary (embedding, LM head, "
+        "logits) whole (jaxsparse/sharding.py). The flag swapped in that table before it "
+        "was the default; it stays so that the commands recorded with it still run",
     )
     p.add_argument(
         "--profile",
@@ -355,8 +342,6 @@ def main(argv=None) -> int:
         args.smollm2_batch_per_device = 2
         args.prompt_len, args.new_tokens = 16, 8
         args.calibration_tokens, args.calibration_seq_len, args.repeats = 256, 32, 1
-    if args.replicate_vocab:
-        replicate_vocab()
     parts = {x.strip() for x in args.parts.split(",") if x.strip()}
     if not parts or parts - {"eval", "decode"}:
         p.error(f"--parts {args.parts}: use eval, decode or eval,decode")
