@@ -19,15 +19,22 @@ from pallas_kernels.head_sparse_attention import (
     head_sparse_attention,
     head_sparse_attention_reference,
 )
-from pallas_kernels.sparse_matvec import sparse_input_matvec, sparse_input_matvec_reference
+from pallas_kernels.sparse_matvec import (
+    accumulator_shape,
+    sparse_input_matvec,
+    sparse_input_matvec_into,
+    sparse_input_matvec_reference,
+)
 
 __all__ = [
     "IMPLS",
+    "accumulator_shape",
     "gated_matvec",
     "gated_matvec_reference",
     "head_mask_from_indices",
     "head_sparse_attention",
     "head_sparse_attention_reference",
     "sparse_input_matvec",
+    "sparse_input_matvec_into",
     "sparse_input_matvec_reference",
 ]

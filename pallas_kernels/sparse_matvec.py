@@ -93,7 +93,19 @@ def sparse_input_matvec_reference(
 
 
 def _gpu_kernel(
-    *refs, B, K, N, block_k, block_n, blocks_per_split, has_t, atomic, dot_dtype, k_exact, unroll
+    *refs,
+    B,
+    K,
+    N,
+    block_k,
+    block_n,
+    blocks_per_split,
+    has_t,
+    atomic,
+    dot_dtype,
+    k_exact,
+    unroll,
+    col=0,
 ):
     """One program: the (block_k x block_n) tiles of its K split, for one column block.
 
@@ -103,7 +115,9 @@ def _gpu_kernel(
     of active rows), with an evict-first hint (each W byte is read once) while x is
     evict-last (every column block reads it). With `unroll` the loop over the program's
     tiles is unrolled: the tiles' loads do not wait on each other, and a program covering
-    several tiles issues a quarter (with 4) of the atomics.
+    several tiles issues a quarter (with 4) of the atomics. The atomics add into columns
+    `col + n0 ...` of the float32 target: a shared accumulator holds several calls'
+    outputs side by side (`sparse_input_matvec_into`).
     """
     if has_t:
         x_ref, t_ref, w_ref, *rest = refs
@@ -155,7 +169,7 @@ def _gpu_kernel(
         accs = _loop(blocks_per_split, body, init, unroll)
         for b in range(B):
             if atomic:
-                dsp.atomic_add(y_ref, (rows[b], pl.ds(n0, block_n)), accs[b])
+                dsp.atomic_add(y_ref, (rows[b], pl.ds(col + n0, block_n)), accs[b])
             else:
                 dsp.masked_store(
                     y_ref.at[rows[b], pl.ds(n0, block_n)], accs[b].astype(y_ref.dtype), col_ok
@@ -171,12 +185,11 @@ def _gpu_kernel(
         return acc + dsp.triton_dot(x.astype(dot_dtype), w)
 
     acc = _loop(blocks_per_split, body_dot, jnp.zeros((B, block_n), jnp.float32), unroll)
-    out = (pl.ds(0, B), pl.ds(n0, block_n))
     if atomic:
-        dsp.atomic_add(y_ref, out, acc)
+        dsp.atomic_add(y_ref, (pl.ds(0, B), pl.ds(col + n0, block_n)), acc)
     else:
         dsp.masked_store(
-            y_ref.at[out],
+            y_ref.at[pl.ds(0, B), pl.ds(n0, block_n)],
             acc.astype(y_ref.dtype),
             None if col_ok is None else jnp.broadcast_to(col_ok[None, :], (B, block_n)),
         )
@@ -204,6 +217,49 @@ def _auto_split(n_col_blocks: int, n_k_blocks: int) -> int:
 DOT_MIN_ROWS = 16  # the tensor-core path pads the batch to at least this many rows
 
 
+def _uses_dot(B: int, dot: bool | None) -> bool:
+    return B >= 2 if dot is None else bool(dot)
+
+
+def _target_rows(B: int, use_dot: bool) -> int:
+    """Rows of the kernel's float32 target: B, or B padded to a tensor-core tile."""
+    return max(DOT_MIN_ROWS, 1 << (B - 1).bit_length()) if use_dot else B
+
+
+def accumulator_shape(
+    B: int, N: int, *, block_n: int = DEFAULT_BLOCK_N, dot: bool | None = None
+) -> tuple[int, int]:
+    """(rows, columns) that one GPU `sparse_input_matvec_into` call of a [B, K] x [K, N]
+    product needs in its accumulator: B (or B padded to 16+ rows on the tensor-core
+    path, the default from batch 2 on), and N rounded up to whole column blocks (the
+    kernel adds zeros past N, so no atomic needs a mask)."""
+    return _target_rows(B, _uses_dot(B, dot)), dsp.cdiv(N, block_n) * block_n
+
+
+def adds_into_zeros(K: int, *, block_k: int = DEFAULT_BLOCK_K, split_k: int | None = None) -> bool:
+    """Whether the GPU kernel splits K over several programs, which then add into a
+    zeroed float32 target (a zero-fill before the kernel); with one split it stores y."""
+    n_kb = dsp.cdiv(K, block_k)
+    split = n_kb if split_k is None else max(1, min(split_k, n_kb))
+    return dsp.cdiv(n_kb, dsp.cdiv(n_kb, split)) > 1
+
+
+def _check_acc(acc: Any, rows: int, col: int, span: int, N: int, block_n: int) -> None:
+    if not isinstance(col, int) or col < 0:
+        raise ValueError(f"{_NAME}_into: col={col!r} must be a non-negative int.")
+    if getattr(acc, "ndim", None) != 2 or jnp.dtype(acc.dtype) != jnp.float32:
+        raise ValueError(
+            f"{_NAME}_into: acc must be a float32 [rows, columns] array, got "
+            f"{getattr(acc, 'dtype', type(acc))} {getattr(acc, 'shape', '')}."
+        )
+    if acc.shape[0] < rows or acc.shape[1] < col + span:
+        raise ValueError(
+            f"{_NAME}_into: acc {tuple(acc.shape)} is too small: the GPU kernel adds rows "
+            f"[0, {rows}) and columns [{col}, {col + span}) (N={N} rounded up to whole "
+            f"blocks of {block_n}); size it with accumulator_shape()."
+        )
+
+
 def _dot_dtype(x_dtype: Any, w_dtype: Any) -> Any:
     """The tensor-core input dtype: the shared half-precision dtype, else float32."""
     if jnp.dtype(x_dtype) == jnp.dtype(w_dtype) and jnp.dtype(w_dtype) != jnp.float32:
@@ -223,6 +279,7 @@ def _dot_dtype(x_dtype: Any, w_dtype: Any) -> Any:
         "dot",
         "out_dtype",
         "unroll",
+        "col",
     ),
 )
 def _sparse_input_matvec_gpu(
@@ -230,6 +287,8 @@ def _sparse_input_matvec_gpu(
     w_KxN: jax.Array,
     threshold: Any = None,
     *,
+    acc: jax.Array | None = None,
+    col: int = 0,
     block_k: int = DEFAULT_BLOCK_K,
     block_n: int = DEFAULT_BLOCK_N,
     split_k: int | None = None,
@@ -239,13 +298,15 @@ def _sparse_input_matvec_gpu(
     dot: bool | None = None,
     out_dtype: Any = None,
     unroll: bool | None = None,
-) -> jax.Array:
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """The GPU kernel; with `acc` (`sparse_input_matvec_into`) it adds into `acc`'s columns
+    from `col` on and returns (those columns' sums for the B rows, the updated `acc`)."""
     B, K = x_BxK.shape
     N = w_KxN.shape[1]
     out_dtype = jnp.dtype(x_BxK.dtype if out_dtype is None else out_dtype)
     dsp.check_block(_NAME, "block_k", block_k, power_of_2=True)
     dsp.check_block(_NAME, "block_n", block_n, power_of_2=True)
-    use_dot = B >= 2 if dot is None else bool(dot)
+    use_dot = _uses_dot(B, dot)
     if use_dot and min(block_k, block_n) < DOT_MIN_ROWS:
         raise ValueError(
             f"{_NAME}: the tensor-core path (dot=True, the default for batch >= 2) needs "
@@ -256,13 +317,14 @@ def _sparse_input_matvec_gpu(
     split = _auto_split(n_col, n_kb) if split_k is None else max(1, min(split_k, n_kb))
     blocks_per_split = dsp.cdiv(n_kb, split)
     split = dsp.cdiv(n_kb, blocks_per_split)  # drop splits that would have no rows
-    atomic = split > 1
+    atomic = split > 1 or acc is not None
     has_t = threshold is not None
-    rows = B
+    rows = _target_rows(B, use_dot)
     x_in = x_BxK
-    if use_dot:  # pad the batch to a tensor-core tile (a power of 2, at least 16 rows)
-        rows = max(DOT_MIN_ROWS, 1 << (B - 1).bit_length())
+    if rows != B:  # pad the batch to a tensor-core tile (a power of 2, at least 16 rows)
         x_in = jnp.pad(x_BxK, ((0, rows - B), (0, 0)))
+    if acc is not None:
+        _check_acc(acc, rows, col, n_col * block_n, N, block_n)
 
     args = [x_in]
     if has_t:
@@ -282,6 +344,7 @@ def _sparse_input_matvec_gpu(
         k_exact=K % block_k == 0 and n_kb == split * blocks_per_split,
         # unrolled up to 8 tiles per program (None); a longer loop stays a loop
         unroll=blocks_per_split <= 8 if unroll is None else bool(unroll),
+        col=col if acc is not None else 0,
     )
     params = dsp.triton_compiler_params(num_warps, num_stages)
     if atomic:
@@ -289,17 +352,19 @@ def _sparse_input_matvec_gpu(
         # mask (masked atomics have no interpret-mode rule in jax 0.10). It is float32:
         # with out_dtype float32 (what the models ask for) it is returned as it is, with
         # no cast pass after the kernel.
-        zeros = jnp.zeros((rows, n_col * block_n), jnp.float32)
-        args.append(zeros)
+        target = jnp.zeros((rows, n_col * block_n), jnp.float32) if acc is None else acc
+        args.append(target)
         y = pl.pallas_call(
             kernel,
-            out_shape=jax.ShapeDtypeStruct(zeros.shape, jnp.float32),
+            out_shape=jax.ShapeDtypeStruct(target.shape, jnp.float32),
             grid=(n_col, split),
             input_output_aliases={len(args) - 1: 0},
             compiler_params=params,
             interpret=interpret,
             name="sparse_input_matvec_splitk",
         )(*args)
+        if acc is not None:
+            return y[:B, col : col + N], y
     else:
         y = pl.pallas_call(
             kernel,
@@ -509,3 +574,67 @@ def sparse_input_matvec(
     return _sparse_input_matvec_tpu(
         x_BxK, w_KxN, threshold, interpret=which == "tpu_interpret", out_dtype=out, **blocks
     )
+
+
+def sparse_input_matvec_into(
+    acc: jax.Array,
+    col: int,
+    x_BxK: jax.Array,
+    w_KxN: jax.Array,
+    threshold: Any = None,
+    *,
+    impl: str = "auto",
+    block_k: int | None = None,
+    block_n: int | None = None,
+    **kernel_options: Any,
+) -> tuple[jax.Array, jax.Array]:
+    """Adds `(x * (abs(x) >= t)) @ W` into columns `[col, col + N)` of a float32 accumulator.
+
+    On GPU the split-K kernel adds into `acc` in place (the call's output aliases it), so
+    several matvecs that share one zeroed accumulator, each in its own columns, need one
+    zero-fill between them instead of one each (a decode block's projections:
+    `jaxsparse.models.layers.SplitKAccumulator`). Elsewhere the product is computed as by
+    `sparse_input_matvec` and added.
+
+    Args:
+      acc: float32 [rows, columns]; on GPU at least `accumulator_shape(B, N)` past `col`
+        (rows: B, or 16+ on the tensor-core path; columns: N rounded up to whole column
+        blocks, where the kernel adds zeros).
+      col: the first column of this product in `acc` (a Python int).
+      x_BxK, w_KxN, threshold, impl, block_k, block_n, kernel_options: as for
+        `sparse_input_matvec`.
+
+    Returns:
+      (y, acc'): `acc'[:B, col:col + N]` (float32 [B, N]: the product plus what `acc` held
+      there) and the updated accumulator. Pass `acc'` on; `acc` itself may have been
+      overwritten.
+    """
+    which = dsp.resolve_impl(impl, fn_name=f"{_NAME}_into")
+    _check(x_BxK, w_KxN, threshold)
+    B, N = x_BxK.shape[0], w_KxN.shape[1]
+    if which in ("gpu", "gpu_interpret"):
+        blocks = {k: v for k, v in (("block_k", block_k), ("block_n", block_n)) if v is not None}
+        return _sparse_input_matvec_gpu(
+            x_BxK,
+            w_KxN,
+            threshold,
+            acc=acc,
+            col=col,
+            interpret=which == "gpu_interpret",
+            out_dtype=jnp.float32,
+            **blocks,
+            **kernel_options,
+        )
+    _check_acc(acc, B, col, N, N, N)
+    y = sparse_input_matvec(
+        x_BxK,
+        w_KxN,
+        threshold,
+        impl=which,
+        block_k=block_k,
+        block_n=block_n,
+        out_dtype=jnp.float32,
+        **kernel_options,
+    )
+    acc = jax.lax.dynamic_update_slice(acc, acc[:B, col : col + N] + y, (0, col))
+    return acc[:B, col : col + N], acc

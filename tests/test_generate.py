@@ -1,6 +1,7 @@
 """Generation: the cached, batched, compiled decode against a plain full-forward greedy loop."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -387,6 +388,74 @@ def test_decode_step_kernels_per_layer(method, per_layer):
     jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, tok, pos, cache, 3, None))(params)
     names = [n.removesuffix("_splitk") for n in pallas_calls(jaxpr.jaxpr)]
     assert names == per_layer * config.num_layers
+
+
+def _zero_fills(jaxpr) -> int:
+    """Float32 [rows, columns] buffers of zeros made in `jaxpr` and its sub-jaxprs (not
+    inside kernels): the split-K kernels' targets."""
+    n = 0
+    for e in jaxpr.eqns:
+        if e.primitive.name == "pallas_call":
+            continue
+        out = e.outvars[0].aval if e.outvars else None
+        if (
+            e.primitive.name == "broadcast_in_dim"
+            and out.ndim == 2
+            and out.dtype == jnp.float32
+            and isinstance(e.invars[0], jax.extend.core.Literal)
+            and float(e.invars[0].val) == 0.0
+        ):
+            n += 1
+        for v in e.params.values():
+            for sub in v if isinstance(v, (list, tuple)) else [v]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    n += _zero_fills(inner)
+    return n
+
+
+@pytest.mark.parametrize(
+    "model_type,method,shared,unshared",
+    [
+        ("llama", "teal", 1, 4),  # q|k|v, o, gate|up, down
+        ("llama", "chess+", 2, 5),  # q, k|v, o, down share; the gate has its own
+        ("llama", "chess", 2, 2),  # the gate's own, and down's
+        ("opt", "teal", 1, 4),  # q|k|v, o, fc1, fc2
+    ],
+)
+def test_decode_block_zeroes_one_shared_accumulator(model_type, method, shared, unshared):
+    """A pallas decode step on GPU zeroes one float32 buffer per block, which the block's
+    split-K kernels add into side by side (`SharedAccumulator`), instead of one per call;
+    CHESS's gate keeps its own (gated_matvec takes it whole). The logits stay those of
+    `Kernels(shared_accumulator=False)`."""
+    import dataclasses
+
+    from jaxsparse.models import init_cache, prepare_params
+    from jaxsparse.registry import kernels_for_method
+
+    # every K > 64 (the kernel's K block), so that every sparse-input kernel splits K
+    config = tiny(model_type, hidden_size=128, head_dim=32, intermediate_size=192)
+    params = init_params(config, seed=2)
+    thresholds = _random_thresholds(config, jax.random.key(4), scale=0.03)
+    if method != "chess+":  # one attention input, as calibration gives them: q|k|v fused
+        thresholds = {k: {**v, "kv_in": v["q_in"]} for k, v in thresholds.items()}
+    kernels = kernels_for_method(method, "pallas", "gpu_interpret", thresholds=thresholds)
+    assert kernels.shared_accumulator
+    apart = dataclasses.replace(kernels, shared_accumulator=False)
+    cache = init_cache(config, 1, 8)
+    tok, pos = jnp.ones((1, 1), jnp.int32), jnp.full((1, 1), 3)
+    fills = []
+    for kn in (kernels, apart):
+        model = build_model(config, kn)
+        p = prepare_params(params, config, kn)
+        step = lambda p, t, model=model: model.apply({"params": p}, tok, pos, cache, 3, t)
+        jaxpr = jax.make_jaxpr(step)(p, thresholds)
+        fills.append([_zero_fills(b) for b in block_jaxprs(jaxpr.jaxpr)])
+    assert fills == [[shared] * config.num_layers, [unshared] * config.num_layers]
+    prompt = jnp.asarray([[5, 6, 7, 8]])
+    want = _decode_logits(config, params, apart, thresholds, prompt, 2)
+    have = _decode_logits(config, params, kernels, thresholds, prompt, 2)
+    np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from jaxsparse.models.layers import (
     Kernels,
     Linear,
     RMSNorm,
+    SharedAccumulator,
     apply_rope,
     attend,
     attention_mask,
@@ -101,8 +102,17 @@ class SelfAttention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, h_BxTxD, positions_BxT, kv_pos_BxS, rope, layer_cache, cache_index, thresholds
+        self,
+        h_BxTxD,
+        positions_BxT,
+        kv_pos_BxS,
+        rope,
+        layer_cache,
+        cache_index,
+        thresholds,
+        shared: SharedAccumulator | None = None,
     ):
+        """`shared`: the block's `SharedAccumulator` (pallas decode on GPU), else None."""
         c = self.config
         dt = param_dtype(c)
         b, t, _ = h_BxTxD.shape
@@ -113,7 +123,7 @@ class SelfAttention(nn.Module):
         if kn.fuse_qkv:  # q and k/v read the same input here (see Kernels.fuse_qkv)
             qkv = Linear(
                 c.q_dim + 2 * c.kv_dim, ("embed", "qkv_heads"), c.qkv_bias, dt, kn, name="qkv_proj"
-            )(xq, "q_in")
+            )(xq, "q_in", shared=shared)
             # columns grouped per kv head: its G q heads, its k, its v (`prepare_params`)
             g = c.num_heads // c.num_kv_heads
             qkv = qkv.reshape(b, t, c.num_kv_heads, g + 2, c.head_dim)
@@ -129,7 +139,7 @@ class SelfAttention(nn.Module):
             )
             if heads_BxH is not None:  # only the selected heads' rows of q_proj are read
                 q = q_proj(xq, gate=thresholds["masks"]["o_in"])
-                kv = kv_proj(xkv, "kv_in")
+                kv = kv_proj(xkv, "kv_in", shared=shared)
             elif _stack_q_kv(kn, xq, xkv, t):
                 # Both inputs as the two "tokens" of one [B, 2, d] input: the two matmuls
                 # then share their input, which XLA's GPU compiler merges into one GEMM
@@ -138,18 +148,20 @@ class SelfAttention(nn.Module):
                 q = q_proj(x_Bx2xD)[:, :1]
                 kv = kv_proj(x_Bx2xD)[:, 1:]
             else:
-                q = q_proj(xq, "q_in")
-                kv = kv_proj(xkv, "kv_in")
+                q = q_proj(xq, "q_in", shared=shared)
+                kv = kv_proj(xkv, "kv_in", shared=shared)
             kv = kv.reshape(b, t, c.num_kv_heads, 2, c.head_dim)  # k, v side by side per head
             k = kv[:, :, :, 0].reshape(b, t, c.kv_dim)
             v = kv[:, :, :, 1].reshape(b, t, c.kv_dim)
         else:
-            q = Linear(c.q_dim, ("embed", "q_heads"), c.qkv_bias, dt, kn, name="q_proj")(xq, "q_in")
+            q = Linear(c.q_dim, ("embed", "q_heads"), c.qkv_bias, dt, kn, name="q_proj")(
+                xq, "q_in", shared=shared
+            )
             k = Linear(c.kv_dim, ("embed", "kv_heads"), c.qkv_bias, dt, kn, name="k_proj")(
-                xkv, "kv_in"
+                xkv, "kv_in", shared=shared
             )
             v = Linear(c.kv_dim, ("embed", "kv_heads"), c.qkv_bias, dt, kn, name="v_proj")(
-                xkv, "kv_in"
+                xkv, "kv_in", shared=shared
             )
         q_BxTxHxD = q.reshape(b, t, c.num_heads, c.head_dim)
         k_BxTxKxD = k.reshape(b, t, c.num_kv_heads, c.head_dim)
@@ -197,6 +209,6 @@ class SelfAttention(nn.Module):
         self.sow("taps", "head_out", out_BxTxHD.reshape(b, t, c.num_heads, c.head_dim))
         out_BxTxHD = _sparse(self, "o_in", out_BxTxHD, thresholds)
         y = Linear(c.hidden_size, ("q_heads", "embed"), c.o_bias, dt, kn, name="o_proj")(
-            out_BxTxHD, "o_in"
+            out_BxTxHD, "o_in", shared=shared
         )
         return y, new_cache

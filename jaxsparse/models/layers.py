@@ -84,6 +84,11 @@ class Kernels:
     # the weight rows (`shard_map`) and partial sums of row-split projections are added
     # over `model`; None (or a `model` axis of 1): the kernels see whole arrays.
     mesh: Any = None
+    # On GPU, one zeroed float32 accumulator per decode block that the block's split-K
+    # kernel calls add into, each into its own columns (`SharedAccumulator`): one zero-fill
+    # per block instead of one per call (each fill was about 0.9 us of device time on an
+    # H200: benchmarks/NOTES_kernels.md). False: every call zeroes its own target.
+    shared_accumulator: bool = True
 
     def __post_init__(self):
         from jaxsparse.rules import TENSORS
@@ -117,6 +122,20 @@ class Kernels:
         """Whether q_proj is stored `[q, d]` (see `head_attention`)."""
         return self.mode == "pallas" and self.head_attention
 
+    def shares_accumulator(self, x: jax.Array) -> bool:
+        """Whether a decode block with input `x` gets a `SharedAccumulator`: a pallas
+        decode step whose kernels run on GPU (or in its interpreter), on whole arrays."""
+        from jaxsparse.sharding import MODEL
+        from pallas_kernels._dispatch import resolve_impl
+
+        if not (self.mode == "pallas" and self.shared_accumulator):
+            return False
+        if x.ndim != 3 or x.shape[1] != 1:
+            return False
+        if self.mesh is not None and self.mesh.shape.get(MODEL, 1) != 1:
+            return False
+        return resolve_impl(self.impl, fn_name="Kernels") in ("gpu", "gpu_interpret")
+
     def use(self, point: str, x: jax.Array) -> bool:
         """Whether the projection fed by `point` uses a kernel for input `x` (decode only)."""
         used = point in self.points or point in self.dense_points
@@ -124,6 +143,53 @@ class Kernels:
 
 
 XLA = Kernels()
+
+
+class SharedAccumulator:
+    """One zeroed float32 buffer that the split-K kernel calls of a decode block add into,
+    each into its own columns (`pallas_kernels.sparse_input_matvec_into`, in place on GPU).
+
+    Every split-K call otherwise zeroes its own target first: a separate fill kernel per
+    call, 4-5 per block. Here the buffer is zeroed once, when the first call asks for it;
+    each call takes the next free columns and passes the updated buffer on, so the calls
+    stay in data order. `matvec` returns None (the caller runs the plain kernel) for a
+    call that needs no fill (K in one split: the kernel stores y) or does not fit (other
+    rows than the buffer has, or no columns left).
+    """
+
+    def __init__(self, width: int):
+        self.width = width
+        self.buf: jax.Array | None = None
+        self.col = 0
+
+    @classmethod
+    def for_block(cls, config) -> SharedAccumulator:
+        """Room for every sparse projection a block of `config` can run (q, k/v, o, gate,
+        up, down, in any of the fused layouts), each rounded up to whole column blocks."""
+        from pallas_kernels import accumulator_shape
+
+        def span(n: int) -> int:
+            return accumulator_shape(1, n)[1]
+
+        c = config
+        width = span(c.q_dim) + 2 * span(2 * c.kv_dim) + 2 * span(c.hidden_size)
+        return cls(width + span(2 * c.intermediate_size) + span(c.intermediate_size))
+
+    def matvec(self, x_BxK: jax.Array, kernel_KxN: jax.Array, impl: str) -> jax.Array | None:
+        """`x @ kernel` (float32 [B, N]) through the shared buffer, or None if it does not fit."""
+        from pallas_kernels import accumulator_shape, sparse_input_matvec_into
+        from pallas_kernels.sparse_matvec import adds_into_zeros
+
+        if not adds_into_zeros(x_BxK.shape[1]):  # one K split: the kernel stores y, no fill
+            return None
+        rows, span = accumulator_shape(x_BxK.shape[0], kernel_KxN.shape[1])
+        if self.buf is None:
+            self.buf = jnp.zeros((rows, self.width), jnp.float32)
+        if self.buf.shape[0] != rows or self.col + span > self.width:
+            return None
+        y, self.buf = sparse_input_matvec_into(self.buf, self.col, x_BxK, kernel_KxN, impl=impl)
+        self.col += span
+        return y
 
 
 class Linear(nn.Module):
@@ -134,7 +200,8 @@ class Linear(nn.Module):
     returns `g * (x @ kernel^T)`, computing only the rows where g is nonzero. With
     `gate_rule=(activation, threshold)` the gate comes in before its activation and the
     kernel makes g (`pallas_kernels.gated_matvec.gate_values`); `accumulator=True` returns
-    the float32 accumulator as it is (no cast to `dtype`).
+    the float32 accumulator as it is (no cast to `dtype`). `shared`: the block's
+    `SharedAccumulator`, which the sparse-input kernel then adds into.
     """
 
     features: int
@@ -152,6 +219,7 @@ class Linear(nn.Module):
         gate: jax.Array | None = None,
         gate_rule: tuple[str, jax.Array] | None = None,
         accumulator: bool = False,
+        shared: SharedAccumulator | None = None,
     ):
         shape = (self.features, x.shape[-1]) if self.rows else (x.shape[-1], self.features)
         axes = self.axes[::-1] if self.rows else self.axes
@@ -187,14 +255,16 @@ class Linear(nn.Module):
             from pallas_kernels import sparse_input_matvec
 
             b = x.shape[0]
-            y = per_shard(  # float32 out: the accumulator as it is, no cast pass
-                lambda x2, w: sparse_input_matvec(x2, w, impl=k.impl, out_dtype=jnp.float32),
-                k.mesh,
-                x.reshape(b, -1),
-                None,
-                kernel,
-                axes,
-            )
+            y = None if shared is None else shared.matvec(x.reshape(b, -1), kernel, k.impl)
+            if y is None:
+                y = per_shard(  # float32 out: the accumulator as it is, no cast pass
+                    lambda x2, w: sparse_input_matvec(x2, w, impl=k.impl, out_dtype=jnp.float32),
+                    k.mesh,
+                    x.reshape(b, -1),
+                    None,
+                    kernel,
+                    axes,
+                )
             y = y.reshape(b, 1, -1)  # float32 already
         elif self.rows:
             y = jnp.einsum("...i,oi->...o", x, kernel, preferred_element_type=jnp.float32)

@@ -27,6 +27,7 @@ from jaxsparse.models.layers import (
     Kernels,
     Linear,
     RMSNorm,
+    SharedAccumulator,
     param_dtype,
     rope_cos_sin,
 )
@@ -40,7 +41,8 @@ class SwiGLU(nn.Module):
     kernels: Kernels = XLA
 
     @nn.compact
-    def __call__(self, h_BxTxD, thresholds):
+    def __call__(self, h_BxTxD, thresholds, shared: SharedAccumulator | None = None):
+        """`shared`: the block's `SharedAccumulator` (pallas decode on GPU), else None."""
         c = self.config
         dt = param_dtype(c)
         kn = self.kernels
@@ -51,7 +53,7 @@ class SwiGLU(nn.Module):
         rule = None  # (activation, threshold) where gated_matvec applies the gate's rule
         if kn.fuse_gate_up:  # one [d, 2m] matmul, columns (gate_i, up_i) (`prepare_params`)
             gu = Linear(2 * m, ("embed", "mlp"), c.mlp_bias, dt, kn, name="gate_up_proj")(
-                x, "ffn_in"
+                x, "ffn_in", shared=shared
             )
             gu = gu.reshape(*gu.shape[:-1], m, 2)
             pre, u = gu[..., 0], gu[..., 1]
@@ -66,7 +68,11 @@ class SwiGLU(nn.Module):
                 pre = gate_proj(x, gate=mask)  # mask * (x Wg); the kernel reads active rows only
             else:
                 rule = _kernel_gate_rule(c, kn, x, thresholds)
-                pre = gate_proj(x, "ffn_in", accumulator=rule is not None)
+                # gated_matvec takes pre whole: a slice of the shared buffer would be
+                # one more copy on GPU (XLA gives a custom call's operand its own buffer)
+                pre = gate_proj(
+                    x, "ffn_in", accumulator=rule is not None, shared=None if rule else shared
+                )
         # act(0) = 0: the mask survives it. pre is rounded to dt first (a no-op unless it
         # is the float32 accumulator, which the kernel path below takes as it is).
         g = act(pre.astype(dt).astype(jnp.float32)).astype(dt)
@@ -78,13 +84,13 @@ class SwiGLU(nn.Module):
             elif kn.up_rows:  # g * (x @ Wu^T), only the rows where g != 0 in a decode step
                 a = up(x, gate=g)
             else:
-                u = up(x, "ffn_in")
+                u = up(x, "ffn_in", shared=shared)
         if u is not None:
             self.sow("taps", "up", u)
             a = g * u
         a = _sparse(self, "down_in", a, thresholds)
         return Linear(c.hidden_size, ("mlp", "embed"), c.mlp_bias, dt, kn, name="down_proj")(
-            a, "down_in"
+            a, "down_in", shared=shared
         )
 
 
@@ -120,19 +126,21 @@ class LlamaBlock(nn.Module):
         gemma = c.is_gemma3
         self.sow("taps", "block_in", x_BxTxD)
         h = RMSNorm(c.norm_eps, dt, gemma, name="input_layernorm")(x_BxTxD)
+        # one zero-fill for the block's split-K kernels (pallas decode on GPU)
+        acc = SharedAccumulator.for_block(c) if self.kernels.shares_accumulator(h) else None
         a, new_cache = SelfAttention(c, self.kernels, self.layer_type, name="self_attn")(
-            h, positions_BxT, kv_pos_BxS, rope, layer_cache, cache_index, thresholds
+            h, positions_BxT, kv_pos_BxS, rope, layer_cache, cache_index, thresholds, acc
         )
         if gemma:  # Gemma 3 norms the attention output, and the FFN's input and output
             a = RMSNorm(c.norm_eps, dt, True, name="post_attention_layernorm")(a)
             x_BxTxD = x_BxTxD + a
             h = RMSNorm(c.norm_eps, dt, True, name="pre_feedforward_layernorm")(x_BxTxD)
-            f = SwiGLU(c, self.kernels, name="mlp")(h, thresholds)
+            f = SwiGLU(c, self.kernels, name="mlp")(h, thresholds, acc)
             f = RMSNorm(c.norm_eps, dt, True, name="post_feedforward_layernorm")(f)
             return x_BxTxD + f, new_cache
         x_BxTxD = x_BxTxD + a
         h = RMSNorm(c.norm_eps, dt, name="post_attention_layernorm")(x_BxTxD)
-        x_BxTxD = x_BxTxD + SwiGLU(c, self.kernels, name="mlp")(h, thresholds)
+        x_BxTxD = x_BxTxD + SwiGLU(c, self.kernels, name="mlp")(h, thresholds, acc)
         return x_BxTxD, new_cache
 
 

@@ -14,7 +14,15 @@ import jax.numpy as jnp
 
 from jaxsparse.config import ModelConfig
 from jaxsparse.models.attention import SelfAttention, _sparse
-from jaxsparse.models.layers import XLA, Embed, Kernels, LayerNorm, Linear, param_dtype
+from jaxsparse.models.layers import (
+    XLA,
+    Embed,
+    Kernels,
+    LayerNorm,
+    Linear,
+    SharedAccumulator,
+    param_dtype,
+)
 from jaxsparse.models.llama import run_layers
 
 
@@ -23,21 +31,24 @@ class ReluFFN(nn.Module):
     kernels: Kernels = XLA
 
     @nn.compact
-    def __call__(self, h_BxTxD, thresholds):
+    def __call__(self, h_BxTxD, thresholds, shared: SharedAccumulator | None = None):
+        """`shared`: the block's `SharedAccumulator` (pallas decode on GPU), else None."""
         c = self.config
         dt = param_dtype(c)
         kn = self.kernels
         x = _sparse(self, "ffn_in", h_BxTxD, thresholds)
         g = nn.relu(
             Linear(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, dt, kn, name="fc1")(
-                x, "ffn_in"
+                x, "ffn_in", shared=shared
             )
         )
         g = _sparse(self, "gate", g, thresholds)
         a = _sparse(self, "down_in", g, thresholds)
         # ReLU's zeros (and a gate threshold's) skip rows of fc2, as down_in does.
         point = "gate" if "gate" in kn.points else "down_in"
-        return Linear(c.hidden_size, ("mlp", "embed"), c.mlp_bias, dt, kn, name="fc2")(a, point)
+        return Linear(c.hidden_size, ("mlp", "embed"), c.mlp_bias, dt, kn, name="fc2")(
+            a, point, shared=shared
+        )
 
 
 class OPTBlock(nn.Module):
@@ -57,14 +68,16 @@ class OPTBlock(nn.Module):
         ffn_norm = LayerNorm(1e-5, c.layer_norm_elementwise_affine, dt, name="final_layer_norm")
         self.sow("taps", "block_in", x_BxTxD)
         h = attn_norm(x_BxTxD) if pre else x_BxTxD
+        # one zero-fill for the block's split-K kernels (pallas decode on GPU)
+        acc = SharedAccumulator.for_block(c) if self.kernels.shares_accumulator(h) else None
         a, new_cache = SelfAttention(c, self.kernels, name="self_attn")(
-            h, positions_BxT, kv_pos_BxS, None, layer_cache, cache_index, thresholds
+            h, positions_BxT, kv_pos_BxS, None, layer_cache, cache_index, thresholds, acc
         )
         x_BxTxD = x_BxTxD + a
         if not pre:
             x_BxTxD = attn_norm(x_BxTxD)
         h = ffn_norm(x_BxTxD) if pre else x_BxTxD
-        x_BxTxD = x_BxTxD + ReluFFN(c, self.kernels, name="mlp")(h, thresholds)
+        x_BxTxD = x_BxTxD + ReluFFN(c, self.kernels, name="mlp")(h, thresholds, acc)
         if not pre:
             x_BxTxD = ffn_norm(x_BxTxD)
         return x_BxTxD, new_cache

@@ -10,7 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.experimental import pallas as pl
 
-from pallas_kernels import sparse_input_matvec, sparse_input_matvec_reference
+from pallas_kernels import (
+    accumulator_shape,
+    sparse_input_matvec,
+    sparse_input_matvec_into,
+    sparse_input_matvec_reference,
+)
 from pallas_kernels._dispatch import resolve_impl
 
 K, N = 300, 200  # not multiples of any block size used below
@@ -175,6 +180,53 @@ def test_bad_inputs():
         sparse_input_matvec(x, w, impl="gpu_interpret", block_k=8, block_n=64)  # batch 2: dot
     with pytest.raises(ValueError, match="block_k=12 .*multiple of 8"):
         sparse_input_matvec(x, w, impl="tpu_interpret", block_k=12)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("B", [1, 3])
+def test_into_adds_each_product_into_its_own_columns(kt, impl, dtype, B):
+    """Two products share one accumulator that already holds values: each call adds its
+    product into its own columns (with a per-channel threshold on the second), returns
+    those columns, and leaves every other column as it was."""
+    N2 = 70
+    w1 = kt.normal(jax.random.key(7), (K, N), dtype)
+    w2 = kt.normal(jax.random.key(8), (K, N2), dtype)
+    x = kt.sparse_values(jax.random.key(9), (B, K), 0.5, dtype)
+    t = jnp.abs(kt.normal(jax.random.key(10), (K,), jnp.float32, 0.5))
+    bn = blocks(impl).get("block_n", 64)
+    rows, span1 = accumulator_shape(B, N, block_n=bn)
+    _, span2 = accumulator_shape(B, N2, block_n=bn)
+    assert span1 == 256 and span2 == 128 and rows == (1 if B == 1 else 16)
+    acc0 = kt.normal(jax.random.key(11), (rows, span1 + span2 + 5), jnp.float32)
+    kw = blocks(impl) if kt.is_gpu_impl(impl) else {}
+    y1, acc = sparse_input_matvec_into(acc0, 0, x, w1, impl=impl, **kw)
+    y2, acc = sparse_input_matvec_into(acc, span1, x, w2, t, impl=impl, **kw)
+    p1 = sparse_input_matvec_reference(x, w1, out_dtype=jnp.float32)
+    p2 = sparse_input_matvec_reference(x, w2, t, out_dtype=jnp.float32)
+    assert y1.dtype == y2.dtype == jnp.float32
+    kt.assert_close(y1, acc0[:B, :N] + p1, dtype, f"{impl} first product")
+    kt.assert_close(y2, acc0[:B, span1 : span1 + N2] + p2, dtype, f"{impl} second product")
+    np.testing.assert_array_equal(acc[:B, :N], y1)
+    np.testing.assert_array_equal(acc[:B, span1 : span1 + N2], y2)
+    untouched = np.ones(acc.shape, bool)
+    untouched[:B, :N] = untouched[:B, span1 : span1 + N2] = False
+    np.testing.assert_array_equal(np.asarray(acc)[untouched], np.asarray(acc0)[untouched])
+
+
+def test_into_refuses_a_target_it_cannot_add_into():
+    x = jnp.ones((1, K), jnp.float32)
+    w = jnp.ones((K, N), jnp.float32)
+    small = jnp.zeros((1, 255), jnp.float32)  # N=200 in blocks of 128 needs 256 columns
+    with pytest.raises(ValueError, match=r"too small.*columns \[0, 256\).*accumulator_shape"):
+        sparse_input_matvec_into(small, 0, x, w, impl="gpu_interpret", block_n=128)
+    with pytest.raises(ValueError, match=r"too small.*columns \[100, 300\)"):
+        sparse_input_matvec_into(jnp.zeros((1, 299)), 100, x, w, impl="reference")
+    with pytest.raises(ValueError, match=r"too small.*rows \[0, 16\)"):  # batch 2: 16 rows
+        sparse_input_matvec_into(jnp.zeros((2, 512)), 0, x.repeat(2, 0), w, impl="gpu_interpret")
+    with pytest.raises(ValueError, match="float32"):
+        sparse_input_matvec_into(jnp.zeros((1, 512), jnp.bfloat16), 0, x, w, impl="reference")
+    with pytest.raises(ValueError, match="col=-1"):
+        sparse_input_matvec_into(jnp.zeros((1, 512)), -1, x, w, impl="gpu_interpret")
 
 
 def test_auto_picks_by_backend(monkeypatch):
