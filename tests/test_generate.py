@@ -391,8 +391,9 @@ def test_decode_step_kernels_per_layer(method, per_layer):
 
 
 def _zero_fills(jaxpr) -> int:
-    """Float32 [rows, columns] buffers of zeros made in `jaxpr` and its sub-jaxprs (not
-    inside kernels): the split-K kernels' targets."""
+    """Float32 [rows, columns] buffers broadcast from one scalar in `jaxpr` and its
+    sub-jaxprs (not inside kernels): the split-K kernels' zeroed targets (a constant 0.0,
+    or `SharedAccumulator`'s +-0.0 picked at run time)."""
     n = 0
     for e in jaxpr.eqns:
         if e.primitive.name == "pallas_call":
@@ -402,8 +403,11 @@ def _zero_fills(jaxpr) -> int:
             e.primitive.name == "broadcast_in_dim"
             and out.ndim == 2
             and out.dtype == jnp.float32
-            and isinstance(e.invars[0], jax.extend.core.Literal)
-            and float(e.invars[0].val) == 0.0
+            and e.invars[0].aval.ndim == 0
+            and (
+                not isinstance(e.invars[0], jax.extend.core.Literal)
+                or float(e.invars[0].val) == 0.0
+            )
         ):
             n += 1
         for v in e.params.values():
