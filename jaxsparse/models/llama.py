@@ -110,15 +110,6 @@ def _kernel_gate_rule(c: ModelConfig, kn: Kernels, x, thresholds):
     return c.activation, thresholds["gate"]
 
 
-def _residual(x_BxTxD: jax.Array, shared: SharedAccumulator | None) -> jax.Array:
-    """The residual after attention, materialized where the block shares an accumulator:
-    o_proj's output lives in the shared buffer, and XLA would otherwise fuse `x + o` into
-    the FFN's consumers and the next block's norm, reading o after the FFN's kernels have
-    added into the same buffer in place; it then copies the buffer before each of them
-    (46 copies of 172 KB per step in teal's H200 decode loop)."""
-    return x_BxTxD if shared is None else jax.lax.optimization_barrier(x_BxTxD)
-
-
 class LlamaBlock(nn.Module):
     """One decoder block; `layer_type` (`ModelConfig.layer_type(i)`) matters for Gemma 3."""
 
@@ -146,12 +137,12 @@ class LlamaBlock(nn.Module):
         )
         if gemma:  # Gemma 3 norms the attention output, and the FFN's input and output
             a = RMSNorm(c.norm_eps, dt, True, name="post_attention_layernorm")(a)
-            x_BxTxD = _residual(x_BxTxD + a, acc)
+            x_BxTxD = x_BxTxD + a
             h = RMSNorm(c.norm_eps, dt, True, name="pre_feedforward_layernorm")(x_BxTxD)
             f = SwiGLU(c, self.kernels, name="mlp")(h, thresholds, acc)
             f = RMSNorm(c.norm_eps, dt, True, name="post_feedforward_layernorm")(f)
             return x_BxTxD + f, new_cache
-        x_BxTxD = _residual(x_BxTxD + a, acc)
+        x_BxTxD = x_BxTxD + a
         h = RMSNorm(c.norm_eps, dt, name="post_attention_layernorm")(x_BxTxD)
         x_BxTxD = x_BxTxD + SwiGLU(c, self.kernels, name="mlp")(h, thresholds, acc)
         return x_BxTxD, new_cache

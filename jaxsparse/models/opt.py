@@ -23,7 +23,7 @@ from jaxsparse.models.layers import (
     SharedAccumulator,
     param_dtype,
 )
-from jaxsparse.models.llama import _residual, run_layers
+from jaxsparse.models.llama import run_layers
 
 
 class ReluFFN(nn.Module):
@@ -77,7 +77,7 @@ class OPTBlock(nn.Module):
         a, new_cache = SelfAttention(c, self.kernels, name="self_attn")(
             h, positions_BxT, kv_pos_BxS, None, layer_cache, cache_index, thresholds, acc
         )
-        x_BxTxD = _residual(x_BxTxD + a, acc)
+        x_BxTxD = x_BxTxD + a
         if not pre:
             x_BxTxD = attn_norm(x_BxTxD)
         h = ffn_norm(x_BxTxD) if pre else x_BxTxD
