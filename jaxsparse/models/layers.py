@@ -152,7 +152,9 @@ class SharedAccumulator:
     Every split-K call otherwise zeroes its own target first: a separate fill kernel per
     call, 4-5 per block. Here the buffer is zeroed once, when the first call asks for it;
     each call takes the next free columns and passes the updated buffer on, so the calls
-    stay in data order. `matvec` returns None (the caller runs the plain kernel) for a
+    stay in data order. (XLA keeps o_proj's output in the buffer and fuses the residual
+    add into later kernels, so on an H200 it copies the buffer before some of the FFN's
+    kernels: 46 copies per teal decode step, still a net gain.) `matvec` returns None (the caller runs the plain kernel) for a
     call that needs no fill (K in one split: the kernel stores y) or does not fit (other
     rows than the buffer has, or no columns left).
     """
@@ -190,8 +192,9 @@ class SharedAccumulator:
         rows, span = accumulator_shape(x_BxK.shape[0], kernel_KxN.shape[1])
         if self.buf is None:
             # Zeros that depend on the input (+0.0 or -0.0, equal as addends): XLA turns a
-            # constant fill into a memset, which ran at about 80 GB/s on an H200 (a 237 KB
-            # block buffer took 3.1 us of device time), and this into a fused kernel.
+            # constant fill into a memset, which ran at about 80 GB/s on an H200 (3.1 us
+            # for a 237 KB buffer), and this into a loop fusion (benchmarks/NOTES_kernels.md,
+            # "One zero-fill per block").
             zero = jnp.where(x_BxK[0, 0] > 0, 0.0, -0.0).astype(jnp.float32)
             self.buf = jnp.broadcast_to(zero, (rows, self.width))
 
