@@ -24,6 +24,7 @@ from pallas_kernels.sparse_matvec import (
     sparse_input_matvec,
     sparse_input_matvec_into,
     sparse_input_matvec_reference,
+    sparse_input_matvecs_into,
 )
 
 __all__ = [
@@ -37,4 +38,5 @@ __all__ = [
     "sparse_input_matvec",
     "sparse_input_matvec_into",
     "sparse_input_matvec_reference",
+    "sparse_input_matvecs_into",
 ]

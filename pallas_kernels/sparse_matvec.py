@@ -125,9 +125,54 @@ def _gpu_kernel(
         x_ref, w_ref, *rest = refs
         t_ref = None
     y_ref = rest[-1]  # with atomics, rest = (zeros_in, y_out) aliased
-    n = pl.program_id(0)
-    s = pl.program_id(1)
-    rows = dsp.static_indices(B)
+    tile = {"B": B, "K": K, "block_k": block_k, "block_n": block_n}
+    tile |= {"blocks_per_split": blocks_per_split, "has_t": has_t, "atomic": atomic}
+    tile |= {"dot_dtype": dot_dtype, "k_exact": k_exact, "unroll": unroll}
+    n, s, rows = pl.program_id(0), pl.program_id(1), dsp.static_indices(B)
+    _tile(x_ref, t_ref, w_ref, y_ref, n, s, rows, N=N, col=col, **tile)
+
+
+def _gpu_pair_kernel(*refs, parts, **tile):
+    """Several products in one launch: `refs` = (x_1, w_1, ..., x_P, w_P, zeros_in, y_out);
+    `parts` = ((N_p, first column block, number of column blocks, col_p), ...). Each
+    program finds the product its column block belongs to and runs `_tile` for it, adding
+    into columns `col_p ...` of the shared float32 target."""
+    y_ref = refs[-1]
+    # read outside the branches (the interpreter resolves program ids at the top level)
+    n, s, rows = pl.program_id(0), pl.program_id(1), dsp.static_indices(tile["B"])
+    for p, (N, first, count, col) in enumerate(parts):
+        x_ref, w_ref = refs[2 * p], refs[2 * p + 1]
+        inside = n >= first if p == len(parts) - 1 else (n >= first) & (n < first + count)
+
+        @pl.when(inside)
+        def _(x_ref=x_ref, w_ref=w_ref, N=N, first=first, col=col):
+            _tile(x_ref, None, w_ref, y_ref, n - first, s, rows, N=N, col=col, **tile)
+
+
+def _tile(
+    x_ref,
+    t_ref,
+    w_ref,
+    y_ref,
+    n,
+    s,
+    rows,
+    *,
+    B,
+    K,
+    N,
+    block_k,
+    block_n,
+    blocks_per_split,
+    has_t,
+    atomic,
+    dot_dtype,
+    k_exact,
+    unroll,
+    col,
+):
+    """The work of one program (`_gpu_kernel`): column block `n`, K split `s`; `rows`
+    are the batch row indices (`dsp.static_indices(B)`)."""
     n0 = n * block_n
     col_ok = None if N % block_n == 0 else (n0 + jnp.arange(block_n)) < N
 
@@ -638,3 +683,148 @@ def sparse_input_matvec_into(
     )
     acc = jax.lax.dynamic_update_slice(acc, acc[:B, col : col + N] + y, (0, col))
     return acc[:B, col : col + N], acc
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "col",
+        "block_k",
+        "block_n",
+        "split_k",
+        "num_warps",
+        "num_stages",
+        "interpret",
+        "dot",
+        "unroll",
+    ),
+)
+def _sparse_input_matvecs_gpu(
+    acc: jax.Array,
+    xs: tuple[jax.Array, ...],
+    ws: tuple[jax.Array, ...],
+    *,
+    col: int,
+    block_k: int = DEFAULT_BLOCK_K,
+    block_n: int = DEFAULT_BLOCK_N,
+    split_k: int | None = None,
+    num_warps: int | None = DEFAULT_NUM_WARPS,
+    num_stages: int | None = 3,
+    interpret: bool = False,
+    dot: bool | None = None,
+    unroll: bool | None = None,
+) -> tuple[list[jax.Array], jax.Array]:
+    """Several split-K products in one launch (`sparse_input_matvecs_into` on GPU)."""
+    B, K = xs[0].shape
+    dsp.check_block(_NAME, "block_k", block_k, power_of_2=True)
+    dsp.check_block(_NAME, "block_n", block_n, power_of_2=True)
+    use_dot = _uses_dot(B, dot)
+    if use_dot and min(block_k, block_n) < DOT_MIN_ROWS:
+        raise ValueError(
+            f"{_NAME}s_into: the tensor-core path (batch >= 2) needs block_k and block_n >= "
+            f"{DOT_MIN_ROWS}, got {block_k} x {block_n}."
+        )
+    rows = _target_rows(B, use_dot)
+    n_kb = dsp.cdiv(K, block_k)
+    split = n_kb if split_k is None else max(1, min(split_k, n_kb))
+    blocks_per_split = dsp.cdiv(n_kb, split)
+    split = dsp.cdiv(n_kb, blocks_per_split)
+    parts, first, c = [], 0, col
+    for w in ws:
+        count = dsp.cdiv(w.shape[1], block_n)
+        parts.append((w.shape[1], first, count, c))
+        first, c = first + count, c + count * block_n
+    _check_acc(acc, rows, col, c - col, sum(w.shape[1] for w in ws), block_n)
+    kernel = functools.partial(
+        _gpu_pair_kernel,
+        parts=tuple(parts),
+        B=rows,
+        K=K,
+        block_k=block_k,
+        block_n=block_n,
+        blocks_per_split=blocks_per_split,
+        has_t=False,
+        atomic=True,
+        dot_dtype=_dot_dtype(xs[0].dtype, ws[0].dtype) if use_dot else None,
+        k_exact=K % block_k == 0 and n_kb == split * blocks_per_split,
+        unroll=blocks_per_split <= 8 if unroll is None else bool(unroll),
+    )
+    args = []
+    for x, w in zip(xs, ws):
+        args += [x if rows == B else jnp.pad(x, ((0, rows - B), (0, 0))), w]
+    args.append(acc)
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct(acc.shape, jnp.float32),
+        grid=(first, split),
+        input_output_aliases={len(args) - 1: 0},
+        compiler_params=dsp.triton_compiler_params(num_warps, num_stages),
+        interpret=interpret,
+        name="sparse_input_matvecs_splitk",
+    )(*args)
+    return [out[:B, c0 : c0 + N] for N, _, _, c0 in parts], out
+
+
+def sparse_input_matvecs_into(
+    acc: jax.Array,
+    col: int,
+    pairs: list[tuple[jax.Array, jax.Array]],
+    *,
+    impl: str = "auto",
+    block_k: int | None = None,
+    block_n: int | None = None,
+    **kernel_options: Any,
+) -> tuple[list[jax.Array], jax.Array]:
+    """Several sparse-input products `x_p @ W_p`, one input each and one K, added side by
+    side into a float32 accumulator from column `col` on: on GPU in one kernel launch.
+
+    A launch costs a few µs whatever its size (benchmarks/NOTES_kernels.md), so products
+    that read different inputs but can run together (CHESS+'s q, whose input has its own
+    threshold, and k|v) save one by sharing it. Each product takes whole column blocks
+    (`accumulator_shape(B, N_p)[1]` columns, in order); a program works on one product's
+    block. Elsewhere the products run one after the other (`sparse_input_matvec_into`).
+
+    Args:
+      acc: float32 [rows, columns] with room for every product's columns past `col`.
+      col: the first column of the first product (a Python int).
+      pairs: [(x_p [B, K], W_p [K, N_p]), ...]: the same B, K and dtypes throughout; no
+        threshold (apply it to x first).
+      impl, block_k, block_n, kernel_options: as for `sparse_input_matvec` (GPU options:
+        split_k, num_warps, num_stages, dot, unroll).
+
+    Returns:
+      ([y_p float32 [B, N_p], ...], acc'): each product plus what `acc` held in its
+      columns, and the updated accumulator (pass it on).
+    """
+    which = dsp.resolve_impl(impl, fn_name=f"{_NAME}s_into")
+    if not pairs:
+        raise ValueError(f"{_NAME}s_into: pairs is empty; give at least one (x, W).")
+    x0, w0 = pairs[0]
+    for i, (x, w) in enumerate(pairs):
+        _check(x, w, None)
+        if x.shape != x0.shape or x.dtype != x0.dtype or w.dtype != w0.dtype:
+            raise ValueError(
+                f"{_NAME}s_into: pair {i} has x {x.dtype}{tuple(x.shape)} and W {w.dtype}, "
+                f"pair 0 x {x0.dtype}{tuple(x0.shape)} and W {w0.dtype}: every pair needs "
+                "the same x shape and dtypes."
+            )
+    if which in ("gpu", "gpu_interpret"):
+        blocks = {k: v for k, v in (("block_k", block_k), ("block_n", block_n)) if v is not None}
+        return _sparse_input_matvecs_gpu(
+            acc,
+            tuple(x for x, _ in pairs),
+            tuple(w for _, w in pairs),
+            col=col,
+            interpret=which == "gpu_interpret",
+            **blocks,
+            **kernel_options,
+        )
+    ys, c = [], col
+    bn = block_n or DEFAULT_BLOCK_N
+    for x, w in pairs:
+        y, acc = sparse_input_matvec_into(
+            acc, c, x, w, impl=which, block_k=block_k, block_n=block_n, **kernel_options
+        )
+        ys.append(y)
+        c += accumulator_shape(x.shape[0], w.shape[1], block_n=bn)[1]
+    return ys, acc

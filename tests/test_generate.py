@@ -419,19 +419,20 @@ def _zero_fills(jaxpr) -> int:
 
 
 @pytest.mark.parametrize(
-    "model_type,method,shared,unshared",
+    "model_type,method,shared,unshared,launches",
     [
-        ("llama", "teal", 1, 4),  # q|k|v, o, gate|up, down
-        ("llama", "chess+", 2, 5),  # q, k|v, o, down share; the gate has its own
-        ("llama", "chess", 2, 2),  # the gate's own, and down's
-        ("opt", "teal", 1, 4),  # q|k|v, o, fc1, fc2
+        ("llama", "teal", 1, 4, (4, 4)),  # q|k|v, o, gate|up, down
+        # q and k|v (one launch), o, down share; the gate has its own
+        ("llama", "chess+", 2, 5, (5, 6)),
+        ("llama", "chess", 2, 2, (3, 3)),  # the gate's own, and down's
+        ("opt", "teal", 1, 4, (4, 4)),  # q|k|v, o, fc1, fc2
     ],
 )
-def test_decode_block_zeroes_one_shared_accumulator(model_type, method, shared, unshared):
+def test_decode_block_zeroes_one_shared_accumulator(model_type, method, shared, unshared, launches):
     """A pallas decode step on GPU zeroes one float32 buffer per block, which the block's
     split-K kernels add into side by side (`SharedAccumulator`), instead of one per call;
-    CHESS's gate keeps its own (gated_matvec takes it whole). The logits stay those of
-    `Kernels(shared_accumulator=False)`."""
+    CHESS's gate keeps its own (gated_matvec takes it whole), and chess+'s q and k|v run
+    in one launch. The logits stay those of `Kernels(shared_accumulator=False)`."""
     import dataclasses
 
     from jaxsparse.models import init_cache, prepare_params
@@ -454,7 +455,10 @@ def test_decode_block_zeroes_one_shared_accumulator(model_type, method, shared, 
         p = prepare_params(params, config, kn)
         step = lambda p, t, model=model: model.apply({"params": p}, tok, pos, cache, 3, t)
         jaxpr = jax.make_jaxpr(step)(p, thresholds)
-        fills.append([_zero_fills(b) for b in block_jaxprs(jaxpr.jaxpr)])
+        blocks = block_jaxprs(jaxpr.jaxpr)
+        fills.append([_zero_fills(b) for b in blocks])
+        want = launches[0] if kn.shared_accumulator else launches[1]
+        assert [len(pallas_calls(b)) for b in blocks] == [want] * config.num_layers
     assert fills == [[shared] * config.num_layers, [unshared] * config.num_layers]
     prompt = jnp.asarray([[5, 6, 7, 8]])
     want = _decode_logits(config, params, apart, thresholds, prompt, 2)

@@ -64,6 +64,33 @@ def _stack_q_kv(kn: Kernels, xq: jax.Array, xkv: jax.Array, t: int) -> bool:
     return t == 1 and xq is not xkv and not kernels
 
 
+def _q_kv_one_launch(module, kn: Kernels, shared, xq, xkv, c: ModelConfig, dt):
+    """q_proj and kv_proj (each with its own input: chess+) in one kernel launch through
+    the block's shared accumulator (`Kernels.q_kv_one_launch`), as `Linear` would compute
+    them; None where that does not apply (no shared accumulator, initialization, either
+    projection outside the kernels) or the products do not fit the buffer."""
+    if shared is None or not kn.q_kv_one_launch or module.is_initializing():
+        return None
+    if not (kn.use("q_in", xq) and kn.use("kv_in", xkv)):
+        return None
+    params = module.variables["params"]
+    pq, pkv = params["q_proj"], params["kv_proj"]
+    b = xq.shape[0]
+    pairs = [
+        (xq.reshape(b, -1).astype(dt), pq["kernel"]),
+        (xkv.reshape(b, -1).astype(dt), pkv["kernel"]),
+    ]
+    ys = shared.matvecs(pairs, kn.impl)
+    if ys is None:
+        return None
+    out = []
+    for y, p in zip(ys, (pq, pkv)):
+        if c.qkv_bias:
+            y = y + p["bias"].astype(jnp.float32)
+        out.append(y.astype(dt).reshape(b, 1, -1))
+    return tuple(out)
+
+
 def _per_head_shard(
     fn, mesh, c: ModelConfig, q_BxHxD, heads_BxH, k_BxKxSxD, v_BxKxSxD, valid_BxS, kv_len
 ):
@@ -140,6 +167,8 @@ class SelfAttention(nn.Module):
             if heads_BxH is not None:  # only the selected heads' rows of q_proj are read
                 q = q_proj(xq, gate=thresholds["masks"]["o_in"])
                 kv = kv_proj(xkv, "kv_in", shared=shared)
+            elif (one := _q_kv_one_launch(self, kn, shared, xq, xkv, c, dt)) is not None:
+                q, kv = one
             elif _stack_q_kv(kn, xq, xkv, t):
                 # Both inputs as the two "tokens" of one [B, 2, d] input: the two matmuls
                 # then share their input, which XLA's GPU compiler merges into one GEMM

@@ -89,6 +89,9 @@ class Kernels:
     # per block instead of one per call (each fill was about 0.9 us of device time on an
     # H200: benchmarks/NOTES_kernels.md). False: every call zeroes its own target.
     shared_accumulator: bool = True
+    # With the shared accumulator: q_proj and kv_proj (chess+, each with its own input) in
+    # one kernel launch (`pallas_kernels.sparse_input_matvecs_into`); False: two launches.
+    q_kv_one_launch: bool = True
 
     def __post_init__(self):
         from jaxsparse.rules import TENSORS
@@ -182,6 +185,32 @@ class SharedAccumulator:
         ffn = span(2 * m) if kn.fuse_gate_up else 2 * span(m)
         return cls(attn + span(c.hidden_size) + ffn + span(c.hidden_size))
 
+    def matvecs(self, pairs: list[tuple[jax.Array, jax.Array]], impl: str) -> list | None:
+        """`[x_p @ kernel_p]` (float32 [B, N_p] each) in one kernel launch through the shared
+        buffer (`pallas_kernels.sparse_input_matvecs_into`), or None if they do not fit."""
+        from pallas_kernels import accumulator_shape, sparse_input_matvecs_into
+        from pallas_kernels.sparse_matvec import adds_into_zeros
+
+        if not adds_into_zeros(pairs[0][0].shape[1]):
+            return None
+        shapes = [accumulator_shape(x.shape[0], w.shape[1]) for x, w in pairs]
+        rows, span = shapes[0][0], sum(s for _, s in shapes)
+        self._allocate(pairs[0][0], rows)
+        if self.buf.shape[0] != rows or self.col + span > self.width:
+            return None
+        ys, self.buf = sparse_input_matvecs_into(self.buf, self.col, pairs, impl=impl)
+        self.col += span
+        return ys
+
+    def _allocate(self, x_BxK: jax.Array, rows: int) -> None:
+        if self.buf is None:
+            # Zeros that depend on the input (+0.0 or -0.0, equal as addends): XLA turns a
+            # constant fill into a memset, which ran at about 80 GB/s on an H200 (3.1 us
+            # for a 237 KB buffer), and this into a loop fusion (benchmarks/NOTES_kernels.md,
+            # "One zero-fill per block").
+            zero = jnp.where(x_BxK[0, 0] > 0, 0.0, -0.0).astype(jnp.float32)
+            self.buf = jnp.broadcast_to(zero, (rows, self.width))
+
     def matvec(self, x_BxK: jax.Array, kernel_KxN: jax.Array, impl: str) -> jax.Array | None:
         """`x @ kernel` (float32 [B, N]) through the shared buffer, or None if it does not fit."""
         from pallas_kernels import accumulator_shape, sparse_input_matvec_into
@@ -190,13 +219,7 @@ class SharedAccumulator:
         if not adds_into_zeros(x_BxK.shape[1]):  # one K split: the kernel stores y, no fill
             return None
         rows, span = accumulator_shape(x_BxK.shape[0], kernel_KxN.shape[1])
-        if self.buf is None:
-            # Zeros that depend on the input (+0.0 or -0.0, equal as addends): XLA turns a
-            # constant fill into a memset, which ran at about 80 GB/s on an H200 (3.1 us
-            # for a 237 KB buffer), and this into a loop fusion (benchmarks/NOTES_kernels.md,
-            # "One zero-fill per block").
-            zero = jnp.where(x_BxK[0, 0] > 0, 0.0, -0.0).astype(jnp.float32)
-            self.buf = jnp.broadcast_to(zero, (rows, self.width))
+        self._allocate(x_BxK, rows)
 
         if self.buf.shape[0] != rows or self.col + span > self.width:
             return None

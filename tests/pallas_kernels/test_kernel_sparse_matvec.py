@@ -15,6 +15,7 @@ from pallas_kernels import (
     sparse_input_matvec,
     sparse_input_matvec_into,
     sparse_input_matvec_reference,
+    sparse_input_matvecs_into,
 )
 from pallas_kernels._dispatch import resolve_impl
 
@@ -211,6 +212,50 @@ def test_into_adds_each_product_into_its_own_columns(kt, impl, dtype, B):
     untouched = np.ones(acc.shape, bool)
     untouched[:B, :N] = untouched[:B, span1 : span1 + N2] = False
     np.testing.assert_array_equal(np.asarray(acc)[untouched], np.asarray(acc0)[untouched])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("B", [1, 3])
+def test_matvecs_into_runs_products_with_their_own_inputs_side_by_side(kt, impl, dtype, B):
+    """Two products, each with its own input (one sparse, one dense) and weight, in one
+    call: each lands in its own columns, as two `sparse_input_matvec_into` calls would put
+    it; the other columns keep what they held."""
+    N2 = 70
+    x1 = kt.sparse_values(jax.random.key(12), (B, K), 0.6, dtype)
+    x2 = kt.sparse_values(jax.random.key(13), (B, K), 0.0, dtype)
+    w1 = kt.normal(jax.random.key(14), (K, N), dtype)
+    w2 = kt.normal(jax.random.key(15), (K, N2), dtype)
+    kw = blocks(impl) if kt.is_gpu_impl(impl) else {}
+    bn = kw.get("block_n", 512)
+    rows, span1 = accumulator_shape(B, N, block_n=bn)
+    _, span2 = accumulator_shape(B, N2, block_n=bn)
+    col = 3
+    acc0 = kt.normal(jax.random.key(16), (rows, col + span1 + span2 + 2), jnp.float32)
+    (y1, y2), acc = sparse_input_matvecs_into(acc0, col, [(x1, w1), (x2, w2)], impl=impl, **kw)
+    p1 = sparse_input_matvec_reference(x1, w1, out_dtype=jnp.float32)
+    p2 = sparse_input_matvec_reference(x2, w2, out_dtype=jnp.float32)
+    c2 = col + span1
+    kt.assert_close(y1, acc0[:B, col : col + N] + p1, dtype, f"{impl} first product")
+    kt.assert_close(y2, acc0[:B, c2 : c2 + N2] + p2, dtype, f"{impl} second product")
+    np.testing.assert_array_equal(acc[:B, col : col + N], y1)
+    np.testing.assert_array_equal(acc[:B, c2 : c2 + N2], y2)
+    untouched = np.ones(acc.shape, bool)
+    untouched[:B, col : col + N] = untouched[:B, c2 : c2 + N2] = False
+    np.testing.assert_array_equal(np.asarray(acc)[untouched], np.asarray(acc0)[untouched])
+
+
+def test_matvecs_into_refuses_mismatched_pairs():
+    x = jnp.ones((1, K), jnp.float32)
+    w = jnp.ones((K, N), jnp.float32)
+    acc = jnp.zeros((1, 1024), jnp.float32)
+    with pytest.raises(ValueError, match="pairs is empty"):
+        sparse_input_matvecs_into(acc, 0, [], impl="gpu_interpret")
+    with pytest.raises(ValueError, match="pair 1 has x float32\\(2, 300\\)"):
+        sparse_input_matvecs_into(acc, 0, [(x, w), (x.repeat(2, 0), w)], impl="gpu_interpret")
+    with pytest.raises(ValueError, match="shape mismatch"):
+        sparse_input_matvecs_into(acc, 0, [(x, w), (x, w[:-1])], impl="reference")
+    with pytest.raises(ValueError, match="too small"):  # 256 + 256 columns past 600
+        sparse_input_matvecs_into(acc, 600, [(x, w), (x, w)], impl="gpu_interpret", block_n=128)
 
 
 def test_into_refuses_a_target_it_cannot_add_into():
