@@ -92,22 +92,9 @@ def sparse_input_matvec_reference(
 # ------------------------------------------------------------------------ GPU (Triton)
 
 
-def _gpu_kernel(
-    *refs,
-    B,
-    K,
-    N,
-    block_k,
-    block_n,
-    blocks_per_split,
-    has_t,
-    atomic,
-    dot_dtype,
-    k_exact,
-    unroll,
-    col=0,
-):
-    """One program: the (block_k x block_n) tiles of its K split, for one column block.
+def _gpu_kernel(*refs, N, col=0, **tile):
+    """One program: the (block_k x block_n) tiles of its K split, for one column block
+    (`tile`: the keyword arguments of `_tile`).
 
     `dot_dtype` None: batch rows one by one (multiply + sum over the tile: B = 1); else
     the [B, block_k] x tile (B padded to 16+ rows) times the W tile on the tensor cores.
@@ -119,16 +106,13 @@ def _gpu_kernel(
     `col + n0 ...` of the float32 target: a shared accumulator holds several calls'
     outputs side by side (`sparse_input_matvec_into`).
     """
-    if has_t:
+    if tile["has_t"]:
         x_ref, t_ref, w_ref, *rest = refs
     else:
         x_ref, w_ref, *rest = refs
         t_ref = None
     y_ref = rest[-1]  # with atomics, rest = (zeros_in, y_out) aliased
-    tile = {"B": B, "K": K, "block_k": block_k, "block_n": block_n}
-    tile |= {"blocks_per_split": blocks_per_split, "has_t": has_t, "atomic": atomic}
-    tile |= {"dot_dtype": dot_dtype, "k_exact": k_exact, "unroll": unroll}
-    n, s, rows = pl.program_id(0), pl.program_id(1), dsp.static_indices(B)
+    n, s, rows = pl.program_id(0), pl.program_id(1), dsp.static_indices(tile["B"])
     _tile(x_ref, t_ref, w_ref, y_ref, n, s, rows, N=N, col=col, **tile)
 
 
@@ -251,11 +235,10 @@ def _loop(n: int, body, init, unroll: bool):
     return out
 
 
-def _auto_split(n_col_blocks: int, n_k_blocks: int) -> int:
+def _auto_split(n_k_blocks: int) -> int:
     """One tile per program: the programs' loads are all independent and in flight at
     once. A loop over K blocks inside a program was slower on the H100: each step's W
     load waits on its x load (the row mask), which serializes the latencies."""
-    del n_col_blocks
     return n_k_blocks
 
 
@@ -281,12 +264,28 @@ def accumulator_shape(
     return _target_rows(B, _uses_dot(B, dot)), dsp.cdiv(N, block_n) * block_n
 
 
+def _gpu_plan(B, K, block_k, block_n, split_k, dot) -> tuple[bool, int, int, int]:
+    """(tensor-core path?, rows of the float32 target, K splits, K blocks per split) of a
+    GPU launch, after checking the block sizes."""
+    dsp.check_block(_NAME, "block_k", block_k, power_of_2=True)
+    dsp.check_block(_NAME, "block_n", block_n, power_of_2=True)
+    use_dot = _uses_dot(B, dot)
+    if use_dot and min(block_k, block_n) < DOT_MIN_ROWS:
+        raise ValueError(
+            f"{_NAME}: the tensor-core path (dot=True, the default for batch >= 2) needs "
+            f"block_k and block_n >= {DOT_MIN_ROWS}, got {block_k} x {block_n}."
+        )
+    n_kb = dsp.cdiv(K, block_k)
+    split = _auto_split(n_kb) if split_k is None else max(1, min(split_k, n_kb))
+    blocks_per_split = dsp.cdiv(n_kb, split)
+    split = dsp.cdiv(n_kb, blocks_per_split)  # drop splits that would have no rows
+    return use_dot, _target_rows(B, use_dot), split, blocks_per_split
+
+
 def adds_into_zeros(K: int, *, block_k: int = DEFAULT_BLOCK_K, split_k: int | None = None) -> bool:
     """Whether the GPU kernel splits K over several programs, which then add into a
     zeroed float32 target (a zero-fill before the kernel); with one split it stores y."""
-    n_kb = dsp.cdiv(K, block_k)
-    split = n_kb if split_k is None else max(1, min(split_k, n_kb))
-    return dsp.cdiv(n_kb, dsp.cdiv(n_kb, split)) > 1
+    return _gpu_plan(1, K, block_k, DEFAULT_BLOCK_N, split_k, False)[2] > 1
 
 
 def _check_acc(acc: Any, rows: int, col: int, span: int, N: int, block_n: int) -> None:
@@ -349,22 +348,11 @@ def _sparse_input_matvec_gpu(
     B, K = x_BxK.shape
     N = w_KxN.shape[1]
     out_dtype = jnp.dtype(x_BxK.dtype if out_dtype is None else out_dtype)
-    dsp.check_block(_NAME, "block_k", block_k, power_of_2=True)
-    dsp.check_block(_NAME, "block_n", block_n, power_of_2=True)
-    use_dot = _uses_dot(B, dot)
-    if use_dot and min(block_k, block_n) < DOT_MIN_ROWS:
-        raise ValueError(
-            f"{_NAME}: the tensor-core path (dot=True, the default for batch >= 2) needs "
-            f"block_k and block_n >= {DOT_MIN_ROWS}, got {block_k} x {block_n}."
-        )
+    use_dot, rows, split, blocks_per_split = _gpu_plan(B, K, block_k, block_n, split_k, dot)
     n_col = dsp.cdiv(N, block_n)
     n_kb = dsp.cdiv(K, block_k)
-    split = _auto_split(n_col, n_kb) if split_k is None else max(1, min(split_k, n_kb))
-    blocks_per_split = dsp.cdiv(n_kb, split)
-    split = dsp.cdiv(n_kb, blocks_per_split)  # drop splits that would have no rows
     atomic = split > 1 or acc is not None
     has_t = threshold is not None
-    rows = _target_rows(B, use_dot)
     x_in = x_BxK
     if rows != B:  # pad the batch to a tensor-core tile (a power of 2, at least 16 rows)
         x_in = jnp.pad(x_BxK, ((0, rows - B), (0, 0)))
@@ -638,7 +626,7 @@ def sparse_input_matvec_into(
     On GPU the split-K kernel adds into `acc` in place (the call's output aliases it), so
     several matvecs that share one zeroed accumulator, each in its own columns, need one
     zero-fill between them instead of one each (a decode block's projections:
-    `jaxsparse.models.layers.SplitKAccumulator`). Elsewhere the product is computed as by
+    `jaxsparse.models.layers.SharedAccumulator`). Elsewhere the product is computed as by
     `sparse_input_matvec` and added.
 
     Args:
@@ -716,19 +704,8 @@ def _sparse_input_matvecs_gpu(
 ) -> tuple[list[jax.Array], jax.Array]:
     """Several split-K products in one launch (`sparse_input_matvecs_into` on GPU)."""
     B, K = xs[0].shape
-    dsp.check_block(_NAME, "block_k", block_k, power_of_2=True)
-    dsp.check_block(_NAME, "block_n", block_n, power_of_2=True)
-    use_dot = _uses_dot(B, dot)
-    if use_dot and min(block_k, block_n) < DOT_MIN_ROWS:
-        raise ValueError(
-            f"{_NAME}s_into: the tensor-core path (batch >= 2) needs block_k and block_n >= "
-            f"{DOT_MIN_ROWS}, got {block_k} x {block_n}."
-        )
-    rows = _target_rows(B, use_dot)
+    use_dot, rows, split, blocks_per_split = _gpu_plan(B, K, block_k, block_n, split_k, dot)
     n_kb = dsp.cdiv(K, block_k)
-    split = n_kb if split_k is None else max(1, min(split_k, n_kb))
-    blocks_per_split = dsp.cdiv(n_kb, split)
-    split = dsp.cdiv(n_kb, blocks_per_split)
     parts, first, c = [], 0, col
     for w in ws:
         count = dsp.cdiv(w.shape[1], block_n)

@@ -5,7 +5,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny import block_jaxprs, pallas_calls, pallas_calls_of
+from tiny import block_jaxprs, pallas_calls, pallas_calls_of, sub_jaxprs
 
 from jaxsparse.config import ModelConfig
 from jaxsparse.generate import Generator, SamplingParams, bucket_length, sample_logits
@@ -410,11 +410,7 @@ def _zero_fills(jaxpr) -> int:
             )
         ):
             n += 1
-        for v in e.params.values():
-            for sub in v if isinstance(v, (list, tuple)) else [v]:
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    n += _zero_fills(inner)
+        n += sum(_zero_fills(inner) for inner in sub_jaxprs(e))
     return n
 
 

@@ -106,10 +106,15 @@ def pallas_calls_of(eqn) -> list:
     """The names of the pallas_calls one equation runs: itself, or inside its sub-jaxprs."""
     if eqn.primitive.name == "pallas_call":
         return [str(eqn.params.get("name"))]
+    return [name for inner in sub_jaxprs(eqn) for name in pallas_calls(inner)]
+
+
+def sub_jaxprs(eqn) -> list:
+    """The jaxprs nested in one equation's parameters (a jit's body, a cond's branches)."""
     out = []
     for v in eqn.params.values():
         for sub in v if isinstance(v, (list, tuple)) else [v]:
             inner = getattr(sub, "jaxpr", sub)
             if hasattr(inner, "eqns"):
-                out += pallas_calls(inner)
+                out.append(inner)
     return out
