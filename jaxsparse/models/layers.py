@@ -157,9 +157,11 @@ class SharedAccumulator:
     each call takes the next free columns and passes the updated buffer on, so the calls
     stay in data order. (XLA keeps o_proj's output in the buffer and fuses the residual
     add into later kernels, so on an H200 it copies the buffer before some of the FFN's
-    kernels: 46 copies per teal decode step, still a net gain.) `matvec` returns None (the caller runs the plain kernel) for a
-    call that needs no fill (K in one split: the kernel stores y) or does not fit (other
-    rows than the buffer has, or no columns left).
+    kernels: 46 copies per teal decode step, still a net gain.)
+
+    `matvec` and `matvecs` return None (the caller runs the plain kernel) for a call that
+    needs no fill (K in one split: the kernel stores y) or does not fit (other rows than
+    the buffer has, or no columns left).
     """
 
     def __init__(self, width: int):
@@ -185,47 +187,50 @@ class SharedAccumulator:
         ffn = span(2 * m) if kn.fuse_gate_up else 2 * span(m)
         return cls(attn + span(c.hidden_size) + ffn + span(c.hidden_size))
 
+    def matvec(self, x_BxK: jax.Array, kernel_KxN: jax.Array, impl: str) -> jax.Array | None:
+        """`x @ kernel` (float32 [B, N]) through the shared buffer, or None (see above)."""
+        from pallas_kernels import sparse_input_matvec_into
+
+        span = self._room([(x_BxK, kernel_KxN)])
+        if span is None:
+            return None
+        y, self.buf = sparse_input_matvec_into(self.buf, self.col, x_BxK, kernel_KxN, impl=impl)
+        self.col += span
+        return y
+
     def matvecs(self, pairs: list[tuple[jax.Array, jax.Array]], impl: str) -> list | None:
         """`[x_p @ kernel_p]` (float32 [B, N_p] each) in one kernel launch through the shared
-        buffer (`pallas_kernels.sparse_input_matvecs_into`), or None if they do not fit."""
-        from pallas_kernels import accumulator_shape, sparse_input_matvecs_into
-        from pallas_kernels.sparse_matvec import adds_into_zeros
+        buffer (`pallas_kernels.sparse_input_matvecs_into`), or None (see above)."""
+        from pallas_kernels import sparse_input_matvecs_into
 
-        if not adds_into_zeros(pairs[0][0].shape[1]):
-            return None
-        shapes = [accumulator_shape(x.shape[0], w.shape[1]) for x, w in pairs]
-        rows, span = shapes[0][0], sum(s for _, s in shapes)
-        self._allocate(pairs[0][0], rows)
-        if self.buf.shape[0] != rows or self.col + span > self.width:
+        span = self._room(pairs)
+        if span is None:
             return None
         ys, self.buf = sparse_input_matvecs_into(self.buf, self.col, pairs, impl=impl)
         self.col += span
         return ys
 
-    def _allocate(self, x_BxK: jax.Array, rows: int) -> None:
+    def _room(self, pairs: list[tuple[jax.Array, jax.Array]]) -> int | None:
+        """The columns the products of `pairs` take in the buffer (zeroing it on first
+        use), or None where they need no fill or do not fit."""
+        from pallas_kernels import accumulator_shape
+        from pallas_kernels.sparse_matvec import adds_into_zeros
+
+        x0 = pairs[0][0]
+        if not adds_into_zeros(x0.shape[1]):  # one K split: the kernel stores y, no fill
+            return None
+        shapes = [accumulator_shape(x.shape[0], w.shape[1]) for x, w in pairs]
+        rows, span = shapes[0][0], sum(s for _, s in shapes)
         if self.buf is None:
             # Zeros that depend on the input (+0.0 or -0.0, equal as addends): XLA turns a
             # constant fill into a memset, which ran at about 80 GB/s on an H200 (3.1 us
             # for a 237 KB buffer), and this into a loop fusion (benchmarks/NOTES_kernels.md,
             # "One zero-fill per block").
-            zero = jnp.where(x_BxK[0, 0] > 0, 0.0, -0.0).astype(jnp.float32)
+            zero = jnp.where(x0[0, 0] > 0, 0.0, -0.0).astype(jnp.float32)
             self.buf = jnp.broadcast_to(zero, (rows, self.width))
-
-    def matvec(self, x_BxK: jax.Array, kernel_KxN: jax.Array, impl: str) -> jax.Array | None:
-        """`x @ kernel` (float32 [B, N]) through the shared buffer, or None if it does not fit."""
-        from pallas_kernels import accumulator_shape, sparse_input_matvec_into
-        from pallas_kernels.sparse_matvec import adds_into_zeros
-
-        if not adds_into_zeros(x_BxK.shape[1]):  # one K split: the kernel stores y, no fill
-            return None
-        rows, span = accumulator_shape(x_BxK.shape[0], kernel_KxN.shape[1])
-        self._allocate(x_BxK, rows)
-
         if self.buf.shape[0] != rows or self.col + span > self.width:
             return None
-        y, self.buf = sparse_input_matvec_into(self.buf, self.col, x_BxK, kernel_KxN, impl=impl)
-        self.col += span
-        return y
+        return span
 
 
 class Linear(nn.Module):
