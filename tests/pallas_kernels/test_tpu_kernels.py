@@ -146,6 +146,33 @@ def test_gated_matvec_gate_rule_lowers_to_triton(activation):
         assert "__gpu$xla.gpu.triton" in exp.mlir_module()
 
 
+@pytest.mark.parametrize("B", [1, 4])
+def test_accumulator_kernels_lower_to_triton_in_place(B):
+    """`sparse_input_matvec_into` and `sparse_input_matvecs_into` (chess+'s q and k|v in
+    one launch) at Llama-3-8B's shapes go through the Triton lowering as one custom call
+    each, whose output aliases the accumulator operand (the in-place add that lets a
+    decode block's calls share one zero-fill)."""
+    from pallas_kernels import accumulator_shape, sparse_input_matvec_into
+    from pallas_kernels import sparse_input_matvecs_into as matvecs_into
+
+    rows, span = accumulator_shape(B, 6144)
+    acc, x = _sds((rows, 1024 + span), jnp.float32), _sds((B, 4096), jnp.bfloat16)
+    wq, wkv = _sds((4096, 4096), jnp.bfloat16), _sds((4096, 2048), jnp.bfloat16)
+    cases = [
+        lambda a, x1, x2, w1, w2: sparse_input_matvec_into(a, 1024, x1, w1, impl="gpu"),
+        lambda a, x1, x2, w1, w2: matvecs_into(a, 1024, [(x1, w1), (x2, w2)], impl="gpu"),
+    ]
+    for fn in cases:
+        exp = export.export(
+            jax.jit(fn),
+            platforms=["cuda"],
+            disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+        )(acc, x, x, wq, wkv)
+        text = exp.mlir_module()
+        assert text.count("@__gpu$xla.gpu.triton(") == 1
+        assert "output_operand_alias" in text
+
+
 # ------------------------------------------------------------- rows copied, interpreted
 
 SPARSITIES = (0.25, 0.5, 0.9, 1.0)
