@@ -22,6 +22,10 @@ Holds:
   into VMEM with its own DMA, double-buffered in chunks of `block_k` rows
   (pallas_kernels/_row_dma.py), and accumulates `x_chunk @ W_rows` in float32.
 - `sparse_input_matvec`: the dispatcher (by `jax.default_backend()`, or `impl=`).
+- `sparse_input_matvec_into` / `sparse_input_matvecs_into`: the same product(s) added into
+  given columns of a float32 accumulator (on GPU in place: the split-K target is the
+  caller's buffer, so a decode block's calls share one zero-fill; the second runs several
+  products, each with its own input, in one launch). `accumulator_shape` sizes the buffer.
 
 Leaves out: on GPU, compacting active rows before the kernel (one extra pass and launch;
 the masked load already skips the bytes); quantized weights; and batch sizes where a dense
