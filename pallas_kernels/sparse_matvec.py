@@ -268,9 +268,12 @@ def accumulator_shape(
     return _target_rows(B, _uses_dot(B, dot)), dsp.cdiv(N, block_n) * block_n
 
 
-def _gpu_plan(B, K, block_k, block_n, split_k, dot) -> tuple[bool, int, int, int]:
-    """(tensor-core path?, rows of the float32 target, K splits, K blocks per split) of a
-    GPU launch, after checking the block sizes."""
+def _gpu_plan(
+    B, K, block_k, block_n, split_k, dot, unroll=None, dtypes=(jnp.float32, jnp.float32)
+) -> tuple[int, int, dict]:
+    """(rows of the float32 target, K splits, the `_tile` arguments that follow from
+    them) of a GPU launch for a [B, K] input, after checking the block sizes. `dtypes`:
+    x's and W's, for the tensor-core input dtype."""
     dsp.check_block(_NAME, "block_k", block_k, power_of_2=True)
     dsp.check_block(_NAME, "block_n", block_n, power_of_2=True)
     use_dot = _uses_dot(B, dot)
@@ -283,13 +286,25 @@ def _gpu_plan(B, K, block_k, block_n, split_k, dot) -> tuple[bool, int, int, int
     split = _auto_split(n_kb) if split_k is None else max(1, min(split_k, n_kb))
     blocks_per_split = dsp.cdiv(n_kb, split)
     split = dsp.cdiv(n_kb, blocks_per_split)  # drop splits that would have no rows
-    return use_dot, _target_rows(B, use_dot), split, blocks_per_split
+    rows = _target_rows(B, use_dot)
+    tile = {
+        "B": rows,
+        "K": K,
+        "block_k": block_k,
+        "block_n": block_n,
+        "blocks_per_split": blocks_per_split,
+        "dot_dtype": _dot_dtype(*dtypes) if use_dot else None,
+        "k_exact": K % block_k == 0 and n_kb == split * blocks_per_split,
+        # unrolled up to 8 tiles per program (None); a longer loop stays a loop
+        "unroll": blocks_per_split <= 8 if unroll is None else bool(unroll),
+    }
+    return rows, split, tile
 
 
 def adds_into_zeros(K: int, *, block_k: int = DEFAULT_BLOCK_K, split_k: int | None = None) -> bool:
     """Whether the GPU kernel splits K over several programs, which then add into a
     zeroed float32 target (a zero-fill before the kernel); with one split it stores y."""
-    return _gpu_plan(1, K, block_k, DEFAULT_BLOCK_N, split_k, False)[2] > 1
+    return _gpu_plan(1, K, block_k, DEFAULT_BLOCK_N, split_k, False)[1] > 1
 
 
 def _check_acc(acc: Any, rows: int, col: int, span: int, N: int, block_n: int) -> None:
@@ -352,9 +367,9 @@ def _sparse_input_matvec_gpu(
     B, K = x_BxK.shape
     N = w_KxN.shape[1]
     out_dtype = jnp.dtype(x_BxK.dtype if out_dtype is None else out_dtype)
-    use_dot, rows, split, blocks_per_split = _gpu_plan(B, K, block_k, block_n, split_k, dot)
+    dtypes = (x_BxK.dtype, w_KxN.dtype)
+    rows, split, tile = _gpu_plan(B, K, block_k, block_n, split_k, dot, unroll, dtypes)
     n_col = dsp.cdiv(N, block_n)
-    n_kb = dsp.cdiv(K, block_k)
     atomic = split > 1 or acc is not None
     has_t = threshold is not None
     x_in = x_BxK
@@ -369,19 +384,11 @@ def _sparse_input_matvec_gpu(
     args.append(w_KxN)
     kernel = functools.partial(
         _gpu_kernel,
-        B=rows,
-        K=K,
         N=N,
-        block_k=block_k,
-        block_n=block_n,
-        blocks_per_split=blocks_per_split,
         has_t=has_t,
         atomic=atomic,
-        dot_dtype=_dot_dtype(x_BxK.dtype, w_KxN.dtype) if use_dot else None,
-        k_exact=K % block_k == 0 and n_kb == split * blocks_per_split,
-        # unrolled up to 8 tiles per program (None); a longer loop stays a loop
-        unroll=blocks_per_split <= 8 if unroll is None else bool(unroll),
         col=col if acc is not None else 0,
+        **tile,
     )
     params = dsp.triton_compiler_params(num_warps, num_stages)
     if atomic:
@@ -551,6 +558,11 @@ def _sparse_input_matvec_tpu(
 # ------------------------------------------------------------------------ dispatcher
 
 
+def _given_blocks(block_k: int | None, block_n: int | None) -> dict:
+    """The block sizes the caller gave (None: the kernel's default), as keyword arguments."""
+    return {k: v for k, v in (("block_k", block_k), ("block_n", block_n)) if v is not None}
+
+
 def sparse_input_matvec(
     x_BxK: jax.Array,
     w_KxN: jax.Array,
@@ -588,11 +600,7 @@ def sparse_input_matvec(
         )
     which = dsp.resolve_impl(impl, fn_name=_NAME)
     _check(x_BxK, w_KxN, threshold)
-    blocks = {}
-    if block_k is not None:
-        blocks["block_k"] = block_k
-    if block_n is not None:
-        blocks["block_n"] = block_n
+    blocks = _given_blocks(block_k, block_n)
     out = None if out_dtype is None else jnp.dtype(out_dtype)
     if which == "reference":
         return sparse_input_matvec_reference(x_BxK, w_KxN, threshold, out_dtype=out)
@@ -650,7 +658,7 @@ def sparse_input_matvec_into(
     _check(x_BxK, w_KxN, threshold)
     B, N = x_BxK.shape[0], w_KxN.shape[1]
     if which in ("gpu", "gpu_interpret"):
-        blocks = {k: v for k, v in (("block_k", block_k), ("block_n", block_n)) if v is not None}
+        blocks = _given_blocks(block_k, block_n)
         return _sparse_input_matvec_gpu(
             x_BxK,
             w_KxN,
@@ -708,8 +716,8 @@ def _sparse_input_matvecs_gpu(
 ) -> tuple[list[jax.Array], jax.Array]:
     """Several split-K products in one launch (`sparse_input_matvecs_into` on GPU)."""
     B, K = xs[0].shape
-    use_dot, rows, split, blocks_per_split = _gpu_plan(B, K, block_k, block_n, split_k, dot)
-    n_kb = dsp.cdiv(K, block_k)
+    dtypes = (xs[0].dtype, ws[0].dtype)
+    rows, split, tile = _gpu_plan(B, K, block_k, block_n, split_k, dot, unroll, dtypes)
     parts, first, c = [], 0, col
     for w in ws:
         count = dsp.cdiv(w.shape[1], block_n)
@@ -717,18 +725,7 @@ def _sparse_input_matvecs_gpu(
         first, c = first + count, c + count * block_n
     _check_acc(acc, rows, col, c - col, sum(w.shape[1] for w in ws), block_n)
     kernel = functools.partial(
-        _gpu_pair_kernel,
-        parts=tuple(parts),
-        B=rows,
-        K=K,
-        block_k=block_k,
-        block_n=block_n,
-        blocks_per_split=blocks_per_split,
-        has_t=False,
-        atomic=True,
-        dot_dtype=_dot_dtype(xs[0].dtype, ws[0].dtype) if use_dot else None,
-        k_exact=K % block_k == 0 and n_kb == split * blocks_per_split,
-        unroll=blocks_per_split <= 8 if unroll is None else bool(unroll),
+        _gpu_pair_kernel, parts=tuple(parts), has_t=False, atomic=True, **tile
     )
     args = []
     for x, w in zip(xs, ws):
@@ -790,7 +787,7 @@ def sparse_input_matvecs_into(
                 "the same x shape and dtypes."
             )
     if which in ("gpu", "gpu_interpret"):
-        blocks = {k: v for k, v in (("block_k", block_k), ("block_n", block_n)) if v is not None}
+        blocks = _given_blocks(block_k, block_n)
         return _sparse_input_matvecs_gpu(
             acc,
             tuple(x for x, _ in pairs),
