@@ -170,10 +170,15 @@ class SharedAccumulator:
         self.col = 0
 
     @classmethod
-    def for_block(cls, config, kernels: Kernels) -> SharedAccumulator:
-        """Room for every sparse projection a block of `config` runs with `kernels` (q, k/v,
-        o, gate, up, down, in its fused layouts), each rounded up to whole column blocks."""
+    def for_block(cls, config, kernels: Kernels, h_BxTxD: jax.Array) -> SharedAccumulator | None:
+        """The accumulator of a block of `config` with input `h` run with `kernels`, or None
+        where blocks do not share one (`Kernels.shares_accumulator`). Room for every sparse
+        projection the block runs (q, k/v, o, gate, up, down, in its fused layouts), each
+        rounded up to whole column blocks."""
         from pallas_kernels import accumulator_shape
+
+        if not kernels.shares_accumulator(h_BxTxD):
+            return None
 
         def span(n: int) -> int:
             return accumulator_shape(1, n)[1]

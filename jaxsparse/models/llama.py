@@ -126,12 +126,7 @@ class LlamaBlock(nn.Module):
         gemma = c.is_gemma3
         self.sow("taps", "block_in", x_BxTxD)
         h = RMSNorm(c.norm_eps, dt, gemma, name="input_layernorm")(x_BxTxD)
-        # one zero-fill for the block's split-K kernels (pallas decode on GPU)
-        acc = (
-            SharedAccumulator.for_block(c, self.kernels)
-            if self.kernels.shares_accumulator(h)
-            else None
-        )
+        acc = SharedAccumulator.for_block(c, self.kernels, h)  # None unless pallas on GPU
         a, new_cache = SelfAttention(c, self.kernels, self.layer_type, name="self_attn")(
             h, positions_BxT, kv_pos_BxS, rope, layer_cache, cache_index, thresholds, acc
         )

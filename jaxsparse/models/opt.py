@@ -68,12 +68,7 @@ class OPTBlock(nn.Module):
         ffn_norm = LayerNorm(1e-5, c.layer_norm_elementwise_affine, dt, name="final_layer_norm")
         self.sow("taps", "block_in", x_BxTxD)
         h = attn_norm(x_BxTxD) if pre else x_BxTxD
-        # one zero-fill for the block's split-K kernels (pallas decode on GPU)
-        acc = (
-            SharedAccumulator.for_block(c, self.kernels)
-            if self.kernels.shares_accumulator(h)
-            else None
-        )
+        acc = SharedAccumulator.for_block(c, self.kernels, h)  # None unless pallas on GPU
         a, new_cache = SelfAttention(c, self.kernels, name="self_attn")(
             h, positions_BxT, kv_pos_BxS, None, layer_cache, cache_index, thresholds, acc
         )
