@@ -17,8 +17,8 @@ def bench(K, N, rows, nbuf=16):
 
     def f(x, ws):
         acc = 0.0
+        xx = x if rows == 1 else jnp.concatenate([x, jnp.zeros((1, rows - 1, K), x.dtype)], 1)
         for w in ws:
-            xx = x if rows == 1 else jnp.concatenate([x, jnp.zeros((1, rows - 1, K), x.dtype)], 1)
             y = jnp.dot(xx, w, preferred_element_type=jnp.float32)[:, :1]
             acc = acc + y
         return acc
