@@ -390,10 +390,10 @@ def test_decode_step_kernels_per_layer(method, per_layer):
     assert names == per_layer * config.num_layers
 
 
-def _zero_fills(jaxpr) -> int:
+def _zero_fills(jaxpr, shapes: set | None = None) -> int:
     """Float32 [rows, columns] buffers broadcast from one scalar in `jaxpr` and its
     sub-jaxprs (not inside kernels): the split-K kernels' zeroed targets (a constant 0.0,
-    or `SharedAccumulator`'s +-0.0 picked at run time)."""
+    or `SharedAccumulator`'s +-0.0 picked at run time). Their shapes go into `shapes`."""
     n = 0
     for e in jaxpr.eqns:
         if e.primitive.name == "pallas_call":
@@ -410,25 +410,35 @@ def _zero_fills(jaxpr) -> int:
             )
         ):
             n += 1
-        n += sum(_zero_fills(inner) for inner in sub_jaxprs(e))
+            if shapes is not None:
+                shapes.add(out.shape)
+        n += sum(_zero_fills(inner, shapes) for inner in sub_jaxprs(e))
     return n
 
 
 @pytest.mark.parametrize(
-    "model_type,method,shared,unshared,launches",
+    "model_type,method,split,shared,unshared,launches",
     [
-        ("llama", "teal", 1, 4, (4, 4)),  # q|k|v, o, gate|up, down
+        ("llama", "teal", False, 1, 4, (4, 4)),  # q|k|v, o, gate|up, down
+        ("llama", "teal", True, 2, 4, (4, 4)),  # [q|k|v, o], [gate|up, down]
         # q and k|v (one launch), o, down share; the gate has its own
-        ("llama", "chess+", 2, 5, (5, 6)),
-        ("llama", "chess", 2, 2, (3, 3)),  # the gate's own, and down's
-        ("opt", "teal", 1, 4, (4, 4)),  # q|k|v, o, fc1, fc2
+        ("llama", "chess+", False, 2, 5, (5, 6)),
+        ("llama", "chess+", True, 3, 5, (5, 6)),  # [q, k|v, o], [gate], [down]
+        ("llama", "chess", False, 2, 2, (3, 3)),  # the gate's own, and down's
+        ("llama", "chess", True, 2, 2, (3, 3)),  # [gate], [down]
+        ("opt", "teal", False, 1, 4, (4, 4)),  # q|k|v, o, fc1, fc2
+        ("opt", "teal", True, 3, 4, (4, 4)),  # [q|k|v, o], [fc1], [fc2]
     ],
 )
-def test_decode_block_zeroes_one_shared_accumulator(model_type, method, shared, unshared, launches):
+def test_decode_block_zeroes_one_shared_accumulator(
+    model_type, method, split, shared, unshared, launches
+):
     """A pallas decode step on GPU zeroes one float32 buffer per block, which the block's
     split-K kernels add into side by side (`SharedAccumulator`), instead of one per call;
     CHESS's gate keeps its own (gated_matvec takes it whole), and chess+'s q and k|v run
-    in one launch. The logits stay those of `Kernels(shared_accumulator=False)`."""
+    in one launch. With `Kernels.split_accumulator`, one buffer per part of the block
+    (attention, the gate alone, the rest of the FFN), all of one shape. The logits stay
+    those of `Kernels(shared_accumulator=False)`."""
     import dataclasses
 
     from jaxsparse.models import init_cache, prepare_params
@@ -441,6 +451,7 @@ def test_decode_block_zeroes_one_shared_accumulator(model_type, method, shared, 
     if method != "chess+":  # one attention input, as calibration gives them: q|k|v fused
         thresholds = {k: {**v, "kv_in": v["q_in"]} for k, v in thresholds.items()}
     kernels = kernels_for_method(method, "pallas", "gpu_interpret", thresholds=thresholds)
+    kernels = dataclasses.replace(kernels, split_accumulator=split)
     assert kernels.shared_accumulator
     apart = dataclasses.replace(kernels, shared_accumulator=False)
     cache = init_cache(config, 1, 8)
@@ -452,7 +463,10 @@ def test_decode_block_zeroes_one_shared_accumulator(model_type, method, shared, 
         step = lambda p, t, model=model: model.apply({"params": p}, tok, pos, cache, 3, t)
         jaxpr = jax.make_jaxpr(step)(p, thresholds)
         blocks = block_jaxprs(jaxpr.jaxpr)
-        fills.append([_zero_fills(b) for b in blocks])
+        shapes = set()
+        fills.append([_zero_fills(b, shapes) for b in blocks])
+        if split and kn.shared_accumulator:  # one shape, for one multi-output fusion
+            assert len(shapes) == 1, shapes
         want = launches[0] if kn.shared_accumulator else launches[1]
         assert [len(pallas_calls(b)) for b in blocks] == [want] * config.num_layers
     assert fills == [[shared] * config.num_layers, [unshared] * config.num_layers]

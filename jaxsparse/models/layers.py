@@ -89,6 +89,11 @@ class Kernels:
     # per block instead of one per call (each fill was about 0.9 us of device time on an
     # H200: benchmarks/NOTES_kernels.md). False: every call zeroes its own target.
     shared_accumulator: bool = True
+    # With the shared accumulator: one buffer per part of the block (attention, the gate
+    # projection alone, the rest of the FFN; `BlockAccumulators`), zeroed together, so
+    # that no kernel adds into a buffer after an output that XLA reads late; False: one
+    # buffer per block, and CHESS's gate its own target.
+    split_accumulator: bool = False
     # With the shared accumulator: q_proj and kv_proj (chess+, each with its own input) in
     # one kernel launch (`pallas_kernels.sparse_input_matvecs_into`); False: two launches.
     q_kv_one_launch: bool = True
@@ -155,26 +160,32 @@ class SharedAccumulator:
     Every split-K call otherwise zeroes its own target first: a separate fill kernel per
     call, 4-5 per block. Here the buffer is zeroed once, when the first call asks for it;
     each call takes the next free columns and passes the updated buffer on, so the calls
-    stay in data order. (XLA keeps o_proj's output in the buffer and fuses the residual
-    add into later kernels, so on an H200 it copies the buffer before some of the FFN's
-    kernels: 46 copies per teal decode step, still a net gain.)
+    stay in data order.
+
+    With `Kernels.split_accumulator` a block has one such buffer per part (`BlockAccumulators`:
+    the attention, CHESS's gate, the rest of the FFN), all zeroed together when the first
+    is needed. A buffer is then never written after a part's output that XLA reads late:
+    it fuses the residual add `x + o_proj(...)` into the FFN's kernels, and with one buffer
+    per block it copies the buffer before each in-place call after o_proj (46 copies per
+    teal decode step on an H200: benchmarks/NOTES_kernels.md, "One zero-fill per block").
 
     `matvec` and `matvecs` return None (the caller runs the plain kernel) for a call that
     needs no fill (K in one split: the kernel stores y) or does not fit (other rows than
     the buffer has, or no columns left).
     """
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, fill: _JointFill | None = None):
         self.width = width
         self.buf: jax.Array | None = None
         self.col = 0
+        self._fill = fill
 
     @classmethod
-    def for_block(cls, config, kernels: Kernels, h_BxTxD: jax.Array) -> SharedAccumulator | None:
-        """The accumulator of a block of `config` with input `h` run with `kernels`, or None
-        where blocks do not share one (`Kernels.shares_accumulator`). Room for every sparse
-        projection the block runs (q, k/v, o, gate, up, down, in its fused layouts), each
-        rounded up to whole column blocks."""
+    def for_block(cls, config, kernels: Kernels, h_BxTxD: jax.Array) -> BlockAccumulators | None:
+        """The accumulators of a block of `config` with input `h` run with `kernels`, or
+        None where blocks do not share one (`Kernels.shares_accumulator`). Room for every
+        sparse projection the block runs (q, k/v, o, gate, up, down, in its fused layouts),
+        each rounded up to whole column blocks."""
         from pallas_kernels import accumulator_shape
 
         if not kernels.shares_accumulator(h_BxTxD):
@@ -188,9 +199,33 @@ class SharedAccumulator:
             attn = span(c.q_dim + 2 * c.kv_dim)
         else:
             attn = span(c.q_dim) + (span(2 * c.kv_dim) if kn.fuse_kv else 2 * span(c.kv_dim))
-        m = c.intermediate_size
-        ffn = span(2 * m) if kn.fuse_gate_up else 2 * span(m)
-        return cls(attn + span(c.hidden_size) + ffn + span(c.hidden_size))
+        attn += span(c.hidden_size)  # o_proj
+        m, d = c.intermediate_size, c.hidden_size
+        if not kn.split_accumulator:
+            # CHESS's gate keeps a target of its own: gated_matvec takes it whole, and a
+            # slice of this buffer would be one more copy (a custom call's operand is a
+            # buffer of its own)
+            ffn = span(2 * m) if kn.fuse_gate_up and c.family == "llama" else 2 * span(m)
+            one = cls(attn + ffn + span(d))
+            return BlockAccumulators(attn=one, ffn=one, gate=None)
+        used = lambda *points: any(kn.use(p, h_BxTxD) for p in points)
+        widths = {}
+        if used("q_in", "kv_in", "o_in"):
+            widths["attn"] = attn
+        if kn.fuse_gate_up and c.family == "llama":
+            widths["ffn"] = span(2 * m) + span(d)
+        else:  # gate_proj alone (OPT's fc1 goes there too), then up and down
+            if used("ffn_in"):
+                widths["gate"] = span(m)
+            widths["ffn"] = span(m) + span(d)
+        if not used("ffn_in", "gate", "down_in"):
+            widths.pop("ffn")
+        if not widths:
+            return None
+        fill = _JointFill(max(widths.values()))
+        parts = {name: cls(fill.width, fill) for name in widths}
+        fill.parts = list(parts.values())
+        return BlockAccumulators(**{n: parts.get(n) for n in ("attn", "ffn", "gate")})
 
     def matvec(self, x_BxK: jax.Array, kernel_KxN: jax.Array, impl: str) -> jax.Array | None:
         """`x @ kernel` (float32 [B, N]) through the shared buffer, or None (see above)."""
@@ -227,15 +262,50 @@ class SharedAccumulator:
         shapes = [accumulator_shape(x.shape[0], w.shape[1]) for x, w in pairs]
         rows, span = shapes[0][0], sum(s for _, s in shapes)
         if self.buf is None:
-            # Zeros that depend on the input (+0.0 or -0.0, equal as addends): XLA turns a
-            # constant fill into a memset, which ran at about 80 GB/s on an H200 (3.1 us
-            # for a 237 KB buffer), and this into a loop fusion (benchmarks/NOTES_kernels.md,
-            # "One zero-fill per block").
-            zero = jnp.where(x0[0, 0] > 0, 0.0, -0.0).astype(jnp.float32)
-            self.buf = jnp.broadcast_to(zero, (rows, self.width))
+            if self._fill is None:
+                self.buf = _zeros(x0, 0, (rows, self.width))
+            else:
+                self._fill.make(x0, rows)
         if self.buf.shape[0] != rows or self.col + span > self.width:
             return None
         return span
+
+
+def _zeros(x0: jax.Array, i: int, shape: tuple[int, int]) -> jax.Array:
+    """float32 zeros of `shape` (each +0.0 or -0.0, equal as addends) picked at run time
+    from `x0`. XLA turns a constant fill into a memset, which ran at about 80 GB/s on an
+    H200 (3.1 us for a 237 KB buffer), and this into a loop fusion
+    (benchmarks/NOTES_kernels.md, "One zero-fill per block"). `i` (0-3) picks one of four
+    distinct predicates, so that the buffers of one block are not merged into one by
+    XLA's common-subexpression elimination."""
+    v = x0[0, 0]
+    pred = (v > 0, v < 0, v >= 0, v <= 0)[i]
+    return jnp.broadcast_to(jnp.where(pred, 0.0, -0.0).astype(jnp.float32), shape)
+
+
+class _JointFill:
+    """Zeroes every part of a block's `BlockAccumulators` at once, all of one shape and
+    from one input, so that XLA can make them one multi-output fusion."""
+
+    def __init__(self, width: int):
+        self.width = width
+        self.parts: list[SharedAccumulator] = []
+
+    def make(self, x0: jax.Array, rows: int) -> None:
+        for i, part in enumerate(self.parts):
+            part.buf = _zeros(x0, i, (rows, self.width))
+
+
+@dataclasses.dataclass
+class BlockAccumulators:
+    """A decode block's `SharedAccumulator`s: `attn` for q, k/v and o; `gate` for the gate
+    projection alone (None: it shares `ffn`, or with CHESS's gate rule in the kernel has a
+    target of its own); `ffn` for the rest of the FFN. Without `Kernels.split_accumulator`
+    `attn` and `ffn` are one buffer; with it, a part no kernel of the block uses is None."""
+
+    attn: SharedAccumulator | None
+    ffn: SharedAccumulator | None
+    gate: SharedAccumulator | None
 
 
 class Linear(nn.Module):

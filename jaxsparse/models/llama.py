@@ -23,6 +23,7 @@ from jaxsparse.config import FULL, ModelConfig
 from jaxsparse.models.attention import SelfAttention, _sparse
 from jaxsparse.models.layers import (
     XLA,
+    BlockAccumulators,
     Embed,
     Kernels,
     Linear,
@@ -41,9 +42,10 @@ class SwiGLU(nn.Module):
     kernels: Kernels = XLA
 
     @nn.compact
-    def __call__(self, h_BxTxD, thresholds, shared: SharedAccumulator | None = None):
-        """`shared`: the block's `SharedAccumulator` (pallas decode on GPU), else None."""
+    def __call__(self, h_BxTxD, thresholds, acc: BlockAccumulators | None = None):
+        """`acc`: the block's accumulators (pallas decode on GPU), else None."""
         c = self.config
+        shared = None if acc is None else acc.ffn
         dt = param_dtype(c)
         kn = self.kernels
         x = _sparse(self, "ffn_in", h_BxTxD, thresholds)
@@ -68,10 +70,15 @@ class SwiGLU(nn.Module):
                 pre = gate_proj(x, gate=mask)  # mask * (x Wg); the kernel reads active rows only
             else:
                 rule = _kernel_gate_rule(c, kn, x, thresholds)
-                # gated_matvec takes pre whole: a slice of the shared buffer would be
-                # one more copy on GPU (XLA gives a custom call's operand its own buffer)
+                # gated_matvec takes pre whole: without a part of its own (acc.gate), a
+                # slice of the shared buffer would be one more copy on GPU (XLA gives a
+                # custom call's operand its own buffer)
+                own = None if acc is None else acc.gate
                 pre = gate_proj(
-                    x, "ffn_in", accumulator=rule is not None, shared=None if rule else shared
+                    x,
+                    "ffn_in",
+                    accumulator=rule is not None,
+                    shared=own if own is not None or rule else shared,
                 )
         # act(0) = 0: the mask survives it. pre is rounded to dt first (a no-op unless it
         # is the float32 accumulator, which the kernel path below takes as it is).
@@ -128,7 +135,14 @@ class LlamaBlock(nn.Module):
         h = RMSNorm(c.norm_eps, dt, gemma, name="input_layernorm")(x_BxTxD)
         acc = SharedAccumulator.for_block(c, self.kernels, h)  # None unless pallas on GPU
         a, new_cache = SelfAttention(c, self.kernels, self.layer_type, name="self_attn")(
-            h, positions_BxT, kv_pos_BxS, rope, layer_cache, cache_index, thresholds, acc
+            h,
+            positions_BxT,
+            kv_pos_BxS,
+            rope,
+            layer_cache,
+            cache_index,
+            thresholds,
+            acc and acc.attn,
         )
         if gemma:  # Gemma 3 norms the attention output, and the FFN's input and output
             a = RMSNorm(c.norm_eps, dt, True, name="post_attention_layernorm")(a)

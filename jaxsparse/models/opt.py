@@ -16,6 +16,7 @@ from jaxsparse.config import ModelConfig
 from jaxsparse.models.attention import SelfAttention, _sparse
 from jaxsparse.models.layers import (
     XLA,
+    BlockAccumulators,
     Embed,
     Kernels,
     LayerNorm,
@@ -31,15 +32,17 @@ class ReluFFN(nn.Module):
     kernels: Kernels = XLA
 
     @nn.compact
-    def __call__(self, h_BxTxD, thresholds, shared: SharedAccumulator | None = None):
-        """`shared`: the block's `SharedAccumulator` (pallas decode on GPU), else None."""
+    def __call__(self, h_BxTxD, thresholds, acc: BlockAccumulators | None = None):
+        """`acc`: the block's accumulators (pallas decode on GPU), else None."""
         c = self.config
+        shared = None if acc is None else acc.ffn
+        first = shared if acc is None or acc.gate is None else acc.gate
         dt = param_dtype(c)
         kn = self.kernels
         x = _sparse(self, "ffn_in", h_BxTxD, thresholds)
         g = nn.relu(
             Linear(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, dt, kn, name="fc1")(
-                x, "ffn_in", shared=shared
+                x, "ffn_in", shared=first
             )
         )
         g = _sparse(self, "gate", g, thresholds)
@@ -70,7 +73,14 @@ class OPTBlock(nn.Module):
         h = attn_norm(x_BxTxD) if pre else x_BxTxD
         acc = SharedAccumulator.for_block(c, self.kernels, h)  # None unless pallas on GPU
         a, new_cache = SelfAttention(c, self.kernels, name="self_attn")(
-            h, positions_BxT, kv_pos_BxS, None, layer_cache, cache_index, thresholds, acc
+            h,
+            positions_BxT,
+            kv_pos_BxS,
+            None,
+            layer_cache,
+            cache_index,
+            thresholds,
+            acc and acc.attn,
         )
         x_BxTxD = x_BxTxD + a
         if not pre:
