@@ -420,7 +420,7 @@ def _zero_fills(jaxpr, shapes: set | None = None) -> int:
     "model_type,method,split,shared,unshared,launches",
     [
         ("llama", "teal", False, 1, 4, (4, 4)),  # q|k|v, o, gate|up, down
-        ("llama", "teal", True, 2, 4, (4, 4)),  # [q|k|v, o], [gate|up, down]
+        ("llama", "teal", True, 3, 4, (4, 4)),  # [q|k|v, o], [gate|up], [down]
         # q and k|v (one launch), o, down share; the gate has its own
         ("llama", "chess+", False, 2, 5, (5, 6)),
         ("llama", "chess+", True, 3, 5, (5, 6)),  # [q, k|v, o], [gate], [down]
@@ -437,7 +437,7 @@ def test_decode_block_zeroes_one_shared_accumulator(
     split-K kernels add into side by side (`SharedAccumulator`), instead of one per call;
     CHESS's gate keeps its own (gated_matvec takes it whole), and chess+'s q and k|v run
     in one launch. With `Kernels.split_accumulator`, one buffer per part of the block
-    (attention, the gate alone, the rest of the FFN), all of one shape. The logits stay
+    (attention, the gate alone, up or gate|up, down), all of one shape. The logits stay
     those of `Kernels(shared_accumulator=False)`."""
     import dataclasses
 

@@ -90,10 +90,10 @@ class Kernels:
     # H200: benchmarks/NOTES_kernels.md). False: every call zeroes its own target.
     shared_accumulator: bool = True
     # With the shared accumulator: one buffer per part of the block (attention, the gate
-    # projection alone, the rest of the FFN; `BlockAccumulators`), zeroed together, so
-    # that no kernel adds into a buffer after an output that XLA reads late; False: one
-    # buffer per block, and CHESS's gate its own target.
-    split_accumulator: bool = False
+    # projection alone, up or gate|up, down; `BlockAccumulators`), zeroed by one fusion,
+    # so that no kernel adds into a buffer after an output that XLA reads late; False:
+    # one buffer per block, and CHESS's gate its own target.
+    split_accumulator: bool = True
     # With the shared accumulator: q_proj and kv_proj (chess+, each with its own input) in
     # one kernel launch (`pallas_kernels.sparse_input_matvecs_into`); False: two launches.
     q_kv_one_launch: bool = True
@@ -163,11 +163,12 @@ class SharedAccumulator:
     stay in data order.
 
     With `Kernels.split_accumulator` a block has one such buffer per part (`BlockAccumulators`:
-    the attention, CHESS's gate, the rest of the FFN), all zeroed together when the first
-    is needed. A buffer is then never written after a part's output that XLA reads late:
-    it fuses the residual add `x + o_proj(...)` into the FFN's kernels, and with one buffer
-    per block it copies the buffer before each in-place call after o_proj (46 copies per
-    teal decode step on an H200: benchmarks/NOTES_kernels.md, "One zero-fill per block").
+    the attention, the gate alone, up or gate|up, down), all zeroed together when the
+    first is needed. No kernel then adds into a buffer after an output that XLA reads
+    late. With one buffer per block, XLA fuses the residual add `x + o_proj(...)` (and the
+    zero counts of `act(gate) * up`) into kernels that run after later calls have added
+    into the buffer in place, so it copies the buffer first: 46 copies per teal decode
+    step on an H200 (benchmarks/NOTES_kernels.md, "One zero-fill per block").
 
     `matvec` and `matvecs` return None (the caller runs the plain kernel) for a call that
     needs no fill (K in one split: the kernel stores y) or does not fit (other rows than
@@ -207,25 +208,27 @@ class SharedAccumulator:
             # buffer of its own)
             ffn = span(2 * m) if kn.fuse_gate_up and c.family == "llama" else 2 * span(m)
             one = cls(attn + ffn + span(d))
-            return BlockAccumulators(attn=one, ffn=one, gate=None)
+            return BlockAccumulators(attn=one, gate=None, ffn=one, down=one)
         used = lambda *points: any(kn.use(p, h_BxTxD) for p in points)
+        llama = c.family == "llama"
         widths = {}
         if used("q_in", "kv_in", "o_in"):
             widths["attn"] = attn
-        if kn.fuse_gate_up and c.family == "llama":
-            widths["ffn"] = span(2 * m) + span(d)
-        else:  # gate_proj alone (OPT's fc1 goes there too), then up and down
-            if used("ffn_in"):
+        if used("ffn_in"):
+            if kn.fuse_gate_up and llama:
+                widths["ffn"] = span(2 * m)
+            else:  # gate_proj alone (OPT's fc1), then up_proj unless gated_matvec runs it
                 widths["gate"] = span(m)
-            widths["ffn"] = span(m) + span(d)
-        if not used("ffn_in", "gate", "down_in"):
-            widths.pop("ffn")
+                if llama and not kn.up_rows:
+                    widths["ffn"] = span(m)
+        if used("down_in", "gate"):  # down_proj (OPT's fc2 reads the "gate" point too)
+            widths["down"] = span(d)
         if not widths:
             return None
         fill = _JointFill(max(widths.values()))
         parts = {name: cls(fill.width, fill) for name in widths}
         fill.parts = list(parts.values())
-        return BlockAccumulators(**{n: parts.get(n) for n in ("attn", "ffn", "gate")})
+        return BlockAccumulators(**{n: parts.get(n) for n in ("attn", "gate", "ffn", "down")})
 
     def matvec(self, x_BxK: jax.Array, kernel_KxN: jax.Array, impl: str) -> jax.Array | None:
         """`x @ kernel` (float32 [B, N]) through the shared buffer, or None (see above)."""
@@ -299,13 +302,16 @@ class _JointFill:
 @dataclasses.dataclass
 class BlockAccumulators:
     """A decode block's `SharedAccumulator`s: `attn` for q, k/v and o; `gate` for the gate
-    projection alone (None: it shares `ffn`, or with CHESS's gate rule in the kernel has a
-    target of its own); `ffn` for the rest of the FFN. Without `Kernels.split_accumulator`
-    `attn` and `ffn` are one buffer; with it, a part no kernel of the block uses is None."""
+    projection alone (OPT: fc1); `ffn` for up (or gate|up); `down` for down_proj (OPT:
+    fc2). Without `Kernels.split_accumulator`, `attn`, `ffn` and `down` are one buffer and
+    `gate` is None (the gate shares it, or with CHESS's gate rule in the kernel has a
+    target of its own); with it, each is its own buffer, and one no kernel of the block
+    uses is None."""
 
     attn: SharedAccumulator | None
-    ffn: SharedAccumulator | None
     gate: SharedAccumulator | None
+    ffn: SharedAccumulator | None
+    down: SharedAccumulator | None
 
 
 class Linear(nn.Module):

@@ -46,6 +46,7 @@ class SwiGLU(nn.Module):
         """`acc`: the block's accumulators (pallas decode on GPU), else None."""
         c = self.config
         shared = None if acc is None else acc.ffn
+        down = None if acc is None else acc.down
         dt = param_dtype(c)
         kn = self.kernels
         x = _sparse(self, "ffn_in", h_BxTxD, thresholds)
@@ -97,7 +98,7 @@ class SwiGLU(nn.Module):
             a = g * u
         a = _sparse(self, "down_in", a, thresholds)
         return Linear(c.hidden_size, ("mlp", "embed"), c.mlp_bias, dt, kn, name="down_proj")(
-            a, "down_in", shared=shared
+            a, "down_in", shared=down
         )
 
 

@@ -35,8 +35,8 @@ class ReluFFN(nn.Module):
     def __call__(self, h_BxTxD, thresholds, acc: BlockAccumulators | None = None):
         """`acc`: the block's accumulators (pallas decode on GPU), else None."""
         c = self.config
-        shared = None if acc is None else acc.ffn
-        first = shared if acc is None or acc.gate is None else acc.gate
+        first = None if acc is None else acc.gate or acc.ffn
+        down = None if acc is None else acc.down
         dt = param_dtype(c)
         kn = self.kernels
         x = _sparse(self, "ffn_in", h_BxTxD, thresholds)
@@ -50,7 +50,7 @@ class ReluFFN(nn.Module):
         # ReLU's zeros (and a gate threshold's) skip rows of fc2, as down_in does.
         point = "gate" if "gate" in kn.points else "down_in"
         return Linear(c.hidden_size, ("mlp", "embed"), c.mlp_bias, dt, kn, name="fc2")(
-            a, point, shared=shared
+            a, point, shared=down
         )
 
 
