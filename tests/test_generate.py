@@ -476,6 +476,38 @@ def test_decode_block_zeroes_one_shared_accumulator(
     np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+def test_block_accumulator_parts_are_distinct_buffers_of_one_shape():
+    """The parts of a block's split accumulator (`BlockAccumulators`) are zeroed together,
+    all of one shape (so XLA can make them one multi-output fusion), by different
+    expressions: identical ones would be merged into one buffer by XLA's
+    common-subexpression elimination, and each in-place kernel call would then make XLA
+    copy it. Checked on the optimized CPU HLO: each part stays a buffer of its own."""
+    import re
+
+    from jaxsparse.models.layers import SharedAccumulator
+    from jaxsparse.registry import kernels_for_method
+
+    config = tiny(hidden_size=128, head_dim=32, intermediate_size=192)
+    kernels = kernels_for_method("chess+", "pallas", "gpu_interpret")
+    assert kernels.split_accumulator
+    x = jnp.ones((1, 1, config.hidden_size), jnp.float32)
+
+    def parts(h):
+        acc = SharedAccumulator.for_block(config, kernels, h)
+        some = [p for p in (acc.attn, acc.gate, acc.ffn, acc.down) if p is not None]
+        w = jnp.zeros((config.hidden_size, 8))
+        some[0]._room([(h[:, 0], w)])  # the first call zeroes every part
+        return [p.buf for p in some]
+
+    bufs = parts(x)
+    assert len(bufs) == 3  # attention, gate, down (chess+'s up runs in gated_matvec)
+    assert len({b.shape for b in bufs}) == 1
+    assert all(bool(jnp.all(b == 0)) for b in bufs)
+    hlo = jax.jit(parts).lower(x).compile().as_text()
+    # the entry's result: a tuple of distinct values, none a copy of another
+    assert not re.search(r"= f32\[[0-9,]+\][^=]* copy\(", hlo), hlo
+
+
 @pytest.mark.parametrize(
     "model_type,extra", [("llama", {}), ("qwen2", {"qkv_bias": True}), ("opt", {})]
 )
