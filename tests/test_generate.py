@@ -416,29 +416,51 @@ def _zero_fills(jaxpr, shapes: set | None = None) -> int:
     return n
 
 
+def _chained_calls(jaxpr) -> int:
+    """The kernel calls in a block's `jaxpr` whose float32 accumulator (an operand passed
+    through to an output of the same shape: `sparse_input_matvec_into`'s) comes from an
+    earlier kernel call rather than from a fill."""
+    made_by = {v: e for e in jaxpr.eqns for v in e.outvars}
+    n = 0
+    for e in jaxpr.eqns:
+        if not pallas_calls_of(e):
+            continue
+        outs = {v.aval.shape for v in e.outvars if v.aval.dtype == jnp.float32}
+        for v in e.invars:
+            aval = getattr(v, "aval", None)
+            if aval is None or aval.dtype != jnp.float32 or aval.ndim != 2:
+                continue
+            if aval.shape not in outs or v not in made_by:
+                continue
+            n += bool(pallas_calls_of(made_by[v]))
+    return n
+
+
 @pytest.mark.parametrize(
-    "model_type,method,split,shared,unshared,launches",
+    "model_type,method,split,shared,unshared,launches,chained",
     [
-        ("llama", "teal", False, 1, 4, (4, 4)),  # q|k|v, o, gate|up, down
-        ("llama", "teal", True, 3, 4, (4, 4)),  # [q|k|v, o], [gate|up], [down]
+        ("llama", "teal", False, 1, 4, (4, 4), 3),  # q|k|v, o, gate|up, down
+        ("llama", "teal", True, 3, 4, (4, 4), 1),  # [q|k|v, o], [gate|up], [down]
         # q and k|v (one launch), o, down share; the gate has its own
-        ("llama", "chess+", False, 2, 5, (5, 6)),
-        ("llama", "chess+", True, 3, 5, (5, 6)),  # [q, k|v, o], [gate], [down]
-        ("llama", "chess", False, 2, 2, (3, 3)),  # the gate's own, and down's
-        ("llama", "chess", True, 2, 2, (3, 3)),  # [gate], [down]
-        ("opt", "teal", False, 1, 4, (4, 4)),  # q|k|v, o, fc1, fc2
-        ("opt", "teal", True, 3, 4, (4, 4)),  # [q|k|v, o], [fc1], [fc2]
+        ("llama", "chess+", False, 2, 5, (5, 6), 2),
+        ("llama", "chess+", True, 3, 5, (5, 6), 1),  # [q, k|v, o], [gate], [down]
+        ("llama", "chess", False, 2, 2, (3, 3), 0),  # the gate's own, and down's
+        ("llama", "chess", True, 2, 2, (3, 3), 0),  # [gate], [down]
+        ("opt", "teal", False, 1, 4, (4, 4), 3),  # q|k|v, o, fc1, fc2
+        ("opt", "teal", True, 3, 4, (4, 4), 1),  # [q|k|v, o], [fc1], [fc2]
     ],
 )
 def test_decode_block_zeroes_one_shared_accumulator(
-    model_type, method, split, shared, unshared, launches
+    model_type, method, split, shared, unshared, launches, chained
 ):
     """A pallas decode step on GPU zeroes one float32 buffer per block, which the block's
     split-K kernels add into side by side (`SharedAccumulator`), instead of one per call;
     CHESS's gate keeps its own (gated_matvec takes it whole), and chess+'s q and k|v run
     in one launch. With `Kernels.split_accumulator`, one buffer per part of the block
     (attention, the gate alone, up or gate|up, down), all of one shape. The logits stay
-    those of `Kernels(shared_accumulator=False)`."""
+    those of `Kernels(shared_accumulator=False)`. `chained`: the kernel calls per block
+    that add into a buffer an earlier call of the block has added into (split: only o
+    after q|k|v)."""
     import dataclasses
 
     from jaxsparse.models import init_cache, prepare_params
@@ -469,6 +491,8 @@ def test_decode_block_zeroes_one_shared_accumulator(
             assert len(shapes) == 1, shapes
         want = launches[0] if kn.shared_accumulator else launches[1]
         assert [len(pallas_calls(b)) for b in blocks] == [want] * config.num_layers
+        if kn.shared_accumulator:
+            assert [_chained_calls(b) for b in blocks] == [chained] * config.num_layers
     assert fills == [[shared] * config.num_layers, [unshared] * config.num_layers]
     prompt = jnp.asarray([[5, 6, 7, 8]])
     want = _decode_logits(config, params, apart, thresholds, prompt, 2)
