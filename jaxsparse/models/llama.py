@@ -135,15 +135,9 @@ class LlamaBlock(nn.Module):
         self.sow("taps", "block_in", x_BxTxD)
         h = RMSNorm(c.norm_eps, dt, gemma, name="input_layernorm")(x_BxTxD)
         acc = SharedAccumulator.for_block(c, self.kernels, h)  # None unless pallas on GPU
+        attn_acc = None if acc is None else acc.attn
         a, new_cache = SelfAttention(c, self.kernels, self.layer_type, name="self_attn")(
-            h,
-            positions_BxT,
-            kv_pos_BxS,
-            rope,
-            layer_cache,
-            cache_index,
-            thresholds,
-            acc and acc.attn,
+            h, positions_BxT, kv_pos_BxS, rope, layer_cache, cache_index, thresholds, attn_acc
         )
         if gemma:  # Gemma 3 norms the attention output, and the FFN's input and output
             a = RMSNorm(c.norm_eps, dt, True, name="post_attention_layernorm")(a)

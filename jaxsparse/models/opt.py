@@ -72,15 +72,9 @@ class OPTBlock(nn.Module):
         self.sow("taps", "block_in", x_BxTxD)
         h = attn_norm(x_BxTxD) if pre else x_BxTxD
         acc = SharedAccumulator.for_block(c, self.kernels, h)  # None unless pallas on GPU
+        attn_acc = None if acc is None else acc.attn
         a, new_cache = SelfAttention(c, self.kernels, name="self_attn")(
-            h,
-            positions_BxT,
-            kv_pos_BxS,
-            None,
-            layer_cache,
-            cache_index,
-            thresholds,
-            acc and acc.attn,
+            h, positions_BxT, kv_pos_BxS, None, layer_cache, cache_index, thresholds, attn_acc
         )
         x_BxTxD = x_BxTxD + a
         if not pre:
