@@ -201,13 +201,20 @@ def copy_bandwidth(nbytes: int = 4 << 30, repeats: int = 20) -> float:
 
 
 def cli_tokens_per_s(
-    lm, state_dir: str | None, prompt_text: str, new_tokens: int, repeats: int
+    lm,
+    state_dir: str | None,
+    prompt_text: str,
+    new_tokens: int,
+    repeats: int,
+    command_buffers: bool | None = None,
 ) -> float:
     """`jaxsparse generate --json`'s decode_tokens_per_s, in-process, model load replaced."""
     import jaxsparse.cli.generate as cli_generate
     from jaxsparse.cli import main
 
     argv = ["generate", "--prompt", prompt_text, "--max-new-tokens", str(new_tokens), "--json"]
+    if command_buffers is False:
+        argv.append("--no-command-buffers")
     if state_dir:
         argv += ["--sparsity-state", state_dir]
     saved = cli_generate.load_model_for
@@ -317,7 +324,9 @@ def run(args) -> dict:
                 kernels = dataclasses.replace(kernels, **overrides)
             if kernels not in gens:
                 gens.clear()  # one prepared layout on the device at a time
-                gens[kernels] = Generator(config, params, tok, kernels=kernels)
+                gens[kernels] = Generator(
+                    config, params, tok, kernels=kernels, command_buffers=args.command_buffers
+                )
             gen = gens[kernels]
             r, compile_s = median_result(
                 lambda g=gen, b=batch, t=th: g.generate_ids(
@@ -341,6 +350,8 @@ def run(args) -> dict:
                 "decode_steps": r.decode_steps,
                 "compile_s": compile_s,
                 "measured_sparsity": r.measured_sparsity,
+                "command_buffers": gen.command_buffers,
+                "first_ids": r.tokens[0][:16],  # to compare runs with and without them
             }
             if batch == 1:
                 # XLA's attention reads every slot of the cache buffer, filled or not.
@@ -358,7 +369,12 @@ def run(args) -> dict:
                     )
                 if args.cli_repeats and not overrides:  # the CLI runs the base method
                     row["cli_tokens_per_s"] = cli_tokens_per_s(
-                        lm, state_dir, prompt_text, args.new_tokens, args.cli_repeats
+                        lm,
+                        state_dir,
+                        prompt_text,
+                        args.new_tokens,
+                        args.cli_repeats,
+                        args.command_buffers,
                     )
                     if args.reference:
                         row["cli_vs_reference"] = (
@@ -508,6 +524,15 @@ def main(argv=None) -> int:
         default=None,
         help="generate without the zero counts (collect_stats=False; default: with them, "
         "as `jaxsparse generate` runs a state): what counting the zeros costs",
+    )
+    p.add_argument(
+        "--no-command-buffers",
+        dest="command_buffers",
+        action="store_const",
+        const=False,
+        default=None,
+        help="compile the decode loops without XLA's command buffers (default: as "
+        "`Generator` does, on for CUDA GPUs)",
     )
     p.add_argument("--calibration-tokens", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=5)

@@ -65,6 +65,34 @@ def test_batched_cached_greedy_matches_full_forward(model_type):
     assert result.prefill_tokens_per_s > 0 and result.decode_tokens_per_s > 0
 
 
+def test_decode_loop_compiled_with_command_buffers_on_cuda_only(monkeypatch):
+    """The decode loop (not the prefill) is compiled with `COMMAND_BUFFERS` where asked,
+    and by default only on CUDA GPUs; the tokens do not change."""
+    from jaxsparse import generate
+
+    seen = []
+    compile_ = jax.stages.Lowered.compile
+
+    def spy(self, compiler_options=None, **kw):
+        seen.append(compiler_options)
+        return compile_(self, compiler_options=compiler_options, **kw)
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", spy)
+    config = tiny()
+    params = init_params(config, seed=1)
+    ids = {}
+    for flag in (None, True, False):
+        seen.clear()
+        gen = Generator(config, params, command_buffers=flag)
+        ids[flag] = gen.generate_ids([[5, 6, 7]], max_new_tokens=6, stop_at_eos=False).tokens
+        want = generate.COMMAND_BUFFERS if flag else None  # None: off on this CPU
+        assert gen.command_buffers is bool(flag)
+        assert seen == [None, want]  # the prefill, then the loop
+    assert ids[None] == ids[True] == ids[False]
+    cpu = jax.devices("cpu")[0]
+    assert not generate._is_cuda(cpu)
+
+
 def test_compiled_once_per_shape_and_reused():
     config = tiny()
     gen = Generator(config, init_params(config))

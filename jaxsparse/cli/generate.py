@@ -88,6 +88,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="with --stream: tokens per printed chunk (the decode loop returns "
         "to the host once per chunk)",
     )
+    p.add_argument(
+        "--no-command-buffers",
+        dest="command_buffers",
+        action="store_const",
+        const=False,
+        default=None,
+        help="on a CUDA GPU, compile the decode loop without XLA's command buffers (CUDA "
+        "graphs; on by default there: `jaxsparse.generate.COMMAND_BUFFERS`)",
+    )
     add_mesh_argument(p, "generation")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -133,7 +142,14 @@ def run(args: argparse.Namespace) -> int:
         state = load_state(args.sparsity_state, config=lm.config)
         thresholds = state.thresholds_for_model()
         kernels = default_kernels(state.method, len(prompts), args.kernels, thresholds)
-    gen = Generator(lm.config, lm.params, lm.tokenizer, kernels=kernels, mesh=mesh)
+    gen = Generator(
+        lm.config,
+        lm.params,
+        lm.tokenizer,
+        kernels=kernels,
+        mesh=mesh,
+        command_buffers=args.command_buffers,
+    )
     kwargs = {"chat": args.chat, "thresholds": thresholds, "sparse_prefill": args.sparse_prefill}
     if args.stream:
         for chunk in gen.stream(
