@@ -206,15 +206,15 @@ def cli_tokens_per_s(
     prompt_text: str,
     new_tokens: int,
     repeats: int,
-    command_buffers: bool | None = None,
+    command_buffers: bool = False,
 ) -> float:
     """`jaxsparse generate --json`'s decode_tokens_per_s, in-process, model load replaced."""
     import jaxsparse.cli.generate as cli_generate
     from jaxsparse.cli import main
 
     argv = ["generate", "--prompt", prompt_text, "--max-new-tokens", str(new_tokens), "--json"]
-    if command_buffers is False:
-        argv.append("--no-command-buffers")
+    if command_buffers:
+        argv.append("--command-buffers")
     if state_dir:
         argv += ["--sparsity-state", state_dir]
     saved = cli_generate.load_model_for
@@ -526,13 +526,9 @@ def main(argv=None) -> int:
         "as `jaxsparse generate` runs a state): what counting the zeros costs",
     )
     p.add_argument(
-        "--no-command-buffers",
-        dest="command_buffers",
-        action="store_const",
-        const=False,
-        default=None,
-        help="compile the decode loops without XLA's command buffers (default: as "
-        "`Generator` does, on for CUDA GPUs)",
+        "--command-buffers",
+        action="store_true",
+        help="compile the decode loops with XLA's command buffers (`Generator(command_buffers=True)`)",
     )
     p.add_argument("--calibration-tokens", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=5)

@@ -20,9 +20,10 @@ split over the mesh by the logical-axis table: `model` is tensor parallelism (ea
 reads its share of the weights per token; the sparse kernels run per device on their slice
 of rows), `data` splits the prompts of a batch.
 
-On a CUDA GPU the decode loop is compiled with XLA's command buffers (`COMMAND_BUFFERS`):
-the loop, its kernels and the Pallas kernels run as CUDA graphs, which saves the launch
-gaps between the small kernels of a decode step.
+`Generator(command_buffers=True)` compiles the decode loop with XLA's command buffers
+(`COMMAND_BUFFERS`: on a CUDA GPU the loop and its kernels, Pallas's included, run as CUDA
+graphs). Off by default: on an H200 it did not change the sparse methods' speedups over
+dense (benchmarks/results/xla_command_buffer_h200/README.md).
 
 It does not load models or parse arguments: see `jaxsparse.loading` and `jaxsparse.cli.generate`.
 """
@@ -44,10 +45,10 @@ from jaxsparse.models.layers import XLA
 from jaxsparse.models.predictor import decode_layout
 
 MIN_BUCKET = 16
-# XLA options for the decode loop on a CUDA GPU: every kind of command (fusions, library
-# GEMMs, custom calls such as the Pallas kernels, and the while loop and its condition)
-# recorded into CUDA graphs, of any size. On an H200, Llama-3-8B shapes, batch 1:
-# benchmarks/NOTES_kernels.md, "Command buffers".
+# XLA options for the decode loop with `Generator(command_buffers=True)`: on a CUDA GPU,
+# every kind of command (fusions, library GEMMs, custom calls such as the Pallas kernels,
+# and the while loop and its condition) recorded into CUDA graphs, of any size; other
+# backends ignore them.
 COMMAND_BUFFERS = {
     "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL",
     "xla_gpu_graph_min_graph_size": 1,
@@ -230,13 +231,6 @@ def _zero_counts(zeros: dict, active_B: jax.Array, num_layers: int) -> dict[str,
     return out
 
 
-def _is_cuda(device) -> bool:
-    """Whether `device` is an NVIDIA GPU (XLA's command buffers are CUDA graphs there)."""
-    if device.platform != "gpu":
-        return False
-    return "cuda" in str(getattr(device.client, "platform_version", "")).lower()
-
-
 class Generator:
     """Compiled prefill and decode loop for one model; reuse it across calls to reuse
     compilations."""
@@ -248,14 +242,13 @@ class Generator:
         tokenizer: Any = None,
         kernels: Kernels = XLA,
         mesh: Any = None,
-        command_buffers: bool | None = None,
+        command_buffers: bool = False,
     ):
         """`kernels` picks the decode matmuls (`jaxsparse.registry.kernels_for_method`); the
         params are laid out for it and placed on the device here, once. `mesh`: a
         `jax.sharding.Mesh` or a spec such as `"model=2"` (`jaxsparse.sharding.parse_mesh`)
         to spread them over; None: the default device. `command_buffers`: compile the
-        decode loop with `COMMAND_BUFFERS`; None (default): where the devices are CUDA
-        GPUs."""
+        decode loop with `COMMAND_BUFFERS` (CUDA graphs on a GPU)."""
         from jaxsparse import sharding
         from jaxsparse.models import logical_axes
 
@@ -271,9 +264,6 @@ class Generator:
             self.params = sharding.shard_params(prepared, logical_axes(config, kernels), self.mesh)
         self.tokenizer = tokenizer
         self.kernels = kernels
-        if command_buffers is None:
-            devices = jax.devices() if self.mesh is None else self.mesh.devices.flat
-            command_buffers = all(_is_cuda(d) for d in devices)
         self.command_buffers = bool(command_buffers)
         self.model = build_model(config, kernels)
         self._compiled: dict[tuple, Any] = {}

@@ -89,13 +89,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "to the host once per chunk)",
     )
     p.add_argument(
-        "--no-command-buffers",
-        dest="command_buffers",
-        action="store_const",
-        const=False,
-        default=None,
-        help="on a CUDA GPU, compile the decode loop without XLA's command buffers (CUDA "
-        "graphs; on by default there: `jaxsparse.generate.COMMAND_BUFFERS`)",
+        "--command-buffers",
+        action="store_true",
+        help="compile the decode loop with XLA's command buffers (CUDA graphs on a GPU: "
+        "`jaxsparse.generate.COMMAND_BUFFERS`; no speedup measured on an H200)",
     )
     add_mesh_argument(p, "generation")
     p.add_argument("--json", action="store_true", help="print one JSON object")
