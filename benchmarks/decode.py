@@ -351,7 +351,7 @@ def run(args) -> dict:
                 "compile_s": compile_s,
                 "measured_sparsity": r.measured_sparsity,
                 "command_buffers": gen.command_buffers,
-                "first_ids": r.tokens[0][:16],  # to compare runs with and without them
+                "first_ids": r.tokens[0][:16],  # the first prompt's, to compare runs
             }
             if batch == 1:
                 # XLA's attention reads every slot of the cache buffer, filled or not.

@@ -47,8 +47,8 @@ from jaxsparse.models.predictor import decode_layout
 MIN_BUCKET = 16
 # XLA options for the decode loop with `Generator(command_buffers=True)`: on a CUDA GPU,
 # every kind of command (fusions, library GEMMs, custom calls such as the Pallas kernels,
-# and the while loop and its condition) recorded into CUDA graphs, of any size; other
-# backends ignore them.
+# and the while loop and its condition) recorded into CUDA graphs, of any size. The CPU
+# compiler ignores them (not tried on a TPU).
 COMMAND_BUFFERS = {
     "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL",
     "xla_gpu_graph_min_graph_size": 1,

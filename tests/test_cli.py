@@ -91,6 +91,18 @@ def test_generate_stream_json_lines(smollm2, capsys):
     assert final["decode_steps"] == 11 and final["decode_s"] > 0
 
 
+def test_generate_command_buffers_flag(smollm2, capsys):
+    """`--command-buffers` reaches the Generator (the CPU compiler ignores the options)."""
+    argv = ["generate", "--prompt", PROMPT, "--max-new-tokens", "4", "--json"]
+    texts = []
+    for extra, want in (([], False), (["--command-buffers"], True)):
+        assert main(argv + extra) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["command_buffers"] is want
+        texts.append(out["text"])
+    assert texts[0] == texts[1]
+
+
 def test_generate_stream_takes_one_prompt(capsys):
     assert main(["generate", "--prompt", "a", "--prompt", "b", "--stream"]) == 2
     assert "--stream takes one prompt" in capsys.readouterr().err

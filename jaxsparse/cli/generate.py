@@ -184,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
         "dtype": lm.config.dtype,
         "kernels": kernels.mode,
         "mesh": None if mesh is None else dict(mesh.shape),
+        "command_buffers": gen.command_buffers,
     }
     if r.measured_sparsity is not None:
         out["measured_sparsity"] = r.measured_sparsity
