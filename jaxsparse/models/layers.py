@@ -202,15 +202,15 @@ class SharedAccumulator:
             attn = span(c.q_dim) + (span(2 * c.kv_dim) if kn.fuse_kv else 2 * span(c.kv_dim))
         attn += span(c.hidden_size)  # o_proj
         m, d = c.intermediate_size, c.hidden_size
+        llama = c.family == "llama"
         if not kn.split_accumulator:
             # CHESS's gate keeps a target of its own: gated_matvec takes it whole, and a
             # slice of this buffer would be one more copy (a custom call's operand is a
             # buffer of its own)
-            ffn = span(2 * m) if kn.fuse_gate_up and c.family == "llama" else 2 * span(m)
+            ffn = span(2 * m) if kn.fuse_gate_up and llama else 2 * span(m)
             one = cls(attn + ffn + span(d))
             return BlockAccumulators(attn=one, gate=None, ffn=one, down=one)
         used = lambda *points: any(kn.use(p, h_BxTxD) for p in points)
-        llama = c.family == "llama"
         widths = {}
         if used("q_in", "kv_in", "o_in"):
             widths["attn"] = attn

@@ -74,13 +74,10 @@ class SwiGLU(nn.Module):
                 # gated_matvec takes pre whole: without a part of its own (acc.gate), a
                 # slice of the shared buffer would be one more copy on GPU (XLA gives a
                 # custom call's operand its own buffer)
-                own = None if acc is None else acc.gate
-                pre = gate_proj(
-                    x,
-                    "ffn_in",
-                    accumulator=rule is not None,
-                    shared=own if own is not None or rule else shared,
-                )
+                target = None if acc is None else acc.gate
+                if target is None and rule is None:
+                    target = shared
+                pre = gate_proj(x, "ffn_in", accumulator=rule is not None, shared=target)
         # act(0) = 0: the mask survives it. pre is rounded to dt first (a no-op unless it
         # is the float32 accumulator, which the kernel path below takes as it is).
         g = act(pre.astype(dt).astype(jnp.float32)).astype(dt)
