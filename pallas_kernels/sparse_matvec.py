@@ -1,8 +1,9 @@
 """Sparse-input matvec: `y[B, N] = x[B, K] @ W[K, N]` reading only the rows of W in use.
 
 Row `k` of `W` is read only when some `x[b, k]` survives: `x[b, k] != 0`, or, with a
-fused `threshold` t (a scalar, or one per input channel `[K]`), `abs(x[b, k]) >= t`;
-entries with `abs(x) < t` are zeroed, as everywhere in jaxsparse. W is stored `[K, N]`
+fused `threshold` t (a scalar, or one per input channel `[K]`), `abs(x[b, k]) >= t`
+with t rounded to x's dtype first; entries with `abs(x) < t` are zeroed, as everywhere in
+jaxsparse (`jaxsparse.rules.sparsify` compares in x's dtype: the same entries are kept). W is stored `[K, N]`
 so that each input channel's row is contiguous. Used for down_proj, o_proj, q_proj and
 every TEAL projection.
 
@@ -64,11 +65,13 @@ def _check(x_BxK: jax.Array, w_KxN: jax.Array, threshold: Any) -> None:
         dsp.threshold_row(_NAME, threshold, x_BxK.shape[1])
 
 
-def _kept(x_f32: jax.Array, t_f32: jax.Array | None) -> jax.Array:
-    """x with the entries below the threshold zeroed (abs(x) < t -> 0)."""
+def _kept(x_f32: jax.Array, t_f32: jax.Array | None, dtype: Any) -> jax.Array:
+    """x (float32, from `dtype`) with the entries below the threshold zeroed (abs(x) < t
+    -> 0), t rounded to `dtype` first: the entries `abs(x) >= t` keeps in `dtype`."""
     if t_f32 is None:
         return x_f32
-    return jnp.where(jnp.abs(x_f32) >= t_f32, x_f32, 0.0)
+    t = t_f32.astype(dtype).astype(jnp.float32)
+    return jnp.where(jnp.abs(x_f32) >= t, x_f32, 0.0)
 
 
 # ----------------------------------------------------------------------- reference
@@ -88,7 +91,7 @@ def sparse_input_matvec_reference(
     del block_k, block_n
     _check(x_BxK, w_KxN, threshold)
     t = None if threshold is None else dsp.threshold_row(_NAME, threshold, x_BxK.shape[1])
-    xk = _kept(x_BxK.astype(jnp.float32), t)
+    xk = _kept(x_BxK.astype(jnp.float32), t, x_BxK.dtype)
     y = jnp.dot(xk, w_KxN.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     return y.astype(x_BxK.dtype if out_dtype is None else out_dtype)
 
@@ -177,7 +180,7 @@ def _tile(
         x = dsp.masked_load(x_view, ok, 0.0, eviction="evict_last").astype(jnp.float32)
         if has_t:
             t = dsp.masked_load(t_ref.at[rows[0], pl.ds(k0, block_k)], k_ok, 0.0)
-            x = _kept(x, t.astype(jnp.float32))
+            x = _kept(x, t.astype(jnp.float32), x_view.dtype)
         return x
 
     def k_start(j):
@@ -510,7 +513,7 @@ def _sparse_input_matvec_tpu(
             "divides N for the TPU kernel (its row copies may not run past the end)."
         )
     t_1xK = dsp.threshold_row(_NAME, threshold, K) if threshold is not None else None
-    xk = _kept(x_BxK.astype(jnp.float32), t_1xK)
+    xk = _kept(x_BxK.astype(jnp.float32), t_1xK, x_BxK.dtype)
     ids, cnt = rdma.compact_rows(jnp.any(xk != 0.0, axis=0), block_k)
     xc = rdma.compact_columns(xk, ids, cnt, block_k)  # [n_chunks, B, block_k] float32
     n_col = N // block_n
@@ -580,7 +583,8 @@ def sparse_input_matvec(
       x_BxK: activations [B, K] (float32/bfloat16).
       w_KxN: weight [K, N], input channels as rows (the transpose of torch's Linear).
       threshold: None (skip exact zeros), a scalar, or [K] per-channel thresholds;
-        entries with abs(x) < t are zeroed.
+        entries with abs(x) < t are zeroed, t rounded to x's dtype (as
+        `jaxsparse.rules.sparsify` compares).
       impl: "auto" (by backend: gpu, tpu, else reference), "reference", "gpu", "tpu",
         "gpu_interpret", "tpu_interpret".
       block_k, block_n: tile sizes (powers of 2 on GPU); None picks the kernel default.

@@ -525,6 +525,87 @@ def test_decode_block_zeroes_one_shared_accumulator(
     np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+def _thresholds_applied(jaxpr) -> int:
+    """The thresholds a block's `jaxpr` applies in XLA: `abs(x) >= t` compares (those
+    inside a pallas_call's kernel body are not in the block's own equations)."""
+    made_by = {v: e for e in jaxpr.eqns for v in e.outvars}
+    return sum(
+        1
+        for e in jaxpr.eqns
+        if e.primitive.name == "ge"
+        and e.invars[0] in made_by
+        and made_by[e.invars[0]].primitive.name == "abs"
+    )
+
+
+@pytest.mark.parametrize(
+    "method,mode,applied,kernel_thresholds",
+    [
+        ("teal", "xla", 4, 0),  # q|k|v (once for both), o, gate|up, down
+        ("teal", "pallas", 3, 1),  # o's threshold in its kernel
+        # q; o in its kernel; the gate's rule in gated_matvec, and once more in XLA for
+        # the gate's statistics (unused here: XLA drops it)
+        ("chess+", "pallas", 2, 1),
+        ("chess+", "xla", 3, 0),  # q, o, the gate
+    ],
+)
+def test_decode_block_applies_each_threshold_once(method, mode, applied, kernel_thresholds):
+    """A decode step thresholds each input once. With q/k/v fused (TEAL) k/v read q's
+    thresholded input, and `kv_in` is recorded from it, not thresholded a second time
+    (a second consumer of the RMSNorm output, which kept XLA from fusing q's threshold
+    into it: one more kernel per layer on an H200, benchmarks/NOTES_kernels.md). In a
+    pallas step o_proj's kernel applies the `o_in` threshold itself. Logits, tokens and
+    measured sparsity stay those of the masked dense path."""
+    from jaxsparse.models import init_cache, prepare_params
+    from jaxsparse.registry import kernels_for_method
+
+    # o_proj's K (96) above the kernel's K block (64): it adds into the shared accumulator
+    config = tiny(hidden_size=128, num_heads=6, head_dim=16, intermediate_size=192)
+    params = init_params(config, seed=2)
+    thresholds = _random_thresholds(config, jax.random.key(4), scale=0.03)
+    points = {"teal": ("q_in", "o_in", "ffn_in", "down_in"), "chess+": ("q_in", "o_in", "gate")}
+    thresholds = {
+        layer: {p: t[p] for p in points[method]}
+        | ({"kv_in": t["q_in"]} if method == "teal" else {})
+        for layer, t in thresholds.items()
+    }
+    kernels = kernels_for_method(method, mode, "gpu_interpret", thresholds=thresholds)
+    assert kernels.fuse_qkv == (method == "teal")
+    model = build_model(config, kernels)
+    p = prepare_params(params, config, kernels)
+    cache = init_cache(config, 1, 8)
+    tok, pos = jnp.ones((1, 1), jnp.int32), jnp.full((1, 1), 3)
+    step = lambda p, t: model.apply({"params": p}, tok, pos, cache, 3, t)
+    blocks = block_jaxprs(jax.make_jaxpr(step)(p, thresholds).jaxpr)
+    assert [_thresholds_applied(b) for b in blocks] == [applied] * config.num_layers
+    with_t = [  # kernel calls given a threshold row: float32 [1, K] operands
+        sum(
+            1
+            for e in b.eqns
+            if pallas_calls_of(e)
+            for v in e.invars
+            if getattr(v, "aval", None) is not None
+            and v.aval.dtype == jnp.float32
+            and v.aval.shape == (1, config.q_dim)
+        )
+        for b in blocks
+    ]
+    assert with_t == [kernel_thresholds] * config.num_layers
+    prompt = jnp.asarray([[5, 6, 7, 8]])
+    want = _decode_logits(config, params, Kernels(), thresholds, prompt, 2)
+    have = _decode_logits(config, params, kernels, thresholds, prompt, 2)
+    np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    gen = Generator(config, params, kernels=kernels)
+    got = gen.generate_ids([[5, 6, 7, 8]], max_new_tokens=5, thresholds=thresholds)
+    ref = Generator(config, params).generate_ids(
+        [[5, 6, 7, 8]], max_new_tokens=5, thresholds=thresholds
+    )
+    assert got.tokens == ref.tokens
+    for point in ("q_in", "kv_in", "o_in"):
+        assert got.measured_sparsity[point] == pytest.approx(ref.measured_sparsity[point])
+    assert 0.05 < got.measured_sparsity["o_in"] < 0.95
+
+
 def test_block_accumulator_parts_are_distinct_buffers_of_one_shape():
     """The parts of a block's split accumulator (`BlockAccumulators`) are zeroed together,
     all of one shape (so XLA can make them one multi-output fusion), by different

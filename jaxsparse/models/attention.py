@@ -44,6 +44,35 @@ def _sparse(module: nn.Module, name: str, x: jax.Array, thresholds: dict | None)
     return x
 
 
+def _read_as(module: nn.Module, name: str, x: jax.Array, x_read) -> None:
+    """Records point `name` (input `x`) as `_sparse` does, where its projection reads
+    `x_read` (an array, or a function giving it, called only if its statistics are
+    recorded): another point's thresholded input (k/v reading q's in a fused q/k/v
+    matmul), or `x` thresholded inside the projection's kernel (o_proj). Its statistics
+    are those of what is read. Thresholding `x` in XLA instead would give the same values,
+    but costs a kernel per layer: as a second consumer of `x` it keeps XLA from fusing
+    q's threshold into the RMSNorm that makes `x`, and before o_proj it is a kernel of
+    its own (benchmarks/NOTES_kernels.md)."""
+    module.sow("taps", name, x)
+    if module.is_mutable_collection("stats") or module.is_mutable_collection("zeros"):
+        kept = x_read() if callable(x_read) else x_read
+        module.sow("stats", name, rules.zero_fraction(kept))
+        module.sow("zeros", name, kept == 0)
+
+
+def _kernel_threshold(kn: Kernels, name: str, x: jax.Array, thresholds: dict | None):
+    """The plain threshold of point `name` where its projection runs through the
+    sparse-input kernel (a pallas decode step), which then applies it: no XLA kernel of
+    its own between the attention's PV product and o_proj. None where `_sparse` applies
+    it (no kernel, a relaxed threshold while learning, or a Deja Vu mask on top)."""
+    if thresholds is None or name not in thresholds or not kn.use(name, x):
+        return None
+    if "relax_tau" in thresholds or name in thresholds.get("masks", {}):
+        return None
+    t = thresholds[name]
+    return t if jnp.shape(t) in ((), (x.shape[-1],)) else None  # what the kernel takes
+
+
 def _decode_heads(kn: Kernels, thresholds: dict | None, c: ModelConfig, t: int):
     """The Deja Vu head keep-mask [B, H] of a pallas decode step with `Kernels.q_rows`, read
     off the head-expanded `o_in` mask (`llama.with_predicted_masks`); else None."""
@@ -143,9 +172,13 @@ class SelfAttention(nn.Module):
         c = self.config
         dt = param_dtype(c)
         b, t, _ = h_BxTxD.shape
-        xq = _sparse(self, "q_in", h_BxTxD, thresholds)
-        xkv = _sparse(self, "kv_in", h_BxTxD, thresholds)
         kn = self.kernels
+        xq = _sparse(self, "q_in", h_BxTxD, thresholds)
+        if kn.fuse_qkv:  # k/v read xq (equal q_in and kv_in thresholds: Kernels.fuse_qkv)
+            _read_as(self, "kv_in", h_BxTxD, xq)
+            xkv = xq
+        else:
+            xkv = _sparse(self, "kv_in", h_BxTxD, thresholds)
         heads_BxH = _decode_heads(kn, thresholds, c, t)
         if kn.fuse_qkv:  # q and k/v read the same input here (see Kernels.fuse_qkv)
             qkv = Linear(
@@ -236,8 +269,12 @@ class SelfAttention(nn.Module):
         else:
             out_BxTxHD = attend(q_BxTxHxD, k_BxKxSxD, v_BxKxSxD, mask, c.attention_scale)
         self.sow("taps", "head_out", out_BxTxHD.reshape(b, t, c.num_heads, c.head_dim))
-        out_BxTxHD = _sparse(self, "o_in", out_BxTxHD, thresholds)
+        o_t = _kernel_threshold(kn, "o_in", out_BxTxHD, thresholds)
+        if o_t is None:
+            out_BxTxHD = _sparse(self, "o_in", out_BxTxHD, thresholds)
+        else:  # o_proj's kernel applies it; recorded as the input it keeps
+            _read_as(self, "o_in", out_BxTxHD, lambda: rules.sparsify(out_BxTxHD, o_t))
         y = Linear(c.hidden_size, ("q_heads", "embed"), c.o_bias, dt, kn, name="o_proj")(
-            out_BxTxHD, "o_in", shared=shared
+            out_BxTxHD, "o_in", shared=shared, threshold=o_t
         )
         return y, new_cache

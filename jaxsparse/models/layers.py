@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsparse import rules
 from jaxsparse.config import FULL, ModelConfig, rope_inv_freq
 
 MASK_VALUE = -1e30  # finite, so a row with nothing to attend (padding) gives no NaN
@@ -230,14 +231,19 @@ class SharedAccumulator:
         fill.parts = list(parts.values())
         return BlockAccumulators(**{n: parts.get(n) for n in ("attn", "gate", "ffn", "down")})
 
-    def matvec(self, x_BxK: jax.Array, kernel_KxN: jax.Array, impl: str) -> jax.Array | None:
-        """`x @ kernel` (float32 [B, N]) through the shared buffer, or None (see above)."""
+    def matvec(
+        self, x_BxK: jax.Array, kernel_KxN: jax.Array, impl: str, threshold=None
+    ) -> jax.Array | None:
+        """`x @ kernel` (float32 [B, N]; `threshold` applied to x in the kernel) through the
+        shared buffer, or None (see above)."""
         from pallas_kernels import sparse_input_matvec_into
 
         span = self._room([(x_BxK, kernel_KxN)])
         if span is None:
             return None
-        y, self.buf = sparse_input_matvec_into(self.buf, self.col, x_BxK, kernel_KxN, impl=impl)
+        y, self.buf = sparse_input_matvec_into(
+            self.buf, self.col, x_BxK, kernel_KxN, threshold, impl=impl
+        )
         self.col += span
         return y
 
@@ -323,7 +329,9 @@ class Linear(nn.Module):
     `gate_rule=(activation, threshold)` the gate comes in before its activation and the
     kernel makes g (`pallas_kernels.gated_matvec.gate_values`); `accumulator=True` returns
     the float32 accumulator as it is (no cast to `dtype`). `shared`: the block's
-    `SharedAccumulator`, which the sparse-input kernel then adds into.
+    `SharedAccumulator`, which the sparse-input kernel then adds into. `threshold`:
+    `rules.sparsify` applied to x first, inside the sparse-input kernel where one runs on
+    whole arrays (no XLA kernel between the input's producer and this one).
     """
 
     features: int
@@ -342,6 +350,7 @@ class Linear(nn.Module):
         gate_rule: tuple[str, jax.Array] | None = None,
         accumulator: bool = False,
         shared: SharedAccumulator | None = None,
+        threshold: jax.Array | None = None,
     ):
         shape = (self.features, x.shape[-1]) if self.rows else (x.shape[-1], self.features)
         axes = self.axes[::-1] if self.rows else self.axes
@@ -373,14 +382,19 @@ class Linear(nn.Module):
                 f"{self.name}: gate_rule= needs the gated_matvec kernel path (rows=True, "
                 "a pallas decode step, no bias)."
             )
+        if threshold is not None and not (
+            point is not None and not self.rows and k.use(point, x) and _whole(k.mesh)
+        ):
+            x, threshold = rules.sparsify(x, threshold), None  # no kernel to fuse it into
         if point is not None and not self.rows and k.use(point, x):
             from pallas_kernels import sparse_input_matvec
 
             b = x.shape[0]
-            y = None if shared is None else shared.matvec(x.reshape(b, -1), kernel, k.impl)
+            t = threshold  # the kernel rounds it to x's dtype, as `rules.sparsify` does
+            y = None if shared is None else shared.matvec(x.reshape(b, -1), kernel, k.impl, t)
             if y is None:
                 y = per_shard(  # float32 out: the accumulator as it is, no cast pass
-                    lambda x2, w: sparse_input_matvec(x2, w, impl=k.impl, out_dtype=jnp.float32),
+                    lambda x2, w: sparse_input_matvec(x2, w, t, impl=k.impl, out_dtype=jnp.float32),
                     k.mesh,
                     x.reshape(b, -1),
                     None,
@@ -404,6 +418,13 @@ class Linear(nn.Module):
             return y
         y = y.astype(self.dtype)
         return y if gate is None else gate.astype(self.dtype) * y
+
+
+def _whole(mesh) -> bool:
+    """Whether kernels see whole arrays under `mesh` (none, or a `model` axis of 1)."""
+    from jaxsparse.sharding import MODEL
+
+    return mesh is None or mesh.shape[MODEL] == 1
 
 
 def per_shard(

@@ -75,6 +75,29 @@ def test_threshold_fused_equals_premasked(kt, impl, per_channel):
     kt.assert_close(sparse_input_matvec_reference(x, w, t), want, jnp.float32, "reference")
 
 
+def test_threshold_compared_in_x_dtype(kt, impl):
+    """A float32 threshold is rounded to x's dtype before the compare, as
+    `jaxsparse.rules.sparsify` compares (the masked dense path): with bf16 x, an entry
+    equal to bf16(t) is kept even where t itself is a little larger. A decode step
+    passes o_proj's float32 thresholds to the kernel as they are."""
+    from jaxsparse.rules import sparsify
+
+    B = 2
+    x = kt.normal(jax.random.key(11), (B, K), jnp.bfloat16)
+    w = kt.normal(jax.random.key(12), (K, N), jnp.bfloat16)
+    t = jnp.full((K,), 1.0 + 2.0**-10, jnp.float32)  # bf16(t) == 1.0 < t
+    x = x.at[0, 5:45].set(1.0).at[1, 100:140].set(-1.0)
+    pre = sparsify(x, t)
+    assert int(jnp.sum(pre[0, 5:45] != 0)) == 40  # kept: |x| >= bf16(t)
+    f32_pre = jnp.where(jnp.abs(x.astype(jnp.float32)) >= t, x, 0)
+    assert int(jnp.sum(f32_pre[0, 5:45] != 0)) == 0  # a float32 compare would drop them
+    want = sparse_input_matvec_reference(pre, w)
+    y = sparse_input_matvec(x, w, t, impl=impl, **blocks(impl))
+    kt.assert_close(y, want, jnp.bfloat16, f"{impl} threshold in bf16")
+    assert kt.rel_err(sparse_input_matvec_reference(f32_pre, w), want) > 0.05  # the test bites
+    kt.assert_close(sparse_input_matvec_reference(x, w, t), want, jnp.bfloat16, "reference")
+
+
 def test_inactive_rows_are_not_read(kt, impl):
     """Rows of W that no batch row uses (a random, not block-aligned pattern) are poisoned
     with NaN: the GPU kernel must never load them (masked rows), the TPU kernel never
