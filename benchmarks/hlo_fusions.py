@@ -85,8 +85,15 @@ def describe(comps: dict[str, list[str]], kernel: str, max_lines: int) -> list[s
 
 
 NOT_LAUNCHED = {
-    "parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all",
-    "partition-id", "replica-id", "opt-barrier",
+    "parameter",
+    "get-tuple-element",
+    "tuple",
+    "bitcast",
+    "constant",
+    "after-all",
+    "partition-id",
+    "replica-id",
+    "opt-barrier",
 }
 
 

@@ -32,6 +32,8 @@ from convert.readers import GGUFSource, TensorSource, open_hf_dir
 from jaxsparse.config import ModelConfig
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+# A GGUF tensor that is part of the config, not a parameter (Llama 3.1/3.2's RoPE scaling).
+ROPE_FREQS = "rope_freqs.weight"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -72,9 +74,13 @@ def read_model(src: str | Path, dtype: str = "float32", progress: bool = False) 
         source = GGUFSource(src)
         meta = source.metadata()
         shapes = {n: i.shape for n, i in source.tensors.items()}
-        config = ModelConfig.from_gguf_metadata(meta, shapes, dtype=dtype, source=str(src))
+        # Llama 3.1/3.2: the RoPE scaling as one factor per frequency, part of the config
+        factors = source.read(ROPE_FREQS) if ROPE_FREQS in shapes else None
+        config = ModelConfig.from_gguf_metadata(
+            meta, shapes, dtype=dtype, source=str(src), rope_freq_factors=factors
+        )
         key_map = gguf_key_map(config, meta["general.architecture"])
-        plan = _plan(source, key_map, lambda n: n, set(), config, src)
+        plan = _plan(source, key_map, lambda n: n, {ROPE_FREQS}, config, src)
     else:
         config = ModelConfig.from_hf(src, dtype=dtype)
         source = open_hf_dir(src)

@@ -20,7 +20,10 @@ import numpy as np
 GEMMA3 = "gemma3_text"
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "smollm2", GEMMA3)
 SUPPORTED_MODEL_TYPES = (*LLAMA_LIKE, "opt")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# "frequency_factors": each inverse frequency divided by its own factor (`factors`, one per
+# frequency: llama.cpp's `rope_freqs.weight` in a GGUF file, which holds Llama 3.1/3.2's
+# "llama3" scaling as numbers).
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "frequency_factors")
 # Gemma 3's per-layer attention kinds (HF `layer_types`).
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -90,6 +93,14 @@ class ModelConfig:
                 f"rope_scaling type {rope_type!r} is not supported; supported: "
                 f"{', '.join(SUPPORTED_ROPE_TYPES)}"
             )
+        if rope_type == "frequency_factors":
+            factors = self.rope_scaling_dict.get("factors") or ()
+            if len(factors) != self.head_dim // 2 or not all(f > 0 for f in factors):
+                raise ConfigError(
+                    f"rope_scaling 'frequency_factors' needs {self.head_dim // 2} positive "
+                    f"factors (head_dim // 2), got {len(factors)}"
+                    + ("" if all(f > 0 for f in factors) else ", some not positive")
+                )
 
     # ---------------------------------------------------------------- derived
 
@@ -271,8 +282,13 @@ class ModelConfig:
         tensor_shapes: dict[str, tuple[int, ...]],
         dtype: str = "float32",
         source: str = "GGUF file",
+        rope_freq_factors: Any = None,
     ) -> ModelConfig:
-        """Builds the config from GGUF key/values (decoded to Python values) and tensor shapes."""
+        """Builds the config from GGUF key/values (decoded to Python values) and tensor shapes.
+
+        `rope_freq_factors`: the values of the file's `rope_freqs.weight` tensor where it
+        has one (Llama 3.1/3.2: their "llama3" RoPE scaling, which llama.cpp stores as one
+        divisor per frequency instead of in the metadata); None where it has none."""
         arch = meta.get("general.architecture")
         if arch not in ("llama", "qwen2", "gemma3"):
             raise ConfigError(
@@ -295,6 +311,19 @@ class ModelConfig:
         rope = {}
         if get("rope.scaling.type", "none", required=False) == "linear":
             rope = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+        if rope_freq_factors is not None:
+            factors = tuple(float(f) for f in np.asarray(rope_freq_factors).reshape(-1))
+            if rope:
+                raise ConfigError(
+                    f"{source}: has both rope.scaling.type 'linear' and a rope_freqs.weight "
+                    "tensor; one RoPE scaling is supported at a time"
+                )
+            if len(factors) != head_dim // 2:
+                raise ConfigError(
+                    f"{source}: rope_freqs.weight has {len(factors)} values; this model's "
+                    f"head_dim {head_dim} needs {head_dim // 2} (one per RoPE frequency)"
+                )
+            rope = {"rope_type": "frequency_factors", "factors": factors}
         eos = meta.get("tokenizer.ggml.eos_token_id")
         gemma: dict[str, Any] = {}
         if arch == "gemma3":
@@ -387,7 +416,8 @@ def _freeze(d: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
 
 
 def rope_inv_freq(config: ModelConfig, layer_type: str = FULL) -> np.ndarray:
-    """Inverse RoPE frequencies [head_dim // 2], as HF computes them (default, linear, llama3).
+    """Inverse RoPE frequencies [head_dim // 2], as HF computes them (default, linear, llama3;
+    "frequency_factors" as llama.cpp applies a GGUF's `rope_freqs.weight`).
 
     Gemma 3's SLIDING layers use their own base (`rope_local_theta`) and no scaling."""
     dim = config.head_dim
@@ -409,6 +439,8 @@ def rope_inv_freq(config: ModelConfig, layer_type: str = FULL) -> np.ndarray:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         inv_freq = np.where(is_medium, smoothed, scaled)
+    elif rope_type == "frequency_factors":  # as llama.cpp applies rope_freqs.weight
+        inv_freq = inv_freq / np.asarray(scaling["factors"], np.float64)
     return inv_freq.astype(np.float32)
 
 

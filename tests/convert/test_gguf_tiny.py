@@ -46,8 +46,11 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     )
 
 
-def write_gguf(path: Path, hf_model, arch: str, qtypes: dict[str, Q]) -> None:
-    """`qtypes` maps a GGUF name suffix (e.g. 'attn_q.weight') to its type; default F32."""
+def write_gguf(
+    path: Path, hf_model, arch: str, qtypes: dict[str, Q], rope_freqs: np.ndarray | None = None
+) -> None:
+    """`qtypes` maps a GGUF name suffix (e.g. 'attn_q.weight') to its type; default F32.
+    `rope_freqs`: written as the `rope_freqs.weight` tensor, as llama.cpp does for Llama 3.1."""
     c = hf_model.config
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(c.num_hidden_layers)
@@ -81,6 +84,8 @@ def write_gguf(path: Path, hf_model, arch: str, qtypes: dict[str, Q]) -> None:
             qtype = Q.F32
         data = gguf.quants.quantize(x, qtype)
         w.add_tensor(g, data, raw_dtype=qtype)
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -142,6 +147,69 @@ def test_tiny_gguf_matches_hf_loading_the_same_file(name, tiny_ggufs):
     for p in ("q", "k"):
         ours = c.params["layers_1"]["self_attn"][f"{p}_proj"]["kernel"].T
         assert np.array_equal(ours, sd[f"model.layers.1.self_attn.{p}_proj.weight"].numpy())
+
+
+def llama_cpp_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
+    """What llama.cpp's convert_hf_to_gguf.py writes as `rope_freqs.weight` for a "llama3"
+    RoPE scaling (Llama 3.1/3.2): one divisor per frequency, written out here from its
+    description, not from our code."""
+    base, factor = rope["rope_theta"], rope["factor"]
+    low, high = rope["low_freq_factor"], rope["high_freq_factor"]
+    old = rope["original_max_position_embeddings"]
+    out = []
+    for freq in 1.0 / base ** (np.arange(0, head_dim, 2) / head_dim):
+        wavelen = 2 * np.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, np.float32)
+
+
+def test_gguf_with_rope_freqs_matches_hf_llama3_scaling(tiny_hf_models, tmp_path):
+    """A Llama 3.1-style GGUF stores the "llama3" RoPE scaling as `rope_freqs.weight`: the
+    converted model gives the logits of the HF model with that scaling (HF's own GGUF
+    loader ignores the tensor). Without it the logits differ; a tensor of the wrong length
+    is refused, naming the file."""
+    from jaxsparse.config import ConfigError
+
+    hf = tiny_hf_models["llama3_rope"].torch_model
+    rope = hf.config.rope_parameters
+    head_dim = hf.config.hidden_size // hf.config.num_attention_heads
+    factors = llama_cpp_rope_factors(rope, head_dim)
+    f = factors.tolist()  # the smooth band and the scaled band both occur
+    assert any(1 < x < rope["factor"] for x in f) and rope["factor"] in f
+    tokens = np.random.default_rng(0).integers(3, hf.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        want = hf(torch.from_numpy(tokens)).logits.numpy()
+
+    def logits(path):
+        c = read_model(path)
+        got, _ = build_model(c.config).apply(
+            {"params": jax.tree.map(jnp.asarray, c.params)},
+            jnp.asarray(tokens),
+            jnp.arange(24)[None].repeat(2, 0),
+        )
+        return c.config, np.linalg.norm(np.asarray(got) - want) / np.linalg.norm(want)
+
+    with_f, without = tmp_path / "with.gguf", tmp_path / "without.gguf"
+    write_gguf(with_f, hf, "llama", {}, rope_freqs=factors)
+    write_gguf(without, hf, "llama", {})
+    config, err = logits(with_f)
+    assert config.rope_scaling_dict["rope_type"] == "frequency_factors"
+    print(f"rope_freqs GGUF: rel err {err:.2e}")
+    assert err < 1e-4
+    assert logits(without)[1] > 1e-2  # the scaling matters at these positions
+    # a checkpoint keeps it: converted, saved and loaded again, same config
+    convert(with_f, tmp_path / "ck", progress=False)
+    assert load_model(tmp_path / "ck").config == config
+    bad = tmp_path / "bad.gguf"
+    write_gguf(bad, hf, "llama", {}, rope_freqs=factors[:-1])
+    with pytest.raises(ConfigError, match=r"bad\.gguf: rope_freqs\.weight has 7 values"):
+        read_model(bad)
 
 
 def test_tiny_gguf_converts_without_tokenizer(tiny_ggufs, tmp_path):
