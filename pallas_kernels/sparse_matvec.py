@@ -1,11 +1,11 @@
 """Sparse-input matvec: `y[B, N] = x[B, K] @ W[K, N]` reading only the rows of W in use.
 
 Row `k` of `W` is read only when some `x[b, k]` survives: `x[b, k] != 0`, or, with a
-fused `threshold` t (a scalar, or one per input channel `[K]`), `abs(x[b, k]) >= t`
-with t rounded to x's dtype first; entries with `abs(x) < t` are zeroed, as everywhere in
-jaxsparse (`jaxsparse.rules.sparsify` compares in x's dtype: the same entries are kept). W is stored `[K, N]`
-so that each input channel's row is contiguous. Used for down_proj, o_proj, q_proj and
-every TEAL projection.
+fused `threshold` t (a scalar, or one per input channel `[K]`), `abs(x[b, k]) >= t` with
+t rounded to x's dtype first; entries with `abs(x) < t` are zeroed, as everywhere in
+jaxsparse (`jaxsparse.rules.sparsify` compares in x's dtype: the same entries are kept).
+W is stored `[K, N]` so that each input channel's row is contiguous. Used for down_proj,
+o_proj, q_proj and every TEAL projection.
 
 Holds:
 - `sparse_input_matvec_reference`: pure jnp, float32 accumulation, returns x.dtype.

@@ -435,8 +435,8 @@ def per_shard(
     own slice of the kernel, as
     `jaxsparse.sharding` lays it out from the logical `axes` (kernel order). An output axis
     split over `model` stays split; a split input axis (o_proj, down_proj) gives partial
-    sums, added over `model` in float32 (then cast back). Without a mesh, or with a `model` axis of 1:
-    `fn` on the whole arrays."""
+    sums, added over `model` in float32 (then cast back). Without a mesh, or with a
+    `model` axis of 1: `fn` on the whole arrays."""
     from jax.sharding import PartitionSpec as P
 
     from jaxsparse.sharding import DATA, MODEL, logical_to_mesh
