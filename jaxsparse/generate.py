@@ -300,11 +300,14 @@ class Generator:
         return jax.device_put(x, self._replicated)
 
     def _put_thresholds(self, thresholds):
-        if thresholds is not None and self.kernels.fuse_qkv:
-            from jaxsparse.sparsity import shares_qkv_input
+        from jaxsparse.sparsity import drop_zero_points, shares_qkv_input
 
-            with jax.transfer_guard("allow"):  # a host-side check, once per call
-                shared = shares_qkv_input(jax.device_get(thresholds))
+        if thresholds is not None:
+            with jax.transfer_guard("allow"):  # host-side checks, once per call
+                thresholds = jax.device_get(thresholds)
+        if thresholds is not None and self.kernels.fuse_qkv:
+            with jax.transfer_guard("allow"):
+                shared = shares_qkv_input(thresholds)
             if not shared:
                 raise ValueError(
                     "these thresholds give q_in and kv_in different values, but this "
@@ -313,6 +316,7 @@ class Generator:
                     "kernels=default_kernels(method, batch, mode, thresholds=...) (or "
                     "jaxsparse.registry.kernels_for_method(..., thresholds=...))"
                 )
+        thresholds = drop_zero_points(thresholds)  # a select less where one keeps all
         if thresholds is None or self.mesh is None:
             return None if thresholds is None else jax.device_put(thresholds)
         from jaxsparse import sharding

@@ -310,6 +310,31 @@ def shares_qkv_input(thresholds: dict | None) -> bool:
     return True
 
 
+def drop_zero_points(thresholds: dict | None) -> dict | None:
+    """`thresholds` (a model's `thresholds=` tree) without the sparsification points whose
+    threshold is zero in every layer (a state holds zeros where its method thresholds
+    nothing: CHESS's q/k/v, o and FFN inputs). `abs(x) >= 0` keeps every entry, so the
+    model computes the same values with the point absent, and still records its
+    statistics; what goes is the select itself, which XLA does not always fuse: before an
+    XLA o_proj it is a kernel of its own per layer (benchmarks/NOTES_kernels.md). Keys that
+    are not points (masks, learning's temperature) stay; a Deja Vu tree (with predictors,
+    whose masks are shaped from its `o_in` entry) is returned as it is."""
+    if thresholds is None or any("predictor" in layer for layer in thresholds.values()):
+        return thresholds
+    zero = {
+        p
+        for p in rules.TENSORS
+        if all(p in layer for layer in thresholds.values())
+        and all(np.all(np.asarray(layer[p]) == 0) for layer in thresholds.values())
+    }
+    if not zero:
+        return thresholds
+    return {
+        name: {k: v for k, v in layer.items() if k not in zero}
+        for name, layer in thresholds.items()
+    }
+
+
 def layer_names(num_layers: int) -> list[str]:
     return [f"layers_{i}" for i in range(num_layers)]
 

@@ -142,6 +142,43 @@ def test_blocks_traced_once_and_sown_values_kept(model_type, fresh_block_traces)
         np.testing.assert_array_equal(np.asarray(zeros), want)
 
 
+def test_points_with_zero_thresholds_are_dropped_before_the_loop():
+    """A state holds zeros where its method thresholds nothing (CHESS: every point but the
+    gate). The Generator drops those points before compiling (`drop_zero_points`): a
+    threshold of 0 keeps every entry, but its select before o_proj is a kernel per layer
+    on a GPU. Tokens and logits are those of the full tree, the dropped points' measured
+    sparsity is still reported, and a point zero in some layers only is kept."""
+    from jaxsparse.sparsity import drop_zero_points
+
+    config = tiny(intermediate_size=96)
+    params = jax.tree.map(lambda x: x * 10, init_params(config, seed=2))
+    full = _random_thresholds(config, jax.random.key(4), scale=0.3)
+    chess = {
+        layer: {p: (t if p == "gate" else jnp.zeros_like(t)) for p, t in points.items()}
+        for layer, points in full.items()
+    }
+    chess["layers_0"]["masks"] = {}  # not a point: kept as it is
+    dropped = drop_zero_points(chess)
+    assert {k: sorted(v) for k, v in dropped.items()} == {
+        "layers_0": ["gate", "masks"],
+        "layers_1": ["gate"],
+    }
+    assert drop_zero_points(None) is None and drop_zero_points(full) is full
+    some = {**chess, "layers_1": {**chess["layers_1"], "o_in": full["layers_1"]["o_in"]}}
+    assert "o_in" in drop_zero_points(some)["layers_0"]  # not zero in every layer: kept
+    dejavu = {k: {**v, "predictor": {}} for k, v in chess.items()}
+    assert drop_zero_points(dejavu) is dejavu  # its masks take their shape from o_in
+    del chess["layers_0"]["masks"]
+
+    gen = Generator(config, params)
+    put = gen._put_thresholds(chess)  # what the compiled prefill and loop are given
+    assert all(sorted(layer) == ["gate"] for layer in put.values())
+    got = gen.generate_ids([[5, 6, 7, 8]], max_new_tokens=4, thresholds=chess, stop_at_eos=False)
+    assert 0 <= got.measured_sparsity["o_in"] < 0.5  # still measured: natural zeros only
+    want = _decode_logits(config, params, Kernels(), chess, jnp.asarray([[5, 6, 7, 8]]), 3)
+    assert got.tokens[0][1:] == [int(t) for t in np.argmax(want[:, 0], -1)]
+
+
 def test_stops_at_eos():
     config = tiny(eos_token_ids=(7,))
     params = init_params(config)
