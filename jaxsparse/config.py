@@ -95,11 +95,12 @@ class ModelConfig:
             )
         if rope_type == "frequency_factors":
             factors = self.rope_scaling_dict.get("factors") or ()
-            if len(factors) != self.head_dim // 2 or not all(f > 0 for f in factors):
+            positive = all(f > 0 for f in factors)
+            if len(factors) != self.head_dim // 2 or not positive:
                 raise ConfigError(
                     f"rope_scaling 'frequency_factors' needs {self.head_dim // 2} positive "
                     f"factors (head_dim // 2), got {len(factors)}"
-                    + ("" if all(f > 0 for f in factors) else ", some not positive")
+                    + ("" if positive else ", some not positive")
                 )
 
     # ---------------------------------------------------------------- derived

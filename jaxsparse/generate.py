@@ -305,17 +305,14 @@ class Generator:
         if thresholds is not None:
             with jax.transfer_guard("allow"):  # host-side checks, once per call
                 thresholds = jax.device_get(thresholds)
-        if thresholds is not None and self.kernels.fuse_qkv:
-            with jax.transfer_guard("allow"):
-                shared = shares_qkv_input(thresholds)
-            if not shared:
-                raise ValueError(
-                    "these thresholds give q_in and kv_in different values, but this "
-                    "Generator's kernels fuse q/k/v into one matmul on the q input, which "
-                    "would apply q_in's threshold to k/v too: build the Generator with "
-                    "kernels=default_kernels(method, batch, mode, thresholds=...) (or "
-                    "jaxsparse.registry.kernels_for_method(..., thresholds=...))"
-                )
+        if thresholds is not None and self.kernels.fuse_qkv and not shares_qkv_input(thresholds):
+            raise ValueError(
+                "these thresholds give q_in and kv_in different values, but this "
+                "Generator's kernels fuse q/k/v into one matmul on the q input, which "
+                "would apply q_in's threshold to k/v too: build the Generator with "
+                "kernels=default_kernels(method, batch, mode, thresholds=...) (or "
+                "jaxsparse.registry.kernels_for_method(..., thresholds=...))"
+            )
         thresholds = drop_zero_points(thresholds)  # a select less where one keeps all
         if thresholds is None or self.mesh is None:
             return None if thresholds is None else jax.device_put(thresholds)

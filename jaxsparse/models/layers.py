@@ -382,15 +382,15 @@ class Linear(nn.Module):
                 f"{self.name}: gate_rule= needs the gated_matvec kernel path (rows=True, "
                 "a pallas decode step, no bias)."
             )
-        if threshold is not None and not (
-            point is not None and not self.rows and k.use(point, x) and _whole(k.mesh)
-        ):
+        sparse_kernel = point is not None and not self.rows and k.use(point, x)
+        if threshold is not None and not (sparse_kernel and _whole(k.mesh)):
             x, threshold = rules.sparsify(x, threshold), None  # no kernel to fuse it into
-        if point is not None and not self.rows and k.use(point, x):
+        if sparse_kernel:
             from pallas_kernels import sparse_input_matvec
 
             b = x.shape[0]
-            t = threshold  # the kernel rounds it to x's dtype, as `rules.sparsify` does
+            # the kernel rounds the threshold to x's dtype, as `rules.sparsify` does
+            t = threshold
             y = None if shared is None else shared.matvec(x.reshape(b, -1), kernel, k.impl, t)
             if y is None:
                 y = per_shard(  # float32 out: the accumulator as it is, no cast pass
@@ -439,10 +439,10 @@ def per_shard(
     `model` axis of 1: `fn` on the whole arrays."""
     from jax.sharding import PartitionSpec as P
 
-    from jaxsparse.sharding import DATA, MODEL, logical_to_mesh
+    from jaxsparse.sharding import DATA, logical_to_mesh
 
     args = (x_BxK, kernel) if gate_BxN is None else (x_BxK, gate_BxN, *extra, kernel)
-    if mesh is None or mesh.shape[MODEL] == 1:
+    if _whole(mesh):
         return fn(*args)
     spec = logical_to_mesh(P(*axes), mesh, shape=kernel.shape)
     k_spec, n_spec = (spec[1], spec[0]) if rows else (spec[0], spec[1])
