@@ -3,6 +3,7 @@ biases), quantized to several types, converted by us and by HF transformers: sam
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -210,6 +211,19 @@ def test_gguf_with_rope_freqs_matches_hf_llama3_scaling(tiny_hf_models, tmp_path
     write_gguf(bad, hf, "llama", {}, rope_freqs=factors[:-1])
     with pytest.raises(ConfigError, match=r"bad\.gguf: rope_freqs\.weight has 7 values"):
         read_model(bad)
+    # a file with a linear scaling in its metadata too: refused, naming the file
+    from convert.readers import GGUFSource
+    from jaxsparse.config import ModelConfig
+
+    src = GGUFSource(with_f)
+    meta = {**src.metadata(), "llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 2.0}
+    shapes = {n: i.shape for n, i in src.tensors.items()}
+    with pytest.raises(ConfigError, match=r"with\.gguf: has both rope\.scaling\.type 'linear'"):
+        ModelConfig.from_gguf_metadata(meta, shapes, source=str(with_f), rope_freq_factors=factors)
+    # factors that are not all positive: refused by the config itself
+    scaling = dict(config.rope_scaling_dict, factors=(0.0, *factors[1:].tolist()))
+    with pytest.raises(ConfigError, match="positive factors .* some not positive"):
+        dataclasses.replace(config, rope_scaling=tuple(sorted(scaling.items())))
 
 
 def test_tiny_gguf_converts_without_tokenizer(tiny_ggufs, tmp_path):
