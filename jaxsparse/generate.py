@@ -291,7 +291,7 @@ class Generator:
         )
         if collect_stats:
             (logits, cache), variables = out
-            return logits[:, -1], cache, variables["zeros"]
+            return logits[:, -1], cache, variables.get("zeros", {})  # none: nothing sparsified
         logits, cache = out
         return logits[:, -1], cache, None
 

@@ -27,8 +27,43 @@ from jaxsparse.models.layers import (
 )
 
 
-def _sparse(module: nn.Module, name: str, x: jax.Array, thresholds: dict | None) -> jax.Array:
-    """Applies the threshold of sparsification point `name` and records what it zeroed."""
+def _sparsified(name: str, thresholds: dict | None) -> bool:
+    """Whether point `name` has a threshold or a Deja Vu mask in `thresholds`."""
+    return thresholds is not None and (name in thresholds or name in thresholds.get("masks", {}))
+
+
+def _count_zeros(module: nn.Module, name: str, x: jax.Array, fused: bool = False) -> jax.Array:
+    """Sows the zero mask of point `name`'s input `x` into "zeros" (the decode loop adds
+    them up: an elementwise count, where a reduction per point would be a launch each);
+    returns `x`. Only called for points the method sparsifies: natural zeros elsewhere
+    are not skipped reads (`jaxsparse evaluate` measures them, "stats").
+
+    While the counts are collected, `x` goes through an optimization barrier, so the
+    count reads the array the projection reads. Without it, XLA recomputed `x`'s
+    producer inside the loop's count fusion: at batch 4 on a GPU, SiLU(gate) * up again
+    from the float32 split-K partials of both GEMMs, 59 MB more reads per 8B step
+    (benchmarks/NOTES_kernels.md, "Zero counts"). `fused=True` skips the barrier where
+    `x` is an intermediate that XLA fuses into its consumer (the gate's activation, made
+    and multiplied by up in one fusion): materializing it would cost a kernel per layer.
+    """
+    if module.is_mutable_collection("zeros"):
+        if not fused:
+            x = jax.lax.optimization_barrier(x)
+        module.sow("zeros", name, x == 0)
+    return x
+
+
+def _sparse(
+    module: nn.Module,
+    name: str,
+    x: jax.Array,
+    thresholds: dict | None,
+    fused: bool = False,
+    count: bool | None = None,
+) -> jax.Array:
+    """Applies the threshold of sparsification point `name` and records what it zeroed.
+    Its zeros are counted (`_count_zeros`, `fused` there) if `count`; by default where
+    the point is sparsified."""
     module.sow("taps", name, x)
     if thresholds is not None and name in thresholds:
         if "relax_tau" in thresholds:  # learning: hard forward, sigmoid gradient
@@ -38,26 +73,26 @@ def _sparse(module: nn.Module, name: str, x: jax.Array, thresholds: dict | None)
     if thresholds is not None and name in thresholds.get("masks", {}):  # Deja Vu
         x = jnp.where(thresholds["masks"][name], x, jnp.zeros((), x.dtype))
     module.sow("stats", name, rules.zero_fraction(x))
-    # The zero mask itself, for callers that accumulate it (the decode loop: an elementwise
-    # count that fuses into the op making `x`, where a per-point reduction is a launch).
-    module.sow("zeros", name, x == 0)
+    if _sparsified(name, thresholds) if count is None else count:
+        x = _count_zeros(module, name, x, fused)
     return x
 
 
-def _read_as(module: nn.Module, name: str, x: jax.Array, x_read) -> None:
+def _read_as(module: nn.Module, name: str, x: jax.Array, x_read, sparsified: bool) -> None:
     """Records point `name` (input `x`) as `_sparse` does, where its projection reads
     `x_read` (an array, or a function giving it, called only if its statistics are
     recorded): another point's thresholded input (k/v reading q's in a fused q/k/v
     matmul), or `x` thresholded inside the projection's kernel (o_proj). Its statistics
-    are those of what is read. Thresholding `x` in XLA instead would give the same values,
-    but costs a kernel per layer: as a second consumer of `x` it keeps XLA from fusing
-    q's threshold into the RMSNorm that makes `x`, and before o_proj it is a kernel of
-    its own (benchmarks/NOTES_kernels.md)."""
+    are those of what is read; its zeros are counted if `sparsified`. Thresholding `x`
+    in XLA instead would give the same values, but costs a kernel per layer: as a second
+    consumer of `x` it keeps XLA from fusing q's threshold into the RMSNorm that makes
+    `x`, and before o_proj it is a kernel of its own (benchmarks/NOTES_kernels.md)."""
     module.sow("taps", name, x)
     if module.is_mutable_collection("stats") or module.is_mutable_collection("zeros"):
         kept = x_read() if callable(x_read) else x_read
         module.sow("stats", name, rules.zero_fraction(kept))
-        module.sow("zeros", name, kept == 0)
+        if sparsified:  # an array already counted (q's input) or made only to be counted
+            module.sow("zeros", name, kept == 0)
 
 
 def _kernel_threshold(kn: Kernels, name: str, x: jax.Array, thresholds: dict | None):
@@ -175,7 +210,7 @@ class SelfAttention(nn.Module):
         kn = self.kernels
         xq = _sparse(self, "q_in", h_BxTxD, thresholds)
         if kn.fuse_qkv:  # k/v read xq (equal q_in and kv_in thresholds: Kernels.fuse_qkv)
-            _read_as(self, "kv_in", h_BxTxD, xq)
+            _read_as(self, "kv_in", h_BxTxD, xq, _sparsified("kv_in", thresholds))
             xkv = xq
         else:
             xkv = _sparse(self, "kv_in", h_BxTxD, thresholds)
@@ -273,7 +308,8 @@ class SelfAttention(nn.Module):
         if o_t is None:
             out_BxTxHD = _sparse(self, "o_in", out_BxTxHD, thresholds)
         else:  # o_proj's kernel applies it; recorded as the input it keeps
-            _read_as(self, "o_in", out_BxTxHD, lambda: rules.sparsify(out_BxTxHD, o_t))
+            kept = lambda: rules.sparsify(out_BxTxHD, o_t)
+            _read_as(self, "o_in", out_BxTxHD, kept, sparsified=True)
         y = Linear(c.hidden_size, ("q_heads", "embed"), c.o_bias, dt, kn, name="o_proj")(
             out_BxTxHD, "o_in", shared=shared, threshold=o_t
         )

@@ -46,7 +46,8 @@ class ReluFFN(nn.Module):
             )
         )
         g = _sparse(self, "gate", g, thresholds)
-        a = _sparse(self, "down_in", g, thresholds)
+        # fc2 skips ReLU's own zeros too: counted whenever the step is a sparse one
+        a = _sparse(self, "down_in", g, thresholds, count=thresholds is not None)
         # ReLU's zeros (and a gate threshold's) skip rows of fc2, as down_in does.
         point = "gate" if "gate" in kn.points else "down_in"
         return Linear(c.hidden_size, ("mlp", "embed"), c.mlp_bias, dt, kn, name="fc2")(
