@@ -168,7 +168,8 @@ def bytes_per_token(
     config, kernels, per_layer: dict[str, list[float]] | None, cache_len: int
 ) -> float:
     """Bytes of weights (and KV cache) one batch-1 decode step reads at this sparsity: a
-    point's rows are skipped only where its projection runs through a kernel."""
+    point's rows are skipped only where its projection runs through a kernel (and the
+    method sparsifies it: a point it leaves dense is not measured, every row is read)."""
     c = config
     d, m, q, kv = c.hidden_size, c.intermediate_size, c.q_dim, c.kv_dim
     pts = set(kernels.points) if kernels.mode == "pallas" else set()
@@ -176,7 +177,7 @@ def bytes_per_token(
     for i in range(c.num_layers):
 
         def dens(p, i=i):
-            return 1.0 - per_layer[p][i] if (p in pts and per_layer) else 1.0
+            return 1.0 - per_layer[p][i] if (p in pts and p in (per_layer or {})) else 1.0
 
         total += d * q * dens("q_in") + 2 * d * kv * dens("kv_in") + q * d * dens("o_in")
         up_rows = dens("gate") if "gate" in pts else dens("ffn_in")
