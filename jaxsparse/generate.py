@@ -94,7 +94,8 @@ class GenerationResult:
     decode_steps: int  # loop iterations (each makes one token per row still generating)
     decode_tokens: int = 0  # tokens made by decode steps, summed over the rows
     host_reads: int = 0  # times the decode loop returned to the host (1 unless streamed)
-    # Mean zero fraction per sparsification point over every decoded token (when measured).
+    # Mean zero fraction per sparsification point over every decoded token (when measured),
+    # at the points the method sparsifies (down_in too where the gate is sparsified).
     measured_sparsity: dict[str, float] | None = None
     measured_sparsity_per_layer: dict[str, list[float]] | None = None
 

@@ -21,7 +21,6 @@ from pallas_kernels.head_sparse_attention import (
 )
 from pallas_kernels.sparse_matvec import (
     accumulator_shape,
-    glu_matvec_into,
     sparse_input_matvec,
     sparse_input_matvec_into,
     sparse_input_matvec_reference,
@@ -33,7 +32,6 @@ __all__ = [
     "accumulator_shape",
     "gated_matvec",
     "gated_matvec_reference",
-    "glu_matvec_into",
     "head_mask_from_indices",
     "head_sparse_attention",
     "head_sparse_attention_reference",

@@ -44,7 +44,6 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _dispatch as dsp
 from pallas_kernels import _row_dma as rdma
-from pallas_kernels.gated_matvec import ACTIVATIONS, gate_values
 
 _NAME = "sparse_input_matvec"
 
@@ -73,14 +72,6 @@ def _kept(x_f32: jax.Array, t_f32: jax.Array | None, dtype: Any) -> jax.Array:
         return x_f32
     t = t_f32.astype(dtype).astype(jnp.float32)
     return jnp.where(jnp.abs(x_f32) >= t, x_f32, 0.0)
-
-
-def glu_values(pre: jax.Array, up: jax.Array, activation: str, dtype: Any) -> jax.Array:
-    """`act(gate) * up` in float32 with the values of `dtype`, from the float32 gate and
-    up projections: each rounded to `dtype` as the models round them (`SwiGLU`: the
-    activation computed in float32 from the rounded gate, rounded; the product rounded)."""
-    g = gate_values(pre, activation, None, dtype)
-    return (g * up.astype(dtype).astype(jnp.float32)).astype(dtype).astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------- reference
@@ -129,8 +120,6 @@ def _gpu_kernel(*refs, N, col=0, **tile):
         t_ref = None
     y_ref = rest[-1]  # with atomics, rest = (zeros_in, y_out) aliased
     n, s, rows = pl.program_id(0), pl.program_id(1), dsp.static_indices(tile["B"])
-    if tile["glu"] is not None:  # (gate, up) as the two entries of x_ref's last axis
-        tile = {**tile, "glu": (*tile["glu"], *dsp.static_indices(2))}
     _tile(x_ref, t_ref, w_ref, y_ref, n, s, rows, N=N, col=col, **tile)
 
 
@@ -172,12 +161,9 @@ def _tile(
     k_exact,
     unroll,
     col,
-    glu=None,
 ):
     """The work of one program (`_gpu_kernel`): column block `n`, K split `s`; `rows`
-    are the batch row indices (`dsp.static_indices(B)`). `glu` = (activation, dtype,
-    first pair, index 0, index 1): x_ref is [rows, pairs, 2] float32 (gate, up) and x is
-    `act(gate) * up` made from them (`glu_matvec_into`)."""
+    are the batch row indices (`dsp.static_indices(B)`)."""
     n0 = n * block_n
     col_ok = None if N % block_n == 0 else (n0 + jnp.arange(block_n)) < N
 
@@ -189,24 +175,12 @@ def _tile(
         w_view = w_ref.at[pl.ds(k0, block_k), pl.ds(n0, block_n)]
         return dsp.masked_load(w_view, mask, 0.0, eviction="evict_first")
 
-    def x_and_t(k0, k_ok, row, shape):
-        """x's tile for batch row `row` (an index: [block_k]) or rows (a pl.ds: [B,
-        block_k]), float32, thresholded."""
+    def x_and_t(k0, k_ok, x_view, shape):
         ok = None if k_ok is None else jnp.broadcast_to(k_ok, shape)  # [block_k] -> shape
-
-        def load(view):
-            return dsp.masked_load(view, ok, 0.0, eviction="evict_last").astype(jnp.float32)
-
-        if glu is None:
-            x, dtype = load(x_ref.at[row, pl.ds(k0, block_k)]), x_ref.dtype
-        else:
-            activation, dtype, p0, i_gate, i_up = glu
-            pre = load(x_ref.at[row, pl.ds(p0 + k0, block_k), i_gate])
-            up = load(x_ref.at[row, pl.ds(p0 + k0, block_k), i_up])
-            x = glu_values(pre, up, activation, dtype)
+        x = dsp.masked_load(x_view, ok, 0.0, eviction="evict_last").astype(jnp.float32)
         if has_t:
             t = dsp.masked_load(t_ref.at[rows[0], pl.ds(k0, block_k)], k_ok, 0.0)
-            x = _kept(x, t.astype(jnp.float32), dtype)
+            x = _kept(x, t.astype(jnp.float32), x_view.dtype)
         return x
 
     def k_start(j):
@@ -217,7 +191,10 @@ def _tile(
 
         def body(j, accs):
             k0, k_ok = k_start(j)
-            xs = [x_and_t(k0, k_ok, rows[b], (block_k,)) for b in range(B)]
+            xs = [
+                x_and_t(k0, k_ok, x_ref.at[rows[b], pl.ds(k0, block_k)], (block_k,))
+                for b in range(B)
+            ]
             active = xs[0] != 0.0
             for xb in xs[1:]:
                 active = active | (xb != 0.0)
@@ -237,7 +214,8 @@ def _tile(
 
     def body_dot(j, acc):
         k0, k_ok = k_start(j)
-        x = x_and_t(k0, k_ok, pl.ds(0, B), (B, block_k))
+        x_view = x_ref.at[pl.ds(0, B), pl.ds(k0, block_k)]
+        x = x_and_t(k0, k_ok, x_view, (B, block_k))
         active = jnp.sum(jnp.abs(x), axis=0) > 0.0
         w = w_tile(k0, active).astype(dot_dtype)
         return acc + dsp.triton_dot(x.astype(dot_dtype), w)
@@ -322,7 +300,6 @@ def _gpu_plan(
         "k_exact": K % block_k == 0 and n_kb == split * blocks_per_split,
         # unrolled up to 8 tiles per program (None); a longer loop stays a loop
         "unroll": blocks_per_split <= 8 if unroll is None else bool(unroll),
-        "glu": None,
     }
     return rows, split, tile
 
@@ -369,7 +346,6 @@ def _dot_dtype(x_dtype: Any, w_dtype: Any) -> Any:
         "out_dtype",
         "unroll",
         "col",
-        "glu",
     ),
 )
 def _sparse_input_matvec_gpu(
@@ -388,34 +364,19 @@ def _sparse_input_matvec_gpu(
     dot: bool | None = None,
     out_dtype: Any = None,
     unroll: bool | None = None,
-    glu: tuple | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """The GPU kernel; with `acc` (`sparse_input_matvec_into`) it adds into `acc`'s columns
-    from `col` on and returns (those columns' sums for the B rows, the updated `acc`).
-    With `glu` = (activation, dtype, first pair, B) x is `glu_matvec_into`'s float32
-    [rows, pairs, 2] (gate, up) view."""
-    if glu is None:
-        B, K = x_BxK.shape
-        dtypes = (x_BxK.dtype, w_KxN.dtype)
-    else:
-        B, K = glu[3], w_KxN.shape[0]
-        dtypes = (jnp.dtype(glu[1]), w_KxN.dtype)
+    from `col` on and returns (those columns' sums for the B rows, the updated `acc`)."""
+    B, K = x_BxK.shape
     N = w_KxN.shape[1]
-    out_dtype = jnp.dtype(dtypes[0] if out_dtype is None else out_dtype)
+    out_dtype = jnp.dtype(x_BxK.dtype if out_dtype is None else out_dtype)
+    dtypes = (x_BxK.dtype, w_KxN.dtype)
     rows, split, tile = _gpu_plan(B, K, block_k, block_n, split_k, dot, unroll, dtypes)
     n_col = dsp.cdiv(N, block_n)
     atomic = split > 1 or acc is not None
     has_t = threshold is not None
     x_in = x_BxK
-    if glu is not None:
-        tile["glu"] = (glu[0], jnp.dtype(glu[1]), glu[2])
-        if x_BxK.shape[0] != rows:
-            raise ValueError(
-                f"glu_matvec_into: gu has {x_BxK.shape[0]} rows; this call's kernel reads "
-                f"{rows} (accumulator_shape({B}, N)[0]): pass the gate|up accumulator of "
-                "the same batch."
-            )
-    elif rows != B:  # pad the batch to a tensor-core tile (a power of 2, at least 16 rows)
+    if rows != B:  # pad the batch to a tensor-core tile (a power of 2, at least 16 rows)
         x_in = jnp.pad(x_BxK, ((0, rows - B), (0, 0)))
     if acc is not None:
         _check_acc(acc, rows, col, n_col * block_n, N, block_n)
@@ -726,94 +687,6 @@ def sparse_input_matvec_into(
     )
     acc = jax.lax.dynamic_update_slice(acc, acc[:B, col : col + N] + y, (0, col))
     return acc[:B, col : col + N], acc
-
-
-def glu_matvec_into(
-    acc: jax.Array,
-    col: int,
-    gu: jax.Array,
-    gu_col: int,
-    w_KxN: jax.Array,
-    threshold: Any = None,
-    *,
-    activation: str,
-    batch: int,
-    dtype: Any,
-    impl: str = "auto",
-    block_k: int | None = None,
-    block_n: int | None = None,
-    **kernel_options: Any,
-) -> tuple[jax.Array, jax.Array]:
-    """`sparse_input_matvec_into` of a gated FFN's down projection, its input made inside
-    the kernel: adds `(x * (abs(x) >= t)) @ W` into columns `[col, col + N)` of `acc`,
-    where `x = act(gate) * up` (`glu_values`, in `dtype`) and gate_i, up_i are columns
-    `gu_col + 2i`, `gu_col + 2i + 1` of the float32 `gu` (the shared accumulator the
-    fused gate|up projection added into: `jaxsparse.models.layers.SharedAccumulator`).
-
-    On GPU, no XLA kernel runs between the gate|up kernel and this one (the activation,
-    the product and the threshold were one elementwise kernel per layer). Elsewhere x is
-    made in XLA and `sparse_input_matvec_into` runs.
-
-    Args:
-      acc: float32 target, as for `sparse_input_matvec_into`; not `gu` itself.
-      col: the first column of this product in `acc`.
-      gu: float32 [rows, columns]; rows as `accumulator_shape(batch, N)` gives.
-      gu_col: the column of gate_0 in `gu` (a Python int, even).
-      w_KxN: [K, N]; K = the number of (gate, up) pairs read.
-      threshold, impl, block_k, block_n, kernel_options: as for `sparse_input_matvec`.
-      activation: a key of `pallas_kernels.gated_matvec.ACTIVATIONS`.
-      batch: B, the rows of gu in use.
-      dtype: the model's dtype (rounding of gate, up, act(gate) and x).
-
-    Returns:
-      (y, acc') as `sparse_input_matvec_into`.
-    """
-    fn = "glu_matvec_into"
-    which = dsp.resolve_impl(impl, fn_name=fn)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"{fn}: activation={activation!r} is not one of {sorted(ACTIVATIONS)}.")
-    K = w_KxN.shape[0]
-    if getattr(gu, "ndim", None) != 2 or jnp.dtype(gu.dtype) != jnp.float32:
-        raise ValueError(f"{fn}: gu must be a float32 [rows, columns] array.")
-    if not isinstance(gu_col, int) or gu_col < 0 or gu_col % 2 or gu.shape[1] % 2:
-        raise ValueError(
-            f"{fn}: gu_col={gu_col!r} and gu's columns ({gu.shape[1]}) must be even "
-            "(gate, up pairs)."
-        )
-    if gu.shape[1] < gu_col + 2 * K or gu.shape[0] < batch:
-        raise ValueError(
-            f"{fn}: gu {tuple(gu.shape)} has no {K} (gate, up) pairs from column {gu_col} "
-            f"for {batch} rows."
-        )
-    if which in ("gpu", "gpu_interpret"):
-        pairs = gu.reshape(gu.shape[0], gu.shape[1] // 2, 2)  # a bitcast: no copy
-        if threshold is not None:
-            dsp.threshold_row(fn, threshold, K)
-        return _sparse_input_matvec_gpu(
-            pairs,
-            w_KxN,
-            threshold,
-            acc=acc,
-            col=col,
-            interpret=which == "gpu_interpret",
-            out_dtype=jnp.float32,
-            glu=(activation, jnp.dtype(dtype).name, gu_col // 2, batch),
-            **_given_blocks(block_k, block_n),
-            **kernel_options,
-        )
-    span = gu[:batch, gu_col : gu_col + 2 * K]
-    x = glu_values(span[:, 0::2], span[:, 1::2], activation, dtype).astype(dtype)
-    return sparse_input_matvec_into(
-        acc,
-        col,
-        x,
-        w_KxN,
-        threshold,
-        impl=which,
-        block_k=block_k,
-        block_n=block_n,
-        **kernel_options,
-    )
 
 
 @functools.partial(

@@ -98,11 +98,6 @@ class Kernels:
     # With the shared accumulator: q_proj and kv_proj (chess+, each with its own input) in
     # one kernel launch (`pallas_kernels.sparse_input_matvecs_into`); False: two launches.
     q_kv_one_launch: bool = True
-    # With fuse_gate_up and the shared accumulator: down_proj's kernel makes its input,
-    # act(gate) * up thresholded, from the gate|up accumulator itself
-    # (`pallas_kernels.glu_matvec_into`; `llama._glu_in_kernel`), so no XLA kernel runs
-    # between the two launches; False: XLA makes it (one elementwise kernel per layer).
-    glu_in_kernel: bool = True
 
     def __post_init__(self):
         from jaxsparse.rules import TENSORS
@@ -185,7 +180,6 @@ class SharedAccumulator:
         self.width = width
         self.buf: jax.Array | None = None
         self.col = 0
-        self.last_col: int | None = None  # where the last call added (None: reset by callers)
         self._fill = fill
 
     @classmethod
@@ -250,36 +244,6 @@ class SharedAccumulator:
         y, self.buf = sparse_input_matvec_into(
             self.buf, self.col, x_BxK, kernel_KxN, threshold, impl=impl
         )
-        self.last_col = self.col
-        self.col += span
-        return y
-
-    def glu_matvec(
-        self, glu: tuple, batch: int, kernel_KxN: jax.Array, impl: str, threshold, dtype
-    ) -> jax.Array | None:
-        """`sparsify(act(gate) * up) @ kernel` (float32 [B, N]) through this buffer, x made
-        in the kernel from `glu` = (the gate|up accumulator, its first column, the
-        activation) (`pallas_kernels.glu_matvec_into`), or None (see above)."""
-        from pallas_kernels import glu_matvec_into
-
-        gu, gu_col, activation = glu
-        probe = jnp.zeros((batch, kernel_KxN.shape[0]), dtype)  # shapes only: traced away
-        span = self._room([(probe, kernel_KxN)])
-        if span is None or gu.shape[0] != self.buf.shape[0]:
-            return None
-        y, self.buf = glu_matvec_into(
-            self.buf,
-            self.col,
-            gu,
-            gu_col,
-            kernel_KxN,
-            threshold,
-            activation=activation,
-            batch=batch,
-            dtype=dtype,
-            impl=impl,
-        )
-        self.last_col = self.col
         self.col += span
         return y
 
@@ -387,7 +351,6 @@ class Linear(nn.Module):
         accumulator: bool = False,
         shared: SharedAccumulator | None = None,
         threshold: jax.Array | None = None,
-        glu: tuple | None = None,
     ):
         shape = (self.features, x.shape[-1]) if self.rows else (x.shape[-1], self.features)
         axes = self.axes[::-1] if self.rows else self.axes
@@ -428,11 +391,7 @@ class Linear(nn.Module):
             b = x.shape[0]
             # the kernel rounds the threshold to x's dtype, as `rules.sparsify` does
             t = threshold
-            y = None
-            if shared is not None and glu is not None:  # x made in the kernel from gate|up
-                y = shared.glu_matvec(glu, b, kernel, k.impl, t, self.dtype)
-            if y is None and shared is not None:
-                y = shared.matvec(x.reshape(b, -1), kernel, k.impl, t)
+            y = None if shared is None else shared.matvec(x.reshape(b, -1), kernel, k.impl, t)
             if y is None:
                 y = per_shard(  # float32 out: the accumulator as it is, no cast pass
                     lambda x2, w: sparse_input_matvec(x2, w, t, impl=k.impl, out_dtype=jnp.float32),

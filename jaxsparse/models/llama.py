@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from jaxsparse import rules
 from jaxsparse.config import FULL, ModelConfig
-from jaxsparse.models.attention import SelfAttention, _read_as, _sparse, _sparsified
+from jaxsparse.models.attention import SelfAttention, _sparse, _sparsified
 from jaxsparse.models.layers import (
     XLA,
     BlockAccumulators,
@@ -55,8 +55,6 @@ class SwiGLU(nn.Module):
         u = None  # the up projection, where it is computed apart from the gate
         rule = None  # (activation, threshold) where gated_matvec applies the gate's rule
         if kn.fuse_gate_up:  # one [d, 2m] matmul, columns (gate_i, up_i) (`prepare_params`)
-            if shared is not None:
-                shared.last_col = None  # set if the call below adds into it
             gu = Linear(2 * m, ("embed", "mlp"), c.mlp_bias, dt, kn, name="gate_up_proj")(
                 x, "ffn_in", shared=shared
             )
@@ -97,38 +95,10 @@ class SwiGLU(nn.Module):
             a = g * u
         # a sparse gate's zeros are down_in's too (rows of down_proj the kernel skips)
         count = _sparsified("down_in", thresholds) or _sparsified("gate", thresholds)
-        down_proj = Linear(c.hidden_size, ("mlp", "embed"), c.mlp_bias, dt, kn, name="down_proj")
-        glu = _glu_in_kernel(c, kn, a, thresholds, shared, down)
-        if glu is None:
-            a = _sparse(self, "down_in", a, thresholds, count=count)
-            return down_proj(a, "down_in", shared=down)
-        # down_proj's kernel makes act(gate) * up from the gate|up accumulator, thresholds
-        # it and reads the rows it keeps: no XLA kernel between the two launches
-        t = thresholds.get("down_in") if thresholds is not None else None
-        kept = lambda: a if t is None else rules.sparsify(a, t)
-        _read_as(self, "down_in", a, kept, count)
-        return down_proj(a, "down_in", shared=down, threshold=t, glu=glu)
-
-
-def _glu_in_kernel(c: ModelConfig, kn: Kernels, a, thresholds, ffn, down):
-    """`(gate|up accumulator, its first column, activation)` where down_proj's kernel can
-    make its input `act(gate) * up` itself (`pallas_kernels.glu_matvec_into`): a pallas
-    decode step with gate and up fused (their float32 sums in `ffn`, a buffer apart from
-    `down`'s), no bias, nothing applied to the gate, and a plain (or no) down_in
-    threshold. None where XLA makes it (as before)."""
-    if not (kn.fuse_gate_up and kn.glu_in_kernel and kn.use("down_in", a)):
-        return None
-    if ffn is None or down is None or ffn is down or getattr(ffn, "last_col", None) is None:
-        return None
-    if c.mlp_bias or c.activation not in ACTIVATIONS:
-        return None
-    if thresholds is not None:
-        if "relax_tau" in thresholds or "gate" in thresholds or thresholds.get("masks"):
-            return None
-        t = thresholds.get("down_in")
-        if t is not None and jnp.shape(t) not in ((), (a.shape[-1],)):
-            return None
-    return ffn.buf, ffn.last_col, c.activation
+        a = _sparse(self, "down_in", a, thresholds, count=count)
+        return Linear(c.hidden_size, ("mlp", "embed"), c.mlp_bias, dt, kn, name="down_proj")(
+            a, "down_in", shared=down
+        )
 
 
 def _kernel_gate_rule(c: ModelConfig, kn: Kernels, x, thresholds):

@@ -12,14 +12,12 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import (
     accumulator_shape,
-    glu_matvec_into,
     sparse_input_matvec,
     sparse_input_matvec_into,
     sparse_input_matvec_reference,
     sparse_input_matvecs_into,
 )
 from pallas_kernels._dispatch import resolve_impl
-from pallas_kernels.sparse_matvec import glu_values
 
 K, N = 300, 200  # not multiples of any block size used below
 SPARSITIES = (0.0, 0.5, 0.9, 1.0)
@@ -281,49 +279,6 @@ def test_matvecs_into_refuses_mismatched_pairs():
         sparse_input_matvecs_into(acc, 0, [(x, w), (x, w[:-1])], impl="reference")
     with pytest.raises(ValueError, match="too small"):  # 256 + 256 columns past 600
         sparse_input_matvecs_into(acc, 600, [(x, w), (x, w)], impl="gpu_interpret", block_n=128)
-
-
-@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("B", [1, 3, 8])
-def test_glu_matvec_into_makes_its_input_from_gate_up_pairs(kt, impl, activation, dtype, B):
-    """down_proj's input made in the kernel: `act(gate) * up` from interleaved float32
-    (gate, up) columns of another accumulator, from an even column on, thresholded per
-    channel (about half the entries kept), gives the product of that input computed in
-    XLA, added into its own columns."""
-    kw = blocks(impl) if kt.is_gpu_impl(impl) else {}
-    rows, span = accumulator_shape(B, N, block_n=kw.get("block_n", 64))
-    gu = kt.normal(jax.random.key(40), (rows, 2 * K + 10), jnp.float32, 2.0)
-    w = kt.normal(jax.random.key(41), (K, N), dtype)
-    gate, up = gu[:B, 4 : 4 + 2 * K : 2], gu[:B, 5 : 5 + 2 * K : 2]
-    x = glu_values(gate, up, activation, dtype)
-    scale = jax.random.uniform(jax.random.key(43), (K,), jnp.float32, 0.5, 1.5)
-    t = jnp.quantile(jnp.abs(x), 0.5) * scale  # per channel
-    acc0 = kt.normal(jax.random.key(42), (rows, span + 64), jnp.float32)
-    y, acc = glu_matvec_into(
-        acc0, 64, gu, 4, w, t, activation=activation, batch=B, dtype=dtype, impl=impl, **kw
-    )
-    want = sparse_input_matvec_reference(x.astype(dtype), w, t, out_dtype=jnp.float32)
-    kept = np.mean(np.abs(np.asarray(x)) >= np.asarray(t.astype(dtype).astype(jnp.float32)))
-    assert 0.3 < kept < 0.8
-    kt.assert_close(y, acc0[:B, 64 : 64 + N] + want, dtype, f"{impl} glu")
-    np.testing.assert_array_equal(acc[:B, 64 : 64 + N], y)
-    np.testing.assert_array_equal(acc[:, :64], acc0[:, :64])  # other columns kept
-
-
-def test_glu_matvec_into_refuses_bad_pairs():
-    w = jnp.ones((K, N), jnp.float32)
-    acc = jnp.zeros((1, 256), jnp.float32)
-    gu = jnp.zeros((1, 2 * K), jnp.float32)
-    kw = {"activation": "silu", "batch": 1, "dtype": jnp.float32, "impl": "gpu_interpret"}
-    with pytest.raises(ValueError, match="gu_col=1.*even"):
-        glu_matvec_into(acc, 0, gu, 1, w, **kw)
-    with pytest.raises(ValueError, match=f"no {K} \\(gate, up\\) pairs from column 2"):
-        glu_matvec_into(acc, 0, gu, 2, w, **kw)
-    with pytest.raises(ValueError, match="activation='relu'"):
-        glu_matvec_into(acc, 0, gu, 0, w, **{**kw, "activation": "relu"})
-    with pytest.raises(ValueError, match="gu has 2 rows.*reads 16"):  # batch 2: 16 rows
-        glu_matvec_into(jnp.zeros((16, 256)), 0, gu.repeat(2, 0), 0, w, **{**kw, "batch": 2})
 
 
 def test_into_refuses_a_target_it_cannot_add_into():
