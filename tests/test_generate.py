@@ -646,6 +646,56 @@ def test_decode_block_applies_each_threshold_once(method, mode, applied, kernel_
     assert 0.05 < got.measured_sparsity["o_in"] < 0.95
 
 
+def _zero_counts_of(jaxpr) -> tuple[int, int]:
+    """(zero masks a block's `jaxpr` returns, i.e. sows, and those of them made from an
+    optimization barrier's output)."""
+    made_by = {v: e for e in jaxpr.eqns for v in e.outvars}
+    masks = [
+        made_by[v]
+        for v in jaxpr.outvars
+        if v in made_by and v.aval.dtype == jnp.bool_ and made_by[v].primitive.name == "eq"
+    ]
+    behind = sum(
+        1
+        for e in masks
+        if e.invars[0] in made_by and made_by[e.invars[0]].primitive.name == "optimization_barrier"
+    )
+    return len(masks), behind
+
+
+@pytest.mark.parametrize(
+    "method,masks,behind",
+    [
+        ("teal", 5, 5),  # q, kv (q's input: the same array), o, ffn, down
+        ("chess", 2, 1),  # the gate (inside its fusion with up, no barrier) and down_in
+    ],
+)
+def test_zero_counts_only_where_sparsified_and_read_behind_a_barrier(method, masks, behind):
+    """The decode loop's zero counts: one mask per point the method sparsifies (chess's
+    q/k/v, o and FFN inputs are dense: no mask), each made from the array its projection
+    reads, kept as it is by an optimization barrier. Without the barrier XLA's GPU
+    compiler fused the mask with the array's producer into the loop's count addition and
+    recomputed SiLU(gate) * up there from the split-K partials (benchmarks/NOTES_kernels.md)."""
+    from jaxsparse.models import init_cache
+
+    config = tiny(intermediate_size=96)
+    params = init_params(config, seed=2)
+    full = _random_thresholds(config, jax.random.key(4), scale=0.3)
+    points = {"teal": ("q_in", "kv_in", "o_in", "ffn_in", "down_in"), "chess": ("gate",)}
+    th = {layer: {p: t[p] for p in points[method]} for layer, t in full.items()}
+    if method == "teal":
+        th = {layer: {**t, "kv_in": t["q_in"]} for layer, t in th.items()}
+    model = build_model(config)
+    cache = init_cache(config, 1, 8)
+    tok, pos = jnp.ones((1, 1), jnp.int32), jnp.full((1, 1), 3)
+    step = lambda p, t: model.apply({"params": p}, tok, pos, cache, 3, t, mutable=["zeros"])
+    blocks = block_jaxprs(jax.make_jaxpr(step)(params, th).jaxpr)
+    assert [_zero_counts_of(b) for b in blocks] == [(masks, behind)] * config.num_layers
+    (_, _), zeros = step(params, th)
+    counted = {p for layer in zeros["zeros"].values() for m in layer.values() for p in m}
+    assert counted == set(points[method]) | ({"down_in"} if method == "chess" else set())
+
+
 def test_block_accumulator_parts_are_distinct_buffers_of_one_shape():
     """The parts of a block's split accumulator (`BlockAccumulators`) are zeroed together,
     all of one shape (so XLA can make them one multi-output fusion), by different
