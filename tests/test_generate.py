@@ -323,7 +323,7 @@ def _dot_inputs(jaxpr, weight_shapes: dict) -> list[tuple[str, object]]:
 def test_xla_decode_runs_q_and_kv_on_one_stacked_input():
     """chess+ in an XLA decode step (what `--kernels auto` runs from batch 2 on): q_proj
     and kv_proj read one [B, 2, d] input (the q input, then the k/v input), so XLA can run
-    them as one GEMM (`attention._stack_q_kv`). The logits are those of the unstacked
+    them as one GEMM (`attention._stacked_q_kv_input`). The logits are those of the unstacked
     matmuls, and the prefill (many tokens) keeps two inputs."""
     from jaxsparse.models import init_cache, prepare_params
     from jaxsparse.registry import kernels_for_method
@@ -357,6 +357,15 @@ def test_xla_decode_runs_q_and_kv_on_one_stacked_input():
         for q_lhs, kv_lhs in zip(lhs[::2], lhs[1::2]):
             assert (q_lhs is kv_lhs) == stacked
             assert q_lhs.aval.shape[1] == (2 if stacked else t)
+        # made by one select of the broadcast norm output, not by concatenating two inputs
+        # (a kernel per layer on a GPU: benchmarks/NOTES_kernels.md)
+        stacks = [
+            e
+            for b in block_jaxprs(jaxpr.jaxpr)
+            for e in b.eqns
+            if e.primitive.name == "concatenate" and tuple(e.outvars[0].aval.shape) == (2, 2, d)
+        ]
+        assert stacks == []
 
 
 def _gate_source(jaxpr) -> list[str]:

@@ -78,7 +78,9 @@ def _sparse(
     return x
 
 
-def _read_as(module: nn.Module, name: str, x: jax.Array, x_read, sparsified: bool) -> None:
+def _read_as(
+    module: nn.Module, name: str, x: jax.Array, x_read, sparsified: bool, taps: bool = True
+) -> None:
     """Records point `name` (input `x`) as `_sparse` does, where its projection reads
     `x_read` (an array, or a function giving it, called only if its statistics are
     recorded): another point's thresholded input (k/v reading q's in a fused q/k/v
@@ -86,8 +88,10 @@ def _read_as(module: nn.Module, name: str, x: jax.Array, x_read, sparsified: boo
     are those of what is read; its zeros are counted if `sparsified`. Thresholding `x`
     in XLA instead would give the same values, but costs a kernel per layer: as a second
     consumer of `x` it keeps XLA from fusing q's threshold into the RMSNorm that makes
-    `x`, and before o_proj it is a kernel of its own (benchmarks/NOTES_kernels.md)."""
-    module.sow("taps", name, x)
+    `x`, and before o_proj it is a kernel of its own (benchmarks/NOTES_kernels.md).
+    `taps=False`: the caller sowed the tap already."""
+    if taps:
+        module.sow("taps", name, x)
     if module.is_mutable_collection("stats") or module.is_mutable_collection("zeros"):
         kept = x_read() if callable(x_read) else x_read
         module.sow("stats", name, rules.zero_fraction(kept))
@@ -118,14 +122,40 @@ def _decode_heads(kn: Kernels, thresholds: dict | None, c: ModelConfig, t: int):
     return o_keep.reshape(o_keep.shape[0], c.num_heads, c.head_dim)[:, :, 0]
 
 
-def _stack_q_kv(kn: Kernels, xq: jax.Array, xkv: jax.Array, t: int) -> bool:
-    """Whether q_proj and kv_proj run on one stacked input (`SelfAttention`): in an XLA
-    decode step (one token per row, neither projection through a kernel) whose q input
-    has a threshold of its own (chess+). Otherwise XLA runs q apart from k|v: one GEMM
-    more per layer than dense, at batch 4 on an H200 (benchmarks/NOTES_kernels.md,
-    "Batches 4 and 8")."""
-    kernels = kn.use("q_in", xq) or kn.use("kv_in", xkv)
-    return t == 1 and xq is not xkv and not kernels
+def _stacked_q_kv_input(module, kn: Kernels, h, thresholds: dict | None, c: ModelConfig, t: int):
+    """chess+'s q and k/v inputs as the two "tokens" of one [B, 2, d] input, in an XLA
+    decode step (one token per row, neither projection through a kernel) where q and
+    k/v have thresholds of their own; else None. q_proj and kv_proj then share their
+    input, which XLA's GPU compiler merges into one GEMM over [q | kv] (weights read
+    once), as it merges q/k/v for a shared input: one GEMM less per layer than two
+    inputs, at batch 4 on an H200 (benchmarks/NOTES_kernels.md, "Batches 4 and 8").
+
+    The stacked input is one select of the broadcast RMSNorm output against both rows'
+    thresholds, which XLA can fuse into the norm; thresholding q's input and
+    concatenating it with k/v's was two more kernels per layer (a select the norm could
+    not take, its output having two consumers, and the concatenate). Statistics and zero
+    counts are recorded as `_sparse` records them."""
+    if thresholds is None or t != 1 or not kn.fuse_kv or kn.fuse_qkv:
+        return None
+    if kn.use("q_in", h) or kn.use("kv_in", h) or _decode_heads(kn, thresholds, c, t) is not None:
+        return None
+    masks = thresholds.get("masks", {})
+    if "relax_tau" in thresholds or "q_in" in masks or "kv_in" in masks:
+        return None
+    rows = [thresholds.get("q_in"), thresholds.get("kv_in")]
+    if all(r is None for r in rows):
+        return None
+    for name, r in zip(("q_in", "kv_in"), rows):
+        module.sow("taps", name, h)
+    d = h.shape[-1]
+    t_2xD = jnp.stack([jnp.broadcast_to(jnp.zeros(()) if r is None else r, (d,)) for r in rows])
+    free_2x1 = jnp.asarray([[r is None] for r in rows])  # a row without a threshold keeps all
+    h_Bx2xD = jnp.broadcast_to(h, (h.shape[0], 2, d))
+    keep = (jnp.abs(h_Bx2xD) >= t_2xD.astype(h.dtype)) | free_2x1
+    x_Bx2xD = jnp.where(keep, h_Bx2xD, jnp.zeros((), h.dtype))
+    for i, name in enumerate(("q_in", "kv_in")):
+        _read_as(module, name, h, x_Bx2xD[:, i : i + 1], _sparsified(name, thresholds), taps=False)
+    return x_Bx2xD
 
 
 def _q_kv_one_launch(module, kn: Kernels, shared, xq, xkv, c: ModelConfig, dt):
@@ -208,11 +238,15 @@ class SelfAttention(nn.Module):
         dt = param_dtype(c)
         b, t, _ = h_BxTxD.shape
         kn = self.kernels
-        xq = _sparse(self, "q_in", h_BxTxD, thresholds)
-        if kn.fuse_qkv:  # k/v read xq (equal q_in and kv_in thresholds: Kernels.fuse_qkv)
+        # chess+ in an XLA step: q and k/v read one stacked input (xq, xkv unused)
+        x_Bx2xD = _stacked_q_kv_input(self, kn, h_BxTxD, thresholds, c, t)
+        xq = xkv = None
+        if x_Bx2xD is None:
+            xq = _sparse(self, "q_in", h_BxTxD, thresholds)
+        if x_Bx2xD is None and kn.fuse_qkv:  # k/v read xq (Kernels.fuse_qkv: equal thresholds)
             _read_as(self, "kv_in", h_BxTxD, xq, _sparsified("kv_in", thresholds))
             xkv = xq
-        else:
+        elif x_Bx2xD is None:
             xkv = _sparse(self, "kv_in", h_BxTxD, thresholds)
         heads_BxH = _decode_heads(kn, thresholds, c, t)
         if kn.fuse_qkv:  # q and k/v read the same input here (see Kernels.fuse_qkv)
@@ -232,18 +266,14 @@ class SelfAttention(nn.Module):
             kv_proj = Linear(
                 2 * c.kv_dim, ("embed", "kv_heads"), c.qkv_bias, dt, kn, name="kv_proj"
             )
-            if heads_BxH is not None:  # only the selected heads' rows of q_proj are read
+            if x_Bx2xD is not None:  # one GEMM over [q | kv] (`_stacked_q_kv_input`)
+                q = q_proj(x_Bx2xD)[:, :1]
+                kv = kv_proj(x_Bx2xD)[:, 1:]
+            elif heads_BxH is not None:  # only the selected heads' rows of q_proj are read
                 q = q_proj(xq, gate=thresholds["masks"]["o_in"])
                 kv = kv_proj(xkv, "kv_in", shared=shared)
             elif (one := _q_kv_one_launch(self, kn, shared, xq, xkv, c, dt)) is not None:
                 q, kv = one
-            elif _stack_q_kv(kn, xq, xkv, t):
-                # Both inputs as the two "tokens" of one [B, 2, d] input: the two matmuls
-                # then share their input, which XLA's GPU compiler merges into one GEMM
-                # over [q | kv] (weights read once), as it merges q/k/v for a shared input.
-                x_Bx2xD = jnp.concatenate([xq, xkv], axis=1)
-                q = q_proj(x_Bx2xD)[:, :1]
-                kv = kv_proj(x_Bx2xD)[:, 1:]
             else:
                 q = q_proj(xq, "q_in", shared=shared)
                 kv = kv_proj(xkv, "kv_in", shared=shared)
