@@ -145,7 +145,7 @@ def _stacked_q_kv_input(module, kn: Kernels, h, thresholds: dict | None, c: Mode
     rows = [thresholds.get("q_in"), thresholds.get("kv_in")]
     if all(r is None for r in rows):
         return None
-    for name, r in zip(("q_in", "kv_in"), rows):
+    for name in ("q_in", "kv_in"):
         module.sow("taps", name, h)
     d = h.shape[-1]
     t_2xD = jnp.stack([jnp.broadcast_to(jnp.zeros(()) if r is None else r, (d,)) for r in rows])
