@@ -314,8 +314,9 @@ def drop_zero_points(thresholds: dict | None) -> dict | None:
     """`thresholds` (a model's `thresholds=` tree) without the sparsification points whose
     threshold is zero in every layer (a state holds zeros where its method thresholds
     nothing: CHESS's q/k/v, o and FFN inputs). `abs(x) >= 0` keeps every entry, so the
-    model computes the same values with the point absent, and still records its
-    statistics; what goes is the select itself, which XLA does not always fuse: before an
+    model computes the same values with the point absent (its zero fraction is still
+    recorded as "stats"; the decode loop no longer counts its zeros, as for any point left
+    dense); what goes is the select itself, which XLA does not always fuse: before an
     XLA o_proj it is a kernel of its own per layer (benchmarks/NOTES_kernels.md). Keys that
     are not points (masks, learning's temperature) stay; a Deja Vu tree (with predictors,
     whose masks are shaped from its `o_in` entry) is returned as it is."""

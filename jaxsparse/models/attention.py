@@ -78,9 +78,7 @@ def _sparse(
     return x
 
 
-def _read_as(
-    module: nn.Module, name: str, x: jax.Array, x_read, sparsified: bool, taps: bool = True
-) -> None:
+def _read_as(module: nn.Module, name: str, x: jax.Array, x_read, sparsified: bool) -> None:
     """Records point `name` (input `x`) as `_sparse` does, where its projection reads
     `x_read` (an array, or a function giving it, called only if its statistics are
     recorded): another point's thresholded input (k/v reading q's in a fused q/k/v
@@ -88,10 +86,8 @@ def _read_as(
     are those of what is read; its zeros are counted if `sparsified`. Thresholding `x`
     in XLA instead would give the same values, but costs a kernel per layer: as a second
     consumer of `x` it keeps XLA from fusing q's threshold into the RMSNorm that makes
-    `x`, and before o_proj it is a kernel of its own (benchmarks/NOTES_kernels.md).
-    `taps=False`: the caller sowed the tap already."""
-    if taps:
-        module.sow("taps", name, x)
+    `x`, and before o_proj it is a kernel of its own (benchmarks/NOTES_kernels.md)."""
+    module.sow("taps", name, x)
     if module.is_mutable_collection("stats") or module.is_mutable_collection("zeros"):
         kept = x_read() if callable(x_read) else x_read
         module.sow("stats", name, rules.zero_fraction(kept))
@@ -122,7 +118,7 @@ def _decode_heads(kn: Kernels, thresholds: dict | None, c: ModelConfig, t: int):
     return o_keep.reshape(o_keep.shape[0], c.num_heads, c.head_dim)[:, :, 0]
 
 
-def _stacked_q_kv_input(module, kn: Kernels, h, thresholds: dict | None, c: ModelConfig, t: int):
+def _stacked_q_kv_input(module, kn: Kernels, h, thresholds: dict | None, t: int):
     """chess+'s q and k/v inputs as the two "tokens" of one [B, 2, d] input, in an XLA
     decode step (one token per row, neither projection through a kernel) where q and
     k/v have thresholds of their own; else None. q_proj and kv_proj then share their
@@ -134,10 +130,11 @@ def _stacked_q_kv_input(module, kn: Kernels, h, thresholds: dict | None, c: Mode
     thresholds, which XLA can fuse into the norm; thresholding q's input and
     concatenating it with k/v's was two more kernels per layer (a select the norm could
     not take, its output having two consumers, and the concatenate). Statistics and zero
-    counts are recorded as `_sparse` records them."""
+    counts are recorded as `_sparse` records them. The caller leaves out Deja Vu's
+    head-sparse step (`_decode_heads`)."""
     if thresholds is None or t != 1 or not kn.fuse_kv or kn.fuse_qkv:
         return None
-    if kn.use("q_in", h) or kn.use("kv_in", h) or _decode_heads(kn, thresholds, c, t) is not None:
+    if kn.use("q_in", h) or kn.use("kv_in", h):
         return None
     masks = thresholds.get("masks", {})
     if "relax_tau" in thresholds or "q_in" in masks or "kv_in" in masks:
@@ -145,16 +142,13 @@ def _stacked_q_kv_input(module, kn: Kernels, h, thresholds: dict | None, c: Mode
     rows = [thresholds.get("q_in"), thresholds.get("kv_in")]
     if all(r is None for r in rows):
         return None
-    for name in ("q_in", "kv_in"):
-        module.sow("taps", name, h)
     d = h.shape[-1]
     t_2xD = jnp.stack([jnp.broadcast_to(jnp.zeros(()) if r is None else r, (d,)) for r in rows])
     free_2x1 = jnp.asarray([[r is None] for r in rows])  # a row without a threshold keeps all
     h_Bx2xD = jnp.broadcast_to(h, (h.shape[0], 2, d))
-    keep = (jnp.abs(h_Bx2xD) >= t_2xD.astype(h.dtype)) | free_2x1
-    x_Bx2xD = jnp.where(keep, h_Bx2xD, jnp.zeros((), h.dtype))
+    x_Bx2xD = jnp.where(free_2x1, h_Bx2xD, rules.sparsify(h_Bx2xD, t_2xD))
     for i, name in enumerate(("q_in", "kv_in")):
-        _read_as(module, name, h, x_Bx2xD[:, i : i + 1], _sparsified(name, thresholds), taps=False)
+        _read_as(module, name, h, x_Bx2xD[:, i : i + 1], _sparsified(name, thresholds))
     return x_Bx2xD
 
 
@@ -238,17 +232,17 @@ class SelfAttention(nn.Module):
         dt = param_dtype(c)
         b, t, _ = h_BxTxD.shape
         kn = self.kernels
-        # chess+ in an XLA step: q and k/v read one stacked input (xq, xkv unused)
-        x_Bx2xD = _stacked_q_kv_input(self, kn, h_BxTxD, thresholds, c, t)
-        xq = xkv = None
+        heads_BxH = _decode_heads(kn, thresholds, c, t)
+        x_Bx2xD = xq = xkv = None
+        if heads_BxH is None:  # chess+ in an XLA step: q and k/v read one stacked input
+            x_Bx2xD = _stacked_q_kv_input(self, kn, h_BxTxD, thresholds, t)
         if x_Bx2xD is None:
             xq = _sparse(self, "q_in", h_BxTxD, thresholds)
-        if x_Bx2xD is None and kn.fuse_qkv:  # k/v read xq (Kernels.fuse_qkv: equal thresholds)
-            _read_as(self, "kv_in", h_BxTxD, xq, _sparsified("kv_in", thresholds))
-            xkv = xq
-        elif x_Bx2xD is None:
-            xkv = _sparse(self, "kv_in", h_BxTxD, thresholds)
-        heads_BxH = _decode_heads(kn, thresholds, c, t)
+            if kn.fuse_qkv:  # k/v read xq (Kernels.fuse_qkv: equal thresholds)
+                _read_as(self, "kv_in", h_BxTxD, xq, _sparsified("kv_in", thresholds))
+                xkv = xq
+            else:
+                xkv = _sparse(self, "kv_in", h_BxTxD, thresholds)
         if kn.fuse_qkv:  # q and k/v read the same input here (see Kernels.fuse_qkv)
             qkv = Linear(
                 c.q_dim + 2 * c.kv_dim, ("embed", "qkv_heads"), c.qkv_bias, dt, kn, name="qkv_proj"
