@@ -146,7 +146,10 @@ def _stacked_q_kv_input(module, kn: Kernels, h, thresholds: dict | None, t: int)
     t_2xD = jnp.stack([jnp.broadcast_to(jnp.zeros(()) if r is None else r, (d,)) for r in rows])
     free_2x1 = jnp.asarray([[r is None] for r in rows])  # a row without a threshold keeps all
     h_Bx2xD = jnp.broadcast_to(h, (h.shape[0], 2, d))
-    x_Bx2xD = jnp.where(free_2x1, h_Bx2xD, rules.sparsify(h_Bx2xD, t_2xD))
+    # `rules.sparsify`'s rule (t rounded to h's dtype), written as the one select that was
+    # measured fusing into the norm on the GPU
+    keep = (jnp.abs(h_Bx2xD) >= t_2xD.astype(h.dtype)) | free_2x1
+    x_Bx2xD = jnp.where(keep, h_Bx2xD, jnp.zeros((), h.dtype))
     for i, name in enumerate(("q_in", "kv_in")):
         _read_as(module, name, h, x_Bx2xD[:, i : i + 1], _sparsified(name, thresholds))
     return x_Bx2xD
