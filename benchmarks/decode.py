@@ -321,7 +321,7 @@ def run(args) -> dict:
         gens: dict = {}
         for batch in args.batches:
             kernels = default_kernels(base, batch, args.kernels, th)
-            if overrides and kernels.mode == "pallas":
+            if overrides and (kernels.mode == "pallas" or set(overrides) == {"decode_attention"}):
                 kernels = dataclasses.replace(kernels, **overrides)
             if kernels not in gens:
                 gens.clear()  # one prepared layout on the device at a time
@@ -452,11 +452,13 @@ def profile_steps(gen, prompts, th, args, method, devices: int = 1) -> dict:
         r, events = traced(lambda n=n: generate(n), d)
         groups: dict[str, list[float]] = {}
         names: dict[str, float] = {}
+        calls: dict[str, int] = {}
         for e in events:
             groups.setdefault(kind(e["name"]), []).append(float(e.get("dur", 0.0)))
             names[e["name"][:60]] = names.get(e["name"][:60], 0.0) + float(e.get("dur", 0.0))
-        totals.append((r.decode_s, r.decode_steps, groups, names))
-    (wall_n, steps_n, g_n, names_n), (wall_1, steps_1, g_1, names_1) = totals
+            calls[e["name"][:60]] = calls.get(e["name"][:60], 0) + 1
+        totals.append((r.decode_s, r.decode_steps, groups, names, calls))
+    (wall_n, steps_n, g_n, names_n, calls_n), (wall_1, steps_1, g_1, names_1, calls_1) = totals
     steps = steps_n - steps_1
     per = steps * devices
     by_kind = {
@@ -471,13 +473,14 @@ def profile_steps(gen, prompts, th, args, method, devices: int = 1) -> dict:
     top = sorted(
         ((k, (v - names_1.get(k, 0.0)) / 1e3 / per) for k, v in names_n.items()),
         key=lambda kv: -kv[1],
-    )[:12]
+    )[: args.profile_top]
     return {
         "wall_ms_per_step": wall_ms,
         "device_ms_per_step": device_ms,
         "idle_ms_per_step": wall_ms - device_ms,
         "by_kind": by_kind,
         "top_kernels_ms_per_step": dict(top),
+        "top_kernels_calls_per_step": {k: (calls_n[k] - calls_1.get(k, 0)) / per for k, _ in top},
         "how": "traced generate_ids of --new-tokens minus of 1 token; decode_s as wall",
     }
 
@@ -517,6 +520,9 @@ def main(argv=None) -> int:
         help="skip the bare fori_loop reference at batch 1",
     )
     p.add_argument("--profile", help="directory for profiler traces: per-step device time, per row")
+    p.add_argument(
+        "--profile-top", type=int, default=12, help="kernels listed per profiled row (by time)"
+    )
     p.add_argument(
         "--no-stats",
         dest="collect_stats",

@@ -10,6 +10,11 @@ for the selected heads, and exact zeros for the others (G = H // Hkv: grouped-qu
 attention; a kv head's cache is read only when one of its query heads is selected).
 Slots at or past `kv_len` are never read (the cache's unused tail).
 
+With `threshold` (a float32 threshold per output channel, [H * Dh], [H, Dh] or a
+scalar), each output entry o with `abs(o) < threshold` is zeroed, the threshold rounded
+to o's dtype first (`jaxsparse.rules.sparsify`'s rule): the o_proj input's threshold of a
+sparse decode step, applied where o is written instead of by a kernel of its own.
+
 Holds: `head_sparse_attention_reference` (pure jnp, float32 softmax), a GPU
 (Pallas/Triton) kernel, a TPU (Pallas/Mosaic) kernel, and the dispatcher
 `head_sparse_attention`.
@@ -94,9 +99,11 @@ def head_sparse_attention_reference(
     *,
     kv_len: Any = None,
     scale: float | None = None,
+    threshold: Any = None,
     **_blocks: Any,
 ) -> jax.Array:
-    """Every head computed densely in float32, unselected heads zeroed; o in q.dtype."""
+    """Every head computed densely in float32, unselected heads zeroed, o in q.dtype;
+    then `threshold` applied (see the module docstring)."""
     B, H, Hkv, S, Dh = _dims(
         q_BxHxDh, head_mask_BxH, k_cache_BxKxSxDh, v_cache_BxKxSxDh, kv_valid_BxS
     )
@@ -113,15 +120,31 @@ def head_sparse_attention_reference(
     den = jnp.sum(p, axis=-1, keepdims=True)
     o = jnp.einsum("bkgs,bksd->bkgd", p, v, precision=_HI) / jnp.where(den > 0, den, 1.0)
     o = o.reshape(B, H, Dh)
-    return jnp.where((head_mask_BxH != 0)[:, :, None], o, 0.0).astype(q_BxHxDh.dtype)
+    o = jnp.where((head_mask_BxH != 0)[:, :, None], o, 0.0).astype(q_BxHxDh.dtype)
+    if threshold is None:
+        return o
+    t = _threshold_HxDh(threshold, H, Dh).astype(o.dtype)
+    return jnp.where(jnp.abs(o) >= t[None], o, jnp.zeros((), o.dtype))
+
+
+def _threshold_HxDh(threshold: Any, H: int, Dh: int) -> jax.Array:
+    """`threshold` (scalar, [H * Dh] or [H, Dh]) as float32 [H, Dh]."""
+    t = jnp.asarray(threshold, jnp.float32)
+    if t.shape not in ((), (H * Dh,), (H, Dh)):
+        raise ValueError(
+            f"{_NAME}: threshold has shape {t.shape}; use a scalar, [H * Dh] = [{H * Dh}] or "
+            f"[H, Dh] = [{H}, {Dh}] (one per output channel)."
+        )
+    return jnp.broadcast_to(t.reshape(H, Dh) if t.ndim else t, (H, Dh))
 
 
 # ------------------------------------------------------------------------ GPU (Triton)
 
 
 def _gpu_kernel(
-    q_ref, hm_ref, valid_ref, len_ref, k_ref, v_ref, o_ref, *, G, Dh, S, block_s, scale
+    q_ref, hm_ref, valid_ref, len_ref, k_ref, v_ref, *refs, G, Dh, S, block_s, scale, thresholded
 ):
+    t_ref, o_ref = refs if thresholded else (None, refs[0])
     b = pl.program_id(0)
     kvh = pl.program_id(1)
     gs = dsp.static_indices(G)
@@ -166,7 +189,11 @@ def _gpu_kernel(
     for g, h in enumerate(heads):
         _, l_g, acc_g = res[g]
         o = jnp.where(sel[g], acc_g / jnp.where(l_g > 0, l_g, 1.0), 0.0)  # no slot: acc = 0
-        o_ref[b, h, :] = o.astype(o_ref.dtype)
+        o = o.astype(o_ref.dtype)
+        if thresholded:  # compared in o's dtype, the threshold rounded to it
+            t = t_ref[h, :].astype(o_ref.dtype)
+            o = jnp.where(jnp.abs(o) >= t, o, jnp.zeros((), o_ref.dtype))
+        o_ref[b, h, :] = o
 
 
 @functools.partial(
@@ -179,6 +206,7 @@ def _head_sparse_attention_gpu(
     v_cache,
     valid_BxS,
     kv_len,
+    t_HxDh=None,
     *,
     scale,
     block_s=64,
@@ -190,7 +218,15 @@ def _head_sparse_attention_gpu(
     _, Hkv, S, _ = k_cache.shape
     dsp.check_block(_NAME, "block_s", block_s, power_of_2=True)
     dsp.check_block(_NAME, "head dim Dh", Dh, power_of_2=True)
-    kernel = functools.partial(_gpu_kernel, G=H // Hkv, Dh=Dh, S=S, block_s=block_s, scale=scale)
+    kernel = functools.partial(
+        _gpu_kernel,
+        G=H // Hkv,
+        Dh=Dh,
+        S=S,
+        block_s=block_s,
+        scale=scale,
+        thresholded=t_HxDh is not None,
+    )
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((B, H, Dh), q_BxHxDh.dtype),
@@ -205,6 +241,7 @@ def _head_sparse_attention_gpu(
         kv_len.reshape(1),
         k_cache,
         v_cache,
+        *(() if t_HxDh is None else (t_HxDh,)),
     )
 
 
@@ -221,17 +258,15 @@ def _tpu_kernel(
     k_ref,
     v_ref,
     valid_ref,
-    o_ref,
-    m_ref,
-    l_ref,
-    acc_ref,
-    *,
+    *refs,
     G,
     H,
     S,
     block_s,
     scale,
+    thresholded,
 ):
+    t_ref, o_ref, m_ref, l_ref, acc_ref = refs if thresholded else (None, *refs)
     b = pl.program_id(0)
     j = pl.program_id(1)
     s = pl.program_id(2)
@@ -286,7 +321,11 @@ def _tpu_kernel(
             sel = jnp.where(row == g, hm_ref[b * H + kvh * G + g] != 0, sel)
         l_col = l_ref[...][:, :1]
         o = acc_ref[...] / jnp.where(l_col > 0, l_col, 1.0)
-        o_ref[kvh] = jnp.where(sel, o, 0.0).astype(o_ref.dtype)
+        o = jnp.where(sel, o, 0.0).astype(o_ref.dtype)
+        if thresholded:  # compared in o's dtype, the threshold rounded to it
+            t = t_ref[kvh].astype(o_ref.dtype)
+            o = jnp.where(jnp.abs(o) >= t, o, jnp.zeros((), o_ref.dtype))
+        o_ref[kvh] = o
 
 
 def _needed_kv_heads(hm_BxH: jax.Array, Hkv: int) -> tuple[jax.Array, jax.Array]:
@@ -317,7 +356,17 @@ def tpu_block_s(S: int, block_s: int | None) -> int:
 
 @functools.partial(jax.jit, static_argnames=("scale", "block_s", "interpret"))
 def _head_sparse_attention_tpu(
-    q_BxHxDh, hm_BxH, k_cache, v_cache, valid_BxS, kv_len, *, scale, block_s=None, interpret=False
+    q_BxHxDh,
+    hm_BxH,
+    k_cache,
+    v_cache,
+    valid_BxS,
+    kv_len,
+    t_HxDh=None,
+    *,
+    scale,
+    block_s=None,
+    interpret=False,
 ):
     B, H, Dh = q_BxHxDh.shape
     _, Hkv, S, _ = k_cache.shape
@@ -331,7 +380,12 @@ def _head_sparse_attention_tpu(
     def kv_map(b, j, s, kvl, cnt, nblk, ln, hm):
         return (b, kvl[b, j], jnp.minimum(s, nblk[0] - 1), 0)
 
-    kernel = functools.partial(_tpu_kernel, G=G, H=H, S=S, block_s=bs, scale=scale)
+    thresholded = t_HxDh is not None
+    kernel = functools.partial(
+        _tpu_kernel, G=G, H=H, S=S, block_s=bs, scale=scale, thresholded=thresholded
+    )
+    # the whole [Hkv, G, Dh] threshold, one block for every step (indexed by kv head)
+    t_spec = pl.BlockSpec((Hkv, G, Dh), lambda b, j, s, kvl, cnt, nblk, ln, hm: (0, 0, 0))
     grid_spec = dsp.prefetch_grid_spec(
         num_scalar_prefetch=5,
         grid=(B, Hkv, pl.cdiv(S, bs)),
@@ -345,6 +399,7 @@ def _head_sparse_attention_tpu(
                 (None, 1, bs),
                 lambda b, j, s, kvl, cnt, nblk, ln, hm: (b, 0, jnp.minimum(s, nblk[0] - 1)),
             ),
+            *([t_spec] if thresholded else []),
         ],
         out_specs=pl.BlockSpec(
             (None, Hkv, G, Dh), lambda b, j, s, kvl, cnt, nblk, ln, hm: (b, 0, 0, 0)
@@ -372,6 +427,7 @@ def _head_sparse_attention_tpu(
         k_cache,
         v_cache,
         valid,
+        *([t_HxDh.reshape(Hkv, G, Dh)] if thresholded else []),
     )
     return o.reshape(B, H, Dh)
 
@@ -390,6 +446,7 @@ def head_sparse_attention(
     scale: float | None = None,
     impl: str = "auto",
     block_s: int | None = None,
+    threshold: Any = None,
     **kernel_options: Any,
 ) -> jax.Array:
     """Decode-step attention of the selected query heads over a `[B, Hkv, S, Dh]` cache.
@@ -404,6 +461,9 @@ def head_sparse_attention(
       scale: score scale (default Dh ** -0.5).
       impl: "auto", "reference", "gpu", "tpu", "gpu_interpret", "tpu_interpret".
       block_s: cache slots per step (GPU: a power of 2; TPU: a multiple of 128).
+      threshold: None, or a float threshold per output channel (a scalar, [H * Dh] in the
+        merged heads' order, or [H, Dh]): entries with `abs(o) < threshold` (threshold
+        rounded to q.dtype) come out as 0.
       kernel_options: GPU only: num_warps, num_stages.
 
     Returns:
@@ -415,16 +475,17 @@ def head_sparse_attention(
     )
     scale = float(Dh**-0.5 if scale is None else scale)
     n = _kv_len(kv_len, S)
+    t = None if threshold is None else _threshold_HxDh(threshold, _H, Dh)
     args = (q_BxHxDh, head_mask_BxH, k_cache_BxKxSxDh, v_cache_BxKxSxDh, kv_valid_BxS)
     if which == "reference":
-        return head_sparse_attention_reference(*args, kv_len=n, scale=scale)
+        return head_sparse_attention_reference(*args, kv_len=n, scale=scale, threshold=t)
     extra = {} if block_s is None else {"block_s": block_s}
     if which in ("gpu", "gpu_interpret"):
         return _head_sparse_attention_gpu(
-            *args, n, scale=scale, interpret=which == "gpu_interpret", **extra, **kernel_options
+            *args, n, t, scale=scale, interpret=which == "gpu_interpret", **extra, **kernel_options
         )
     if kernel_options:
         raise ValueError(f"{_NAME}: options {sorted(kernel_options)} apply to the GPU kernel only.")
     return _head_sparse_attention_tpu(
-        *args, n, scale=scale, interpret=which == "tpu_interpret", **extra
+        *args, n, t, scale=scale, interpret=which == "tpu_interpret", **extra
     )

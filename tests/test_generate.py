@@ -368,6 +368,91 @@ def test_xla_decode_runs_q_and_kv_on_one_stacked_input():
         assert stacks == []
 
 
+def _o_proj_source(jaxpr, o_shape) -> list[list[str]]:
+    """Per block: what o_proj's input (the lhs of the dot with an `o_shape` weight) passes
+    through on its way back from the op that made it, reshapes and converts skipped:
+    ending at a kernel's name or an XLA primitive."""
+    out = []
+    for block in block_jaxprs(jaxpr):
+        made_by = {v: e for e in block.eqns for v in e.outvars}
+        for name, v in _dot_inputs_of(block, {o_shape: "o"}):
+            path = []
+            while v in made_by:
+                p = made_by[v]
+                if pallas_calls_of(p):
+                    path.append(pallas_calls_of(p)[0])
+                    break
+                if p.primitive.name not in ("reshape", "convert_element_type", "squeeze"):
+                    path.append(p.primitive.name)
+                    break
+                v = p.invars[0]
+            out.append(path)
+    return out
+
+
+def _dot_inputs_of(block, weight_shapes: dict) -> list:
+    return [
+        (weight_shapes[tuple(e.invars[1].aval.shape)], e.invars[0])
+        for e in block.eqns
+        if e.primitive.name == "dot_general" and tuple(e.invars[1].aval.shape) in weight_shapes
+    ]
+
+
+@pytest.mark.slow  # ~40 s on 2 cores: the attention kernel runs in interpret mode
+def test_decode_attention_kernel_gives_xla_tokens_and_applies_o_in_threshold():
+    """`Kernels(decode_attention=True)`: a decode step's attention runs through the
+    attention kernel (every head), in an XLA step (what `--kernels auto` runs from batch
+    2 on) and in a pallas one, with the logits, tokens and measured sparsity of XLA's
+    attention. In the XLA step the kernel applies o_proj's input threshold to its output:
+    o_proj reads the kernel's output, no select between them (a kernel of its own per
+    layer on a GPU: benchmarks/NOTES_kernels.md). The prefill keeps XLA's attention."""
+    import dataclasses
+
+    from jaxsparse.models import init_cache, prepare_params
+    from jaxsparse.registry import kernels_for_method
+
+    config = tiny(intermediate_size=96, head_dim=16, num_kv_heads=1)
+    params = jax.tree.map(lambda x: x * 10, init_params(config, seed=2))
+    thresholds = _random_thresholds(config, jax.random.key(4), scale=0.3)
+    # o_in thresholds that zero about half of the attention's output
+    thresholds = {k: {**v, "o_in": v["o_in"] * 0 + 8.0} for k, v in thresholds.items()}
+    prompt = jnp.asarray([[5, 6, 7, 8], [9, 10, 11, 12]])
+    want = _decode_logits(config, params, Kernels(), thresholds, prompt, 3)
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    dense = Generator(config, params).generate_ids(
+        prompts, max_new_tokens=5, thresholds=thresholds, stop_at_eos=False
+    )
+    assert 0.2 < dense.measured_sparsity["o_in"] < 0.9
+    for mode in ("xla", "pallas"):
+        base = kernels_for_method("teal", mode, "gpu_interpret", thresholds=thresholds)
+        kernels = dataclasses.replace(base, decode_attention=True, impl="gpu_interpret")
+        have = _decode_logits(config, params, kernels, thresholds, prompt, 3)
+        np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+        got = Generator(config, params, kernels=kernels).generate_ids(
+            prompts, max_new_tokens=5, thresholds=thresholds, stop_at_eos=False
+        )
+        assert got.tokens == dense.tokens
+        for point, value in dense.measured_sparsity.items():
+            assert got.measured_sparsity[point] == pytest.approx(value), (mode, point)
+
+        model = build_model(config, kernels)
+        p = prepare_params(params, config, kernels)
+        o_shape = (config.q_dim, config.hidden_size)
+        for t in (1, 4):
+            tok, pos = jnp.ones((2, t), jnp.int32), jnp.broadcast_to(jnp.arange(t), (2, t))
+            jaxpr = jax.make_jaxpr(
+                lambda p, tok, pos, th, m=model: m.apply(
+                    {"params": p}, tok, pos, init_cache(config, 2, 8), 0, th
+                )
+            )(p, tok, pos, thresholds).jaxpr
+            calls = pallas_calls(jaxpr)
+            n_attention = calls.count("head_sparse_attention")
+            assert n_attention == (config.num_layers if t == 1 else 0), (mode, t)
+            if mode == "xla" and t == 1:  # o_proj is XLA's dot: its input from the kernel
+                want_src = [["head_sparse_attention"]] * config.num_layers
+                assert _o_proj_source(jaxpr, o_shape) == want_src
+
+
 def _gate_source(jaxpr) -> list[str]:
     """For each gated_matvec call in a model's `jaxpr` (in each block's jaxpr, where each
     kernel is in its own jit), the primitives its gate input passes through on the way back

@@ -100,12 +100,20 @@ def _kernel_threshold(kn: Kernels, name: str, x: jax.Array, thresholds: dict | N
     sparse-input kernel (a pallas decode step), which then applies it: no XLA kernel of
     its own between the attention's PV product and o_proj. None where `_sparse` applies
     it (no kernel, a relaxed threshold while learning, or a Deja Vu mask on top)."""
-    if thresholds is None or name not in thresholds or not kn.use(name, x):
+    if not kn.use(name, x):
+        return None
+    return _plain_threshold(name, x.shape[-1], thresholds)  # what the kernel takes
+
+
+def _plain_threshold(name: str, width: int, thresholds: dict | None):
+    """Point `name`'s threshold where it is a plain one (no relaxation while learning, no
+    Deja Vu mask on top) that a kernel can apply to its `width` channels; else None."""
+    if thresholds is None or name not in thresholds:
         return None
     if "relax_tau" in thresholds or name in thresholds.get("masks", {}):
         return None
     t = thresholds[name]
-    return t if jnp.shape(t) in ((), (x.shape[-1],)) else None  # what the kernel takes
+    return t if jnp.shape(t) in ((), (width,)) else None
 
 
 def _decode_heads(kn: Kernels, thresholds: dict | None, c: ModelConfig, t: int):
@@ -306,14 +314,28 @@ class SelfAttention(nn.Module):
         else:
             k_BxKxSxD, v_BxKxSxD = k_BxKxTxD, v_BxKxTxD
         mask = attention_mask(positions_BxT, kv_pos_BxS, c.attention_window(self.layer_type))
-        if heads_BxH is not None:  # Deja Vu decode: attention for the selected heads only
+        o_t = _kernel_threshold(kn, "o_in", jax.ShapeDtypeStruct((b, t, c.q_dim), dt), thresholds)
+        attn_heads_BxH, attn_t = heads_BxH, None
+        if attn_heads_BxH is None and kn.attention_kernel(t, layer_cache is not None):
+            attn_heads_BxH = jnp.ones((b, c.num_heads), jnp.int32)  # every head: one kernel
+            if o_t is None and not self.is_mutable_collection("taps"):
+                attn_t = _plain_threshold("o_in", c.q_dim, thresholds)
+        if attn_heads_BxH is not None:  # Deja Vu decode: attention for the selected heads only
             from pallas_kernels import head_sparse_attention
 
             kv_len = None if layer_cache is None else jnp.asarray(cache_index + t, jnp.int32)
 
             def heads_attention(q, heads, k_, v_, valid, n):
                 return head_sparse_attention(
-                    q, heads, k_, v_, valid, kv_len=n, scale=c.attention_scale, impl=kn.impl
+                    q,
+                    heads,
+                    k_,
+                    v_,
+                    valid,
+                    kv_len=n,
+                    scale=c.attention_scale,
+                    impl=kn.impl,
+                    threshold=attn_t,
                 )
 
             o_BxHxD = _per_head_shard(
@@ -321,7 +343,7 @@ class SelfAttention(nn.Module):
                 kn.mesh,
                 c,
                 q_BxTxHxD[:, 0],
-                heads_BxH,
+                attn_heads_BxH,
                 k_BxKxSxD,
                 v_BxKxSxD,
                 mask[:, 0],
@@ -331,8 +353,9 @@ class SelfAttention(nn.Module):
         else:
             out_BxTxHD = attend(q_BxTxHxD, k_BxKxSxD, v_BxKxSxD, mask, c.attention_scale)
         self.sow("taps", "head_out", out_BxTxHD.reshape(b, t, c.num_heads, c.head_dim))
-        o_t = _kernel_threshold(kn, "o_in", out_BxTxHD, thresholds)
-        if o_t is None:
+        if attn_t is not None:  # the attention kernel applied it to its output
+            _read_as(self, "o_in", out_BxTxHD, out_BxTxHD, sparsified=True)
+        elif o_t is None:
             out_BxTxHD = _sparse(self, "o_in", out_BxTxHD, thresholds)
         else:  # o_proj's kernel applies it; recorded as the input it keeps
             kept = lambda: rules.sparsify(out_BxTxHD, o_t)

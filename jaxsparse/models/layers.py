@@ -98,6 +98,11 @@ class Kernels:
     # With the shared accumulator: q_proj and kv_proj (chess+, each with its own input) in
     # one kernel launch (`pallas_kernels.sparse_input_matvecs_into`); False: two launches.
     q_kv_one_launch: bool = True
+    # In a decode step (one token per row) with a KV cache, on a GPU (or its
+    # interpreter): the attention's QK product, softmax and PV product as one kernel
+    # (`pallas_kernels.head_sparse_attention` with every head selected) instead of XLA's
+    # GEMMs and softmax fusions. Any mode, dense included: it reads no weights.
+    decode_attention: bool = False
 
     def __post_init__(self):
         from jaxsparse.rules import TENSORS
@@ -142,6 +147,15 @@ class Kernels:
         if x.ndim != 3 or x.shape[1] != 1:
             return False
         if self.mesh is not None and self.mesh.shape.get(MODEL, 1) != 1:
+            return False
+        return resolve_impl(self.impl, fn_name="Kernels") in ("gpu", "gpu_interpret")
+
+    def attention_kernel(self, t: int, cached: bool) -> bool:
+        """Whether a step of `t` tokens per row with a KV cache (`cached`) runs its
+        attention through the kernel (`decode_attention`)."""
+        from pallas_kernels._dispatch import resolve_impl
+
+        if not (self.decode_attention and t == 1 and cached):
             return False
         return resolve_impl(self.impl, fn_name="Kernels") in ("gpu", "gpu_interpret")
 

@@ -121,3 +121,27 @@ def test_bad_inputs():
         )
     with pytest.raises(ValueError, match="power of 2"):
         head_sparse_attention(q, hm, kc, kc, valid, impl="gpu_interpret", block_s=24)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_threshold_zeroes_small_outputs(kt, impl, dtype):
+    """`threshold=` zeroes the output entries below it, compared in o's dtype (the float32
+    threshold rounded to it, as `jaxsparse.rules.sparsify` compares): exactly the
+    unthresholded output of the same implementation, thresholded afterwards. Per channel
+    ([H * Dh], merged heads' order, and [H, Dh]) and scalar."""
+    B, H, Hkv, Dh, S = 2, 6, 2, 16, 300
+    q, hm, kc, vc, valid, kv_len = make(kt, (B, H, Hkv, Dh, S), dtype, 11, 0.75)
+    kw = dict(kv_len=kv_len, impl=impl, **blocks(impl, S))
+    o = head_sparse_attention(q, hm, kc, vc, valid, **kw)
+    o32 = np.abs(np.asarray(o, np.float32))
+    rng = np.random.default_rng(0)
+    per_channel = np.quantile(o32[o32 > 0], rng.uniform(0.2, 0.8, H * Dh)).astype(np.float32)
+    for t in (per_channel, per_channel.reshape(H, Dh), np.float32(np.median(o32[o32 > 0]))):
+        got = head_sparse_attention(q, hm, kc, vc, valid, threshold=jnp.asarray(t), **kw)
+        t_HxDh = jnp.broadcast_to(jnp.asarray(t).reshape(-1), (H * Dh,)).reshape(H, Dh)
+        want = jnp.where(jnp.abs(o) >= t_HxDh.astype(dtype)[None], o, jnp.zeros((), dtype))
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+        zeroed = np.mean(np.asarray(got) == 0)
+        assert 0.3 < zeroed < 0.9, f"{impl}: {zeroed:.2f} zeroed; the threshold did nothing?"
+    with pytest.raises(ValueError, match=r"threshold has shape \(5,\)"):
+        head_sparse_attention(q, hm, kc, vc, valid, threshold=jnp.ones(5), **kw)

@@ -7,6 +7,7 @@ loop), for random sparsity patterns, while matching their references."""
 from __future__ import annotations
 
 import importlib
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +79,19 @@ def test_every_tpu_kernel_lowers_at_model_shapes(name, dtype, B):
             _sds((B, S), jnp.bool_),
             _sds((), jnp.int32),
         )
+    # with the o_proj input's threshold applied to the output (a decode step's o_in)
+    _lower_tpu(
+        lambda qq, hm, kc, vc, ok, n, t: head_sparse_attention(
+            qq, hm, kc, vc, ok, kv_len=n, impl="tpu", threshold=t
+        ),
+        _sds((B, H, Dh), dtype),
+        _sds((B, H), jnp.bool_),
+        _sds((B, Hkv, 256, Dh), dtype),
+        _sds((B, Hkv, 256, Dh), dtype),
+        _sds((B, 256), jnp.bool_),
+        _sds((), jnp.int32),
+        _sds((H * Dh,), jnp.float32),
+    )
 
 
 def test_lowering_check_rejects_a_bad_block():
@@ -104,9 +118,9 @@ def test_head_attention_gpu_kernel_lowers_to_triton():
     """The GPU kernel at SmolLM2's and Llama-3-8B's head shapes goes through the Triton
     lowering on a CPU (jax.export refuses to serialize Triton calls, so that check is
     switched off; the kernel body has been lowered by then)."""
-    for H, Hkv, Dh in ((9, 3, 64), (32, 8, 128)):
-        fn = lambda q, hm, kc, vc, ok, n: head_sparse_attention(
-            q, hm, kc, vc, ok, kv_len=n, impl="gpu"
+    for (H, Hkv, Dh), thresholded in itertools.product(((9, 3, 64), (32, 8, 128)), (False, True)):
+        fn = lambda q, hm, kc, vc, ok, n, t, on=thresholded: head_sparse_attention(
+            q, hm, kc, vc, ok, kv_len=n, impl="gpu", threshold=t if on else None
         )
         exp = export.export(
             jax.jit(fn),
@@ -119,6 +133,7 @@ def test_head_attention_gpu_kernel_lowers_to_triton():
             _sds((4, Hkv, 300, Dh), jnp.bfloat16),
             _sds((4, 300), jnp.bool_),
             _sds((), jnp.int32),
+            _sds((H * Dh,), jnp.float32),
         )
         assert "__gpu$xla.gpu.triton" in exp.mlir_module()
 
