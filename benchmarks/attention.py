@@ -13,12 +13,13 @@ kv heads of 128, bf16; `kv_len` = 3/4 of S, the slots a decode step has filled):
 - `kernel`: `pallas_kernels.head_sparse_attention` with every head selected (what
   `Kernels(decode_attention=True)` runs), the threshold applied to its output inside the
   kernel, slots past `kv_len` never read; one row per config of `SWEEP` (block_s,
-  num_warps, num_stages), the default config first.
+  num_warps, num_stages, num_splits: slot ranges per (row, kv head) run by programs of
+  their own and merged), the default config first.
 
 Protocol (as `benchmarks/kernels.py`): every timed function is jit-compiled and warmed
 up; one timed call runs `calls` attentions unrolled in one jit, each on its own cache
-(> 200 MB in all, beyond the 50 MB L2, as in a decode step where the weights stream
-through L2 between layers). Reported: the device time per attention (the kernels'
+(over 110 MB in all, more than twice the H200's 50 MB L2, as in a decode step where the
+weights stream through L2 between layers; at most 128 calls). Reported: the device time per attention (the kernels'
 durations in a `jax.profiler` trace of the same call, / calls) and the wall time per
 attention (host clock, median of `repeats`). Random data only. On a CPU the kernel runs
 in the GPU interpreter and only `--quick` shapes are practical (a check that the script
@@ -32,6 +33,7 @@ import datetime
 import math
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -48,18 +50,22 @@ from jaxsparse.models.layers import attend
 from pallas_kernels import head_sparse_attention
 
 H, HKV, DH = 32, 8, 128  # Llama-3-8B
-MIN_TOTAL_BYTES = 220e6
-# (block_s, num_warps, num_stages); the first is the kernel's default
+MIN_TOTAL_BYTES = 110e6  # over twice the H200's 50 MB L2
+MAX_CALLS = 128  # unrolled attentions per jit (compile time grows with them)
+# (block_s, num_warps, num_stages, num_splits); the first is the kernel's default
 SWEEP = [
-    (64, 4, 2),
-    (32, 4, 2),
-    (128, 4, 2),
-    (64, 8, 2),
-    (128, 8, 2),
-    (256, 8, 2),
-    (64, 4, 3),
-    (32, 2, 2),
-    (64, 2, 1),
+    (64, 4, 2, 1),
+    (32, 4, 2, 1),
+    (128, 4, 2, 1),
+    (64, 8, 2, 1),
+    (128, 8, 2, 1),
+    (256, 8, 2, 1),
+    (64, 4, 2, 2),
+    (64, 4, 2, 4),
+    (32, 4, 2, 4),
+    (64, 4, 2, 8),
+    (32, 4, 2, 8),
+    (64, 4, 2, 16),
 ]
 
 
@@ -88,8 +94,8 @@ def xla_attention(threshold):
     return f
 
 
-def kernel_attention(threshold, impl, block_s, num_warps, num_stages):
-    opts = {} if impl.startswith("tpu") else {"num_warps": num_warps, "num_stages": num_stages}
+def kernel_attention(threshold, impl, block_s, num_warps, num_stages, num_splits):
+    opts = {"num_warps": num_warps, "num_stages": num_stages, "num_splits": num_splits}
 
     def f(q, k, v, valid, kv_len):
         B = q.shape[0]
@@ -120,7 +126,7 @@ def unrolled(f, calls, n_buf):
 
 def bench(args, B, S, dtype, trace_dir) -> list[dict]:
     one = 2 * B * HKV * S * DH * dtype.itemsize
-    n_buf = max(args.calls_min, math.ceil(args.min_total_bytes / one))
+    n_buf = max(args.calls_min, min(MAX_CALLS, math.ceil(args.min_total_bytes / one)))
     calls = n_buf
     bufs = caches(jax.random.key(B * 100003 + S), B, S, n_buf, dtype)
     valid = jnp.ones((B, S), bool)
@@ -135,6 +141,9 @@ def bench(args, B, S, dtype, trace_dir) -> list[dict]:
     rows = []
     ref = None
     for name, cfg, f in setups:
+        if time.time() > args.deadline:
+            print(f"B={B} S={S} {name} {cfg}: skipped (--budget-s)", flush=True)
+            continue
         fn = unrolled(f, calls, n_buf)
         try:
             outs = jax.block_until_ready(fn(bufs, valid, kv_len))
@@ -156,7 +165,7 @@ def bench(args, B, S, dtype, trace_dir) -> list[dict]:
             "setup": name,
             "config": None
             if cfg is None
-            else dict(zip(("block_s", "num_warps", "num_stages"), cfg)),
+            else dict(zip(("block_s", "num_warps", "num_stages", "num_splits"), cfg)),
             "batch": B,
             "cache_len": S,
             "kv_len": int(kv_len),
@@ -192,39 +201,29 @@ def main(argv=None) -> int:
     p.add_argument("--impl", default="auto", help="the kernel's impl (default: by backend)")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the script runs")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=float("inf"),
+        help="skip the remaining setups after this many seconds (the JSON is still written)",
+    )
     args = p.parse_args(argv)
+    args.deadline = time.time() + args.budget_s
     args.batches = [int(b) for b in args.batches.split(",") if b]
     args.lengths = [int(s) for s in args.lengths.split(",") if s]
     args.calls_min, args.min_total_bytes = 16, MIN_TOTAL_BYTES
     if args.quick:
         args.calls_min, args.min_total_bytes, args.repeats = 2, 0, 1
     dtype = jnp.dtype(jnp.bfloat16)
-    rows = []
+    rows: list[dict] = []
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as trace_dir:
         for B in args.batches:
             for S in args.lengths:
                 rows += bench(args, B, S, dtype, trace_dir)
-    out = {
-        "benchmark": "attention",
-        "device": jax.devices()[0].device_kind,
-        "backend": jax.default_backend(),
-        "jax_version": jax.__version__,
-        "date": datetime.date.today().isoformat(),
-        "command": "python benchmarks/attention.py "
-        + " ".join(sys.argv[1:] if argv is None else argv),
-        "heads": {"H": H, "Hkv": HKV, "Dh": DH},
-        "dtype": "bfloat16",
-        "threshold": args.threshold,
-        "timing": (
-            "device_us: the kernels' durations in a jax.profiler trace of one jitted call of "
-            "`calls` attentions, each on its own cache (> 200 MB in all), / calls; wall_us: "
-            f"host clock / calls, median of {args.repeats} after a warm-up"
-        ),
-        "rows": rows,
-    }
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out, path)
+                write_json_atomic(result(args, argv, rows), path)  # what is done so far
+    out = result(args, argv, rows)
     print(f"\n{out['device']}, jax {out['jax_version']}: device µs per attention (wall µs)")
     for B in args.batches:
         for S in args.lengths:
@@ -241,6 +240,28 @@ def main(argv=None) -> int:
                 f"xla/best {xla[key] / best[key]:.2f}x"
             )
     return 0
+
+
+def result(args, argv, rows: list[dict]) -> dict:
+    return {
+        "benchmark": "attention",
+        "device": jax.devices()[0].device_kind,
+        "backend": jax.default_backend(),
+        "jax_version": jax.__version__,
+        "date": datetime.date.today().isoformat(),
+        "command": "python benchmarks/attention.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+        "heads": {"H": H, "Hkv": HKV, "Dh": DH},
+        "dtype": "bfloat16",
+        "threshold": args.threshold,
+        "timing": (
+            "device_us: the kernels' durations in a jax.profiler trace of one jitted call of "
+            "`calls` attentions, each on its own cache (over 110 MB in all, or 128 calls), "
+            "/ calls; wall_us: "
+            f"host clock / calls, median of {args.repeats} after a warm-up"
+        ),
+        "rows": rows,
+    }
 
 
 if __name__ == "__main__":

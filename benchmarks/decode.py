@@ -254,7 +254,7 @@ def load(args):
 
 def method_variant(spec: str) -> tuple[str, dict]:
     """`name@field=value/field=value` -> (name, {field: value}) for
-    `dataclasses.replace(Kernels, ...)`: tuple fields split on `+`, bools from 0/1."""
+    `dataclasses.replace(Kernels, ...)`: tuple fields split on `+`, bools from 0/1, ints."""
     from jaxsparse.models import Kernels
 
     name, _, rest = spec.partition("@")
@@ -271,6 +271,10 @@ def method_variant(spec: str) -> tuple[str, dict]:
             if value not in ("0", "1"):
                 raise SystemExit(f"--methods {spec!r}: {key} takes 0 or 1, not {value!r}")
             out[key] = value == "1"
+        elif isinstance(defaults[key], int):
+            if not value.isdigit():
+                raise SystemExit(f"--methods {spec!r}: {key} takes an int, not {value!r}")
+            out[key] = int(value)
         else:
             out[key] = tuple(filter(None, value.split("+")))
     return name, out
@@ -321,7 +325,8 @@ def run(args) -> dict:
         gens: dict = {}
         for batch in args.batches:
             kernels = default_kernels(base, batch, args.kernels, th)
-            if overrides and (kernels.mode == "pallas" or set(overrides) == {"decode_attention"}):
+            attention_only = set(overrides) <= {"decode_attention", "attention_splits"}
+            if overrides and (kernels.mode == "pallas" or attention_only):
                 kernels = dataclasses.replace(kernels, **overrides)
             if kernels not in gens:
                 gens.clear()  # one prepared layout on the device at a time

@@ -20,7 +20,10 @@ Holds: `head_sparse_attention_reference` (pure jnp, float32 softmax), a GPU
 `head_sparse_attention`.
 - GPU: one program per (batch row, kv head); a program whose query heads are all
   unselected does nothing; the others walk the cache in chunks of `block_s` slots with
-  an online softmax, loading only valid slots (masked loads).
+  an online softmax, loading only valid slots (masked loads). With `num_splits` > 1 the
+  slots are split into that many contiguous ranges, one program each (more programs for
+  a short batch and a long cache), which write their softmax's running max, sum and
+  unnormalized output; a jnp epilogue merges them (and applies the mask and threshold).
 - TPU: grid (batch row, kv-head step, slot block). Per batch row, the needed kv heads
   are compacted into a prefetched list; the K/V/q index maps read it, and steps past the
   list's length or past `kv_len` repeat the previous block index, so Pallas issues no
@@ -141,12 +144,11 @@ def _threshold_HxDh(threshold: Any, H: int, Dh: int) -> jax.Array:
 # ------------------------------------------------------------------------ GPU (Triton)
 
 
-def _gpu_kernel(
-    q_ref, hm_ref, valid_ref, len_ref, k_ref, v_ref, *refs, G, Dh, S, block_s, scale, thresholded
+def _online_softmax(
+    q_ref, hm_ref, valid_ref, len_ref, k_ref, v_ref, b, kvh, chunks, G, Dh, S, block_s, scale
 ):
-    t_ref, o_ref = refs if thresholded else (None, refs[0])
-    b = pl.program_id(0)
-    kvh = pl.program_id(1)
+    """The running (max, sum, unnormalized output) of each of kv head `kvh`'s G query
+    heads over slot chunks `chunks(n_chunks) -> (first, stop)`, and the heads' selection."""
     gs = dsp.static_indices(G)
     heads = [kvh * G + g for g in gs]
     sel = [hm_ref[b, h] != 0 for h in heads]
@@ -155,6 +157,7 @@ def _gpu_kernel(
         any_sel = any_sel | s_
     length = jnp.minimum(len_ref[0], S)
     n_chunks = jnp.where(any_sel, (length + block_s - 1) // block_s, 0)
+    first, stop = chunks(n_chunks)
     qs = [q_ref[b, h, :].astype(jnp.float32) * scale for h in heads]
 
     def body(c, carry):
@@ -185,7 +188,31 @@ def _gpu_kernel(
     init = tuple(
         (jnp.float32(_NEG), jnp.float32(0.0), jnp.zeros((Dh,), jnp.float32)) for _ in range(G)
     )
-    res = jax.lax.fori_loop(0, n_chunks, body, init)
+    return heads, sel, jax.lax.fori_loop(first, stop, body, init)
+
+
+def _gpu_kernel(
+    q_ref, hm_ref, valid_ref, len_ref, k_ref, v_ref, *refs, G, Dh, S, block_s, scale, thresholded
+):
+    t_ref, o_ref = refs if thresholded else (None, refs[0])
+    b = pl.program_id(0)
+    kvh = pl.program_id(1)
+    heads, sel, res = _online_softmax(
+        q_ref,
+        hm_ref,
+        valid_ref,
+        len_ref,
+        k_ref,
+        v_ref,
+        b,
+        kvh,
+        lambda n: (0, n),
+        G,
+        Dh,
+        S,
+        block_s,
+        scale,
+    )
     for g, h in enumerate(heads):
         _, l_g, acc_g = res[g]
         o = jnp.where(sel[g], acc_g / jnp.where(l_g > 0, l_g, 1.0), 0.0)  # no slot: acc = 0
@@ -196,8 +223,59 @@ def _gpu_kernel(
         o_ref[b, h, :] = o
 
 
+def _gpu_split_kernel(
+    q_ref,
+    hm_ref,
+    valid_ref,
+    len_ref,
+    k_ref,
+    v_ref,
+    ml_ref,
+    acc_ref,
+    *,
+    G,
+    Dh,
+    S,
+    block_s,
+    scale,
+    per_split,
+):
+    """One program per (row, kv head, slot range of `per_split` chunks): writes each
+    head's running max and sum (`ml_ref[b, split, h] = (m, l)`) and unnormalized output."""
+    b = pl.program_id(0)
+    kvh = pl.program_id(1)
+    split = pl.program_id(2)
+
+    def chunks(n):
+        first = jnp.minimum(split * per_split, n)
+        return first, jnp.minimum(first + per_split, n)
+
+    heads, _, res = _online_softmax(
+        q_ref, hm_ref, valid_ref, len_ref, k_ref, v_ref, b, kvh, chunks, G, Dh, S, block_s, scale
+    )
+    two = jnp.arange(2)
+    for g, h in enumerate(heads):
+        m_g, l_g, acc_g = res[g]
+        ml_ref[b, split, h, :] = jnp.where(two == 0, m_g, l_g)
+        acc_ref[b, split, h, :] = acc_g
+
+
+def _merge_splits(ml_BxPxHx2, acc_BxPxHxDh, hm_BxH, t_HxDh, dtype):
+    """The split programs' softmax pieces merged: o = sum_p e^(m_p - M) acc_p / sum_p
+    e^(m_p - M) l_p (0 where no slot was valid), unselected heads 0, then the threshold."""
+    m, l = ml_BxPxHx2[..., 0], ml_BxPxHx2[..., 1]
+    w = jnp.exp(m - jnp.max(m, axis=1, keepdims=True))  # an empty split: m = _NEG, l = 0
+    den = jnp.sum(w * l, axis=1)
+    o = jnp.sum(w[..., None] * acc_BxPxHxDh, axis=1) / jnp.where(den > 0, den, 1.0)[..., None]
+    o = jnp.where((hm_BxH != 0)[..., None], o, 0.0).astype(dtype)
+    if t_HxDh is None:
+        return o
+    return jnp.where(jnp.abs(o) >= t_HxDh.astype(dtype)[None], o, jnp.zeros((), dtype))
+
+
 @functools.partial(
-    jax.jit, static_argnames=("scale", "block_s", "num_warps", "num_stages", "interpret")
+    jax.jit,
+    static_argnames=("scale", "block_s", "num_warps", "num_stages", "num_splits", "interpret"),
 )
 def _head_sparse_attention_gpu(
     q_BxHxDh,
@@ -212,12 +290,44 @@ def _head_sparse_attention_gpu(
     block_s=64,
     num_warps=4,
     num_stages=2,
+    num_splits=1,
     interpret=False,
 ):
     B, H, Dh = q_BxHxDh.shape
     _, Hkv, S, _ = k_cache.shape
     dsp.check_block(_NAME, "block_s", block_s, power_of_2=True)
     dsp.check_block(_NAME, "head dim Dh", Dh, power_of_2=True)
+    dsp.check_block(_NAME, "num_splits", num_splits, power_of_2=False)
+    if num_splits > 1:
+        per_split = -(-pl.cdiv(S, block_s) // num_splits)
+        kernel = functools.partial(
+            _gpu_split_kernel,
+            G=H // Hkv,
+            Dh=Dh,
+            S=S,
+            block_s=block_s,
+            scale=scale,
+            per_split=per_split,
+        )
+        ml, acc = pl.pallas_call(
+            kernel,
+            out_shape=(
+                jax.ShapeDtypeStruct((B, num_splits, H, 2), jnp.float32),
+                jax.ShapeDtypeStruct((B, num_splits, H, Dh), jnp.float32),
+            ),
+            grid=(B, Hkv, num_splits),
+            compiler_params=dsp.triton_compiler_params(num_warps, num_stages),
+            interpret=interpret,
+            name="head_sparse_attention_split",
+        )(
+            q_BxHxDh,
+            (hm_BxH != 0).astype(jnp.int32),
+            (valid_BxS != 0).astype(jnp.int32),
+            kv_len.reshape(1),
+            k_cache,
+            v_cache,
+        )
+        return _merge_splits(ml, acc, hm_BxH, t_HxDh, q_BxHxDh.dtype)
     kernel = functools.partial(
         _gpu_kernel,
         G=H // Hkv,
@@ -464,7 +574,8 @@ def head_sparse_attention(
       threshold: None, or a float threshold per output channel (a scalar, [H * Dh] in the
         merged heads' order, or [H, Dh]): entries with `abs(o) < threshold` (threshold
         rounded to q.dtype) come out as 0.
-      kernel_options: GPU only: num_warps, num_stages.
+      kernel_options: GPU only: num_warps, num_stages, num_splits (slot ranges run by
+        programs of their own, merged afterwards; default 1).
 
     Returns:
       o [B, H, Dh] in q.dtype: attention outputs of the selected heads, zeros elsewhere.

@@ -405,7 +405,10 @@ def test_decode_attention_kernel_gives_xla_tokens_and_applies_o_in_threshold():
     2 on) and in a pallas one, with the logits, tokens and measured sparsity of XLA's
     attention. In the XLA step the kernel applies o_proj's input threshold to its output:
     o_proj reads the kernel's output, no select between them (a kernel of its own per
-    layer on a GPU: benchmarks/NOTES_kernels.md). The prefill keeps XLA's attention."""
+    layer on a GPU: benchmarks/NOTES_kernels.md). The prefill keeps XLA's attention. With
+    the slots split over programs (`attention_splits`) the same logits and tokens."""
+    with pytest.raises(ValueError, match=r"attention_splits=0\): use a positive int"):
+        Kernels(decode_attention=True, attention_splits=0)
     import dataclasses
 
     from jaxsparse.models import init_cache, prepare_params
@@ -423,9 +426,11 @@ def test_decode_attention_kernel_gives_xla_tokens_and_applies_o_in_threshold():
         prompts, max_new_tokens=5, thresholds=thresholds, stop_at_eos=False
     )
     assert 0.2 < dense.measured_sparsity["o_in"] < 0.9
-    for mode in ("xla", "pallas"):
+    for mode, splits in (("xla", 1), ("pallas", 1), ("xla", 3)):
         base = kernels_for_method("teal", mode, "gpu_interpret", thresholds=thresholds)
-        kernels = dataclasses.replace(base, decode_attention=True, impl="gpu_interpret")
+        kernels = dataclasses.replace(
+            base, decode_attention=True, impl="gpu_interpret", attention_splits=splits
+        )
         have = _decode_logits(config, params, kernels, thresholds, prompt, 3)
         np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
         got = Generator(config, params, kernels=kernels).generate_ids(
@@ -446,9 +451,10 @@ def test_decode_attention_kernel_gives_xla_tokens_and_applies_o_in_threshold():
                 )
             )(p, tok, pos, thresholds).jaxpr
             calls = pallas_calls(jaxpr)
-            n_attention = calls.count("head_sparse_attention")
+            name = "head_sparse_attention" + ("_split" if splits > 1 else "")
+            n_attention = calls.count(name)
             assert n_attention == (config.num_layers if t == 1 else 0), (mode, t)
-            if mode == "xla" and t == 1:  # o_proj is XLA's dot: its input from the kernel
+            if mode == "xla" and t == 1 and splits == 1:  # o_proj's input: the kernel's output
                 want_src = [["head_sparse_attention"]] * config.num_layers
                 assert _o_proj_source(jaxpr, o_shape) == want_src
 

@@ -336,6 +336,7 @@ class SelfAttention(nn.Module):
                     scale=c.attention_scale,
                     impl=kn.impl,
                     threshold=attn_t,
+                    **({"num_splits": kn.attention_splits} if kn.attention_splits > 1 else {}),
                 )
 
             o_BxHxD = _per_head_shard(

@@ -103,6 +103,10 @@ class Kernels:
     # (`pallas_kernels.head_sparse_attention` with every head selected) instead of XLA's
     # GEMMs and softmax fusions. Any mode, dense included: it reads no weights.
     decode_attention: bool = False
+    # The attention kernel's slot ranges per (batch row, kv head), each run by a program
+    # of its own and merged afterwards (`head_sparse_attention(num_splits=)`, GPU only):
+    # more programs for a short batch and a long cache. 1: one program walks every slot.
+    attention_splits: int = 1
 
     def __post_init__(self):
         from jaxsparse.rules import TENSORS
@@ -116,6 +120,10 @@ class Kernels:
             raise ValueError(
                 "Kernels(fuse_gate_up=True) cannot run with the 'gate' kernel point (up_proj "
                 "stored as rows for gated_matvec); drop one of them"
+            )
+        if not isinstance(self.attention_splits, int) or self.attention_splits < 1:
+            raise ValueError(
+                f"Kernels(attention_splits={self.attention_splits!r}): use a positive int"
             )
         if self.head_attention and not self.fuse_kv:
             raise ValueError(

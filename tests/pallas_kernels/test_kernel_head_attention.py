@@ -145,3 +145,36 @@ def test_threshold_zeroes_small_outputs(kt, impl, dtype):
         assert 0.3 < zeroed < 0.9, f"{impl}: {zeroed:.2f} zeroed; the threshold did nothing?"
     with pytest.raises(ValueError, match=r"threshold has shape \(5,\)"):
         head_sparse_attention(q, hm, kc, vc, valid, threshold=jnp.ones(5), **kw)
+
+
+@pytest.mark.parametrize("num_splits", [2, 3, 16])
+def test_gpu_slot_splits_match_reference(kt, num_splits):
+    """The GPU kernel with the slots split over `num_splits` programs per (row, kv head)
+    and merged afterwards: the reference's output, with ranges that are partial, past
+    kv_len (empty: 16 splits of 10 chunks), or hold only invalid slots; with the
+    threshold, exactly its own unthresholded output thresholded afterwards."""
+    impl = "gpu_interpret"
+    for dtype in (jnp.float32, jnp.bfloat16):
+        for cfg in CONFIGS:
+            for seed, p_sel in ((0, 0.5), (1, 1.0)):
+                q, hm, kc, vc, valid, kv_len = make(kt, cfg, dtype, seed, p_sel)
+                kw = {"kv_len": kv_len, "impl": impl, "block_s": 32, "num_splits": num_splits}
+                o = head_sparse_attention(q, hm, kc, vc, valid, **kw)
+                want = head_sparse_attention_reference(q, hm, kc, vc, valid, kv_len=kv_len)
+                kt.assert_close(o, want, dtype, f"splits={num_splits} {cfg} seed={seed}")
+                assert not np.any(np.asarray(o, np.float32)[~np.asarray(hm)])
+    # slots past kv_len never read: NaN there changes nothing
+    q, hm, kc, vc, valid, _ = make(kt, CONFIGS[0], jnp.float32, 3, 1.0)
+    past = (jnp.arange(kc.shape[2]) >= 100)[None, None, :, None]
+    kp, vp = jnp.where(past, jnp.nan, kc), jnp.where(past, jnp.nan, vc)
+    kw = {"kv_len": 100, "impl": impl, "block_s": 32, "num_splits": num_splits}
+    o = head_sparse_attention(q, hm, kp, vp, valid, **kw)
+    kt.assert_close(
+        o,
+        head_sparse_attention_reference(q, hm, kc, vc, valid, kv_len=100),
+        jnp.float32,
+        "nan tail",
+    )
+    t = jnp.float32(np.median(np.abs(np.asarray(o))[np.asarray(o) != 0]))
+    got = head_sparse_attention(q, hm, kp, vp, valid, threshold=t, **kw)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.where(jnp.abs(o) >= t, o, 0.0)))
