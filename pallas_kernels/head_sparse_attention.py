@@ -298,61 +298,38 @@ def _head_sparse_attention_gpu(
     dsp.check_block(_NAME, "block_s", block_s, power_of_2=True)
     dsp.check_block(_NAME, "head dim Dh", Dh, power_of_2=True)
     dsp.check_block(_NAME, "num_splits", num_splits, power_of_2=False)
-    if num_splits > 1:
-        per_split = -(-pl.cdiv(S, block_s) // num_splits)
-        kernel = functools.partial(
-            _gpu_split_kernel,
-            G=H // Hkv,
-            Dh=Dh,
-            S=S,
-            block_s=block_s,
-            scale=scale,
-            per_split=per_split,
-        )
-        ml, acc = pl.pallas_call(
-            kernel,
-            out_shape=(
-                jax.ShapeDtypeStruct((B, num_splits, H, 2), jnp.float32),
-                jax.ShapeDtypeStruct((B, num_splits, H, Dh), jnp.float32),
-            ),
-            grid=(B, Hkv, num_splits),
-            compiler_params=dsp.triton_compiler_params(num_warps, num_stages),
-            interpret=interpret,
-            name="head_sparse_attention_split",
-        )(
-            q_BxHxDh,
-            (hm_BxH != 0).astype(jnp.int32),
-            (valid_BxS != 0).astype(jnp.int32),
-            kv_len.reshape(1),
-            k_cache,
-            v_cache,
-        )
-        return _merge_splits(ml, acc, hm_BxH, t_HxDh, q_BxHxDh.dtype)
-    kernel = functools.partial(
-        _gpu_kernel,
-        G=H // Hkv,
-        Dh=Dh,
-        S=S,
-        block_s=block_s,
-        scale=scale,
-        thresholded=t_HxDh is not None,
-    )
-    return pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((B, H, Dh), q_BxHxDh.dtype),
-        grid=(B, Hkv),
-        compiler_params=dsp.triton_compiler_params(num_warps, num_stages),
-        interpret=interpret,
-        name="head_sparse_attention",
-    )(
+    common = {"G": H // Hkv, "Dh": Dh, "S": S, "block_s": block_s, "scale": scale}
+    args = (
         q_BxHxDh,
         (hm_BxH != 0).astype(jnp.int32),
         (valid_BxS != 0).astype(jnp.int32),
         kv_len.reshape(1),
         k_cache,
         v_cache,
-        *(() if t_HxDh is None else (t_HxDh,)),
     )
+    call = functools.partial(
+        pl.pallas_call,
+        compiler_params=dsp.triton_compiler_params(num_warps, num_stages),
+        interpret=interpret,
+    )
+    if num_splits > 1:
+        per_split = -(-pl.cdiv(S, block_s) // num_splits)  # slot chunks per split
+        ml, acc = call(
+            functools.partial(_gpu_split_kernel, **common, per_split=per_split),
+            out_shape=(
+                jax.ShapeDtypeStruct((B, num_splits, H, 2), jnp.float32),
+                jax.ShapeDtypeStruct((B, num_splits, H, Dh), jnp.float32),
+            ),
+            grid=(B, Hkv, num_splits),
+            name="head_sparse_attention_split",
+        )(*args)
+        return _merge_splits(ml, acc, hm_BxH, t_HxDh, q_BxHxDh.dtype)
+    return call(
+        functools.partial(_gpu_kernel, **common, thresholded=t_HxDh is not None),
+        out_shape=jax.ShapeDtypeStruct((B, H, Dh), q_BxHxDh.dtype),
+        grid=(B, Hkv),
+        name="head_sparse_attention",
+    )(*args, *(() if t_HxDh is None else (t_HxDh,)))
 
 
 # ------------------------------------------------------------------------ TPU (Mosaic)
