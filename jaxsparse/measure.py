@@ -90,6 +90,8 @@ def make_forward(config):
             dens = {p: 1.0 - z[p] for p in POINTS}
             if "gate_rows" in s.get("mlp", {}):  # Deja Vu: gate_proj rows skipped
                 dens["gate_rows"] = 1.0 - s["mlp"]["gate_rows"][0]
+            if "q_rows" in s.get("self_attn", {}):  # Deja Vu: unselected heads' q rows
+                dens["q_rows"] = 1.0 - s["self_attn"]["q_rows"][0]
             th = {} if thresholds is None else thresholds[f"layers_{i}"]
             read_layers.append(
                 activated_params_fraction(config, dens, predictor_weights(th.get("predictor")))

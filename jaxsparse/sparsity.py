@@ -256,7 +256,8 @@ def activated_params_fraction(config: ModelConfig, density: dict[str, Any], pred
     (1 - zero fraction) of each point after masking: the one budget every method is
     compared at (docs/methods.md).
 
-    q_proj reads `density["q_in"]` of its rows, k/v_proj `kv_in`, o_proj `o_in`,
+    q_proj reads `density["q_in"]` of its rows (times `q_rows`, the share of its output
+    columns computed: Deja Vu skips unselected heads', default 1), k/v_proj `kv_in`, o_proj `o_in`,
     gate_proj `ffn_in * gate_rows` (`gate_rows`: the share of gate_proj's output rows
     computed; Deja Vu skips the predicted-inactive ones, default 1), up_proj
     `ffn_in * gate` (zero inputs skip rows, zero gate channels skip columns), down_proj
@@ -270,7 +271,7 @@ def activated_params_fraction(config: ModelConfig, density: dict[str, Any], pred
     total = float(sum(sizes.values()))
     d = density
     read = (
-        sizes["q_proj"] * d["q_in"]
+        sizes["q_proj"] * d["q_in"] * d.get("q_rows", 1.0)
         + (sizes["k_proj"] + sizes["v_proj"]) * d["kv_in"]
         + sizes["o_proj"] * d["o_in"]
     )

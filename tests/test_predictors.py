@@ -386,7 +386,10 @@ def test_dejavu_kernel_decode_skips_gate_rows(trained, monkeypatch, fresh_block_
     )
 
 
-def test_dejavu_activated_params_counts_predictors_and_gate_rows(trained):
+def test_dejavu_activated_params_counts_predictors_and_skipped_rows(trained):
+    """Deja Vu's activated params: gate/up/down only the kept neurons' rows, q and o only
+    the selected heads' (the kernel path reads no more: tests above), k/v every head's,
+    plus the predictors' own weights."""
     from jaxsparse.evaluate import Evaluator
     from jaxsparse.sparsity import linear_sizes, predictor_weights
 
@@ -402,7 +405,7 @@ def test_dejavu_activated_params_counts_predictors_and_gate_rows(trained):
     pred = predictor_weights(state.predictors["layers_0"])
     assert pred == 32 * 16 + 16 * 64 + 32 * 8 + 8 * 4  # W1 and W2 of both predictors
     want = (
-        s["q_proj"]
+        s["q_proj"] * heads
         + s["k_proj"]
         + s["v_proj"]
         + s["o_proj"] * heads

@@ -244,6 +244,9 @@ class SelfAttention(nn.Module):
         b, t, _ = h_BxTxD.shape
         kn = self.kernels
         heads_BxH = _decode_heads(kn, thresholds, c, t)
+        head_mask = None if thresholds is None else thresholds.get("masks", {}).get("o_in")
+        if head_mask is not None:  # Deja Vu: an unselected head skips its rows of q_proj too
+            self.sow("stats", "q_rows", rules.zero_fraction(head_mask))
         x_Bx2xD = xq = xkv = None
         if heads_BxH is None:  # chess+ in an XLA step: q and k/v read one stacked input
             x_Bx2xD = _stacked_q_kv_input(self, kn, h_BxTxD, thresholds, t)
