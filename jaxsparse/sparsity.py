@@ -256,10 +256,10 @@ def activated_params_fraction(config: ModelConfig, density: dict[str, Any], pred
     (1 - zero fraction) of each point after masking: the one budget every method is
     compared at (docs/methods.md).
 
-    q_proj reads `density["q_in"]` of its rows (times `q_rows`, the share of its output
-    columns computed: Deja Vu skips unselected heads', default 1), k/v_proj `kv_in`, o_proj `o_in`,
-    gate_proj `ffn_in * gate_rows` (`gate_rows`: the share of gate_proj's output rows
-    computed; Deja Vu skips the predicted-inactive ones, default 1), up_proj
+    q_proj reads `density["q_in"]` of its rows times `q_rows` (the share of its output
+    columns computed: Deja Vu skips unselected heads'; default 1), k/v_proj `kv_in`,
+    o_proj `o_in`, gate_proj `ffn_in * gate_rows` (`gate_rows`: the share of gate_proj's
+    output rows computed; Deja Vu skips the predicted-inactive ones, default 1), up_proj
     `ffn_in * gate` (zero inputs skip rows, zero gate channels skip columns), down_proj
     `down_in`; OPT: fc1 `ffn_in`, fc2 `down_in`. `predictor` weights read per token on
     top (Deja Vu's predictors, `predictor_weights`) are added to the numerator, so such a
