@@ -378,6 +378,7 @@ def test_dejavu_kernel_decode_skips_gate_rows(trained, monkeypatch, fresh_block_
     np.testing.assert_allclose(out["pallas"][1], out["xla"][1], rtol=2e-4, atol=2e-4)
     # per decode step and layer: gate_proj and up_proj ([m, d] each) through the kernel,
     # gate_proj's gate being the 0/1 neuron mask of ffn_k active rows
+    jax.effects_barrier()  # the callbacks run asynchronously: wait for all of them
     per_step = [c for c in calls if c[0] == (m, d)]
     assert len(per_step) == 4 * 2 * TINY.num_layers
     masks = [np.asarray(g) for _, g in per_step[0::2]]

@@ -47,7 +47,10 @@ def _dejavu(config, head_k: int, ffn_k: int | None = None, seed: int = 0):
 @pytest.fixture
 def head_calls(monkeypatch, fresh_block_traces):
     """Counts the model's calls of `pallas_kernels.head_sparse_attention` as they run (and
-    the heads it was asked for), so a test can tell that the kernel path really ran."""
+    the heads it was asked for), so a test can tell that the kernel path really ran.
+    Returns a function giving the calls so far: debug callbacks run asynchronously, so it
+    waits for them first (`jax.effects_barrier`); reading the list right after the step
+    was dispatched missed the second layer's call under load."""
     calls = []
     real = pallas_kernels.head_sparse_attention
 
@@ -57,7 +60,12 @@ def head_calls(monkeypatch, fresh_block_traces):
         return real(q, heads_BxH, *args, **kw)
 
     monkeypatch.setattr(pallas_kernels, "head_sparse_attention", counting)
-    return calls
+
+    def recorded() -> list:
+        jax.effects_barrier()
+        return list(calls)
+
+    return recorded
 
 
 def _decode_step_logits(config, params, kernels, thresholds, prompt_BxT):
@@ -99,7 +107,7 @@ def test_decode_step_matches_masked_dense(impl, head_calls):
     got, stats = _decode_step_logits(
         TINY, params, kernels_for_method("dejavu", "pallas", impl), th, prompt
     )
-    assert head_calls == [((2, 4), impl)] * TINY.num_layers  # one call per layer, [B, H]
+    assert head_calls() == [((2, 4), impl)] * TINY.num_layers  # one call per layer, [B, H]
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=2e-4)
     for i in range(TINY.num_layers):  # half the heads' o inputs are zero, on both paths
         o_zero = stats[f"layers_{i}"]["self_attn"]["o_in"][0]
@@ -127,7 +135,7 @@ def test_kv_written_for_every_kv_head(head_calls):
     _, stats, got = _decode_step(
         TINY, params, kernels_for_method("dejavu", "pallas", "gpu_interpret"), th, prompt
     )
-    assert head_calls == [((2, 4), "gpu_interpret")] * TINY.num_layers
+    assert head_calls() == [((2, 4), "gpu_interpret")] * TINY.num_layers
     for i in range(TINY.num_layers):
         o_zero = np.asarray(stats[f"layers_{i}"]["self_attn"]["o_in"][0])
         np.testing.assert_allclose(o_zero, 0.75, atol=1e-6)  # 1 of 4 heads per row
@@ -149,7 +157,7 @@ def test_greedy_tokens_tiny(impl, head_calls):
     )
     gen = Generator(TINY, params, kernels=kernels_for_method("dejavu", "pallas", impl))
     got = gen.generate_ids(prompts, 6, thresholds=th, stop_at_eos=False)
-    assert head_calls, "the decode step did not call head_sparse_attention"
+    assert head_calls(), "the decode step did not call head_sparse_attention"
     assert got.tokens == ref.tokens
     assert got.measured_sparsity["o_in"] == pytest.approx(0.75, abs=1e-6)
 
@@ -175,6 +183,6 @@ def test_greedy_tokens_smollm2(smollm2, head_calls):
     )
     gen = Generator(config, params, kernels=kernels_for_method("dejavu", "pallas", "gpu_interpret"))
     got = gen.generate_ids(prompts, 4, thresholds=th, stop_at_eos=False)
-    assert head_calls and head_calls[0] == ((1, 9), "gpu_interpret")
+    assert head_calls()[:1] == [((1, 9), "gpu_interpret")]
     assert got.tokens == ref.tokens
     assert got.measured_sparsity["o_in"] == pytest.approx(1 - 6 / 9, abs=1e-6)
