@@ -126,8 +126,14 @@ def head_sparse_attention_reference(
     o = jnp.where((head_mask_BxH != 0)[:, :, None], o, 0.0).astype(q_BxHxDh.dtype)
     if threshold is None:
         return o
-    t = _threshold_HxDh(threshold, H, Dh).astype(o.dtype)
-    return jnp.where(jnp.abs(o) >= t[None], o, jnp.zeros((), o.dtype))
+    return _keep_at_threshold(o, _threshold_HxDh(threshold, H, Dh)[None])
+
+
+def _keep_at_threshold(o: jax.Array, t: jax.Array) -> jax.Array:
+    """`o` where `abs(o) >= t`, else 0, compared in o's dtype with `t` rounded to it
+    (`jaxsparse.rules.sparsify`'s rule); the reference, both kernels and the split
+    merge apply it alike."""
+    return jnp.where(jnp.abs(o) >= t.astype(o.dtype), o, jnp.zeros((), o.dtype))
 
 
 def _threshold_HxDh(threshold: Any, H: int, Dh: int) -> jax.Array:
@@ -217,9 +223,8 @@ def _gpu_kernel(
         _, l_g, acc_g = res[g]
         o = jnp.where(sel[g], acc_g / jnp.where(l_g > 0, l_g, 1.0), 0.0)  # no slot: acc = 0
         o = o.astype(o_ref.dtype)
-        if thresholded:  # compared in o's dtype, the threshold rounded to it
-            t = t_ref[h, :].astype(o_ref.dtype)
-            o = jnp.where(jnp.abs(o) >= t, o, jnp.zeros((), o_ref.dtype))
+        if thresholded:
+            o = _keep_at_threshold(o, t_ref[h, :])
         o_ref[b, h, :] = o
 
 
@@ -270,7 +275,7 @@ def _merge_splits(ml_BxPxHx2, acc_BxPxHxDh, hm_BxH, t_HxDh, dtype):
     o = jnp.where((hm_BxH != 0)[..., None], o, 0.0).astype(dtype)
     if t_HxDh is None:
         return o
-    return jnp.where(jnp.abs(o) >= t_HxDh.astype(dtype)[None], o, jnp.zeros((), dtype))
+    return _keep_at_threshold(o, t_HxDh[None])
 
 
 @functools.partial(
@@ -409,9 +414,8 @@ def _tpu_kernel(
         l_col = l_ref[...][:, :1]
         o = acc_ref[...] / jnp.where(l_col > 0, l_col, 1.0)
         o = jnp.where(sel, o, 0.0).astype(o_ref.dtype)
-        if thresholded:  # compared in o's dtype, the threshold rounded to it
-            t = t_ref[kvh].astype(o_ref.dtype)
-            o = jnp.where(jnp.abs(o) >= t, o, jnp.zeros((), o_ref.dtype))
+        if thresholded:
+            o = _keep_at_threshold(o, t_ref[kvh])
         o_ref[kvh] = o
 
 

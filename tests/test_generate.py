@@ -369,33 +369,25 @@ def test_xla_decode_runs_q_and_kv_on_one_stacked_input():
 
 
 def _o_proj_source(jaxpr, o_shape) -> list[list[str]]:
-    """Per block: what o_proj's input (the lhs of the dot with an `o_shape` weight) passes
-    through on its way back from the op that made it, reshapes and converts skipped:
-    ending at a kernel's name or an XLA primitive."""
-    out = []
-    for block in block_jaxprs(jaxpr):
-        made_by = {v: e for e in block.eqns for v in e.outvars}
-        for name, v in _dot_inputs_of(block, {o_shape: "o"}):
-            path = []
-            while v in made_by:
-                p = made_by[v]
-                if pallas_calls_of(p):
-                    path.append(pallas_calls_of(p)[0])
-                    break
-                if p.primitive.name not in ("reshape", "convert_element_type", "squeeze"):
-                    path.append(p.primitive.name)
-                    break
-                v = p.invars[0]
-            out.append(path)
-    return out
+    """Per block: what o_proj's input (the lhs of the dot with an `o_shape` weight) comes
+    from, reshapes and converts skipped (`_source`)."""
+    made_by = {v: e for b in block_jaxprs(jaxpr) for e in b.eqns for v in e.outvars}
+    skip = ("reshape", "convert_element_type", "squeeze")
+    return [_source(made_by, v, skip) for _, v in _dot_inputs(jaxpr, {o_shape: "o"})]
 
 
-def _dot_inputs_of(block, weight_shapes: dict) -> list:
-    return [
-        (weight_shapes[tuple(e.invars[1].aval.shape)], e.invars[0])
-        for e in block.eqns
-        if e.primitive.name == "dot_general" and tuple(e.invars[1].aval.shape) in weight_shapes
-    ]
+def _source(made_by: dict, v, skip) -> list[str]:
+    """The op that made var `v` (`made_by`: var -> equation), looking through the
+    primitives in `skip`: [a kernel's name] or [an XLA primitive]; [] for an input."""
+    while v in made_by:
+        p = made_by[v]
+        names = pallas_calls_of(p)
+        if names:
+            return [names[0].removesuffix("_splitk")]
+        if p.primitive.name not in skip:
+            return [p.primitive.name]
+        v = p.invars[0]
+    return []
 
 
 @pytest.mark.slow  # ~40 s on 2 cores: the attention kernel runs in interpret mode
@@ -459,7 +451,7 @@ def test_decode_attention_kernel_gives_xla_tokens_and_applies_o_in_threshold():
                 assert _o_proj_source(jaxpr, o_shape) == want_src
 
 
-def _gate_source(jaxpr) -> list[str]:
+def _gate_source(jaxpr) -> list[list[str]]:
     """For each gated_matvec call in a model's `jaxpr` (in each block's jaxpr, where each
     kernel is in its own jit), the primitives its gate input passes through on the way back
     from the op that made it, reshapes skipped, ending at that op: a kernel's name, or an
@@ -470,25 +462,14 @@ def _gate_source(jaxpr) -> list[str]:
     return out
 
 
-def _block_gate_source(jaxpr) -> list[str]:
+def _block_gate_source(jaxpr) -> list[list[str]]:
     made_by = {v: e for e in jaxpr.eqns for v in e.outvars}
-    out = []
-    for e in jaxpr.eqns:
-        if pallas_calls_of(e) != ["gated_matvec"]:
-            continue
-        v, path = e.invars[1], []
-        while v in made_by:
-            p = made_by[v]
-            names = pallas_calls_of(p)
-            if names:
-                path.append(names[0].removesuffix("_splitk"))
-                break
-            path.append(p.primitive.name)
-            if p.primitive.name not in ("reshape", "squeeze", "expand_dims"):
-                break
-            v = p.invars[0]
-        out.append([n for n in path if n not in ("reshape", "squeeze", "expand_dims")])
-    return out
+    skip = ("reshape", "squeeze", "expand_dims")
+    return [
+        _source(made_by, e.invars[1], skip)
+        for e in jaxpr.eqns
+        if pallas_calls_of(e) == ["gated_matvec"]
+    ]
 
 
 @pytest.mark.parametrize("method,rule_in_kernel", [("chess", True), ("dejavu", False)])
