@@ -311,7 +311,7 @@ def run(args) -> dict:
     prompts = prompt_batch(tok, max(args.batches), args.prompt_len)
     prompt_text = tok.decode(prompts[0])
     tmp = tempfile.mkdtemp()
-    rows = []
+    rows, skipped = [], []
     for method in args.methods:
         base, overrides = variants[method]
         state = states.get((base, args.sparsity))
@@ -324,6 +324,10 @@ def run(args) -> dict:
             state_dir = str(state_dir)
         gens: dict = {}
         for batch in args.batches:
+            if time.time() > args.deadline:
+                skipped.append({"method": method, "batch": batch})
+                print(f"{method} batch {batch}: skipped (--budget-s)", file=sys.stderr)
+                continue
             kernels = default_kernels(base, batch, args.kernels, th)
             attention_only = set(overrides) <= {"decode_attention", "attention_splits"}
             if overrides and (kernels.mode == "pallas" or attention_only):
@@ -409,10 +413,12 @@ def run(args) -> dict:
             )
         gens.clear()
     for row in rows:
-        dense = next(d for d in rows if d["method"] == "dense" and d["batch"] == row["batch"])
+        dense = next((d for d in rows if d["method"] == "dense" and d["batch"] == row["batch"]), None)
         row["speedup_vs_dense"] = (
             row["generator_tokens_per_s_per_sequence"]
             / dense["generator_tokens_per_s_per_sequence"]
+            if dense is not None
+            else float("nan")
         )
     return {
         "benchmark": "decode",
@@ -430,6 +436,7 @@ def run(args) -> dict:
         "repeats": args.repeats,
         "copy_bandwidth_GBps": bw / 1e9,
         "rows": rows,
+        "skipped": skipped,
     }
 
 
@@ -542,6 +549,13 @@ def main(argv=None) -> int:
         action="store_true",
         help="compile the decode loops with XLA's command buffers (`Generator(command_buffers=True)`)",
     )
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="start no new (method, batch) row after this many seconds; the JSON lists "
+        "the rows skipped (default: no limit)",
+    )
     p.add_argument("--calibration-tokens", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument(
@@ -552,6 +566,9 @@ def main(argv=None) -> int:
     )
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.budget_s is not None and args.budget_s <= 0:
+        p.error(f"--budget-s {args.budget_s}: must be > 0 (seconds), or left out for no limit")
+    args.deadline = time.time() + (args.budget_s if args.budget_s is not None else float("inf"))
     args.methods = [m for m in args.methods.split(",") if m]
     if "dense" not in args.methods:
         args.methods.insert(0, "dense")

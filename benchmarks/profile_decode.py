@@ -55,13 +55,20 @@ def device_kernel_events(trace_dir: Path) -> list[dict]:
 
 
 def traced(fn, trace_dir) -> tuple:
-    """`fn()` run (and waited for) under `jax.profiler.trace(trace_dir)`; returns its
-    result and the device kernel events of that trace (`device_kernel_events`)."""
+    """`fn()` run (and waited for) under `jax.profiler.trace`; returns its result and the
+    device kernel events of that trace (`device_kernel_events`). The trace goes to a new
+    subdirectory of `trace_dir`, so a directory reused across calls never hands back an
+    earlier call's trace (benchmarks/attention.py's first GPU run read one trace for
+    every config that way)."""
+    import tempfile
+
     import jax
 
-    with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+    Path(trace_dir).mkdir(parents=True, exist_ok=True)
+    run_dir = Path(tempfile.mkdtemp(prefix="trace_", dir=trace_dir))
+    with jax.profiler.trace(str(run_dir), create_perfetto_trace=True):
         out = jax.block_until_ready(fn())
-    return out, device_kernel_events(Path(trace_dir))
+    return out, device_kernel_events(run_dir)
 
 
 def summarize(directory: str) -> dict:

@@ -139,12 +139,12 @@ def masked_load(
     return plgpu.load(ref, **kw)
 
 
-def triton_dot(a: jax.Array, b: jax.Array) -> jax.Array:
-    """`a @ b` on the tensor cores inside a Triton kernel (float32 result; float32 inputs
-    without TF32). Every dimension must be at least 16."""
+def triton_dot(a: jax.Array, b: jax.Array, trans_b: bool = False) -> jax.Array:
+    """`a @ b` (`a @ b.T` with `trans_b`) on the tensor cores inside a Triton kernel
+    (float32 result; float32 inputs without TF32). Every dimension must be at least 16."""
     fn = getattr(_triton_module(), "dot", None) or pl.dot
     exact = a.dtype == jnp.float32 or b.dtype == jnp.float32
-    return fn(a, b, allow_tf32=False if exact else None).astype(jnp.float32)
+    return fn(a, b, trans_b=trans_b, allow_tf32=False if exact else None).astype(jnp.float32)
 
 
 def masked_store(ref: Any, val: jax.Array, mask: jax.Array) -> None:

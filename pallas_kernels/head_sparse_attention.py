@@ -20,7 +20,9 @@ Holds: `head_sparse_attention_reference` (pure jnp, float32 softmax), a GPU
 `head_sparse_attention`.
 - GPU: one program per (batch row, kv head); a program whose query heads are all
   unselected does nothing; the others walk the cache in chunks of `block_s` slots with
-  an online softmax, loading only valid slots (masked loads). With `num_splits` > 1 the
+  an online softmax, loading only valid slots (masked loads). The kv head's query heads
+  share each chunk: their scores and outputs are tensor-core dots of a 16-row tile
+  (head dim and `block_s` at least 16). With `num_splits` > 1 the
   slots are split into that many contiguous ranges, one program each (more programs for
   a short batch and a long cache), which write their softmax's running max, sum and
   unnormalized output; a jnp epilogue merges them (and applies the mask and threshold).
@@ -150,11 +152,31 @@ def _threshold_HxDh(threshold: Any, H: int, Dh: int) -> jax.Array:
 # ------------------------------------------------------------------------ GPU (Triton)
 
 
+def _group_rows(G: int) -> int:
+    """Rows of the tensor-core tile that holds a kv head's G query heads (at least 16)."""
+    return max(16, pl.next_power_of_2(G))
+
+
+def _row(x: jax.Array, rows: jax.Array, g: jax.Array) -> jax.Array:
+    """Row g of the [Gp, ...] tile `x` (a masked sum: no dynamic row indexing in Triton)."""
+    sel = (rows == g).reshape((-1,) + (1,) * (x.ndim - 1))
+    return jnp.sum(jnp.where(sel, x, 0.0), axis=0)
+
+
 def _online_softmax(
     q_ref, hm_ref, valid_ref, len_ref, k_ref, v_ref, b, kvh, chunks, G, Dh, S, block_s, scale
 ):
-    """The running (max, sum, unnormalized output) of each of kv head `kvh`'s G query
-    heads over slot chunks `chunks(n_chunks) -> (first, stop)`, and the heads' selection."""
+    """The running max m [Gp], sum l [Gp] and unnormalized output acc [Gp, Dh] of kv head
+    `kvh`'s G query heads (rows 0..G-1 of a Gp-row tile; the rows past G hold zero
+    queries and are dropped) over slot chunks `chunks(n_chunks) -> (first, stop)`, the
+    heads, their selection and the tile's row ids.
+
+    The G heads share each K/V chunk: scores are one [Gp, Dh] x [block_s, Dh]^T dot and
+    the output one [Gp, block_s] x [block_s, Dh] dot on the tensor cores, with p in the
+    cache's dtype for the second (float32 caches: no TF32), and two row reductions per
+    chunk (max and sum). The first version reduced over the chunk's elements per head
+    instead, five cross-thread reductions per head per chunk, and took 17 us per call on
+    an H200 where XLA's attention took about 8 (benchmarks/NOTES_kernels.md)."""
     gs = dsp.static_indices(G)
     heads = [kvh * G + g for g in gs]
     sel = [hm_ref[b, h] != 0 for h in heads]
@@ -164,37 +186,36 @@ def _online_softmax(
     length = jnp.minimum(len_ref[0], S)
     n_chunks = jnp.where(any_sel, (length + block_s - 1) // block_s, 0)
     first, stop = chunks(n_chunks)
-    qs = [q_ref[b, h, :].astype(jnp.float32) * scale for h in heads]
+    Gp = _group_rows(G)
+    rows = jnp.arange(Gp, dtype=jnp.int32)
+    dot_dtype = k_ref.dtype if k_ref.dtype == v_ref.dtype else jnp.float32
+    q = jnp.zeros((Gp, Dh), jnp.float32)
+    for g, h in zip(gs, heads):
+        q = jnp.where((rows == g)[:, None], q_ref[b, h, :].astype(jnp.float32)[None, :], q)
+    q = q.astype(dot_dtype)
 
     def body(c, carry):
+        m_old, l_old, acc_old = carry
         s0 = c * block_s
         in_range = (s0 + jnp.arange(block_s)) < length
         ok = dsp.masked_load(valid_ref.at[b, pl.ds(s0, block_s)], in_range, 0) != 0
         mask = jnp.broadcast_to(ok[:, None], (block_s, Dh))  # invalid slots are not read
         k = dsp.masked_load(k_ref.at[b, kvh, pl.ds(s0, block_s), :], mask, 0.0)
         v = dsp.masked_load(v_ref.at[b, kvh, pl.ds(s0, block_s), :], mask, 0.0)
-        k = k.astype(jnp.float32)
-        v = v.astype(jnp.float32)
-        out = []
-        for g in range(G):
-            m_old, l_old, acc_old = carry[g]
-            sc = jnp.where(ok, jnp.sum(k * qs[g][None, :], axis=1), _NEG)
-            m_new = jnp.maximum(m_old, jnp.max(sc))
-            alpha = jnp.exp(m_old - m_new)
-            p = jnp.where(ok, jnp.exp(sc - m_new), 0.0)
-            out.append(
-                (
-                    m_new,
-                    l_old * alpha + jnp.sum(p),
-                    acc_old * alpha + jnp.sum(p[:, None] * v, axis=0),
-                )
-            )
-        return tuple(out)
+        sc = dsp.triton_dot(q, k.astype(dot_dtype), trans_b=True) * scale  # [Gp, block_s]
+        sc = jnp.where(ok[None, :], sc, _NEG)
+        m_new = jnp.maximum(m_old, jnp.max(sc, axis=1))
+        alpha = jnp.exp(m_old - m_new)
+        p = jnp.where(ok[None, :], jnp.exp(sc - m_new[:, None]), 0.0)
+        pv = dsp.triton_dot(p.astype(dot_dtype), v.astype(dot_dtype))  # [Gp, Dh]
+        return m_new, l_old * alpha + jnp.sum(p, axis=1), acc_old * alpha[:, None] + pv
 
-    init = tuple(
-        (jnp.float32(_NEG), jnp.float32(0.0), jnp.zeros((Dh,), jnp.float32)) for _ in range(G)
+    init = (
+        jnp.full((Gp,), _NEG, jnp.float32),
+        jnp.zeros((Gp,), jnp.float32),
+        jnp.zeros((Gp, Dh), jnp.float32),
     )
-    return heads, sel, jax.lax.fori_loop(first, stop, body, init)
+    return heads, sel, rows, jax.lax.fori_loop(first, stop, body, init)
 
 
 def _gpu_kernel(
@@ -203,7 +224,7 @@ def _gpu_kernel(
     t_ref, o_ref = refs if thresholded else (None, refs[0])
     b = pl.program_id(0)
     kvh = pl.program_id(1)
-    heads, sel, res = _online_softmax(
+    heads, sel, rows, (_, l, acc) = _online_softmax(
         q_ref,
         hm_ref,
         valid_ref,
@@ -219,9 +240,9 @@ def _gpu_kernel(
         block_s,
         scale,
     )
+    o_all = acc / jnp.where(l > 0, l, 1.0)[:, None]  # no slot: acc = 0
     for g, h in enumerate(heads):
-        _, l_g, acc_g = res[g]
-        o = jnp.where(sel[g], acc_g / jnp.where(l_g > 0, l_g, 1.0), 0.0)  # no slot: acc = 0
+        o = jnp.where(sel[g], _row(o_all, rows, g), 0.0)
         o = o.astype(o_ref.dtype)
         if thresholded:
             o = _keep_at_threshold(o, t_ref[h, :])
@@ -255,14 +276,13 @@ def _gpu_split_kernel(
         first = jnp.minimum(split * per_split, n)
         return first, jnp.minimum(first + per_split, n)
 
-    heads, _, res = _online_softmax(
+    heads, _, rows, (m, l, acc) = _online_softmax(
         q_ref, hm_ref, valid_ref, len_ref, k_ref, v_ref, b, kvh, chunks, G, Dh, S, block_s, scale
     )
     two = jnp.arange(2)
     for g, h in enumerate(heads):
-        m_g, l_g, acc_g = res[g]
-        ml_ref[b, split, h, :] = jnp.where(two == 0, m_g, l_g)
-        acc_ref[b, split, h, :] = acc_g
+        ml_ref[b, split, h, :] = jnp.where(two == 0, _row(m, rows, g), _row(l, rows, g))
+        acc_ref[b, split, h, :] = _row(acc, rows, g)
 
 
 def _merge_splits(ml_BxPxHx2, acc_BxPxHxDh, hm_BxH, t_HxDh, dtype):
@@ -303,6 +323,12 @@ def _head_sparse_attention_gpu(
     dsp.check_block(_NAME, "block_s", block_s, power_of_2=True)
     dsp.check_block(_NAME, "head dim Dh", Dh, power_of_2=True)
     dsp.check_block(_NAME, "num_splits", num_splits, power_of_2=False)
+    if not interpret and min(Dh, block_s) < 16:
+        raise ValueError(
+            f"{_NAME}: the GPU kernel's tensor-core dots need head dim Dh >= 16 and "
+            f"block_s >= 16, got Dh={Dh}, block_s={block_s}; pass a larger block_s, or "
+            "impl='reference' for a model with smaller heads."
+        )
     common = {"G": H // Hkv, "Dh": Dh, "S": S, "block_s": block_s, "scale": scale}
     args = (
         q_BxHxDh,

@@ -121,6 +121,10 @@ def test_bad_inputs():
         )
     with pytest.raises(ValueError, match="power of 2"):
         head_sparse_attention(q, hm, kc, kc, valid, impl="gpu_interpret", block_s=24)
+    # the compiled GPU kernel's tensor-core dots need 16-wide tiles (interpret mode has
+    # no such limit, so the small shapes above run there)
+    with pytest.raises(ValueError, match="Dh >= 16 and block_s >= 16, got Dh=8"):
+        jax.eval_shape(lambda *a: head_sparse_attention(*a, impl="gpu"), q, hm, kc, kc, valid)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
