@@ -399,8 +399,9 @@ def test_decode_attention_kernel_gives_xla_tokens_and_applies_o_in_threshold():
     o_proj reads the kernel's output, no select between them (a kernel of its own per
     layer on a GPU: benchmarks/NOTES_kernels.md). The prefill keeps XLA's attention. With
     the slots split over programs (`attention_splits`) the same logits and tokens."""
-    with pytest.raises(ValueError, match=r"attention_splits=0\): use a positive int"):
-        Kernels(decode_attention=True, attention_splits=0)
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match=r"attention_splits=.*\): use a positive int"):
+            Kernels(decode_attention=True, attention_splits=bad)
     import dataclasses
 
     from jaxsparse.models import init_cache, prepare_params
@@ -418,7 +419,7 @@ def test_decode_attention_kernel_gives_xla_tokens_and_applies_o_in_threshold():
         prompts, max_new_tokens=5, thresholds=thresholds, stop_at_eos=False
     )
     assert 0.2 < dense.measured_sparsity["o_in"] < 0.9
-    for mode, splits in (("xla", 1), ("pallas", 1), ("xla", 3)):
+    for mode, splits in (("xla", 1), ("pallas", 1), ("xla", 3), ("xla", None)):
         base = kernels_for_method("teal", mode, "gpu_interpret", thresholds=thresholds)
         kernels = dataclasses.replace(
             base, decode_attention=True, impl="gpu_interpret", attention_splits=splits
@@ -443,12 +444,32 @@ def test_decode_attention_kernel_gives_xla_tokens_and_applies_o_in_threshold():
                 )
             )(p, tok, pos, thresholds).jaxpr
             calls = pallas_calls(jaxpr)
-            name = "head_sparse_attention" + ("_split" if splits > 1 else "")
+            # None: one range per 64 slots, so one for this 8-slot cache
+            name = "head_sparse_attention" + ("_split" if (splits or 1) > 1 else "")
             n_attention = calls.count(name)
             assert n_attention == (config.num_layers if t == 1 else 0), (mode, t)
             if mode == "xla" and t == 1 and splits == 1:  # o_proj's input: the kernel's output
                 want_src = [["head_sparse_attention"]] * config.num_layers
                 assert _o_proj_source(jaxpr, o_shape) == want_src
+
+
+def test_decode_attention_is_the_gpu_default_with_slot_ranges_by_cache_length():
+    """The attention kernel runs by default in a GPU decode step (or its interpreter),
+    with one 64-slot range per program up to 16 ranges; XLA's attention elsewhere: the
+    prefill, the CPU and TPU backends' reference/TPU impls, and heads narrower than the
+    kernel's 16-wide tensor-core tiles on a real GPU."""
+    gpu, interp = Kernels(impl="gpu"), Kernels(impl="gpu_interpret")
+    assert gpu.decode_attention and gpu.attention_kernel(1, True, 128)
+    assert interp.attention_kernel(1, True, 8)  # the interpreter has no tile limit
+    assert not gpu.attention_kernel(1, True, 8)
+    assert not gpu.attention_kernel(4, True, 128) and not gpu.attention_kernel(1, False, 128)
+    assert not Kernels(impl="reference").attention_kernel(1, True, 128)
+    assert not Kernels(impl="gpu", decode_attention=False).attention_kernel(1, True, 128)
+    splits = {s: interp.attention_options(s)["num_splits"] for s in (8, 64, 65, 256, 1024, 4096)}
+    assert splits == {8: 1, 64: 1, 65: 2, 256: 4, 1024: 16, 4096: 16}
+    assert Kernels(impl="gpu", attention_splits=3).attention_options(4096) == {"num_splits": 3}
+    assert Kernels(impl="reference").attention_options(256) == {}
+    assert Kernels(impl="tpu_interpret").attention_options(256) == {}
 
 
 def _gate_source(jaxpr) -> list[list[str]]:

@@ -319,7 +319,7 @@ class SelfAttention(nn.Module):
         mask = attention_mask(positions_BxT, kv_pos_BxS, c.attention_window(self.layer_type))
         o_t = _kernel_threshold(kn, "o_in", jax.ShapeDtypeStruct((b, t, c.q_dim), dt), thresholds)
         attn_heads_BxH, attn_t = heads_BxH, None
-        if attn_heads_BxH is None and kn.attention_kernel(t, layer_cache is not None):
+        if attn_heads_BxH is None and kn.attention_kernel(t, layer_cache is not None, c.head_dim):
             attn_heads_BxH = jnp.ones((b, c.num_heads), jnp.int32)  # every head: one kernel
             if o_t is None and not self.is_mutable_collection("taps"):
                 attn_t = _plain_threshold("o_in", c.q_dim, thresholds)
@@ -339,7 +339,7 @@ class SelfAttention(nn.Module):
                     scale=c.attention_scale,
                     impl=kn.impl,
                     threshold=attn_t,
-                    **({"num_splits": kn.attention_splits} if kn.attention_splits > 1 else {}),
+                    **kn.attention_options(k_.shape[2]),
                 )
 
             o_BxHxD = _per_head_shard(

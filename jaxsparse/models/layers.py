@@ -33,6 +33,12 @@ def param_dtype(config: ModelConfig):
     return jnp.dtype(config.dtype)
 
 
+# `Kernels(attention_splits=None)`: slots per range of the decode attention kernel (its
+# slot block) and the most ranges.
+ATTENTION_SLOTS_PER_SPLIT = 64
+ATTENTION_MAX_SPLITS = 16
+
+
 @dataclasses.dataclass(frozen=True)
 class Kernels:
     """How decode-step matmuls run: "xla" (masked dense: the reference) or "pallas".
@@ -101,12 +107,19 @@ class Kernels:
     # In a decode step (one token per row) with a KV cache, on a GPU (or its
     # interpreter): the attention's QK product, softmax and PV product as one kernel
     # (`pallas_kernels.head_sparse_attention` with every head selected) instead of XLA's
-    # GEMMs and softmax fusions. Any mode, dense included: it reads no weights.
-    decode_attention: bool = False
+    # GEMMs and softmax fusions. Any mode, dense included: it reads no weights. In an XLA
+    # step it also applies the o_proj input's threshold as it writes its output. On an
+    # H200 (Llama-3-8B shapes, cache of 256 slots) it took 5.5 us per layer against
+    # XLA's 8.7, and decode went from 183.3 to 184.9 tok/s dense, 312.0 to 316.4 teal
+    # (benchmarks/NOTES_kernels.md). Heads narrower than 16 keep XLA's attention on a GPU
+    # (the kernel's tensor-core tiles are 16 wide).
+    decode_attention: bool = True
     # The attention kernel's slot ranges per (batch row, kv head), each run by a program
-    # of its own and merged afterwards (`head_sparse_attention(num_splits=)`, GPU only):
-    # more programs for a short batch and a long cache. 1: one program walks every slot.
-    attention_splits: int = 1
+    # of its own and merged afterwards (`head_sparse_attention(num_splits=)`): more
+    # programs for a short batch and a long cache. None: one 64-slot block per program,
+    # at most 16 ranges (`attention_options`; the fastest of 1 to 16 at caches of 256 and 1024
+    # slots on an H200). 1: one program walks every slot.
+    attention_splits: int | None = None
 
     def __post_init__(self):
         from jaxsparse.rules import TENSORS
@@ -121,9 +134,13 @@ class Kernels:
                 "Kernels(fuse_gate_up=True) cannot run with the 'gate' kernel point (up_proj "
                 "stored as rows for gated_matvec); drop one of them"
             )
-        if not isinstance(self.attention_splits, int) or self.attention_splits < 1:
+        splits = self.attention_splits
+        if splits is not None and (
+            not isinstance(splits, int) or isinstance(splits, bool) or splits < 1
+        ):
             raise ValueError(
-                f"Kernels(attention_splits={self.attention_splits!r}): use a positive int"
+                f"Kernels(attention_splits={splits!r}): use a positive int, or None (one "
+                "64-slot block per program, at most 16)"
             )
         if self.head_attention and not self.fuse_kv:
             raise ValueError(
@@ -158,14 +175,29 @@ class Kernels:
             return False
         return resolve_impl(self.impl, fn_name="Kernels") in ("gpu", "gpu_interpret")
 
-    def attention_kernel(self, t: int, cached: bool) -> bool:
+    def attention_kernel(self, t: int, cached: bool, head_dim: int) -> bool:
         """Whether a step of `t` tokens per row with a KV cache (`cached`) runs its
-        attention through the kernel (`decode_attention`)."""
+        attention through the kernel (`decode_attention`): on a GPU with heads at least
+        16 wide, or in the GPU kernel's interpreter."""
         from pallas_kernels._dispatch import resolve_impl
 
         if not (self.decode_attention and t == 1 and cached):
             return False
-        return resolve_impl(self.impl, fn_name="Kernels") in ("gpu", "gpu_interpret")
+        impl = resolve_impl(self.impl, fn_name="Kernels")
+        return impl == "gpu_interpret" or (impl == "gpu" and head_dim >= 16)
+
+    def attention_options(self, cache_slots: int) -> dict:
+        """The attention kernel's options for a cache of `cache_slots` slots: on the GPU
+        kernel, its slot ranges (`attention_splits`; None: one 64-slot block per range, at
+        most 16); none for the TPU kernel or the reference."""
+        from pallas_kernels._dispatch import resolve_impl
+
+        if resolve_impl(self.impl, fn_name="Kernels") not in ("gpu", "gpu_interpret"):
+            return {}
+        splits = self.attention_splits
+        if splits is None:
+            splits = min(ATTENTION_MAX_SPLITS, -(-cache_slots // ATTENTION_SLOTS_PER_SPLIT))
+        return {"num_splits": max(1, splits)}
 
     def use(self, point: str, x: jax.Array) -> bool:
         """Whether the projection fed by `point` uses a kernel for input `x` (decode only)."""
