@@ -523,18 +523,25 @@ def test_gate_rule_runs_inside_gated_matvec(method, rule_in_kernel):
         assert all(p[-1] not in ("sparse_input_matvec", "gated_matvec") for p in sources)
 
 
+ATTN = "head_sparse_attention"
+
+
 @pytest.mark.parametrize(
     "method,per_layer",
     [
-        # the dense gate (DENSE_KERNEL_POINTS), gated up, down
-        ("chess", ["sparse_input_matvec", "gated_matvec", "sparse_input_matvec"]),
-        # q, k|v, o, then as chess
+        # the attention (every decode step on a GPU), the dense gate
+        # (DENSE_KERNEL_POINTS), gated up, down
+        ("chess", [ATTN, "sparse_input_matvec", "gated_matvec", "sparse_input_matvec"]),
+        # q, k|v, the attention, o, then as chess
         (
             "chess+",
-            ["sparse_input_matvec"] * 4 + ["gated_matvec", "sparse_input_matvec"],
+            ["sparse_input_matvec"] * 2
+            + [ATTN]
+            + ["sparse_input_matvec"] * 2
+            + ["gated_matvec", "sparse_input_matvec"],
         ),
-        # q|k|v, o, gate|up, down
-        ("teal", ["sparse_input_matvec"] * 4),
+        # q|k|v, the attention, o, gate|up, down
+        ("teal", ["sparse_input_matvec", ATTN] + ["sparse_input_matvec"] * 3),
     ],
 )
 def test_decode_step_kernels_per_layer(method, per_layer):
