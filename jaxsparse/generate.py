@@ -256,8 +256,9 @@ class Generator:
         self.config = config
         self.mesh = None if mesh is None else sharding.as_mesh(mesh)
         self._replicated = None if self.mesh is None else sharding.replicated(self.mesh)
-        if self.mesh is not None and kernels.mode == "pallas":
-            kernels = dataclasses.replace(kernels, mesh=self.mesh)  # kernels per shard
+        if self.mesh is not None and (kernels.mode == "pallas" or kernels.decode_attention):
+            # kernels per shard (in an XLA step: the decode attention kernel)
+            kernels = dataclasses.replace(kernels, mesh=self.mesh)
         prepared = prepare_params(params, config, kernels)
         if self.mesh is None:
             self.params = jax.device_put(prepared)

@@ -116,6 +116,12 @@ def _plain_threshold(name: str, width: int, thresholds: dict | None):
     return t if jnp.shape(t) in ((), (width,)) else None
 
 
+def _per_head(t, c: ModelConfig) -> jax.Array:
+    """A threshold on the merged heads' channels (a scalar or [q_dim]) as [H, Dh]."""
+    t = jnp.broadcast_to(jnp.asarray(t).reshape(-1), (c.q_dim,))
+    return t.reshape(c.num_heads, c.head_dim)
+
+
 def _decode_heads(kn: Kernels, thresholds: dict | None, c: ModelConfig, t: int):
     """The Deja Vu head keep-mask [B, H] of a pallas decode step with `Kernels.q_rows`, read
     off the head-expanded `o_in` mask (`llama.with_predicted_masks`); else None."""
@@ -191,31 +197,43 @@ def _q_kv_one_launch(module, kn: Kernels, shared, xq, xkv, c: ModelConfig, dt):
 
 
 def _per_head_shard(
-    fn, mesh, c: ModelConfig, q_BxHxD, heads_BxH, k_BxKxSxD, v_BxKxSxD, valid_BxS, kv_len
+    fn, mesh, c: ModelConfig, q_BxHxD, heads_BxH, k_BxKxSxD, v_BxKxSxD, valid_BxS, kv_len, t_HxD
 ):
-    """`fn` (head-sparse attention) on each device's own kv heads and their q heads, when
-    `mesh`'s `model` axis splits the kv heads evenly (as `jaxsparse.sharding` lays out the
-    KV cache); else on the whole arrays."""
+    """`fn(q, heads, k, v, valid, kv_len, threshold)` (the attention kernel) run by each
+    device of `mesh` on its own batch rows (`data`, where it divides the batch) and its own
+    kv heads with their q heads and their rows of the `o_in` threshold `t_HxD` (`model`,
+    where it divides the kv heads), as `jaxsparse.sharding` lays out the KV cache; the
+    kernel on the whole arrays would make XLA gather the cache onto every device. Without
+    a mesh (or neither axis usable): `fn` on the whole arrays."""
     from jax.sharding import PartitionSpec as P
 
     from jaxsparse.sharding import DATA, MODEL
 
-    if mesh is None or mesh.shape[MODEL] == 1 or c.num_kv_heads % mesh.shape[MODEL]:
-        return fn(q_BxHxD, heads_BxH, k_BxKxSxD, v_BxKxSxD, valid_BxS, kv_len)
+    args = [q_BxHxD, heads_BxH, k_BxKxSxD, v_BxKxSxD, valid_BxS, kv_len, t_HxD]
+    if mesh is None:
+        return fn(*args)
     b = q_BxHxD.shape[0]
     bs = DATA if mesh.shape[DATA] > 1 and b % mesh.shape[DATA] == 0 else None
-    h = P(bs, MODEL)
-    if kv_len is None:
-        return jax.shard_map(
-            lambda *a: fn(*a, None),
-            mesh=mesh,
-            in_specs=(h, h, h, h, P(bs)),
-            out_specs=h,
-            check_vma=False,
-        )(q_BxHxD, heads_BxH, k_BxKxSxD, v_BxKxSxD, valid_BxS)
+    ms = MODEL if mesh.shape[MODEL] > 1 and c.num_kv_heads % mesh.shape[MODEL] == 0 else None
+    if bs is None and ms is None:
+        return fn(*args)
+    h = P(bs, ms)
+    specs = [h, h, h, h, P(bs), P(), P(ms)]
+    given = [i for i, x in enumerate(args) if x is not None]  # kv_len, t_HxD may be None
+
+    def body(*xs):
+        full = [None] * len(args)
+        for i, x in zip(given, xs):
+            full[i] = x
+        return fn(*full)
+
     return jax.shard_map(
-        fn, mesh=mesh, in_specs=(h, h, h, h, P(bs), P()), out_specs=h, check_vma=False
-    )(q_BxHxD, heads_BxH, k_BxKxSxD, v_BxKxSxD, valid_BxS, kv_len)
+        body,
+        mesh=mesh,
+        in_specs=tuple(specs[i] for i in given),
+        out_specs=h,
+        check_vma=False,
+    )(*(args[i] for i in given))
 
 
 class SelfAttention(nn.Module):
@@ -328,7 +346,7 @@ class SelfAttention(nn.Module):
 
             kv_len = None if layer_cache is None else jnp.asarray(cache_index + t, jnp.int32)
 
-            def heads_attention(q, heads, k_, v_, valid, n):
+            def heads_attention(q, heads, k_, v_, valid, n, t_):
                 return head_sparse_attention(
                     q,
                     heads,
@@ -338,7 +356,7 @@ class SelfAttention(nn.Module):
                     kv_len=n,
                     scale=c.attention_scale,
                     impl=kn.impl,
-                    threshold=attn_t,
+                    threshold=t_,
                     **kn.attention_options(k_.shape[2]),
                 )
 
@@ -352,6 +370,7 @@ class SelfAttention(nn.Module):
                 v_BxKxSxD,
                 mask[:, 0],
                 kv_len,
+                None if attn_t is None else _per_head(attn_t, c),
             )
             out_BxTxHD = o_BxHxD.reshape(b, t, c.q_dim).astype(q_BxTxHxD.dtype)
         else:
