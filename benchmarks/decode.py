@@ -413,7 +413,9 @@ def run(args) -> dict:
             )
         gens.clear()
     for row in rows:
-        dense = next((d for d in rows if d["method"] == "dense" and d["batch"] == row["batch"]), None)
+        dense = next(
+            (d for d in rows if d["method"] == "dense" and d["batch"] == row["batch"]), None
+        )
         row["speedup_vs_dense"] = (
             row["generator_tokens_per_s_per_sequence"]
             / dense["generator_tokens_per_s_per_sequence"]

@@ -610,16 +610,17 @@ def _chained_calls(jaxpr) -> int:
 
 @pytest.mark.parametrize(
     "model_type,method,split,shared,unshared,launches,chained",
+    # launches: the block's kernel calls, the decode attention kernel's included
     [
-        ("llama", "teal", False, 1, 4, (4, 4), 3),  # q|k|v, o, gate|up, down
-        ("llama", "teal", True, 3, 4, (4, 4), 1),  # [q|k|v, o], [gate|up], [down]
+        ("llama", "teal", False, 1, 4, (5, 5), 3),  # q|k|v, o, gate|up, down
+        ("llama", "teal", True, 3, 4, (5, 5), 1),  # [q|k|v, o], [gate|up], [down]
         # q and k|v (one launch), o, down share; the gate has its own
-        ("llama", "chess+", False, 2, 5, (5, 6), 2),
-        ("llama", "chess+", True, 3, 5, (5, 6), 1),  # [q, k|v, o], [gate], [down]
-        ("llama", "chess", False, 2, 2, (3, 3), 0),  # the gate's own, and down's
-        ("llama", "chess", True, 2, 2, (3, 3), 0),  # [gate], [down]
-        ("opt", "teal", False, 1, 4, (4, 4), 3),  # q|k|v, o, fc1, fc2
-        ("opt", "teal", True, 3, 4, (4, 4), 1),  # [q|k|v, o], [fc1], [fc2]
+        ("llama", "chess+", False, 2, 5, (6, 7), 2),
+        ("llama", "chess+", True, 3, 5, (6, 7), 1),  # [q, k|v, o], [gate], [down]
+        ("llama", "chess", False, 2, 2, (4, 4), 0),  # the gate's own, and down's
+        ("llama", "chess", True, 2, 2, (4, 4), 0),  # [gate], [down]
+        ("opt", "teal", False, 1, 4, (5, 5), 3),  # q|k|v, o, fc1, fc2
+        ("opt", "teal", True, 3, 4, (5, 5), 1),  # [q|k|v, o], [fc1], [fc2]
     ],
 )
 def test_decode_block_zeroes_one_shared_accumulator(
