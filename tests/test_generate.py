@@ -5,7 +5,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny import block_jaxprs, pallas_calls, pallas_calls_of, sub_jaxprs
+from tiny import block_jaxprs, pallas_calls, pallas_calls_of, random_thresholds, sub_jaxprs
 
 from jaxsparse.config import ModelConfig
 from jaxsparse.generate import Generator, SamplingParams, bucket_length, sample_logits
@@ -153,7 +153,7 @@ def test_points_with_zero_thresholds_are_dropped_before_the_loop():
 
     config = tiny(intermediate_size=96)
     params = jax.tree.map(lambda x: x * 10, init_params(config, seed=2))
-    full = _random_thresholds(config, jax.random.key(4), scale=0.3)
+    full = random_thresholds(config, jax.random.key(4), scale=0.3)
     chess = {
         layer: {p: (t if p == "gate" else jnp.zeros_like(t)) for p, t in points.items()}
         for layer, points in full.items()
@@ -230,22 +230,6 @@ def test_bad_arguments():
     assert bucket_length(1) == 16 and bucket_length(17) == 32 and bucket_length(32) == 32
 
 
-def _random_thresholds(config, key, scale=0.02):
-    from jaxsparse.rules import TENSORS, tensor_width
-
-    out = {}
-    for i in range(config.num_layers):
-        key, *ks = jax.random.split(key, len(TENSORS) + 1)
-        out[f"layers_{i}"] = {
-            n: scale
-            * jax.random.uniform(
-                k, (tensor_width(n, config.hidden_size, config.q_dim, config.intermediate_size),)
-            )
-            for n, k in zip(TENSORS, ks)
-        }
-    return out
-
-
 def _decode_logits(config, params, kernels, thresholds, prompt_BxT, steps):
     """Prefill then `steps` greedy decode steps through `kernels`: the logits [steps, B, V]."""
     from jaxsparse.models import init_cache, prepare_params
@@ -282,7 +266,7 @@ def test_kernel_decoding_gives_masked_dense_tokens(method, impl):
 
     config = tiny(intermediate_size=96)
     params = jax.tree.map(lambda x: x * 10, init_params(config, seed=2))
-    thresholds = _random_thresholds(config, jax.random.key(4), scale=0.3)
+    thresholds = random_thresholds(config, jax.random.key(4), scale=0.3)
     kernels = kernels_for_method(method, "pallas", impl, thresholds=thresholds)
     assert not kernels.fuse_qkv and kernels.fuse_kv
     same = {k: {**v, "kv_in": v["q_in"]} for k, v in thresholds.items()}
@@ -331,7 +315,7 @@ def test_xla_decode_runs_q_and_kv_on_one_stacked_input():
     # every projection's weight of its own shape (q [32, 64], k|v [32, 32], o [64, 32])
     config = tiny(intermediate_size=96, head_dim=16, num_kv_heads=1)
     params = jax.tree.map(lambda x: x * 10, init_params(config, seed=2))
-    thresholds = _random_thresholds(config, jax.random.key(4), scale=0.3)
+    thresholds = random_thresholds(config, jax.random.key(4), scale=0.3)
     kernels = kernels_for_method("chess+", "xla", thresholds=thresholds)
     assert kernels.fuse_kv and not kernels.fuse_qkv
     prompt = jnp.asarray([[5, 6, 7, 8], [9, 10, 11, 12]])
@@ -409,7 +393,7 @@ def test_decode_attention_kernel_gives_xla_tokens_and_applies_o_in_threshold():
 
     config = tiny(intermediate_size=96, head_dim=16, num_kv_heads=1)
     params = jax.tree.map(lambda x: x * 10, init_params(config, seed=2))
-    thresholds = _random_thresholds(config, jax.random.key(4), scale=0.3)
+    thresholds = random_thresholds(config, jax.random.key(4), scale=0.3)
     # o_in thresholds that zero about half of the attention's output
     thresholds = {k: {**v, "o_in": v["o_in"] * 0 + 8.0} for k, v in thresholds.items()}
     prompt = jnp.asarray([[5, 6, 7, 8], [9, 10, 11, 12]])
@@ -642,7 +626,7 @@ def test_decode_block_zeroes_one_shared_accumulator(
     # every K > 64 (the kernel's K block), so that every sparse-input kernel splits K
     config = tiny(model_type, hidden_size=128, head_dim=32, intermediate_size=192)
     params = init_params(config, seed=2)
-    thresholds = _random_thresholds(config, jax.random.key(4), scale=0.03)
+    thresholds = random_thresholds(config, jax.random.key(4), scale=0.03)
     if method != "chess+":  # one attention input, as calibration gives them: q|k|v fused
         thresholds = {k: {**v, "kv_in": v["q_in"]} for k, v in thresholds.items()}
     kernels = kernels_for_method(method, "pallas", "gpu_interpret", thresholds=thresholds)
@@ -710,7 +694,7 @@ def test_decode_block_applies_each_threshold_once(method, mode, applied, kernel_
     # o_proj's K (96) above the kernel's K block (64): it adds into the shared accumulator
     config = tiny(hidden_size=128, num_heads=6, head_dim=16, intermediate_size=192)
     params = init_params(config, seed=2)
-    thresholds = _random_thresholds(config, jax.random.key(4), scale=0.03)
+    thresholds = random_thresholds(config, jax.random.key(4), scale=0.03)
     points = {"teal": ("q_in", "o_in", "ffn_in", "down_in"), "chess+": ("q_in", "o_in", "gate")}
     thresholds = {
         layer: {p: t[p] for p in points[method]}
@@ -790,7 +774,7 @@ def test_zero_counts_only_where_sparsified_and_read_behind_a_barrier(method, mas
 
     config = tiny(intermediate_size=96)
     params = init_params(config, seed=2)
-    full = _random_thresholds(config, jax.random.key(4), scale=0.3)
+    full = random_thresholds(config, jax.random.key(4), scale=0.3)
     points = {"teal": ("q_in", "kv_in", "o_in", "ffn_in", "down_in"), "chess": ("gate",)}
     th = {layer: {p: t[p] for p in points[method]} for layer, t in full.items()}
     if method == "teal":
@@ -947,7 +931,7 @@ def test_loop_measures_sparsity_over_every_decoded_token():
     every decoded token of every row) equal the per-step loop's."""
     config = tiny(intermediate_size=96)
     params = jax.tree.map(lambda x: x * 10, init_params(config, seed=2))
-    th = _random_thresholds(config, jax.random.key(4), scale=0.3)
+    th = random_thresholds(config, jax.random.key(4), scale=0.3)
     prompts = [[5, 6, 7, 8], [9, 10]]
     want, want_stats = per_step_reference(config, params, prompts, 9, (), th)
     got = Generator(config, params).generate_ids(prompts, 9, thresholds=th, stop_at_eos=False)
@@ -988,7 +972,7 @@ def test_no_host_round_trip_per_token():
     implicit transfer at all (the guard raises on any); streaming reads once per chunk."""
     config = tiny()
     gen = Generator(config, init_params(config))
-    th = _random_thresholds(config, jax.random.key(1), scale=0.01)
+    th = random_thresholds(config, jax.random.key(1), scale=0.01)
     gen.generate_ids([[3, 4]], max_new_tokens=64, thresholds=th, stop_at_eos=False)  # compile
     calls = []
     for sig, fn in list(gen._compiled.items()):
@@ -1079,7 +1063,7 @@ def test_fused_qkv_refused_for_different_q_and_kv_thresholds():
 
     config = tiny()
     params = init_params(config, seed=2)
-    th = jax.tree.map(np.asarray, _random_thresholds(config, jax.random.key(5), scale=0.5))
+    th = jax.tree.map(np.asarray, random_thresholds(config, jax.random.key(5), scale=0.5))
     same = {k: {**v, "kv_in": v["q_in"]} for k, v in th.items()}
     assert default_kernels("teal", 1, "xla", same).fuse_qkv
     kernels = default_kernels("teal", 1, "xla", th)

@@ -14,9 +14,7 @@ tests read its output.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -188,21 +186,10 @@ def run_cases() -> dict:
 def report() -> dict:
     # ~40 compilations dominate: LLVM's expensive passes off halves their time (the one-device
     # reference is compiled the same way, so the comparison is unchanged)
-    flags = (
-        "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-        "--xla_llvm_disable_expensive_passes=true"
-    )
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
-    p = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve())],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    assert p.returncode == 0, p.stderr[-4000:]
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    from tiny import fake_devices_report
+
+    flags = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    return fake_devices_report(__file__, 8, flags)
 
 
 @pytest.mark.slow

@@ -9,8 +9,6 @@ applies it)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,35 +20,18 @@ def run_cases() -> dict:
 
     import jax
     import jax.numpy as jnp
+    from tiny import LLAMA, random_thresholds
 
-    from jaxsparse.config import ModelConfig
     from jaxsparse.generate import Generator
     from jaxsparse.models import init_params
     from jaxsparse.registry import kernels_for_method
-    from jaxsparse.rules import TENSORS, tensor_width
 
     assert len(jax.devices()) == 2, jax.devices()
-    config = ModelConfig(
-        model_type="llama",
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        eos_token_ids=(0,),
-    )
+    config = dataclasses.replace(LLAMA, vocab_size=128, intermediate_size=64, head_dim=16)
     params = jax.tree.map(lambda x: x * 10, init_params(config, seed=3))
-    key, thresholds = jax.random.key(5), {}
-    for i in range(config.num_layers):
-        key, *ks = jax.random.split(key, len(TENSORS) + 1)
-        widths = {n: tensor_width(n, 32, config.q_dim, 64) for n in TENSORS}
-        thresholds[f"layers_{i}"] = {
-            n: 0.02 * jax.random.uniform(k, (widths[n],)) for n, k in zip(TENSORS, ks)
-        }
-        # o_in thresholds that zero about half of the attention's output
-        thresholds[f"layers_{i}"]["o_in"] = jnp.full((config.q_dim,), 8.0)
+    thresholds = random_thresholds(config, jax.random.key(5))
+    for layer in thresholds.values():  # o_in thresholds that zero about half the outputs
+        layer["o_in"] = jnp.full((config.q_dim,), 8.0)
     prompts = {1: [[5, 6, 7, 8]], 2: [[5, 6, 7, 8], [9, 10]]}
     out = {}
     for mode, batch in (("xla", 2), ("pallas", 1)):
@@ -85,19 +66,9 @@ def run_cases() -> dict:
 
 @pytest.fixture(scope="module")
 def report() -> dict:
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"
-    )
-    p = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve())],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    assert p.returncode == 0, p.stderr[-4000:]
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    from tiny import fake_devices_report
+
+    return fake_devices_report(__file__, 2)
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,15 @@
 """Tiny random configs and a byte tokenizer shared by the CPU tests of fitting and
-evaluation, and the names of the Pallas kernels a jaxpr runs (`pallas_calls`); importable
-from any test module in tests/: pytest puts this folder on sys.path."""
+evaluation, random thresholds for every point (`random_thresholds`), a runner of a test
+module's cases on fake CPU devices (`fake_devices_report`), and the names of the Pallas
+kernels a jaxpr runs (`pallas_calls`); importable from any test module in tests/: pytest
+puts this folder on sys.path."""
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -118,3 +125,44 @@ def sub_jaxprs(eqn) -> list:
             if hasattr(inner, "eqns"):
                 out.append(inner)
     return out
+
+
+# ------------------------------------------------------------------ thresholds, devices
+
+
+def random_thresholds(config, key, scale=0.02):
+    """A threshold per channel at every point (`jaxsparse.rules.TENSORS`) of every layer,
+    uniform in [0, scale)."""
+    import jax
+
+    from jaxsparse.rules import TENSORS, tensor_width
+
+    out = {}
+    for i in range(config.num_layers):
+        key, *ks = jax.random.split(key, len(TENSORS) + 1)
+        out[f"layers_{i}"] = {
+            n: scale
+            * jax.random.uniform(
+                k, (tensor_width(n, config.hidden_size, config.q_dim, config.intermediate_size),)
+            )
+            for n, k in zip(TENSORS, ks)
+        }
+    return out
+
+
+def fake_devices_report(module: str, devices: int, flags: str = "", timeout: int = 900) -> dict:
+    """Run the test module at path `module` as a script on `devices` fake CPU devices
+    (`--xla_force_host_platform_device_count`, which must be set before jax starts, hence
+    the subprocess) and return the JSON its last line of output prints."""
+    xla_flags = f"--xla_force_host_platform_device_count={devices} {flags}".strip()
+    env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu")
+    p = subprocess.run(
+        [sys.executable, str(Path(module).resolve())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert p.returncode == 0, p.stderr[-4000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
