@@ -30,7 +30,10 @@ At batch 1 also:
 A method may carry Kernels overrides, to time a kernel-path variant beside the default
 in one run: `--methods dense,chess,chess@gate_rule_in_kernel=0` or
 `chess@dense_points=ffn_in+q_in+o_in` (fields of `jaxsparse.models.Kernels`, several
-joined by `/`, tuple values by `+`); the state is the base method's.
+joined by `/`, tuple values by `+`); the state is the base method's. Overrides of the
+decode attention alone (`@decode_attention=0` for XLA's attention, `@attention_splits=P`)
+apply to XLA steps too (dense, and `--kernels auto` from batch 2); the others only to
+pallas steps.
 
 The roofline (batch 1) is the bytes a decode step must read (weights the method needs at
 its measured per-layer sparsity, KV cache, output projection) over the bandwidth of a
