@@ -437,6 +437,41 @@ def test_decode_attention_kernel_gives_xla_tokens_and_applies_o_in_threshold():
                 assert _o_proj_source(jaxpr, o_shape) == want_src
 
 
+@pytest.mark.parametrize("model_type", ["llama", "opt"])
+def test_default_decode_attention_gives_xla_attention_tokens(model_type):
+    """Dense decoding with the GPU defaults (here in the kernels' interpreter): the
+    attention kernel runs every decode step (one launch per layer in the step's jaxpr)
+    and gives the tokens and logits of XLA's attention, for Llama's GQA and OPT's MHA
+    with biases and learned positions, over a cache longer than one 64-slot range. (Gemma
+    3's sliding windows: tests/test_gemma3_methods.py.)"""
+    from jaxsparse.models import init_cache, prepare_params
+
+    config = tiny(model_type, head_dim=16)
+    params = jax.tree.map(lambda x: x * 4, init_params(config, seed=7))
+    kernels = Kernels(impl="gpu_interpret")
+    plain = Kernels(impl="gpu_interpret", decode_attention=False)
+    prompt = jnp.asarray([[5, 6, 7, 8], [9, 10, 11, 12]])
+    want = _decode_logits(config, params, plain, None, prompt, 3)
+    have = _decode_logits(config, params, kernels, None, prompt, 3)
+    np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    prompts = [[5, 6, 7, 8, 9, 10, 11] * 7, [9, 10]]  # a 64-slot bucket + 8: two ranges
+    ref = Generator(config, params, kernels=plain).generate_ids(
+        prompts, max_new_tokens=8, stop_at_eos=False
+    )
+    got = Generator(config, params, kernels=kernels).generate_ids(
+        prompts, max_new_tokens=8, stop_at_eos=False
+    )
+    assert got.tokens == ref.tokens
+    model = build_model(config, kernels)
+    p = prepare_params(params, config, kernels)
+    tok, pos = jnp.ones((2, 1), jnp.int32), jnp.full((2, 1), 3)
+    jaxpr = jax.make_jaxpr(
+        lambda p: model.apply({"params": p}, tok, pos, init_cache(config, 2, 128), 3, None)
+    )(p).jaxpr
+    calls = [n.removesuffix("_split") for n in pallas_calls(jaxpr)]
+    assert calls == ["head_sparse_attention"] * config.num_layers
+
+
 def test_decode_attention_is_the_gpu_default_with_slot_ranges_by_cache_length():
     """The attention kernel runs by default in a GPU decode step (or its interpreter),
     with one 64-slot range per program up to 16 ranges; XLA's attention elsewhere: the
