@@ -128,7 +128,7 @@ def head_sparse_attention_reference(
     o = jnp.where((head_mask_BxH != 0)[:, :, None], o, 0.0).astype(q_BxHxDh.dtype)
     if threshold is None:
         return o
-    return _keep_at_threshold(o, _threshold_HxDh(threshold, H, Dh)[None])
+    return _keep_at_threshold(o, threshold_per_head(threshold, H, Dh)[None])
 
 
 def _keep_at_threshold(o: jax.Array, t: jax.Array) -> jax.Array:
@@ -138,8 +138,9 @@ def _keep_at_threshold(o: jax.Array, t: jax.Array) -> jax.Array:
     return jnp.where(jnp.abs(o) >= t.astype(o.dtype), o, jnp.zeros((), o.dtype))
 
 
-def _threshold_HxDh(threshold: Any, H: int, Dh: int) -> jax.Array:
-    """`threshold` (scalar, [H * Dh] or [H, Dh]) as float32 [H, Dh]."""
+def threshold_per_head(threshold: Any, H: int, Dh: int) -> jax.Array:
+    """`threshold` (scalar, [H * Dh] or [H, Dh]) as float32 [H, Dh]: the layout the
+    kernels take, and the one a caller splits by heads (`jaxsparse.models.attention`)."""
     t = jnp.asarray(threshold, jnp.float32)
     if t.shape not in ((), (H * Dh,), (H, Dh)):
         raise ValueError(
@@ -593,7 +594,7 @@ def head_sparse_attention(
     )
     scale = float(Dh**-0.5 if scale is None else scale)
     n = _kv_len(kv_len, S)
-    t = None if threshold is None else _threshold_HxDh(threshold, _H, Dh)
+    t = None if threshold is None else threshold_per_head(threshold, _H, Dh)
     args = (q_BxHxDh, head_mask_BxH, k_cache_BxKxSxDh, v_cache_BxKxSxDh, kv_valid_BxS)
     if which == "reference":
         return head_sparse_attention_reference(*args, kv_len=n, scale=scale, threshold=t)

@@ -116,12 +116,6 @@ def _plain_threshold(name: str, width: int, thresholds: dict | None):
     return t if jnp.shape(t) in ((), (width,)) else None
 
 
-def _per_head(t, c: ModelConfig) -> jax.Array:
-    """A threshold on the merged heads' channels (a scalar or [q_dim]) as [H, Dh]."""
-    t = jnp.broadcast_to(jnp.asarray(t).reshape(-1), (c.q_dim,))
-    return t.reshape(c.num_heads, c.head_dim)
-
-
 def _decode_heads(kn: Kernels, thresholds: dict | None, c: ModelConfig, t: int):
     """The Deja Vu head keep-mask [B, H] of a pallas decode step with `Kernels.q_rows`, read
     off the head-expanded `o_in` mask (`llama.with_predicted_masks`); else None."""
@@ -343,6 +337,7 @@ class SelfAttention(nn.Module):
                 attn_t = _plain_threshold("o_in", c.q_dim, thresholds)
         if attn_heads_BxH is not None:  # Deja Vu decode: attention for the selected heads only
             from pallas_kernels import head_sparse_attention
+            from pallas_kernels.head_sparse_attention import threshold_per_head
 
             kv_len = None if layer_cache is None else jnp.asarray(cache_index + t, jnp.int32)
 
@@ -370,7 +365,7 @@ class SelfAttention(nn.Module):
                 v_BxKxSxD,
                 mask[:, 0],
                 kv_len,
-                None if attn_t is None else _per_head(attn_t, c),
+                None if attn_t is None else threshold_per_head(attn_t, c.num_heads, c.head_dim),
             )
             out_BxTxHD = o_BxHxD.reshape(b, t, c.q_dim).astype(q_BxTxHxD.dtype)
         else:
