@@ -165,12 +165,28 @@ def _row(x: jax.Array, rows: jax.Array, g: jax.Array) -> jax.Array:
 
 
 def _online_softmax(
-    q_ref, hm_ref, valid_ref, len_ref, k_ref, v_ref, b, kvh, chunks, G, Dh, S, block_s, scale
+    q_ref,
+    hm_ref,
+    valid_ref,
+    len_ref,
+    k_ref,
+    v_ref,
+    b,
+    kvh,
+    chunks,
+    G,
+    Dh,
+    S,
+    block_s,
+    scale,
+    new=None,
 ):
     """The running max m [Gp], sum l [Gp] and unnormalized output acc [Gp, Dh] of kv head
     `kvh`'s G query heads (rows 0..G-1 of a Gp-row tile; the rows past G hold zero
     queries and are dropped) over slot chunks `chunks(n_chunks) -> (first, stop)`, the
-    heads, their selection and the tile's row ids.
+    heads, their selection and the tile's row ids. `new` = (k row, v row, slot): the new
+    token's k and v [Dh], read in place of the cache's rows at that slot (which the
+    kernel writes them into; see `_write_new_kv`).
 
     The G heads share each K/V chunk: scores are one [Gp, Dh] x [block_s, Dh]^T dot and
     the output one [Gp, block_s] x [block_s, Dh] dot on the tensor cores, with p in the
@@ -203,6 +219,10 @@ def _online_softmax(
         mask = jnp.broadcast_to(ok[:, None], (block_s, Dh))  # invalid slots are not read
         k = dsp.masked_load(k_ref.at[b, kvh, pl.ds(s0, block_s), :], mask, 0.0)
         v = dsp.masked_load(v_ref.at[b, kvh, pl.ds(s0, block_s), :], mask, 0.0)
+        if new is not None:
+            at_new = ((s0 + jnp.arange(block_s)) == new[2])[:, None]
+            k = jnp.where(at_new, new[0][None, :], k)
+            v = jnp.where(at_new, new[1][None, :], v)
         sc = dsp.triton_dot(q, k.astype(dot_dtype), trans_b=True) * scale  # [Gp, block_s]
         sc = jnp.where(ok[None, :], sc, _NEG)
         m_new = jnp.maximum(m_old, jnp.max(sc, axis=1))
@@ -219,12 +239,54 @@ def _online_softmax(
     return heads, sel, rows, jax.lax.fori_loop(first, stop, body, init)
 
 
+def _new_kv(refs, b, kvh, dtype):
+    """(k row, v row, slot) of the new token for kv head `kvh` of row `b`, from the refs
+    (k_new [B, Hkv, Dh], v_new, slot [1]); None when the kernel writes no new token."""
+    if refs is None:
+        return None
+    kn_ref, vn_ref, slot_ref = refs
+    return kn_ref[b, kvh, :].astype(dtype), vn_ref[b, kvh, :].astype(dtype), slot_ref[0]
+
+
+def _write_new_kv(new, k_out_ref, v_out_ref, b, kvh, owner):
+    """The new token's k and v written into the caches (outputs aliased to the cache
+    inputs: every other slot keeps its value) at its slot, by the one program `owner`
+    picks among those of (row, kv head) (None: the only one). Heads that no query head selects get it too:
+    the cache must hold every token for later steps."""
+
+    def write():
+        k_out_ref[b, kvh, new[2], :] = new[0]
+        v_out_ref[b, kvh, new[2], :] = new[1]
+
+    if owner is None:
+        write()
+    else:
+        pl.when(owner)(write)
+
+
 def _gpu_kernel(
-    q_ref, hm_ref, valid_ref, len_ref, k_ref, v_ref, *refs, G, Dh, S, block_s, scale, thresholded
+    q_ref,
+    hm_ref,
+    valid_ref,
+    len_ref,
+    k_ref,
+    v_ref,
+    *refs,
+    G,
+    Dh,
+    S,
+    block_s,
+    scale,
+    thresholded,
+    writes_kv,
 ):
-    t_ref, o_ref = refs if thresholded else (None, refs[0])
+    refs = list(refs)
+    t_ref = refs.pop(0) if thresholded else None
+    new_refs = tuple(refs[:3]) if writes_kv else None
+    o_ref, *kv_out = refs[3:] if writes_kv else refs
     b = pl.program_id(0)
     kvh = pl.program_id(1)
+    new = _new_kv(new_refs, b, kvh, k_ref.dtype)
     heads, sel, rows, (_, l, acc) = _online_softmax(
         q_ref,
         hm_ref,
@@ -240,6 +302,7 @@ def _gpu_kernel(
         S,
         block_s,
         scale,
+        new,
     )
     o_all = acc / jnp.where(l > 0, l, 1.0)[:, None]  # no slot: acc = 0
     for g, h in enumerate(heads):
@@ -248,6 +311,8 @@ def _gpu_kernel(
         if thresholded:
             o = _keep_at_threshold(o, t_ref[h, :])
         o_ref[b, h, :] = o
+    if writes_kv:
+        _write_new_kv(new, *kv_out, b, kvh, None)
 
 
 def _gpu_split_kernel(
@@ -257,33 +322,51 @@ def _gpu_split_kernel(
     len_ref,
     k_ref,
     v_ref,
-    ml_ref,
-    acc_ref,
-    *,
+    *refs,
     G,
     Dh,
     S,
     block_s,
     scale,
     per_split,
+    writes_kv,
 ):
     """One program per (row, kv head, slot range of `per_split` chunks): writes each
     head's running max and sum (`ml_ref[b, split, h] = (m, l)`) and unnormalized output."""
+    new_refs = tuple(refs[:3]) if writes_kv else None
+    ml_ref, acc_ref, *kv_out = refs[3:] if writes_kv else refs
     b = pl.program_id(0)
     kvh = pl.program_id(1)
     split = pl.program_id(2)
+    new = _new_kv(new_refs, b, kvh, k_ref.dtype)
 
     def chunks(n):
         first = jnp.minimum(split * per_split, n)
         return first, jnp.minimum(first + per_split, n)
 
     heads, _, rows, (m, l, acc) = _online_softmax(
-        q_ref, hm_ref, valid_ref, len_ref, k_ref, v_ref, b, kvh, chunks, G, Dh, S, block_s, scale
+        q_ref,
+        hm_ref,
+        valid_ref,
+        len_ref,
+        k_ref,
+        v_ref,
+        b,
+        kvh,
+        chunks,
+        G,
+        Dh,
+        S,
+        block_s,
+        scale,
+        new,
     )
     two = jnp.arange(2)
     for g, h in enumerate(heads):
         ml_ref[b, split, h, :] = jnp.where(two == 0, _row(m, rows, g), _row(l, rows, g))
         acc_ref[b, split, h, :] = _row(acc, rows, g)
+    if writes_kv:  # the slot range that holds the new slot writes it
+        _write_new_kv(new, *kv_out, b, kvh, split == new[2] // block_s // per_split)
 
 
 def _merge_splits(ml_BxPxHx2, acc_BxPxHxDh, hm_BxH, t_HxDh, dtype):
@@ -311,6 +394,7 @@ def _head_sparse_attention_gpu(
     valid_BxS,
     kv_len,
     t_HxDh=None,
+    new_kv=None,
     *,
     scale,
     block_s=64,
@@ -319,6 +403,9 @@ def _head_sparse_attention_gpu(
     num_splits=1,
     interpret=False,
 ):
+    """o [B, H, Dh]; with `new_kv` = (k_new [B, Hkv, Dh], v_new, slot int32 [1]), also the
+    caches with the new token written at `slot` (the cache inputs aliased to those
+    outputs: XLA updates them in place, as it does a dynamic_update_slice)."""
     B, H, Dh = q_BxHxDh.shape
     _, Hkv, S, _ = k_cache.shape
     dsp.check_block(_NAME, "block_s", block_s, power_of_2=True)
@@ -330,7 +417,15 @@ def _head_sparse_attention_gpu(
             f"block_s >= 16, got Dh={Dh}, block_s={block_s}; pass a larger block_s, or "
             "impl='reference' for a model with smaller heads."
         )
-    common = {"G": H // Hkv, "Dh": Dh, "S": S, "block_s": block_s, "scale": scale}
+    writes_kv = new_kv is not None
+    common = {
+        "G": H // Hkv,
+        "Dh": Dh,
+        "S": S,
+        "block_s": block_s,
+        "scale": scale,
+        "writes_kv": writes_kv,
+    }
     args = (
         q_BxHxDh,
         (hm_BxH != 0).astype(jnp.int32),
@@ -339,6 +434,7 @@ def _head_sparse_attention_gpu(
         k_cache,
         v_cache,
     )
+    cache_out = (jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),) * 2 if writes_kv else ()
     call = functools.partial(
         pl.pallas_call,
         compiler_params=dsp.triton_compiler_params(num_warps, num_stages),
@@ -346,22 +442,28 @@ def _head_sparse_attention_gpu(
     )
     if num_splits > 1:
         per_split = -(-pl.cdiv(S, block_s) // num_splits)  # slot chunks per split
-        ml, acc = call(
+        outs = call(
             functools.partial(_gpu_split_kernel, **common, per_split=per_split),
             out_shape=(
                 jax.ShapeDtypeStruct((B, num_splits, H, 2), jnp.float32),
                 jax.ShapeDtypeStruct((B, num_splits, H, Dh), jnp.float32),
+                *cache_out,
             ),
             grid=(B, Hkv, num_splits),
+            input_output_aliases={4: 2, 5: 3} if writes_kv else {},
             name="head_sparse_attention_split",
-        )(*args)
-        return _merge_splits(ml, acc, hm_BxH, t_HxDh, q_BxHxDh.dtype)
-    return call(
-        functools.partial(_gpu_kernel, **common, thresholded=t_HxDh is not None),
-        out_shape=jax.ShapeDtypeStruct((B, H, Dh), q_BxHxDh.dtype),
+        )(*args, *(new_kv or ()))
+        o = _merge_splits(outs[0], outs[1], hm_BxH, t_HxDh, q_BxHxDh.dtype)
+        return (o, *outs[2:]) if writes_kv else o
+    thresholded = t_HxDh is not None
+    outs = call(
+        functools.partial(_gpu_kernel, **common, thresholded=thresholded),
+        out_shape=(jax.ShapeDtypeStruct((B, H, Dh), q_BxHxDh.dtype), *cache_out),
         grid=(B, Hkv),
+        input_output_aliases={4: 1, 5: 2} if writes_kv else {},
         name="head_sparse_attention",
-    )(*args, *(() if t_HxDh is None else (t_HxDh,)))
+    )(*args, *((t_HxDh,) if thresholded else ()), *(new_kv or ()))
+    return tuple(outs) if writes_kv else outs[0]
 
 
 # ------------------------------------------------------------------------ TPU (Mosaic)
@@ -565,8 +667,9 @@ def head_sparse_attention(
     impl: str = "auto",
     block_s: int | None = None,
     threshold: Any = None,
+    new_kv: tuple[jax.Array, jax.Array, Any] | None = None,
     **kernel_options: Any,
-) -> jax.Array:
+) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
     """Decode-step attention of the selected query heads over a `[B, Hkv, S, Dh]` cache.
 
     Args:
@@ -582,11 +685,18 @@ def head_sparse_attention(
       threshold: None, or a float threshold per output channel (a scalar, [H * Dh] in the
         merged heads' order, or [H, Dh]): entries with `abs(o) < threshold` (threshold
         rounded to q.dtype) come out as 0.
+      new_kv: None, or (k_new [B, Hkv, Dh], v_new [B, Hkv, Dh], slot): the new token's
+        k and v, written into the caches at cache slot `slot` (an int scalar, may be
+        traced; clamped to [0, S - 1] as `jax.lax.dynamic_update_slice` clamps) before
+        attending, so the caches passed need not hold them yet. The GPU kernel writes them
+        itself (the caches come back updated in place, no update kernels of their own);
+        the reference and the TPU path update the caches with a dynamic_update_slice.
       kernel_options: GPU only: num_warps, num_stages, num_splits (slot ranges run by
         programs of their own, merged afterwards; default 1).
 
     Returns:
-      o [B, H, Dh] in q.dtype: attention outputs of the selected heads, zeros elsewhere.
+      o [B, H, Dh] in q.dtype: attention outputs of the selected heads, zeros elsewhere;
+      with `new_kv`, the tuple (o, k_cache, v_cache) with the new token written.
     """
     which = dsp.resolve_impl(impl, fn_name=_NAME)
     _B, _H, _Hkv, S, Dh = _dims(
@@ -595,16 +705,57 @@ def head_sparse_attention(
     scale = float(Dh**-0.5 if scale is None else scale)
     n = _kv_len(kv_len, S)
     t = None if threshold is None else threshold_per_head(threshold, _H, Dh)
-    args = (q_BxHxDh, head_mask_BxH, k_cache_BxKxSxDh, v_cache_BxKxSxDh, kv_valid_BxS)
-    if which == "reference":
-        return head_sparse_attention_reference(*args, kv_len=n, scale=scale, threshold=t)
-    extra = {} if block_s is None else {"block_s": block_s}
+    new = None if new_kv is None else _new_kv_args(new_kv, k_cache_BxKxSxDh, v_cache_BxKxSxDh)
     if which in ("gpu", "gpu_interpret"):
+        extra = {} if block_s is None else {"block_s": block_s}
+        args = (q_BxHxDh, head_mask_BxH, k_cache_BxKxSxDh, v_cache_BxKxSxDh, kv_valid_BxS)
         return _head_sparse_attention_gpu(
-            *args, n, t, scale=scale, interpret=which == "gpu_interpret", **extra, **kernel_options
+            *args,
+            n,
+            t,
+            new,
+            scale=scale,
+            interpret=which == "gpu_interpret",
+            **extra,
+            **kernel_options,
         )
     if kernel_options:
         raise ValueError(f"{_NAME}: options {sorted(kernel_options)} apply to the GPU kernel only.")
-    return _head_sparse_attention_tpu(
-        *args, n, t, scale=scale, interpret=which == "tpu_interpret", **extra
+    kc, vc = k_cache_BxKxSxDh, v_cache_BxKxSxDh
+    if new is not None:
+        kc, vc = (
+            jax.lax.dynamic_update_slice_in_dim(c, x[:, :, None], new[2][0], axis=2)
+            for c, x in ((kc, new[0]), (vc, new[1]))
+        )
+    args = (q_BxHxDh, head_mask_BxH, kc, vc, kv_valid_BxS)
+    if which == "reference":
+        o = head_sparse_attention_reference(*args, kv_len=n, scale=scale, threshold=t)
+    else:
+        extra = {} if block_s is None else {"block_s": block_s}
+        o = _head_sparse_attention_tpu(
+            *args, n, t, scale=scale, interpret=which == "tpu_interpret", **extra
+        )
+    return o if new is None else (o, kc, vc)
+
+
+def _new_kv_args(new_kv: Any, k_cache: jax.Array, v_cache: jax.Array) -> tuple:
+    """`new_kv` checked and laid out for the kernels: (k_new, v_new) in the caches'
+    dtypes, and the slot as int32 [1] clamped to [0, S - 1]."""
+    if not (isinstance(new_kv, (tuple, list)) and len(new_kv) == 3):
+        raise ValueError(
+            f"{_NAME}: new_kv must be (k_new [B, Hkv, Dh], v_new [B, Hkv, Dh], slot), got "
+            f"{type(new_kv).__name__}."
+        )
+    k_new, v_new, slot = new_kv
+    B, Hkv, S, Dh = k_cache.shape
+    for name, x in (("new_kv k_new", k_new), ("new_kv v_new", v_new)):
+        dsp.check_ndim(_NAME, name, x, 3, "[B, Hkv, Dh]")
+        dsp.check_dim(_NAME, f"{name}.shape", tuple(x.shape), (B, Hkv, Dh))
+    slot = jnp.asarray(slot, jnp.int32)
+    if slot.ndim:
+        raise ValueError(f"{_NAME}: new_kv's slot must be a scalar, got shape {slot.shape}.")
+    return (
+        k_new.astype(k_cache.dtype),
+        v_new.astype(v_cache.dtype),
+        jnp.clip(slot, 0, S - 1).reshape(1),
     )

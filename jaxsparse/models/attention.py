@@ -191,19 +191,34 @@ def _q_kv_one_launch(module, kn: Kernels, shared, xq, xkv, c: ModelConfig, dt):
 
 
 def _per_head_shard(
-    fn, mesh, c: ModelConfig, q_BxHxD, heads_BxH, k_BxKxSxD, v_BxKxSxD, valid_BxS, kv_len, t_HxD
+    fn,
+    mesh,
+    c: ModelConfig,
+    q_BxHxD,
+    heads_BxH,
+    k_BxKxSxD,
+    v_BxKxSxD,
+    valid_BxS,
+    kv_len,
+    t_HxD,
+    k_new_BxKxD=None,
+    v_new_BxKxD=None,
+    slot=None,
 ):
-    """`fn(q, heads, k, v, valid, kv_len, threshold)` (the attention kernel) run by each
-    device of `mesh` on its own batch rows (`data`, where it divides the batch) and its own
-    kv heads with their q heads and their rows of the `o_in` threshold `t_HxD` (`model`,
-    where it divides the kv heads), as `jaxsparse.sharding` lays out the KV cache; the
-    kernel on the whole arrays would make XLA gather the cache onto every device. Without
-    a mesh (or neither axis usable): `fn` on the whole arrays."""
+    """`fn(q, heads, k, v, valid, kv_len, threshold, k_new, v_new, slot)` (the attention
+    kernel, which also writes the new token's k/v into the caches when given them and
+    then returns (o, k, v)) run by each device of `mesh` on its own batch rows (`data`,
+    where it divides the batch) and its own kv heads with their q heads and their rows
+    of the `o_in` threshold `t_HxD` (`model`, where it divides the kv heads), as
+    `jaxsparse.sharding` lays out the KV cache; the kernel on the whole arrays would make
+    XLA gather the cache onto every device. Without a mesh (or neither axis usable): `fn`
+    on the whole arrays."""
     from jax.sharding import PartitionSpec as P
 
     from jaxsparse.sharding import DATA, MODEL
 
     args = [q_BxHxD, heads_BxH, k_BxKxSxD, v_BxKxSxD, valid_BxS, kv_len, t_HxD]
+    args += [k_new_BxKxD, v_new_BxKxD, slot]
     if mesh is None:
         return fn(*args)
     b = q_BxHxD.shape[0]
@@ -212,8 +227,9 @@ def _per_head_shard(
     if bs is None and ms is None:
         return fn(*args)
     h = P(bs, ms)
-    specs = [h, h, h, h, P(bs), P(), P(ms)]
-    given = [i for i, x in enumerate(args) if x is not None]  # kv_len, t_HxD may be None
+    specs = [h, h, h, h, P(bs), P(), P(ms), h, h, P()]
+    # kv_len, t_HxD and the new token's k/v and slot may be None
+    given = [i for i, x in enumerate(args) if x is not None]
 
     def body(*xs):
         full = [None] * len(args)
@@ -225,7 +241,7 @@ def _per_head_shard(
         body,
         mesh=mesh,
         in_specs=tuple(specs[i] for i in given),
-        out_specs=h,
+        out_specs=h if slot is None else (h, h, h),
         check_vma=False,
     )(*(args[i] for i in given))
 
@@ -322,12 +338,6 @@ class SelfAttention(nn.Module):
             k_BxTxKxD = apply_rope(k_BxTxKxD, cos, sin)
         k_BxKxTxD = k_BxTxKxD.transpose(0, 2, 1, 3)
         v_BxKxTxD = v_BxTxKxD.transpose(0, 2, 1, 3)
-        new_cache = None
-        if layer_cache is not None:
-            new_cache = update_layer_cache(layer_cache, k_BxKxTxD, v_BxKxTxD, cache_index)
-            k_BxKxSxD, v_BxKxSxD = new_cache["k"], new_cache["v"]
-        else:
-            k_BxKxSxD, v_BxKxSxD = k_BxKxTxD, v_BxKxTxD
         mask = attention_mask(positions_BxT, kv_pos_BxS, c.attention_window(self.layer_type))
         o_t = _kernel_threshold(kn, "o_in", jax.ShapeDtypeStruct((b, t, c.q_dim), dt), thresholds)
         attn_heads_BxH, attn_t = heads_BxH, None
@@ -335,13 +345,23 @@ class SelfAttention(nn.Module):
             attn_heads_BxH = jnp.ones((b, c.num_heads), jnp.int32)  # every head: one kernel
             if o_t is None and not self.is_mutable_collection("taps"):
                 attn_t = _plain_threshold("o_in", c.q_dim, thresholds)
+        # The attention kernel writes the new token's k/v into the cache itself (no
+        # update kernels of their own); XLA's attention reads the updated cache.
+        new_cache = None
+        if layer_cache is not None and attn_heads_BxH is None:
+            new_cache = update_layer_cache(layer_cache, k_BxKxTxD, v_BxKxTxD, cache_index)
+            k_BxKxSxD, v_BxKxSxD = new_cache["k"], new_cache["v"]
+        elif layer_cache is not None:
+            k_BxKxSxD, v_BxKxSxD = layer_cache["k"], layer_cache["v"]
+        else:
+            k_BxKxSxD, v_BxKxSxD = k_BxKxTxD, v_BxKxTxD
         if attn_heads_BxH is not None:  # Deja Vu decode: attention for the selected heads only
             from pallas_kernels import head_sparse_attention
             from pallas_kernels.head_sparse_attention import threshold_per_head
 
             kv_len = None if layer_cache is None else jnp.asarray(cache_index + t, jnp.int32)
 
-            def heads_attention(q, heads, k_, v_, valid, n, t_):
+            def heads_attention(q, heads, k_, v_, valid, n, t_, k_new, v_new, slot):
                 return head_sparse_attention(
                     q,
                     heads,
@@ -352,10 +372,12 @@ class SelfAttention(nn.Module):
                     scale=c.attention_scale,
                     impl=kn.impl,
                     threshold=t_,
+                    new_kv=None if k_new is None else (k_new, v_new, slot),
                     **kn.attention_options(k_.shape[2]),
                 )
 
-            o_BxHxD = _per_head_shard(
+            writes = layer_cache is not None
+            out = _per_head_shard(
                 heads_attention,
                 kn.mesh,
                 c,
@@ -366,7 +388,13 @@ class SelfAttention(nn.Module):
                 mask[:, 0],
                 kv_len,
                 None if attn_t is None else threshold_per_head(attn_t, c.num_heads, c.head_dim),
+                k_BxKxTxD[:, :, 0] if writes else None,
+                v_BxKxTxD[:, :, 0] if writes else None,
+                jnp.asarray(cache_index, jnp.int32) if writes else None,
             )
+            o_BxHxD = out[0] if writes else out
+            if writes:
+                new_cache = {"k": out[1], "v": out[2]}
             out_BxTxHD = o_BxHxD.reshape(b, t, c.q_dim).astype(q_BxTxHxD.dtype)
         else:
             out_BxTxHD = attend(q_BxTxHxD, k_BxKxSxD, v_BxKxSxD, mask, c.attention_scale)

@@ -182,3 +182,60 @@ def test_gpu_slot_splits_match_reference(kt, num_splits):
     t = jnp.float32(np.median(np.abs(np.asarray(o))[np.asarray(o) != 0]))
     got = head_sparse_attention(q, hm, kp, vp, valid, threshold=t, **kw)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.where(jnp.abs(o) >= t, o, 0.0)))
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_new_kv_written_into_the_cache_and_attended(kt, impl, num_splits):
+    """`new_kv=(k_new, v_new, slot)`: the caches come back with the new token at `slot`
+    and every other slot unchanged (bitwise), and o is the reference's over those
+    caches. Slots at a chunk's start and end, the first and last slot, and a slot past S
+    (clamped to S - 1 as dynamic_update_slice clamps); a kv head no selected query head
+    reads (row 0, kv head 1) gets its row written too. The caches passed in hold NaN at
+    the slot: it must be read from k_new/v_new, not from the cache."""
+    if not kt.is_gpu_impl(impl) and num_splits > 1:
+        pytest.skip("slot ranges are a GPU kernel option")
+    B, H, Hkv, Dh, S = 2, 6, 3, 16, 200
+    hm = jnp.array([[1, 0, 0, 0, 1, 1], [0, 0, 1, 1, 0, 0]], bool)
+    opts = {"num_splits": num_splits} if kt.is_gpu_impl(impl) else {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        q, _, kc, vc, valid, _ = make(kt, (B, H, Hkv, Dh, S), dtype, 21, 1.0)
+        kn = kt.normal(jax.random.key(22), (B, Hkv, Dh), jnp.float32)  # cast to the cache's
+        vn = kt.normal(jax.random.key(23), (B, Hkv, Dh), jnp.float32)
+        valid = valid.at[:, :].set(True)
+        for slot in (0, 31, 32, 127, 199, 250):
+            at = min(slot, S - 1)
+            kp = kc.at[:, :, at].set(jnp.nan)
+            vp = vc.at[:, :, at].set(jnp.nan)
+            o, k2, v2 = head_sparse_attention(
+                q,
+                hm,
+                kp,
+                vp,
+                valid,
+                kv_len=at + 1,
+                impl=impl,
+                new_kv=(kn, vn, slot),
+                **blocks(impl, S),
+                **opts,
+            )
+            want_k = kc.at[:, :, at].set(kn.astype(dtype))
+            want_v = vc.at[:, :, at].set(vn.astype(dtype))
+            what = f"{impl} {jnp.dtype(dtype).name} slot={slot} splits={num_splits}"
+            np.testing.assert_array_equal(np.asarray(k2), np.asarray(want_k), what)
+            np.testing.assert_array_equal(np.asarray(v2), np.asarray(want_v), what)
+            want = head_sparse_attention_reference(q, hm, want_k, want_v, valid, kv_len=at + 1)
+            kt.assert_close(o, want, dtype, what)
+
+
+def test_new_kv_bad_inputs():
+    q = jnp.ones((2, 4, 8))
+    hm = jnp.ones((2, 4), bool)
+    kc = jnp.ones((2, 2, 10, 8))
+    valid = jnp.ones((2, 10), bool)
+    kn = jnp.ones((2, 2, 8))
+    with pytest.raises(ValueError, match=r"new_kv must be \(k_new"):
+        head_sparse_attention(q, hm, kc, kc, valid, impl="reference", new_kv=(kn, kn))
+    with pytest.raises(ValueError, match=r"new_kv k_new.shape is \(2, 1, 8\), expected"):
+        head_sparse_attention(q, hm, kc, kc, valid, impl="gpu_interpret", new_kv=(kn[:, :1], kn, 0))
+    with pytest.raises(ValueError, match="new_kv's slot must be a scalar"):
+        head_sparse_attention(q, hm, kc, kc, valid, impl="reference", new_kv=(kn, kn, jnp.ones(2)))

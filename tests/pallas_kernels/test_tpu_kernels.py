@@ -116,13 +116,26 @@ def test_lowering_check_rejects_a_bad_block():
 
 def test_head_attention_gpu_kernel_lowers_to_triton():
     """The GPU kernel at SmolLM2's and Llama-3-8B's head shapes, with and without the
-    output threshold and the slot splits, goes through the Triton lowering on a CPU (jax.export refuses to serialize Triton calls, so that check is
+    output threshold, the slot splits and the new token's cache write, goes through the Triton lowering on a CPU (jax.export refuses to serialize Triton calls, so that check is
     switched off; the kernel body has been lowered by then)."""
-    cases = itertools.product(((9, 3, 64), (32, 8, 128)), (False, True), (1, 4))
-    for (H, Hkv, Dh), thresholded, splits in cases:
-        fn = lambda q, hm, kc, vc, ok, n, t, on=thresholded, p=splits: head_sparse_attention(
-            q, hm, kc, vc, ok, kv_len=n, impl="gpu", threshold=t if on else None, num_splits=p
-        )
+    cases = itertools.product(((9, 3, 64), (32, 8, 128)), (False, True), (1, 4), (False, True))
+    for (H, Hkv, Dh), thresholded, splits, writes in cases:
+
+        def fn(q, hm, kc, vc, ok, n, t, on=thresholded, p=splits, w=writes):
+            new = (kc[:, :, 0], vc[:, :, 0], n - 1) if w else None  # the cache update inside
+            return head_sparse_attention(
+                q,
+                hm,
+                kc,
+                vc,
+                ok,
+                kv_len=n,
+                impl="gpu",
+                threshold=t if on else None,
+                num_splits=p,
+                new_kv=new,
+            )
+
         exp = export.export(
             jax.jit(fn),
             platforms=["cuda"],
