@@ -17,6 +17,7 @@ from pallas_kernels.gated_matvec import gated_matvec, gated_matvec_reference
 from pallas_kernels.head_sparse_attention import (
     head_mask_from_indices,
     head_sparse_attention,
+    head_sparse_attention_from_qkv,
     head_sparse_attention_reference,
 )
 from pallas_kernels.sparse_matvec import (
@@ -34,6 +35,7 @@ __all__ = [
     "gated_matvec_reference",
     "head_mask_from_indices",
     "head_sparse_attention",
+    "head_sparse_attention_from_qkv",
     "head_sparse_attention_reference",
     "sparse_input_matvec",
     "sparse_input_matvec_into",

@@ -164,67 +164,132 @@ def _row(x: jax.Array, rows: jax.Array, g: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(sel, x, 0.0), axis=0)
 
 
-def _online_softmax(
-    q_ref,
-    hm_ref,
-    valid_ref,
-    len_ref,
-    k_ref,
-    v_ref,
-    b,
-    kvh,
-    chunks,
-    G,
-    Dh,
-    S,
-    block_s,
-    scale,
-    new=None,
-):
-    """The running max m [Gp], sum l [Gp] and unnormalized output acc [Gp, Dh] of kv head
-    `kvh`'s G query heads (rows 0..G-1 of a Gp-row tile; the rows past G hold zero
-    queries and are dropped) over slot chunks `chunks(n_chunks) -> (first, stop)`, the
-    heads, their selection and the tile's row ids. `new` = (k row, v row, slot): the new
-    token's k and v [Dh], read in place of the cache's rows at that slot (which the
-    kernel writes them into; see `_write_new_kv`).
+def _parts(Dh: int, rope: bool) -> list[tuple[int, int]]:
+    """(offset, width) of the column parts a head vector is held in: its two halves under
+    RoPE (rotate-half pairs column i with i + Dh/2, and Triton cannot swap them inside a
+    vector, so each half is loaded and dotted apart), else the whole vector."""
+    return [(0, Dh // 2), (Dh // 2, Dh // 2)] if rope else [(0, Dh)]
 
-    The G heads share each K/V chunk: scores are one [Gp, Dh] x [block_s, Dh]^T dot and
-    the output one [Gp, block_s] x [block_s, Dh] dot on the tensor cores, with p in the
-    cache's dtype for the second (float32 caches: no TF32), and two row reductions per
-    chunk (max and sum). The first version reduced over the chunk's elements per head
-    instead, five cross-thread reductions per head per chunk, and took 17 us per call on
-    an H200 where XLA's attention took about 8 (benchmarks/NOTES_kernels.md)."""
+
+class _Refs:
+    """The GPU kernel's refs by name, from the flat list `pallas_call` passes (inputs,
+    then outputs; the order `_head_sparse_attention_gpu` builds)."""
+
+    def __init__(self, refs, *, packed, rope, thresholded, writes_kv, split):
+        refs = list(refs)
+        take = lambda on: refs.pop(0) if on else None
+        self.q, self.hm, self.valid, self.len, self.k, self.v = (refs.pop(0) for _ in range(6))
+        self.t = take(thresholded)
+        self.k_new, self.v_new = take(writes_kv and not packed), take(writes_kv and not packed)
+        self.cos, self.sin = take(rope), take(rope)
+        self.slot = take(writes_kv)
+        self.o = take(not split)
+        self.ml, self.acc = take(split), take(split)
+        self.k_out, self.v_out = take(writes_kv), take(writes_kv)
+        assert not refs, f"{len(refs)} refs left over"
+
+
+def _head_vectors(r: _Refs, b, kvh, *, G, Dh, packed, rope, qkv_col, qdt):
+    """The kv head's G query vectors, and the new token's k and v (None when the kernel
+    writes none), as lists of float32 column parts (`_parts`).
+
+    Packed (`qkv_col` given): q, k and v are read from the projection's output row `b`
+    of `r.q` ([rows, width], any float dtype), kv head `kvh`'s G q heads, k and v side by
+    side from column `qkv_col` on (the models' fused q|k|v layout), rounded to `qdt` as
+    the model rounds its projections; under RoPE q and k are then rotated in float32 and
+    rounded again (`jaxsparse.models.layers.apply_rope`'s steps), k and v finally to the
+    cache's dtype. Otherwise q comes from `r.q` [B, H, Dh] and k/v from `r.k_new`/`r.v_new`."""
+    parts = _parts(Dh, rope)
+    f32 = jnp.float32
+    cdt = r.k.dtype
+
+    def rounded(x, dt):
+        return x.astype(dt).astype(f32)
+
+    def rotated(xs, dt):
+        if not rope:
+            return xs
+        (c0, w), (c1, _) = parts
+        cos = [r.cos[b, pl.ds(c0, w)], r.cos[b, pl.ds(c1, w)]]
+        sin = [r.sin[b, pl.ds(c0, w)], r.sin[b, pl.ds(c1, w)]]
+        lo, hi = xs
+        return [rounded(lo * cos[0] - hi * sin[0], dt), rounded(hi * cos[1] + lo * sin[1], dt)]
+
+    if packed:
+        base = qkv_col + kvh * ((G + 2) * Dh)
+
+        def vec(j, dt, ps=parts):  # row j of the kv head's [G + 2, Dh] block, by parts
+            return [rounded(r.q[b, pl.ds(base + j * Dh + off, w)], dt) for off, w in ps]
+
+        gs = dsp.static_indices(G + 2)
+        qs = [rotated(vec(g, qdt), qdt) for g in gs[:G]]
+        if r.slot is None:
+            return qs, None
+        k_new = [rounded(x, cdt) for x in rotated(vec(gs[G], qdt), qdt)]
+        v_new = [rounded(x, cdt) for x in vec(gs[G + 1], qdt, [(0, Dh)])]  # v: whole
+        return qs, (k_new, v_new)
+    qs = [[r.q[b, kvh * G + g, :].astype(f32)] for g in dsp.static_indices(G)]
+    if r.slot is None:
+        return qs, None
+    return qs, ([r.k_new[b, kvh, :].astype(f32)], [r.v_new[b, kvh, :].astype(f32)])
+
+
+def _online_softmax(r: _Refs, b, kvh, chunks, qs, new, *, G, Dh, S, block_s, scale, rope):
+    """The running max m [Gp], sum l [Gp] and unnormalized output acc [Gp, Dh] of kv head
+    `kvh`'s G query heads `qs` (rows 0..G-1 of a Gp-row tile; the rows past G hold zero
+    queries and are dropped) over slot chunks `chunks(n_chunks) -> (first, stop)`, with
+    the heads, their selection and the tile's row ids. `new` = (k parts, v parts): the
+    new token's k and v, read in place of the cache's rows at its slot (which the kernel
+    writes them into; `_write_new_kv`).
+
+    The G heads share each K/V chunk: scores are one [Gp, Dh] x [block_s, Dh]^T dot (one
+    per column part under RoPE, summed) and the output one [Gp, block_s] x [block_s, Dh]
+    dot on the tensor cores, with p in the cache's dtype for the second (float32 caches:
+    no TF32), and two row reductions per chunk (max and sum). The first version reduced
+    over the chunk's elements per head instead, five cross-thread reductions per head per
+    chunk, and took 17 us per call on an H200 where XLA's attention took about 8
+    (benchmarks/NOTES_kernels.md)."""
     gs = dsp.static_indices(G)
     heads = [kvh * G + g for g in gs]
-    sel = [hm_ref[b, h] != 0 for h in heads]
+    sel = [r.hm[b, h] != 0 for h in heads]
     any_sel = sel[0]
     for s_ in sel[1:]:
         any_sel = any_sel | s_
-    length = jnp.minimum(len_ref[0], S)
+    length = jnp.minimum(r.len[0], S)
     n_chunks = jnp.where(any_sel, (length + block_s - 1) // block_s, 0)
     first, stop = chunks(n_chunks)
     Gp = _group_rows(G)
     rows = jnp.arange(Gp, dtype=jnp.int32)
-    dot_dtype = k_ref.dtype if k_ref.dtype == v_ref.dtype else jnp.float32
-    q = jnp.zeros((Gp, Dh), jnp.float32)
-    for g, h in zip(gs, heads):
-        q = jnp.where((rows == g)[:, None], q_ref[b, h, :].astype(jnp.float32)[None, :], q)
-    q = q.astype(dot_dtype)
+    dot_dtype = r.k.dtype if r.k.dtype == r.v.dtype else jnp.float32
+    parts = _parts(Dh, rope)
+    q_tiles = []
+    for p, (_, w) in enumerate(parts):
+        q = jnp.zeros((Gp, w), jnp.float32)
+        for g, qg in zip(gs, qs):
+            q = jnp.where((rows == g)[:, None], qg[p][None, :], q)
+        q_tiles.append(q.astype(dot_dtype))
+    slot = None if new is None else r.slot[0]
 
     def body(c, carry):
         m_old, l_old, acc_old = carry
         s0 = c * block_s
         in_range = (s0 + jnp.arange(block_s)) < length
-        ok = dsp.masked_load(valid_ref.at[b, pl.ds(s0, block_s)], in_range, 0) != 0
-        mask = jnp.broadcast_to(ok[:, None], (block_s, Dh))  # invalid slots are not read
-        k = dsp.masked_load(k_ref.at[b, kvh, pl.ds(s0, block_s), :], mask, 0.0)
-        v = dsp.masked_load(v_ref.at[b, kvh, pl.ds(s0, block_s), :], mask, 0.0)
+        ok = dsp.masked_load(r.valid.at[b, pl.ds(s0, block_s)], in_range, 0) != 0
+        ks = []  # invalid slots are not read
+        for off, w in parts:
+            mask = jnp.broadcast_to(ok[:, None], (block_s, w))
+            ks.append(dsp.masked_load(r.k.at[b, kvh, pl.ds(s0, block_s), pl.ds(off, w)], mask, 0.0))
+        mask = jnp.broadcast_to(ok[:, None], (block_s, Dh))
+        v = dsp.masked_load(r.v.at[b, kvh, pl.ds(s0, block_s), :], mask, 0.0)
         if new is not None:
-            at_new = ((s0 + jnp.arange(block_s)) == new[2])[:, None]
-            k = jnp.where(at_new, new[0][None, :], k)
-            v = jnp.where(at_new, new[1][None, :], v)
-        sc = dsp.triton_dot(q, k.astype(dot_dtype), trans_b=True) * scale  # [Gp, block_s]
-        sc = jnp.where(ok[None, :], sc, _NEG)
+            at_new = ((s0 + jnp.arange(block_s)) == slot)[:, None]
+            ks = [jnp.where(at_new, kn[None, :].astype(k.dtype), k) for k, kn in zip(ks, new[0])]
+            v = jnp.where(at_new, new[1][0][None, :].astype(v.dtype), v)
+        sc = None
+        for q, k in zip(q_tiles, ks):
+            d = dsp.triton_dot(q, k.astype(dot_dtype), trans_b=True)  # [Gp, block_s]
+            sc = d if sc is None else sc + d
+        sc = jnp.where(ok[None, :], sc * scale, _NEG)
         m_new = jnp.maximum(m_old, jnp.max(sc, axis=1))
         alpha = jnp.exp(m_old - m_new)
         p = jnp.where(ok[None, :], jnp.exp(sc - m_new[:, None]), 0.0)
@@ -239,24 +304,17 @@ def _online_softmax(
     return heads, sel, rows, jax.lax.fori_loop(first, stop, body, init)
 
 
-def _new_kv(refs, b, kvh, dtype):
-    """(k row, v row, slot) of the new token for kv head `kvh` of row `b`, from the refs
-    (k_new [B, Hkv, Dh], v_new, slot [1]); None when the kernel writes no new token."""
-    if refs is None:
-        return None
-    kn_ref, vn_ref, slot_ref = refs
-    return kn_ref[b, kvh, :].astype(dtype), vn_ref[b, kvh, :].astype(dtype), slot_ref[0]
-
-
-def _write_new_kv(new, k_out_ref, v_out_ref, b, kvh, owner):
+def _write_new_kv(r: _Refs, new, b, kvh, owner, parts) -> None:
     """The new token's k and v written into the caches (outputs aliased to the cache
     inputs: every other slot keeps its value) at its slot, by the one program `owner`
-    picks among those of (row, kv head) (None: the only one). Heads that no query head selects get it too:
-    the cache must hold every token for later steps."""
+    picks among those of (row, kv head) (None: the only one). Kv heads that no selected
+    query head reads get it too: the cache must hold every token for later steps."""
 
     def write():
-        k_out_ref[b, kvh, new[2], :] = new[0]
-        v_out_ref[b, kvh, new[2], :] = new[1]
+        slot = r.slot[0]
+        for (off, w), kn in zip(parts, new[0]):
+            r.k_out[b, kvh, slot, pl.ds(off, w)] = kn.astype(r.k_out.dtype)
+        r.v_out[b, kvh, slot, :] = new[1][0].astype(r.v_out.dtype)
 
     if owner is None:
         write()
@@ -265,12 +323,6 @@ def _write_new_kv(new, k_out_ref, v_out_ref, b, kvh, owner):
 
 
 def _gpu_kernel(
-    q_ref,
-    hm_ref,
-    valid_ref,
-    len_ref,
-    k_ref,
-    v_ref,
     *refs,
     G,
     Dh,
@@ -279,94 +331,56 @@ def _gpu_kernel(
     scale,
     thresholded,
     writes_kv,
-):
-    refs = list(refs)
-    t_ref = refs.pop(0) if thresholded else None
-    new_refs = tuple(refs[:3]) if writes_kv else None
-    o_ref, *kv_out = refs[3:] if writes_kv else refs
-    b = pl.program_id(0)
-    kvh = pl.program_id(1)
-    new = _new_kv(new_refs, b, kvh, k_ref.dtype)
-    heads, sel, rows, (_, l, acc) = _online_softmax(
-        q_ref,
-        hm_ref,
-        valid_ref,
-        len_ref,
-        k_ref,
-        v_ref,
-        b,
-        kvh,
-        lambda n: (0, n),
-        G,
-        Dh,
-        S,
-        block_s,
-        scale,
-        new,
-    )
-    o_all = acc / jnp.where(l > 0, l, 1.0)[:, None]  # no slot: acc = 0
-    for g, h in enumerate(heads):
-        o = jnp.where(sel[g], _row(o_all, rows, g), 0.0)
-        o = o.astype(o_ref.dtype)
-        if thresholded:
-            o = _keep_at_threshold(o, t_ref[h, :])
-        o_ref[b, h, :] = o
-    if writes_kv:
-        _write_new_kv(new, *kv_out, b, kvh, None)
-
-
-def _gpu_split_kernel(
-    q_ref,
-    hm_ref,
-    valid_ref,
-    len_ref,
-    k_ref,
-    v_ref,
-    *refs,
-    G,
-    Dh,
-    S,
-    block_s,
-    scale,
+    packed,
+    rope,
+    qkv_col,
+    qdt,
     per_split,
-    writes_kv,
 ):
-    """One program per (row, kv head, slot range of `per_split` chunks): writes each
-    head's running max and sum (`ml_ref[b, split, h] = (m, l)`) and unnormalized output."""
-    new_refs = tuple(refs[:3]) if writes_kv else None
-    ml_ref, acc_ref, *kv_out = refs[3:] if writes_kv else refs
+    """One program per (row, kv head) (`per_split` None), or per (row, kv head, slot
+    range of `per_split` chunks), which writes each head's running max and sum
+    (`ml[b, split, h] = (m, l)`) and unnormalized output for `_merge_splits`."""
+    split_mode = per_split is not None
+    r = _Refs(
+        refs,
+        packed=packed,
+        rope=rope,
+        thresholded=thresholded,
+        writes_kv=writes_kv,
+        split=split_mode,
+    )
     b = pl.program_id(0)
     kvh = pl.program_id(1)
-    split = pl.program_id(2)
-    new = _new_kv(new_refs, b, kvh, k_ref.dtype)
+    split = pl.program_id(2) if split_mode else None
+    dims = {"G": G, "Dh": Dh}
+    qs, new = _head_vectors(r, b, kvh, **dims, packed=packed, rope=rope, qkv_col=qkv_col, qdt=qdt)
+    if split_mode:
 
-    def chunks(n):
-        first = jnp.minimum(split * per_split, n)
-        return first, jnp.minimum(first + per_split, n)
+        def chunks(n):
+            first = jnp.minimum(split * per_split, n)
+            return first, jnp.minimum(first + per_split, n)
 
-    heads, _, rows, (m, l, acc) = _online_softmax(
-        q_ref,
-        hm_ref,
-        valid_ref,
-        len_ref,
-        k_ref,
-        v_ref,
-        b,
-        kvh,
-        chunks,
-        G,
-        Dh,
-        S,
-        block_s,
-        scale,
-        new,
+    else:
+        chunks = lambda n: (0, n)
+    heads, sel, rows, (m, l, acc) = _online_softmax(
+        r, b, kvh, chunks, qs, new, **dims, S=S, block_s=block_s, scale=scale, rope=rope
     )
-    two = jnp.arange(2)
-    for g, h in enumerate(heads):
-        ml_ref[b, split, h, :] = jnp.where(two == 0, _row(m, rows, g), _row(l, rows, g))
-        acc_ref[b, split, h, :] = _row(acc, rows, g)
-    if writes_kv:  # the slot range that holds the new slot writes it
-        _write_new_kv(new, *kv_out, b, kvh, split == new[2] // block_s // per_split)
+    if split_mode:
+        two = jnp.arange(2)
+        for g, h in enumerate(heads):
+            r.ml[b, split, h, :] = jnp.where(two == 0, _row(m, rows, g), _row(l, rows, g))
+            r.acc[b, split, h, :] = _row(acc, rows, g)
+    else:
+        o_all = acc / jnp.where(l > 0, l, 1.0)[:, None]  # no slot: acc = 0
+        for g, h in enumerate(heads):
+            o = jnp.where(sel[g], _row(o_all, rows, g), 0.0)
+            o = o.astype(r.o.dtype)
+            if thresholded:
+                o = _keep_at_threshold(o, r.t[h, :])
+            r.o[b, h, :] = o
+    if writes_kv:  # in split mode, by the slot range that holds the new slot
+        owner = None if not split_mode else split == r.slot[0] // block_s // per_split
+        _write_new_kv(r, new, b, kvh, owner, _parts(Dh, rope))
 
 
 def _merge_splits(ml_BxPxHx2, acc_BxPxHxDh, hm_BxH, t_HxDh, dtype):
@@ -384,10 +398,20 @@ def _merge_splits(ml_BxPxHx2, acc_BxPxHxDh, hm_BxH, t_HxDh, dtype):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("scale", "block_s", "num_warps", "num_stages", "num_splits", "interpret"),
+    static_argnames=(
+        "scale",
+        "block_s",
+        "num_warps",
+        "num_stages",
+        "num_splits",
+        "interpret",
+        "qkv_col",
+        "num_heads",
+        "dtype",
+    ),
 )
 def _head_sparse_attention_gpu(
-    q_BxHxDh,
+    q,
     hm_BxH,
     k_cache,
     v_cache,
@@ -395,6 +419,8 @@ def _head_sparse_attention_gpu(
     kv_len,
     t_HxDh=None,
     new_kv=None,
+    rope=None,
+    slot=None,
     *,
     scale,
     block_s=64,
@@ -402,68 +428,83 @@ def _head_sparse_attention_gpu(
     num_stages=2,
     num_splits=1,
     interpret=False,
+    qkv_col=None,
+    num_heads=None,
+    dtype=None,
 ):
-    """o [B, H, Dh]; with `new_kv` = (k_new [B, Hkv, Dh], v_new, slot int32 [1]), also the
-    caches with the new token written at `slot` (the cache inputs aliased to those
-    outputs: XLA updates them in place, as it does a dynamic_update_slice)."""
-    B, H, Dh = q_BxHxDh.shape
-    _, Hkv, S, _ = k_cache.shape
+    """o [B, H, Dh] in `dtype`; with `slot` (int32 [1]), also the caches with the new
+    token written there (the cache inputs aliased to those outputs: XLA updates them in
+    place, as it does a dynamic_update_slice).
+
+    Two ways in: `q` [B, H, Dh] with the new token's `new_kv` = (k_new, v_new) [B, Hkv,
+    Dh] (or none, `slot` None); or packed (`qkv_col` given): `q` is the fused q|k|v
+    projection's output [rows, width] (`_head_vectors`), with `rope` = (cos, sin) [B, Dh]
+    float32 or None, `num_heads` and `dtype` (the model's)."""
+    packed = qkv_col is not None
+    B, Hkv, S, Dh = k_cache.shape
+    H = num_heads if packed else q.shape[1]
+    dtype = jnp.dtype(dtype if packed else q.dtype)
     dsp.check_block(_NAME, "block_s", block_s, power_of_2=True)
     dsp.check_block(_NAME, "head dim Dh", Dh, power_of_2=True)
     dsp.check_block(_NAME, "num_splits", num_splits, power_of_2=False)
-    if not interpret and min(Dh, block_s) < 16:
+    if not interpret and min(Dh // (2 if rope is not None else 1), block_s) < 16:
         raise ValueError(
-            f"{_NAME}: the GPU kernel's tensor-core dots need head dim Dh >= 16 and "
-            f"block_s >= 16, got Dh={Dh}, block_s={block_s}; pass a larger block_s, or "
-            "impl='reference' for a model with smaller heads."
+            f"{_NAME}: the GPU kernel's tensor-core dots need head dim Dh >= 16 (32 with "
+            f"RoPE inside) and block_s >= 16, got Dh={Dh}, block_s={block_s}; pass a larger "
+            "block_s, or impl='reference' for a model with smaller heads."
         )
-    writes_kv = new_kv is not None
-    common = {
-        "G": H // Hkv,
-        "Dh": Dh,
-        "S": S,
-        "block_s": block_s,
-        "scale": scale,
-        "writes_kv": writes_kv,
-    }
-    args = (
-        q_BxHxDh,
+    writes_kv = slot is not None
+    split_mode = num_splits > 1
+    per_split = -(-pl.cdiv(S, block_s) // num_splits) if split_mode else None
+    thresholded = t_HxDh is not None and not split_mode  # split mode: the merge applies it
+    kernel = functools.partial(
+        _gpu_kernel,
+        G=H // Hkv,
+        Dh=Dh,
+        S=S,
+        block_s=block_s,
+        scale=scale,
+        thresholded=thresholded,
+        writes_kv=writes_kv,
+        packed=packed,
+        rope=rope is not None,
+        qkv_col=qkv_col,
+        qdt=dtype,
+        per_split=per_split,
+    )
+    inputs = [
+        q,
         (hm_BxH != 0).astype(jnp.int32),
         (valid_BxS != 0).astype(jnp.int32),
         kv_len.reshape(1),
         k_cache,
         v_cache,
-    )
-    cache_out = (jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),) * 2 if writes_kv else ()
-    call = functools.partial(
-        pl.pallas_call,
+    ]
+    inputs += [t_HxDh] if thresholded else []
+    inputs += list(new_kv) if writes_kv and not packed else []
+    inputs += list(rope) if rope is not None else []
+    inputs += [slot] if writes_kv else []
+    if split_mode:
+        outs = [
+            jax.ShapeDtypeStruct((B, num_splits, H, 2), jnp.float32),
+            jax.ShapeDtypeStruct((B, num_splits, H, Dh), jnp.float32),
+        ]
+    else:
+        outs = [jax.ShapeDtypeStruct((B, H, Dh), dtype)]
+    n_out = len(outs)
+    if writes_kv:
+        outs += [jax.ShapeDtypeStruct(c.shape, c.dtype) for c in (k_cache, v_cache)]
+    res = pl.pallas_call(
+        kernel,
+        out_shape=tuple(outs),
+        grid=(B, Hkv, num_splits) if split_mode else (B, Hkv),
+        input_output_aliases={4: n_out, 5: n_out + 1} if writes_kv else {},
         compiler_params=dsp.triton_compiler_params(num_warps, num_stages),
         interpret=interpret,
-    )
-    if num_splits > 1:
-        per_split = -(-pl.cdiv(S, block_s) // num_splits)  # slot chunks per split
-        outs = call(
-            functools.partial(_gpu_split_kernel, **common, per_split=per_split),
-            out_shape=(
-                jax.ShapeDtypeStruct((B, num_splits, H, 2), jnp.float32),
-                jax.ShapeDtypeStruct((B, num_splits, H, Dh), jnp.float32),
-                *cache_out,
-            ),
-            grid=(B, Hkv, num_splits),
-            input_output_aliases={4: 2, 5: 3} if writes_kv else {},
-            name="head_sparse_attention_split",
-        )(*args, *(new_kv or ()))
-        o = _merge_splits(outs[0], outs[1], hm_BxH, t_HxDh, q_BxHxDh.dtype)
-        return (o, *outs[2:]) if writes_kv else o
-    thresholded = t_HxDh is not None
-    outs = call(
-        functools.partial(_gpu_kernel, **common, thresholded=thresholded),
-        out_shape=(jax.ShapeDtypeStruct((B, H, Dh), q_BxHxDh.dtype), *cache_out),
-        grid=(B, Hkv),
-        input_output_aliases={4: 1, 5: 2} if writes_kv else {},
-        name="head_sparse_attention",
-    )(*args, *((t_HxDh,) if thresholded else ()), *(new_kv or ()))
-    return tuple(outs) if writes_kv else outs[0]
+        name="head_sparse_attention_split" if split_mode else "head_sparse_attention",
+    )(*inputs)
+    o = _merge_splits(res[0], res[1], hm_BxH, t_HxDh, dtype) if split_mode else res[0]
+    return (o, res[n_out], res[n_out + 1]) if writes_kv else o
 
 
 # ------------------------------------------------------------------------ TPU (Mosaic)
@@ -713,7 +754,9 @@ def head_sparse_attention(
             *args,
             n,
             t,
-            new,
+            None if new is None else new[:2],
+            None,
+            None if new is None else new[2],
             scale=scale,
             interpret=which == "gpu_interpret",
             **extra,
@@ -758,4 +801,132 @@ def _new_kv_args(new_kv: Any, k_cache: jax.Array, v_cache: jax.Array) -> tuple:
         k_new.astype(k_cache.dtype),
         v_new.astype(v_cache.dtype),
         jnp.clip(slot, 0, S - 1).reshape(1),
+    )
+
+
+def rope_rotate_half(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """HF Llama's rotate-half RoPE of x [..., Dh] in float32, cos/sin broadcasting
+    against it, rounded back to x's dtype (the steps of
+    `jaxsparse.models.layers.apply_rope`; the packed GPU kernel takes them too)."""
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def head_sparse_attention_from_qkv(
+    qkv_BxW: jax.Array,
+    qkv_col: int,
+    head_mask_BxH: jax.Array,
+    k_cache_BxKxSxDh: jax.Array,
+    v_cache_BxKxSxDh: jax.Array,
+    kv_valid_BxS: jax.Array,
+    slot: Any,
+    *,
+    num_heads: int,
+    dtype: Any,
+    rope: tuple[jax.Array, jax.Array] | None = None,
+    kv_len: Any = None,
+    scale: float | None = None,
+    impl: str = "auto",
+    block_s: int | None = None,
+    threshold: Any = None,
+    **kernel_options: Any,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A decode step's attention straight from the fused q|k|v projection's output: the
+    new token's q, k and v sliced, rounded to `dtype`, RoPE applied to q and k, k and v
+    written into the caches at `slot`, then `head_sparse_attention` over them.
+
+    The GPU kernel does all of it in the attention's own launch (no slice, RoPE or
+    cache-update kernels around it): it reads q|k|v in place, from columns
+    `[qkv_col, qkv_col + (H + 2 Hkv) Dh)` of `qkv_BxW` (e.g. a wider float32 accumulator
+    the projection added into), each kv head's G q heads, its k and its v side by side
+    (`[Hkv, G + 2, Dh]`, the models' fused layout). The reference and the TPU path slice
+    and rotate with jnp and call `head_sparse_attention(new_kv=...)`.
+
+    Args:
+      qkv_BxW: float array [rows >= B, W]; row b holds batch row b's projection output
+        (f32 straight from a matmul, or already in `dtype`).
+      qkv_col: static int, the first column of q|k|v in `qkv_BxW`.
+      slot: int scalar (may be traced): the cache slot of the new token (clamped to
+        [0, S - 1]).
+      num_heads: H, the query heads (G = H // Hkv per kv head).
+      dtype: the model's dtype: q, k and v are rounded to it before and after RoPE, as
+        the model rounds its projections; o comes out in it.
+      rope: None (no rotary embedding, e.g. OPT) or (cos, sin), each [B, Dh] float32 for
+        the new token's position.
+      The rest as in `head_sparse_attention`.
+
+    Returns:
+      (o [B, H, Dh] in `dtype`, k_cache, v_cache): the caches with the new token written.
+    """
+    which = dsp.resolve_impl(impl, fn_name=_NAME)
+    dsp.check_ndim(_NAME, "qkv_BxW", qkv_BxW, 2, "[rows, W]")
+    dsp.check_ndim(_NAME, "k_cache_BxKxSxDh", k_cache_BxKxSxDh, 4, "[B, Hkv, S, Dh]")
+    B, Hkv, S, Dh = k_cache_BxKxSxDh.shape
+    H = int(num_heads)
+    if H <= 0 or H % Hkv:
+        raise ValueError(f"{_NAME}: num_heads={H} must be a positive multiple of Hkv={Hkv}.")
+    width = (H + 2 * Hkv) * Dh
+    if not isinstance(qkv_col, int) or qkv_col < 0 or qkv_col + width > qkv_BxW.shape[1]:
+        raise ValueError(
+            f"{_NAME}: qkv_col={qkv_col!r}: q|k|v takes {width} columns from it, and "
+            f"qkv_BxW has {qkv_BxW.shape[1]}; pass the static column where the projection's "
+            "output starts."
+        )
+    if qkv_BxW.shape[0] < B:
+        raise ValueError(f"{_NAME}: qkv_BxW has {qkv_BxW.shape[0]} rows, fewer than B={B}.")
+    dsp.check_float(_NAME, "qkv_BxW", qkv_BxW)
+    dtype = jnp.dtype(dtype)
+    if rope is not None:
+        rope = tuple(jnp.asarray(x, jnp.float32) for x in rope)
+        for name, x in zip(("rope cos", "rope sin"), rope):
+            dsp.check_dim(_NAME, f"{name}.shape", tuple(x.shape), (B, Dh))
+    G = H // Hkv
+    if which not in ("gpu", "gpu_interpret"):
+        blocks = qkv_BxW[:B, qkv_col : qkv_col + width].astype(dtype).reshape(B, Hkv, G + 2, Dh)
+        q, k, v = blocks[:, :, :G].reshape(B, H, Dh), blocks[:, :, G], blocks[:, :, G + 1]
+        if rope is not None:
+            q = rope_rotate_half(q, rope[0][:, None], rope[1][:, None])
+            k = rope_rotate_half(k, rope[0][:, None], rope[1][:, None])
+        return head_sparse_attention(
+            q,
+            head_mask_BxH,
+            k_cache_BxKxSxDh,
+            v_cache_BxKxSxDh,
+            kv_valid_BxS,
+            kv_len=kv_len,
+            scale=scale,
+            impl=impl,
+            block_s=block_s,
+            threshold=threshold,
+            new_kv=(k, v, slot),
+            **kernel_options,
+        )
+    q_shape = jax.ShapeDtypeStruct((B, H, Dh), dtype)
+    _dims(q_shape, head_mask_BxH, k_cache_BxKxSxDh, v_cache_BxKxSxDh, kv_valid_BxS)
+    scale = float(Dh**-0.5 if scale is None else scale)
+    t = None if threshold is None else threshold_per_head(threshold, H, Dh)
+    slot = jnp.asarray(slot, jnp.int32)
+    if slot.ndim:
+        raise ValueError(f"{_NAME}: slot must be a scalar, got shape {slot.shape}.")
+    extra = {} if block_s is None else {"block_s": block_s}
+    return _head_sparse_attention_gpu(
+        qkv_BxW,
+        head_mask_BxH,
+        k_cache_BxKxSxDh,
+        v_cache_BxKxSxDh,
+        kv_valid_BxS,
+        _kv_len(kv_len, S),
+        t,
+        None,
+        rope,
+        jnp.clip(slot, 0, S - 1).reshape(1),
+        scale=scale,
+        interpret=which == "gpu_interpret",
+        qkv_col=qkv_col,
+        num_heads=H,
+        dtype=dtype,
+        **extra,
+        **kernel_options,
     )

@@ -5,7 +5,14 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny import block_jaxprs, pallas_calls, pallas_calls_of, random_thresholds, sub_jaxprs
+from tiny import (
+    block_jaxprs,
+    ops_outside_kernels,
+    pallas_calls,
+    pallas_calls_of,
+    random_thresholds,
+    sub_jaxprs,
+)
 
 from jaxsparse.config import ModelConfig
 from jaxsparse.generate import Generator, SamplingParams, bucket_length, sample_logits
@@ -443,33 +450,108 @@ def test_default_decode_attention_gives_xla_attention_tokens(model_type):
     attention kernel runs every decode step (one launch per layer in the step's jaxpr)
     and gives the tokens and logits of XLA's attention, for Llama's GQA and OPT's MHA
     with biases and learned positions, over a cache longer than one 64-slot range. (Gemma
-    3's sliding windows: tests/test_gemma3_methods.py.)"""
+    3's sliding windows: tests/test_gemma3_methods.py.) The kernel takes q|k|v as the
+    fused projection leaves them: no cache update and no RoPE around it in the step."""
     from jaxsparse.models import init_cache, prepare_params
 
     config = tiny(model_type, head_dim=16)
     params = jax.tree.map(lambda x: x * 4, init_params(config, seed=7))
-    kernels = Kernels(impl="gpu_interpret")
     plain = Kernels(impl="gpu_interpret", decode_attention=False)
     prompt = jnp.asarray([[5, 6, 7, 8], [9, 10, 11, 12]])
     want = _decode_logits(config, params, plain, None, prompt, 3)
-    have = _decode_logits(config, params, kernels, None, prompt, 3)
-    np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     prompts = [[5, 6, 7, 8, 9, 10, 11] * 7, [9, 10]]  # a 64-slot bucket + 8: two ranges
     ref = Generator(config, params, kernels=plain).generate_ids(
         prompts, max_new_tokens=8, stop_at_eos=False
     )
-    got = Generator(config, params, kernels=kernels).generate_ids(
-        prompts, max_new_tokens=8, stop_at_eos=False
+    tok, pos = jnp.ones((2, 1), jnp.int32), jnp.full((2, 1), 3)
+    cache = (2, config.num_kv_heads, 128, config.head_dim)
+
+    def step_ops(kn):  # the kernels, cache updates and RoPE's concatenates of a decode step
+        m = build_model(config, kn)
+        pk = prepare_params(params, config, kn)
+        jaxpr = jax.make_jaxpr(
+            lambda p: m.apply({"params": p}, tok, pos, init_cache(config, 2, 128), 3, None)
+        )(pk).jaxpr
+        ops = ops_outside_kernels(jaxpr)
+        dus = sum(name == "dynamic_update_slice" and shape == cache for name, shape in ops)
+        rope = sum(
+            name == "concatenate" and len(shape) == 4 and shape[-1] == cache[-1]
+            for name, shape in ops
+        )
+        return [n.removesuffix("_split") for n in pallas_calls(jaxpr)], dus, rope
+
+    n = config.num_layers
+    rope = 2 * n if model_type == "llama" else 0  # q's and k's per layer
+    assert step_ops(plain) == ([], 2 * n, rope)
+    # q/k/v apart (the kernel writes the cache; RoPE before it), and fused (the dense
+    # decode step's layout: the kernel reads q|k|v as the projection left them)
+    for kernels, want_rope in (
+        (Kernels(impl="gpu_interpret"), rope),
+        (Kernels(impl="gpu_interpret", fuse_qkv=True), 0),
+    ):
+        have = _decode_logits(config, params, kernels, None, prompt, 3)
+        np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+        got = Generator(config, params, kernels=kernels).generate_ids(
+            prompts, max_new_tokens=8, stop_at_eos=False
+        )
+        assert got.tokens == ref.tokens, kernels
+        assert step_ops(kernels) == (["head_sparse_attention"] * n, 0, want_rope), kernels
+
+
+@pytest.mark.slow  # ~30 s on 2 cores: every kernel runs in interpret mode
+def test_packed_attention_reads_qkv_in_place_from_the_block_accumulator():
+    """teal's pallas decode step with q and k/v on one threshold (one fused q|k|v
+    projection) and K split over programs (the block's float32 accumulator): the
+    attention kernel reads q|k|v where the projection added them, in that accumulator
+    (its first operand is the accumulator, no slice of it), and the step gives XLA's
+    logits and tokens."""
+    import dataclasses
+
+    from jaxsparse.models import init_cache, prepare_params
+    from jaxsparse.registry import kernels_for_method
+
+    config = tiny(hidden_size=128, intermediate_size=256, head_dim=16, num_heads=4)
+    params = jax.tree.map(lambda x: x * 4, init_params(config, seed=5))
+    thresholds = random_thresholds(config, jax.random.key(6), scale=0.3)
+    thresholds = {k: {**v, "kv_in": v["q_in"]} for k, v in thresholds.items()}
+    kernels = dataclasses.replace(
+        kernels_for_method("teal", "pallas", "gpu_interpret", thresholds=thresholds),
+        decode_attention=True,
     )
-    assert got.tokens == ref.tokens
-    model = build_model(config, kernels)
-    p = prepare_params(params, config, kernels)
+    assert kernels.fuse_qkv
+    prompt = jnp.asarray([[5, 6, 7, 8], [9, 10, 11, 12]])
+    want = _decode_logits(config, params, Kernels(), thresholds, prompt, 3)
+    have = _decode_logits(config, params, kernels, thresholds, prompt, 3)
+    np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    dense = Generator(config, params).generate_ids(
+        prompts, max_new_tokens=5, thresholds=thresholds, stop_at_eos=False
+    )
+    got = Generator(config, params, kernels=kernels).generate_ids(
+        prompts, max_new_tokens=5, thresholds=thresholds, stop_at_eos=False
+    )
+    assert got.tokens == dense.tokens
+
+    model, p = build_model(config, kernels), prepare_params(params, config, kernels)
     tok, pos = jnp.ones((2, 1), jnp.int32), jnp.full((2, 1), 3)
     jaxpr = jax.make_jaxpr(
-        lambda p: model.apply({"params": p}, tok, pos, init_cache(config, 2, 128), 3, None)
-    )(p).jaxpr
-    calls = [n.removesuffix("_split") for n in pallas_calls(jaxpr)]
-    assert calls == ["head_sparse_attention"] * config.num_layers
+        lambda p, th: model.apply({"params": p}, tok, pos, init_cache(config, 2, 64), 3, th)
+    )(p, thresholds).jaxpr
+    qkv = config.q_dim + 2 * config.kv_dim
+    firsts = []
+
+    def walk(j):
+        for e in j.eqns:
+            if e.primitive.name == "pallas_call":
+                if str(e.params.get("name")).startswith("head_sparse_attention"):
+                    firsts.append(tuple(e.invars[0].aval.shape))
+            else:
+                for inner in sub_jaxprs(e):
+                    walk(inner)
+
+    walk(jaxpr)
+    assert len(firsts) == config.num_layers
+    assert all(len(s) == 2 and s[1] > qkv for s in firsts), firsts  # the accumulator
 
 
 def test_decode_attention_is_the_gpu_default_with_slot_ranges_by_cache_length():

@@ -116,6 +116,18 @@ def pallas_calls_of(eqn) -> list:
     return [name for inner in sub_jaxprs(eqn) for name in pallas_calls(inner)]
 
 
+def ops_outside_kernels(jaxpr) -> list[tuple[str, tuple]]:
+    """(primitive name, first output's shape) of each equation of `jaxpr` and its
+    sub-jaxprs, pallas_calls' bodies left out: what XLA runs around the kernels."""
+    out = []
+    for e in jaxpr.eqns:
+        out.append((e.primitive.name, tuple(getattr(e.outvars[0].aval, "shape", ()))))
+        if e.primitive.name != "pallas_call":
+            for inner in sub_jaxprs(e):
+                out += ops_outside_kernels(inner)
+    return out
+
+
 def sub_jaxprs(eqn) -> list:
     """The jaxprs nested in one equation's parameters (a jit's body, a cond's branches)."""
     out = []

@@ -246,6 +246,23 @@ def _per_head_shard(
     )(*(args[i] for i in given))
 
 
+def _packed_attention(kn: Kernels, c: ModelConfig, layer_cache, rope) -> bool:
+    """Whether a decode step's attention kernel takes q|k|v straight from the fused
+    projection (`head_sparse_attention_from_qkv`: RoPE and the cache write inside): with
+    a KV cache, the GPU kernel (or its interpreter), one device, no per-head q/k norms
+    (Gemma 3) and, on a real GPU, half-heads of at least 16 under RoPE (its dots' tiles)."""
+    from jaxsparse.sharding import DATA, MODEL
+    from pallas_kernels._dispatch import resolve_impl
+
+    impl = resolve_impl(kn.impl, fn_name="Kernels")
+    mesh = kn.mesh
+    if layer_cache is None or c.is_gemma3 or impl not in ("gpu", "gpu_interpret"):
+        return False
+    if mesh is not None and (mesh.shape[DATA] > 1 or mesh.shape[MODEL] > 1):
+        return False
+    return impl == "gpu_interpret" or c.head_dim // (1 if rope is None else 2) >= 16
+
+
 class SelfAttention(nn.Module):
     """`rope` is (cos, sin), or a dict of them by layer type (Gemma 3: one per RoPE base);
     `layer_type` picks this layer's tables and sliding window (`ModelConfig.layer_types`)."""
@@ -285,6 +302,31 @@ class SelfAttention(nn.Module):
                 xkv = xq
             else:
                 xkv = _sparse(self, "kv_in", h_BxTxD, thresholds)
+        attn_kernel = heads_BxH is not None or kn.attention_kernel(
+            t, layer_cache is not None, c.head_dim
+        )
+        if kn.fuse_qkv and attn_kernel and _packed_attention(kn, c, layer_cache, rope):
+            # the kernel reads q|k|v as the projection left them and does the rest itself
+            cols = shared.col if shared is not None else None
+            qkv32 = Linear(
+                c.q_dim + 2 * c.kv_dim, ("embed", "qkv_heads"), c.qkv_bias, dt, kn, name="qkv_proj"
+            )(xq, "q_in", shared=shared, accumulator=True)
+            if shared is not None and shared.col != cols and not c.qkv_bias:
+                src, col = shared.buf, cols  # in place in the block's accumulator
+            else:
+                src, col = qkv32.reshape(b, -1), 0
+            return self._packed_attention(
+                src,
+                col,
+                heads_BxH,
+                positions_BxT,
+                kv_pos_BxS,
+                rope,
+                layer_cache,
+                cache_index,
+                thresholds,
+                shared,
+            )
         if kn.fuse_qkv:  # q and k/v read the same input here (see Kernels.fuse_qkv)
             qkv = Linear(
                 c.q_dim + 2 * c.kv_dim, ("embed", "qkv_heads"), c.qkv_bias, dt, kn, name="qkv_proj"
@@ -398,6 +440,13 @@ class SelfAttention(nn.Module):
             out_BxTxHD = o_BxHxD.reshape(b, t, c.q_dim).astype(q_BxTxHxD.dtype)
         else:
             out_BxTxHD = attend(q_BxTxHxD, k_BxKxSxD, v_BxKxSxD, mask, c.attention_scale)
+        return self._output(out_BxTxHD, attn_t, o_t, thresholds, shared), new_cache
+
+    def _output(self, out_BxTxHD, attn_t, o_t, thresholds, shared):
+        """o_proj of the heads' outputs, with the `o_in` point: applied by the attention
+        kernel (`attn_t`), by o_proj's kernel (`o_t`), or here."""
+        c, kn = self.config, self.kernels
+        b, t = out_BxTxHD.shape[:2]
         self.sow("taps", "head_out", out_BxTxHD.reshape(b, t, c.num_heads, c.head_dim))
         if attn_t is not None:  # the attention kernel applied it to its output
             _read_as(self, "o_in", out_BxTxHD, out_BxTxHD, sparsified=True)
@@ -406,7 +455,63 @@ class SelfAttention(nn.Module):
         else:  # o_proj's kernel applies it; recorded as the input it keeps
             kept = lambda: rules.sparsify(out_BxTxHD, o_t)
             _read_as(self, "o_in", out_BxTxHD, kept, sparsified=True)
-        y = Linear(c.hidden_size, ("q_heads", "embed"), c.o_bias, dt, kn, name="o_proj")(
+        dt = param_dtype(c)
+        return Linear(c.hidden_size, ("q_heads", "embed"), c.o_bias, dt, kn, name="o_proj")(
             out_BxTxHD, "o_in", shared=shared, threshold=o_t
         )
-        return y, new_cache
+
+    def _packed_attention(
+        self,
+        src,
+        col,
+        heads_BxH,
+        positions_BxT,
+        kv_pos_BxS,
+        rope,
+        layer_cache,
+        cache_index,
+        thresholds,
+        shared,
+    ):
+        """A decode step's attention by `head_sparse_attention_from_qkv`: q|k|v read from
+        columns `col` on of `src` (the fused projection's float32 output, or the block's
+        accumulator it was added into), RoPE, the cache write and the attention in one
+        kernel launch (`_packed_attention` says when)."""
+        from pallas_kernels import head_sparse_attention_from_qkv
+        from pallas_kernels.head_sparse_attention import threshold_per_head
+
+        c, kn = self.config, self.kernels
+        dt = param_dtype(c)
+        b, t = positions_BxT.shape
+        mask = attention_mask(positions_BxT, kv_pos_BxS, c.attention_window(self.layer_type))
+        o_t = _kernel_threshold(kn, "o_in", jax.ShapeDtypeStruct((b, t, c.q_dim), dt), thresholds)
+        attn_t = None
+        if heads_BxH is None:
+            heads_BxH = jnp.ones((b, c.num_heads), jnp.int32)  # every head: one kernel
+            if o_t is None and not self.is_mutable_collection("taps"):
+                attn_t = _plain_threshold("o_in", c.q_dim, thresholds)
+        cs = None
+        if rope is not None:
+            cos, sin = rope[self.layer_type] if isinstance(rope, dict) else rope
+            cs = (cos[:, 0].astype(jnp.float32), sin[:, 0].astype(jnp.float32))
+        o_BxHxD, k, v = head_sparse_attention_from_qkv(
+            src,
+            col,
+            heads_BxH,
+            layer_cache["k"],
+            layer_cache["v"],
+            mask[:, 0],
+            cache_index,
+            num_heads=c.num_heads,
+            dtype=dt,
+            rope=cs,
+            kv_len=jnp.asarray(cache_index + t, jnp.int32),
+            scale=c.attention_scale,
+            impl=kn.impl,
+            threshold=None
+            if attn_t is None
+            else threshold_per_head(attn_t, c.num_heads, c.head_dim),
+            **kn.attention_options(layer_cache["k"].shape[2]),
+        )
+        out_BxTxHD = o_BxHxD.reshape(b, t, c.q_dim)
+        return self._output(out_BxTxHD, attn_t, o_t, thresholds, shared), {"k": k, "v": v}

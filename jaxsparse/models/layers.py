@@ -598,12 +598,11 @@ def rope_cos_sin(
 
 
 def apply_rope(x_BxTxHxD: jax.Array, cos_BxTxD: jax.Array, sin_BxTxD: jax.Array) -> jax.Array:
-    """HF Llama's rotate-half RoPE, in float32."""
-    x = x_BxTxHxD.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    out = x * cos_BxTxD[:, :, None, :] + rotated * sin_BxTxD[:, :, None, :]
-    return out.astype(x_BxTxHxD.dtype)
+    """HF Llama's rotate-half RoPE, in float32, rounded back to x's dtype (the same steps
+    as the decode attention kernel's, `pallas_kernels.head_sparse_attention`)."""
+    from pallas_kernels.head_sparse_attention import rope_rotate_half
+
+    return rope_rotate_half(x_BxTxHxD, cos_BxTxD[:, :, None, :], sin_BxTxD[:, :, None, :])
 
 
 def attention_mask(

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -123,7 +125,9 @@ def test_bad_inputs():
         head_sparse_attention(q, hm, kc, kc, valid, impl="gpu_interpret", block_s=24)
     # the compiled GPU kernel's tensor-core dots need 16-wide tiles (interpret mode has
     # no such limit, so the small shapes above run there)
-    with pytest.raises(ValueError, match="Dh >= 16 and block_s >= 16, got Dh=8"):
+    with pytest.raises(
+        ValueError, match=r"Dh >= 16 \(32 with RoPE inside\) and block_s >= 16, got Dh=8"
+    ):
         jax.eval_shape(lambda *a: head_sparse_attention(*a, impl="gpu"), q, hm, kc, kc, valid)
 
 
@@ -239,3 +243,80 @@ def test_new_kv_bad_inputs():
         head_sparse_attention(q, hm, kc, kc, valid, impl="gpu_interpret", new_kv=(kn[:, :1], kn, 0))
     with pytest.raises(ValueError, match="new_kv's slot must be a scalar"):
         head_sparse_attention(q, hm, kc, kc, valid, impl="reference", new_kv=(kn, kn, jnp.ones(2)))
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_from_qkv_matches_slicing_rope_and_cache_write(kt, impl, num_splits):
+    """`head_sparse_attention_from_qkv`: q, k and v read from columns `col` on of a wider
+    float32 array (rows past B ignored), rounded to the model's dtype, RoPE applied to q
+    and k (`rope_rotate_half`), k and v written at `slot`: the caches equal those the
+    model's own steps make (slice, round, rotate, dynamic_update_slice; bitwise but for
+    the rotated k), and o the reference's over them. With and without RoPE; GQA (G=3) and MHA."""
+    from pallas_kernels import head_sparse_attention_from_qkv
+    from pallas_kernels.head_sparse_attention import rope_rotate_half
+
+    if not kt.is_gpu_impl(impl) and num_splits > 1:
+        pytest.skip("slot ranges are a GPU kernel option")
+    opts = {"num_splits": num_splits} if kt.is_gpu_impl(impl) else {}
+    for (B, H, Hkv, Dh, S), dtype in itertools.product(CONFIGS, (jnp.float32, jnp.bfloat16)):
+        G, col = H // Hkv, 24
+        width = (H + 2 * Hkv) * Dh
+        ks = jax.random.split(jax.random.key(31), 4)
+        src = kt.normal(ks[0], (B + 1, col + width + 8), jnp.float32)
+        _, hm, kc, vc, valid, _ = make(kt, (B, H, Hkv, Dh, S), dtype, 32, 0.75)
+        ang = jax.random.uniform(ks[1], (B, Dh // 2)) * 6.0
+        ang = jnp.concatenate([ang, ang], axis=-1)
+        for rope, slot in (((jnp.cos(ang), jnp.sin(ang)), S // 3), (None, 0)):
+            what = f"{impl} {(B, H, Hkv, Dh, S)} {jnp.dtype(dtype).name} rope={rope is not None}"
+            o, k2, v2 = head_sparse_attention_from_qkv(
+                src,
+                col,
+                hm,
+                kc,
+                vc,
+                valid,
+                slot,
+                num_heads=H,
+                dtype=dtype,
+                rope=rope,
+                kv_len=slot + 1,
+                impl=impl,
+                **blocks(impl, S),
+                **opts,
+            )
+            blk = src[:B, col : col + width].astype(dtype).reshape(B, Hkv, G + 2, Dh)
+            q, k, v = blk[:, :, :G].reshape(B, H, Dh), blk[:, :, G], blk[:, :, G + 1]
+            if rope is not None:
+                q = rope_rotate_half(q, rope[0][:, None], rope[1][:, None])
+                k = rope_rotate_half(k, rope[0][:, None], rope[1][:, None])
+            want_k, want_v = kc.at[:, :, slot].set(k), vc.at[:, :, slot].set(v)
+            others = np.arange(S) != slot  # untouched, bitwise
+            np.testing.assert_array_equal(
+                np.asarray(k2)[:, :, others], np.asarray(kc)[:, :, others]
+            )
+            np.testing.assert_array_equal(np.asarray(v2), np.asarray(want_v), what)
+            # the rotated k: the same float32 steps, which a compiler may contract (FMA)
+            # differently: equal within the dtype's rounding
+            kt.assert_close(k2[:, :, slot], k, dtype, what)
+            want = head_sparse_attention_reference(q, hm, want_k, want_v, valid, kv_len=slot + 1)
+            assert o.dtype == jnp.dtype(dtype)
+            kt.assert_close(o, want, dtype, what)
+
+
+def test_from_qkv_bad_inputs():
+    from pallas_kernels import head_sparse_attention_from_qkv
+
+    hm = jnp.ones((2, 4), bool)
+    kc = jnp.ones((2, 2, 10, 8))
+    valid = jnp.ones((2, 10), bool)
+    src = jnp.ones((2, 64))
+    kw = {"num_heads": 4, "dtype": jnp.float32, "impl": "gpu_interpret"}
+    with pytest.raises(ValueError, match="qkv_col=20: q\\|k\\|v takes 64 columns"):
+        head_sparse_attention_from_qkv(src, 20, hm, kc, kc, valid, 0, **kw)
+    with pytest.raises(ValueError, match="num_heads=3 must be a positive multiple of Hkv=2"):
+        head_sparse_attention_from_qkv(src, 0, hm, kc, kc, valid, 0, **{**kw, "num_heads": 3})
+    with pytest.raises(ValueError, match=r"rope cos.shape is \(2, 4\), expected \(2, 8\)"):
+        rope = (jnp.ones((2, 4)), jnp.ones((2, 4)))
+        head_sparse_attention_from_qkv(src, 0, hm, kc, kc, valid, 0, rope=rope, **kw)
+    with pytest.raises(ValueError, match="fewer than B=2"):
+        head_sparse_attention_from_qkv(src[:1], 0, hm, kc, kc, valid, 0, **kw)

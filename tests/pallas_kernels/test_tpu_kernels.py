@@ -152,6 +152,50 @@ def test_head_attention_gpu_kernel_lowers_to_triton():
         assert "__gpu$xla.gpu.triton" in exp.mlir_module()
 
 
+def test_head_attention_from_qkv_lowers_to_triton():
+    """The packed GPU kernel (q|k|v read from a wider float32 accumulator, RoPE and the
+    cache write inside) at SmolLM2's and Llama-3-8B's head shapes, with and without RoPE
+    and the slot splits, goes through the Triton lowering on a CPU."""
+    from pallas_kernels import head_sparse_attention_from_qkv
+
+    cases = itertools.product(((9, 3, 64), (32, 8, 128)), (False, True), (1, 4))
+    for (H, Hkv, Dh), roped, splits in cases:
+        width = (H + 2 * Hkv) * Dh
+
+        def fn(src, hm, kc, vc, ok, n, cos, sin, r=roped, p=splits):
+            return head_sparse_attention_from_qkv(
+                src,
+                128,
+                hm,
+                kc,
+                vc,
+                ok,
+                n - 1,
+                num_heads=H,
+                dtype=jnp.bfloat16,
+                rope=(cos, sin) if r else None,
+                kv_len=n,
+                impl="gpu",
+                num_splits=p,
+            )
+
+        exp = export.export(
+            jax.jit(fn),
+            platforms=["cuda"],
+            disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+        )(
+            _sds((4, 128 + width + 64), jnp.float32),
+            _sds((4, H), jnp.bool_),
+            _sds((4, Hkv, 300, Dh), jnp.bfloat16),
+            _sds((4, Hkv, 300, Dh), jnp.bfloat16),
+            _sds((4, 300), jnp.bool_),
+            _sds((), jnp.int32),
+            _sds((4, Dh), jnp.float32),
+            _sds((4, Dh), jnp.float32),
+        )
+        assert "__gpu$xla.gpu.triton" in exp.mlir_module()
+
+
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
 def test_gated_matvec_gate_rule_lowers_to_triton(activation):
     """gated_matvec with the gate's activation and threshold inside (CHESS's decode step)
