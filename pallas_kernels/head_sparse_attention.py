@@ -179,6 +179,7 @@ class _Refs:
         refs = list(refs)
         take = lambda on: refs.pop(0) if on else None
         self.q, self.hm, self.valid, self.len, self.k, self.v = (refs.pop(0) for _ in range(6))
+        self.kv = take(packed)  # where k and v are (packed: maybe q's array again)
         self.t = take(thresholded)
         self.k_new, self.v_new = take(writes_kv and not packed), take(writes_kv and not packed)
         self.cos, self.sin = take(rope), take(rope)
@@ -189,16 +190,17 @@ class _Refs:
         assert not refs, f"{len(refs)} refs left over"
 
 
-def _head_vectors(r: _Refs, b, kvh, *, G, Dh, packed, rope, qkv_col, qdt):
+def _head_vectors(r: _Refs, b, kvh, *, G, Dh, packed, rope, layout, qdt):
     """The kv head's G query vectors, and the new token's k and v (None when the kernel
     writes none), as lists of float32 column parts (`_parts`).
 
-    Packed (`qkv_col` given): q, k and v are read from the projection's output row `b`
-    of `r.q` ([rows, width], any float dtype), kv head `kvh`'s G q heads, k and v side by
-    side from column `qkv_col` on (the models' fused q|k|v layout), rounded to `qdt` as
-    the model rounds its projections; under RoPE q and k are then rotated in float32 and
-    rounded again (`jaxsparse.models.layers.apply_rope`'s steps), k and v finally to the
-    cache's dtype. Otherwise q comes from `r.q` [B, H, Dh] and k/v from `r.k_new`/`r.v_new`."""
+    Packed (`layout` = (q_col, q_stride, kv_col, kv_stride)): q, k and v are read from the
+    projections' outputs, row `b` of `r.q` and `r.kv` ([rows, width], any float dtype):
+    kv head `kvh`'s G q heads side by side from column `q_col + kvh * q_stride`, its k and
+    v from `kv_col + kvh * kv_stride`; rounded to `qdt` as the model rounds its
+    projections; under RoPE q and k are then rotated in float32 and rounded again
+    (`jaxsparse.models.layers.apply_rope`'s steps), k and v finally to the cache's dtype.
+    Otherwise q comes from `r.q` [B, H, Dh] and k/v from `r.k_new`/`r.v_new`."""
     parts = _parts(Dh, rope)
     f32 = jnp.float32
     cdt = r.k.dtype
@@ -216,17 +218,17 @@ def _head_vectors(r: _Refs, b, kvh, *, G, Dh, packed, rope, qkv_col, qdt):
         return [rounded(lo * cos[0] - hi * sin[0], dt), rounded(hi * cos[1] + lo * sin[1], dt)]
 
     if packed:
-        base = qkv_col + kvh * ((G + 2) * Dh)
+        q_col, q_stride, kv_col, kv_stride = layout
+        q_base, kv_base = q_col + kvh * q_stride, kv_col + kvh * kv_stride
 
-        def vec(j, dt, ps=parts):  # row j of the kv head's [G + 2, Dh] block, by parts
-            return [rounded(r.q[b, pl.ds(base + j * Dh + off, w)], dt) for off, w in ps]
+        def vec(ref, start, ps=parts):  # Dh values from column `start` on, by parts
+            return [rounded(ref[b, pl.ds(start + off, w)], qdt) for off, w in ps]
 
-        gs = dsp.static_indices(G + 2)
-        qs = [rotated(vec(g, qdt), qdt) for g in gs[:G]]
+        qs = [rotated(vec(r.q, q_base + g * Dh), qdt) for g in dsp.static_indices(G)]
         if r.slot is None:
             return qs, None
-        k_new = [rounded(x, cdt) for x in rotated(vec(gs[G], qdt), qdt)]
-        v_new = [rounded(x, cdt) for x in vec(gs[G + 1], qdt, [(0, Dh)])]  # v: whole
+        k_new = [rounded(x, cdt) for x in rotated(vec(r.kv, kv_base), qdt)]
+        v_new = [rounded(x, cdt) for x in vec(r.kv, kv_base + Dh, [(0, Dh)])]  # v: whole
         return qs, (k_new, v_new)
     qs = [[r.q[b, kvh * G + g, :].astype(f32)] for g in dsp.static_indices(G)]
     if r.slot is None:
@@ -333,7 +335,7 @@ def _gpu_kernel(
     writes_kv,
     packed,
     rope,
-    qkv_col,
+    layout,
     qdt,
     per_split,
 ):
@@ -353,7 +355,7 @@ def _gpu_kernel(
     kvh = pl.program_id(1)
     split = pl.program_id(2) if split_mode else None
     dims = {"G": G, "Dh": Dh}
-    qs, new = _head_vectors(r, b, kvh, **dims, packed=packed, rope=rope, qkv_col=qkv_col, qdt=qdt)
+    qs, new = _head_vectors(r, b, kvh, **dims, packed=packed, rope=rope, layout=layout, qdt=qdt)
     if split_mode:
 
         def chunks(n):
@@ -405,7 +407,7 @@ def _merge_splits(ml_BxPxHx2, acc_BxPxHxDh, hm_BxH, t_HxDh, dtype):
         "num_stages",
         "num_splits",
         "interpret",
-        "qkv_col",
+        "layout",
         "num_heads",
         "dtype",
     ),
@@ -421,6 +423,7 @@ def _head_sparse_attention_gpu(
     new_kv=None,
     rope=None,
     slot=None,
+    kv_src=None,
     *,
     scale,
     block_s=64,
@@ -428,7 +431,7 @@ def _head_sparse_attention_gpu(
     num_stages=2,
     num_splits=1,
     interpret=False,
-    qkv_col=None,
+    layout=None,
     num_heads=None,
     dtype=None,
 ):
@@ -437,10 +440,10 @@ def _head_sparse_attention_gpu(
     place, as it does a dynamic_update_slice).
 
     Two ways in: `q` [B, H, Dh] with the new token's `new_kv` = (k_new, v_new) [B, Hkv,
-    Dh] (or none, `slot` None); or packed (`qkv_col` given): `q` is the fused q|k|v
-    projection's output [rows, width] (`_head_vectors`), with `rope` = (cos, sin) [B, Dh]
+    Dh] (or none, `slot` None); or packed (`layout` given): `q` and `kv_src` are the
+    projections' outputs [rows, width] (`_head_vectors`), with `rope` = (cos, sin) [B, Dh]
     float32 or None, `num_heads` and `dtype` (the model's)."""
-    packed = qkv_col is not None
+    packed = layout is not None
     B, Hkv, S, Dh = k_cache.shape
     H = num_heads if packed else q.shape[1]
     dtype = jnp.dtype(dtype if packed else q.dtype)
@@ -468,7 +471,7 @@ def _head_sparse_attention_gpu(
         writes_kv=writes_kv,
         packed=packed,
         rope=rope is not None,
-        qkv_col=qkv_col,
+        layout=layout,
         qdt=dtype,
         per_split=per_split,
     )
@@ -480,6 +483,7 @@ def _head_sparse_attention_gpu(
         k_cache,
         v_cache,
     ]
+    inputs += [kv_src] if packed else []
     inputs += [t_HxDh] if thresholded else []
     inputs += list(new_kv) if writes_kv and not packed else []
     inputs += list(rope) if rope is not None else []
@@ -825,6 +829,7 @@ def head_sparse_attention_from_qkv(
     *,
     num_heads: int,
     dtype: Any,
+    kv: tuple[jax.Array, int] | None = None,
     rope: tuple[jax.Array, jax.Array] | None = None,
     kv_len: Any = None,
     scale: float | None = None,
@@ -833,26 +838,29 @@ def head_sparse_attention_from_qkv(
     threshold: Any = None,
     **kernel_options: Any,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """A decode step's attention straight from the fused q|k|v projection's output: the
-    new token's q, k and v sliced, rounded to `dtype`, RoPE applied to q and k, k and v
+    """A decode step's attention straight from the q/k/v projections' outputs: the new
+    token's q, k and v sliced, rounded to `dtype`, RoPE applied to q and k, k and v
     written into the caches at `slot`, then `head_sparse_attention` over them.
 
     The GPU kernel does all of it in the attention's own launch (no slice, RoPE or
-    cache-update kernels around it): it reads q|k|v in place, from columns
-    `[qkv_col, qkv_col + (H + 2 Hkv) Dh)` of `qkv_BxW` (e.g. a wider float32 accumulator
-    the projection added into), each kv head's G q heads, its k and its v side by side
-    (`[Hkv, G + 2, Dh]`, the models' fused layout). The reference and the TPU path slice
-    and rotate with jnp and call `head_sparse_attention(new_kv=...)`.
+    cache-update kernels around it): it reads q, k and v in place, where the projections
+    left them (e.g. a wider float32 accumulator they were added into). Two layouts, the
+    models': one fused q|k|v output from column `qkv_col` of `qkv_BxW`, each kv head's G
+    q heads, its k and its v side by side (`[Hkv, G + 2, Dh]`); or, with `kv=(kv_BxW,
+    kv_col)`, q alone there (`[H, Dh]`) and k|v from column `kv_col` of `kv_BxW`
+    (`[Hkv, 2, Dh]`: k then v per kv head; it may be `qkv_BxW` itself). The reference and
+    the TPU path slice and rotate with jnp and call `head_sparse_attention(new_kv=...)`.
 
     Args:
       qkv_BxW: float array [rows >= B, W]; row b holds batch row b's projection output
         (f32 straight from a matmul, or already in `dtype`).
-      qkv_col: static int, the first column of q|k|v in `qkv_BxW`.
+      qkv_col: static int, the first column of q|k|v (or of q, with `kv`) in `qkv_BxW`.
       slot: int scalar (may be traced): the cache slot of the new token (clamped to
         [0, S - 1]).
       num_heads: H, the query heads (G = H // Hkv per kv head).
       dtype: the model's dtype: q, k and v are rounded to it before and after RoPE, as
         the model rounds its projections; o comes out in it.
+      kv: None (fused q|k|v), or (kv_BxW, kv_col): where k|v are (a static int column).
       rope: None (no rotary embedding, e.g. OPT) or (cos, sin), each [B, Dh] float32 for
         the new token's position.
       The rest as in `head_sparse_attention`.
@@ -861,31 +869,49 @@ def head_sparse_attention_from_qkv(
       (o [B, H, Dh] in `dtype`, k_cache, v_cache): the caches with the new token written.
     """
     which = dsp.resolve_impl(impl, fn_name=_NAME)
-    dsp.check_ndim(_NAME, "qkv_BxW", qkv_BxW, 2, "[rows, W]")
     dsp.check_ndim(_NAME, "k_cache_BxKxSxDh", k_cache_BxKxSxDh, 4, "[B, Hkv, S, Dh]")
     B, Hkv, S, Dh = k_cache_BxKxSxDh.shape
     H = int(num_heads)
     if H <= 0 or H % Hkv:
         raise ValueError(f"{_NAME}: num_heads={H} must be a positive multiple of Hkv={Hkv}.")
-    width = (H + 2 * Hkv) * Dh
-    if not isinstance(qkv_col, int) or qkv_col < 0 or qkv_col + width > qkv_BxW.shape[1]:
-        raise ValueError(
-            f"{_NAME}: qkv_col={qkv_col!r}: q|k|v takes {width} columns from it, and "
-            f"qkv_BxW has {qkv_BxW.shape[1]}; pass the static column where the projection's "
-            "output starts."
-        )
-    if qkv_BxW.shape[0] < B:
-        raise ValueError(f"{_NAME}: qkv_BxW has {qkv_BxW.shape[0]} rows, fewer than B={B}.")
-    dsp.check_float(_NAME, "qkv_BxW", qkv_BxW)
+    G = H // Hkv
+    if kv is None:
+        sources = [("qkv_BxW", qkv_BxW, "qkv_col", qkv_col, (H + 2 * Hkv) * Dh, "q|k|v")]
+        layout = (qkv_col, (G + 2) * Dh, qkv_col + G * Dh, (G + 2) * Dh)
+    else:
+        if not (isinstance(kv, (tuple, list)) and len(kv) == 2):
+            raise ValueError(f"{_NAME}: kv must be (kv_BxW, kv_col), got {type(kv).__name__}.")
+        sources = [
+            ("qkv_BxW", qkv_BxW, "qkv_col", qkv_col, H * Dh, "q"),
+            ("kv_BxW", kv[0], "kv_col", kv[1], 2 * Hkv * Dh, "k|v"),
+        ]
+        layout = (qkv_col, G * Dh, kv[1], 2 * Dh)
+    for name, src, col_name, col, width, what in sources:
+        dsp.check_ndim(_NAME, name, src, 2, "[rows, W]")
+        dsp.check_float(_NAME, name, src)
+        if not isinstance(col, int) or col < 0 or col + width > src.shape[1]:
+            raise ValueError(
+                f"{_NAME}: {col_name}={col!r}: {what} takes {width} columns from it, and "
+                f"{name} has {src.shape[1]}; pass the static column where the projection's "
+                "output starts."
+            )
+        if src.shape[0] < B:
+            raise ValueError(f"{_NAME}: {name} has {src.shape[0]} rows, fewer than B={B}.")
     dtype = jnp.dtype(dtype)
     if rope is not None:
         rope = tuple(jnp.asarray(x, jnp.float32) for x in rope)
         for name, x in zip(("rope cos", "rope sin"), rope):
             dsp.check_dim(_NAME, f"{name}.shape", tuple(x.shape), (B, Dh))
-    G = H // Hkv
     if which not in ("gpu", "gpu_interpret"):
-        blocks = qkv_BxW[:B, qkv_col : qkv_col + width].astype(dtype).reshape(B, Hkv, G + 2, Dh)
-        q, k, v = blocks[:, :, :G].reshape(B, H, Dh), blocks[:, :, G], blocks[:, :, G + 1]
+        if kv is None:
+            w = (H + 2 * Hkv) * Dh
+            blk = qkv_BxW[:B, qkv_col : qkv_col + w].astype(dtype).reshape(B, Hkv, G + 2, Dh)
+            q, k, v = blk[:, :, :G].reshape(B, H, Dh), blk[:, :, G], blk[:, :, G + 1]
+        else:
+            q = qkv_BxW[:B, qkv_col : qkv_col + H * Dh].astype(dtype).reshape(B, H, Dh)
+            w = 2 * Hkv * Dh
+            kvb = kv[0][:B, kv[1] : kv[1] + w].astype(dtype).reshape(B, Hkv, 2, Dh)
+            k, v = kvb[:, :, 0], kvb[:, :, 1]
         if rope is not None:
             q = rope_rotate_half(q, rope[0][:, None], rope[1][:, None])
             k = rope_rotate_half(k, rope[0][:, None], rope[1][:, None])
@@ -922,9 +948,10 @@ def head_sparse_attention_from_qkv(
         None,
         rope,
         jnp.clip(slot, 0, S - 1).reshape(1),
+        qkv_BxW if kv is None else kv[0],
         scale=scale,
         interpret=which == "gpu_interpret",
-        qkv_col=qkv_col,
+        layout=layout,
         num_heads=H,
         dtype=dtype,
         **extra,

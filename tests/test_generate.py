@@ -498,13 +498,17 @@ def test_default_decode_attention_gives_xla_attention_tokens(model_type):
         assert step_ops(kernels) == (["head_sparse_attention"] * n, 0, want_rope), kernels
 
 
-@pytest.mark.slow  # ~30 s on 2 cores: every kernel runs in interpret mode
-def test_packed_attention_reads_qkv_in_place_from_the_block_accumulator():
-    """teal's pallas decode step with q and k/v on one threshold (one fused q|k|v
-    projection) and K split over programs (the block's float32 accumulator): the
-    attention kernel reads q|k|v where the projection added them, in that accumulator
-    (its first operand is the accumulator, no slice of it), and the step gives XLA's
-    logits and tokens."""
+@pytest.mark.slow  # 15-30 s each on 2 cores: every kernel runs in interpret mode
+@pytest.mark.parametrize(
+    "method,mode", [("teal", "pallas"), ("chess+", "pallas"), ("chess+", "xla")]
+)
+def test_packed_attention_reads_qkv_where_the_projections_left_them(method, mode):
+    """A decode step whose attention kernel reads q, k and v where the projections left
+    them (`head_sparse_attention_from_qkv`): teal's fused q|k|v and chess+'s q apart
+    from k|v (one launch in a pallas step, one stacked GEMM in an XLA step), K split over
+    programs (the block's float32 accumulator). It gives XLA's logits and tokens; the
+    step runs no cache update and no RoPE outside the kernels; in a pallas step the
+    attention kernel's first operand is the block's accumulator itself (no slice)."""
     import dataclasses
 
     from jaxsparse.models import init_cache, prepare_params
@@ -513,12 +517,13 @@ def test_packed_attention_reads_qkv_in_place_from_the_block_accumulator():
     config = tiny(hidden_size=128, intermediate_size=256, head_dim=16, num_heads=4)
     params = jax.tree.map(lambda x: x * 4, init_params(config, seed=5))
     thresholds = random_thresholds(config, jax.random.key(6), scale=0.3)
-    thresholds = {k: {**v, "kv_in": v["q_in"]} for k, v in thresholds.items()}
+    if method == "teal":  # q and k/v on one threshold: one fused q|k|v projection
+        thresholds = {k: {**v, "kv_in": v["q_in"]} for k, v in thresholds.items()}
     kernels = dataclasses.replace(
-        kernels_for_method("teal", "pallas", "gpu_interpret", thresholds=thresholds),
-        decode_attention=True,
+        kernels_for_method(method, mode, "gpu_interpret", thresholds=thresholds),
+        impl="gpu_interpret",
     )
-    assert kernels.fuse_qkv
+    assert kernels.fuse_qkv == (method == "teal") and kernels.decode_attention
     prompt = jnp.asarray([[5, 6, 7, 8], [9, 10, 11, 12]])
     want = _decode_logits(config, params, Kernels(), thresholds, prompt, 3)
     have = _decode_logits(config, params, kernels, thresholds, prompt, 3)
@@ -537,7 +542,10 @@ def test_packed_attention_reads_qkv_in_place_from_the_block_accumulator():
     jaxpr = jax.make_jaxpr(
         lambda p, th: model.apply({"params": p}, tok, pos, init_cache(config, 2, 64), 3, th)
     )(p, thresholds).jaxpr
-    qkv = config.q_dim + 2 * config.kv_dim
+    cache = (2, config.num_kv_heads, 64, config.head_dim)
+    ops = ops_outside_kernels(jaxpr)
+    assert not [o for o in ops if o == ("dynamic_update_slice", cache)]
+    assert not [o for o in ops if o[0] == "concatenate" and len(o[1]) == 4]  # RoPE's
     firsts = []
 
     def walk(j):
@@ -551,7 +559,9 @@ def test_packed_attention_reads_qkv_in_place_from_the_block_accumulator():
 
     walk(jaxpr)
     assert len(firsts) == config.num_layers
-    assert all(len(s) == 2 and s[1] > qkv for s in firsts), firsts  # the accumulator
+    if mode == "pallas":  # wider than q|k|v: the accumulator
+        qkv = config.q_dim + 2 * config.kv_dim
+        assert all(len(s) == 2 and s[1] > qkv for s in firsts), firsts
 
 
 def test_decode_attention_is_the_gpu_default_with_slot_ranges_by_cache_length():

@@ -163,11 +163,13 @@ def _stacked_q_kv_input(module, kn: Kernels, h, thresholds: dict | None, t: int)
     return x_Bx2xD
 
 
-def _q_kv_one_launch(module, kn: Kernels, shared, xq, xkv, c: ModelConfig, dt):
+def _q_kv_one_launch(module, kn: Kernels, shared, xq, xkv, c: ModelConfig, dt, raw=False):
     """q_proj and kv_proj (each with its own input: chess+) in one kernel launch through
     the block's shared accumulator (`Kernels.q_kv_one_launch`), as `Linear` would compute
     them; None where that does not apply (no shared accumulator, initialization, either
-    projection outside the kernels) or the products do not fit the buffer."""
+    projection outside the kernels) or the products do not fit the buffer. `raw`: where
+    they are instead, ((array, col) of q, (array, col) of k|v), float32: the accumulator
+    itself, or (with biases) their outputs plus the biases."""
     if shared is None or not kn.q_kv_one_launch or module.is_initializing():
         return None
     if not (kn.use("q_in", xq) and kn.use("kv_in", xkv)):
@@ -179,15 +181,48 @@ def _q_kv_one_launch(module, kn: Kernels, shared, xq, xkv, c: ModelConfig, dt):
         (xq.reshape(b, -1).astype(dt), pq["kernel"]),
         (xkv.reshape(b, -1).astype(dt), pkv["kernel"]),
     ]
+    col = shared.col
     ys = shared.matvecs(pairs, kn.impl)
     if ys is None:
         return None
+    if raw and not c.qkv_bias:  # q first, then k|v, each from whole column blocks
+        from pallas_kernels import accumulator_shape
+
+        return (shared.buf, col), (shared.buf, col + accumulator_shape(b, c.q_dim)[1])
+    if raw:
+        return tuple(
+            ((y + p["bias"].astype(jnp.float32)).reshape(b, -1), 0) for y, p in zip(ys, (pq, pkv))
+        )
     out = []
     for y, p in zip(ys, (pq, pkv)):
         if c.qkv_bias:
             y = y + p["bias"].astype(jnp.float32)
         out.append(y.astype(dt).reshape(b, 1, -1))
     return tuple(out)
+
+
+def _q_kv_sources(module, kn: Kernels, shared, q_proj, kv_proj, x_Bx2xD, xq, xkv, c):
+    """((array, col) of q, (array, col) of k|v): where a decode step's q_proj and kv_proj
+    (each with its own input: chess+) leave their float32 outputs, for the packed
+    attention kernel: in the block's accumulator (no bias to add), or their own outputs.
+    Runs the projections as `SelfAttention` does otherwise (one stacked GEMM in an XLA
+    step, one launch through the accumulator in a pallas step where it applies)."""
+    if x_Bx2xD is not None:  # one GEMM each over [q | kv]: row 0 read by q, row 1 by k|v
+        b = x_Bx2xD.shape[0]
+        q = q_proj(x_Bx2xD, accumulator=True).reshape(b, -1)
+        kv = kv_proj(x_Bx2xD, accumulator=True).reshape(b, -1)
+        return (q, 0), (kv, 2 * c.kv_dim)
+    b = xq.shape[0]
+    col = None if shared is None else shared.col
+    one = _q_kv_one_launch(module, kn, shared, xq, xkv, c, param_dtype(c), raw=True)
+    if one is None:
+        q = q_proj(xq, "q_in", shared=shared, accumulator=True).reshape(b, -1)
+        q_end = None if shared is None else shared.col
+        kv = kv_proj(xkv, "kv_in", shared=shared, accumulator=True).reshape(b, -1)
+        if shared is not None and not c.qkv_bias and col != q_end != shared.col:
+            return (shared.buf, col), (shared.buf, q_end)  # both in the accumulator
+        return (q, 0), (kv, 0)
+    return one
 
 
 def _per_head_shard(
@@ -247,16 +282,19 @@ def _per_head_shard(
 
 
 def _packed_attention(kn: Kernels, c: ModelConfig, layer_cache, rope) -> bool:
-    """Whether a decode step's attention kernel takes q|k|v straight from the fused
-    projection (`head_sparse_attention_from_qkv`: RoPE and the cache write inside): with
-    a KV cache, the GPU kernel (or its interpreter), one device, no per-head q/k norms
-    (Gemma 3) and, on a real GPU, half-heads of at least 16 under RoPE (its dots' tiles)."""
+    """Whether a decode step's attention kernel takes q, k and v straight from the
+    projections (`Kernels.packed_attention`; `head_sparse_attention_from_qkv`: RoPE and
+    the cache write inside): with a KV cache, the GPU kernel (or its interpreter), one
+    device, no per-head q/k norms (Gemma 3) and, on a real GPU, half-heads of at least 16
+    under RoPE (its dots' tiles)."""
     from jaxsparse.sharding import DATA, MODEL
     from pallas_kernels._dispatch import resolve_impl
 
     impl = resolve_impl(kn.impl, fn_name="Kernels")
     mesh = kn.mesh
-    if layer_cache is None or c.is_gemma3 or impl not in ("gpu", "gpu_interpret"):
+    if not kn.packed_attention or layer_cache is None or c.is_gemma3:
+        return False
+    if impl not in ("gpu", "gpu_interpret"):
         return False
     if mesh is not None and (mesh.shape[DATA] > 1 or mesh.shape[MODEL] > 1):
         return False
@@ -344,6 +382,21 @@ class SelfAttention(nn.Module):
             kv_proj = Linear(
                 2 * c.kv_dim, ("embed", "kv_heads"), c.qkv_bias, dt, kn, name="kv_proj"
             )
+            if heads_BxH is None and attn_kernel and _packed_attention(kn, c, layer_cache, rope):
+                # the kernel reads q and k|v where the projections left them (float32)
+                srcs = _q_kv_sources(self, kn, shared, q_proj, kv_proj, x_Bx2xD, xq, xkv, c)
+                return self._packed_attention(
+                    *srcs[0],
+                    None,
+                    positions_BxT,
+                    kv_pos_BxS,
+                    rope,
+                    layer_cache,
+                    cache_index,
+                    thresholds,
+                    shared,
+                    kv=srcs[1],
+                )
             if x_Bx2xD is not None:  # one GEMM over [q | kv] (`_stacked_q_kv_input`)
                 q = q_proj(x_Bx2xD)[:, :1]
                 kv = kv_proj(x_Bx2xD)[:, 1:]
@@ -472,11 +525,13 @@ class SelfAttention(nn.Module):
         cache_index,
         thresholds,
         shared,
+        kv=None,
     ):
         """A decode step's attention by `head_sparse_attention_from_qkv`: q|k|v read from
         columns `col` on of `src` (the fused projection's float32 output, or the block's
-        accumulator it was added into), RoPE, the cache write and the attention in one
-        kernel launch (`_packed_attention` says when)."""
+        accumulator it was added into; with `kv` = (array, col), q there and k|v apart),
+        RoPE, the cache write and the attention in one kernel launch (`_packed_attention`
+        says when)."""
         from pallas_kernels import head_sparse_attention_from_qkv
         from pallas_kernels.head_sparse_attention import threshold_per_head
 
@@ -504,6 +559,7 @@ class SelfAttention(nn.Module):
             cache_index,
             num_heads=c.num_heads,
             dtype=dt,
+            kv=kv,
             rope=cs,
             kv_len=jnp.asarray(cache_index + t, jnp.int32),
             scale=c.attention_scale,

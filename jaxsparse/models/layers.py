@@ -120,6 +120,14 @@ class Kernels:
     # at most 16 ranges (`attention_options`; the fastest of 1 to 16 at caches of 256 and 1024
     # slots on an H200). 1: one program walks every slot.
     attention_splits: int | None = None
+    # With `decode_attention`, on one device: the kernel reads the new token's q, k and v
+    # where the q/k/v projections left them (their float32 outputs, or the block's
+    # accumulator), applies RoPE and writes k/v into the cache itself
+    # (`pallas_kernels.head_sparse_attention_from_qkv`), so no slice, RoPE or
+    # cache-update kernels run around it (3 per layer); False: XLA prepares q, k and v and
+    # the kernel still writes the cache (`head_sparse_attention(new_kv=)`). Not for Deja
+    # Vu's head-sparse steps or Gemma 3 (its q/k norms).
+    packed_attention: bool = True
 
     def __post_init__(self):
         from jaxsparse.rules import TENSORS

@@ -251,7 +251,8 @@ def test_from_qkv_matches_slicing_rope_and_cache_write(kt, impl, num_splits):
     float32 array (rows past B ignored), rounded to the model's dtype, RoPE applied to q
     and k (`rope_rotate_half`), k and v written at `slot`: the caches equal those the
     model's own steps make (slice, round, rotate, dynamic_update_slice; bitwise but for
-    the rotated k), and o the reference's over them. With and without RoPE; GQA (G=3) and MHA."""
+    the rotated k), and o the reference's over them. With and without RoPE; GQA (G=3) and
+    MHA; the fused q|k|v layout and q apart from k|v (`kv=`)."""
     from pallas_kernels import head_sparse_attention_from_qkv
     from pallas_kernels.head_sparse_attention import rope_rotate_half
 
@@ -262,12 +263,16 @@ def test_from_qkv_matches_slicing_rope_and_cache_write(kt, impl, num_splits):
         G, col = H // Hkv, 24
         width = (H + 2 * Hkv) * Dh
         ks = jax.random.split(jax.random.key(31), 4)
-        src = kt.normal(ks[0], (B + 1, col + width + 8), jnp.float32)
+        src = kt.normal(ks[0], (B + 1, col + width + 32), jnp.float32)
         _, hm, kc, vc, valid, _ = make(kt, (B, H, Hkv, Dh, S), dtype, 32, 0.75)
         ang = jax.random.uniform(ks[1], (B, Dh // 2)) * 6.0
         ang = jnp.concatenate([ang, ang], axis=-1)
-        for rope, slot in (((jnp.cos(ang), jnp.sin(ang)), S // 3), (None, 0)):
+        cases = itertools.product((((jnp.cos(ang), jnp.sin(ang)), S // 3), (None, 0)), (0, 1))
+        for (rope, slot), split in cases:
             what = f"{impl} {(B, H, Hkv, Dh, S)} {jnp.dtype(dtype).name} rope={rope is not None}"
+            # fused q|k|v from `col`; or q from `col` and k|v from `kv_col` (chess+'s layout)
+            kv_col = col + H * Dh + 16
+            kv = (src, kv_col) if split else None
             o, k2, v2 = head_sparse_attention_from_qkv(
                 src,
                 col,
@@ -278,14 +283,20 @@ def test_from_qkv_matches_slicing_rope_and_cache_write(kt, impl, num_splits):
                 slot,
                 num_heads=H,
                 dtype=dtype,
+                kv=kv,
                 rope=rope,
                 kv_len=slot + 1,
                 impl=impl,
                 **blocks(impl, S),
                 **opts,
             )
-            blk = src[:B, col : col + width].astype(dtype).reshape(B, Hkv, G + 2, Dh)
-            q, k, v = blk[:, :, :G].reshape(B, H, Dh), blk[:, :, G], blk[:, :, G + 1]
+            if split:
+                q = src[:B, col : col + H * Dh].astype(dtype).reshape(B, H, Dh)
+                kvb = src[:B, kv_col : kv_col + 2 * Hkv * Dh].astype(dtype)
+                k, v = kvb.reshape(B, Hkv, 2, Dh)[:, :, 0], kvb.reshape(B, Hkv, 2, Dh)[:, :, 1]
+            else:
+                blk = src[:B, col : col + width].astype(dtype).reshape(B, Hkv, G + 2, Dh)
+                q, k, v = blk[:, :, :G].reshape(B, H, Dh), blk[:, :, G], blk[:, :, G + 1]
             if rope is not None:
                 q = rope_rotate_half(q, rope[0][:, None], rope[1][:, None])
                 k = rope_rotate_half(k, rope[0][:, None], rope[1][:, None])

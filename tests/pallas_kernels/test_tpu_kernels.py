@@ -155,14 +155,15 @@ def test_head_attention_gpu_kernel_lowers_to_triton():
 def test_head_attention_from_qkv_lowers_to_triton():
     """The packed GPU kernel (q|k|v read from a wider float32 accumulator, RoPE and the
     cache write inside) at SmolLM2's and Llama-3-8B's head shapes, with and without RoPE
-    and the slot splits, goes through the Triton lowering on a CPU."""
+    and the slot splits, fused q|k|v or q apart from k|v, goes through the Triton
+    lowering on a CPU."""
     from pallas_kernels import head_sparse_attention_from_qkv
 
-    cases = itertools.product(((9, 3, 64), (32, 8, 128)), (False, True), (1, 4))
-    for (H, Hkv, Dh), roped, splits in cases:
+    cases = itertools.product(((9, 3, 64), (32, 8, 128)), (False, True), (1, 4), (False, True))
+    for (H, Hkv, Dh), roped, splits, kv_apart in cases:
         width = (H + 2 * Hkv) * Dh
 
-        def fn(src, hm, kc, vc, ok, n, cos, sin, r=roped, p=splits):
+        def fn(src, hm, kc, vc, ok, n, cos, sin, r=roped, p=splits, h=H, d=Dh, a=kv_apart):
             return head_sparse_attention_from_qkv(
                 src,
                 128,
@@ -171,8 +172,9 @@ def test_head_attention_from_qkv_lowers_to_triton():
                 vc,
                 ok,
                 n - 1,
-                num_heads=H,
+                num_heads=h,
                 dtype=jnp.bfloat16,
+                kv=(src, 128 + h * d) if a else None,  # q apart from k|v (chess+)
                 rope=(cos, sin) if r else None,
                 kv_len=n,
                 impl="gpu",
