@@ -8,8 +8,9 @@ weight rows by DMA from a prefetched list of row indices (pallas_kernels/_row_dm
 The TPU kernels are lowered for TPU and run in the interpreter by the tests on a CPU; they
 have not been compiled by libtpu or run on a TPU.
 
-No model code here (no projections, RoPE or cache writes); `jaxsparse` imports from this
-package, never the reverse.
+No model code here (no projections or norms; the decode attention kernel applies RoPE
+and writes the KV cache, as the model would, when asked to); `jaxsparse` imports from
+this package, never the reverse.
 """
 
 from pallas_kernels._dispatch import IMPLS

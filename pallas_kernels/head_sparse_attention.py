@@ -15,9 +15,15 @@ scalar), each output entry o with `abs(o) < threshold` is zeroed, the threshold 
 to o's dtype first (`jaxsparse.rules.sparsify`'s rule): the o_proj input's threshold of a
 sparse decode step, applied where o is written instead of by a kernel of its own.
 
+With `new_kv=(k_new, v_new, slot)` the new token's k and v are written into the caches
+at `slot` first (the caches come back updated); `head_sparse_attention_from_qkv` takes
+them, and q, as the q/k/v projections left them (float32, in the models' fused layouts,
+possibly inside a wider accumulator) and applies RoPE too. On a GPU all of it happens in
+the attention's own launch: no slice, RoPE or cache-update kernels around it.
+
 Holds: `head_sparse_attention_reference` (pure jnp, float32 softmax), a GPU
-(Pallas/Triton) kernel, a TPU (Pallas/Mosaic) kernel, and the dispatcher
-`head_sparse_attention`.
+(Pallas/Triton) kernel, a TPU (Pallas/Mosaic) kernel, the dispatcher
+`head_sparse_attention`, and `head_sparse_attention_from_qkv`.
 - GPU: one program per (batch row, kv head); a program whose query heads are all
   unselected does nothing; the others walk the cache in chunks of `block_s` slots with
   an online softmax, loading only valid slots (masked loads). The kv head's query heads
@@ -32,9 +38,16 @@ Holds: `head_sparse_attention_reference` (pure jnp, float32 softmax), a GPU
   copy for them. Online softmax in VMEM scratch. It copies whole slot blocks, so invalid
   slots below `kv_len` are read (with weight 0) and must hold finite values.
 
-Leaves out (model code, in jaxsparse/models/attention.py): the q/k/v projections, RoPE,
-the cache writes and the output projection; prefill; paged caches; sliding windows
-(pass them through `kv_valid`).
+- GPU, writing the cache: the program whose slot range holds the new slot writes the new
+  row (the cache inputs are aliased to the outputs, so XLA updates them in place) and
+  every program reads the new k/v from registers in place of that slot's cache row.
+  Under RoPE each head vector is held as its two halves (rotate-half pairs column i
+  with i + Dh/2), and the scores are the sum of two dots.
+- TPU and the reference: the cache write is a dynamic_update_slice before the attention.
+
+Leaves out (model code, in jaxsparse/models/attention.py): the q/k/v projections and the
+output projection; prefill; paged caches; sliding windows (pass them through
+`kv_valid`).
 """
 
 from __future__ import annotations

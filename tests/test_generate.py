@@ -483,11 +483,13 @@ def test_default_decode_attention_gives_xla_attention_tokens(model_type):
     n = config.num_layers
     rope = 2 * n if model_type == "llama" else 0  # q's and k's per layer
     assert step_ops(plain) == ([], 2 * n, rope)
-    # q/k/v apart (the kernel writes the cache; RoPE before it), and fused (the dense
-    # decode step's layout: the kernel reads q|k|v as the projection left them)
+    # q/k/v apart (the kernel writes the cache; RoPE before it), fused (the dense decode
+    # step's layout: the kernel reads q|k|v as the projection left them), and fused with
+    # `packed_attention` off (as apart)
     for kernels, want_rope in (
         (Kernels(impl="gpu_interpret"), rope),
         (Kernels(impl="gpu_interpret", fuse_qkv=True), 0),
+        (Kernels(impl="gpu_interpret", fuse_qkv=True, packed_attention=False), rope),
     ):
         have = _decode_logits(config, params, kernels, None, prompt, 3)
         np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())

@@ -281,7 +281,7 @@ def _per_head_shard(
     )(*(args[i] for i in given))
 
 
-def _packed_attention(kn: Kernels, c: ModelConfig, layer_cache, rope) -> bool:
+def _packed_attention_applies(kn: Kernels, c: ModelConfig, layer_cache, rope) -> bool:
     """Whether a decode step's attention kernel takes q, k and v straight from the
     projections (`Kernels.packed_attention`; `head_sparse_attention_from_qkv`: RoPE and
     the cache write inside): with a KV cache, the GPU kernel (or its interpreter), one
@@ -343,7 +343,7 @@ class SelfAttention(nn.Module):
         attn_kernel = heads_BxH is not None or kn.attention_kernel(
             t, layer_cache is not None, c.head_dim
         )
-        if kn.fuse_qkv and attn_kernel and _packed_attention(kn, c, layer_cache, rope):
+        if kn.fuse_qkv and attn_kernel and _packed_attention_applies(kn, c, layer_cache, rope):
             # the kernel reads q|k|v as the projection left them and does the rest itself
             cols = shared.col if shared is not None else None
             qkv32 = Linear(
@@ -382,7 +382,11 @@ class SelfAttention(nn.Module):
             kv_proj = Linear(
                 2 * c.kv_dim, ("embed", "kv_heads"), c.qkv_bias, dt, kn, name="kv_proj"
             )
-            if heads_BxH is None and attn_kernel and _packed_attention(kn, c, layer_cache, rope):
+            if (
+                heads_BxH is None
+                and attn_kernel
+                and _packed_attention_applies(kn, c, layer_cache, rope)
+            ):
                 # the kernel reads q and k|v where the projections left them (float32)
                 srcs = _q_kv_sources(self, kn, shared, q_proj, kv_proj, x_Bx2xD, xq, xkv, c)
                 return self._packed_attention(
@@ -530,8 +534,8 @@ class SelfAttention(nn.Module):
         """A decode step's attention by `head_sparse_attention_from_qkv`: q|k|v read from
         columns `col` on of `src` (the fused projection's float32 output, or the block's
         accumulator it was added into; with `kv` = (array, col), q there and k|v apart),
-        RoPE, the cache write and the attention in one kernel launch (`_packed_attention`
-        says when)."""
+        RoPE, the cache write and the attention in one kernel launch
+        (`_packed_attention_applies` says when)."""
         from pallas_kernels import head_sparse_attention_from_qkv
         from pallas_kernels.head_sparse_attention import threshold_per_head
 

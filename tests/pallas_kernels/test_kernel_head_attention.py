@@ -222,6 +222,9 @@ def test_new_kv_written_into_the_cache_and_attended(kt, impl, num_splits):
                 **blocks(impl, S),
                 **opts,
             )
+            # the TPU interpreter's callbacks run jax ops: let them finish before the
+            # eager ops below (on 2 cores the two can deadlock in XLA's CPU thread pool)
+            jax.block_until_ready((o, k2, v2))
             want_k = kc.at[:, :, at].set(kn.astype(dtype))
             want_v = vc.at[:, :, at].set(vn.astype(dtype))
             what = f"{impl} {jnp.dtype(dtype).name} slot={slot} splits={num_splits}"
@@ -290,6 +293,7 @@ def test_from_qkv_matches_slicing_rope_and_cache_write(kt, impl, num_splits):
                 **blocks(impl, S),
                 **opts,
             )
+            jax.block_until_ready((o, k2, v2))  # see test_new_kv_written_into_the_cache...
             if split:
                 q = src[:B, col : col + H * Dh].astype(dtype).reshape(B, H, Dh)
                 kvb = src[:B, kv_col : kv_col + 2 * Hkv * Dh].astype(dtype)
