@@ -340,6 +340,8 @@ class SelfAttention(nn.Module):
                 xkv = xq
             else:
                 xkv = _sparse(self, "kv_in", h_BxTxD, thresholds)
+        # what the packed attention kernel's path needs of this step
+        step = (positions_BxT, kv_pos_BxS, rope, layer_cache, cache_index, thresholds, shared)
         attn_kernel = heads_BxH is not None or kn.attention_kernel(
             t, layer_cache is not None, c.head_dim
         )
@@ -353,18 +355,7 @@ class SelfAttention(nn.Module):
                 src, col = shared.buf, cols  # in place in the block's accumulator
             else:
                 src, col = qkv32.reshape(b, -1), 0
-            return self._packed_attention(
-                src,
-                col,
-                heads_BxH,
-                positions_BxT,
-                kv_pos_BxS,
-                rope,
-                layer_cache,
-                cache_index,
-                thresholds,
-                shared,
-            )
+            return self._packed_attention((src, col), None, heads_BxH, step)
         if kn.fuse_qkv:  # q and k/v read the same input here (see Kernels.fuse_qkv)
             qkv = Linear(
                 c.q_dim + 2 * c.kv_dim, ("embed", "qkv_heads"), c.qkv_bias, dt, kn, name="qkv_proj"
@@ -389,18 +380,7 @@ class SelfAttention(nn.Module):
             ):
                 # the kernel reads q and k|v where the projections left them (float32)
                 srcs = _q_kv_sources(self, kn, shared, q_proj, kv_proj, x_Bx2xD, xq, xkv, c)
-                return self._packed_attention(
-                    *srcs[0],
-                    None,
-                    positions_BxT,
-                    kv_pos_BxS,
-                    rope,
-                    layer_cache,
-                    cache_index,
-                    thresholds,
-                    shared,
-                    kv=srcs[1],
-                )
+                return self._packed_attention(*srcs, None, step)
             if x_Bx2xD is not None:  # one GEMM over [q | kv] (`_stacked_q_kv_input`)
                 q = q_proj(x_Bx2xD)[:, :1]
                 kv = kv_proj(x_Bx2xD)[:, 1:]
@@ -517,25 +497,14 @@ class SelfAttention(nn.Module):
             out_BxTxHD, "o_in", shared=shared, threshold=o_t
         )
 
-    def _packed_attention(
-        self,
-        src,
-        col,
-        heads_BxH,
-        positions_BxT,
-        kv_pos_BxS,
-        rope,
-        layer_cache,
-        cache_index,
-        thresholds,
-        shared,
-        kv=None,
-    ):
+    def _packed_attention(self, qkv, kv, heads_BxH, step):
         """A decode step's attention by `head_sparse_attention_from_qkv`: q|k|v read from
-        columns `col` on of `src` (the fused projection's float32 output, or the block's
-        accumulator it was added into; with `kv` = (array, col), q there and k|v apart),
-        RoPE, the cache write and the attention in one kernel launch
-        (`_packed_attention_applies` says when)."""
+        `qkv` = (array, first column) (the fused projection's float32 output, or the
+        block's accumulator it was added into; with `kv` = (array, column), q there and
+        k|v apart), RoPE, the cache write and the attention in one kernel launch
+        (`_packed_attention_applies` says when). `step`: the call's positions, cache slot
+        positions, RoPE tables, layer cache, cache index, thresholds and accumulators."""
+        positions_BxT, kv_pos_BxS, rope, layer_cache, cache_index, thresholds, shared = step
         from pallas_kernels import head_sparse_attention_from_qkv
         from pallas_kernels.head_sparse_attention import threshold_per_head
 
@@ -554,8 +523,7 @@ class SelfAttention(nn.Module):
             cos, sin = rope[self.layer_type] if isinstance(rope, dict) else rope
             cs = (cos[:, 0].astype(jnp.float32), sin[:, 0].astype(jnp.float32))
         o_BxHxD, k, v = head_sparse_attention_from_qkv(
-            src,
-            col,
+            *qkv,
             heads_BxH,
             layer_cache["k"],
             layer_cache["v"],
