@@ -97,6 +97,25 @@ def _dims(q, head_mask, k_cache, v_cache, kv_valid) -> tuple[int, int, int, int,
     return B, H, Hkv, S, Dh
 
 
+def _checked(q, head_mask, k_cache, v_cache, kv_valid, kv_len, scale, threshold):
+    """What both entry points check and derive from their arguments (q may be a
+    ShapeDtypeStruct): (the scale as a float, kv_len as `_kv_len` clips it, the threshold
+    as [H, Dh] float32 or None)."""
+    _B, H, _Hkv, S, Dh = _dims(q, head_mask, k_cache, v_cache, kv_valid)
+    scale = float(Dh**-0.5 if scale is None else scale)
+    t = None if threshold is None else threshold_per_head(threshold, H, Dh)
+    return scale, _kv_len(kv_len, S), t
+
+
+def _slot(slot: Any, S: int, name: str) -> jax.Array:
+    """The new token's cache slot as int32 [1], clamped to [0, S - 1] as
+    `jax.lax.dynamic_update_slice` clamps its start."""
+    slot = jnp.asarray(slot, jnp.int32)
+    if slot.ndim:
+        raise ValueError(f"{_NAME}: {name} must be a scalar, got shape {slot.shape}.")
+    return jnp.clip(slot, 0, S - 1).reshape(1)
+
+
 def _kv_len(kv_len: Any, S: int) -> jax.Array:
     """Slots scanned, as int32 in [1, S] (slot 0 is always scanned)."""
     n = jnp.asarray(S if kv_len is None else kv_len, jnp.int32)
@@ -733,7 +752,8 @@ def head_sparse_attention(
     Args:
       q_BxHxDh: the new token's queries (RoPE applied); unselected heads' rows are ignored.
       head_mask_BxH: nonzero where a query head is selected (bool/int/float).
-      k_cache_BxKxSxDh, v_cache_BxKxSxDh: the caches, the new token's k/v already written.
+      k_cache_BxKxSxDh, v_cache_BxKxSxDh: the caches, the new token's k/v already written
+        (unless `new_kv` brings them).
       kv_valid_BxS: nonzero where the token may attend the slot (causal, not padding).
       kv_len: int scalar (may be traced): slots >= kv_len are neither read nor attended
         (default S).
@@ -757,12 +777,16 @@ def head_sparse_attention(
       with `new_kv`, the tuple (o, k_cache, v_cache) with the new token written.
     """
     which = dsp.resolve_impl(impl, fn_name=_NAME)
-    _B, _H, _Hkv, S, Dh = _dims(
-        q_BxHxDh, head_mask_BxH, k_cache_BxKxSxDh, v_cache_BxKxSxDh, kv_valid_BxS
+    scale, n, t = _checked(
+        q_BxHxDh,
+        head_mask_BxH,
+        k_cache_BxKxSxDh,
+        v_cache_BxKxSxDh,
+        kv_valid_BxS,
+        kv_len,
+        scale,
+        threshold,
     )
-    scale = float(Dh**-0.5 if scale is None else scale)
-    n = _kv_len(kv_len, S)
-    t = None if threshold is None else threshold_per_head(threshold, _H, Dh)
     new = None if new_kv is None else _new_kv_args(new_kv, k_cache_BxKxSxDh, v_cache_BxKxSxDh)
     if which in ("gpu", "gpu_interpret"):
         extra = {} if block_s is None else {"block_s": block_s}
@@ -811,14 +835,7 @@ def _new_kv_args(new_kv: Any, k_cache: jax.Array, v_cache: jax.Array) -> tuple:
     for name, x in (("new_kv k_new", k_new), ("new_kv v_new", v_new)):
         dsp.check_ndim(_NAME, name, x, 3, "[B, Hkv, Dh]")
         dsp.check_dim(_NAME, f"{name}.shape", tuple(x.shape), (B, Hkv, Dh))
-    slot = jnp.asarray(slot, jnp.int32)
-    if slot.ndim:
-        raise ValueError(f"{_NAME}: new_kv's slot must be a scalar, got shape {slot.shape}.")
-    return (
-        k_new.astype(k_cache.dtype),
-        v_new.astype(v_cache.dtype),
-        jnp.clip(slot, 0, S - 1).reshape(1),
-    )
+    return k_new.astype(k_cache.dtype), v_new.astype(v_cache.dtype), _slot(slot, S, "new_kv's slot")
 
 
 def rope_rotate_half(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -942,13 +959,16 @@ def head_sparse_attention_from_qkv(
             new_kv=(k, v, slot),
             **kernel_options,
         )
-    q_shape = jax.ShapeDtypeStruct((B, H, Dh), dtype)
-    _dims(q_shape, head_mask_BxH, k_cache_BxKxSxDh, v_cache_BxKxSxDh, kv_valid_BxS)
-    scale = float(Dh**-0.5 if scale is None else scale)
-    t = None if threshold is None else threshold_per_head(threshold, H, Dh)
-    slot = jnp.asarray(slot, jnp.int32)
-    if slot.ndim:
-        raise ValueError(f"{_NAME}: slot must be a scalar, got shape {slot.shape}.")
+    scale, n, t = _checked(
+        jax.ShapeDtypeStruct((B, H, Dh), dtype),
+        head_mask_BxH,
+        k_cache_BxKxSxDh,
+        v_cache_BxKxSxDh,
+        kv_valid_BxS,
+        kv_len,
+        scale,
+        threshold,
+    )
     extra = {} if block_s is None else {"block_s": block_s}
     return _head_sparse_attention_gpu(
         qkv_BxW,
@@ -956,11 +976,11 @@ def head_sparse_attention_from_qkv(
         k_cache_BxKxSxDh,
         v_cache_BxKxSxDh,
         kv_valid_BxS,
-        _kv_len(kv_len, S),
+        n,
         t,
         None,
         rope,
-        jnp.clip(slot, 0, S - 1).reshape(1),
+        _slot(slot, S, "slot"),
         qkv_BxW if kv is None else kv[0],
         scale=scale,
         interpret=which == "gpu_interpret",

@@ -412,18 +412,14 @@ class SelfAttention(nn.Module):
             q_BxTxHxD = RMSNorm(c.norm_eps, dt, True, name="q_norm")(q_BxTxHxD)
             k_BxTxKxD = RMSNorm(c.norm_eps, dt, True, name="k_norm")(k_BxTxKxD)
         if rope is not None:
-            cos, sin = rope[self.layer_type] if isinstance(rope, dict) else rope
+            cos, sin = self._rope_tables(rope)
             q_BxTxHxD = apply_rope(q_BxTxHxD, cos, sin)
             k_BxTxKxD = apply_rope(k_BxTxKxD, cos, sin)
         k_BxKxTxD = k_BxTxKxD.transpose(0, 2, 1, 3)
         v_BxKxTxD = v_BxTxKxD.transpose(0, 2, 1, 3)
-        mask = attention_mask(positions_BxT, kv_pos_BxS, c.attention_window(self.layer_type))
-        o_t = _kernel_threshold(kn, "o_in", jax.ShapeDtypeStruct((b, t, c.q_dim), dt), thresholds)
-        attn_heads_BxH, attn_t = heads_BxH, None
-        if attn_heads_BxH is None and kn.attention_kernel(t, layer_cache is not None, c.head_dim):
-            attn_heads_BxH = jnp.ones((b, c.num_heads), jnp.int32)  # every head: one kernel
-            if o_t is None and not self.is_mutable_collection("taps"):
-                attn_t = _plain_threshold("o_in", c.q_dim, thresholds)
+        mask, o_t, attn_heads_BxH, attn_t = self._attention_plan(
+            heads_BxH, attn_kernel, positions_BxT, kv_pos_BxS, thresholds
+        )
         # The attention kernel writes the new token's k/v into the cache itself (no
         # update kernels of their own); XLA's attention reads the updated cache.
         new_cache = None
@@ -479,6 +475,27 @@ class SelfAttention(nn.Module):
             out_BxTxHD = attend(q_BxTxHxD, k_BxKxSxD, v_BxKxSxD, mask, c.attention_scale)
         return self._output(out_BxTxHD, attn_t, o_t, thresholds, shared), new_cache
 
+    def _rope_tables(self, rope):
+        """This layer's RoPE (cos, sin): `rope` itself, or its entry for the layer type."""
+        return rope[self.layer_type] if isinstance(rope, dict) else rope
+
+    def _attention_plan(self, heads_BxH, kernel: bool, positions_BxT, kv_pos_BxS, thresholds):
+        """The attention mask [B, T, S]; o_proj's kernel threshold (`_kernel_threshold`);
+        the heads the attention kernel runs (Deja Vu's `heads_BxH`, or every head where
+        `kernel`; None: XLA's attention); and the `o_in` threshold that kernel applies to
+        its output (where neither o_proj's kernel nor the taps take it)."""
+        c, kn = self.config, self.kernels
+        b, t = positions_BxT.shape
+        mask = attention_mask(positions_BxT, kv_pos_BxS, c.attention_window(self.layer_type))
+        shape = jax.ShapeDtypeStruct((b, t, c.q_dim), param_dtype(c))
+        o_t = _kernel_threshold(kn, "o_in", shape, thresholds)
+        attn_t = None
+        if heads_BxH is None and kernel:
+            heads_BxH = jnp.ones((b, c.num_heads), jnp.int32)  # every head: one kernel
+            if o_t is None and not self.is_mutable_collection("taps"):
+                attn_t = _plain_threshold("o_in", c.q_dim, thresholds)
+        return mask, o_t, heads_BxH, attn_t
+
     def _output(self, out_BxTxHD, attn_t, o_t, thresholds, shared):
         """o_proj of the heads' outputs, with the `o_in` point: applied by the attention
         kernel (`attn_t`), by o_proj's kernel (`o_t`), or here."""
@@ -509,19 +526,13 @@ class SelfAttention(nn.Module):
         from pallas_kernels.head_sparse_attention import threshold_per_head
 
         c, kn = self.config, self.kernels
-        dt = param_dtype(c)
         b, t = positions_BxT.shape
-        mask = attention_mask(positions_BxT, kv_pos_BxS, c.attention_window(self.layer_type))
-        o_t = _kernel_threshold(kn, "o_in", jax.ShapeDtypeStruct((b, t, c.q_dim), dt), thresholds)
-        attn_t = None
-        if heads_BxH is None:
-            heads_BxH = jnp.ones((b, c.num_heads), jnp.int32)  # every head: one kernel
-            if o_t is None and not self.is_mutable_collection("taps"):
-                attn_t = _plain_threshold("o_in", c.q_dim, thresholds)
+        mask, o_t, heads_BxH, attn_t = self._attention_plan(
+            heads_BxH, True, positions_BxT, kv_pos_BxS, thresholds
+        )
         cs = None
         if rope is not None:
-            cos, sin = rope[self.layer_type] if isinstance(rope, dict) else rope
-            cs = (cos[:, 0].astype(jnp.float32), sin[:, 0].astype(jnp.float32))
+            cs = tuple(x[:, 0].astype(jnp.float32) for x in self._rope_tables(rope))
         o_BxHxD, k, v = head_sparse_attention_from_qkv(
             *qkv,
             heads_BxH,
@@ -530,7 +541,7 @@ class SelfAttention(nn.Module):
             mask[:, 0],
             cache_index,
             num_heads=c.num_heads,
-            dtype=dt,
+            dtype=param_dtype(c),
             kv=kv,
             rope=cs,
             kv_len=jnp.asarray(cache_index + t, jnp.int32),
