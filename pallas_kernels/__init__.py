@@ -8,9 +8,11 @@ weight rows by DMA from a prefetched list of row indices (pallas_kernels/_row_dm
 The TPU kernels are lowered for TPU and run in the interpreter by the tests on a CPU; they
 have not been compiled by libtpu or run on a TPU.
 
-No model code here (no projections or norms; the decode attention kernel applies RoPE
-and writes the KV cache, as the model would, when asked to); `jaxsparse` imports from
-this package, never the reverse.
+No model code here (no projections; the decode attention kernel applies RoPE and writes
+the KV cache, and `residual_rms_norm` does a decode block's residual add, RMSNorm and
+input thresholds, as the model would, when asked to); `jaxsparse` imports from this
+package, never the reverse. `residual_rms_norm` has a GPU kernel only: on a TPU (and with
+`impl="tpu"`) it runs its jnp reference, which XLA fuses.
 """
 
 from pallas_kernels._dispatch import IMPLS
@@ -21,6 +23,7 @@ from pallas_kernels.head_sparse_attention import (
     head_sparse_attention_from_qkv,
     head_sparse_attention_reference,
 )
+from pallas_kernels.rms_norm import RmsNormOut, residual_rms_norm, residual_rms_norm_reference
 from pallas_kernels.sparse_matvec import (
     accumulator_shape,
     sparse_input_matvec,
@@ -31,6 +34,7 @@ from pallas_kernels.sparse_matvec import (
 
 __all__ = [
     "IMPLS",
+    "RmsNormOut",
     "accumulator_shape",
     "gated_matvec",
     "gated_matvec_reference",
@@ -38,6 +42,8 @@ __all__ = [
     "head_sparse_attention",
     "head_sparse_attention_from_qkv",
     "head_sparse_attention_reference",
+    "residual_rms_norm",
+    "residual_rms_norm_reference",
     "sparse_input_matvec",
     "sparse_input_matvec_into",
     "sparse_input_matvec_reference",

@@ -566,6 +566,70 @@ def test_packed_attention_reads_qkv_where_the_projections_left_them(method, mode
         assert all(len(s) == 2 and s[1] > qkv for s in firsts), firsts
 
 
+@pytest.mark.slow  # 20-40 s each on 2 cores: every kernel runs in interpret mode
+@pytest.mark.parametrize("method", ["teal", "chess+", "chess"])
+def test_fused_norms_give_xla_logits_with_no_norm_outside_kernels(method):
+    """A pallas decode step with `Kernels.fused_norms` (the default): each block's two
+    norms run as `residual_rms_norm` launches that also do the residual adds (reading
+    o_proj's and down_proj's outputs in the block's accumulator) and the thresholds. It
+    gives XLA's logits and tokens, and the unfused step's zero counts; its jaxpr has two
+    norm kernels per block and no norm (rsqrt) or accumulator zero-fill outside kernels
+    but the final norm's."""
+    import dataclasses
+
+    from jaxsparse.models import init_cache, prepare_params
+    from jaxsparse.registry import kernels_for_method
+
+    config = tiny(hidden_size=128, intermediate_size=256, head_dim=16, num_heads=4)
+    params = jax.tree.map(lambda x: x * 4, init_params(config, seed=5))
+    thresholds = random_thresholds(config, jax.random.key(6), scale=0.3)
+    if method == "teal":  # q and k/v on one threshold: one fused q|k|v projection
+        thresholds = {k: {**v, "kv_in": v["q_in"]} for k, v in thresholds.items()}
+    fused = dataclasses.replace(
+        kernels_for_method(method, "pallas", "gpu_interpret", thresholds=thresholds),
+        impl="gpu_interpret",
+    )
+    assert fused.fused_norms
+    plain = dataclasses.replace(fused, fused_norms=False)
+    prompt = jnp.asarray([[5, 6, 7, 8], [9, 10, 11, 12]])
+    want = _decode_logits(config, params, Kernels(), thresholds, prompt, 3)
+    have = _decode_logits(config, params, fused, thresholds, prompt, 3)
+    np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    runs = [
+        Generator(config, params, kernels=kn).generate_ids(
+            prompts, max_new_tokens=5, thresholds=thresholds, stop_at_eos=False
+        )
+        for kn in (Kernels(), plain, fused)
+    ]
+    assert runs[2].tokens == runs[0].tokens
+    assert runs[2].measured_sparsity == pytest.approx(runs[1].measured_sparsity)
+
+    tok, pos = jnp.ones((2, 1), jnp.int32), jnp.full((2, 1), 3)
+    n = config.num_layers
+
+    def step(kn):
+        model, p = build_model(config, kn), prepare_params(params, config, kn)
+        jaxpr = jax.make_jaxpr(
+            lambda p, th: model.apply({"params": p}, tok, pos, init_cache(config, 2, 64), 3, th)
+        )(p, thresholds).jaxpr
+        ops = ops_outside_kernels(jaxpr)
+        rsqrt = sum(name == "rsqrt" for name, _ in ops)
+        # the block accumulators' fill (`layers._zeros`): float32, whole column blocks
+        fills = sum(
+            name == "broadcast_in_dim" and len(shape) == 2 and shape[1] % 512 == 0
+            for name, shape in ops
+        )
+        calls = pallas_calls(jaxpr)
+        return calls.count("residual_rms_norm"), rsqrt, fills, len(calls)
+
+    norms, rsqrt, fills, launches = step(fused)
+    assert (norms, rsqrt, fills) == (2 * n, 1, 0)
+    norms0, rsqrt0, fills0, launches0 = step(plain)
+    assert (norms0, rsqrt0) == (0, 2 * n + 1) and fills0 >= n
+    assert launches == launches0 + 2 * n
+
+
 def test_decode_attention_is_the_gpu_default_with_slot_ranges_by_cache_length():
     """The attention kernel runs by default in a GPU decode step (or its interpreter),
     with one 64-slot range per program up to 16 ranges; XLA's attention elsewhere: the

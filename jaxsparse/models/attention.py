@@ -53,6 +53,12 @@ def _count_zeros(module: nn.Module, name: str, x: jax.Array, fused: bool = False
     return x
 
 
+# The key of a layer's sparsity dict under which a pallas decode block passes the inputs
+# its fused norm kernel already thresholded (point name -> array; `Kernels.fused_norms`,
+# jaxsparse/models/llama.py); `_sparse` takes them as they are.
+APPLIED = "applied"
+
+
 def _sparse(
     module: nn.Module,
     name: str,
@@ -61,11 +67,14 @@ def _sparse(
     fused: bool = False,
     count: bool | None = None,
 ) -> jax.Array:
-    """Applies the threshold of sparsification point `name` and records what it zeroed.
-    Its zeros are counted (`_count_zeros`, `fused` there) if `count`; by default where
+    """Applies the threshold of sparsification point `name` and records what it zeroed
+    (`thresholds[APPLIED][name]`, where given, is `x` already thresholded). Its zeros are counted (`_count_zeros`, `fused` there) if `count`; by default where
     the point is sparsified."""
     module.sow("taps", name, x)
-    if thresholds is not None and name in thresholds:
+    applied = None if thresholds is None else thresholds.get(APPLIED)
+    if applied is not None and name in applied:  # thresholded by the norm's kernel
+        x = applied[name]
+    elif thresholds is not None and name in thresholds:
         if "relax_tau" in thresholds:  # learning: hard forward, sigmoid gradient
             x = rules.relaxed_sparsify(x, thresholds[name], thresholds["relax_tau"])
         else:
@@ -139,8 +148,9 @@ def _stacked_q_kv_input(module, kn: Kernels, h, thresholds: dict | None, t: int)
     concatenating it with k/v's was two more kernels per layer (a select the norm could
     not take, its output having two consumers, and the concatenate). Statistics and zero
     counts are recorded as `_sparse` records them. The caller leaves out Deja Vu's
-    head-sparse step (`_decode_heads`)."""
-    if thresholds is None or t != 1 or not kn.fuse_kv or kn.fuse_qkv:
+    head-sparse step (`_decode_heads`); a fused norm's thresholded inputs (`APPLIED`)
+    are taken as they are instead."""
+    if thresholds is None or t != 1 or not kn.fuse_kv or kn.fuse_qkv or APPLIED in thresholds:
         return None
     if kn.use("q_in", h) or kn.use("kv_in", h):
         return None
@@ -223,6 +233,19 @@ def _q_kv_sources(module, kn: Kernels, shared, q_proj, kv_proj, x_Bx2xD, xq, xkv
             return (shared.buf, col), (shared.buf, q_end)  # both in the accumulator
         return (q, 0), (kv, 0)
     return one
+
+
+def raw_output(linear: Linear, x, point: str, shared, raw: bool, **kw):
+    """`linear(x, point, shared=shared, **kw)`; with `raw`, as (float32 array [B', W],
+    first column): the block's accumulator where the product went into it (and no bias is
+    added after), else the float32 output [B, N] and 0."""
+    if not raw:
+        return linear(x, point, shared=shared, **kw)
+    col = None if shared is None else shared.col
+    y = linear(x, point, shared=shared, accumulator=True, **kw)
+    if shared is not None and shared.col != col and not linear.use_bias:
+        return shared.buf, col
+    return y.reshape(y.shape[0], -1).astype(jnp.float32), 0
 
 
 def _per_head_shard(
@@ -320,8 +343,11 @@ class SelfAttention(nn.Module):
         cache_index,
         thresholds,
         shared: SharedAccumulator | None = None,
+        raw: bool = False,
     ):
-        """`shared`: the block's `SharedAccumulator` (pallas decode on GPU), else None."""
+        """`shared`: the block's `SharedAccumulator` (pallas decode on GPU), else None.
+        `raw`: return o_proj's output as (float32 array [B', W], first column), where its
+        kernel left it (`Kernels.fused_norms`), instead of [B, T, D] in the model's dtype."""
         c = self.config
         dt = param_dtype(c)
         b, t, _ = h_BxTxD.shape
@@ -341,7 +367,7 @@ class SelfAttention(nn.Module):
             else:
                 xkv = _sparse(self, "kv_in", h_BxTxD, thresholds)
         # what the packed attention kernel's path needs of this step
-        step = (positions_BxT, kv_pos_BxS, rope, layer_cache, cache_index, thresholds, shared)
+        step = (positions_BxT, kv_pos_BxS, rope, layer_cache, cache_index, thresholds, shared, raw)
         attn_kernel = heads_BxH is not None or kn.attention_kernel(
             t, layer_cache is not None, c.head_dim
         )
@@ -473,7 +499,7 @@ class SelfAttention(nn.Module):
             out_BxTxHD = o_BxHxD.reshape(b, t, c.q_dim).astype(q_BxTxHxD.dtype)
         else:
             out_BxTxHD = attend(q_BxTxHxD, k_BxKxSxD, v_BxKxSxD, mask, c.attention_scale)
-        return self._output(out_BxTxHD, attn_t, o_t, thresholds, shared), new_cache
+        return self._output(out_BxTxHD, attn_t, o_t, thresholds, shared, raw), new_cache
 
     def _rope_tables(self, rope):
         """This layer's RoPE (cos, sin): `rope` itself, or its entry for the layer type."""
@@ -496,9 +522,10 @@ class SelfAttention(nn.Module):
                 attn_t = _plain_threshold("o_in", c.q_dim, thresholds)
         return mask, o_t, heads_BxH, attn_t
 
-    def _output(self, out_BxTxHD, attn_t, o_t, thresholds, shared):
+    def _output(self, out_BxTxHD, attn_t, o_t, thresholds, shared, raw=False):
         """o_proj of the heads' outputs, with the `o_in` point: applied by the attention
-        kernel (`attn_t`), by o_proj's kernel (`o_t`), or here."""
+        kernel (`attn_t`), by o_proj's kernel (`o_t`), or here. `raw`: as (float32 array,
+        first column) (`__call__`)."""
         c, kn = self.config, self.kernels
         b, t = out_BxTxHD.shape[:2]
         self.sow("taps", "head_out", out_BxTxHD.reshape(b, t, c.num_heads, c.head_dim))
@@ -510,9 +537,8 @@ class SelfAttention(nn.Module):
             kept = lambda: rules.sparsify(out_BxTxHD, o_t)
             _read_as(self, "o_in", out_BxTxHD, kept, sparsified=True)
         dt = param_dtype(c)
-        return Linear(c.hidden_size, ("q_heads", "embed"), c.o_bias, dt, kn, name="o_proj")(
-            out_BxTxHD, "o_in", shared=shared, threshold=o_t
-        )
+        o_proj = Linear(c.hidden_size, ("q_heads", "embed"), c.o_bias, dt, kn, name="o_proj")
+        return raw_output(o_proj, out_BxTxHD, "o_in", shared, raw, threshold=o_t)
 
     def _packed_attention(self, qkv, kv, heads_BxH, step):
         """A decode step's attention by `head_sparse_attention_from_qkv`: q|k|v read from
@@ -521,7 +547,7 @@ class SelfAttention(nn.Module):
         k|v apart), RoPE, the cache write and the attention in one kernel launch
         (`_packed_attention_applies` says when). `step`: the call's positions, cache slot
         positions, RoPE tables, layer cache, cache index, thresholds and accumulators."""
-        positions_BxT, kv_pos_BxS, rope, layer_cache, cache_index, thresholds, shared = step
+        positions_BxT, kv_pos_BxS, rope, layer_cache, cache_index, thresholds, shared, raw = step
         from pallas_kernels import head_sparse_attention_from_qkv
         from pallas_kernels.head_sparse_attention import threshold_per_head
 
@@ -553,4 +579,5 @@ class SelfAttention(nn.Module):
             **kn.attention_options(layer_cache["k"].shape[2]),
         )
         out_BxTxHD = o_BxHxD.reshape(b, t, c.q_dim)
-        return self._output(out_BxTxHD, attn_t, o_t, thresholds, shared), {"k": k, "v": v}
+        out = self._output(out_BxTxHD, attn_t, o_t, thresholds, shared, raw)
+        return out, {"k": k, "v": v}

@@ -19,6 +19,7 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -128,6 +129,13 @@ class Kernels:
     # the kernel still writes the cache (`head_sparse_attention(new_kv=)`). Not for Deja
     # Vu's head-sparse steps or Gemma 3 (its q/k norms).
     packed_attention: bool = True
+    # In a pallas decode step on one GPU (or its interpreter), Llama-style blocks (not
+    # Gemma 3): each RMSNorm with the residual add before it and the thresholds of the
+    # projections after it, plus the zero-fill of the block's accumulators at its first
+    # norm, in one kernel launch (`pallas_kernels.residual_rms_norm`); the residual add
+    # reads the o_proj/down_proj output where their kernel left it. False: XLA's
+    # fusions (two to three small kernels per norm at batch 1).
+    fused_norms: bool = True
 
     def __post_init__(self):
         from jaxsparse.rules import TENSORS
@@ -381,6 +389,28 @@ class BlockAccumulators:
     ffn: SharedAccumulator | None
     down: SharedAccumulator | None
 
+    def parts(self) -> list[SharedAccumulator]:
+        """The distinct accumulators, in field order."""
+        out: list[SharedAccumulator] = []
+        for p in (self.attn, self.gate, self.ffn, self.down):
+            if p is not None and all(p is not q for q in out):
+                out.append(p)
+        return out
+
+    def zero_shapes(self, b: int) -> tuple[tuple[int, int], ...]:
+        """The (rows, columns) of each of `parts()` for a batch of `b` rows: what
+        `provide` takes, zeroed (by `pallas_kernels.residual_rms_norm`)."""
+        from pallas_kernels import accumulator_shape
+
+        rows = accumulator_shape(b, 1)[0]
+        return tuple((rows, p.width) for p in self.parts())
+
+    def provide(self, zeros: tuple[jax.Array, ...]) -> None:
+        """Hands each of `parts()` its zeroed buffer, made elsewhere (shapes:
+        `zero_shapes`), in place of the fill the first product would make."""
+        for part, buf in zip(self.parts(), zeros, strict=True):
+            part.buf = buf
+
 
 class Linear(nn.Module):
     """`y = x @ kernel (+ bias)`, kernel `[in, out]` (or `[out, in]` with `rows=True`).
@@ -534,7 +564,12 @@ class RMSNorm(nn.Module):
     unit_offset: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x, fused: dict | None = None):
+        """The norm of `x` [..., D]. `fused` (a pallas decode step: `Kernels.fused_norms`):
+        the keyword arguments `thresholds`, `normed`, `zeros` and `impl` of
+        `pallas_kernels.residual_rms_norm`, which then runs on `x` (an array [B, 1, D], or
+        a `PendingResidual` whose add it does) and whose `RmsNormOut` is returned, its
+        [B, D] outputs as [B, 1, D]."""
         init = nn.initializers.zeros if self.unit_offset else nn.initializers.ones
         scale = self.param(
             "scale",
@@ -542,11 +577,76 @@ class RMSNorm(nn.Module):
             (x.shape[-1],),
             self.dtype,
         )
+        if fused is not None:
+            if self.unit_offset:
+                raise ValueError("RMSNorm(unit_offset=True) (Gemma) has no fused kernel")
+            return _fused_rms_norm(x, scale, self.eps, **fused)
+        x = value_of(x)
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         if self.unit_offset:  # HF Gemma: (hidden * (1 + weight)).to(input_dtype)
             return (x32 * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
         return scale * x32.astype(self.dtype)  # HF: weight * hidden.to(input_dtype)
+
+
+def _fused_rms_norm(x, scale, eps: float, *, thresholds, normed, zeros, impl):
+    """`RMSNorm`'s `fused` path (see there)."""
+    from pallas_kernels import residual_rms_norm
+
+    base, delta, col = (x.x, x.delta, x.col) if isinstance(x, PendingResidual) else (x, None, 0)
+    b, t, d = base.shape
+    if t != 1:
+        raise ValueError(f"RMSNorm(fused=...) takes one token per row, got input {base.shape}")
+    out = residual_rms_norm(
+        base.reshape(b, d),
+        scale,
+        eps=eps,
+        delta=delta,
+        delta_col=col,
+        thresholds=thresholds,
+        normed=normed,
+        zeros=zeros,
+        impl=impl,
+    )
+    row = lambda a: None if a is None else a.reshape(b, 1, d)
+    return out._replace(
+        residual=row(out.residual), normed=row(out.normed), kept=tuple(map(row, out.kept))
+    )
+
+
+@flax.struct.dataclass
+class PendingResidual:
+    """The residual stream `x + delta[:B, col:col + D]` (delta rounded to x's dtype first)
+    with the add not yet done: a block's output in a pallas decode step whose next norm
+    does the add in its own kernel (`Kernels.fused_norms`), reading the down_proj output
+    (`delta`, float32 [B' >= B, W]) where its kernel left it. `value()` does the add in
+    XLA, for any other consumer. `x` is [B, 1, D]; `col` is static."""
+
+    x: jax.Array
+    delta: jax.Array
+    col: int = flax.struct.field(pytree_node=False)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.x.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.x.ndim
+
+    @property
+    def dtype(self):
+        return self.x.dtype
+
+    def value(self) -> jax.Array:
+        b, d = self.x.shape[0], self.x.shape[-1]
+        add = self.delta[:b, self.col : self.col + d].astype(self.x.dtype)
+        return self.x + add.reshape(self.x.shape)
+
+
+def value_of(x):
+    """`x`, or the value of a `PendingResidual`."""
+    return x.value() if isinstance(x, PendingResidual) else x
 
 
 class LayerNorm(nn.Module):

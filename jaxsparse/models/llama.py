@@ -20,17 +20,26 @@ import jax.numpy as jnp
 
 from jaxsparse import rules
 from jaxsparse.config import FULL, ModelConfig
-from jaxsparse.models.attention import SelfAttention, _sparse, _sparsified
+from jaxsparse.models.attention import (
+    APPLIED,
+    SelfAttention,
+    _plain_threshold,
+    _sparse,
+    _sparsified,
+    raw_output,
+)
 from jaxsparse.models.layers import (
     XLA,
     BlockAccumulators,
     Embed,
     Kernels,
     Linear,
+    PendingResidual,
     RMSNorm,
     SharedAccumulator,
     param_dtype,
     rope_cos_sin,
+    value_of,
 )
 from pallas_kernels.gated_matvec import ACTIVATIONS  # one table for the model and the kernel
 
@@ -42,8 +51,10 @@ class SwiGLU(nn.Module):
     kernels: Kernels = XLA
 
     @nn.compact
-    def __call__(self, h_BxTxD, thresholds, acc: BlockAccumulators | None = None):
-        """`acc`: the block's accumulators (pallas decode on GPU), else None."""
+    def __call__(self, h_BxTxD, thresholds, acc: BlockAccumulators | None = None, raw=False):
+        """`acc`: the block's accumulators (pallas decode on GPU), else None. `raw`: the
+        output as (float32 array, first column), where down_proj's kernel left it
+        (`attention.raw_output`)."""
         c = self.config
         shared = None if acc is None else acc.ffn
         down = None if acc is None else acc.down
@@ -96,9 +107,8 @@ class SwiGLU(nn.Module):
         # a sparse gate's zeros are down_in's too (rows of down_proj the kernel skips)
         count = _sparsified("down_in", thresholds) or _sparsified("gate", thresholds)
         a = _sparse(self, "down_in", a, thresholds, count=count)
-        return Linear(c.hidden_size, ("mlp", "embed"), c.mlp_bias, dt, kn, name="down_proj")(
-            a, "down_in", shared=down
-        )
+        down_proj = Linear(c.hidden_size, ("mlp", "embed"), c.mlp_bias, dt, kn, name="down_proj")
+        return raw_output(down_proj, a, "down_in", down, raw)
 
 
 def _kernel_gate_rule(c: ModelConfig, kn: Kernels, x, thresholds):
@@ -131,6 +141,10 @@ class LlamaBlock(nn.Module):
         c = self.config
         dt = param_dtype(c)
         gemma = c.is_gemma3
+        step = (positions_BxT, kv_pos_BxS, rope, layer_cache, cache_index)
+        if self._fuses_norms(x_BxTxD, thresholds):
+            return self._fused_norms_call(x_BxTxD, step, thresholds)
+        x_BxTxD = value_of(x_BxTxD)
         self.sow("taps", "block_in", x_BxTxD)
         h = RMSNorm(c.norm_eps, dt, gemma, name="input_layernorm")(x_BxTxD)
         acc = SharedAccumulator.for_block(c, self.kernels, h)  # None unless pallas on GPU
@@ -149,6 +163,82 @@ class LlamaBlock(nn.Module):
         h = RMSNorm(c.norm_eps, dt, name="post_attention_layernorm")(x_BxTxD)
         x_BxTxD = x_BxTxD + SwiGLU(c, self.kernels, name="mlp")(h, thresholds, acc)
         return x_BxTxD, new_cache
+
+    def _fuses_norms(self, x, thresholds) -> bool:
+        """Whether this block runs its norms through `residual_rms_norm`
+        (`Kernels.fused_norms`): a pallas decode step on one GPU (or its interpreter),
+        not Gemma 3, no taps recorded (they want the norms' outputs before thresholds), and
+        only plain thresholds at the norms' points (no Deja Vu masks, no relaxed
+        thresholds while learning)."""
+        from jaxsparse.sharding import DATA, MODEL
+
+        c, kn = self.config, self.kernels
+        if not kn.fused_norms or c.is_gemma3 or c.family != "llama" or self.is_initializing():
+            return False
+        if self.is_mutable_collection("taps") or not kn.shares_accumulator(x):
+            return False
+        if kn.mesh is not None and (kn.mesh.shape[DATA] > 1 or kn.mesh.shape[MODEL] > 1):
+            return False
+        if thresholds is None:
+            return True
+        if "relax_tau" in thresholds or thresholds.get("masks") or "predictor" in thresholds:
+            return False
+        d = c.hidden_size
+        points = ("q_in", "kv_in", "ffn_in")
+        return all(
+            p not in thresholds or _plain_threshold(p, d, thresholds) is not None for p in points
+        )
+
+    def _fused_norms_call(self, x, step, thresholds):
+        """The block with `_fuses_norms`: each norm one `residual_rms_norm` launch that also
+        does the residual add before it (reading the o_proj or the previous block's
+        down_proj output where its kernel left it) and the thresholds of the points after
+        it; the first also zeroes the block's accumulators. Returns a `PendingResidual`:
+        the next block's first norm does this block's last add."""
+        c, kn = self.config, self.kernels
+        dt = param_dtype(c)
+        positions_BxT, kv_pos_BxS, rope, layer_cache, cache_index = step
+        b = x.shape[0]
+        acc = SharedAccumulator.for_block(c, kn, x)
+        zeros = () if acc is None else acc.zero_shapes(b)
+        attn_points = ("q_in",) if kn.fuse_qkv else ("q_in", "kv_in")  # fuse_qkv: k/v read q's
+        out1, applied = self._norm("input_layernorm", x, attn_points, thresholds, zeros, dt)
+        if acc is not None:
+            acc.provide(out1.zeros)
+        th = None if thresholds is None else {**thresholds, APPLIED: applied}
+        h = applied[attn_points[0]] if out1.normed is None else out1.normed
+        a, new_cache = SelfAttention(c, kn, self.layer_type, name="self_attn")(
+            h,
+            positions_BxT,
+            kv_pos_BxS,
+            rope,
+            layer_cache,
+            cache_index,
+            th,
+            None if acc is None else acc.attn,
+            raw=True,
+        )
+        x = PendingResidual(out1.residual, *a)
+        out2, applied = self._norm("post_attention_layernorm", x, ("ffn_in",), thresholds, (), dt)
+        th = None if thresholds is None else {**thresholds, APPLIED: applied}
+        f = SwiGLU(c, kn, name="mlp")(applied["ffn_in"], th, acc, raw=True)
+        return PendingResidual(out2.residual, *f), new_cache
+
+    def _norm(self, name, x, points, thresholds, zeros, dt):
+        """One fused norm (`RMSNorm(fused=...)`): its `RmsNormOut`, and the input of each of
+        `points` (the norm's output, thresholded where the point has a threshold)."""
+        ts = [None if thresholds is None else thresholds.get(p) for p in points]
+        given = [t for t in ts if t is not None]
+        fused = {
+            "thresholds": tuple(given),
+            "normed": any(t is None for t in ts),
+            "zeros": zeros,
+            "impl": self.kernels.impl,
+        }
+        out = RMSNorm(self.config.norm_eps, dt, name=name)(x, fused=fused)
+        kept = iter(out.kept)
+        applied = {p: out.normed if t is None else next(kept) for p, t in zip(points, ts)}
+        return out, applied
 
 
 class LlamaForCausalLM(nn.Module):
@@ -186,6 +276,7 @@ class LlamaForCausalLM(nn.Module):
         x, new_cache = run_layers(
             self.layers, x, positions_BxT, cache, cache_index, thresholds, rope
         )
+        x = value_of(x)
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
@@ -218,7 +309,7 @@ def run_layers(layers, x, positions_BxT, cache, cache_index, thresholds, rope):
         name = f"layers_{i}"
         th = None if thresholds is None else thresholds[name]
         if th is not None and "predictor" in th:
-            th = with_predicted_masks(th, prev_in)
+            th = with_predicted_masks(th, value_of(prev_in))
         prev_in = x
         args = (x, positions_BxT, kv_pos, rope, None if cache is None else cache[name])
         x, layer_cache = _call_block(layer, args, cache_index, th)
