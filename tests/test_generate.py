@@ -701,30 +701,36 @@ def test_gate_rule_runs_inside_gated_matvec(method, rule_in_kernel):
 
 
 ATTN = "head_sparse_attention"
+NORM = "residual_rms_norm"  # Kernels.fused_norms: each norm with its residual add
 
 
 @pytest.mark.parametrize(
     "method,per_layer",
     [
-        # the attention (every decode step on a GPU), the dense gate
-        # (DENSE_KERNEL_POINTS), gated up, down
-        ("chess", [ATTN, "sparse_input_matvec", "gated_matvec", "sparse_input_matvec"]),
+        # the first norm, the attention (every decode step on a GPU), the second norm,
+        # the dense gate (DENSE_KERNEL_POINTS), gated up, down
+        ("chess", [NORM, ATTN, NORM, "sparse_input_matvec", "gated_matvec", "sparse_input_matvec"]),
         # q, k|v, the attention, o, then as chess
         (
             "chess+",
-            ["sparse_input_matvec"] * 2
-            + [ATTN]
+            [NORM]
             + ["sparse_input_matvec"] * 2
+            + [ATTN, "sparse_input_matvec", NORM, "sparse_input_matvec"]
             + ["gated_matvec", "sparse_input_matvec"],
         ),
         # q|k|v, the attention, o, gate|up, down
-        ("teal", ["sparse_input_matvec", ATTN] + ["sparse_input_matvec"] * 3),
+        (
+            "teal",
+            [NORM, "sparse_input_matvec", ATTN, "sparse_input_matvec", NORM]
+            + ["sparse_input_matvec"] * 2,
+        ),
     ],
 )
 def test_decode_step_kernels_per_layer(method, per_layer):
     """Which projections a pallas decode step runs through the kernels: for CATS/CHESS the
     dense gate too (`jaxsparse.registry.DENSE_KERNEL_POINTS`: faster than XLA's fused GEMM
-    in an H200 decode step), read off the step's jaxpr."""
+    in an H200 decode step), and the norms (`Kernels.fused_norms`), read off the step's
+    jaxpr."""
     from jaxsparse.models import init_cache, prepare_params
     from jaxsparse.registry import kernels_for_method
 
