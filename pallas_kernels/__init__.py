@@ -26,7 +26,6 @@ from pallas_kernels.head_sparse_attention import (
 from pallas_kernels.rms_norm import RmsNormOut, residual_rms_norm, residual_rms_norm_reference
 from pallas_kernels.sparse_matvec import (
     accumulator_shape,
-    merged_matvec_into,
     sparse_input_matvec,
     sparse_input_matvec_into,
     sparse_input_matvec_reference,
@@ -43,7 +42,6 @@ __all__ = [
     "head_sparse_attention",
     "head_sparse_attention_from_qkv",
     "head_sparse_attention_reference",
-    "merged_matvec_into",
     "residual_rms_norm",
     "residual_rms_norm_reference",
     "sparse_input_matvec",

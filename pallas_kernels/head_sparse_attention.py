@@ -442,7 +442,6 @@ def _merge_splits(ml_BxPxHx2, acc_BxPxHxDh, hm_BxH, t_HxDh, dtype):
         "layout",
         "num_heads",
         "dtype",
-        "merge",
     ),
 )
 def _head_sparse_attention_gpu(
@@ -467,11 +466,8 @@ def _head_sparse_attention_gpu(
     layout=None,
     num_heads=None,
     dtype=None,
-    merge=True,
 ):
-    """o [B, H, Dh] in `dtype` (with `merge=False` and `num_splits` > 1, the ranges'
-    pieces unmerged: (ml [B, P, H, 2], acc [B, P, H, Dh]), float32, see `_merge_splits`);
-    with `slot` (int32 [1]), also the caches with the new
+    """o [B, H, Dh] in `dtype`; with `slot` (int32 [1]), also the caches with the new
     token written there (the cache inputs aliased to those outputs: XLA updates them in
     place, as it does a dynamic_update_slice).
 
@@ -543,10 +539,7 @@ def _head_sparse_attention_gpu(
         interpret=interpret,
         name="head_sparse_attention_split" if split_mode else "head_sparse_attention",
     )(*inputs)
-    if split_mode:
-        o = _merge_splits(res[0], res[1], hm_BxH, t_HxDh, dtype) if merge else (res[0], res[1])
-    else:
-        o = res[0]
+    o = _merge_splits(res[0], res[1], hm_BxH, t_HxDh, dtype) if split_mode else res[0]
     return (o, res[n_out], res[n_out + 1]) if writes_kv else o
 
 
@@ -873,9 +866,8 @@ def head_sparse_attention_from_qkv(
     impl: str = "auto",
     block_s: int | None = None,
     threshold: Any = None,
-    merge: bool = True,
     **kernel_options: Any,
-) -> tuple[Any, jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """A decode step's attention straight from the q/k/v projections' outputs: the new
     token's q, k and v sliced, rounded to `dtype`, RoPE applied to q and k, k and v
     written into the caches at `slot`, then `head_sparse_attention` over them.
@@ -901,12 +893,6 @@ def head_sparse_attention_from_qkv(
       kv: None (fused q|k|v), or (kv_BxW, kv_col): where k|v are (a static int column).
       rope: None (no rotary embedding, e.g. OPT) or (cos, sin), each [B, Dh] float32 for
         the new token's position.
-      merge: False, on the GPU kernel with `num_splits` > 1: return the slot ranges'
-        softmax pieces unmerged, `(ml [B, P, H, 2], acc [B, P, H, Dh])` float32 (each
-        range's running max and sum, and its unnormalized output), for a consumer that
-        merges them itself (`pallas_kernels.merged_matvec_into`: o_proj's kernel). They
-        ignore `head_mask_BxH` and `threshold`: pass every head selected and apply the
-        threshold after the merge.
       The rest as in `head_sparse_attention`.
 
     Returns:
@@ -946,11 +932,6 @@ def head_sparse_attention_from_qkv(
         rope = tuple(jnp.asarray(x, jnp.float32) for x in rope)
         for name, x in zip(("rope cos", "rope sin"), rope):
             dsp.check_dim(_NAME, f"{name}.shape", tuple(x.shape), (B, Dh))
-    if not merge and which not in ("gpu", "gpu_interpret"):
-        raise ValueError(
-            f"{_NAME}_from_qkv: merge=False is for the GPU kernel (impl 'gpu' or "
-            f"'gpu_interpret'), got impl={impl!r}."
-        )
     if which not in ("gpu", "gpu_interpret"):
         if kv is None:
             w = (H + 2 * Hkv) * Dh
@@ -989,11 +970,6 @@ def head_sparse_attention_from_qkv(
         threshold,
     )
     extra = {} if block_s is None else {"block_s": block_s}
-    if not merge and kernel_options.get("num_splits", 1) <= 1:
-        raise ValueError(
-            f"{_NAME}_from_qkv: merge=False needs num_splits > 1 (slot ranges to leave "
-            f"unmerged), got num_splits={kernel_options.get('num_splits', 1)}."
-        )
     return _head_sparse_attention_gpu(
         qkv_BxW,
         head_mask_BxH,
@@ -1011,7 +987,6 @@ def head_sparse_attention_from_qkv(
         layout=layout,
         num_heads=H,
         dtype=dtype,
-        merge=merge,
         **extra,
         **kernel_options,
     )

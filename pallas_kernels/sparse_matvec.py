@@ -113,65 +113,14 @@ def _gpu_kernel(*refs, N, col=0, **tile):
     `col + n0 ...` of the float32 target: a shared accumulator holds several calls'
     outputs side by side (`sparse_input_matvec_into`).
     """
-    merged = tile.pop("merged", None)
-    if merged is not None:  # (ml, parts) of the attention's slot ranges in place of x
-        ml_ref, parts_ref, *refs = refs
-        refs = [None, *refs]  # no x_ref
     if tile["has_t"]:
         x_ref, t_ref, w_ref, *rest = refs
     else:
         x_ref, w_ref, *rest = refs
         t_ref = None
-    if merged is not None:  # rest = (zeros_in, y_out, x_out): y aliased, then x kept
-        rest, x_out = rest[:-1], rest[-1]
     y_ref = rest[-1]  # with atomics, rest = (zeros_in, y_out) aliased
     n, s, rows = pl.program_id(0), pl.program_id(1), dsp.static_indices(tile["B"])
-    loader = None
-    if merged is not None:
-        loader = _merged_loader(ml_ref, parts_ref, t_ref, x_out, n, rows, **merged, **tile)
-    _tile(x_ref, t_ref, w_ref, y_ref, n, s, rows, N=N, col=col, x_loader=loader, **tile)
-
-
-def _merged_loader(ml_ref, parts_ref, t_ref, x_out, n, rows, *, P, Dh, dtype, **tile):
-    """`load(k0, k_ok, b)`: batch row b's input block [k0, k0 + block_k) merged from the
-    attention's P slot ranges as `head_sparse_attention._merge_splits` merges them (o =
-    sum_p e^(m_p - M) acc_p / sum_p e^(m_p - M) l_p, 0 where no slot was valid), rounded
-    to `dtype` and thresholded; the programs of column block 0 also write it to `x_out`
-    (what the zero counts read). block_k divides Dh: a block lies in one head."""
-    block_k = tile["block_k"]
-    splits = dsp.static_indices(P)
-    two = jnp.arange(2)
-
-    def load(k0, k_ok, b):
-        h = k0 // Dh
-        d0 = k0 - h * Dh
-        ms, ls, os_ = [], [], []
-        for p in splits:
-            ml = dsp.masked_load(ml_ref.at[rows[b], p, h, pl.ds(0, 2)], None)
-            ms.append(jnp.sum(jnp.where(two == 0, ml, 0.0)))
-            ls.append(jnp.sum(jnp.where(two == 1, ml, 0.0)))
-            os_.append(dsp.masked_load(parts_ref.at[rows[b], p, h, pl.ds(d0, block_k)], None))
-        m = ms[0]
-        for v in ms[1:]:
-            m = jnp.maximum(m, v)
-        ws = [jnp.exp(v - m) for v in ms]  # an empty range: m = -1e30, l = 0
-        den = ws[0] * ls[0]
-        o = ws[0] * os_[0]
-        for w, l, ov in zip(ws[1:], ls[1:], os_[1:]):
-            den = den + w * l
-            o = o + w * ov
-        x = (o / jnp.where(den > 0, den, 1.0)).astype(dtype).astype(jnp.float32)
-        if t_ref is not None:
-            t = dsp.masked_load(t_ref.at[rows[0], pl.ds(k0, block_k)], k_ok, 0.0)
-            x = _kept(x, t.astype(jnp.float32), dtype)
-
-        @pl.when(n == 0)
-        def _():
-            dsp.masked_store(x_out.at[rows[b], pl.ds(k0, block_k)], x.astype(dtype), k_ok)
-
-        return x
-
-    return load
+    _tile(x_ref, t_ref, w_ref, y_ref, n, s, rows, N=N, col=col, **tile)
 
 
 def _gpu_pair_kernel(*refs, parts, **tile):
@@ -212,12 +161,9 @@ def _tile(
     k_exact,
     unroll,
     col,
-    x_loader=None,
 ):
     """The work of one program (`_gpu_kernel`): column block `n`, K split `s`; `rows`
-    are the batch row indices (`dsp.static_indices(B)`). `x_loader(k0, k_ok, b)`, where
-    given, makes row b's input block (thresholded) in place of loading it from x_ref
-    (`_merged_loader`; row by row, not the tensor-core path)."""
+    are the batch row indices (`dsp.static_indices(B)`)."""
     n0 = n * block_n
     col_ok = None if N % block_n == 0 else (n0 + jnp.arange(block_n)) < N
 
@@ -245,13 +191,10 @@ def _tile(
 
         def body(j, accs):
             k0, k_ok = k_start(j)
-            if x_loader is not None:
-                xs = [x_loader(k0, k_ok, b) for b in range(B)]
-            else:
-                xs = [
-                    x_and_t(k0, k_ok, x_ref.at[rows[b], pl.ds(k0, block_k)], (block_k,))
-                    for b in range(B)
-                ]
+            xs = [
+                x_and_t(k0, k_ok, x_ref.at[rows[b], pl.ds(k0, block_k)], (block_k,))
+                for b in range(B)
+            ]
             active = xs[0] != 0.0
             for xb in xs[1:]:
                 active = active | (xb != 0.0)
@@ -481,129 +424,6 @@ def _sparse_input_matvec_gpu(
     if y.shape != (B, N):
         y = y[:B, :N]
     return y if y.dtype == out_dtype else y.astype(out_dtype)
-
-
-@functools.partial(
-    jax.jit,
-    static_argnames=("col", "dtype", "block_n", "num_warps", "num_stages", "interpret"),
-)
-def _merged_matvec_gpu(
-    acc,
-    ml_BxPxHx2,
-    parts_BxPxHxDh,
-    w_KxN,
-    threshold,
-    *,
-    col,
-    dtype,
-    block_n=DEFAULT_BLOCK_N,
-    num_warps=DEFAULT_NUM_WARPS,
-    num_stages=3,
-    interpret=False,
-):
-    """`merged_matvec_into` on GPU: the split-K kernel with `_merged_loader` as its input."""
-    B, P, _, Dh = parts_BxPxHxDh.shape
-    K, N = w_KxN.shape
-    block_k = min(DEFAULT_BLOCK_K, Dh)  # a block in one head
-    dtypes = (dtype, w_KxN.dtype)
-    rows, split, tile = _gpu_plan(B, K, block_k, block_n, None, False, None, dtypes)
-    n_col = dsp.cdiv(N, block_n)
-    _check_acc(acc, rows, col, n_col * block_n, N, block_n)
-    has_t = threshold is not None
-    args = [ml_BxPxHx2, parts_BxPxHxDh]
-    args += [dsp.threshold_row(_NAME, threshold, K)] if has_t else []
-    args += [w_KxN, acc]
-    kernel = functools.partial(
-        _gpu_kernel,
-        N=N,
-        has_t=has_t,
-        atomic=True,
-        col=col,
-        merged={"P": P, "Dh": Dh, "dtype": jnp.dtype(dtype)},
-        **tile,
-    )
-    y, x_kept = pl.pallas_call(
-        kernel,
-        out_shape=(
-            jax.ShapeDtypeStruct(acc.shape, jnp.float32),
-            jax.ShapeDtypeStruct((B, K), dtype),
-        ),
-        grid=(n_col, split),
-        input_output_aliases={len(args) - 1: 0},
-        compiler_params=dsp.triton_compiler_params(num_warps, num_stages),
-        interpret=interpret,
-        name="merged_matvec_splitk",
-    )(*args)
-    return y[:B, col : col + N], y, x_kept
-
-
-def merged_matvec_into(
-    acc: jax.Array,
-    col: int,
-    parts: tuple[jax.Array, jax.Array],
-    w_KxN: jax.Array,
-    threshold: Any = None,
-    *,
-    dtype: Any,
-    impl: str = "auto",
-    **kernel_options: Any,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`sparse_input_matvec_into` whose input x is a split decode attention's output,
-    merged from its slot ranges inside the kernel: o_proj reading
-    `head_sparse_attention_from_qkv(..., merge=False)` (no merge kernel between them).
-
-    x = the ranges' pieces merged as `head_sparse_attention` merges them (every head
-    selected), rounded to `dtype`, then thresholded (`abs(x) >= t`, t rounded to
-    `dtype`); the product adds into columns `[col, col + N)` of `acc` as in
-    `sparse_input_matvec_into` (in place on GPU).
-
-    Args:
-      acc, col: the float32 accumulator and the first column (as in
-        `sparse_input_matvec_into`).
-      parts: (ml [B, P, H, 2], acc [B, P, H, Dh]) float32: each range's running max and
-        sum per head, and its unnormalized output; K = H * Dh.
-      w_KxN: the weight [K, N].
-      threshold: None, a scalar or [K]: the input's threshold.
-      dtype: the model's dtype (x is rounded to it).
-      impl: "auto", "gpu" or "gpu_interpret" run the kernel (one program of column block
-        0 per K block also writes x); any other impl merges with jnp first.
-      kernel_options: block_n, num_warps, num_stages (GPU).
-
-    Returns:
-      (y float32 [B, N], acc', x [B, K] in `dtype`): the product plus what `acc` held in
-      its columns, the updated accumulator, and the thresholded input it read.
-    """
-    which = dsp.resolve_impl(impl, fn_name="merged_matvec_into")
-    ml, op = parts
-    dsp.check_ndim("merged_matvec_into", "parts[1] (acc per range)", op, 4, "[B, P, H, Dh]")
-    B, P, H, Dh = op.shape
-    dsp.check_dim("merged_matvec_into", "parts[0].shape", tuple(ml.shape), (B, P, H, 2))
-    dsp.check_dim("merged_matvec_into", "w_KxN.shape[0] (H * Dh)", w_KxN.shape[0], H * Dh)
-    if threshold is not None:
-        dsp.threshold_row("merged_matvec_into", threshold, H * Dh)
-    dtype = jnp.dtype(dtype)
-    if which in ("gpu", "gpu_interpret"):
-        dsp.check_block("merged_matvec_into", "head dim Dh", Dh, power_of_2=True)
-        return _merged_matvec_gpu(
-            acc,
-            ml,
-            op,
-            w_KxN,
-            threshold,
-            col=col,
-            dtype=dtype,
-            interpret=which == "gpu_interpret",
-            **kernel_options,
-        )
-    from pallas_kernels.head_sparse_attention import _merge_splits
-
-    every = jnp.ones((B, H), jnp.int32)
-    x = _merge_splits(ml, op, every, None, dtype).reshape(B, H * Dh)
-    if threshold is not None:
-        x = _kept(x.astype(jnp.float32), dsp.threshold_row(_NAME, threshold, H * Dh), dtype)
-        x = x.astype(dtype)
-    y, acc = sparse_input_matvec_into(acc, col, x, w_KxN, impl=which, **kernel_options)
-    return y, acc, x
 
 
 # ------------------------------------------------------------------------ TPU (Mosaic)

@@ -630,63 +630,6 @@ def test_fused_norms_give_xla_logits_with_no_norm_outside_kernels(method):
     assert launches == launches0 + 2 * n
 
 
-@pytest.mark.slow  # 20-40 s each on 2 cores: every kernel runs in interpret mode
-@pytest.mark.parametrize("method", ["teal", "chess+"])
-def test_o_proj_merges_the_attention_slot_ranges(method):
-    """With the attention's slots split over programs, a pallas decode step's o_proj
-    kernel merges their pieces as it reads its input (`Kernels.merge_in_o_proj`,
-    `pallas_kernels.merged_matvec_into`): XLA's logits and tokens, the unmerged step's
-    zero counts, one merged o_proj launch per layer and no merge (exp) outside kernels.
-    Where o_proj's input is one K block (no split-K accumulator to add into), the step
-    merges in XLA instead and still gives XLA's logits."""
-    import dataclasses
-
-    from jaxsparse.models import init_cache, prepare_params
-    from jaxsparse.registry import kernels_for_method
-
-    for heads, merged in ((8, True), (4, False)):  # q_dim 128: two K blocks; 64: one
-        config = tiny(hidden_size=128, intermediate_size=256, head_dim=16, num_heads=heads)
-        params = jax.tree.map(lambda x: x * 4, init_params(config, seed=5))
-        thresholds = random_thresholds(config, jax.random.key(6), scale=0.3)
-        if method == "teal":  # q and k/v on one threshold: one fused q|k|v projection
-            thresholds = {k: {**v, "kv_in": v["q_in"]} for k, v in thresholds.items()}
-        kernels = dataclasses.replace(
-            kernels_for_method(method, "pallas", "gpu_interpret", thresholds=thresholds),
-            impl="gpu_interpret",
-            attention_splits=2,
-        )
-        assert kernels.merge_in_o_proj
-        prompt = jnp.asarray([[5, 6, 7, 8]])
-        want = _decode_logits(config, params, Kernels(), thresholds, prompt, 3)
-        have = _decode_logits(config, params, kernels, thresholds, prompt, 3)
-        np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
-
-        def step(kn, config=config, params=params, thresholds=thresholds):
-            model, p = build_model(config, kn), prepare_params(params, config, kn)
-            tok, pos = jnp.ones((1, 1), jnp.int32), jnp.full((1, 1), 3)
-            cache = init_cache(config, 1, 64)
-            jaxpr = jax.make_jaxpr(
-                lambda p, th: model.apply({"params": p}, tok, pos, cache, 3, th)
-            )(p, thresholds).jaxpr
-            exps = sum(name == "exp" for name, _ in ops_outside_kernels(jaxpr))
-            return pallas_calls(jaxpr).count("merged_matvec_splitk"), exps
-
-        n = config.num_layers
-        plain = dataclasses.replace(kernels, merge_in_o_proj=False)
-        assert step(plain) == (0, n)
-        assert step(kernels) == ((n, 0) if merged else (0, n))
-        if merged:
-            prompts = [[5, 6, 7, 8, 9]]  # batch 1: where o_proj merges
-            runs = [
-                Generator(config, params, kernels=kn).generate_ids(
-                    prompts, max_new_tokens=5, thresholds=thresholds, stop_at_eos=False
-                )
-                for kn in (Kernels(), plain, kernels)
-            ]
-            assert runs[2].tokens == runs[0].tokens
-            assert runs[2].measured_sparsity == pytest.approx(runs[1].measured_sparsity)
-
-
 def test_decode_attention_is_the_gpu_default_with_slot_ranges_by_cache_length():
     """The attention kernel runs by default in a GPU decode step (or its interpreter),
     with one 64-slot range per program up to 16 ranges; XLA's attention elsewhere: the

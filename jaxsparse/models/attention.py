@@ -19,7 +19,6 @@ from jaxsparse.models.layers import (
     Linear,
     RMSNorm,
     SharedAccumulator,
-    _whole,
     apply_rope,
     attend,
     attention_mask,
@@ -541,45 +540,6 @@ class SelfAttention(nn.Module):
         o_proj = Linear(c.hidden_size, ("q_heads", "embed"), c.o_bias, dt, kn, name="o_proj")
         return raw_output(o_proj, out_BxTxHD, "o_in", shared, raw, threshold=o_t)
 
-    def _merges_in_o_proj(self, b: int, t: int, shared, options: dict) -> bool:
-        """Whether o_proj's kernel merges the attention kernel's slot ranges itself
-        (`Kernels.merge_in_o_proj`): at batch 1, with the ranges split (`options`), o_proj
-        through the sparse kernel on whole arrays and the block's shared accumulator, no
-        bias, and no taps (they record the merged heads' outputs)."""
-        c, kn = self.config, self.kernels
-        if not (kn.merge_in_o_proj and shared is not None and b == 1 and t == 1):
-            return False
-        if options.get("num_splits", 1) <= 1 or c.o_bias or self.is_initializing():
-            return False
-        if self.is_mutable_collection("taps"):
-            return False
-        shape = jax.ShapeDtypeStruct((b, t, c.q_dim), param_dtype(c))
-        return kn.use("o_in", shape) and _whole(kn.mesh)
-
-    def _merged_output(self, parts, o_t, shared, raw):
-        """o_proj of the attention's unmerged slot ranges `parts`, merged and thresholded
-        (`o_t`) inside o_proj's kernel (`SharedAccumulator.merged_matvec`); the `o_in`
-        point recorded as the input that kernel kept. As `_output` returns."""
-        c, kn = self.config, self.kernels
-        dt = param_dtype(c)
-        kernel = self.variables["params"]["o_proj"]["kernel"]
-        col = shared.col
-        got = shared.merged_matvec(parts, kernel, kn.impl, o_t, dt)
-        if got is None:  # no room: merge here, as the attention kernel would have
-            from pallas_kernels.head_sparse_attention import _merge_splits
-
-            b = parts[1].shape[0]
-            every = jnp.ones((b, c.num_heads), jnp.int32)
-            out = _merge_splits(*parts, every, None, dt).reshape(b, 1, c.q_dim)
-            return self._output(out, None, o_t, None, shared, raw)
-        y, x = got
-        b = x.shape[0]
-        x = x.reshape(b, 1, c.q_dim)
-        _read_as(self, "o_in", x, x, sparsified=True)
-        if raw:
-            return shared.buf, col
-        return y.astype(dt).reshape(b, 1, -1)
-
     def _packed_attention(self, qkv, kv, heads_BxH, step):
         """A decode step's attention by `head_sparse_attention_from_qkv`: q|k|v read from
         `qkv` = (array, first column) (the fused projection's float32 output, or the
@@ -593,15 +553,12 @@ class SelfAttention(nn.Module):
 
         c, kn = self.config, self.kernels
         b, t = positions_BxT.shape
-        given_heads = heads_BxH
         mask, o_t, heads_BxH, attn_t = self._attention_plan(
             heads_BxH, True, positions_BxT, kv_pos_BxS, thresholds
         )
         cs = None
         if rope is not None:
             cs = tuple(x[:, 0].astype(jnp.float32) for x in self._rope_tables(rope))
-        options = kn.attention_options(layer_cache["k"].shape[2])
-        merge_in_o = given_heads is None and self._merges_in_o_proj(b, t, shared, options)
         o_BxHxD, k, v = head_sparse_attention_from_qkv(
             *qkv,
             heads_BxH,
@@ -619,12 +576,8 @@ class SelfAttention(nn.Module):
             threshold=None
             if attn_t is None
             else threshold_per_head(attn_t, c.num_heads, c.head_dim),
-            merge=not merge_in_o,
-            **options,
+            **kn.attention_options(layer_cache["k"].shape[2]),
         )
-        if merge_in_o:  # o_BxHxD is the ranges' pieces, which o_proj's kernel merges
-            out = self._merged_output(o_BxHxD, o_t, shared, raw)
-            return out, {"k": k, "v": v}
         out_BxTxHD = o_BxHxD.reshape(b, t, c.q_dim)
         out = self._output(out_BxTxHD, attn_t, o_t, thresholds, shared, raw)
         return out, {"k": k, "v": v}

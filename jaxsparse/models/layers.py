@@ -129,12 +129,6 @@ class Kernels:
     # the kernel still writes the cache (`head_sparse_attention(new_kv=)`). Not for Deja
     # Vu's head-sparse steps or Gemma 3 (its q/k norms).
     packed_attention: bool = True
-    # With `packed_attention`, in a pallas decode step at batch 1 whose o_proj runs
-    # through the block's shared accumulator and whose attention kernel splits the
-    # cache's slots over several programs: o_proj's kernel merges those programs' pieces
-    # itself as it reads its input (`pallas_kernels.merged_matvec_into`), so no merge
-    # kernel runs between the two; False: XLA merges them (one small kernel per layer).
-    merge_in_o_proj: bool = True
     # In a pallas decode step on one GPU (or its interpreter), Llama-style blocks (not
     # Gemma 3): each RMSNorm with the residual add before it and the thresholds of the
     # projections after it, plus the zero-fill of the block's accumulators at its first
@@ -334,23 +328,6 @@ class SharedAccumulator:
         ys, self.buf = sparse_input_matvecs_into(self.buf, self.col, pairs, impl=impl)
         self.col += span
         return ys
-
-    def merged_matvec(self, parts, kernel_KxN: jax.Array, impl: str, threshold, dtype):
-        """`(y, x)`: o_proj's product (float32 [B, N]) through the shared buffer, its input
-        x ([B, K] in `dtype`, thresholded) merged from the attention kernel's slot ranges
-        `parts` inside the kernel (`pallas_kernels.merged_matvec_into`); None where it
-        does not fit (see above)."""
-        from pallas_kernels import merged_matvec_into
-
-        b = parts[1].shape[0]
-        span = self._room([(parts[1][:, 0].reshape(b, -1), kernel_KxN)])  # [B, K], as x would be
-        if span is None:
-            return None
-        y, self.buf, x = merged_matvec_into(
-            self.buf, self.col, parts, kernel_KxN, threshold, dtype=dtype, impl=impl
-        )
-        self.col += span
-        return y, x
 
     def _room(self, pairs: list[tuple[jax.Array, jax.Array]]) -> int | None:
         """The columns the products of `pairs` take in the buffer (zeroing it on first
