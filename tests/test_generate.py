@@ -500,6 +500,26 @@ def test_default_decode_attention_gives_xla_attention_tokens(model_type):
         assert step_ops(kernels) == (["head_sparse_attention"] * n, 0, want_rope), kernels
 
 
+def _method_step_setup(method: str, mode: str):
+    """(config, params, thresholds, kernels) of a tiny model whose decode step runs
+    `method` in `mode` through the GPU kernels' interpreter: K split over programs, a
+    threshold per channel at every point (teal: q and k/v on one, so q|k|v is fused)."""
+    import dataclasses
+
+    from jaxsparse.registry import kernels_for_method
+
+    config = tiny(hidden_size=128, intermediate_size=256, head_dim=16, num_heads=4)
+    params = jax.tree.map(lambda x: x * 4, init_params(config, seed=5))
+    thresholds = random_thresholds(config, jax.random.key(6), scale=0.3)
+    if method == "teal":
+        thresholds = {k: {**v, "kv_in": v["q_in"]} for k, v in thresholds.items()}
+    kernels = dataclasses.replace(
+        kernels_for_method(method, mode, "gpu_interpret", thresholds=thresholds),
+        impl="gpu_interpret",
+    )
+    return config, params, thresholds, kernels
+
+
 @pytest.mark.slow  # 15-30 s each on 2 cores: every kernel runs in interpret mode
 @pytest.mark.parametrize(
     "method,mode", [("teal", "pallas"), ("chess+", "pallas"), ("chess+", "xla")]
@@ -511,20 +531,9 @@ def test_packed_attention_reads_qkv_where_the_projections_left_them(method, mode
     programs (the block's float32 accumulator). It gives XLA's logits and tokens; the
     step runs no cache update and no RoPE outside the kernels; in a pallas step the
     attention kernel's first operand is the block's accumulator itself (no slice)."""
-    import dataclasses
-
     from jaxsparse.models import init_cache, prepare_params
-    from jaxsparse.registry import kernels_for_method
 
-    config = tiny(hidden_size=128, intermediate_size=256, head_dim=16, num_heads=4)
-    params = jax.tree.map(lambda x: x * 4, init_params(config, seed=5))
-    thresholds = random_thresholds(config, jax.random.key(6), scale=0.3)
-    if method == "teal":  # q and k/v on one threshold: one fused q|k|v projection
-        thresholds = {k: {**v, "kv_in": v["q_in"]} for k, v in thresholds.items()}
-    kernels = dataclasses.replace(
-        kernels_for_method(method, mode, "gpu_interpret", thresholds=thresholds),
-        impl="gpu_interpret",
-    )
+    config, params, thresholds, kernels = _method_step_setup(method, mode)
     assert kernels.fuse_qkv == (method == "teal") and kernels.decode_attention
     prompt = jnp.asarray([[5, 6, 7, 8], [9, 10, 11, 12]])
     want = _decode_logits(config, params, Kernels(), thresholds, prompt, 3)
@@ -578,17 +587,8 @@ def test_fused_norms_give_xla_logits_with_no_norm_outside_kernels(method):
     import dataclasses
 
     from jaxsparse.models import init_cache, prepare_params
-    from jaxsparse.registry import kernels_for_method
 
-    config = tiny(hidden_size=128, intermediate_size=256, head_dim=16, num_heads=4)
-    params = jax.tree.map(lambda x: x * 4, init_params(config, seed=5))
-    thresholds = random_thresholds(config, jax.random.key(6), scale=0.3)
-    if method == "teal":  # q and k/v on one threshold: one fused q|k|v projection
-        thresholds = {k: {**v, "kv_in": v["q_in"]} for k, v in thresholds.items()}
-    fused = dataclasses.replace(
-        kernels_for_method(method, "pallas", "gpu_interpret", thresholds=thresholds),
-        impl="gpu_interpret",
-    )
+    config, params, thresholds, fused = _method_step_setup(method, "pallas")
     assert fused.fused_norms
     plain = dataclasses.replace(fused, fused_norms=False)
     prompt = jnp.asarray([[5, 6, 7, 8], [9, 10, 11, 12]])
