@@ -68,8 +68,9 @@ def _sparse(
     count: bool | None = None,
 ) -> jax.Array:
     """Applies the threshold of sparsification point `name` and records what it zeroed
-    (`thresholds[APPLIED][name]`, where given, is `x` already thresholded). Its zeros are counted (`_count_zeros`, `fused` there) if `count`; by default where
-    the point is sparsified."""
+    (`thresholds[APPLIED][name]`, where given, is `x` already thresholded). Its zeros
+    are counted (`_count_zeros`, `fused` there) if `count`; by default where the point
+    is sparsified."""
     module.sow("taps", name, x)
     applied = None if thresholds is None else thresholds.get(APPLIED)
     if applied is not None and name in applied:  # thresholded by the norm's kernel
