@@ -4,9 +4,10 @@ Usage: python benchmarks/norms.py --json OUT [--dim 4096] [--calls 64] [--quick]
 
 What one "norm" is here (batch 1, bf16, Llama-3-8B's d = 4096 by default): the residual
 add `x + delta[:, col:col + d]` (delta a float32 accumulator 28672 wide, as a decode
-block's), RMSNorm, one threshold, and with `--zeros` the zero-fill of three float32
-accumulators of 28672 columns (a block's first norm). Timed as `calls` such norms chained
-in one jit (each takes the previous one's residual), each with its own delta. Rows:
+block's), RMSNorm and one threshold; each variant is timed twice, without and with
+(`zeros`) the zero-fill of three float32 accumulators of 28672 columns (a block's first
+norm). Timed as `calls` such norms chained in one jit (each takes the previous one's
+residual), each with its own delta. Rows:
 
 - `xla`: the jnp formulas (`residual_rms_norm_reference`), as XLA compiles them;
 - `kernel w=W`: the Pallas kernel with W warps per program;
