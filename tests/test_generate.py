@@ -630,6 +630,47 @@ def test_fused_norms_give_xla_logits_with_no_norm_outside_kernels(method):
     assert launches == launches0 + 2 * n
 
 
+@pytest.mark.slow  # about 20 s on 2 cores: every kernel runs in interpret mode
+def test_fused_norms_add_biased_projections_outputs():
+    """With q/k/v, o and MLP biases (Qwen2's q/k/v; o and MLP as in some Llama
+    variants), o_proj's and down_proj's outputs reach the next norm's residual add as
+    their own float32 arrays with the bias added (not the accumulator, which holds them
+    without it): XLA's logits."""
+    import dataclasses
+
+    from jaxsparse.registry import kernels_for_method
+
+    config = tiny(
+        hidden_size=128,
+        intermediate_size=256,
+        head_dim=16,
+        num_heads=4,
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+    )
+    params = jax.tree.map(lambda x: x * 4, init_params(config, seed=5))
+    key = jax.random.key(7)
+
+    def biased(path, x):  # biases are initialized to zero: give them values
+        if jax.tree_util.keystr(path).endswith("['bias']"):
+            return 0.5 * jax.random.normal(jax.random.fold_in(key, x.size), x.shape, x.dtype)
+        return x
+
+    params = jax.tree_util.tree_map_with_path(biased, params)
+    thresholds = random_thresholds(config, jax.random.key(6), scale=0.3)
+    thresholds = {k: {**v, "kv_in": v["q_in"]} for k, v in thresholds.items()}
+    kernels = dataclasses.replace(
+        kernels_for_method("teal", "pallas", "gpu_interpret", thresholds=thresholds),
+        impl="gpu_interpret",
+    )
+    assert kernels.fused_norms
+    prompt = jnp.asarray([[5, 6, 7, 8], [1, 2, 3, 4]])
+    want = _decode_logits(config, params, Kernels(), thresholds, prompt, 3)
+    have = _decode_logits(config, params, kernels, thresholds, prompt, 3)
+    np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 def test_decode_attention_is_the_gpu_default_with_slot_ranges_by_cache_length():
     """The attention kernel runs by default in a GPU decode step (or its interpreter),
     with one 64-slot range per program up to 16 ranges; XLA's attention elsewhere: the
