@@ -19,6 +19,7 @@ from jaxsparse.models.layers import (
     Linear,
     RMSNorm,
     SharedAccumulator,
+    _one_device,
     apply_rope,
     attend,
     attention_mask,
@@ -311,16 +312,12 @@ def _packed_attention_applies(kn: Kernels, c: ModelConfig, layer_cache, rope) ->
     the cache write inside): with a KV cache, the GPU kernel (or its interpreter), one
     device, no per-head q/k norms (Gemma 3) and, on a real GPU, half-heads of at least 16
     under RoPE (its dots' tiles)."""
-    from jaxsparse.sharding import DATA, MODEL
     from pallas_kernels._dispatch import resolve_impl
 
     impl = resolve_impl(kn.impl, fn_name="Kernels")
-    mesh = kn.mesh
     if not kn.packed_attention or layer_cache is None or c.is_gemma3:
         return False
-    if impl not in ("gpu", "gpu_interpret"):
-        return False
-    if mesh is not None and (mesh.shape[DATA] > 1 or mesh.shape[MODEL] > 1):
+    if impl not in ("gpu", "gpu_interpret") or not _one_device(kn.mesh):
         return False
     return impl == "gpu_interpret" or c.head_dim // (1 if rope is None else 2) >= 16
 
@@ -374,15 +371,12 @@ class SelfAttention(nn.Module):
         )
         if kn.fuse_qkv and attn_kernel and _packed_attention_applies(kn, c, layer_cache, rope):
             # the kernel reads q|k|v as the projection left them and does the rest itself
-            cols = shared.col if shared is not None else None
-            qkv32 = Linear(
+            qkv_proj = Linear(
                 c.q_dim + 2 * c.kv_dim, ("embed", "qkv_heads"), c.qkv_bias, dt, kn, name="qkv_proj"
-            )(xq, "q_in", shared=shared, accumulator=True)
-            if shared is not None and shared.col != cols and not c.qkv_bias:
-                src, col = shared.buf, cols  # in place in the block's accumulator
-            else:
-                src, col = qkv32.reshape(b, -1), 0
-            return self._packed_attention((src, col), None, heads_BxH, step)
+            )
+            # in place in the block's accumulator where it went there
+            qkv = raw_output(qkv_proj, xq, "q_in", shared, True)
+            return self._packed_attention(qkv, None, heads_BxH, step)
         if kn.fuse_qkv:  # q and k/v read the same input here (see Kernels.fuse_qkv)
             qkv = Linear(
                 c.q_dim + 2 * c.kv_dim, ("embed", "qkv_heads"), c.qkv_bias, dt, kn, name="qkv_proj"

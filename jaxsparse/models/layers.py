@@ -519,6 +519,14 @@ def _whole(mesh) -> bool:
     return mesh is None or mesh.shape[MODEL] == 1
 
 
+def _one_device(mesh) -> bool:
+    """Whether a step under `mesh` runs on one device (none, or `data` and `model` axes
+    of 1): where the packed attention and the fused norms apply."""
+    from jaxsparse.sharding import DATA
+
+    return _whole(mesh) and (mesh is None or mesh.shape[DATA] == 1)
+
+
 def per_shard(
     fn, mesh, x_BxK, gate_BxN, kernel, axes: tuple[str, str], rows: bool = False, extra=()
 ):

@@ -37,6 +37,7 @@ from jaxsparse.models.layers import (
     PendingResidual,
     RMSNorm,
     SharedAccumulator,
+    _one_device,
     param_dtype,
     rope_cos_sin,
     value_of,
@@ -170,14 +171,12 @@ class LlamaBlock(nn.Module):
         not Gemma 3, no taps recorded (they want the norms' outputs before thresholds), and
         only plain thresholds at the norms' points (no Deja Vu masks, no relaxed
         thresholds while learning)."""
-        from jaxsparse.sharding import DATA, MODEL
-
         c, kn = self.config, self.kernels
         if not kn.fused_norms or c.is_gemma3 or c.family != "llama" or self.is_initializing():
             return False
         if self.is_mutable_collection("taps") or not kn.shares_accumulator(x):
             return False
-        if kn.mesh is not None and (kn.mesh.shape[DATA] > 1 or kn.mesh.shape[MODEL] > 1):
+        if not _one_device(kn.mesh):
             return False
         if thresholds is None:
             return True
