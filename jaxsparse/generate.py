@@ -31,6 +31,7 @@ It does not load models or parse arguments: see `jaxsparse.loading` and `jaxspar
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -192,29 +193,50 @@ def _layer_index(name: str) -> int:
     return int(name.rsplit("_", 1)[1])
 
 
-def _stats_key(point: str, layers: list[int], num_layers: int) -> str:
-    """The loop's key for one point's stacked counts: the point's name where every layer
-    has it (the usual case), else the name and the layers it covers."""
+def _stats_key(point: str, width: int, layers: list[int], num_layers: int) -> str:
+    """The loop's key for one point's stacked counts: the point's name and the width of
+    its input, and the layers it covers where that is not every layer."""
+    key = f"{point}:{width}"
     if layers == list(range(num_layers)):
-        return point
-    return f"{point}@{','.join(map(str, layers))}"
+        return key
+    return f"{key}@{','.join(map(str, layers))}"
 
 
-def _stats_layers(key: str, num_layers: int) -> tuple[str, list[int]]:
-    """The inverse of `_stats_key`: the point and the layers of its stacked counts."""
-    point, _, layers = key.partition("@")
-    return point, [int(i) for i in layers.split(",")] if layers else list(range(num_layers))
+def _stats_layers(key: str, num_layers: int) -> tuple[str, int, list[int]]:
+    """The inverse of `_stats_key`: the point, its width and the layers of its counts."""
+    point_width, _, layers = key.partition("@")
+    point, _, width = point_width.rpartition(":")
+    covered = [int(i) for i in layers.split(",")] if layers else list(range(num_layers))
+    return point, int(width), covered
 
 
-def _zero_counts(zeros: dict, active_B: jax.Array, num_layers: int) -> dict[str, jax.Array]:
-    """Per point: int32 [layers, B, width], this step's zeros of the rows still generating
-    (`active_B`), every layer's stacked in one array (`_stats_key`), kept per row. The loop
-    adds them up elementwise and the host sums them once, at the end: a reduction per
-    point and layer would be a launch each (~8% of an 8B decode step on an H100:
+# The channels of one count: each point's [B, width] zero mask is summed over runs of this
+# many channels (fewer where the width, or its share on one device, is not a multiple).
+COUNT_RUN = 128
+
+
+def _count_run(width: int, groups: int) -> int:
+    """The run of channels summed into one count: a divisor of `width // groups` (the
+    channels on one device when the width is split `groups` ways), so no run spans two
+    devices and each counts its own with no exchange."""
+    share = width // groups if width % groups == 0 else width
+    return math.gcd(share, COUNT_RUN)
+
+
+def _zero_counts(
+    zeros: dict, active_B: jax.Array, num_layers: int, groups: int = 1
+) -> dict[str, jax.Array]:
+    """Per point: int32 [layers, B, width / run], this step's zeros of the rows still
+    generating (`active_B`), every layer's stacked in one array (`_stats_key`), summed
+    over runs of channels (`_count_run`). The loop adds them up and the host sums them
+    once, at the end. One op per point: a reduction per point and layer would be a launch
+    each (~8% of an 8B decode step on an H100:
     benchmarks/results/decode_llama3_8b_h100_per_point_reductions.json), and so was an
     add per point and layer where XLA did not fuse it into the op making the activation
-    (~100 more kernels per step at batch 4 on an H200: benchmarks/NOTES_kernels.md); the
-    stacked update is one op per point."""
+    (~100 more kernels per step at batch 4 on an H200: benchmarks/NOTES_kernels.md). The
+    runs keep the carried counts small: a count per channel was 7 MB per point for
+    Llama-3-8B's down_proj input at batch 4, read and written every step. A count
+    reaches at most `run` per step, so int32 holds 2^31 / 128 steps."""
     per_point: dict[str, dict[int, jax.Array]] = {}
     for layer, tree in zeros.items():
         for path, zero_BxTxW in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -226,9 +248,12 @@ def _zero_counts(zeros: dict, active_B: jax.Array, num_layers: int) -> dict[str,
         layers = sorted(by_layer)
         for shape in sorted({by_layer[i].shape for i in layers}):  # one array per width
             same = [i for i in layers if by_layer[i].shape == shape]
-            out[_stats_key(point, same, num_layers)] = jnp.stack(
-                [by_layer[i] for i in same]
-            ).astype(jnp.int32)
+            B, W = shape
+            run = _count_run(W, groups)
+            stacked = jnp.stack([by_layer[i] for i in same]).astype(jnp.int32)
+            out[_stats_key(point, W, same, num_layers)] = jnp.sum(
+                stacked.reshape(len(same), B, W // run, run), axis=-1
+            )
     return out
 
 
@@ -255,6 +280,8 @@ class Generator:
 
         self.config = config
         self.mesh = None if mesh is None else sharding.as_mesh(mesh)
+        # the zero counts' runs of channels stay within one device's share (`_count_run`)
+        self._count_groups = sharding.model_parallel_size(self.mesh)
         self._replicated = None if self.mesh is None else sharding.replicated(self.mesh)
         if self.mesh is not None and (kernels.mode == "pallas" or kernels.decode_attention):
             # kernels per shard (in an XLA step: the decode attention kernel)
@@ -345,7 +372,7 @@ class Generator:
             cache_logical_axes(self.config), carry["cache"], self.mesh
         )
         if "stats" in carry:
-            axes = {  # [layers, B, width]; gate_rows: mlp
+            axes = {  # [layers, B, width / run]; gate_rows: mlp
                 key: P(None, "batch", POINT_AXES.get(_stats_layers(key, 0)[0], "mlp"))
                 for key in carry["stats"]
             }
@@ -403,6 +430,7 @@ class Generator:
                     )[2],
                     jnp.ones((batch,), bool),
                     self.config.num_layers,
+                    self._count_groups,
                 )
             )
             carry["stats"] = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), step)
@@ -454,7 +482,9 @@ class Generator:
             }
             if collect_stats:
                 new["stats"] = jax.tree.map(
-                    jnp.add, c["stats"], _zero_counts(stats, active_B, self.config.num_layers)
+                    jnp.add,
+                    c["stats"],
+                    _zero_counts(stats, active_B, self.config.num_layers, self._count_groups),
                 )
             return new
 
@@ -633,11 +663,11 @@ class Generator:
         if collect_stats and host_reads and int(decoded):
             totals = jax.device_get(carry["stats"])  # the one read of the statistics
             by_layer: dict[str, dict[int, float]] = {}
-            for key, counts_LxBxW in totals.items():
-                point, layers = _stats_layers(key, self.config.num_layers)
-                for i, counts in zip(layers, counts_LxBxW):
+            for key, counts_LxBxR in totals.items():
+                point, width, layers = _stats_layers(key, self.config.num_layers)
+                for i, counts in zip(layers, counts_LxBxR):
                     by_layer.setdefault(point, {})[i] = float(np.sum(counts, dtype=np.int64)) / (
-                        int(decoded) * counts.shape[-1]
+                        int(decoded) * width
                     )
             per_layer = {p: [v[i] for i in sorted(v)] for p, v in by_layer.items()}
             result.measured_sparsity_per_layer = per_layer

@@ -1187,9 +1187,10 @@ def test_loop_measures_sparsity_over_every_decoded_token():
 
 
 def test_zero_counts_stack_layers_in_order():
-    """The loop's zero counts: one [layers, B, width] array per point, layer i at index i,
-    inactive rows not counted; a point in some layers only (or with another width) keeps
-    the layers it covers in its key, and `_stats_layers` reads them back."""
+    """The loop's zero counts: one [layers, B, width / run] array per point, layer i at
+    index i, each entry the zeros of one run of channels, inactive rows not counted; a
+    point in some layers only (or with another width) keeps the layers it covers in its
+    key, and `_stats_layers` reads them back with the width."""
     from jaxsparse.generate import _stats_layers, _zero_counts
 
     B, L = 2, 3
@@ -1201,14 +1202,36 @@ def test_zero_counts_stack_layers_in_order():
     zeros["layers_0"]["mlp"] = {"gate_rows": (jnp.ones((B, 1, 6), bool),)}
     active = jnp.array([True, False])
     out = _zero_counts(zeros, active, L)
-    assert set(out) == {"q_in", "gate_rows@0", "gate_rows@2"}
-    assert out["q_in"].shape == (L, B, 5) and out["q_in"].dtype == jnp.int32
+    assert set(out) == {"q_in:5", "gate_rows:4@2", "gate_rows:6@0"}
+    assert out["q_in:5"].shape == (L, B, 5) and out["q_in:5"].dtype == jnp.int32  # run 1
     for i in range(L):
-        assert np.asarray(out["q_in"][i, 0]).tolist() == [1] * (i + 1) + [0] * (4 - i)
-        assert not np.any(np.asarray(out["q_in"][i, 1]))  # the finished row counts nothing
-    assert _stats_layers("q_in", L) == ("q_in", [0, 1, 2])
-    assert _stats_layers("gate_rows@2", L) == ("gate_rows", [2])
-    assert out["gate_rows@0"].shape == (1, B, 6)
+        assert np.asarray(out["q_in:5"][i, 0]).tolist() == [1] * (i + 1) + [0] * (4 - i)
+        assert not np.any(np.asarray(out["q_in:5"][i, 1]))  # the finished row counts nothing
+    assert _stats_layers("q_in:5", L) == ("q_in", 5, [0, 1, 2])
+    assert _stats_layers("gate_rows:4@2", L) == ("gate_rows", 4, [2])
+    assert np.asarray(out["gate_rows:4@2"]).tolist() == [[[4], [0]]]  # one run of 4
+    assert np.asarray(out["gate_rows:6@0"]).tolist() == [[[2, 2, 2], [0, 0, 0]]]  # runs of 2
+
+
+@pytest.mark.parametrize(
+    "width, groups, runs", [(4096, 1, 32), (576, 1, 9), (1536, 2, 12), (576, 2, 18), (100, 3, 25)]
+)
+def test_zero_counts_sum_runs_of_channels_within_one_device(width, groups, runs):
+    """Each count sums one run of channels (128 where the width allows, a divisor of one
+    device's share on a mesh), so the carried counts are width / run per row, and their
+    sum is the number of zeros."""
+    from jaxsparse.generate import _count_run, _zero_counts
+
+    run = _count_run(width, groups)
+    assert width // run == runs
+    if width % groups == 0:
+        assert (width // groups) % run == 0  # no run spans two devices' channels
+    mask = jax.random.bernoulli(jax.random.key(width), 0.3, (2, 1, width))
+    out = _zero_counts({"layers_0": {"mlp": {"down_in": (mask,)}}}, jnp.ones(2, bool), 1, groups)
+    (counts,) = out.values()
+    assert counts.shape == (1, 2, runs)
+    want = np.asarray(mask[:, 0]).reshape(2, runs, run).sum(-1)
+    np.testing.assert_array_equal(np.asarray(counts[0]), want)
 
 
 def test_no_host_round_trip_per_token():

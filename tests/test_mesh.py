@@ -33,9 +33,10 @@ class ByteTok:
         return [3 + b % 250 for b in text.encode("utf-8")]
 
 
-def while_body_ops(hlo: str, op: str) -> int:
+def while_body_ops(hlo: str, op: str, result: str = "") -> int:
     """How many `op` instructions (sync or `-start`) the bodies of the while loops in the
-    optimized HLO text `hlo` hold."""
+    optimized HLO text `hlo` hold; with `result` (such as "s32["), only those whose result
+    type starts with it."""
     bodies = set(re.findall(r"\bwhile\(.*?\bbody=%?([\w.\-]+)", hlo))
     assert bodies, "no while loop in the HLO"
     count, current = 0, None
@@ -45,7 +46,7 @@ def while_body_ops(hlo: str, op: str) -> int:
             current = header.group(1)
         elif line.strip() == "}":
             current = None
-        elif current in bodies:
+        elif current in bodies and (not result or re.search(rf"= \(?{re.escape(result)}", line)):
             count += len(re.findall(rf"\b{op}(-start)?\(", line))
     return count
 
@@ -147,6 +148,10 @@ def run_cases() -> dict:
             out.setdefault("_loop", {})[layout] = {
                 op: sum(while_body_ops(t, op) for t in loops) for op in ("all-gather", "all-reduce")
             }
+            # the zero counts are the loop's only int32 sums
+            out["_loop"][layout]["int_all_reduce"] = sum(
+                while_body_ops(t, "all-reduce", "s32[") for t in loops
+            )
         return out
 
     ref = results(one)
@@ -215,6 +220,8 @@ def test_split_weights_decode_with_no_all_gather(report, spec):
     for layout, ops in report[spec]["_loop"].items():
         assert ops["all-reduce"] > 0, (layout, ops)  # the weights are split: partial sums
         assert ops["all-gather"] == 0, (layout, ops)
+        # each device counts the zeros of its own channels (`_count_run`): no exchange
+        assert ops["int_all_reduce"] == 0, (layout, ops)
 
 
 @pytest.mark.slow
