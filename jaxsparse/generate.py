@@ -224,7 +224,7 @@ def _count_run(width: int, groups: int) -> int:
 
 
 def _zero_counts(
-    zeros: dict, active_B: jax.Array, num_layers: int, groups: int = 1, into: dict | None = None
+    zeros: dict, active_B: jax.Array, num_layers: int, groups: int = 1
 ) -> dict[str, jax.Array]:
     """Per point: int32 [layers, B, width / run], this step's zeros of the rows still
     generating (`active_B`), every layer's stacked in one array (`_stats_key`), summed
@@ -236,12 +236,7 @@ def _zero_counts(
     (~100 more kernels per step at batch 4 on an H200: benchmarks/NOTES_kernels.md). The
     runs keep the carried counts small: a count per channel was 7 MB per point for
     Llama-3-8B's down_proj input at batch 4, read and written every step. A count
-    reaches at most `run` per step, so int32 holds 2^31 / 128 steps.
-
-    `into`: the counts so far (this function's earlier output, summed), returned with
-    this step's added. Their add is one more term of the same sum, so it is the
-    reduction's own kernel: an add after the sum was a launch of its own per point
-    (benchmarks/NOTES_kernels.md, "Zero counts in runs of channels")."""
+    reaches at most `run` per step, so int32 holds 2^31 / 128 steps."""
     per_point: dict[str, dict[int, jax.Array]] = {}
     for layer, tree in zeros.items():
         for path, zero_BxTxW in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -256,11 +251,9 @@ def _zero_counts(
             B, W = shape
             run = _count_run(W, groups)
             stacked = jnp.stack([by_layer[i] for i in same]).astype(jnp.int32)
-            terms = stacked.reshape(len(same), B, W // run, run)
-            key = _stats_key(point, W, same, num_layers)
-            if into is not None:
-                terms = jnp.concatenate([into[key][..., None], terms], axis=-1)
-            out[key] = jnp.sum(terms, axis=-1)
+            out[_stats_key(point, W, same, num_layers)] = jnp.sum(
+                stacked.reshape(len(same), B, W // run, run), axis=-1
+            )
     return out
 
 
@@ -488,8 +481,10 @@ class Generator:
                 "decoded": c["decoded"] + jnp.sum(active_B.astype(jnp.int32)),
             }
             if collect_stats:
-                new["stats"] = _zero_counts(
-                    stats, active_B, self.config.num_layers, self._count_groups, c["stats"]
+                new["stats"] = jax.tree.map(
+                    jnp.add,
+                    c["stats"],
+                    _zero_counts(stats, active_B, self.config.num_layers, self._count_groups),
                 )
             return new
 
