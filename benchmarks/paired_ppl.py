@@ -1,0 +1,131 @@
+"""Is one sparsity state's perplexity really below another's? A paired bootstrap on the
+same evaluation text.
+
+    python benchmarks/paired_ppl.py STATE_A STATE_B [--model smollm2] [--ppl FILE ...]
+        [--max-tokens N] [--seq-len 512] [--block 64] [--resamples 10000] [--json OUT]
+
+Both states are scored on the same token windows (`jaxsparse eval`'s: non-overlapping
+windows of `--seq-len` over the evaluation text; the built-in `evaluation` split unless
+`--ppl`). The per-token negative log-likelihoods of A and B are paired; their difference
+is resampled two ways: whole windows (independent text, few units) and blocks of
+`--block` consecutive tokens (more units; neighbouring blocks are not independent, so
+this interval is the narrower, optimistic one). Printed and written: each state's
+perplexity (as `jaxsparse eval` reports it), the difference B - A, and 95% intervals
+of that difference from each resampling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def per_token_nll(ev, state, token_ids: np.ndarray) -> list[np.ndarray]:
+    """-log p of every next token, per window, as `Evaluator.perplexity` sums them."""
+    from jaxsparse.evaluate import SparsityMeter
+
+    L = ev.seq_len
+    rows = [token_ids[i : i + L] for i in range(0, len(token_ids), L)]
+    rows = [r for r in rows if len(r) >= 2]
+    meter = SparsityMeter(ev.config.num_layers)
+    return [-x.astype(np.float64) for x in ev._run(rows, L, ev._thresholds(state), meter, "ppl")]
+
+
+def ppl_of(nll: np.ndarray) -> float:
+    return math.exp(float(nll.mean()))
+
+
+def bootstrap(units_a: list[np.ndarray], units_b: list[np.ndarray], resamples: int, seed: int):
+    """95% interval of ppl(B) - ppl(A) over resamples of the paired units (with replacement)."""
+    rng = np.random.default_rng(seed)
+    sums_a = np.array([u.sum() for u in units_a])
+    sums_b = np.array([u.sum() for u in units_b])
+    counts = np.array([len(u) for u in units_a], np.float64)
+    idx = rng.integers(0, len(units_a), size=(resamples, len(units_a)))
+    n = counts[idx].sum(1)
+    diff = np.exp(sums_b[idx].sum(1) / n) - np.exp(sums_a[idx].sum(1) / n)
+    lo, hi = np.percentile(diff, [2.5, 97.5])
+    return float(lo), float(hi), float((diff < 0).mean())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("state_a", help="a sparsity state directory (the reference)")
+    p.add_argument("state_b", help="a sparsity state directory (compared with A)")
+    p.add_argument("--model", default=None, help="as `jaxsparse eval --model` (default: SmolLM2)")
+    p.add_argument("--ppl", nargs="*", default=None, help="perplexity text files")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--block", type=int, default=64, help="tokens per block (block resampling)")
+    p.add_argument("--resamples", type=int, default=10000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="where to write the result")
+    args = p.parse_args(argv)
+    for name in ("state_a", "state_b"):
+        path = Path(getattr(args, name))
+        if not (path / "state.json").is_file():
+            p.error(f"{name}: {path} is not a sparsity state directory (no state.json in it)")
+    if args.block < 1 or args.resamples < 100:
+        p.error("--block must be at least 1 and --resamples at least 100")
+
+    from jaxsparse.evaluate import Evaluator, ppl_token_ids
+    from jaxsparse.loading import load_model
+    from jaxsparse.sparsity import load_state
+
+    lm = load_model(args.model) if args.model else load_model()
+    ids = ppl_token_ids(lm.config, lm.tokenizer, args.ppl, args.max_tokens)
+    ev = Evaluator(lm.config, lm.params, lm.tokenizer, args.seq_len, args.batch_size)
+    states = [load_state(getattr(args, n), lm.config) for n in ("state_a", "state_b")]
+    a, b = (per_token_nll(ev, st, ids) for st in states)
+    flat_a, flat_b = np.concatenate(a), np.concatenate(b)
+
+    def blocks(windows):
+        return [w[i : i + args.block] for w in windows for i in range(0, len(w), args.block)]
+
+    win = bootstrap(a, b, args.resamples, args.seed)
+    blk = bootstrap(blocks(a), blocks(b), args.resamples, args.seed)
+    result = {
+        "state_a": str(args.state_a),
+        "state_b": str(args.state_b),
+        "method_a": states[0].method,
+        "method_b": states[1].method,
+        "tokens": len(flat_a),
+        "windows": len(a),
+        "ppl_a": ppl_of(flat_a),
+        "ppl_b": ppl_of(flat_b),
+        "ppl_b_minus_a": ppl_of(flat_b) - ppl_of(flat_a),
+        "tokens_b_better": float((flat_b < flat_a).mean()),
+        "interval95_windows": win[:2],
+        "p_b_below_a_windows": win[2],
+        "block_tokens": args.block,
+        "interval95_blocks": blk[:2],
+        "p_b_below_a_blocks": blk[2],
+        "resamples": args.resamples,
+        "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
+    }
+    print(
+        f"A {result['method_a']}: ppl {result['ppl_a']:.3f}   B {result['method_b']}: ppl {result['ppl_b']:.3f}"
+    )
+    print(
+        f"B - A = {result['ppl_b_minus_a']:+.3f}; 95% interval, windows ({len(a)}): "
+        f"[{win[0]:+.3f}, {win[1]:+.3f}]; blocks of {args.block} tokens: [{blk[0]:+.3f}, {blk[1]:+.3f}]"
+    )
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as f:
+            json.dump(result, f, indent=1)
+        os.replace(f.name, out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
