@@ -3,17 +3,23 @@ same evaluation text.
 
     python benchmarks/paired_ppl.py STATE_A STATE_B [--model smollm2] [--ppl FILE ...]
         [--max-tokens N] [--seq-len 512] [--block 64] [--resamples 10000] [--json OUT]
+    python benchmarks/paired_ppl.py RESULT_A.json RESULT_B.json [--json OUT]
 
-Both states are scored on the same token windows (`jaxsparse eval`'s: non-overlapping
-windows of `--seq-len` over the evaluation text; the built-in `evaluation` split unless
-`--ppl`), by default the whole text: `jaxsparse eval` stops at 8192 tokens, and at
-50% sparsity on SmolLM2 two states whose thresholds differ by 2e-6 (relative) give
-perplexities 1.2% apart there (benchmarks/results/smollm2_cpu_wina/paired/). The per-token negative log-likelihoods of A and B are paired; their difference
-is resampled two ways: whole windows (independent text, few units) and blocks of
-`--block` consecutive tokens (more units; neighbouring blocks are not independent, so
-this interval is the narrower, optimistic one). Printed and written: each state's
-perplexity (as `jaxsparse eval` reports it), the difference B - A, and 95% intervals
-of that difference from each resampling.
+Two states are scored on the same windows (`jaxsparse eval`'s: non-overlapping windows
+of `--seq-len` over the evaluation text; the built-in `evaluation` split unless `--ppl`),
+by default the whole text: `jaxsparse eval` stops at 8192 tokens, and at 50% sparsity on
+SmolLM2 two states whose thresholds differ by 2e-6 (relative) give perplexities 1.2%
+apart there (benchmarks/results/smollm2_cpu_wina/paired/). The per-token negative
+log-likelihoods of A and B are paired; their difference is resampled two ways: whole
+windows (independent text, few units) and blocks of `--block` consecutive tokens (more
+units; neighbouring blocks are not independent, so this interval is the narrower,
+optimistic one). Printed and written: each state's perplexity (as `jaxsparse eval`
+reports it), the difference B - A, and 95% intervals of that difference from each
+resampling.
+
+Two result JSONs of `jaxsparse eval` or `sweep` made on the same text are compared
+without the model, at the window level only (their `window_nll`;
+`jaxsparse.evaluate.paired_difference`).
 """
 
 from __future__ import annotations
@@ -45,22 +51,39 @@ def ppl_of(nll: np.ndarray) -> float:
 
 
 def bootstrap(units_a: list[np.ndarray], units_b: list[np.ndarray], resamples: int, seed: int):
-    """95% interval of ppl(B) - ppl(A) over resamples of the paired units (with replacement)."""
-    rng = np.random.default_rng(seed)
-    sums_a = np.array([u.sum() for u in units_a])
-    sums_b = np.array([u.sum() for u in units_b])
-    counts = np.array([len(u) for u in units_a], np.float64)
-    idx = rng.integers(0, len(units_a), size=(resamples, len(units_a)))
-    n = counts[idx].sum(1)
-    diff = np.exp(sums_b[idx].sum(1) / n) - np.exp(sums_a[idx].sum(1) / n)
-    lo, hi = np.percentile(diff, [2.5, 97.5])
-    return float(lo), float(hi), float((diff < 0).mean())
+    """95% interval of ppl(B) - ppl(A) over resamples of the paired units (with replacement):
+    `jaxsparse.evaluate.paired_bootstrap` on the units' sums."""
+    from jaxsparse.evaluate import paired_bootstrap
+
+    return paired_bootstrap(
+        [u.sum() for u in units_a],
+        [u.sum() for u in units_b],
+        [len(u) for u in units_a],
+        resamples,
+        seed,
+    )
+
+
+def compare_results(path_a: str, path_b: str, resamples: int, seed: int) -> dict:
+    """Two `jaxsparse eval` / `sweep` result JSONs compared without running the model: a
+    window-level interval only (`jaxsparse.evaluate.paired_difference`)."""
+    from jaxsparse.evaluate import paired_difference
+
+    a, b = (json.loads(Path(p).read_text()) for p in (path_a, path_b))
+    out = paired_difference(a, b, resamples, seed)
+    return {
+        "result_a": path_a,
+        "result_b": path_b,
+        "method_a": a.get("method"),
+        "method_b": b.get("method"),
+        **out,
+    }
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("state_a", help="a sparsity state directory (the reference)")
-    p.add_argument("state_b", help="a sparsity state directory (compared with A)")
+    p.add_argument("state_a", help="a sparsity state directory, or a result JSON (the reference)")
+    p.add_argument("state_b", help="a sparsity state directory, or a result JSON (compared with A)")
     p.add_argument("--model", default=None, help="as `jaxsparse eval --model` (default: SmolLM2)")
     p.add_argument("--ppl", nargs="*", default=None, help="perplexity text files")
     p.add_argument("--max-tokens", type=int, default=None, help="default: the whole text")
@@ -71,12 +94,27 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="where to write the result")
     args = p.parse_args(argv)
-    for name in ("state_a", "state_b"):
-        path = Path(getattr(args, name))
-        if not (path / "state.json").is_file():
-            p.error(f"{name}: {path} is not a sparsity state directory (no state.json in it)")
     if args.block < 1 or args.resamples < 100:
         p.error("--block must be at least 1 and --resamples at least 100")
+    paths = [Path(args.state_a), Path(args.state_b)]
+    if all(path.suffix == ".json" and path.is_file() for path in paths):
+        try:
+            result = compare_results(args.state_a, args.state_b, args.resamples, args.seed)
+        except ValueError as e:
+            p.error(str(e))
+        lo, hi = result["interval95"]
+        print(
+            f"B - A = {result['ppl_b_minus_a']:+.3f}; 95% interval, windows "
+            f"({result['windows']}): [{lo:+.3f}, {hi:+.3f}]"
+        )
+        _write(args.json, result)
+        return 0
+    for name, path in zip(("state_a", "state_b"), paths, strict=True):
+        if not (path / "state.json").is_file():
+            p.error(
+                f"{name}: {path} is neither a sparsity state directory (no state.json in it) "
+                "nor a result JSON"
+            )
 
     from jaxsparse.evaluate import Evaluator, ppl_token_ids
     from jaxsparse.loading import load_model
@@ -128,13 +166,19 @@ def main(argv=None) -> int:
         f"B - A = {result['ppl_b_minus_a']:+.3f}; 95% interval, windows ({len(a)}): "
         f"[{win[0]:+.3f}, {win[1]:+.3f}]; blocks of {args.block} tokens: [{blk[0]:+.3f}, {blk[1]:+.3f}]"
     )
-    if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as f:
-            json.dump(result, f, indent=1)
-        os.replace(f.name, out)
+    _write(args.json, result)
     return 0
+
+
+def _write(path: str | None, result: dict) -> None:
+    """`result` as JSON at `path` (none: nothing), through a temporary file and a rename."""
+    if not path:
+        return
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as f:
+        json.dump(result, f, indent=1)
+    os.replace(f.name, out)
 
 
 if __name__ == "__main__":

@@ -169,13 +169,18 @@ class Evaluator:
         if not rows:
             raise ValueError(f"perplexity needs at least 2 tokens, got {len(token_ids)}")
         lls = self._run(rows, L, thresholds, meter, "perplexity")
-        nll = -float(sum(x.sum(dtype=np.float64) for x in lls))
+        window_nll = [-float(x.sum(dtype=np.float64)) for x in lls]
+        nll = sum(window_nll)
         n = sum(len(x) for x in lls)
         return {
             "perplexity": math.exp(nll / n),
             "nll": nll / n,
             "perplexity_tokens": n,
             "windows": len(rows),
+            # per window: the summed negative log-likelihood and its predictions, for a
+            # paired comparison of two results on the same text (`paired_difference`)
+            "window_nll": window_nll,
+            "window_tokens": [len(x) for x in lls],
         }
 
     def encode_task_choices(self, tasks) -> tuple[list[np.ndarray], list[int]]:
@@ -273,6 +278,60 @@ class Evaluator:
             result["state_provenance"] = state.meta.provenance
             result["state_details"] = state.meta.details
         return result
+
+
+def paired_bootstrap(
+    sums_a: np.ndarray,
+    sums_b: np.ndarray,
+    counts: np.ndarray,
+    resamples: int = 10000,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """A 95% interval of ppl(B) - ppl(A) from paired units of text (windows, or blocks
+    of tokens): each unit's summed negative log-likelihood under A and B and its number
+    of predictions, resampled with replacement. Returns (low, high, the share of
+    resamples where B is below A)."""
+    sums_a, sums_b = np.asarray(sums_a, np.float64), np.asarray(sums_b, np.float64)
+    counts = np.asarray(counts, np.float64)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(counts), size=(resamples, len(counts)))
+    n = counts[idx].sum(1)
+    diff = np.exp(sums_b[idx].sum(1) / n) - np.exp(sums_a[idx].sum(1) / n)
+    lo, hi = np.percentile(diff, [2.5, 97.5])
+    return float(lo), float(hi), float((diff < 0).mean())
+
+
+def paired_difference(a: dict, b: dict, resamples: int = 10000, seed: int = 0) -> dict:
+    """ppl(B) - ppl(A) for two `evaluate` results on the same perplexity text, with a 95%
+    interval from resampling their windows together (`paired_bootstrap`). At 50%
+    sparsity a difference of a few tenths can be noise: on SmolLM2, thresholds 2e-6
+    apart moved perplexity by 0.29 on 8192 tokens
+    (benchmarks/results/smollm2_cpu_wina/paired/README.md)."""
+    for name, r in (("A", a), ("B", b)):
+        if "window_nll" not in r:
+            raise ValueError(
+                f"result {name} ({r.get('method', '?')}) has no per-window perplexity "
+                "(`window_nll`): evaluate it again with this version of jaxsparse"
+            )
+    if a["window_tokens"] != b["window_tokens"]:
+        raise ValueError(
+            "the two results were not scored on the same windows "
+            f"({len(a['window_tokens'])} windows, {sum(a['window_tokens'])} predictions "
+            f"against {len(b['window_tokens'])}, {sum(b['window_tokens'])}): evaluate both "
+            "with the same perplexity text, --max-tokens and --seq-len"
+        )
+    lo, hi, below = paired_bootstrap(
+        a["window_nll"], b["window_nll"], a["window_tokens"], resamples, seed
+    )
+    return {
+        "ppl_a": a["perplexity"],
+        "ppl_b": b["perplexity"],
+        "ppl_b_minus_a": b["perplexity"] - a["perplexity"],
+        "interval95": [lo, hi],
+        "share_b_below_a": below,
+        "windows": len(a["window_tokens"]),
+        "resamples": resamples,
+    }
 
 
 def accuracy_stderr(p: float, n: int) -> float:

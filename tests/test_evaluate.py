@@ -316,3 +316,32 @@ def test_eval_cli_on_smollm2(smollm2, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"context": "a", "choices": ["b"], "gold": 0}\n')
     rc = main(["eval", "--tasks", str(tmp_path / "bad.jsonl"), "--json", str(out)])
     assert rc != 0
+
+
+def test_paired_difference_of_two_results(model):
+    """Results carry each window's summed NLL (they add up to the perplexity's); a result
+    paired with itself differs by exactly zero, a sparse state from dense by an interval
+    around its difference; results on other windows, or without windows, are refused."""
+    from jaxsparse.evaluate import paired_difference
+
+    config, _, ev = model
+    ids = np.arange(1, 81, dtype=np.int32) % 250 + 1  # 80 tokens: 5 windows of 16
+    dense = ev.evaluate(None, ids)
+    assert len(dense["window_nll"]) == dense["windows"] == 5
+    assert sum(dense["window_tokens"]) == dense["perplexity_tokens"]
+    assert np.exp(sum(dense["window_nll"]) / dense["perplexity_tokens"]) == pytest.approx(
+        dense["perplexity"], rel=1e-12
+    )
+    same = paired_difference(dense, dense, resamples=200)
+    assert same["ppl_b_minus_a"] == 0.0 and same["interval95"] == [0.0, 0.0]
+    values = {f"layers_{i}": {"q_in": 0.5, "ffn_in": 0.5} for i in range(config.num_layers)}
+    sparse = ev.evaluate(make_state(config, "test", 0.5, values), ids)
+    d = paired_difference(dense, sparse, resamples=2000)
+    assert d["ppl_b_minus_a"] == pytest.approx(sparse["perplexity"] - dense["perplexity"])
+    assert d["ppl_b_minus_a"] != 0.0
+    lo, hi = d["interval95"]
+    assert lo <= d["ppl_b_minus_a"] <= hi and lo < hi
+    with pytest.raises(ValueError, match="same windows"):
+        paired_difference(dense, ev.evaluate(None, ids[:64]))
+    with pytest.raises(ValueError, match="no per-window perplexity"):
+        paired_difference({k: v for k, v in dense.items() if k != "window_nll"}, dense)

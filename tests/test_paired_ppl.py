@@ -48,4 +48,30 @@ def test_noise_alone_gives_an_interval_around_zero():
 def test_a_path_without_a_state_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         paired_ppl.main([str(tmp_path), str(tmp_path)])
-    assert "is not a sparsity state directory" in capsys.readouterr().err
+    assert "is neither a sparsity state directory" in capsys.readouterr().err
+
+
+def test_two_result_jsons_are_compared_without_the_model(tmp_path, capsys):
+    import json
+
+    a = {
+        "method": "teal",
+        "perplexity": 20.0,
+        "window_nll": [30.0, 31.0, 29.5],
+        "window_tokens": [10, 10, 10],
+    }
+    b = {**a, "method": "wina", "window_nll": [30.5, 31.2, 30.0]}
+    b["perplexity"] = math.exp(sum(b["window_nll"]) / 30)
+    a["perplexity"] = math.exp(sum(a["window_nll"]) / 30)
+    pa, pb, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "out" / "d.json"
+    pa.write_text(json.dumps(a))
+    pb.write_text(json.dumps(b))
+    assert paired_ppl.main([str(pa), str(pb), "--json", str(out), "--resamples", "500"]) == 0
+    d = json.loads(out.read_text())
+    assert d["method_a"] == "teal" and d["method_b"] == "wina" and d["windows"] == 3
+    assert d["ppl_b_minus_a"] == pytest.approx(b["perplexity"] - a["perplexity"])
+    assert d["interval95"][0] > 0  # B is worse in every window
+    pb.write_text(json.dumps({**b, "window_tokens": [10, 10, 11]}))
+    with pytest.raises(SystemExit):
+        paired_ppl.main([str(pa), str(pb)])
+    assert "same windows" in capsys.readouterr().err

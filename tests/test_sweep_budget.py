@@ -58,6 +58,13 @@ def test_equal_fraction_sweep(tmp_path, make_params):
     # teal and wina at one fraction solve different sparsity knobs per method
     table = json.loads((out / "table.json").read_text())
     assert len(table) == 1 + 6
+    # each method against the first evaluated at its fraction, paired over windows
+    vs = {(t["method"], t["target_fraction"]): t["ppl_vs_first"] for t in table}
+    assert vs[("dense", 1.0)] is None and vs[("chess", 0.75)] is None  # the reference
+    assert vs[("teal", 0.5)] is None  # chess is out of reach at 0.5: teal is the first
+    assert vs[("wina", 0.5)].endswith("vs teal") and vs[("teal", 0.75)].endswith("vs chess")
+    diff = by[("wina", 0.5)]["perplexity"] - by[("teal", 0.5)]["perplexity"]
+    assert vs[("wina", 0.5)].startswith(f"{diff:+.3f} [")
     assert "out of reach" in (out / "table.md").read_text()
     with Image.open(out / "ppl_vs_fraction.png") as im:
         assert im.size[0] > 300
