@@ -117,32 +117,6 @@ def table_row(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def paired_to_first(results: list[dict[str, Any]]) -> list[str | None]:
-    """Per result: its perplexity minus that of the first method evaluated at the same
-    target fraction, with a 95% interval from resampling the windows of both together
-    (`jaxsparse.evaluate.paired_difference`), as "+0.18 [-0.10, +0.45] vs teal"; None for
-    the first method itself, dense, a result without perplexity, or one made before
-    results kept their windows. At 50% sparsity on SmolLM2, differences of a few tenths
-    on 8192 tokens were noise (benchmarks/results/smollm2_cpu_wina/paired/README.md)."""
-    from jaxsparse.evaluate import paired_difference
-
-    first: dict[float, dict[str, Any]] = {}
-    cells: list[str | None] = []
-    for r in results:
-        f = (r.get("budget") or {}).get("target_fraction")
-        if r.get("perplexity") is None or r["method"] == "dense" or f is None:
-            cells.append(None)
-            continue
-        ref = first.setdefault(f, r)
-        if ref is r or "window_nll" not in r or "window_nll" not in ref:
-            cells.append(None)
-            continue
-        d = paired_difference(ref, r)
-        lo, hi = d["interval95"]
-        cells.append(f"{d['ppl_b_minus_a']:+.3f} [{lo:+.3f}, {hi:+.3f}] vs {ref['method']}")
-    return cells
-
-
 def sweep_fractions(
     lm,
     methods: list[str],
@@ -170,7 +144,7 @@ def sweep_fractions(
     from jaxsparse.io import is_complete
     from jaxsparse.methods import get_method
     from jaxsparse.sparsity import load_state, save_state
-    from jaxsparse.sweep import ResultCache, plot_ppl_vs_activated, write_table
+    from jaxsparse.sweep import ResultCache, paired_to_first, plot_ppl_vs_activated, write_table
 
     for m in methods:
         get_method(m)
@@ -299,7 +273,8 @@ def sweep_fractions(
         else:
             results.append(cache.result(name, st, {"budget": b}))
     rows = [table_row(r) for r in results]
-    for row, cell in zip(rows, paired_to_first(results), strict=True):
+    fraction = lambda r: (r.get("budget") or {}).get("target_fraction")
+    for row, cell in zip(rows, paired_to_first(results, fraction), strict=True):
         row["ppl_vs_first"] = cell
     write_table(rows, out, COLUMNS)
     plot_ppl_vs_activated(

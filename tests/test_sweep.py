@@ -41,7 +41,16 @@ def test_sweep_writes_table_and_plots_and_resumes(tmp_path):
     assert cats[0]["ffn_sparsity"] < cats[1]["ffn_sparsity"]
     assert all(r["activated_params_fraction"] < 1 for r in rows[1:])
     md = (out / "table.md").read_text()
-    assert md.startswith("| method | target_sparsity | perplexity") and md.count("\n") == 7
+    assert md.startswith("| method | target_sparsity | perplexity | ppl_vs_first")
+    assert md.count("\n") == 7
+    # at each sparsity, chess+ against cats (the first there), paired over windows
+    vs = [(r["method"], r["target_sparsity"], r["ppl_vs_first"]) for r in rows]
+    assert [v for m, _, v in vs if m in ("dense", "cats")] == [None, None, None]
+    by = {(r["method"], r["target_sparsity"]): r for r in results}
+    for m, s, v in vs:
+        if m == "chess+":
+            diff = by[("chess+", s)]["perplexity"] - by[("cats", s)]["perplexity"]
+            assert v.startswith(f"{diff:+.3f} [") and v.endswith("vs cats"), v
     for png in ("ppl_vs_activated.png", "sparsity_heatmap.png"):
         with Image.open(out / png) as im:
             assert im.size[0] > 300 and im.size[1] > 200
