@@ -311,7 +311,8 @@ def paired_difference(a: dict, b: dict, resamples: int = 10000, seed: int = 0) -
         if "window_nll" not in r:
             raise ValueError(
                 f"result {name} ({r.get('method', '?')}) has no per-window perplexity "
-                "(`window_nll`): evaluate it again with this version of jaxsparse"
+                "(`window_nll`): it was evaluated without perplexity text, or by a jaxsparse "
+                "older than results with windows; evaluate it again with perplexity text"
             )
     if a["window_tokens"] != b["window_tokens"]:
         raise ValueError(
