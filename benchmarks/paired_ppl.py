@@ -39,11 +39,9 @@ def per_token_nll(ev, state, token_ids: np.ndarray) -> list[np.ndarray]:
     """-log p of every next token, per window, as `Evaluator.perplexity` sums them."""
     from jaxsparse.evaluate import SparsityMeter
 
-    L = ev.seq_len
-    rows = [token_ids[i : i + L] for i in range(0, len(token_ids), L)]
-    rows = [r for r in rows if len(r) >= 2]
     meter = SparsityMeter(ev.config.num_layers)
-    return [-x.astype(np.float64) for x in ev._run(rows, L, ev._thresholds(state), meter, "ppl")]
+    lls = ev.window_log_likelihoods(token_ids, ev._thresholds(state), meter)
+    return [-x.astype(np.float64) for x in lls]
 
 
 def ppl_of(nll: np.ndarray) -> float:

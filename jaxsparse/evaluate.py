@@ -161,14 +161,19 @@ class Evaluator:
             out_rows.extend(ll[r, : len(row) - 1] for r, row in enumerate(chunk))
         return out_rows
 
-    def perplexity(self, token_ids: np.ndarray, thresholds, meter) -> dict[str, Any]:
-        """Non-overlapping windows of `seq_len` over `token_ids`; the last may be shorter."""
+    def window_log_likelihoods(self, token_ids: np.ndarray, thresholds, meter) -> list[np.ndarray]:
+        """Per non-overlapping window of `seq_len` over `token_ids` (the last may be
+        shorter), the log-likelihood of each next token: what `perplexity` sums."""
         L = self.seq_len
         rows = [token_ids[i : i + L] for i in range(0, len(token_ids), L)]
         rows = [r for r in rows if len(r) >= 2]
         if not rows:
             raise ValueError(f"perplexity needs at least 2 tokens, got {len(token_ids)}")
-        lls = self._run(rows, L, thresholds, meter, "perplexity")
+        return self._run(rows, L, thresholds, meter, "perplexity")
+
+    def perplexity(self, token_ids: np.ndarray, thresholds, meter) -> dict[str, Any]:
+        """Over the windows of `window_log_likelihoods`."""
+        lls = self.window_log_likelihoods(token_ids, thresholds, meter)
         window_nll = [-float(x.sum(dtype=np.float64)) for x in lls]
         nll = sum(window_nll)
         n = sum(len(x) for x in lls)
@@ -176,7 +181,7 @@ class Evaluator:
             "perplexity": math.exp(nll / n),
             "nll": nll / n,
             "perplexity_tokens": n,
-            "windows": len(rows),
+            "windows": len(lls),
             # per window: the summed negative log-likelihood and its predictions, for a
             # paired comparison of two results on the same text (`paired_difference`)
             "window_nll": window_nll,

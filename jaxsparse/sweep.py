@@ -38,6 +38,13 @@ TABLE_COLUMNS = (
     "ffn_sparsity",
     "activated_params_fraction",
 )
+# A sweep's own table: each method's perplexity against the first's at the same sparsity
+# beside it (`paired_to_first`).
+SWEEP_COLUMNS = (
+    *TABLE_COLUMNS[: TABLE_COLUMNS.index("perplexity") + 1],
+    "ppl_vs_first",
+    *TABLE_COLUMNS[TABLE_COLUMNS.index("perplexity") + 1 :],
+)
 
 
 def config_name(method: str, sparsity: float) -> str:
@@ -203,31 +210,29 @@ def table_row(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def paired_to_first(results: list[dict[str, Any]], group) -> list[str | None]:
-    """Per result: its perplexity minus that of the first result in the same `group`
-    (`group(result)`: the target sparsity, or fraction), with a 95% interval from
-    resampling the windows of both together (`jaxsparse.evaluate.paired_difference`), as
-    "+0.18 [-0.10, +0.45] vs teal"; None for the first of its group, dense, a result
-    without perplexity, or one made before results kept their windows. At 50% sparsity
-    on SmolLM2, differences of a few tenths on 8192 tokens were noise
+def paired_to_first(rows: list[dict[str, Any]], results: list[dict[str, Any]], group) -> None:
+    """Sets each table row's "ppl_vs_first" (rows[i] made from results[i]): its result's
+    perplexity minus that of the first result in the same `group` (`group(result)`: the
+    target sparsity, or fraction), with a 95% interval from resampling the windows of
+    both together (`jaxsparse.evaluate.paired_difference`), as "+0.18 [-0.10, +0.45] vs
+    teal"; None for the first of its group, dense, a result without perplexity, or one
+    made before results kept their windows. At 50% sparsity on SmolLM2, differences of a
+    few tenths on 8192 tokens were noise
     (benchmarks/results/smollm2_cpu_wina/paired/README.md)."""
     from jaxsparse.evaluate import paired_difference
 
     first: dict[Any, dict[str, Any]] = {}
-    cells: list[str | None] = []
-    for r in results:
+    for row, r in zip(rows, results, strict=True):
+        row["ppl_vs_first"] = None
         g = group(r)
         if r.get("perplexity") is None or r["method"] == "dense" or g is None:
-            cells.append(None)
             continue
         ref = first.setdefault(g, r)
         if ref is r or "window_nll" not in r or "window_nll" not in ref:
-            cells.append(None)
             continue
         d = paired_difference(ref, r)
         lo, hi = d["interval95"]
-        cells.append(f"{d['ppl_b_minus_a']:+.3f} [{lo:+.3f}, {hi:+.3f}] vs {ref['method']}")
-    return cells
+        row["ppl_vs_first"] = f"{d['ppl_b_minus_a']:+.3f} [{lo:+.3f}, {hi:+.3f}] vs {ref['method']}"
 
 
 def markdown_table(rows: list[dict[str, Any]], columns=TABLE_COLUMNS) -> str:
@@ -504,13 +509,8 @@ def sweep(
         for name, state in todo
     ]
     rows = [table_row(r) for r in results]
-    for row, cell in zip(
-        rows, paired_to_first(results, lambda r: r["target_sparsity"]), strict=True
-    ):
-        row["ppl_vs_first"] = cell
-    columns = list(TABLE_COLUMNS)
-    columns.insert(columns.index("perplexity") + 1, "ppl_vs_first")
-    write_table(rows, out, tuple(columns))
+    paired_to_first(rows, results, lambda r: r["target_sparsity"])
+    write_table(rows, out, SWEEP_COLUMNS)
     title = f"{Path(lm.source).name}: {', '.join(methods)}"
     plot_ppl_vs_activated(results, out / "ppl_vs_activated.png", title)
     plot_layer_heatmap(results, out / "sparsity_heatmap.png", title)

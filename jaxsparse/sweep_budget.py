@@ -273,9 +273,7 @@ def sweep_fractions(
         else:
             results.append(cache.result(name, st, {"budget": b}))
     rows = [table_row(r) for r in results]
-    fraction = lambda r: (r.get("budget") or {}).get("target_fraction")
-    for row, cell in zip(rows, paired_to_first(results, fraction), strict=True):
-        row["ppl_vs_first"] = cell
+    paired_to_first(rows, results, lambda r: (r.get("budget") or {}).get("target_fraction"))
     write_table(rows, out, COLUMNS)
     plot_ppl_vs_activated(
         [r for r in results if r.get("perplexity") is not None],
