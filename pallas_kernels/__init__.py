@@ -6,7 +6,9 @@ Each kernel is a pure function with a pure-jnp `*_reference` of the same signatu
 kernels in Pallas interpret mode, e.g. on CPU). The TPU matvec kernels copy single active
 weight rows by DMA from a prefetched list of row indices (pallas_kernels/_row_dma.py).
 The TPU kernels are lowered for TPU and run in the interpreter by the tests on a CPU; they
-have not been compiled by libtpu or run on a TPU.
+have not been compiled by libtpu or run on a TPU. The compacted-row matvec
+(pallas_kernels/compacted_matvec.py: a list of active rows, then full tiles of them) is a
+GPU kernel; elsewhere it runs its jnp reference.
 
 No model code here (no projections; the decode attention kernel applies RoPE and writes
 the KV cache, and `residual_rms_norm` does a decode block's residual add, RMSNorm and
@@ -16,6 +18,12 @@ package, never the reverse. `residual_rms_norm` has a GPU kernel only: on a TPU 
 """
 
 from pallas_kernels._dispatch import IMPLS
+from pallas_kernels.compacted_matvec import (
+    compact_rows,
+    compact_rows_reference,
+    compacted_input_matvec,
+    compacted_matvec_into,
+)
 from pallas_kernels.gated_matvec import gated_matvec, gated_matvec_reference
 from pallas_kernels.head_sparse_attention import (
     head_mask_from_indices,
@@ -36,6 +44,10 @@ __all__ = [
     "IMPLS",
     "RmsNormOut",
     "accumulator_shape",
+    "compact_rows",
+    "compact_rows_reference",
+    "compacted_input_matvec",
+    "compacted_matvec_into",
     "gated_matvec",
     "gated_matvec_reference",
     "head_mask_from_indices",

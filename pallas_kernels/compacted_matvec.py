@@ -1,0 +1,341 @@
+"""Sparse-input matvec over a compacted list of active rows (GPU, batch 1 to 8).
+
+`sparse_matvec.py`'s GPU kernel gives every program a fixed (block_k x block_n) tile of W
+and masks the inactive rows out of its load. At 50% sparsity each program then has half a
+tile of bytes in flight, so the needed bytes stream at 3.64 TB/s against 4.17 TB/s for a
+dense read through the same kernel (benchmarks/NOTES_kernels.md, "What is left at batch
+1"). Here the active rows are first listed in order (`compact_rows`), and program
+(n, s) reads rows `ids[s * block_k : (s + 1) * block_k]` of column block n: full tiles
+until the list runs out, then programs that return at once. The grid is sized for the
+dense case, so it does not depend on the data (CUDA-graph safe), and a program past the
+list's end issues no load and no atomic.
+
+The list is kept per segment of `segment` channels: within each segment its active rows
+come first, ascending, then -1 for the rest. One program makes one segment's list, so the
+list kernel runs in parallel (`default_segment`: up to 1024 channels each), and a kernel
+that writes x one block at a time (the norm, attention) could write its block's list too.
+A tile of the matvec never spans two segments when `segment` is a multiple of `block_k`;
+the last tile of each segment's list is partly filled.
+
+Holds:
+- `compact_rows_reference` / `compact_rows`: (ids int32 [K], xc [B, K]) from x and an optional
+  threshold: `ids[K]` the active rows (the union over batch rows) per segment, -1 after
+  them; `xc[B, K]` x (thresholded) at those rows, 0 at -1. GPU: one program per segment.
+- `compacted_matvec_into`: `y += xc @ W[ids]` into given columns of a float32
+  accumulator (split-K atomics; the accumulator is the caller's, as in
+  `sparse_matvec.sparse_input_matvec_into`).
+
+Leaves out: TPU (its kernel in `sparse_matvec.py` already copies compacted rows, one DMA
+each); float16 weights are accepted but not tuned.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _dispatch as dsp
+
+_NAME = "compacted_matvec"
+
+DEFAULT_BLOCK_K = 64
+DEFAULT_BLOCK_N = 512
+DEFAULT_NUM_WARPS = 4
+
+
+MAX_SEGMENT = 1024  # one list-making program's share: a 14336-long scan in one program took 78 us
+
+
+def default_segment(K: int) -> int:
+    """K itself up to `MAX_SEGMENT`, else the largest divisor of K no longer than that,
+    preferring multiples of `DEFAULT_BLOCK_K` (whole tiles per segment): 1024 for K = 4096
+    and 14336, 768 for 1536, 576 for 576."""
+    if K <= MAX_SEGMENT:
+        return K
+    divisors = [d for d in range(MAX_SEGMENT, 0, -1) if K % d == 0]
+    whole = [d for d in divisors if d % DEFAULT_BLOCK_K == 0]
+    return (whole or divisors)[0]
+
+
+def _segment(K: int, segment: int | None, block_k: int) -> int:
+    seg = default_segment(K) if segment is None else segment
+    if not isinstance(seg, int) or seg <= 0 or (seg != K and K % seg):
+        raise ValueError(
+            f"{_NAME}: segment={segment!r} must be a positive int dividing K={K} (or None "
+            "for one list over all of K)."
+        )
+    return seg
+
+
+def _kept(x_BxK: jax.Array, threshold: Any) -> jax.Array:
+    if threshold is None:
+        return x_BxK
+    t = dsp.threshold_row(_NAME, threshold, x_BxK.shape[1]).astype(x_BxK.dtype)
+    return jnp.where(jnp.abs(x_BxK) >= t, x_BxK, jnp.zeros((), x_BxK.dtype))
+
+
+# ----------------------------------------------------------------------- compaction
+
+
+def compact_rows_reference(
+    x_BxK: jax.Array, threshold: Any = None, *, segment: int | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """(ids int32 [K], xc [B, K] in x's dtype): per segment, the rows where some batch
+    row of x (thresholded: `abs(x) >= t`, t rounded to x's dtype) is nonzero, ascending,
+    then -1; xc holds x at those rows and 0 after them."""
+    dsp.check_ndim(_NAME, "x_BxK", x_BxK, 2, "[B, K]")
+    B, K = x_BxK.shape
+    seg = _segment(K, segment, 1)
+    xk = _kept(x_BxK, threshold)
+    active = jnp.any(xk != 0, axis=0).reshape(K // seg, seg)
+    # a stable partition of each segment: active rows first, in order
+    order = jnp.argsort(~active, axis=1, stable=True).astype(jnp.int32)
+    on = jnp.take_along_axis(active, order, axis=1)
+    rows = order + (jnp.arange(K // seg, dtype=jnp.int32) * seg)[:, None]
+    ids = jnp.where(on, rows, -1).reshape(K)
+    xc = jnp.where(ids[None, :] >= 0, xk[:, jnp.maximum(ids, 0)], jnp.zeros((), xk.dtype))
+    return ids, xc
+
+
+def _compact_kernel(*refs, B, seg, BS, has_t):
+    """Program g: segment g. Each row's position is its rank among the segment's active
+    rows (a prefix sum), or, for an inactive row, the count plus its rank among the
+    inactive ones: every position gets exactly one write."""
+    if has_t:
+        x_ref, t_ref, ids_ref, xc_ref = refs
+    else:
+        x_ref, ids_ref, xc_ref = refs
+        t_ref = None
+    g = pl.program_id(0)
+    zero = 0 * g
+    rows = dsp.static_indices(B)
+    lane = jnp.arange(BS)
+    ok = lane < seg
+    k0 = g * seg
+    xs = []
+    for b in range(B):
+        x = dsp.masked_load(x_ref.at[rows[b], pl.ds(k0, BS)], ok)
+        if has_t:
+            t = dsp.masked_load(t_ref.at[zero, pl.ds(k0, BS)], ok).astype(x.dtype)
+            x = jnp.where(jnp.abs(x) >= t, x, jnp.zeros((), x.dtype))
+        xs.append(x)
+    active = ok & (xs[0] != 0)
+    for x in xs[1:]:
+        active = active | (ok & (x != 0))
+    on = active.astype(jnp.int32)
+    before = jnp.cumsum(on) - on  # active rows before this one
+    count = jnp.sum(on)
+    # a permutation of [0, BS): the lanes past the segment are inactive and come last
+    pos = jnp.where(active, before, count + (lane - before))
+    where = g * BS + pos  # the outputs have BS (a power of 2 >= seg) slots per segment
+    dsp.masked_store(ids_ref.at[where], jnp.where(active, k0 + lane, -1), None)
+    for b in range(B):
+        xb = jnp.where(active, xs[b], jnp.zeros((), xs[b].dtype))
+        dsp.masked_store(xc_ref.at[rows[b], where], xb, None)
+
+
+@functools.partial(jax.jit, static_argnames=("segment", "num_warps", "interpret"))
+def _compact_rows_gpu(x_BxK, threshold, *, segment, num_warps, interpret):
+    B, K = x_BxK.shape
+    seg = _segment(K, segment, 1)
+    BS = 1 << (seg - 1).bit_length()
+    has_t = threshold is not None
+    args = [x_BxK] + ([dsp.threshold_row(_NAME, threshold, K)] if has_t else [])
+    n_seg = K // seg
+    ids, xc = pl.pallas_call(
+        functools.partial(_compact_kernel, B=B, seg=seg, BS=BS, has_t=has_t),
+        out_shape=(
+            jax.ShapeDtypeStruct((n_seg * BS,), jnp.int32),
+            jax.ShapeDtypeStruct((B, n_seg * BS), x_BxK.dtype),
+        ),
+        grid=(K // seg,),
+        compiler_params=dsp.triton_compiler_params(num_warps, 1),
+        interpret=interpret,
+        name="compact_rows",
+    )(*args)
+    if BS != seg:  # drop each segment's padding slots (they hold -1 and 0)
+        ids = ids.reshape(n_seg, BS)[:, :seg].reshape(K)
+        xc = xc.reshape(B, n_seg, BS)[:, :, :seg].reshape(B, K)
+    return ids, xc
+
+
+def compact_rows(
+    x_BxK: jax.Array,
+    threshold: Any = None,
+    *,
+    segment: int | None = None,
+    impl: str = "auto",
+    num_warps: int = 4,
+) -> tuple[jax.Array, jax.Array]:
+    """The active rows of x, listed per segment (see `compact_rows_reference`); on GPU one
+    kernel launch, one program per segment."""
+    which = dsp.resolve_impl(impl, fn_name="compact_rows")
+    dsp.check_ndim(_NAME, "x_BxK", x_BxK, 2, "[B, K]")
+    dsp.check_float(_NAME, "x_BxK", x_BxK)
+    if which in ("gpu", "gpu_interpret"):
+        return _compact_rows_gpu(
+            x_BxK,
+            threshold,
+            segment=segment,
+            num_warps=num_warps,
+            interpret=which == "gpu_interpret",
+        )
+    return compact_rows_reference(x_BxK, threshold, segment=segment)
+
+
+# --------------------------------------------------------------------------- matvec
+
+
+def _matvec_kernel(ids_ref, xc_ref, w_ref, acc_in, acc_ref, *, B, K, N, block_k, block_n, col):
+    """Program (n, s): compacted rows [s * block_k, (s + 1) * block_k) of column block n."""
+    del acc_in  # aliased with acc_ref
+    n, s = pl.program_id(0), pl.program_id(1)
+    rows = dsp.static_indices(B)
+    p0 = s * block_k
+    n0 = n * block_n
+    lane = jnp.arange(block_k)
+    in_k = None if K % block_k == 0 else p0 + lane < K
+    ids = dsp.masked_load(ids_ref.at[pl.ds(p0, block_k)], in_k, -1)
+    valid = ids >= 0
+    live = jnp.sum(valid.astype(jnp.int32))
+
+    @pl.when(live > 0)
+    def _():
+        shape = (block_k, block_n)
+        # rows and columns both as index arrays (a gather): the interpreter's load rule
+        # takes all-array or all-slice indices, not a mix; Triton sees the columns'
+        # contiguity either way and loads each row segment vectorized
+        k_idx = jnp.broadcast_to(jnp.where(valid, ids, 0)[:, None], shape)
+        n_idx = jnp.broadcast_to((n0 + jnp.arange(block_n))[None, :], shape)
+        mask = valid[:, None]
+        if N % block_n:
+            mask = mask & (n0 + jnp.arange(block_n) < N)[None, :]
+        mask = jnp.broadcast_to(mask, shape)
+        w = dsp.masked_load(w_ref.at[k_idx, n_idx], mask, 0.0, eviction="evict_first").astype(
+            jnp.float32
+        )
+        for b in range(B):
+            x = dsp.masked_load(xc_ref.at[rows[b], pl.ds(p0, block_k)], in_k, 0.0)
+            part = jnp.sum(x.astype(jnp.float32)[:, None] * w, axis=0)
+            dsp.atomic_add(acc_ref, (rows[b], pl.ds(col + n0, block_n)), part)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("col", "block_k", "block_n", "num_warps", "num_stages", "interpret"),
+)
+def _compacted_matvec_gpu(
+    acc, ids, xc, w_KxN, *, col, block_k, block_n, num_warps, num_stages, interpret
+):
+    B, K = xc.shape
+    N = w_KxN.shape[1]
+    n_col = dsp.cdiv(N, block_n)
+    kernel = functools.partial(
+        _matvec_kernel, B=B, K=K, N=N, block_k=block_k, block_n=block_n, col=col
+    )
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct(acc.shape, jnp.float32),
+        grid=(n_col, dsp.cdiv(K, block_k)),
+        input_output_aliases={3: 0},
+        compiler_params=dsp.triton_compiler_params(num_warps, num_stages),
+        interpret=interpret,
+        name="compacted_matvec",
+    )(ids, xc, w_KxN, acc)
+    return out[:B, col : col + N], out
+
+
+def accumulator_columns(N: int, block_n: int = DEFAULT_BLOCK_N) -> int:
+    """Columns one product of width N takes in the accumulator (whole column blocks)."""
+    return dsp.cdiv(N, block_n) * block_n
+
+
+def compacted_matvec_into(
+    acc: jax.Array,
+    col: int,
+    ids: jax.Array,
+    xc: jax.Array,
+    w_KxN: jax.Array,
+    *,
+    impl: str = "auto",
+    block_k: int = DEFAULT_BLOCK_K,
+    block_n: int = DEFAULT_BLOCK_N,
+    num_warps: int = DEFAULT_NUM_WARPS,
+    num_stages: int = 3,
+) -> tuple[jax.Array, jax.Array]:
+    """Adds `xc @ W[ids]` (rows with id -1 skipped) into columns `[col, col + N)` of the
+    float32 accumulator `acc` [B, columns]; returns (those columns [B, N], acc').
+
+    `ids`, `xc` as `compact_rows` gives them. On GPU the kernel adds in place with
+    atomics into whole column blocks (`accumulator_columns(N)` columns past `col`)."""
+    which = dsp.resolve_impl(impl, fn_name=f"{_NAME}_into")
+    dsp.check_ndim(_NAME, "xc", xc, 2, "[B, K]")
+    dsp.check_ndim(_NAME, "w_KxN", w_KxN, 2, "[K, N]")
+    dsp.check_dim(_NAME, "w_KxN.shape[0] (K)", w_KxN.shape[0], xc.shape[1])
+    dsp.check_dim(_NAME, "ids.shape[0] (K)", ids.shape[0], xc.shape[1])
+    dsp.check_block(_NAME, "block_k", block_k, power_of_2=True)
+    dsp.check_block(_NAME, "block_n", block_n, power_of_2=True)
+    B, N = xc.shape[0], w_KxN.shape[1]
+    if (
+        getattr(acc, "ndim", None) != 2
+        or jnp.dtype(acc.dtype) != jnp.float32
+        or acc.shape[0] < B
+        or acc.shape[1] < col + accumulator_columns(N, block_n)
+    ):
+        raise ValueError(
+            f"{_NAME}_into: acc must be float32 [>= {B}, >= "
+            f"{col + accumulator_columns(N, block_n)}] for col={col}, N={N}, "
+            f"block_n={block_n}; got {getattr(acc, 'dtype', None)} "
+            f"{getattr(acc, 'shape', None)}."
+        )
+    if which in ("gpu", "gpu_interpret"):
+        return _compacted_matvec_gpu(
+            acc,
+            ids,
+            xc,
+            w_KxN,
+            col=col,
+            block_k=block_k,
+            block_n=block_n,
+            num_warps=num_warps,
+            num_stages=num_stages,
+            interpret=which == "gpu_interpret",
+        )
+    valid = ids >= 0
+    w = jnp.where(valid[:, None], w_KxN[jnp.maximum(ids, 0)], 0).astype(jnp.float32)
+    y = jnp.dot(xc.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST)
+    acc = acc.at[:B, col : col + N].add(y)
+    return acc[:B, col : col + N], acc
+
+
+def compacted_input_matvec(
+    x_BxK: jax.Array,
+    w_KxN: jax.Array,
+    threshold: Any = None,
+    *,
+    impl: str = "auto",
+    segment: int | None = None,
+    block_k: int = DEFAULT_BLOCK_K,
+    block_n: int = DEFAULT_BLOCK_N,
+    num_warps: int = DEFAULT_NUM_WARPS,
+    out_dtype: Any = None,
+) -> jax.Array:
+    """`y[B, N] = (x * (abs(x) >= t)) @ W` as two launches: the row list (`compact_rows`),
+    then the matvec over it (`compacted_matvec_into` on a zeroed accumulator). Returns y
+    in `out_dtype` (default x's dtype; float32 is the accumulator, with no cast)."""
+    dsp.check_ndim(_NAME, "x_BxK", x_BxK, 2, "[B, K]")
+    dsp.check_ndim(_NAME, "w_KxN", w_KxN, 2, "[K, N]")
+    dsp.check_float(_NAME, "w_KxN", w_KxN)
+    dsp.check_dim(_NAME, "w_KxN.shape[0] (K)", w_KxN.shape[0], x_BxK.shape[1])
+    B, N = x_BxK.shape[0], w_KxN.shape[1]
+    ids, xc = compact_rows(x_BxK, threshold, segment=segment, impl=impl)
+    acc = jnp.zeros((B, accumulator_columns(N, block_n)), jnp.float32)
+    y, _ = compacted_matvec_into(
+        acc, 0, ids, xc, w_KxN, impl=impl, block_k=block_k, block_n=block_n, num_warps=num_warps
+    )
+    out = jnp.dtype(x_BxK.dtype if out_dtype is None else out_dtype)
+    return y if out == jnp.float32 else y.astype(out)
