@@ -26,11 +26,11 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kernels import device_us_per_call, n_buffers, row_sparse_x, unrolled, weights  # noqa: E402
+from kernels import device_us_per_call, n_buffers, row_sparse_x, unrolled, weights
 
-from jaxsparse.io import write_json_atomic  # noqa: E402
-from pallas_kernels import compacted_matvec as cm  # noqa: E402
-from pallas_kernels import sparse_input_matvec  # noqa: E402
+from jaxsparse.io import write_json_atomic
+from pallas_kernels import compacted_matvec as cm
+from pallas_kernels import sparse_input_matvec
 
 
 def _dev(f, args, calls, trace_dir):
@@ -110,7 +110,7 @@ def main(argv=None):
             yr = xs[0].astype(jnp.float32) @ ws[0].astype(jnp.float32)
             for cfg in configs:
                 fn = unrolled(
-                    lambda lst, w, cfg=cfg: cm.compacted_matvec_into(
+                    lambda lst, w, cfg=cfg, N=N: cm.compacted_matvec_into(
                         jnp.zeros((1, cm.accumulator_columns(N, cfg["block_n"])), jnp.float32),
                         0,
                         *lst,

@@ -88,7 +88,7 @@ def compact_rows_reference(
     row of x (thresholded: `abs(x) >= t`, t rounded to x's dtype) is nonzero, ascending,
     then -1; xc holds x at those rows and 0 after them."""
     dsp.check_ndim(_NAME, "x_BxK", x_BxK, 2, "[B, K]")
-    B, K = x_BxK.shape
+    K = x_BxK.shape[1]
     seg = _segment(K, segment, 1)
     xk = _kept(x_BxK, threshold)
     active = jnp.any(xk != 0, axis=0).reshape(K // seg, seg)

@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 
 from pallas_kernels import (
     compact_rows,
-    compact_rows_reference,
     compacted_input_matvec,
     compacted_matvec_into,
     sparse_input_matvec_reference,
