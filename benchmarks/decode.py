@@ -331,7 +331,8 @@ def run(args) -> dict:
                 skipped.append({"method": method, "batch": batch})
                 print(f"{method} batch {batch}: skipped (--budget-s)", file=sys.stderr)
                 continue
-            kernels = default_kernels(base, batch, args.kernels, th)
+            sp = None if state is None else state.target_sparsity
+            kernels = default_kernels(base, batch, args.kernels, th, sp)
             attention_only = set(overrides) <= {"decode_attention", "attention_splits"}
             if overrides and (kernels.mode == "pallas" or attention_only):
                 kernels = dataclasses.replace(kernels, **overrides)

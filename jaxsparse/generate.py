@@ -168,7 +168,13 @@ def sample_logits(
     return sampled if mode is not None else jnp.where(temperature > 0, sampled, greedy)
 
 
-def default_kernels(method: str, batch: int, mode: str = "auto", thresholds: Any = None) -> Kernels:
+def default_kernels(
+    method: str,
+    batch: int,
+    mode: str = "auto",
+    thresholds: Any = None,
+    sparsity: float | None = None,
+) -> Kernels:
     """The decode matmuls for a state of `method` at `batch` rows: `mode` "pallas" (the
     sparse kernels) or "xla" (masked dense), or "auto": the kernels on a GPU or TPU for a
     single row, XLA otherwise (on an H200 the batch kernel, the union of the rows' active
@@ -176,7 +182,10 @@ def default_kernels(method: str, batch: int, mode: str = "auto", thresholds: Any
     benchmarks/results/kernels_h200.json; on a CPU they would only run as their
     pure-jnp references). Dense always runs plain XLA. `thresholds`, the state's
     `thresholds_for_model()`: q/k/v are fused only where its q_in and kv_in thresholds are
-    equal (`jaxsparse.registry.kernels_for_method`); None decides by the method's name."""
+    equal (`jaxsparse.registry.kernels_for_method`); None decides by the method's name.
+    `sparsity`, the state's target sparsity: from
+    `jaxsparse.registry.COMPACT_FROM_SPARSITY` on, the GPU matvecs read lists of active
+    rows (`Kernels.compact_points`)."""
     from jaxsparse.registry import kernels_for_method
 
     if mode not in ("auto", "pallas", "xla"):
@@ -186,7 +195,7 @@ def default_kernels(method: str, batch: int, mode: str = "auto", thresholds: Any
     if mode == "auto":
         accelerator = jax.default_backend() in ("gpu", "tpu")
         mode = "pallas" if accelerator and batch == 1 else "xla"
-    return kernels_for_method(method, mode, thresholds=thresholds)
+    return kernels_for_method(method, mode, thresholds=thresholds, sparsity=sparsity)
 
 
 def _layer_index(name: str) -> int:

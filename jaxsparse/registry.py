@@ -47,8 +47,20 @@ DENSE_KERNEL_POINTS: dict[str, tuple[str, ...]] = {
 SHARED_QKV_INPUT = frozenset({"dense", "cats", "chess", "chess-learned", "teal", "wina", "dejavu"})
 
 
+# From this target sparsity on, a state's sparse-input matvecs read a list of their active
+# rows (`Kernels.compact_points`). On an H200 (Llama-3-8B's 4096x14336 and 14336x4096,
+# bf16, batch 1; benchmarks/results/compacted_matvec_h200.json) the list and its matvec
+# took 21.4-21.7 us at 50% against 20.1-20.8 for the masked tiles, and 15.7-15.8 against
+# 17.0-17.3 at 70%: the crossover lies between the two.
+COMPACT_FROM_SPARSITY = 0.6
+
+
 def kernels_for_method(
-    method: str, mode: str = "pallas", impl: str = "auto", thresholds: dict | None = None
+    method: str,
+    mode: str = "pallas",
+    impl: str = "auto",
+    thresholds: dict | None = None,
+    sparsity: float | None = None,
 ) -> Kernels:
     """The kernel setup for a sparsity method's decode steps (`KERNEL_POINTS`).
 
@@ -56,7 +68,9 @@ def kernels_for_method(
     one matmul on the q input only when its `q_in` and `kv_in` thresholds are equal in
     every layer (`jaxsparse.sparsity.shares_qkv_input`); otherwise k/v run apart, on their
     own input, so that the `kv_in` threshold is the one applied. None: decided by the
-    method's name alone (`SHARED_QKV_INPUT`)."""
+    method's name alone (`SHARED_QKV_INPUT`). `sparsity`, the state's target sparsity:
+    from `COMPACT_FROM_SPARSITY` on, every sparse-input point but CHESS's dense gate input
+    reads a list of its active rows (`Kernels.compact_points`); None: never."""
     from jaxsparse.sparsity import shares_qkv_input
 
     if method not in KERNEL_POINTS:
@@ -78,4 +92,7 @@ def kernels_for_method(
         impl=impl,
         gate_proj_rows=method == "dejavu",
         head_attention=heads,
+        compact_points=tuple(p for p in points if p != "gate")
+        if sparsity is not None and sparsity >= COMPACT_FROM_SPARSITY
+        else (),
     )

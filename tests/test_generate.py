@@ -1,5 +1,7 @@
 """Generation: the cached, batched, compiled decode against a plain full-forward greedy loop."""
 
+import dataclasses
+
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -295,6 +297,71 @@ def test_kernel_decoding_gives_masked_dense_tokens(method, impl):
     want = _decode_logits(config, params, Kernels(), thresholds, prompt, 3)
     have = _decode_logits(config, params, kernels, thresholds, prompt, 3)
     np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_compact_points_follow_the_target_sparsity():
+    """From `COMPACT_FROM_SPARSITY` on, the sparse-input points (not CHESS's gate, which
+    `gated_matvec` runs) read lists of active rows; below it, or with no sparsity given,
+    none do."""
+    from jaxsparse.generate import default_kernels
+    from jaxsparse.registry import COMPACT_FROM_SPARSITY, KERNEL_POINTS, kernels_for_method
+
+    teal = KERNEL_POINTS["teal"]
+    assert kernels_for_method("teal", sparsity=0.9).compact_points == teal
+    assert kernels_for_method("teal", sparsity=COMPACT_FROM_SPARSITY).compact_points == teal
+    assert kernels_for_method("chess", sparsity=0.7).compact_points == ("down_in",)
+    assert kernels_for_method("teal", sparsity=0.5).compact_points == ()
+    assert kernels_for_method("teal").compact_points == ()
+    assert default_kernels("teal", 1, "pallas", sparsity=0.9).compact_points == teal
+    with pytest.raises(ValueError, match="kernel points"):
+        Kernels("pallas", compact_points=("nope",))
+
+
+@pytest.mark.slow  # ~30 s on 2 cores: the kernels run in interpret mode
+@pytest.mark.parametrize("method", ["teal", "chess"])
+def test_compacted_rows_decode_gives_masked_dense_tokens(method):
+    """A decode step whose matvecs read lists of active rows (`Kernels.compact_points`,
+    GPU kernels in interpret mode) gives the masked dense XLA path's tokens and logits;
+    the step does run the list and compacted kernels."""
+    from jaxsparse.models import init_cache, prepare_params
+    from jaxsparse.registry import kernels_for_method
+
+    config = tiny(intermediate_size=96)
+    params = jax.tree.map(lambda x: x * 10, init_params(config, seed=2))
+    thresholds = random_thresholds(config, jax.random.key(4), scale=0.6)
+    kernels = kernels_for_method(method, "pallas", "gpu_interpret", thresholds, sparsity=0.9)
+    assert "down_in" in kernels.compact_points
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    dense = Generator(config, params).generate_ids(
+        prompts, max_new_tokens=5, thresholds=thresholds, stop_at_eos=False
+    )
+    got = Generator(config, params, kernels=kernels).generate_ids(
+        prompts, max_new_tokens=5, thresholds=thresholds, stop_at_eos=False
+    )
+    assert got.tokens == dense.tokens
+    assert got.measured_sparsity["down_in"] == pytest.approx(dense.measured_sparsity["down_in"])
+    assert 0.3 < dense.measured_sparsity["down_in"] < 1.0  # the thresholds did zero things
+    prompt = jnp.asarray([[5, 6, 7, 8], [9, 10, 11, 12]])
+    want = _decode_logits(config, params, Kernels(), thresholds, prompt, 2)
+    have = _decode_logits(config, params, kernels, thresholds, prompt, 2)
+    np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    if method == "teal":  # each call its own target (`compacted_input_matvec`)
+        alone = dataclasses.replace(kernels, shared_accumulator=False)
+        have = _decode_logits(config, params, alone, thresholds, prompt, 2)
+        np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    # the step runs the compacted kernels (by their names in its jaxpr)
+    model, p = build_model(config, kernels), prepare_params(params, config, kernels)
+    b = 1
+    step = jax.make_jaxpr(lambda p, *a: model.apply({"params": p}, *a))(
+        p,
+        jnp.zeros((b, 1), jnp.int32),
+        jnp.full((b, 1), 4),
+        init_cache(config, b, 8),
+        4,
+        thresholds,
+    )
+    text = str(step)
+    assert "compact_rows" in text and "compacted_matvec" in text
 
 
 def _dot_inputs(jaxpr, weight_shapes: dict) -> list[tuple[str, object]]:

@@ -138,7 +138,9 @@ def run(args: argparse.Namespace) -> int:
 
         state = load_state(args.sparsity_state, config=lm.config)
         thresholds = state.thresholds_for_model()
-        kernels = default_kernels(state.method, len(prompts), args.kernels, thresholds)
+        kernels = default_kernels(
+            state.method, len(prompts), args.kernels, thresholds, state.target_sparsity
+        )
     gen = Generator(
         lm.config,
         lm.params,

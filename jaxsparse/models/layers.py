@@ -78,6 +78,15 @@ class Kernels:
     # runs between the two matvecs (`llama._kernel_gate_rule`); False: XLA makes g first.
     gate_rule_in_kernel: bool = True
     impl: str = "auto"
+    # Points whose sparse-input matvec runs on a GPU (or its interpreter) as two launches:
+    # a list of the active rows (`pallas_kernels.compact_rows`), then full tiles of listed
+    # rows (`pallas_kernels.compacted_matvec_into`) instead of fixed tiles with their
+    # inactive rows masked out. Faster where most rows are inactive: on an H200 at 70%
+    # sparsity 15.7-15.8 us against 17.0-17.3 for Llama-3-8B's 4096x14336 and 14336x4096,
+    # at 90% 9.5-9.7 against 15.4-15.5; slower at 50% (21.4-21.7 against 20.1-20.8), where
+    # the list's launch costs more than it saves (benchmarks/NOTES_kernels.md).
+    # `jaxsparse.registry.kernels_for_method` sets it from the state's target sparsity.
+    compact_points: tuple[str, ...] = ()
     # gate_proj stored [m, d] (rows layout, prepared by `prepare_params`) and computed by
     # `gated_matvec` with the Deja Vu neuron mask as its gate: only predicted-active rows
     # of gate_proj are read (`mask * (x @ Wg^T)`).
@@ -142,7 +151,9 @@ class Kernels:
 
         if self.mode not in ("xla", "pallas"):
             raise ValueError(f"kernels={self.mode!r}: use 'xla' or 'pallas'")
-        unknown = (set(self.points) | set(self.dense_points)) - set(TENSORS)
+        unknown = (set(self.points) | set(self.dense_points) | set(self.compact_points)) - set(
+            TENSORS
+        )
         if unknown:
             raise ValueError(f"kernel points {sorted(unknown)} unknown; known: {TENSORS}")
         if self.fuse_gate_up and "gate" in self.points:
@@ -214,6 +225,16 @@ class Kernels:
         if splits is None:
             splits = min(ATTENTION_MAX_SPLITS, -(-cache_slots // ATTENTION_SLOTS_PER_SPLIT))
         return {"num_splits": max(1, splits)}
+
+    def compacts(self, point: str) -> bool:
+        """Whether `point`'s sparse-input matvec reads a list of active rows
+        (`compact_points`): on a GPU or in its interpreter; the TPU kernel lists its
+        rows itself."""
+        from pallas_kernels._dispatch import resolve_impl
+
+        if point not in self.compact_points:
+            return False
+        return resolve_impl(self.impl, fn_name="Kernels") in ("gpu", "gpu_interpret")
 
     def use(self, point: str, x: jax.Array) -> bool:
         """Whether the projection fed by `point` uses a kernel for input `x` (decode only)."""
@@ -302,18 +323,28 @@ class SharedAccumulator:
         return BlockAccumulators(**{n: parts.get(n) for n in ("attn", "gate", "ffn", "down")})
 
     def matvec(
-        self, x_BxK: jax.Array, kernel_KxN: jax.Array, impl: str, threshold=None
+        self,
+        x_BxK: jax.Array,
+        kernel_KxN: jax.Array,
+        impl: str,
+        threshold=None,
+        compact: bool = False,
     ) -> jax.Array | None:
         """`x @ kernel` (float32 [B, N]; `threshold` applied to x in the kernel) through the
-        shared buffer, or None (see above)."""
-        from pallas_kernels import sparse_input_matvec_into
+        shared buffer, or None (see above). `compact`: over a list of the active rows
+        (`Kernels.compact_points`)."""
+        from pallas_kernels import compact_rows, compacted_matvec_into, sparse_input_matvec_into
 
         span = self._room([(x_BxK, kernel_KxN)])
         if span is None:
             return None
-        y, self.buf = sparse_input_matvec_into(
-            self.buf, self.col, x_BxK, kernel_KxN, threshold, impl=impl
-        )
+        if compact:
+            ids, xc = compact_rows(x_BxK, threshold, impl=impl)
+            y, self.buf = compacted_matvec_into(self.buf, self.col, ids, xc, kernel_KxN, impl=impl)
+        else:
+            y, self.buf = sparse_input_matvec_into(
+                self.buf, self.col, x_BxK, kernel_KxN, threshold, impl=impl
+            )
         self.col += span
         return y
 
@@ -483,7 +514,16 @@ class Linear(nn.Module):
             b = x.shape[0]
             # the kernel rounds the threshold to x's dtype, as `rules.sparsify` does
             t = threshold
-            y = None if shared is None else shared.matvec(x.reshape(b, -1), kernel, k.impl, t)
+            compact = k.compacts(point)
+            y = None
+            if shared is not None:
+                y = shared.matvec(x.reshape(b, -1), kernel, k.impl, t, compact=compact)
+            if y is None and compact and _whole(k.mesh):
+                from pallas_kernels import compacted_input_matvec
+
+                y = compacted_input_matvec(
+                    x.reshape(b, -1), kernel, t, impl=k.impl, out_dtype=jnp.float32
+                )
             if y is None:
                 y = per_shard(  # float32 out: the accumulator as it is, no cast pass
                     lambda x2, w: sparse_input_matvec(x2, w, t, impl=k.impl, out_dtype=jnp.float32),
