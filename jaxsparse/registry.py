@@ -49,10 +49,11 @@ SHARED_QKV_INPUT = frozenset({"dense", "cats", "chess", "chess-learned", "teal",
 
 # From this target sparsity on, a state's sparse-input matvecs read a list of their active
 # rows (`Kernels.compact_points`). On an H200 (Llama-3-8B's 4096x14336 and 14336x4096,
-# bf16, batch 1; benchmarks/results/compacted_matvec_h200.json) the list and its matvec
-# took 21.4-21.7 us at 50% against 20.1-20.8 for the masked tiles, and 15.7-15.8 against
-# 17.0-17.3 at 70%: the crossover lies between the two.
-COMPACT_FROM_SPARSITY = 0.6
+# bf16, batch 1; benchmarks/results/compacted_rows_h200/compacted_matvec*.json) the list
+# and its matvec took 21.4-21.7 us at 50% against 20.1-20.8 for the masked tiles,
+# 18.4-19.2 against 18.3-18.8 at 60%, and 15.7-15.8 against 17.0-17.3 at 70%: the
+# crossover lies between 60% and 70%.
+COMPACT_FROM_SPARSITY = 0.65
 
 
 def kernels_for_method(

@@ -42,9 +42,9 @@ from pallas_kernels import _dispatch as dsp
 
 _NAME = "compacted_matvec"
 
-# From benchmarks/results/compacted_matvec_h200.json (H200, bf16, batch 1): 32 x 256 tiles
-# were the fastest of five at 70% and 90% on both Llama-3-8B FFN shapes (14.0 / 7.8-8.0 us)
-# and within 0.8 us of the best at 50%.
+# From benchmarks/results/compacted_rows_h200/compacted_matvec_h200.json (H200, bf16,
+# batch 1): 32 x 256 tiles were the fastest of five at 70% and 90% on both Llama-3-8B FFN
+# shapes (14.0 / 7.8-8.0 us) and within 0.8 us of the best at 50%.
 DEFAULT_BLOCK_K = 32
 DEFAULT_BLOCK_N = 256
 DEFAULT_NUM_WARPS = 4

@@ -310,6 +310,7 @@ def test_compact_points_follow_the_target_sparsity():
     assert kernels_for_method("teal", sparsity=0.9).compact_points == teal
     assert kernels_for_method("teal", sparsity=COMPACT_FROM_SPARSITY).compact_points == teal
     assert kernels_for_method("chess", sparsity=0.7).compact_points == ("down_in",)
+    assert kernels_for_method("teal", sparsity=0.6).compact_points == ()
     assert kernels_for_method("teal", sparsity=0.5).compact_points == ()
     assert kernels_for_method("teal").compact_points == ()
     assert default_kernels("teal", 1, "pallas", sparsity=0.9).compact_points == teal
