@@ -56,6 +56,9 @@ def main(argv=None):
     ap.add_argument("--json", required=True)
     ap.add_argument("--shapes", default="4096x14336,14336x4096")
     ap.add_argument("--sparsities", default="0.5,0.7,0.9")
+    ap.add_argument(
+        "--batches", default="1", help="from 2 on, each row its own pattern (the union is listed)"
+    )
     ap.add_argument("--configs", default="64x256x4,128x256x4,64x512x4,32x256x4,64x128x4")
     ap.add_argument("--trace-dir", default="/tmp/compacted_traces")
     ap.add_argument("--calls-min", type=int, default=16)
@@ -87,18 +90,25 @@ def main(argv=None):
             lambda x, w: sparse_input_matvec(x, w, impl=args.impl, out_dtype=jnp.float32), nb, nb
         )
         compact = unrolled(lambda x, w: cm.compact_rows(x, impl=args.impl), nb, nb)
-        for s in [float(v) for v in args.sparsities.split(",")]:
+        cases = [
+            (B, float(v))
+            for B in (int(b) for b in args.batches.split(","))
+            for v in args.sparsities.split(",")
+        ]
+        for B, s in cases:
             keys = jax.random.split(jax.random.key(int(s * 1000)), nb)
-            xs_act = [row_sparse_x(k, 1, K, s, dtype) for k in keys]
+            # from batch 2 each row its own random pattern: the list is their union
+            xs_act = [row_sparse_x(k, B, K, s, dtype, shared=B == 1) for k in keys]
             xs = [x for x, _ in xs_act]
             n_act = xs_act[0][1]
             need = n_act * N * dtype.itemsize
             lists = [cm.compact_rows(x, impl=args.impl) for x in xs]
-            tag = f"{args.trace_dir}/{K}x{N}_s{s}"
+            tag = f"{args.trace_dir}/{K}x{N}_b{B}_s{s}"
             base = {
                 "K": K,
                 "N": N,
                 "sparsity": s,
+                "batch": B,
                 "active_rows": n_act,
                 "needed_MB": need / 1e6,
                 "device_us_dense": _dev(dense, (xs, wt), nb, f"{tag}_dense"),
@@ -110,8 +120,8 @@ def main(argv=None):
             yr = xs[0].astype(jnp.float32) @ ws[0].astype(jnp.float32)
             for cfg in configs:
                 fn = unrolled(
-                    lambda lst, w, cfg=cfg, N=N: cm.compacted_matvec_into(
-                        jnp.zeros((1, cm.accumulator_columns(N, cfg["block_n"])), jnp.float32),
+                    lambda lst, w, cfg=cfg, N=N, B=B: cm.compacted_matvec_into(
+                        jnp.zeros((B, cm.accumulator_columns(N, cfg["block_n"])), jnp.float32),
                         0,
                         *lst,
                         w,
@@ -164,16 +174,16 @@ def main(argv=None):
     }
     write_json_atomic(out, args.json)
     print(
-        "\n| shape | s | config | dense us | masked us | TEAL us | compacted us | list us "
+        "\n| shape | B | s | config | dense us | masked us | TEAL us | compacted us | list us "
         "| list + compacted us | compacted TB/s | vs dense | standalone vs dense |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             continue
         c = r["config"]
         print(
-            f"| {r['K']}x{r['N']} | {r['sparsity']} | {c['block_k']}x{c['block_n']}x{c['num_warps']} "
+            f"| {r['K']}x{r['N']} | {r['batch']} | {r['sparsity']} | {c['block_k']}x{c['block_n']}x{c['num_warps']} "
             f"| {r['device_us_dense']:.1f} | {r['device_us_masked']:.1f} | {r.get('teal_us', float('nan')):.1f} "
             f"| {r['device_us_compacted']:.1f} | {r['device_us_compact_rows']:.1f} "
             f"| {r['device_us_standalone']:.1f} | {r['compacted_TBps_needed']:.2f} "
