@@ -168,9 +168,14 @@ def static_indices(n: int) -> list[jax.Array]:
     return [zero + i for i in range(n)]
 
 
-def atomic_add(ref: Any, idx: Any, val: jax.Array) -> None:
-    """`ref[idx] += val` atomically (float32 refs; unmasked: pad the target instead)."""
-    _triton_module().atomic_add(ref, idx, val)
+def atomic_add(ref: Any, idx: Any, val: jax.Array, mask: jax.Array | None = None) -> None:
+    """`ref[idx] += val` atomically (float32 refs). `mask`: only where True; the jax 0.10
+    interpreter has no rule for masked atomics, so interpret-mode kernels pad the target
+    instead and pass None."""
+    if mask is None:
+        _triton_module().atomic_add(ref, idx, val)
+    else:
+        _triton_module().atomic_add(ref, idx, val, mask=mask)
 
 
 # --------------------------------------------------------------- Mosaic TPU lowering

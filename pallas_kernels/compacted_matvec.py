@@ -39,6 +39,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _dispatch as dsp
+from pallas_kernels.sparse_matvec import _dot_dtype
+from pallas_kernels.sparse_matvec import _target_rows as target_rows
 
 _NAME = "compacted_matvec"
 
@@ -193,8 +195,29 @@ def compact_rows(
 # --------------------------------------------------------------------------- matvec
 
 
-def _matvec_kernel(ids_ref, xc_ref, w_ref, acc_in, acc_ref, *, B, K, N, block_k, block_n, col):
-    """Program (n, s): compacted rows [s * block_k, (s + 1) * block_k) of column block n."""
+def _matvec_kernel(
+    ids_ref,
+    xc_ref,
+    w_ref,
+    acc_in,
+    acc_ref,
+    *,
+    B,
+    K,
+    N,
+    block_k,
+    block_n,
+    col,
+    rows_p,
+    dot_dtype,
+    mask_rows,
+):
+    """Program (n, s): compacted rows [s * block_k, (s + 1) * block_k) of column block n.
+
+    `dot_dtype` None: batch rows one by one (multiply + sum over the tile); else x's
+    `rows_p` rows (B padded with zero rows) times the W tile on the tensor cores, the
+    atomics masked to the B real rows where `mask_rows` (not in the interpreter, which
+    has no rule for masked atomics; the padded rows add zeros there)."""
     del acc_in  # aliased with acc_ref
     n, s = pl.program_id(0), pl.program_id(1)
     rows = dsp.static_indices(B)
@@ -218,9 +241,17 @@ def _matvec_kernel(ids_ref, xc_ref, w_ref, acc_in, acc_ref, *, B, K, N, block_k,
         if N % block_n:
             mask = mask & (n0 + jnp.arange(block_n) < N)[None, :]
         mask = jnp.broadcast_to(mask, shape)
-        w = dsp.masked_load(w_ref.at[k_idx, n_idx], mask, 0.0, eviction="evict_first").astype(
-            jnp.float32
-        )
+        w = dsp.masked_load(w_ref.at[k_idx, n_idx], mask, 0.0, eviction="evict_first")
+        if dot_dtype is not None:
+            ok = None if in_k is None else jnp.broadcast_to(in_k[None, :], (rows_p, block_k))
+            x = dsp.masked_load(xc_ref.at[pl.ds(0, rows_p), pl.ds(p0, block_k)], ok, 0.0)
+            part = dsp.triton_dot(x.astype(dot_dtype), w.astype(dot_dtype))
+            real = None
+            if mask_rows:
+                real = jnp.broadcast_to((jnp.arange(rows_p) < B)[:, None], (rows_p, block_n))
+            dsp.atomic_add(acc_ref, (pl.ds(0, rows_p), pl.ds(col + n0, block_n)), part, real)
+            return
+        w = w.astype(jnp.float32)
         for b in range(B):
             x = dsp.masked_load(xc_ref.at[rows[b], pl.ds(p0, block_k)], in_k, 0.0)
             part = jnp.sum(x.astype(jnp.float32)[:, None] * w, axis=0)
@@ -229,16 +260,30 @@ def _matvec_kernel(ids_ref, xc_ref, w_ref, acc_in, acc_ref, *, B, K, N, block_k,
 
 @functools.partial(
     jax.jit,
-    static_argnames=("col", "block_k", "block_n", "num_warps", "num_stages", "interpret"),
+    static_argnames=("col", "block_k", "block_n", "num_warps", "num_stages", "interpret", "dot"),
 )
 def _compacted_matvec_gpu(
-    acc, ids, xc, w_KxN, *, col, block_k, block_n, num_warps, num_stages, interpret
+    acc, ids, xc, w_KxN, *, col, block_k, block_n, num_warps, num_stages, interpret, dot
 ):
     B, K = xc.shape
     N = w_KxN.shape[1]
     n_col = dsp.cdiv(N, block_n)
+    rows_p, dot_dtype = B, None
+    if dot:
+        rows_p = target_rows(B, True)
+        dot_dtype = _dot_dtype(xc.dtype, w_KxN.dtype)
+        xc = jnp.pad(xc, ((0, rows_p - B), (0, 0)))
     kernel = functools.partial(
-        _matvec_kernel, B=B, K=K, N=N, block_k=block_k, block_n=block_n, col=col
+        _matvec_kernel,
+        B=B,
+        K=K,
+        N=N,
+        block_k=block_k,
+        block_n=block_n,
+        col=col,
+        rows_p=rows_p,
+        dot_dtype=dot_dtype,
+        mask_rows=not interpret,
     )
     out = pl.pallas_call(
         kernel,
@@ -250,6 +295,12 @@ def _compacted_matvec_gpu(
         name="compacted_matvec",
     )(ids, xc, w_KxN, acc)
     return out[:B, col : col + N], out
+
+
+def accumulator_rows(B: int, dot: bool | None = None) -> int:
+    """Rows the GPU kernel's accumulator needs for B batch rows: B, or on the tensor-core
+    path (`dot`; default from batch 2 on) B padded to a power of 2 of at least 16."""
+    return target_rows(B, B >= 2 if dot is None else bool(dot))
 
 
 def accumulator_columns(N: int, block_n: int = DEFAULT_BLOCK_N) -> int:
@@ -269,12 +320,16 @@ def compacted_matvec_into(
     block_n: int = DEFAULT_BLOCK_N,
     num_warps: int = DEFAULT_NUM_WARPS,
     num_stages: int = 3,
+    dot: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Adds `xc @ W[ids]` (rows with id -1 skipped) into columns `[col, col + N)` of the
-    float32 accumulator `acc` [B, columns]; returns (those columns [B, N], acc').
+    float32 accumulator `acc` [rows, columns]; returns (those columns [B, N], acc').
 
     `ids`, `xc` as `compact_rows` gives them. On GPU the kernel adds in place with
-    atomics into whole column blocks (`accumulator_columns(N)` columns past `col`)."""
+    atomics into whole column blocks (`accumulator_columns(N)` columns past `col`).
+    `dot` (default: from batch 2 on) multiplies the batch rows, padded to
+    `accumulator_rows(B)` (16 or more), on the tensor cores; `acc` then needs that many
+    rows (the padding rows are left as they were)."""
     which = dsp.resolve_impl(impl, fn_name=f"{_NAME}_into")
     dsp.check_ndim(_NAME, "xc", xc, 2, "[B, K]")
     dsp.check_ndim(_NAME, "w_KxN", w_KxN, 2, "[K, N]")
@@ -283,25 +338,29 @@ def compacted_matvec_into(
     dsp.check_block(_NAME, "block_k", block_k, power_of_2=True)
     dsp.check_block(_NAME, "block_n", block_n, power_of_2=True)
     B, N = xc.shape[0], w_KxN.shape[1]
+    gpu = which in ("gpu", "gpu_interpret")
+    dot = B >= 2 if dot is None else bool(dot)
+    rows = accumulator_rows(B, dot) if gpu else B
     if (
         getattr(acc, "ndim", None) != 2
         or jnp.dtype(acc.dtype) != jnp.float32
-        or acc.shape[0] < B
+        or acc.shape[0] < rows
         or acc.shape[1] < col + accumulator_columns(N, block_n)
     ):
         raise ValueError(
-            f"{_NAME}_into: acc must be float32 [>= {B}, >= "
+            f"{_NAME}_into: acc must be float32 [>= {rows}, >= "
             f"{col + accumulator_columns(N, block_n)}] for col={col}, N={N}, "
             f"block_n={block_n}; got {getattr(acc, 'dtype', None)} "
             f"{getattr(acc, 'shape', None)}."
         )
-    if which in ("gpu", "gpu_interpret"):
+    if gpu:
         return _compacted_matvec_gpu(
             acc,
             ids,
             xc,
             w_KxN,
             col=col,
+            dot=dot,
             block_k=block_k,
             block_n=block_n,
             num_warps=num_warps,
@@ -326,6 +385,7 @@ def compacted_input_matvec(
     block_n: int = DEFAULT_BLOCK_N,
     num_warps: int = DEFAULT_NUM_WARPS,
     out_dtype: Any = None,
+    dot: bool | None = None,
 ) -> jax.Array:
     """`y[B, N] = (x * (abs(x) >= t)) @ W` as two launches: the row list (`compact_rows`),
     then the matvec over it (`compacted_matvec_into` on a zeroed accumulator). Returns y
@@ -336,9 +396,18 @@ def compacted_input_matvec(
     dsp.check_dim(_NAME, "w_KxN.shape[0] (K)", w_KxN.shape[0], x_BxK.shape[1])
     B, N = x_BxK.shape[0], w_KxN.shape[1]
     ids, xc = compact_rows(x_BxK, threshold, segment=segment, impl=impl)
-    acc = jnp.zeros((B, accumulator_columns(N, block_n)), jnp.float32)
+    acc = jnp.zeros((accumulator_rows(B, dot), accumulator_columns(N, block_n)), jnp.float32)
     y, _ = compacted_matvec_into(
-        acc, 0, ids, xc, w_KxN, impl=impl, block_k=block_k, block_n=block_n, num_warps=num_warps
+        acc,
+        0,
+        ids,
+        xc,
+        w_KxN,
+        impl=impl,
+        block_k=block_k,
+        block_n=block_n,
+        num_warps=num_warps,
+        dot=dot,
     )
     out = jnp.dtype(x_BxK.dtype if out_dtype is None else out_dtype)
     return y if out == jnp.float32 else y.astype(out)

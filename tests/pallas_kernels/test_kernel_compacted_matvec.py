@@ -16,7 +16,11 @@ from pallas_kernels import (
     compacted_matvec_into,
     sparse_input_matvec_reference,
 )
-from pallas_kernels.compacted_matvec import accumulator_columns, default_segment
+from pallas_kernels.compacted_matvec import (
+    accumulator_columns,
+    accumulator_rows,
+    default_segment,
+)
 
 K, N = 320, 200  # N not a multiple of the column block below
 SPARSITIES = (0.0, 0.3, 0.5, 0.9, 1.0)
@@ -56,15 +60,16 @@ def test_lists_match_numpy(kt, gpu_impl, segment, B):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("B", [1, 2, 8])
-def test_matvec_matches_reference(kt, gpu_impl, dtype, B):
+@pytest.mark.parametrize("B,dot", [(1, None), (2, None), (2, False), (8, None)])
+def test_matvec_matches_reference(kt, gpu_impl, dtype, B, dot):
+    """Batch 1 row by row; from batch 2 on the tensor cores (dot None) or row by row."""
     w = kt.normal(jax.random.key(100 + B), (K, N), dtype)
     for seed in (0, 1):
         for s in SPARSITIES:
             x = kt.sparse_values(jax.random.key(seed * 10 + int(s * 10)), (B, K), s, dtype)
             want = sparse_input_matvec_reference(x, w)
             for segment in (None, 64):
-                y = compacted_input_matvec(x, w, impl=gpu_impl, segment=segment, **BLOCKS)
+                y = compacted_input_matvec(x, w, impl=gpu_impl, segment=segment, dot=dot, **BLOCKS)
                 assert y.dtype == x.dtype
                 kt.assert_close(y, want, dtype, f"B={B} s={s} seed={seed} segment={segment}")
             if s == 1.0:
@@ -94,20 +99,28 @@ def test_inactive_rows_are_not_read(kt):
     kt.assert_close(y, sparse_input_matvec_reference(x, w), jnp.float32, "poisoned rows")
 
 
-def test_adds_into_given_columns(kt):
-    """The accumulator's other columns are left as they were; its own get the product added."""
+@pytest.mark.parametrize("dot", [False, True])
+def test_adds_into_given_columns(kt, dot):
+    """The accumulator's other columns (and, on the tensor-core path, its padding rows)
+    are left as they were; its own get the product added."""
     B = 2
     x = kt.sparse_values(jax.random.key(11), (B, K), 0.5, jnp.float32)
     w = kt.normal(jax.random.key(12), (K, N), jnp.float32)
     cols = accumulator_columns(N, BLOCKS["block_n"])
-    acc = kt.normal(jax.random.key(13), (B, 64 + cols), jnp.float32)
+    rows = accumulator_rows(B, dot)
+    assert rows == (16 if dot else B)
+    acc = kt.normal(jax.random.key(13), (rows, 64 + cols), jnp.float32)
     ids, xc = compact_rows(x, impl="gpu_interpret")
-    y, acc2 = compacted_matvec_into(acc, 64, ids, xc, w, impl="gpu_interpret", **BLOCKS)
-    want = acc[:, 64 : 64 + N] + sparse_input_matvec_reference(x, w, out_dtype=jnp.float32)
+    y, acc2 = compacted_matvec_into(acc, 64, ids, xc, w, impl="gpu_interpret", dot=dot, **BLOCKS)
+    want = acc[:B, 64 : 64 + N] + sparse_input_matvec_reference(x, w, out_dtype=jnp.float32)
     kt.assert_close(y, want, jnp.float32, "added product")
     np.testing.assert_array_equal(np.asarray(acc2[:, :64]), np.asarray(acc[:, :64]))
+    np.testing.assert_array_equal(np.asarray(acc2[B:]), np.asarray(acc[B:]))
     with pytest.raises(ValueError, match="acc must be float32"):
         compacted_matvec_into(acc[:, :100], 64, ids, xc, w, impl="gpu_interpret", **BLOCKS)
+    if dot:
+        with pytest.raises(ValueError, match=r"acc must be float32 \[>= 16"):
+            compacted_matvec_into(acc[:B], 64, ids, xc, w, impl="gpu_interpret", **BLOCKS)
 
 
 def test_bad_segment_is_named():
