@@ -121,7 +121,10 @@ def main(argv=None):
             for cfg in configs:
                 fn = unrolled(
                     lambda lst, w, cfg=cfg, N=N, B=B: cm.compacted_matvec_into(
-                        jnp.zeros((B, cm.accumulator_columns(N, cfg["block_n"])), jnp.float32),
+                        jnp.zeros(
+                            (cm.accumulator_rows(B), cm.accumulator_columns(N, cfg["block_n"])),
+                            jnp.float32,
+                        ),
                         0,
                         *lst,
                         w,
