@@ -49,7 +49,20 @@ _NAME = "compacted_matvec"
 # shapes (14.0 / 7.8-8.0 us) and within 0.8 us of the best at 50%.
 DEFAULT_BLOCK_K = 32
 DEFAULT_BLOCK_N = 256
+# From batch 2 on (the tensor-core path), compacted_matvec_b48_dot_h200.json there: 128 x
+# 128 was the fastest of 32 x 256, 64 x 256 and 128 x 128 at batches 4 and 8 and every
+# sparsity (batch 4, 90%: 20.9-21.2 us against 22.0-23.7).
+DEFAULT_DOT_BLOCK_K = 128
+DEFAULT_DOT_BLOCK_N = 128
 DEFAULT_NUM_WARPS = 4
+
+
+def default_blocks(B: int, dot: bool | None = None) -> tuple[int, int]:
+    """(block_k, block_n) for B batch rows: 32 x 256 row by row, 128 x 128 on the tensor
+    cores (`dot`; default from batch 2 on)."""
+    if B >= 2 if dot is None else dot:
+        return DEFAULT_DOT_BLOCK_K, DEFAULT_DOT_BLOCK_N
+    return DEFAULT_BLOCK_K, DEFAULT_BLOCK_N
 
 
 MAX_SEGMENT = 1024  # one list-making program's share: a 14336-long scan in one program took 78 us
@@ -316,8 +329,8 @@ def compacted_matvec_into(
     w_KxN: jax.Array,
     *,
     impl: str = "auto",
-    block_k: int = DEFAULT_BLOCK_K,
-    block_n: int = DEFAULT_BLOCK_N,
+    block_k: int | None = None,
+    block_n: int | None = None,
     num_warps: int = DEFAULT_NUM_WARPS,
     num_stages: int = 3,
     dot: bool | None = None,
@@ -329,17 +342,19 @@ def compacted_matvec_into(
     atomics into whole column blocks (`accumulator_columns(N)` columns past `col`).
     `dot` (default: from batch 2 on) multiplies the batch rows, padded to
     `accumulator_rows(B)` (16 or more), on the tensor cores; `acc` then needs that many
-    rows (the padding rows are left as they were)."""
+    rows (the padding rows are left as they were). Block sizes None: `default_blocks`."""
     which = dsp.resolve_impl(impl, fn_name=f"{_NAME}_into")
     dsp.check_ndim(_NAME, "xc", xc, 2, "[B, K]")
     dsp.check_ndim(_NAME, "w_KxN", w_KxN, 2, "[K, N]")
     dsp.check_dim(_NAME, "w_KxN.shape[0] (K)", w_KxN.shape[0], xc.shape[1])
     dsp.check_dim(_NAME, "ids.shape[0] (K)", ids.shape[0], xc.shape[1])
-    dsp.check_block(_NAME, "block_k", block_k, power_of_2=True)
-    dsp.check_block(_NAME, "block_n", block_n, power_of_2=True)
     B, N = xc.shape[0], w_KxN.shape[1]
     gpu = which in ("gpu", "gpu_interpret")
     dot = B >= 2 if dot is None else bool(dot)
+    dk, dn = default_blocks(B, dot)
+    block_k, block_n = block_k or dk, block_n or dn
+    dsp.check_block(_NAME, "block_k", block_k, power_of_2=True)
+    dsp.check_block(_NAME, "block_n", block_n, power_of_2=True)
     rows = accumulator_rows(B, dot) if gpu else B
     if (
         getattr(acc, "ndim", None) != 2
@@ -381,8 +396,8 @@ def compacted_input_matvec(
     *,
     impl: str = "auto",
     segment: int | None = None,
-    block_k: int = DEFAULT_BLOCK_K,
-    block_n: int = DEFAULT_BLOCK_N,
+    block_k: int | None = None,
+    block_n: int | None = None,
     num_warps: int = DEFAULT_NUM_WARPS,
     out_dtype: Any = None,
     dot: bool | None = None,
@@ -396,6 +411,7 @@ def compacted_input_matvec(
     dsp.check_dim(_NAME, "w_KxN.shape[0] (K)", w_KxN.shape[0], x_BxK.shape[1])
     B, N = x_BxK.shape[0], w_KxN.shape[1]
     ids, xc = compact_rows(x_BxK, threshold, segment=segment, impl=impl)
+    block_n = block_n or default_blocks(B, dot)[1]
     acc = jnp.zeros((accumulator_rows(B, dot), accumulator_columns(N, block_n)), jnp.float32)
     y, _ = compacted_matvec_into(
         acc,
