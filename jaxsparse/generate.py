@@ -177,10 +177,11 @@ def default_kernels(
 ) -> Kernels:
     """The decode matmuls for a state of `method` at `batch` rows: `mode` "pallas" (the
     sparse kernels) or "xla" (masked dense), or "auto": the kernels on a GPU or TPU for a
-    single row, XLA otherwise (on an H200 the batch kernel, the union of the rows' active
-    rows as one tensor-core tile, is 0.56-0.71x XLA's dense matmul at batch 4 and 8:
-    benchmarks/results/kernels_h200.json; on a CPU they would only run as their
-    pure-jnp references). Dense always runs plain XLA. `thresholds`, the state's
+    single row; from batch 2 on, the kernels on a GPU where the rows' expected union of
+    active rows is small (`BATCH_UNION_MAX`, from the state's target `sparsity`), XLA
+    otherwise (on an H200 the batch kernels are slower than XLA's dense matmul where the
+    union is large: benchmarks/results/kernels_h200.json and compacted_rows_h200/; on a
+    CPU they would only run as their pure-jnp references). Dense always runs plain XLA. `thresholds`, the state's
     `thresholds_for_model()`: q/k/v are fused only where its q_in and kv_in thresholds are
     equal (`jaxsparse.registry.kernels_for_method`); None decides by the method's name.
     `sparsity`, the state's target sparsity: from
@@ -194,8 +195,33 @@ def default_kernels(
         return kernels_for_method("dense", "xla")
     if mode == "auto":
         accelerator = jax.default_backend() in ("gpu", "tpu")
-        mode = "pallas" if accelerator and batch == 1 else "xla"
+        mode = (
+            "pallas"
+            if accelerator and (batch == 1 or _batch_kernels_pay(batch, sparsity))
+            else "xla"
+        )
     return kernels_for_method(method, mode, thresholds=thresholds, sparsity=sparsity)
+
+
+# From batch 2 on, the kernels (lists of the rows' active rows, the batch on the tensor
+# cores: `pallas_kernels.compacted_matvec`) beat XLA's dense matmuls only where the union
+# of the rows' active rows is small. With independent rows at target sparsity S it is
+# 1 - S**B of the rows. On an H200 (benchmarks/results/compacted_rows_h200/) teal at S=0.9
+# decoded 1.44x dense at batch 4 (union 0.34) and 1.07x at batch 8 (0.57); at batch 4 and
+# S=0.7 (0.76) the kernels alone were 0.83-0.84x XLA's matvec.
+BATCH_UNION_MAX = 0.6
+
+
+def _batch_kernels_pay(batch: int, sparsity: float | None) -> bool:
+    """Whether a GPU decode step of `batch` rows at target sparsity `sparsity` runs the
+    kernels (`default_kernels`): where the expected union of active rows is at most
+    `BATCH_UNION_MAX`."""
+    if sparsity is None or jax.default_backend() != "gpu":
+        return False
+    from jaxsparse.registry import COMPACT_FROM_SPARSITY
+
+    union = 1.0 - float(sparsity) ** batch
+    return sparsity >= COMPACT_FROM_SPARSITY and union <= BATCH_UNION_MAX
 
 
 def _layer_index(name: str) -> int:

@@ -1442,3 +1442,34 @@ def test_auto_kernels_follow_the_recorded_crossover(monkeypatch):
             mode = default_kernels(method, batch, "auto").mode
             assert mode == ("pallas" if faster else "xla"), (method, batch, faster)
         assert default_kernels("dense", batch, "auto").mode == "xla"
+
+
+def test_auto_kernels_from_batch_2_follow_the_recorded_runs(monkeypatch):
+    """From batch 2 on, `auto` picks the kernels (lists of active rows, the batch on the
+    tensor cores) where the recorded runs found them faster than dense on an H200: teal at
+    S=0.9 end to end at batches 4 and 8; not where the kernels alone were slower than
+    XLA's matvec at batch 4 (S=0.7, and 0.5); never without a target sparsity, and never
+    off a GPU."""
+    import json
+    from pathlib import Path
+
+    from jaxsparse.generate import default_kernels
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks/results/compacted_rows_h200"
+    runs = json.loads((results / "decode_s0.9_b48_pallas.json").read_text())["rows"]
+    tok_s = {(r["method"], r["batch"]): r["generator_tokens_per_s_per_sequence"] for r in runs}
+    kernels = json.loads((results / "compacted_matvec_b48_dot_h200.json").read_text())["rows"]
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    for batch in (4, 8):
+        assert tok_s[("teal", batch)] > tok_s[("dense", batch)]
+        kn = default_kernels("teal", batch, "auto", sparsity=0.9)
+        assert kn.mode == "pallas" and kn.compact_points, batch
+    for s in (0.5, 0.7):
+        best = max(
+            r["standalone_vs_dense"] for r in kernels if r["batch"] == 4 and r["sparsity"] == s
+        )
+        assert best < 1.0
+        assert default_kernels("teal", 4, "auto", sparsity=s).mode == "xla", s
+    assert default_kernels("teal", 4, "auto").mode == "xla"
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert default_kernels("teal", 4, "auto", sparsity=0.9).mode == "xla"
