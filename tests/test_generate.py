@@ -239,6 +239,16 @@ def test_bad_arguments():
     assert bucket_length(1) == 16 and bucket_length(17) == 32 and bucket_length(32) == 32
 
 
+def _generate_both(config, params, kernels, thresholds):
+    """Five greedy tokens for two prompts of different lengths, through `kernels` and
+    through the masked dense XLA path: (got, dense) `Generator` results."""
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    kw = {"max_new_tokens": 5, "thresholds": thresholds, "stop_at_eos": False}
+    dense = Generator(config, params).generate_ids(prompts, **kw)
+    got = Generator(config, params, kernels=kernels).generate_ids(prompts, **kw)
+    return got, dense
+
+
 def _decode_logits(config, params, kernels, thresholds, prompt_BxT, steps):
     """Prefill then `steps` greedy decode steps through `kernels`: the logits [steps, B, V]."""
     from jaxsparse.models import init_cache, prepare_params
@@ -332,13 +342,7 @@ def test_compacted_rows_decode_gives_masked_dense_tokens(method):
     thresholds = random_thresholds(config, jax.random.key(4), scale=0.6)
     kernels = kernels_for_method(method, "pallas", "gpu_interpret", thresholds, sparsity=0.9)
     assert "down_in" in kernels.compact_points
-    prompts = [[5, 6, 7, 8], [9, 10]]
-    dense = Generator(config, params).generate_ids(
-        prompts, max_new_tokens=5, thresholds=thresholds, stop_at_eos=False
-    )
-    got = Generator(config, params, kernels=kernels).generate_ids(
-        prompts, max_new_tokens=5, thresholds=thresholds, stop_at_eos=False
-    )
+    got, dense = _generate_both(config, params, kernels, thresholds)
     assert got.tokens == dense.tokens
     assert got.measured_sparsity["down_in"] == pytest.approx(dense.measured_sparsity["down_in"])
     assert 0.3 < dense.measured_sparsity["down_in"] < 1.0  # the thresholds did zero things
@@ -607,13 +611,7 @@ def test_packed_attention_reads_qkv_where_the_projections_left_them(method, mode
     want = _decode_logits(config, params, Kernels(), thresholds, prompt, 3)
     have = _decode_logits(config, params, kernels, thresholds, prompt, 3)
     np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
-    prompts = [[5, 6, 7, 8], [9, 10]]
-    dense = Generator(config, params).generate_ids(
-        prompts, max_new_tokens=5, thresholds=thresholds, stop_at_eos=False
-    )
-    got = Generator(config, params, kernels=kernels).generate_ids(
-        prompts, max_new_tokens=5, thresholds=thresholds, stop_at_eos=False
-    )
+    got, dense = _generate_both(config, params, kernels, thresholds)
     assert got.tokens == dense.tokens
 
     model, p = build_model(config, kernels), prepare_params(params, config, kernels)
