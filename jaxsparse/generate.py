@@ -178,11 +178,12 @@ def default_kernels(
     """The decode matmuls for a state of `method` at `batch` rows: `mode` "pallas" (the
     sparse kernels) or "xla" (masked dense), or "auto": the kernels on a GPU or TPU for a
     single row; from batch 2 on, the kernels on a GPU where the rows' expected union of
-    active rows is small (`BATCH_UNION_MAX`, from the state's target `sparsity`), XLA
+    active rows is small (`BATCH_UNION_MAX`, from the state's target `sparsity`) and every
+    kernel point of the method reads lists of active rows (teal, wina, teal-learned), XLA
     otherwise (on an H200 the batch kernels are slower than XLA's dense matmul where the
     union is large: benchmarks/results/kernels_h200.json and compacted_rows_h200/; on a
-    CPU they would only run as their pure-jnp references). Dense always runs plain XLA. `thresholds`, the state's
-    `thresholds_for_model()`: q/k/v are fused only where its q_in and kv_in thresholds are
+    CPU they would only run as their pure-jnp references). Dense always runs plain XLA.
+    `thresholds`, the state's `thresholds_for_model()`: q/k/v are fused only where its q_in and kv_in thresholds are
     equal (`jaxsparse.registry.kernels_for_method`); None decides by the method's name.
     `sparsity`, the state's target sparsity: from
     `jaxsparse.registry.COMPACT_FROM_SPARSITY` on, the GPU matvecs read lists of active
@@ -195,11 +196,17 @@ def default_kernels(
         return kernels_for_method("dense", "xla")
     if mode == "auto":
         accelerator = jax.default_backend() in ("gpu", "tpu")
-        mode = (
-            "pallas"
-            if accelerator and (batch == 1 or _batch_kernels_pay(batch, sparsity))
-            else "xla"
-        )
+        if accelerator and batch == 1:
+            mode = "pallas"
+        elif _batch_kernels_pay(batch, sparsity):
+            kernels = kernels_for_method(method, "pallas", thresholds=thresholds, sparsity=sparsity)
+            # only where every kernel point reads lists: from batch 2 the masked kernels
+            # (a dense input's matvec, CHESS's gated up projection) were slower than XLA
+            if set(kernels.points) <= set(kernels.compact_points) and not kernels.dense_points:
+                return kernels
+            mode = "xla"
+        else:
+            mode = "xla"
     return kernels_for_method(method, mode, thresholds=thresholds, sparsity=sparsity)
 
 

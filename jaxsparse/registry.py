@@ -70,8 +70,9 @@ def kernels_for_method(
     every layer (`jaxsparse.sparsity.shares_qkv_input`); otherwise k/v run apart, on their
     own input, so that the `kv_in` threshold is the one applied. None: decided by the
     method's name alone (`SHARED_QKV_INPUT`). `sparsity`, the state's target sparsity:
-    from `COMPACT_FROM_SPARSITY` on, every sparse-input point but CHESS's dense gate input
-    reads a list of its active rows (`Kernels.compact_points`); None: never."""
+    from `COMPACT_FROM_SPARSITY` on, each of the method's points but "gate" (whose up
+    projection `gated_matvec` runs) reads a list of its active rows
+    (`Kernels.compact_points`); None: never."""
     from jaxsparse.sparsity import shares_qkv_input
 
     if method not in KERNEL_POINTS:

@@ -1469,5 +1469,8 @@ def test_auto_kernels_from_batch_2_follow_the_recorded_runs(monkeypatch):
         assert best < 1.0
         assert default_kernels("teal", 4, "auto", sparsity=s).mode == "xla", s
     assert default_kernels("teal", 4, "auto").mode == "xla"
+    # chess's gated up projection and its dense gate input have no list path
+    assert default_kernels("chess", 4, "auto", sparsity=0.9).mode == "xla"
+    assert default_kernels("chess", 1, "auto", sparsity=0.9).mode == "pallas"
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
     assert default_kernels("teal", 4, "auto", sparsity=0.9).mode == "xla"

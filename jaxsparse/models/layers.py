@@ -87,6 +87,7 @@ class Kernels:
     # the list's launch costs more than it saves (benchmarks/NOTES_kernels.md). teal at
     # S=0.9 decodes at 578 tok/s with the lists against 407 without (dense 186).
     # `jaxsparse.registry.kernels_for_method` sets it from the state's target sparsity.
+    # On kernels that see whole arrays only; under a `model` split the masked kernel runs.
     compact_points: tuple[str, ...] = ()
     # gate_proj stored [m, d] (rows layout, prepared by `prepare_params`) and computed by
     # `gated_matvec` with the Deja Vu neuron mask as its gate: only predicted-active rows
