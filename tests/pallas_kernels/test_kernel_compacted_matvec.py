@@ -76,6 +76,20 @@ def test_matvec_matches_reference(kt, gpu_impl, dtype, B, dot):
                 assert not np.any(np.asarray(y, np.float32)), "all-zero x must give y == 0"
 
 
+@pytest.mark.parametrize("B", [1, 3])
+def test_k_not_a_multiple_of_the_tile(kt, gpu_impl, B):
+    """K = 300: the last tile of the list runs past K (masked), one segment of 300 and
+    segments of 100 (neither a multiple of the 32-row tile)."""
+    k = 300
+    w = kt.normal(jax.random.key(20 + B), (k, N), jnp.bfloat16)
+    for s in (0.0, 0.5, 0.9):
+        x = kt.sparse_values(jax.random.key(int(s * 10) + B), (B, k), s, jnp.bfloat16)
+        want = sparse_input_matvec_reference(x, w)
+        for segment in (None, 100):
+            y = compacted_input_matvec(x, w, impl=gpu_impl, segment=segment, **BLOCKS)
+            kt.assert_close(y, want, jnp.bfloat16, f"B={B} s={s} segment={segment}")
+
+
 def test_threshold_fused(kt):
     x = kt.normal(jax.random.key(5), (2, K), jnp.float32)
     w = kt.normal(jax.random.key(6), (K, N), jnp.float32)
