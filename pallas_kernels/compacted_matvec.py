@@ -1,14 +1,16 @@
 """Sparse-input matvec over a compacted list of active rows (GPU, batch 1 to 8).
 
 `sparse_matvec.py`'s GPU kernel gives every program a fixed (block_k x block_n) tile of W
-and masks the inactive rows out of its load. At 50% sparsity each program then has half a
-tile of bytes in flight, so the needed bytes stream at 3.64 TB/s against 4.17 TB/s for a
-dense read through the same kernel (benchmarks/NOTES_kernels.md, "What is left at batch
-1"). Here the active rows are first listed in order (`compact_rows`), and program
-(n, s) reads rows `ids[s * block_k : (s + 1) * block_k]` of column block n: full tiles
-until the list runs out, then programs that return at once. The grid is sized for the
-dense case, so it does not depend on the data (CUDA-graph safe), and a program past the
-list's end issues no load and no atomic.
+and masks the inactive rows out of its load. Where most rows are inactive, most of those
+programs load x, find a few active rows and still issue their atomics. Here the active
+rows are first listed in order (`compact_rows`), and program (n, s) reads rows
+`ids[s * block_k : (s + 1) * block_k]` of column block n: full tiles until the list runs
+out, then programs that return at once. The grid is sized for the dense case, so it does
+not depend on the data (CUDA-graph safe), and a program past the list's end issues no
+load and no atomic. On an H200 that halves the matvec at 90% sparsity; at 50% full tiles
+of scattered rows read no faster than masked ones (benchmarks/NOTES_kernels.md, "Lists of
+active rows"), so the decode path uses the lists from a target sparsity of 0.65 on
+(`jaxsparse.registry.COMPACT_FROM_SPARSITY`).
 
 The list is kept per segment of `segment` channels: within each segment its active rows
 come first, ascending, then -1 for the rest. One program makes one segment's list, so the
@@ -18,12 +20,15 @@ A tile of the matvec never spans two segments when `segment` is a multiple of `b
 the last tile of each segment's list is partly filled.
 
 Holds:
-- `compact_rows_reference` / `compact_rows`: (ids int32 [K], xc [B, K]) from x and an optional
-  threshold: `ids[K]` the active rows (the union over batch rows) per segment, -1 after
-  them; `xc[B, K]` x (thresholded) at those rows, 0 at -1. GPU: one program per segment.
+- `compact_rows_reference` / `compact_rows`: (ids int32 [K], xc [B, K]) from x and an
+  optional threshold: `ids` the active rows (the union over batch rows) per segment, -1
+  after them; `xc` x (thresholded) at those rows, 0 at -1. GPU: one program per segment.
 - `compacted_matvec_into`: `y += xc @ W[ids]` into given columns of a float32
   accumulator (split-K atomics; the accumulator is the caller's, as in
-  `sparse_matvec.sparse_input_matvec_into`).
+  `sparse_matvec.sparse_input_matvec_into`). Batch 1 multiplies row by row (32 x 256
+  tiles); from batch 2 the batch, padded to 16 rows (`accumulator_rows`), on the tensor
+  cores (128 x 128 tiles; `default_blocks`), the atomics masked to the real rows.
+- `compacted_input_matvec`: both launches, from x to y.
 
 Leaves out: TPU (its kernel in `sparse_matvec.py` already copies compacted rows, one DMA
 each); float16 weights are accepted but not tuned.
