@@ -74,9 +74,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=("auto", "xla", "pallas"),
         default="auto",
         help="decode matmuls with a sparsity state: pallas kernels or masked dense "
-        "XLA (auto: pallas on GPU/TPU for a single prompt; xla for a batch, where "
-        "the kernels are slower, and on CPU, where they would only run as their "
-        "pure-jnp references)",
+        "XLA (auto: pallas on GPU/TPU for a single prompt; for a batch, pallas on a GPU "
+        "only where the state's target sparsity S leaves an expected union of active "
+        "rows 1 - S^B of at most 0.6 (teal-like methods), else xla, where the kernels "
+        "are slower; xla on CPU, where they would only run as their pure-jnp references)",
     )
     p.add_argument(
         "--stream", action="store_true", help="print the text as it is generated (one prompt)"
