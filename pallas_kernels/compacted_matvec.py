@@ -84,12 +84,12 @@ def default_segment(K: int) -> int:
     return (whole or divisors)[0]
 
 
-def _segment(K: int, segment: int | None, block_k: int) -> int:
+def _segment(K: int, segment: int | None) -> int:
     seg = default_segment(K) if segment is None else segment
     if not isinstance(seg, int) or seg <= 0 or (seg != K and K % seg):
         raise ValueError(
             f"{_NAME}: segment={segment!r} must be a positive int dividing K={K} (or None "
-            "for one list over all of K)."
+            f"for the default, {default_segment(K)})."
         )
     return seg
 
@@ -112,7 +112,7 @@ def compact_rows_reference(
     then -1; xc holds x at those rows and 0 after them."""
     dsp.check_ndim(_NAME, "x_BxK", x_BxK, 2, "[B, K]")
     K = x_BxK.shape[1]
-    seg = _segment(K, segment, 1)
+    seg = _segment(K, segment)
     xk = _kept(x_BxK, threshold)
     active = jnp.any(xk != 0, axis=0).reshape(K // seg, seg)
     # a stable partition of each segment: active rows first, in order
@@ -164,7 +164,7 @@ def _compact_kernel(*refs, B, seg, BS, has_t):
 @functools.partial(jax.jit, static_argnames=("segment", "num_warps", "interpret"))
 def _compact_rows_gpu(x_BxK, threshold, *, segment, num_warps, interpret):
     B, K = x_BxK.shape
-    seg = _segment(K, segment, 1)
+    seg = _segment(K, segment)
     BS = 1 << (seg - 1).bit_length()
     has_t = threshold is not None
     args = [x_BxK] + ([dsp.threshold_row(_NAME, threshold, K)] if has_t else [])
