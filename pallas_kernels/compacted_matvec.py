@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _dispatch as dsp
+from pallas_kernels.sparse_matvec import _check as check_product
 from pallas_kernels.sparse_matvec import _dot_dtype
 from pallas_kernels.sparse_matvec import _target_rows as target_rows
 
@@ -410,10 +411,7 @@ def compacted_input_matvec(
     """`y[B, N] = (x * (abs(x) >= t)) @ W` as two launches: the row list (`compact_rows`),
     then the matvec over it (`compacted_matvec_into` on a zeroed accumulator). Returns y
     in `out_dtype` (default x's dtype; float32 is the accumulator, with no cast)."""
-    dsp.check_ndim(_NAME, "x_BxK", x_BxK, 2, "[B, K]")
-    dsp.check_ndim(_NAME, "w_KxN", w_KxN, 2, "[K, N]")
-    dsp.check_float(_NAME, "w_KxN", w_KxN)
-    dsp.check_dim(_NAME, "w_KxN.shape[0] (K)", w_KxN.shape[0], x_BxK.shape[1])
+    check_product(x_BxK, w_KxN, threshold, _NAME)
     B, N = x_BxK.shape[0], w_KxN.shape[1]
     ids, xc = compact_rows(x_BxK, threshold, segment=segment, impl=impl)
     block_n = block_n or default_blocks(B, dot)[1]

@@ -57,14 +57,16 @@ DEFAULT_BLOCK_N = 512
 DEFAULT_NUM_WARPS = 4
 
 
-def _check(x_BxK: jax.Array, w_KxN: jax.Array, threshold: Any) -> None:
-    dsp.check_ndim(_NAME, "x_BxK", x_BxK, 2, "[B, K]")
-    dsp.check_ndim(_NAME, "w_KxN", w_KxN, 2, "[K, N]")
-    dsp.check_float(_NAME, "x_BxK", x_BxK)
-    dsp.check_float(_NAME, "w_KxN", w_KxN)
-    dsp.check_dim(_NAME, "w_KxN.shape[0] (K)", w_KxN.shape[0], x_BxK.shape[1])
+def _check(x_BxK: jax.Array, w_KxN: jax.Array, threshold: Any, name: str = _NAME) -> None:
+    """The arguments of a sparse-input product `x @ W` (also `compacted_matvec`'s, under
+    its `name`)."""
+    dsp.check_ndim(name, "x_BxK", x_BxK, 2, "[B, K]")
+    dsp.check_ndim(name, "w_KxN", w_KxN, 2, "[K, N]")
+    dsp.check_float(name, "x_BxK", x_BxK)
+    dsp.check_float(name, "w_KxN", w_KxN)
+    dsp.check_dim(name, "w_KxN.shape[0] (K)", w_KxN.shape[0], x_BxK.shape[1])
     if threshold is not None:
-        dsp.threshold_row(_NAME, threshold, x_BxK.shape[1])
+        dsp.threshold_row(name, threshold, x_BxK.shape[1])
 
 
 def _kept(x_f32: jax.Array, t_f32: jax.Array | None, dtype: Any) -> jax.Array:
