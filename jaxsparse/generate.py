@@ -220,15 +220,13 @@ BATCH_UNION_MAX = 0.6
 
 
 def _batch_kernels_pay(batch: int, sparsity: float | None) -> bool:
-    """Whether a GPU decode step of `batch` rows at target sparsity `sparsity` runs the
+    """Whether a GPU decode step of `batch` rows at target sparsity `sparsity` may run the
     kernels (`default_kernels`): where the expected union of active rows is at most
-    `BATCH_UNION_MAX`."""
+    `BATCH_UNION_MAX`. `default_kernels` then also needs every kernel point to read
+    lists, which below `registry.COMPACT_FROM_SPARSITY` none does."""
     if sparsity is None or jax.default_backend() != "gpu":
         return False
-    from jaxsparse.registry import COMPACT_FROM_SPARSITY
-
-    union = 1.0 - float(sparsity) ** batch
-    return sparsity >= COMPACT_FROM_SPARSITY and union <= BATCH_UNION_MAX
+    return 1.0 - float(sparsity) ** batch <= BATCH_UNION_MAX
 
 
 def _layer_index(name: str) -> int:
