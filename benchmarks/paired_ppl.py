@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -169,14 +167,11 @@ def main(argv=None) -> int:
 
 
 def _write(path: str | None, result: dict) -> None:
-    """`result` as JSON at `path` (none: nothing), through a temporary file and a rename."""
-    if not path:
-        return
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as f:
-        json.dump(result, f, indent=1)
-    os.replace(f.name, out)
+    """`result` as JSON at `path` (none: nothing), atomically (`jaxsparse.io.write_json_atomic`)."""
+    if path:
+        from jaxsparse.io import write_json_atomic
+
+        write_json_atomic(result, path)
 
 
 if __name__ == "__main__":
