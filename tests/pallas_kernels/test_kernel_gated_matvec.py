@@ -74,7 +74,11 @@ def test_gate_rule_in_kernel(kt, impl, activation, dtype, B):
             what = f"{impl} {activation} s={s} per_row={per_row}"
             assert h.dtype == x.dtype
             kt.assert_close(h, gated_matvec_reference(x, g, wu), dtype, what)
-            assert not np.any(np.asarray(h, np.float32)[np.asarray(g == 0)]), what
+            # the rule's zeros are exact: entries act(pre) has and the threshold drops.
+            # Not act's own zeros: GELU's tanh reaches -1 (so g = 0) at |z| ~ 8.0 in XLA
+            # (on the CPU) and later in the GPU kernel's tanhf, which leaves ~1e-7 there.
+            ruled = (gate_values(pre, activation, None, dtype) != 0) & (g == 0)
+            assert not np.any(np.asarray(h, np.float32)[np.asarray(ruled)]), what
             frac = float(jnp.mean(g == 0))
             assert abs(frac - s) < 0.25, f"{what}: {frac:.2f} of g zeroed"
 
