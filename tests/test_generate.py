@@ -1,6 +1,7 @@
 """Generation: the cached, batched, compiled decode against a plain full-forward greedy loop."""
 
 import dataclasses
+import os
 
 import jax
 import jax.extend
@@ -19,6 +20,30 @@ from tiny import (
 from jaxsparse.config import ModelConfig
 from jaxsparse.generate import Generator, SamplingParams, bucket_length, sample_logits
 from jaxsparse.models import Kernels, build_model, init_params
+
+# The GPU kernels of the decode-parity tests below: their interpreter, on any backend,
+# unless PALLAS_KERNELS_TEST_IMPLS names "gpu" (as for tests/pallas_kernels/ on a CUDA
+# machine): then the compiled kernels, in models whose heads are at least 32 wide (the
+# attention kernel's tensor-core dots need 16 per RoPE half) and with float32 matmuls at
+# full precision (`full_precision`: XLA's default on a GPU is TF32, the kernels' float32
+# dots are exact).
+GPU_IMPL = (
+    "gpu"
+    if "gpu" in os.environ.get("PALLAS_KERNELS_TEST_IMPLS", "").split(",")
+    else "gpu_interpret"
+)
+
+
+def _head_dim(d: int) -> int:
+    """A test model's head width: `d`, or at least 32 for the compiled GPU kernels."""
+    return max(d, 32) if GPU_IMPL == "gpu" else d
+
+
+@pytest.fixture(autouse=True)
+def full_precision():
+    with jax.default_matmul_precision("highest"):
+        yield
+
 
 TINY = {
     "vocab_size": 97,
@@ -270,15 +295,15 @@ def _decode_logits(config, params, kernels, thresholds, prompt_BxT, steps):
 @pytest.mark.parametrize(
     "method,impl",
     [
-        ("chess", "gpu_interpret"),
+        ("chess", GPU_IMPL),
         ("chess+", "tpu_interpret"),
-        ("teal", "gpu_interpret"),
+        ("teal", GPU_IMPL),
         ("teal", "tpu_interpret"),
     ],
 )
 def test_kernel_decoding_gives_masked_dense_tokens(method, impl):
-    """Sparse decoding through the Pallas kernels (interpret mode on the CPU) gives the
-    masked dense XLA path's logits and tokens, for a batch of prompts of different lengths.
+    """Sparse decoding through the Pallas kernels (`GPU_IMPL`, or TPU's interpreter) gives
+    the masked dense XLA path's logits and tokens, for a batch of prompts of different lengths.
     The random thresholds of q_in and kv_in differ, so q/k/v must not be fused (a fused
     matmul reads k/v from the q input, ignoring kv_in); equal ones may be."""
     from jaxsparse.registry import kernels_for_method
@@ -340,7 +365,7 @@ def test_compacted_rows_decode_gives_masked_dense_tokens(method):
     config = tiny(intermediate_size=96)
     params = jax.tree.map(lambda x: x * 10, init_params(config, seed=2))
     thresholds = random_thresholds(config, jax.random.key(4), scale=0.6)
-    kernels = kernels_for_method(method, "pallas", "gpu_interpret", thresholds, sparsity=0.9)
+    kernels = kernels_for_method(method, "pallas", GPU_IMPL, thresholds, sparsity=0.9)
     assert "down_in" in kernels.compact_points
     got, dense = _generate_both(config, params, kernels, thresholds)
     assert got.tokens == dense.tokens
@@ -470,7 +495,7 @@ def test_decode_attention_kernel_gives_xla_tokens_and_applies_o_in_threshold():
     from jaxsparse.models import init_cache, prepare_params
     from jaxsparse.registry import kernels_for_method
 
-    config = tiny(intermediate_size=96, head_dim=16, num_kv_heads=1)
+    config = tiny(intermediate_size=96, head_dim=_head_dim(16), num_kv_heads=1)
     params = jax.tree.map(lambda x: x * 10, init_params(config, seed=2))
     thresholds = random_thresholds(config, jax.random.key(4), scale=0.3)
     # o_in thresholds that zero about half of the attention's output
@@ -483,9 +508,9 @@ def test_decode_attention_kernel_gives_xla_tokens_and_applies_o_in_threshold():
     )
     assert 0.2 < dense.measured_sparsity["o_in"] < 0.9
     for mode, splits in (("xla", 1), ("pallas", 1), ("xla", 3), ("xla", None)):
-        base = kernels_for_method("teal", mode, "gpu_interpret", thresholds=thresholds)
+        base = kernels_for_method("teal", mode, GPU_IMPL, thresholds=thresholds)
         kernels = dataclasses.replace(
-            base, decode_attention=True, impl="gpu_interpret", attention_splits=splits
+            base, decode_attention=True, impl=GPU_IMPL, attention_splits=splits
         )
         have = _decode_logits(config, params, kernels, thresholds, prompt, 3)
         np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
@@ -526,9 +551,9 @@ def test_default_decode_attention_gives_xla_attention_tokens(model_type):
     fused projection leaves them: no cache update and no RoPE around it in the step."""
     from jaxsparse.models import init_cache, prepare_params
 
-    config = tiny(model_type, head_dim=16)
+    config = tiny(model_type, head_dim=_head_dim(16))
     params = jax.tree.map(lambda x: x * 4, init_params(config, seed=7))
-    plain = Kernels(impl="gpu_interpret", decode_attention=False)
+    plain = Kernels(impl=GPU_IMPL, decode_attention=False)
     prompt = jnp.asarray([[5, 6, 7, 8], [9, 10, 11, 12]])
     want = _decode_logits(config, params, plain, None, prompt, 3)
     prompts = [[5, 6, 7, 8, 9, 10, 11] * 7, [9, 10]]  # a 64-slot bucket + 8: two ranges
@@ -559,9 +584,9 @@ def test_default_decode_attention_gives_xla_attention_tokens(model_type):
     # step's layout: the kernel reads q|k|v as the projection left them), and fused with
     # `packed_attention` off (as apart)
     for kernels, want_rope in (
-        (Kernels(impl="gpu_interpret"), rope),
-        (Kernels(impl="gpu_interpret", fuse_qkv=True), 0),
-        (Kernels(impl="gpu_interpret", fuse_qkv=True, packed_attention=False), rope),
+        (Kernels(impl=GPU_IMPL), rope),
+        (Kernels(impl=GPU_IMPL, fuse_qkv=True), 0),
+        (Kernels(impl=GPU_IMPL, fuse_qkv=True, packed_attention=False), rope),
     ):
         have = _decode_logits(config, params, kernels, None, prompt, 3)
         np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
@@ -580,14 +605,14 @@ def _method_step_setup(method: str, mode: str):
 
     from jaxsparse.registry import kernels_for_method
 
-    config = tiny(hidden_size=128, intermediate_size=256, head_dim=16, num_heads=4)
+    config = tiny(hidden_size=128, intermediate_size=256, head_dim=_head_dim(16), num_heads=4)
     params = jax.tree.map(lambda x: x * 4, init_params(config, seed=5))
     thresholds = random_thresholds(config, jax.random.key(6), scale=0.3)
     if method == "teal":
         thresholds = {k: {**v, "kv_in": v["q_in"]} for k, v in thresholds.items()}
     kernels = dataclasses.replace(
-        kernels_for_method(method, mode, "gpu_interpret", thresholds=thresholds),
-        impl="gpu_interpret",
+        kernels_for_method(method, mode, GPU_IMPL, thresholds=thresholds),
+        impl=GPU_IMPL,
     )
     return config, params, thresholds, kernels
 
@@ -709,7 +734,7 @@ def test_fused_norms_add_biased_projections_outputs():
     config = tiny(
         hidden_size=128,
         intermediate_size=256,
-        head_dim=16,
+        head_dim=_head_dim(16),
         num_heads=4,
         qkv_bias=True,
         o_bias=True,
@@ -727,8 +752,8 @@ def test_fused_norms_add_biased_projections_outputs():
     thresholds = random_thresholds(config, jax.random.key(6), scale=0.3)
     thresholds = {k: {**v, "kv_in": v["q_in"]} for k, v in thresholds.items()}
     kernels = dataclasses.replace(
-        kernels_for_method("teal", "pallas", "gpu_interpret", thresholds=thresholds),
-        impl="gpu_interpret",
+        kernels_for_method("teal", "pallas", GPU_IMPL, thresholds=thresholds),
+        impl=GPU_IMPL,
     )
     assert kernels.fused_norms
     prompt = jnp.asarray([[5, 6, 7, 8], [1, 2, 3, 4]])
