@@ -2,11 +2,13 @@
 `jaxsparse generate` calls), dense against CHESS, CHESS+ and TEAL states fitted by the
 project's own calibration, at batch 1, 4 and 8. Protocol: docs/design.md ("Measuring").
 
-    python benchmarks/decode.py --json OUT [--model llama3-8b|smollm2|PATH] [--sparsity 0.5]
+    python benchmarks/decode.py --json OUT [--model llama3-8b|smollm2|smollm2-random|PATH]
+        [--sparsity 0.5]
 
 `llama3-8b` is a Llama-3-8B-shaped model with random bf16 weights, fed real text (stdlib
-docstrings) through a byte-level tokenizer; `smollm2` the real SmolLM2-135M-Instruct
-weights. The sparsity states come from `jaxsparse.calibrate.calibrate` on that model and
+docstrings) through a byte-level tokenizer; `smollm2-random` the same for the default
+model's shapes (SmolLM2-135M: 30 layers, d=576, m=1536), for a machine without its GGUF;
+`smollm2` the real SmolLM2-135M-Instruct weights. The sparsity states come from `jaxsparse.calibrate.calibrate` on that model and
 text (`calibration` split): CHESS's per-channel thresholds `Q_l / E|u_i|`, CHESS+'s q/o
 thresholds, TEAL's per-input thresholds. Prompts come from the `evaluation` split.
 
@@ -69,6 +71,8 @@ from jaxsparse.models import build_model, init_cache, param_shapes, prepare_para
 METHODS = ("dense", "chess", "chess+", "teal")
 
 LLAMA3_8B = full_size_shapes()["llama3-8b"]
+# --model names of random-weight models: their full_size_shapes() config
+RANDOM_MODELS = {"llama3-8b": "llama3-8b", "smollm2-random": "smollm2-135m"}
 
 
 class ByteTokenizer:
@@ -247,10 +251,10 @@ def median_result(fn, repeats: int):
 def load(args):
     from jaxsparse.loading import LoadedModel, load_model
 
-    if args.model == "llama3-8b":
-        config = LLAMA3_8B
-        lm = LoadedModel(config, random_params(config), ByteTokenizer(), "llama3-8b random")
-        return lm, "Llama-3-8B shapes, random bf16 weights, byte-level text"
+    if args.model in RANDOM_MODELS:
+        config = full_size_shapes()[RANDOM_MODELS[args.model]]
+        lm = LoadedModel(config, random_params(config), ByteTokenizer(), f"{args.model} random")
+        return lm, f"{RANDOM_MODELS[args.model]} shapes, random bf16 weights, byte-level text"
     lm = load_model(None if args.model == "smollm2" else args.model, dtype="bfloat16")
     return lm, f"{Path(lm.source).name} (bf16)"
 
@@ -519,7 +523,11 @@ def _stream(gen, prompts, args, th, chunk):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", required=True, help="where to write the results")
-    p.add_argument("--model", default="llama3-8b", help="llama3-8b, smollm2, or a model path")
+    p.add_argument(
+        "--model",
+        default="llama3-8b",
+        help="llama3-8b or smollm2-random (random weights), smollm2, or a model path",
+    )
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--batches", default="1,4,8")
