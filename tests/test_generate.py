@@ -1,7 +1,6 @@
 """Generation: the cached, batched, compiled decode against a plain full-forward greedy loop."""
 
 import dataclasses
-import os
 
 import jax
 import jax.extend
@@ -9,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from tiny import (
+    GPU_IMPL,
     block_jaxprs,
     ops_outside_kernels,
     pallas_calls,
@@ -21,17 +21,10 @@ from jaxsparse.config import ModelConfig
 from jaxsparse.generate import Generator, SamplingParams, bucket_length, sample_logits
 from jaxsparse.models import Kernels, build_model, init_params
 
-# The GPU kernels of the decode-parity tests below: their interpreter, on any backend,
-# unless PALLAS_KERNELS_TEST_IMPLS names "gpu" (as for tests/pallas_kernels/ on a CUDA
-# machine): then the compiled kernels, in models whose heads are at least 32 wide (the
-# attention kernel's tensor-core dots need 16 per RoPE half) and with float32 matmuls at
-# full precision (`full_precision`: XLA's default on a GPU is TF32, the kernels' float32
-# dots are exact).
-GPU_IMPL = (
-    "gpu"
-    if "gpu" in os.environ.get("PALLAS_KERNELS_TEST_IMPLS", "").split(",")
-    else "gpu_interpret"
-)
+# The decode-parity tests below run `GPU_IMPL` (tests/tiny.py): compiled on a CUDA machine,
+# in models whose heads are at least 32 wide (the attention kernel's tensor-core dots need
+# 16 per RoPE half) and with float32 matmuls at full precision (`full_precision`: XLA's
+# default on a GPU is TF32, the kernels' float32 dots are exact).
 
 
 def _head_dim(d: int) -> int:

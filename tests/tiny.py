@@ -1,5 +1,6 @@
 """Tiny random configs and a byte tokenizer shared by the CPU tests of fitting and
-evaluation, random thresholds for every point (`random_thresholds`), a runner of a test
+evaluation, random thresholds for every point (`random_thresholds`), the GPU kernels'
+implementation under test (`GPU_IMPL`), a runner of a test
 module's cases on fake CPU devices (`fake_devices_report`), and the names of the Pallas
 kernels a jaxpr runs (`pallas_calls`); importable from any test module in tests/: pytest
 puts this folder on sys.path."""
@@ -14,6 +15,15 @@ from pathlib import Path
 import numpy as np
 
 from jaxsparse.config import ModelConfig
+
+# The GPU kernels that decode-parity tests run: their interpreter, on any backend, unless
+# PALLAS_KERNELS_TEST_IMPLS names "gpu" (as for tests/pallas_kernels/ on a CUDA machine):
+# then the compiled kernels.
+GPU_IMPL = (
+    "gpu"
+    if "gpu" in os.environ.get("PALLAS_KERNELS_TEST_IMPLS", "").split(",")
+    else "gpu_interpret"
+)
 
 LLAMA = ModelConfig(
     model_type="llama",
