@@ -14,7 +14,8 @@ of a decode batch hold different texts); `--samples` such groups per B, at posit
 every layer: the fraction of channels a single token keeps (`single`), the fraction some
 row of the group keeps (`union_bB`), and `1 - (1 - single)^B`, the union if rows were
 independent (`independent_bB`), plus the same averaged over the points weighted by the
-weights each point's rows hold (`weighted`: what a batch matvec reads).
+weights of the projections each point selects rows of (`weighted`: the share of a
+block's weights a batch step reads).
 
 Runs on any backend (CPU is fine: one forward pass per state).
 """
@@ -28,21 +29,14 @@ from pathlib import Path
 import numpy as np
 
 # points of the decode step, with the projections whose rows each one selects
+# (`jaxsparse.sparsity.linear_sizes` names; OPT's fc1/fc2 where Llama has gate/up/down)
 READS = {
-    "q_in": ("q", "k", "v"),  # TEAL's q/k/v input (k/v read from kv_in where it has its own)
-    "kv_in": ("k", "v"),
-    "o_in": ("o",),
-    "ffn_in": ("gate", "up"),
-    "down_in": ("down",),
+    "q_in": ("q_proj", "k_proj", "v_proj"),  # TEAL's shared q/k/v input
+    "kv_in": ("k_proj", "v_proj"),
+    "o_in": ("o_proj",),
+    "ffn_in": ("gate_proj", "up_proj", "fc1"),
+    "down_in": ("down_proj", "fc2"),
 }
-
-
-def row_weights(config) -> dict[str, int]:
-    """Weights per input channel of each projection (the length of its row of W)."""
-    d, m = config.hidden_size, config.intermediate_size
-    q = config.num_heads * config.head_dim
-    kv = config.num_kv_heads * config.head_dim
-    return {"q": q, "k": kv, "v": kv, "o": d, "gate": m, "up": m, "down": d}
 
 
 def draw_groups(batches, sequences: int, seq_len: int, samples: int, seed: int) -> dict:
@@ -103,7 +97,7 @@ def main(argv=None) -> int:
     from jaxsparse.loading import load_model
     from jaxsparse.measure import TAP_PATHS
     from jaxsparse.models import build_model, positions_from_mask
-    from jaxsparse.sparsity import load_state
+    from jaxsparse.sparsity import linear_sizes, load_state
 
     lm = load_model(args.model) if args.model else load_model()
     c = lm.config
@@ -126,7 +120,7 @@ def main(argv=None) -> int:
         )
         return variables["zeros"]
 
-    widths = row_weights(c)
+    sizes = linear_sizes(c)
     groups = draw_groups(batches, args.sequences, args.seq_len, args.samples, args.seed)
     results = {}
     for path in args.states:
@@ -146,8 +140,8 @@ def main(argv=None) -> int:
         # kv_in's own mask, where the method has one, selects k/v's rows instead of q_in's
         reads = {pt: READS[pt] for pt in points}
         if "kv_in" in points and "q_in" in points:
-            reads["q_in"] = ("q",)
-        weight = {pt: sum(widths[w] for w in reads[pt]) for pt in points}
+            reads["q_in"] = ("q_proj",)
+        weight = {pt: sum(sizes.get(w, 0) for w in reads[pt]) for pt in points}
         total = sum(weight.values())
         weighted = (
             {
