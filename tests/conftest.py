@@ -254,3 +254,14 @@ def fresh_block_traces():
     jax.clear_caches()
     yield
     jax.clear_caches()
+
+
+@pytest.fixture
+def full_precision():
+    """float32 matmuls at full precision for the test: XLA on a GPU runs them in TF32 by
+    default (about 1e-3 relative), the kernels' float32 dots do not. Modules comparing
+    the two take it with `pytestmark = pytest.mark.usefixtures("full_precision")`."""
+    import jax
+
+    with jax.default_matmul_precision("highest"):
+        yield

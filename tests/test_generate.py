@@ -25,17 +25,12 @@ from jaxsparse.models import Kernels, build_model, init_params
 # in models whose heads are at least 32 wide (the attention kernel's tensor-core dots need
 # 16 per RoPE half) and with float32 matmuls at full precision (`full_precision`: XLA's
 # default on a GPU is TF32, the kernels' float32 dots are exact).
+pytestmark = pytest.mark.usefixtures("full_precision")
 
 
 def _head_dim(d: int) -> int:
     """A test model's head width: `d`, or at least 32 for the compiled GPU kernels."""
     return max(d, 32) if GPU_IMPL == "gpu" else d
-
-
-@pytest.fixture(autouse=True)
-def full_precision():
-    with jax.default_matmul_precision("highest"):
-        yield
 
 
 TINY = {

@@ -27,21 +27,18 @@ from jaxsparse.models import Kernels, build_model, init_cache, init_params, prep
 from jaxsparse.registry import kernels_for_method
 from jaxsparse.rules import TENSORS, tensor_width
 
-pytestmark = pytest.mark.skipif(
-    GPU_IMPL != "gpu",
-    reason="compiled GPU kernels: PALLAS_KERNELS_TEST_IMPLS=gpu on a CUDA machine",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        GPU_IMPL != "gpu",
+        reason="compiled GPU kernels: PALLAS_KERNELS_TEST_IMPLS=gpu on a CUDA machine",
+    ),
+    pytest.mark.usefixtures("full_precision"),  # tests/conftest.py
+]
 
 LLAMA3_8B = full_size_shapes()["llama3-8b"]
 CONFIG = LLAMA3_8B.replace(num_layers=2, layer_types=LLAMA3_8B.layer_types[:2], dtype="float32")
 # what each method thresholds (CHESS's down_in zeros come from its gate)
 THRESHOLDED = {"teal": ("q_in", "kv_in", "o_in", "ffn_in", "down_in"), "chess": ("gate",)}
-
-
-@pytest.fixture(autouse=True)
-def full_precision():
-    with jax.default_matmul_precision("highest"):
-        yield
 
 
 @pytest.fixture(scope="module")

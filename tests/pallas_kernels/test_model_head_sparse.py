@@ -22,6 +22,8 @@ from jaxsparse.models import (
 from jaxsparse.predictors import dejavu_state, init_predictors
 from jaxsparse.registry import kernels_for_method
 
+pytestmark = pytest.mark.usefixtures("full_precision")  # tests/conftest.py
+
 TINY = ModelConfig(
     model_type="llama",
     vocab_size=64,
@@ -42,14 +44,6 @@ def _dejavu(config, head_k: int, ffn_k: int | None = None, seed: int = 0):
     weights = {k: np.asarray(v) for k, v in weights.items()}
     ffn_k = config.intermediate_size if ffn_k is None else ffn_k
     return dejavu_state(config, weights, ffn_k, head_k).thresholds_for_model()
-
-
-@pytest.fixture(autouse=True)
-def full_precision():
-    """float32 matmuls at full precision: XLA on a GPU runs them in TF32 by default (about
-    1e-3 relative), the kernels' float32 dots do not."""
-    with jax.default_matmul_precision("highest"):
-        yield
 
 
 @pytest.fixture
