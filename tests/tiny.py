@@ -16,14 +16,17 @@ import numpy as np
 
 from jaxsparse.config import ModelConfig
 
+
+def env_impls() -> list[str]:
+    """The kernel implementations PALLAS_KERNELS_TEST_IMPLS names (comma-separated; none
+    when unset), e.g. "gpu" on a CUDA machine (tests/pallas_kernels/conftest.py)."""
+    env = os.environ.get("PALLAS_KERNELS_TEST_IMPLS", "")
+    return [i.strip() for i in env.split(",") if i.strip()]
+
+
 # The GPU kernels that decode-parity tests run: their interpreter, on any backend, unless
-# PALLAS_KERNELS_TEST_IMPLS names "gpu" (as for tests/pallas_kernels/ on a CUDA machine):
-# then the compiled kernels.
-GPU_IMPL = (
-    "gpu"
-    if "gpu" in os.environ.get("PALLAS_KERNELS_TEST_IMPLS", "").split(",")
-    else "gpu_interpret"
-)
+# PALLAS_KERNELS_TEST_IMPLS names "gpu": then the compiled kernels.
+GPU_IMPL = "gpu" if "gpu" in env_impls() else "gpu_interpret"
 
 LLAMA = ModelConfig(
     model_type="llama",

@@ -6,7 +6,6 @@ kernel of the backend we run on ("gpu" on a CUDA machine, "tpu" on a TPU).
 
 from __future__ import annotations
 
-import os
 import types
 
 import jax
@@ -20,9 +19,10 @@ TOL = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 1e-2}
 def impls_under_test() -> list[str]:
     """PALLAS_KERNELS_TEST_IMPLS (comma-separated) overrides, e.g. "gpu" on a GPU box
     where the interpret modes were already run on CPU."""
-    env = os.environ.get("PALLAS_KERNELS_TEST_IMPLS")
-    if env:
-        return [i.strip() for i in env.split(",") if i.strip()]
+    from tiny import env_impls  # tests/tiny.py
+
+    if env_impls():
+        return env_impls()
     out = ["gpu_interpret", "tpu_interpret"]
     if jax.default_backend() == "gpu":
         out.append("gpu")
