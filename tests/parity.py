@@ -5,6 +5,8 @@ import numpy as np
 
 
 def rel_err(a, b) -> float:
-    """`||a - b|| / ||b||`, in float64."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+    """`||a - b|| / ||b||` in float64 (`||a - b||` where b is all zeros); any float dtype,
+    bfloat16 included."""
+    a, b = np.asarray(a).astype(np.float64), np.asarray(b).astype(np.float64)
+    denom = np.linalg.norm(b)
+    return float(np.linalg.norm(a - b) / (denom if denom > 0 else 1.0))

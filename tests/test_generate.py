@@ -10,6 +10,7 @@ import pytest
 from tiny import (
     GPU_IMPL,
     block_jaxprs,
+    decode_logits,
     ops_outside_kernels,
     pallas_calls,
     pallas_calls_of,
@@ -198,7 +199,7 @@ def test_points_with_zero_thresholds_are_dropped_before_the_loop():
     assert all(sorted(layer) == ["gate"] for layer in put.values())
     got = gen.generate_ids([[5, 6, 7, 8]], max_new_tokens=4, thresholds=chess, stop_at_eos=False)
     assert sorted(got.measured_sparsity) == ["down_in", "gate"]  # what the gate zeroes
-    want = _decode_logits(config, params, Kernels(), chess, jnp.asarray([[5, 6, 7, 8]]), 3)
+    want = decode_logits(config, params, Kernels(), chess, jnp.asarray([[5, 6, 7, 8]]), 3)
     assert got.tokens[0][1:] == [int(t) for t in np.argmax(want[:, 0], -1)]
 
 
@@ -262,23 +263,6 @@ def _generate_both(config, params, kernels, thresholds):
     return got, dense
 
 
-def _decode_logits(config, params, kernels, thresholds, prompt_BxT, steps):
-    """Prefill then `steps` greedy decode steps through `kernels`: the logits [steps, B, V]."""
-    from jaxsparse.models import init_cache, prepare_params
-
-    model, p = build_model(config, kernels), prepare_params(params, config, kernels)
-    run = jax.jit(lambda p, *a: model.apply({"params": p}, *a))
-    b, t = prompt_BxT.shape
-    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-    logits, cache = run(p, prompt_BxT, pos, init_cache(config, b, t + steps), 0, None)
-    out = []
-    for i in range(steps):
-        tok = jnp.argmax(logits[:, -1], -1)[:, None]
-        logits, cache = run(p, tok, jnp.full((b, 1), t + i), cache, t + i, thresholds)
-        out.append(np.asarray(logits[:, -1]))
-    return np.stack(out)
-
-
 @pytest.mark.slow  # 20-50 s each on 2 cores: the kernels run in interpret mode
 @pytest.mark.parametrize(
     "method,impl",
@@ -317,8 +301,8 @@ def test_kernel_decoding_gives_masked_dense_tokens(method, impl):
     assert 0.1 < dense.measured_sparsity["down_in"] < 0.95  # the thresholds did zero things
     assert dense.measured_sparsity["kv_in"] != pytest.approx(dense.measured_sparsity["q_in"])
     prompt = jnp.asarray([[5, 6, 7, 8], [9, 10, 11, 12]])
-    want = _decode_logits(config, params, Kernels(), thresholds, prompt, 3)
-    have = _decode_logits(config, params, kernels, thresholds, prompt, 3)
+    want = decode_logits(config, params, Kernels(), thresholds, prompt, 3)
+    have = decode_logits(config, params, kernels, thresholds, prompt, 3)
     np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
@@ -360,12 +344,12 @@ def test_compacted_rows_decode_gives_masked_dense_tokens(method):
     assert got.measured_sparsity["down_in"] == pytest.approx(dense.measured_sparsity["down_in"])
     assert 0.3 < dense.measured_sparsity["down_in"] < 1.0  # the thresholds did zero things
     prompt = jnp.asarray([[5, 6, 7, 8], [9, 10, 11, 12]])
-    want = _decode_logits(config, params, Kernels(), thresholds, prompt, 2)
-    have = _decode_logits(config, params, kernels, thresholds, prompt, 2)
+    want = decode_logits(config, params, Kernels(), thresholds, prompt, 2)
+    have = decode_logits(config, params, kernels, thresholds, prompt, 2)
     np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     if method == "teal":  # each call its own target (`compacted_input_matvec`)
         alone = dataclasses.replace(kernels, shared_accumulator=False)
-        have = _decode_logits(config, params, alone, thresholds, prompt, 2)
+        have = decode_logits(config, params, alone, thresholds, prompt, 2)
         np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     # the step runs the compacted kernels (by their names in its jaxpr)
     model, p = build_model(config, kernels), prepare_params(params, config, kernels)
@@ -411,8 +395,8 @@ def test_xla_decode_runs_q_and_kv_on_one_stacked_input():
     kernels = kernels_for_method("chess+", "xla", thresholds=thresholds)
     assert kernels.fuse_kv and not kernels.fuse_qkv
     prompt = jnp.asarray([[5, 6, 7, 8], [9, 10, 11, 12]])
-    want = _decode_logits(config, params, Kernels(), thresholds, prompt, 3)  # q, k, v apart
-    have = _decode_logits(config, params, kernels, thresholds, prompt, 3)
+    want = decode_logits(config, params, Kernels(), thresholds, prompt, 3)  # q, k, v apart
+    have = decode_logits(config, params, kernels, thresholds, prompt, 3)
     np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
     model = build_model(config, kernels)
@@ -489,7 +473,7 @@ def test_decode_attention_kernel_gives_xla_tokens_and_applies_o_in_threshold():
     # o_in thresholds that zero about half of the attention's output
     thresholds = {k: {**v, "o_in": v["o_in"] * 0 + 8.0} for k, v in thresholds.items()}
     prompt = jnp.asarray([[5, 6, 7, 8], [9, 10, 11, 12]])
-    want = _decode_logits(config, params, Kernels(), thresholds, prompt, 3)
+    want = decode_logits(config, params, Kernels(), thresholds, prompt, 3)
     prompts = [[5, 6, 7, 8], [9, 10]]
     dense = Generator(config, params).generate_ids(
         prompts, max_new_tokens=5, thresholds=thresholds, stop_at_eos=False
@@ -500,7 +484,7 @@ def test_decode_attention_kernel_gives_xla_tokens_and_applies_o_in_threshold():
         kernels = dataclasses.replace(
             base, decode_attention=True, impl=GPU_IMPL, attention_splits=splits
         )
-        have = _decode_logits(config, params, kernels, thresholds, prompt, 3)
+        have = decode_logits(config, params, kernels, thresholds, prompt, 3)
         np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
         got = Generator(config, params, kernels=kernels).generate_ids(
             prompts, max_new_tokens=5, thresholds=thresholds, stop_at_eos=False
@@ -543,7 +527,7 @@ def test_default_decode_attention_gives_xla_attention_tokens(model_type):
     params = jax.tree.map(lambda x: x * 4, init_params(config, seed=7))
     plain = Kernels(impl=GPU_IMPL, decode_attention=False)
     prompt = jnp.asarray([[5, 6, 7, 8], [9, 10, 11, 12]])
-    want = _decode_logits(config, params, plain, None, prompt, 3)
+    want = decode_logits(config, params, plain, None, prompt, 3)
     prompts = [[5, 6, 7, 8, 9, 10, 11] * 7, [9, 10]]  # a 64-slot bucket + 8: two ranges
     ref = Generator(config, params, kernels=plain).generate_ids(
         prompts, max_new_tokens=8, stop_at_eos=False
@@ -576,7 +560,7 @@ def test_default_decode_attention_gives_xla_attention_tokens(model_type):
         (Kernels(impl=GPU_IMPL, fuse_qkv=True), 0),
         (Kernels(impl=GPU_IMPL, fuse_qkv=True, packed_attention=False), rope),
     ):
-        have = _decode_logits(config, params, kernels, None, prompt, 3)
+        have = decode_logits(config, params, kernels, None, prompt, 3)
         np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
         got = Generator(config, params, kernels=kernels).generate_ids(
             prompts, max_new_tokens=8, stop_at_eos=False
@@ -621,8 +605,8 @@ def test_packed_attention_reads_qkv_where_the_projections_left_them(method, mode
     config, params, thresholds, kernels = _method_step_setup(method, mode)
     assert kernels.fuse_qkv == (method == "teal") and kernels.decode_attention
     prompt = jnp.asarray([[5, 6, 7, 8], [9, 10, 11, 12]])
-    want = _decode_logits(config, params, Kernels(), thresholds, prompt, 3)
-    have = _decode_logits(config, params, kernels, thresholds, prompt, 3)
+    want = decode_logits(config, params, Kernels(), thresholds, prompt, 3)
+    have = decode_logits(config, params, kernels, thresholds, prompt, 3)
     np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     got, dense = _generate_both(config, params, kernels, thresholds)
     assert got.tokens == dense.tokens
@@ -671,8 +655,8 @@ def test_fused_norms_give_xla_logits_with_no_norm_outside_kernels(method):
     assert fused.fused_norms
     plain = dataclasses.replace(fused, fused_norms=False)
     prompt = jnp.asarray([[5, 6, 7, 8], [9, 10, 11, 12]])
-    want = _decode_logits(config, params, Kernels(), thresholds, prompt, 3)
-    have = _decode_logits(config, params, fused, thresholds, prompt, 3)
+    want = decode_logits(config, params, Kernels(), thresholds, prompt, 3)
+    have = decode_logits(config, params, fused, thresholds, prompt, 3)
     np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     prompts = [[5, 6, 7, 8], [9, 10]]
     runs = [
@@ -745,8 +729,8 @@ def test_fused_norms_add_biased_projections_outputs():
     )
     assert kernels.fused_norms
     prompt = jnp.asarray([[5, 6, 7, 8], [1, 2, 3, 4]])
-    want = _decode_logits(config, params, Kernels(), thresholds, prompt, 3)
-    have = _decode_logits(config, params, kernels, thresholds, prompt, 3)
+    want = decode_logits(config, params, Kernels(), thresholds, prompt, 3)
+    have = decode_logits(config, params, kernels, thresholds, prompt, 3)
     np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
@@ -973,8 +957,8 @@ def test_decode_block_zeroes_one_shared_accumulator(
             assert [_chained_calls(b) for b in blocks] == [chained] * config.num_layers
     assert fills == [[shared] * config.num_layers, [unshared] * config.num_layers]
     prompt = jnp.asarray([[5, 6, 7, 8]])
-    want = _decode_logits(config, params, apart, thresholds, prompt, 2)
-    have = _decode_logits(config, params, kernels, thresholds, prompt, 2)
+    want = decode_logits(config, params, apart, thresholds, prompt, 2)
+    have = decode_logits(config, params, kernels, thresholds, prompt, 2)
     np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
@@ -1047,8 +1031,8 @@ def test_decode_block_applies_each_threshold_once(method, mode, applied, kernel_
     ]
     assert with_t == [kernel_thresholds] * config.num_layers
     prompt = jnp.asarray([[5, 6, 7, 8]])
-    want = _decode_logits(config, params, Kernels(), thresholds, prompt, 2)
-    have = _decode_logits(config, params, kernels, thresholds, prompt, 2)
+    want = decode_logits(config, params, Kernels(), thresholds, prompt, 2)
+    have = decode_logits(config, params, kernels, thresholds, prompt, 2)
     np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     gen = Generator(config, params, kernels=kernels)
     got = gen.generate_ids([[5, 6, 7, 8]], max_new_tokens=5, thresholds=thresholds)

@@ -19,11 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny import GPU_IMPL
+from parity import rel_err
+from tiny import GPU_IMPL, decode_logits
 
 from jaxsparse.config import full_size_shapes
 from jaxsparse.measure import dense_taps, tap
-from jaxsparse.models import Kernels, build_model, init_cache, init_params, prepare_params
+from jaxsparse.models import Kernels, build_model, init_params
 from jaxsparse.registry import kernels_for_method
 from jaxsparse.rules import TENSORS, tensor_width
 
@@ -68,29 +69,6 @@ def _thresholds(params, prompt, method: str, sparsity: float) -> dict:
     return out
 
 
-def _decode_logits(params, kernels, thresholds, prompt, steps: int = 2):
-    """Prefill (XLA), then `steps` decode steps through `kernels` (the tokens of the
-    dense model's prefill logits): logits [steps, B, V], and every step's zero masks of
-    the sparsified points, flattened into one bool vector."""
-    model, p = build_model(CONFIG, kernels), prepare_params(params, CONFIG, kernels)
-    prefill = jax.jit(lambda p, *a: model.apply({"params": p}, *a))
-    step = jax.jit(lambda p, *a: model.apply({"params": p}, *a, mutable=["zeros"]))
-    b, t = prompt.shape
-    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-    logits, cache = prefill(p, prompt, pos, init_cache(CONFIG, b, t + steps), 0, None)
-    out, zeros = [], []
-    for i in range(steps):
-        tok = jnp.argmax(logits[:, -1], -1)[:, None]
-        (logits, cache), sown = step(p, tok, jnp.full((b, 1), t + i), cache, t + i, thresholds)
-        out.append(np.asarray(logits[:, -1], np.float32))
-        zeros += [np.asarray(z).ravel() for z in jax.tree.leaves(sown.get("zeros", {}))]
-    return np.stack(out), np.concatenate(zeros) if zeros else np.zeros(0, bool)
-
-
-def _rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("method,sparsity", [("teal", 0.5), ("teal", 0.9), ("chess", 0.5)])
 def test_kernels_give_masked_dense_logits_at_llama3_8b_widths(
@@ -102,13 +80,15 @@ def test_kernels_give_masked_dense_logits_at_llama3_8b_widths(
     kernels = kernels_for_method(method, "pallas", GPU_IMPL, thresholds, sparsity=sparsity)
     assert bool(kernels.compact_points) == (sparsity >= 0.65)
     if batch not in dense_by_batch:
-        dense_by_batch[batch] = _decode_logits(params, Kernels(), None, prompt)[0]
+        dense_by_batch[batch] = decode_logits(CONFIG, params, Kernels(), None, prompt, 2)
     dense = dense_by_batch[batch]
-    masked, masked_zeros = _decode_logits(params, Kernels(), thresholds, prompt)
-    have, have_zeros = _decode_logits(params, kernels, thresholds, prompt)
+    masked, masked_zeros = decode_logits(
+        CONFIG, params, Kernels(), thresholds, prompt, 2, zeros=True
+    )
+    have, have_zeros = decode_logits(CONFIG, params, kernels, thresholds, prompt, 2, zeros=True)
     assert np.all(np.isfinite(have))
     assert have_zeros.shape == masked_zeros.shape and 0.1 < masked_zeros.mean() < 0.99
-    gap, err = _rel(masked, dense), _rel(have, masked)
+    gap, err = rel_err(masked, dense), rel_err(have, masked)
     assert gap > 0.02, f"the thresholds changed little: {gap:.3g}"
     # An activation within a rounding of its threshold may land on the other side on one
     # path (the fused norm and XLA's add in another order): then its row is read on one

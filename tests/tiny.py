@@ -1,6 +1,7 @@
 """Tiny random configs and a byte tokenizer shared by the CPU tests of fitting and
 evaluation, random thresholds for every point (`random_thresholds`), the GPU kernels'
-implementation under test (`GPU_IMPL`), a runner of a test
+implementation under test (`GPU_IMPL`), prefill-and-greedy-decode logits
+(`decode_logits`), a runner of a test
 module's cases on fake CPU devices (`fake_devices_report`), and the names of the Pallas
 kernels a jaxpr runs (`pallas_calls`); importable from any test module in tests/: pytest
 puts this folder on sys.path."""
@@ -153,6 +154,36 @@ def sub_jaxprs(eqn) -> list:
 
 
 # ------------------------------------------------------------------ thresholds, devices
+
+
+def decode_logits(config, params, kernels, thresholds, prompt_BxT, steps: int, zeros=False):
+    """Prefill (`thresholds`=None: dense), then `steps` greedy decode steps through
+    `kernels` with `thresholds`: the logits [steps, B, V] in float32. With `zeros`, also
+    every step's zero masks of the sparsified points, flattened into one bool vector."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxsparse.models import build_model, init_cache, prepare_params
+
+    model, p = build_model(config, kernels), prepare_params(params, config, kernels)
+    prefill = jax.jit(lambda p, *a: model.apply({"params": p}, *a))
+    step = jax.jit(lambda p, *a: model.apply({"params": p}, *a, mutable=["zeros"]))
+    b, t = prompt_BxT.shape
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    logits, cache = prefill(p, prompt_BxT, pos, init_cache(config, b, t + steps), 0, None)
+    out, masks = [], []
+    for i in range(steps):
+        tok = jnp.argmax(logits[:, -1], -1)[:, None]
+        args = (tok, jnp.full((b, 1), t + i), cache, t + i, thresholds)
+        if zeros:
+            (logits, cache), sown = step(p, *args)
+            masks += [np.asarray(z).ravel() for z in jax.tree.leaves(sown.get("zeros", {}))]
+        else:
+            logits, cache = prefill(p, *args)
+        out.append(np.asarray(logits[:, -1], np.float32))
+    if not zeros:
+        return np.stack(out)
+    return np.stack(out), np.concatenate(masks) if masks else np.zeros(0, bool)
 
 
 def random_thresholds(config, key, scale=0.02):

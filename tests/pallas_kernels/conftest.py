@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from parity import rel_err  # tests/parity.py
 
 TOL = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 1e-2}
 
@@ -33,13 +34,6 @@ def impls_under_test() -> list[str]:
 
 def is_gpu_impl(impl: str) -> bool:
     return impl.startswith("gpu")
-
-
-def rel_err(got, want) -> float:
-    got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
-    want = np.asarray(jnp.asarray(want, jnp.float32), np.float64)
-    denom = np.linalg.norm(want)
-    return float(np.linalg.norm(got - want) / (denom if denom > 0 else 1.0))
 
 
 def assert_close(got, want, dtype, what=""):
