@@ -165,6 +165,23 @@ def test_blocks_traced_once_and_sown_values_kept(model_type, fresh_block_traces)
         np.testing.assert_array_equal(np.asarray(zeros), want)
 
 
+def test_decode_logits_helper_applies_the_thresholds():
+    """tests/tiny.py's `decode_logits`, which the decode-parity tests below run both paths
+    through: its steps apply the thresholds given (the logits move, and the zero masks
+    it returns are those of the thresholded points), and none without them."""
+    config = tiny()
+    params = jax.tree.map(lambda x: x * 10, init_params(config, seed=2))
+    thresholds = random_thresholds(config, jax.random.key(4), scale=0.6)
+    prompt = jnp.asarray([[5, 6, 7, 8], [9, 10, 11, 12]])
+    dense = decode_logits(config, params, Kernels(), None, prompt, 2)
+    masked, zeros = decode_logits(config, params, Kernels(), thresholds, prompt, 2, zeros=True)
+    assert dense.shape == masked.shape == (2, 2, config.vocab_size)
+    assert np.linalg.norm(masked - dense) > 0.05 * np.linalg.norm(dense)
+    assert zeros.dtype == bool and 0.05 < zeros.mean() < 0.95
+    _, none = decode_logits(config, params, Kernels(), None, prompt, 2, zeros=True)
+    assert not none.any()
+
+
 def test_points_with_zero_thresholds_are_dropped_before_the_loop():
     """A state holds zeros where its method thresholds nothing (CHESS: every point but the
     gate). The Generator drops those points before compiling (`drop_zero_points`): a
