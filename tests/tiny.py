@@ -166,20 +166,20 @@ def decode_logits(config, params, kernels, thresholds, prompt_BxT, steps: int, z
     from jaxsparse.models import build_model, init_cache, prepare_params
 
     model, p = build_model(config, kernels), prepare_params(params, config, kernels)
-    prefill = jax.jit(lambda p, *a: model.apply({"params": p}, *a))
-    step = jax.jit(lambda p, *a: model.apply({"params": p}, *a, mutable=["zeros"]))
+    run = jax.jit(lambda p, *a: model.apply({"params": p}, *a))  # prefill, and steps
+    sown_run = jax.jit(lambda p, *a: model.apply({"params": p}, *a, mutable=["zeros"]))
     b, t = prompt_BxT.shape
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-    logits, cache = prefill(p, prompt_BxT, pos, init_cache(config, b, t + steps), 0, None)
+    logits, cache = run(p, prompt_BxT, pos, init_cache(config, b, t + steps), 0, None)
     out, masks = [], []
     for i in range(steps):
         tok = jnp.argmax(logits[:, -1], -1)[:, None]
         args = (tok, jnp.full((b, 1), t + i), cache, t + i, thresholds)
         if zeros:
-            (logits, cache), sown = step(p, *args)
+            (logits, cache), sown = sown_run(p, *args)
             masks += [np.asarray(z).ravel() for z in jax.tree.leaves(sown.get("zeros", {}))]
         else:
-            logits, cache = prefill(p, *args)
+            logits, cache = run(p, *args)
         out.append(np.asarray(logits[:, -1], np.float32))
     if not zeros:
         return np.stack(out)

@@ -22,8 +22,9 @@ def impls_under_test() -> list[str]:
     where the interpret modes were already run on CPU."""
     from tiny import env_impls  # tests/tiny.py
 
-    if env_impls():
-        return env_impls()
+    named = env_impls()
+    if named:
+        return named
     out = ["gpu_interpret", "tpu_interpret"]
     if jax.default_backend() == "gpu":
         out.append("gpu")
